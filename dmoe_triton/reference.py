@@ -1,0 +1,130 @@
+"""The PyTorch reference: routing-spec.md and the expert MLP, in plain code.
+
+Short and obvious on purpose: loops where they make the rule readable, no performance tricks.
+Every function computes in the dtype of its inputs (pass float64 for a high-precision oracle).
+The Triton kernels are tested against these functions.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import RouterConfig, RoutingPolicy
+
+
+def sort_desc(values: torch.Tensor) -> torch.Tensor:
+    """Indices that sort the last dim descending; ties go to the lower index."""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices
+
+
+def scores(logits: torch.Tensor, expert_bias: torch.Tensor):
+    """s weighs, r ranks. A NaN in r is ranked as -inf; its token is flagged `bad`."""
+    s = torch.sigmoid(logits)
+    r = s + expert_bias.to(s.dtype)
+    bad = torch.isnan(r).any(dim=-1)
+    r = torch.where(torch.isnan(r), torch.full_like(r, float("-inf")), r)
+    return s, r, bad
+
+
+def group_limited_topk(r: torch.Tensor, candidates: torch.Tensor, cfg: RouterConfig, top_k: int):
+    """Spec step 2 for rows of r [N, E] with candidate mask [N, E]: ids [N, top_k], -1 = empty."""
+    N, E = r.shape
+    G, size = cfg.n_group, cfg.group_size
+    neg_inf = torch.tensor(float("-inf"), dtype=r.dtype)
+    masked = torch.where(candidates, r, neg_inf)
+    ids = torch.full((N, top_k), -1, dtype=torch.int64)
+    for n in range(N):
+        # Rank groups by (class, score): class 2 = two or more candidates, scored by the sum of
+        # its two largest values; class 1 = one candidate, scored by it; class 0 = none.
+        keys = []
+        for g in range(G):
+            vals = masked[n, g * size:(g + 1) * size]
+            top = vals[sort_desc(vals)]
+            count = int(candidates[n, g * size:(g + 1) * size].sum())
+            if count >= 2:
+                keys.append((2, float(top[0] + top[1]), -g))
+            elif count == 1:
+                keys.append((1, float(top[0]), -g))
+            else:
+                keys.append((0, 0.0, -g))
+        kept_groups = sorted(range(G), key=lambda g: keys[g], reverse=True)[: cfg.topk_group]
+        in_kept = torch.zeros(E, dtype=torch.bool)
+        for g in kept_groups:
+            in_kept[g * size:(g + 1) * size] = True
+        row = torch.where(in_kept, masked[n], neg_inf)
+        order = sort_desc(row)[:top_k]
+        ids[n] = torch.where(row[order] == float("-inf"), torch.full_like(order, -1), order)
+    return ids
+
+
+def scaled_weights(s: torch.Tensor, ids: torch.Tensor, bad: torch.Tensor, scale: float):
+    """Spec step 3: unbiased sigmoid of the filled slots, renormalised, scaled; NaN for bad rows."""
+    filled = ids >= 0
+    w = torch.where(filled, torch.gather(s, -1, ids.clamp(min=0)), torch.zeros_like(s[..., :1]))
+    w = w / (w.sum(dim=-1, keepdim=True) + 1e-20) * scale
+    return torch.where(bad[..., None], torch.full_like(w, float("nan")), w)
+
+
+def block_votes(r: torch.Tensor, top_k: int) -> torch.Tensor:
+    """dMoE steps 1-3 for one block's real rows r [T, E]: normalised votes [E]."""
+    T, E = r.shape
+    kept = torch.zeros_like(r)
+    for t in range(T):
+        picks = sort_desc(r[t])[:top_k]
+        # A -inf pick (only from NaN scores) is an empty slot and casts no vote.
+        kept[t, picks] = torch.where(torch.isinf(r[t, picks]), torch.zeros_like(r[t, picks]),
+                                     r[t, picks])
+    votes = kept.sum(dim=0)
+    return votes / (votes.sum() + 1e-20)
+
+
+def block_coreset(votes: torch.Tensor, policy: RoutingPolicy) -> torch.Tensor:
+    """dMoE steps 4-5 (or the DES-vote fixed top-size) for one block: bool mask [E]."""
+    E = votes.numel()
+    order = sort_desc(votes)
+    coreset = torch.zeros(E, dtype=torch.bool)
+    if policy.kind == "des_vote":
+        coreset[order[: policy.size]] = True
+        return coreset
+    cum = torch.cumsum(votes[order], dim=0)
+    keep = cum <= policy.top_p
+    passed = torch.nonzero(~keep)
+    if len(passed):
+        keep[passed[0, 0]] = True  # the first expert that passes top_p
+    keep[0] = True
+    if int(keep.sum()) < policy.guard:
+        keep = torch.arange(E) < policy.guard
+    coreset[order[keep]] = True
+    return coreset
+
+
+def route_reference(logits: torch.Tensor, expert_bias: torch.Tensor, cfg: RouterConfig,
+                    policy: RoutingPolicy):
+    """routing-spec.md in plain PyTorch. Returns (topk_ids int32, topk_weights, coreset or None)."""
+    lead, (L, E) = logits.shape[:-2], logits.shape[-2:]
+    x = logits.detach().reshape(-1, L, E).cpu()
+    S = x.shape[0]
+    s, r, bad = scores(x, expert_bias.detach().cpu())
+    top_k = policy.slots(cfg)
+    ids = torch.empty(S, L, top_k, dtype=torch.int64)
+    coreset = None
+    if policy.is_block:
+        bs = policy.block_size
+        n_blocks = -(-L // bs)
+        coreset = torch.zeros(S, n_blocks, E, dtype=torch.bool)
+        for q in range(S):
+            for b in range(n_blocks):
+                rows = slice(b * bs, min(L, (b + 1) * bs))
+                votes = block_votes(r[q, rows], cfg.top_k)
+                coreset[q, b] = block_coreset(votes, policy)
+                cand = coreset[q, b].expand(r[q, rows].shape)
+                ids[q, rows] = group_limited_topk(r[q, rows], cand, cfg, top_k)
+    else:
+        for q in range(S):
+            ids[q] = group_limited_topk(r[q], torch.ones_like(r[q], dtype=torch.bool), cfg, top_k)
+    weights = scaled_weights(s, ids, bad, cfg.routed_scaling_factor)
+    dev = logits.device
+    ids = ids.to(torch.int32).reshape(*lead, L, top_k).to(dev)
+    weights = weights.reshape(*lead, L, top_k).to(dev)
+    if coreset is not None:
+        coreset = coreset.reshape(*lead, coreset.shape[1], E).to(dev)
+    return ids, weights, coreset
