@@ -122,6 +122,7 @@ def _route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy)
         float(policy.top_p), policy.guard, policy.size, float(cfg.routed_scaling_factor),
         E=E, N_GROUP=cfg.n_group, GROUP_SIZE=size, TOPK_GROUP=cfg.topk_group,
         TOP_K=k, VOTE_K=cfg.top_k, POLICY=POLICY_CODE[policy.kind], BLOCK_T=block_t,
+        K_PAD=triton.next_power_of_2(k), RANK_CHUNK=min(32, tiles["G_PAD"] * tiles["GS_PAD"]),
         num_warps=4 if E <= 64 else 8, **tiles,
     )
     ids = ids.reshape(*lead, L, k)
