@@ -86,7 +86,9 @@ def block_coreset(votes: torch.Tensor, policy: RoutingPolicy) -> torch.Tensor:
         coreset[order[: policy.size]] = True
         return coreset
     cum = torch.cumsum(votes[order], dim=0)
-    keep = cum <= policy.top_p
+    # In exact arithmetic every normalised cumulative sum is <= 1: top_p = 1 keeps every expert
+    # (= token routing), whatever the rounding of the tail.
+    keep = (cum <= policy.top_p) | (policy.top_p >= 1.0)
     passed = torch.nonzero(~keep)
     if len(passed):
         keep[passed[0, 0]] = True  # the first expert that passes top_p
@@ -128,3 +130,32 @@ def route_reference(logits: torch.Tensor, expert_bias: torch.Tensor, cfg: Router
     if coreset is not None:
         coreset = coreset.reshape(*lead, coreset.shape[1], E).to(dev)
     return ids, weights, coreset
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert MLP
+# ---------------------------------------------------------------------------------------------
+
+def moe_forward_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                          w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """The routed experts of one MoE layer: y[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t]).
+
+    expert_e(x) = down_e(silu(gate_e(x)) * up_e(x)) with w_gate_up [E, 2I, H] (gate rows, then up
+    rows) and w_down [E, H, I]. A slot whose id is outside [0, E) (-1 = empty) contributes nothing.
+    Computes in fp32 (float64 if given float64), returns hidden's dtype.
+    """
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    x = hidden.to(acc)
+    E, two_i, _ = w_gate_up.shape
+    inter = two_i // 2
+    y = torch.zeros_like(x)
+    for e in range(E):
+        tokens, slots = torch.nonzero(topk_ids == e, as_tuple=True)
+        if tokens.numel() == 0:
+            continue
+        w_gu = w_gate_up[e].to(acc)
+        gate = x[tokens] @ w_gu[:inter].T
+        up = x[tokens] @ w_gu[inter:].T
+        out = (torch.nn.functional.silu(gate) * up) @ w_down[e].to(acc).T
+        y.index_add_(0, tokens, out * topk_weights[tokens, slots].to(acc)[:, None])
+    return y.to(hidden.dtype)

@@ -117,8 +117,9 @@ def route_kernel(
             mass_before += tl.sum(tl.where(ahead, vc[:, None], 0.0), axis=0)
         if POLICY == 1:
             cumulative = mass_before + v  # mass of e and every expert ranked ahead of it
-            within = cumulative <= top_p
-            past = (cumulative > top_p) & e_ok
+            # top_p = 1 keeps every expert, as exact arithmetic would (reference.block_coreset).
+            within = (cumulative <= top_p) | (top_p >= 1.0)
+            past = (~within) & e_ok
             first_past = tl.min(tl.where(past, rank, E_PAD), axis=0)
             keep = within | (rank == first_past) | (rank == 0)
             keep = keep & e_ok
