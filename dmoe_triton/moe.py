@@ -120,20 +120,48 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
 
 
 @dataclass(frozen=True)
-class MoEKernelConfig:
-    """Tile sizes and launch shape of the expert kernels (chosen by bench/bench_moe.py)."""
+class DecodeConfig:
+    """The decode path (T <= DECODE_MAX_TOKENS): two launches, used experts found in-kernel.
 
-    block_m: int = 16        # tokens of one expert per tile (tl.dot needs >= 16)
-    block_i: int = 32        # intermediate columns per gate/up work item
-    block_k_gate_up: int = 128
-    block_h: int = 64        # hidden columns per down work item
-    block_k_down: int = 128
-    num_warps: int = 4
-    num_stages: int = 4
-    programs_per_sm: int = 2  # persistent grid = SMs x this
+    gate/up: persistent programs over (used expert, block_i intermediate columns) items;
+    down + combine: one program per block_h hidden columns, walking all used experts.
+    """
+
+    block_i: int = 32
+    k_gate_up: int = 128       # step along H
+    warps_gate_up: int = 4
+    stages_gate_up: int = 4
+    programs_per_sm: int = 2   # gate/up grid = SMs x this (at most what fits on an SM)
+    block_h: int = 16
+    k_down: int = 256          # step along I
+    warps_down: int = 4
+    stages_down: int = 4
 
 
-DEFAULT_CONFIG = MoEKernelConfig()
+@dataclass(frozen=True)
+class GroupedConfig:
+    """The grouped path (more tokens): align, gate/up, down (per-slot partials), combine.
+
+    Work items are (used expert, slice); an expert's tokens are walked in block_m tiles inside
+    the item, so slices are kept small enough (block_i, block_h) for the re-reads of a slice by
+    its later tiles to hit L2.
+    """
+
+    block_m: int = 32          # tokens of one expert per tile (tl.dot needs >= 16)
+    block_i: int = 16          # gate/up: intermediate columns per work item
+    k_gate_up: int = 128       # gate/up: step along H
+    warps_gate_up: int = 4
+    stages_gate_up: int = 4
+    block_h: int = 32          # down: hidden columns per work item
+    k_down: int = 128          # down: step along I
+    warps_down: int = 4
+    stages_down: int = 4
+    programs_per_sm: int = 2   # persistent grids = SMs x this (at most what fits on an SM)
+
+
+DECODE_MAX_TOKENS = 64  # the decode path computes every token row for each used expert
+DEFAULT_DECODE = DecodeConfig()
+DEFAULT_GROUPED = GroupedConfig()
 ALIGN_MAX_SLOTS = 8192  # above this, the one-program sort of the align kernel gets too big
 _SM_COUNT = {}
 
@@ -187,47 +215,111 @@ def _align_slots_torch(flat_ids, E, used, n_used):
     return (sorted_slots, *used, n_used)
 
 
-def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=None,
-                       config: MoEKernelConfig = DEFAULT_CONFIG) -> torch.Tensor:
-    """The Triton path of `moe_forward` (inputs already checked)."""
-    from .kernels.moe_matmul import moe_combine_kernel, moe_down_kernel, moe_gate_up_kernel
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 products; half types use the tensor cores' native precision.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _persistent_grid(device, config, max_items: int) -> tuple:
+    return (max(1, min(_persistent_programs(device, config.programs_per_sm), max_items)),)
+
+
+def expert_gate_up(hidden, w_gate_up, lists, top_k: int, config: GroupedConfig):
+    """act [T*k, I] in hidden's dtype: silu(x W_gate^T) * (x W_up^T) for every filled slot."""
+    from .kernels.moe_matmul import moe_gate_up_kernel
 
     T, H = hidden.shape
-    k = topk_ids.shape[1]
-    E, two_i, _ = w_gate_up.shape
-    inter = two_i // 2
-    dev = hidden.device
+    E, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    act = torch.empty(T * top_k, inter, dtype=hidden.dtype, device=hidden.device)
+    c = config
+    grid = _persistent_grid(hidden.device, c, min(E, T * top_k) * triton.cdiv(inter, c.block_i))
+    moe_gate_up_kernel[grid](
+        hidden, hidden.stride(0), hidden.stride(1),
+        w_gate_up, *w_gate_up.stride(), act, act.stride(0), *lists, H, inter, top_k,
+        BLOCK_M=c.block_m, BLOCK_I=c.block_i, BLOCK_K=c.k_gate_up,
+        PRECISION=_precision(hidden.dtype), num_warps=c.warps_gate_up,
+        num_stages=c.stages_gate_up)
+    return act
+
+
+def expert_down(act, w_down, lists, config: GroupedConfig):
+    """partial [T*k, H] fp32: act W_down^T for every filled slot (other rows unwritten)."""
+    from .kernels.moe_matmul import moe_down_kernel
+
+    slots, inter = act.shape
+    E, H = w_down.shape[:2]
+    partial = torch.empty(slots, H, dtype=torch.float32, device=act.device)
+    c = config
+    grid = _persistent_grid(act.device, c, min(E, slots) * triton.cdiv(H, c.block_h))
+    moe_down_kernel[grid](
+        act, act.stride(0), w_down, *w_down.stride(), partial, partial.stride(0), *lists, H, inter,
+        BLOCK_M=c.block_m, BLOCK_H=c.block_h, BLOCK_K=c.k_down, PRECISION=_precision(act.dtype),
+        num_warps=c.warps_down, num_stages=c.stages_down)
+    return partial
+
+
+def combine_slots(partial, ids, weights, out, num_experts: int):
+    """out[t] = sum_j w[t, j] * partial[t*k + j] over filled slots, in slot order."""
+    from .kernels.moe_matmul import moe_combine_kernel
+
+    T, H = out.shape
+    block_t, block_h = 8, 256
+    moe_combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](
+        partial, partial.stride(0), ids, weights, out, out.stride(0), T, H, num_experts,
+        ids.shape[1], BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
+    return out
+
+
+def decode_forward(hidden, ids, weights, w_gate_up, w_down, out, config: DecodeConfig):
+    """Two launches: gate/up into act [T*k, I], then down + weighted sum straight into out."""
+    from .kernels.moe_matmul import moe_down_combine_decode_kernel, moe_gate_up_decode_kernel
+
+    T, H = hidden.shape
+    k = ids.shape[1]
+    E, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    act = torch.empty(T * k, inter, dtype=hidden.dtype, device=hidden.device)
+    c = config
+    pads = dict(T_PAD=max(16, triton.next_power_of_2(T)), K_PAD=triton.next_power_of_2(k),
+                S_PAD=triton.next_power_of_2(T * k), NUM_BINS=triton.next_power_of_2(E + 1),
+                PRECISION=_precision(hidden.dtype))
+    grid = _persistent_grid(hidden.device, c, min(E, T * k) * triton.cdiv(inter, c.block_i))
+    moe_gate_up_decode_kernel[grid](
+        hidden, hidden.stride(0), hidden.stride(1), w_gate_up, *w_gate_up.stride(),
+        act, act.stride(0), ids, T, H, inter, E, k, BLOCK_I=c.block_i, BLOCK_K=c.k_gate_up,
+        num_warps=c.warps_gate_up, num_stages=c.stages_gate_up, **pads)
+    moe_down_combine_decode_kernel[(triton.cdiv(H, c.block_h),)](
+        act, act.stride(0), w_down, *w_down.stride(), ids, weights, out, out.stride(0),
+        T, H, inter, E, k, BLOCK_H=c.block_h, BLOCK_K=c.k_down, num_warps=c.warps_down,
+        num_stages=c.stages_down, **pads)
+    return out
+
+
+def grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, config: GroupedConfig):
+    """Four launches: align, gate/up, down into per-slot partials, combine."""
+    E = w_gate_up.shape[0]
+    lists = align_slots(ids.view(-1), E)
+    act = expert_gate_up(hidden, w_gate_up, lists, ids.shape[1], config)
+    partial = expert_down(act, w_down, lists, config)
+    return combine_slots(partial, ids, weights, out, E)
+
+
+def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=None,
+                       path: str = "auto", decode: DecodeConfig = DEFAULT_DECODE,
+                       grouped: GroupedConfig = DEFAULT_GROUPED) -> torch.Tensor:
+    """The Triton path of `moe_forward` (inputs already checked).
+
+    path "auto" takes the decode path for T <= DECODE_MAX_TOKENS, else the grouped one.
+    """
+    T, k = topk_ids.shape
     out = torch.empty_like(hidden) if out is None else out
     if T == 0 or k == 0:
         return out.zero_()
-    ids = topk_ids.contiguous()
-    weights = topk_weights.contiguous()
-    sorted_slots, used_expert, used_start, used_count, n_used = align_slots(ids.view(-1), E)
-    act = torch.empty(T * k, inter, dtype=hidden.dtype, device=dev)
-    partial = torch.empty(T * k, H, dtype=torch.float32, device=dev)
-    # fp32 inputs get exact fp32 products; half types use the tensor cores' native precision.
-    precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
-    c = config
-    lists = (sorted_slots, used_expert, used_start, used_count, n_used)
-    programs = _persistent_programs(dev, c.programs_per_sm)
-    max_experts = min(E, T * k)
-    launch = dict(num_warps=c.num_warps, num_stages=c.num_stages)
-    grid = (min(programs, max_experts * triton.cdiv(inter, c.block_i)),)
-    moe_gate_up_kernel[grid](
-        hidden, hidden.stride(0), hidden.stride(1),
-        w_gate_up, *w_gate_up.stride(), act, act.stride(0), *lists, H, inter, k,
-        BLOCK_M=c.block_m, BLOCK_I=c.block_i, BLOCK_K=c.block_k_gate_up, PRECISION=precision,
-        **launch)
-    grid = (min(programs, max_experts * triton.cdiv(H, c.block_h)),)
-    moe_down_kernel[grid](
-        act, act.stride(0), w_down, *w_down.stride(), partial, partial.stride(0), *lists, H, inter,
-        BLOCK_M=c.block_m, BLOCK_H=c.block_h, BLOCK_K=c.block_k_down, PRECISION=precision,
-        **launch)
-    block_t, block_h = 16, 128
-    moe_combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](
-        partial, partial.stride(0), ids, weights, out, out.stride(0), T, H, E, k,
-        BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
-    return out
+    ids, weights = topk_ids.contiguous(), topk_weights.contiguous()
+    if path == "auto":
+        path = "decode" if T <= DECODE_MAX_TOKENS else "grouped"
+    if path == "decode":
+        return decode_forward(hidden, ids, weights, w_gate_up, w_down, out, decode)
+    return grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, grouped)
 
 
 def _required(obj, path: str):
@@ -339,4 +431,4 @@ class DMoEBlock(torch.nn.Module):
         return f"experts={E}, hidden={H}, intermediate={two_i // 2}, policy={self.policy}"
 
 
-__all__ = ["moe_forward", "DMoEBlock", "MoEKernelConfig", "check_moe_inputs"]
+__all__ = ["moe_forward", "DMoEBlock", "DecodeConfig", "GroupedConfig", "check_moe_inputs"]

@@ -23,20 +23,27 @@ import triton.language as tl
 
 
 @triton.jit
-def moe_align_kernel(ids_ptr, sorted_slots_ptr, used_expert_ptr, used_start_ptr, used_count_ptr,
-                     n_used_ptr, S, E, S_PAD: tl.constexpr, NUM_BINS: tl.constexpr):
+def _expert_buckets(ids_ptr, S, E, S_PAD: tl.constexpr, NUM_BINS: tl.constexpr):
+    """Each slot's bucket (its expert; E for empty slots, out-of-range ids and padding) and the
+    used experts: counts per bin, `used` mask, and each used expert's rank among them."""
     slots = tl.arange(0, S_PAD)
     ids = tl.load(ids_ptr + slots, mask=slots < S, other=-1).to(tl.int32)
-    # Bucket E is the sentinel for empty slots (-1), out-of-range ids and padding.
     bucket = tl.where((ids >= 0) & (ids < E), ids, E)
+    counts = tl.histogram(bucket, NUM_BINS)
+    used = (tl.arange(0, NUM_BINS) < E) & (counts > 0)
+    rank = tl.cumsum(used.to(tl.int32), 0) - 1
+    return bucket, counts, used, rank
+
+
+@triton.jit
+def moe_align_kernel(ids_ptr, sorted_slots_ptr, used_expert_ptr, used_start_ptr, used_count_ptr,
+                     n_used_ptr, S, E, S_PAD: tl.constexpr, NUM_BINS: tl.constexpr):
+    bucket, counts, used, rank = _expert_buckets(ids_ptr, S, E, S_PAD, NUM_BINS)
+    slots = tl.arange(0, S_PAD)
     keys = tl.sort(bucket * S_PAD + slots)  # by expert, then by slot: deterministic order
     tl.store(sorted_slots_ptr + slots, keys % S_PAD)
-
-    counts = tl.histogram(bucket, NUM_BINS)
     bins = tl.arange(0, NUM_BINS)
     starts = tl.cumsum(counts, 0) - counts
-    used = (bins < E) & (counts > 0)
-    rank = tl.cumsum(used.to(tl.int32), 0) - 1
     tl.store(used_expert_ptr + rank, bins, mask=used)
     tl.store(used_start_ptr + rank, starts, mask=used)
     tl.store(used_count_ptr + rank, counts, mask=used)
@@ -130,13 +137,13 @@ def moe_down_kernel(act_ptr, stride_as,
 
 @triton.jit
 def moe_combine_kernel(partial_ptr, stride_ps, ids_ptr, weights_ptr, out_ptr, stride_ot,
-                       T, H, E, TOPK, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+                       T, H, E, TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     t_ok = offs_t < T
     h_ok = offs_h < H
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-    for j in range(TOPK):
+    for j in tl.static_range(TOPK):  # unrolled: the k partial loads are in flight together
         slot = offs_t.to(tl.int64) * TOPK + j
         expert = tl.load(ids_ptr + slot, mask=t_ok, other=-1)
         weight = tl.load(weights_ptr + slot, mask=t_ok, other=0.0)
@@ -147,3 +154,113 @@ def moe_combine_kernel(partial_ptr, stride_ps, ids_ptr, weights_ptr, out_ptr, st
         acc += tl.where(filled[:, None], part * weight[:, None], 0.0)
     tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * stride_ot + offs_h[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & h_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode path (few tokens, e.g. one 32-token block): two launches, no align step, no partials.
+# Every program derives the used experts from the ids itself (a histogram of T*k ids costs less
+# than a launch), and a token's row of an expert is found by comparing its k ids.
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _nth_used_expert(used, rank, u, NUM_BINS: tl.constexpr):
+    return tl.sum(tl.where(used & (rank == u), tl.arange(0, NUM_BINS), 0), 0)
+
+
+@triton.jit
+def _token_ids(ids_ptr, T, TOPK, T_PAD: tl.constexpr, K_PAD: tl.constexpr):
+    t = tl.arange(0, T_PAD)[:, None]
+    j = tl.arange(0, K_PAD)[None, :]
+    mask = (t < T) & (j < TOPK)
+    return tl.load(ids_ptr + t * TOPK + j, mask=mask, other=-1), mask
+
+
+@triton.jit
+def _expert_rows(token_ids, expert, TOPK, T_PAD: tl.constexpr, K_PAD: tl.constexpr):
+    """Which tokens use `expert`, and the slot (first, if a token lists it twice) that holds it."""
+    hit = token_ids == expert
+    uses = tl.max(hit.to(tl.int32), 1) > 0
+    first = tl.min(tl.where(hit, tl.arange(0, K_PAD)[None, :], K_PAD), 1)
+    return hit, uses, tl.arange(0, T_PAD).to(tl.int64) * TOPK + first
+
+
+@triton.jit
+def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
+                              w_ptr, stride_we, stride_wn, stride_wk,
+                              act_ptr, stride_as, ids_ptr, T, H, I, E, TOPK,
+                              T_PAD: tl.constexpr, K_PAD: tl.constexpr, S_PAD: tl.constexpr,
+                              NUM_BINS: tl.constexpr, BLOCK_I: tl.constexpr,
+                              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """act[slot] = silu(x W_gate^T) * (x W_up^T); work item = (used expert, BLOCK_I columns)."""
+    _, _, used, rank = _expert_buckets(ids_ptr, T * TOPK, E, S_PAD, NUM_BINS)
+    token_ids, _ = _token_ids(ids_ptr, T, TOPK, T_PAD, K_PAD)
+    t = tl.arange(0, T_PAD)
+    n_splits = tl.cdiv(I, BLOCK_I)
+    n_items = tl.sum(used.to(tl.int32), 0) * n_splits
+    for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        expert = _nth_used_expert(used, rank, item // n_splits, NUM_BINS)
+        _, uses, slot = _expert_rows(token_ids, expert, TOPK, T_PAD, K_PAD)
+        offs_i = (item % n_splits) * BLOCK_I + tl.arange(0, BLOCK_I)
+        i_ok = offs_i < I
+        w_gate = w_ptr + expert.to(tl.int64) * stride_we + offs_i[None, :] * stride_wn
+        w_up = w_gate + I * stride_wn
+        acc_gate = tl.zeros((T_PAD, BLOCK_I), dtype=tl.float32)
+        acc_up = tl.zeros((T_PAD, BLOCK_I), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < H
+            # Rows of tokens that do not use the expert are masked: no memory traffic.
+            x = tl.load(x_ptr + t[:, None] * stride_xt + offs_k[None, :] * stride_xh,
+                        mask=uses[:, None] & k_ok[None, :], other=0.0)
+            w_mask = k_ok[:, None] & i_ok[None, :]
+            wg = tl.load(w_gate + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
+            wu = tl.load(w_up + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
+            acc_gate = tl.dot(x, wg, acc_gate, input_precision=PRECISION)
+            acc_up = tl.dot(x, wu, acc_up, input_precision=PRECISION)
+        act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
+        tl.store(act_ptr + slot[:, None] * stride_as + offs_i[None, :],
+                 act.to(act_ptr.dtype.element_ty), mask=uses[:, None] & i_ok[None, :])
+
+
+@triton.jit
+def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi,
+                                   ids_ptr, weights_ptr, out_ptr, stride_ot, T, H, I, E, TOPK,
+                                   T_PAD: tl.constexpr, K_PAD: tl.constexpr,
+                                   S_PAD: tl.constexpr, NUM_BINS: tl.constexpr,
+                                   BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                                   PRECISION: tl.constexpr):
+    """out[:, BLOCK_H columns] = sum over used experts e of w[:, e] * act_e W_down[e]^T.
+
+    One program per BLOCK_H columns of H walks every used expert, so each down weight is read
+    once and the token rows are summed in registers in a fixed order: no partials, no atomics.
+    The (expert, I step) pairs are one flat loop so the pipeliner keeps the next experts' weight
+    tiles in flight across expert boundaries.
+    """
+    _, _, used, rank = _expert_buckets(ids_ptr, T * TOPK, E, S_PAD, NUM_BINS)
+    token_ids, id_mask = _token_ids(ids_ptr, T, TOPK, T_PAD, K_PAD)
+    t = tl.arange(0, T_PAD)
+    j = tl.arange(0, K_PAD)
+    token_weights = tl.load(weights_ptr + t[:, None] * TOPK + j[None, :], mask=id_mask, other=0.0)
+    offs_h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = offs_h < H
+    k_steps = tl.cdiv(I, BLOCK_K)
+    y = tl.zeros((T_PAD, BLOCK_H), dtype=tl.float32)
+    acc = tl.zeros((T_PAD, BLOCK_H), dtype=tl.float32)
+    for step in range(0, tl.sum(used.to(tl.int32), 0) * k_steps):
+        expert = _nth_used_expert(used, rank, step // k_steps, NUM_BINS)
+        hit, uses, slot = _expert_rows(token_ids, expert, TOPK, T_PAD, K_PAD)
+        offs_k = (step % k_steps) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < I
+        a = tl.load(act_ptr + slot[:, None] * stride_as + offs_k[None, :],
+                    mask=uses[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + expert.to(tl.int64) * stride_we + offs_h[None, :] * stride_wh
+                    + offs_k[:, None] * stride_wi, mask=k_ok[:, None] & h_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        # After an expert's last I step: add its rows times the routing weight (a token that
+        # lists the expert twice gets both weights; other tokens get 0, even if a weight is NaN).
+        last = (step % k_steps) == k_steps - 1
+        weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)
+        y += tl.where(last, acc * weight[:, None], 0.0)
+        acc = tl.where(last, 0.0, acc)
+    tl.store(out_ptr + t.to(tl.int64)[:, None] * stride_ot + offs_h[None, :],
+             y.to(out_ptr.dtype.element_ty), mask=(t < T)[:, None] & h_ok[None, :])

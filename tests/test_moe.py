@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dmoe_triton import DMoEBlock, RouterConfig, RoutingPolicy, moe_forward, route
-from dmoe_triton.moe import _align_slots_torch, align_slots
+from dmoe_triton.moe import DECODE_MAX_TOKENS, _align_slots_torch, align_slots, moe_forward_triton
 from dmoe_triton.reference import moe_forward_reference
 
 HAS_CUDA = torch.cuda.is_available()
@@ -44,9 +44,12 @@ def oracle(hidden, ids, weights, w_gate_up, w_down):
                                  w_down.double())
 
 
-def check_against_reference(hidden, ids, weights, w_gate_up, w_down, tol):
+def check_against_reference(hidden, ids, weights, w_gate_up, w_down, tol, path="auto"):
     out = torch.full_like(hidden, float("nan"))
-    y = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton", out=out)
+    if path == "auto":
+        y = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton", out=out)
+    else:
+        y = moe_forward_triton(hidden, ids, weights, w_gate_up, w_down, out=out, path=path)
     assert y.data_ptr() == out.data_ptr() and y.dtype == hidden.dtype
     ref = oracle(hidden, ids, weights, w_gate_up, w_down)
     assert torch.isfinite(y).all(), "an output row was left unwritten (NaN poison survived)"
@@ -78,23 +81,26 @@ def routings(draw):
     if draw(st.booleans()):
         weights[:] = 0.5  # duplicate weights
     weights[ids < 0] = 0.0
-    return T, H, I, E, ids, weights, g
+    # Both kernel paths: the decode one only takes few tokens.
+    path = draw(st.sampled_from(["decode", "grouped"])) if T <= DECODE_MAX_TOKENS else "grouped"
+    return T, H, I, E, ids, weights, g, path
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @given(case=routings())
 def test_kernel_matches_reference(dtype, case):
-    T, H, I, E, ids, weights, g = case
+    T, H, I, E, ids, weights, g, path = case
     hidden = torch.randn(T, H, generator=g).to(dtype)
     w_gate_up, w_down = make_layer(E, H, I, dtype, "cpu", g)
     to = dict(device=DEV)
     check_against_reference(hidden.to(**to), ids.to(**to), weights.to(**to), w_gate_up.to(**to),
-                            w_down.to(**to), TOL[dtype])
+                            w_down.to(**to), TOL[dtype], path)
 
 
-def test_scratch_poisoned_and_every_row_written(poison_scratch):
+@pytest.mark.parametrize("T", [37, DECODE_MAX_TOKENS + 3])  # decode path, grouped path
+def test_scratch_poisoned_and_every_row_written(poison_scratch, T):
     g = torch.Generator().manual_seed(1)
-    T, H, I, E, k = 37, 40, 24, 5, 3
+    H, I, E, k = 40, 24, 5, 3
     hidden = torch.randn(T, H, generator=g).to(DEV)
     ids = torch.argsort(torch.rand(T, E, generator=g), dim=1)[:, :k].to(torch.int32)
     ids[::4, 1] = -1
@@ -106,22 +112,24 @@ def test_scratch_poisoned_and_every_row_written(poison_scratch):
     assert torch.isfinite(y).all() and rel_err(y, ref) <= 1e-4
 
 
-def test_all_slots_empty_gives_zeros():
+@pytest.mark.parametrize("path", ["decode", "grouped"])
+def test_all_slots_empty_gives_zeros(path):
     hidden = torch.randn(6, 16, device=DEV)
     ids = torch.full((6, 2), -1, dtype=torch.int32, device=DEV)
     w_gate_up, w_down = make_layer(3, 16, 16, torch.float32)
     out = torch.full_like(hidden, float("nan"))
-    y = moe_forward(hidden, ids, torch.zeros(6, 2, device=DEV), w_gate_up, w_down,
-                    backend="triton", out=out)
+    y = moe_forward_triton(hidden, ids, torch.zeros(6, 2, device=DEV), w_gate_up, w_down,
+                           out=out, path=path)
     assert torch.equal(y, torch.zeros_like(hidden))
 
 
-def test_nan_weight_in_empty_slot_does_not_leak():
+@pytest.mark.parametrize("path", ["decode", "grouped"])
+def test_nan_weight_in_empty_slot_does_not_leak(path):
     hidden = torch.randn(3, 16, device=DEV)
     ids = torch.tensor([[0, -1], [1, 2], [-1, -1]], dtype=torch.int32, device=DEV)
     weights = torch.tensor([[1.0, float("nan")], [0.5, 0.5], [float("nan"), 0.0]], device=DEV)
     w_gate_up, w_down = make_layer(3, 16, 16, torch.float32)
-    y = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton")
+    y = moe_forward_triton(hidden, ids, weights, w_gate_up, w_down, path=path)
     assert torch.isfinite(y).all()
     assert rel_err(y, oracle(hidden, ids, weights, w_gate_up, w_down)) <= 1e-4
 
@@ -153,7 +161,8 @@ def test_align_kernel_matches_torch_align():
     assert int(((flat >= 0) & (flat < E)).sum()) == filled
 
 
-def test_out_of_range_ids_rejected_on_cpu_and_skipped_by_kernel():
+@pytest.mark.parametrize("path", ["decode", "grouped"])
+def test_out_of_range_ids_rejected_on_cpu_and_skipped_by_kernel(path):
     hidden = torch.randn(4, 16)
     w_gate_up, w_down = make_layer(3, 16, 16, torch.float32, "cpu")
     weights = torch.rand(4, 2)
@@ -163,8 +172,8 @@ def test_out_of_range_ids_rejected_on_cpu_and_skipped_by_kernel():
             moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="reference")
         # Unchecked, the kernel treats the id as an empty slot and never reads out of bounds.
         to = dict(device=DEV)
-        y = moe_forward(hidden.to(**to), ids.to(**to), weights.to(**to), w_gate_up.to(**to),
-                        w_down.to(**to), backend="triton", check_ids=False)
+        y = moe_forward_triton(hidden.to(**to), ids.to(**to), weights.to(**to),
+                               w_gate_up.to(**to), w_down.to(**to), path=path)
         ref = oracle(hidden, ids, weights, w_gate_up, w_down)
         assert rel_err(y.cpu(), ref) <= 1e-4
 
@@ -323,8 +332,9 @@ def llada_like_case(T=64, E=32, H=512, I=128, k=8, seed=0):
 
 
 @pytest.mark.gpu
-def test_bf16_against_fp32_reference():
-    hidden, ids, weights, w_gate_up, w_down = llada_like_case()
+@pytest.mark.parametrize("T", [32, 128])
+def test_bf16_against_fp32_reference(T):
+    hidden, ids, weights, w_gate_up, w_down = llada_like_case(T=T)
     ref = oracle(hidden.bfloat16(), ids, weights, w_gate_up.bfloat16(), w_down.bfloat16())
     y = moe_forward(hidden.bfloat16(), ids, weights, w_gate_up.bfloat16(), w_down.bfloat16())
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
@@ -340,8 +350,9 @@ def test_gpu_matches_reference(dtype):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_equals_eager():
-    hidden, ids, weights, w_gate_up, w_down = llada_like_case()
+@pytest.mark.parametrize("T", [32, 128])  # decode path, grouped path
+def test_cuda_graph_replay_equals_eager(T):
+    hidden, ids, weights, w_gate_up, w_down = llada_like_case(T=T)
     hidden, w_gate_up, w_down = hidden.bfloat16(), w_gate_up.bfloat16(), w_down.bfloat16()
     eager = moe_forward(hidden, ids, weights, w_gate_up, w_down)
     out = torch.full_like(hidden, float("nan"))
