@@ -1,0 +1,445 @@
+"""LLaDA2.0 (`model_type "llada2_moe"`): config and model with the published parameter names.
+
+The spec is ../shared/docs/llada2.md. Loading and saving speak the official tensor names, so a
+published checkpoint directory loads unchanged with `from_pretrained`. The MoE MLP here is the
+plain one (official gate in vectorised torch, a Python loop over experts); `patch_model` swaps it
+for the fused `DMoEBlock`.
+
+Attention is block-causal: bidirectional inside a block of `block_length` positions, causal
+across blocks, blocks aligned to each sequence's position 0. For decoding, `BlockKVCache` holds
+the K/V of finished blocks; a forward with `write_cache=True` appends its rows to it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+from ..routing import RouteResult
+
+MODEL_TYPE = "llada2_moe"
+
+
+class LLaDA2MoeConfig(PretrainedConfig):
+    """Defaults are the published LLaDA2.0-mini checkpoint's values (not the remote code's defaults).
+
+    Extra keys of a checkpoint's config.json (auto_map, rotary_dim, ...) are kept as attributes.
+    """
+
+    model_type = MODEL_TYPE
+
+    vocab_size: int = 157184
+    hidden_size: int = 2048
+    intermediate_size: int = 5120
+    moe_intermediate_size: int = 512
+    num_hidden_layers: int = 20
+    first_k_dense_replace: int = 1
+    num_experts: int = 256
+    num_experts_per_tok: int = 8
+    num_shared_experts: Optional[int] = 1
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    score_function: str = "sigmoid"
+    moe_router_enable_expert_bias: bool = True
+    router_dtype: str = "fp32"
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 4
+    head_dim: Optional[int] = 128
+    partial_rotary_factor: float = 0.5
+    rotary_dim: Optional[int] = None  # derived from partial_rotary_factor when absent
+    rope_theta: float = 600000.0
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    use_qk_norm: bool = True
+    use_bias: bool = False
+    use_qkv_bias: bool = False
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    pad_token_id: Optional[int] = 156892
+    eos_token_id: Optional[int] = 156892
+    mask_token_id: Optional[int] = 156895
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        derived = int(self.head_dim * self.partial_rotary_factor)
+        if self.rotary_dim is None:
+            self.rotary_dim = derived
+        elif self.rotary_dim != derived:
+            raise ValueError(
+                f"rotary_dim ({self.rotary_dim}) must equal head_dim * partial_rotary_factor "
+                f"({derived}); the published model derives it that way"
+            )
+        super().__post_init__(**kwargs)
+        if self.rope_scaling:
+            raise ValueError(f"rope_scaling is not supported (got {self.rope_scaling!r})")
+        if self.score_function != "sigmoid":
+            raise ValueError(f"score_function must be 'sigmoid', got {self.score_function!r}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act must be 'silu', got {self.hidden_act!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+
+    def is_moe_layer(self, i: int) -> bool:
+        return bool(self.num_experts) and i >= self.first_k_dense_replace
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class LLaDA2MoeRMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        # fp32 statistics, cast back, then the weight: the published order of operations.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class LLaDA2MoeMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)): the dense layer 0, every routed expert and the shared expert."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LLaDA2MoeGate(nn.Module):
+    """The official router: sigmoid scores (+ expert_bias to rank), group-limited top-k."""
+
+    def __init__(self, config: LLaDA2MoeConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` must not round the router's bias: it stays fp32, as published.
+        super()._apply(fn, recurse)
+        self.expert_bias.data = self.expert_bias.data.float()
+        return self
+
+    def forward(self, x):
+        """x [T, H] -> ids [T, k] (int64), weights [T, k] (fp32)."""
+        c = self.config
+        T = x.shape[0]
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
+        ranking = scores + self.expert_bias.float()
+        group_scores = ranking.view(T, c.n_group, -1).topk(2, dim=-1).values.sum(-1)
+        kept_groups = group_scores.topk(c.topk_group, dim=-1).indices
+        in_kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)
+        in_kept = in_kept.repeat_interleave(c.num_experts // c.n_group, dim=1)
+        ids = ranking.masked_fill(~in_kept, float("-inf")).topk(c.num_experts_per_tok, dim=-1).indices
+        w = scores.gather(1, ids)
+        w = w / (w.sum(-1, keepdim=True) + 1e-20) * c.routed_scaling_factor
+        return ids, w
+
+
+class LLaDA2MoeSparseMoeBlock(nn.Module):
+    """Routed experts (looped in Python, as the official code does) plus the shared expert."""
+
+    def __init__(self, config: LLaDA2MoeConfig):
+        super().__init__()
+        H, I = config.hidden_size, config.moe_intermediate_size
+        self.gate = LLaDA2MoeGate(config)
+        self.experts = nn.ModuleList(LLaDA2MoeMLP(H, I) for _ in range(config.num_experts))
+        n_shared = config.num_shared_experts or 0
+        self.shared_experts = LLaDA2MoeMLP(H, I * n_shared) if n_shared else None
+        self.last_route: Optional[RouteResult] = None  # for decoding statistics
+
+    def forward(self, x):
+        B, L, H = x.shape
+        flat = x.reshape(-1, H)
+        ids, w = self.gate(flat)
+        self.last_route = RouteResult(ids.view(B, L, -1).to(torch.int32), w.view(B, L, -1), None)
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
+        for e in ids.unique().tolist():  # a host sync: this is the slow reference path
+            token, slot = torch.where(ids == e)
+            y = self.experts[e](flat[token]).float() * w[token, slot, None]
+            out.index_add_(0, token, y)
+        out = out.to(x.dtype).view(B, L, H)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
+def rotate_half(x):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def rope_cos_sin(position_ids, rotary_dim: int, theta: float, dtype):
+    """NeoX RoPE tables [B, L, rotary_dim], computed in fp32 and cast to the activations' dtype."""
+    exponent = torch.arange(0, rotary_dim, 2, device=position_ids.device).float() / rotary_dim
+    inv_freq = 1.0 / (theta ** exponent)
+    freqs = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, heads, L, hd]; rotate only the first rotary_dim dims of each head."""
+    rd = cos.shape[-1]
+    cos, sin = cos[:, None], sin[:, None]
+    rot, rest = x[..., :rd], x[..., rd:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
+class BlockKVCache:
+    """K/V of finished blocks for every layer, preallocated to `capacity` positions.
+
+    `valid [B, capacity]` marks written, non-padding rows; attention never looks at the rest.
+    With `static=True` attention reads the whole buffer (fixed shapes, for CUDA graphs);
+    otherwise only the written prefix. Rows are appended by a forward with `write_cache=True`.
+    """
+
+    def __init__(self, config: LLaDA2MoeConfig, batch: int, capacity: int, dtype, device,
+                 static: bool = False):
+        shape = (batch, config.num_key_value_heads, capacity, config.head_dim)
+        n = config.num_hidden_layers
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.capacity, self.static, self.length = capacity, static, 0
+
+    def visible(self) -> int:
+        return self.capacity if self.static else self.length
+
+    def write(self, layer: int, k, v):
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"BlockKVCache is full: {end} rows > capacity {self.capacity}")
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+
+    def advance(self, row_valid):
+        """After every layer wrote its rows: mark them (row_valid [B, l] bool) and move on."""
+        end = self.length + row_valid.shape[1]
+        self.valid[:, self.length:end] = row_valid
+        self.length = end
+
+
+def block_causal_mask(position_ids, row_valid, cache: Optional[BlockKVCache], block_length: int):
+    """Boolean [B, 1, l, C + l] mask for l query rows against C cached + l current keys.
+
+    Cached keys are finished earlier blocks: visible where valid. Current keys: visible where
+    their block is not after the query's block and the row is real; every row also sees itself,
+    so a padding row never has an empty softmax (which would put NaN into the cache).
+    """
+    blk = torch.div(position_ids, block_length, rounding_mode="floor")
+    l = position_ids.shape[1]
+    current = (blk[:, None, :] <= blk[:, :, None]) & row_valid[:, None, :]
+    current = current | torch.eye(l, dtype=torch.bool, device=position_ids.device)
+    if cache is not None and cache.visible() > 0:
+        cached = cache.valid[:, None, : cache.visible()].expand(-1, l, -1)
+        current = torch.cat((cached, current), dim=-1)
+    return current[:, None]
+
+
+class LLaDA2MoeAttention(nn.Module):
+    def __init__(self, config: LLaDA2MoeConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.nh, self.nkv, self.hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.rotary_dim, self.theta = config.rotary_dim, config.rope_theta
+        self.query_key_value = nn.Linear(
+            config.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=config.use_qkv_bias
+        )
+        if config.use_qk_norm:
+            self.query_layernorm = LLaDA2MoeRMSNorm(self.hd, config.rms_norm_eps)
+            self.key_layernorm = LLaDA2MoeRMSNorm(self.hd, config.rms_norm_eps)
+        self.dense = nn.Linear(self.nh * self.hd, config.hidden_size, bias=config.use_bias)
+
+    def forward(self, x, cos, sin, mask, cache: Optional[BlockKVCache], write_cache: bool):
+        B, L, _ = x.shape
+        qkv = self.query_key_value(x).view(B, L, self.nh + 2 * self.nkv, self.hd).transpose(1, 2)
+        q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=1)
+        if hasattr(self, "query_layernorm"):
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = k, v
+        if cache is not None and cache.visible() > 0:
+            n = cache.visible()
+            keys = torch.cat((cache.keys[self.layer_idx][:, :, :n], k), dim=2)
+            values = torch.cat((cache.values[self.layer_idx][:, :, :n], v), dim=2)
+        if write_cache:
+            cache.write(self.layer_idx, k, v)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, scale=self.hd ** -0.5, enable_gqa=self.nh != self.nkv
+        )
+        return self.dense(out.transpose(1, 2).reshape(B, L, self.nh * self.hd))
+
+
+class LLaDA2MoeDecoderLayer(nn.Module):
+    def __init__(self, config: LLaDA2MoeConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = LLaDA2MoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = LLaDA2MoeAttention(config, layer_idx)
+        self.post_attention_layernorm = LLaDA2MoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = LLaDA2MoeSparseMoeBlock(config)
+        else:
+            self.mlp = LLaDA2MoeMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, cos, sin, mask, cache, write_cache):
+        h = x + self.attention(self.input_layernorm(x), cos, sin, mask, cache, write_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers models
+
+
+class LLaDA2MoePreTrainedModel(PreTrainedModel):
+    config_class = LLaDA2MoeConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["LLaDA2MoeDecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, LLaDA2MoeGate):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            module.expert_bias.zero_()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' loader, then a strict check: a missing, extra or mis-shaped tensor is an
+        error naming it (transformers alone would only warn and initialise it randomly)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        kwargs["ignore_mismatched_sizes"] = True  # so that the check below can name the tensor
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        check_loading_info(info, model.config)
+        for module in model.modules():
+            if isinstance(module, LLaDA2MoeGate):  # the router's bias stays fp32 whatever dtype
+                module.expert_bias.data = module.expert_bias.data.float()
+        return (model, info) if want_info else model
+
+
+def check_loading_info(info: dict, config: LLaDA2MoeConfig) -> None:
+    def name(entry):  # mismatched keys come as (name, checkpoint shape, model shape)
+        if isinstance(entry, (tuple, list)):
+            return f"{entry[0]} (checkpoint {list(entry[1])}, model {list(entry[2])})"
+        return str(entry)
+
+    missing = info.get("missing_keys") or []
+    if not config.moe_router_enable_expert_bias:  # then the bias is zeros, as a default
+        missing = [k for k in missing if not str(k).endswith("mlp.gate.expert_bias")]
+    problems = []
+    for kind, entries in (("missing", missing), ("unexpected", info.get("unexpected_keys")),
+                          ("mis-shaped", info.get("mismatched_keys"))):
+        if entries:
+            problems.append(f"{kind} tensors: " + ", ".join(sorted(map(name, entries))))
+    if info.get("error_msgs"):
+        problems.append("errors: " + "; ".join(map(str, info["error_msgs"])))
+    if problems:
+        raise ValueError("checkpoint does not match the llada2_moe layout: " + " | ".join(problems))
+
+
+class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
+    # The bare model loads from a full checkpoint too: its lm_head is simply not used.
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+
+    def __init__(self, config: LLaDA2MoeConfig):
+        super().__init__(config)
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LLaDA2MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = LLaDA2MoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.word_embeddings = value
+
+    def forward(self, input_ids, position_ids=None, past_key_values: Optional[BlockKVCache] = None,
+                attention_mask=None, block_length: int = 32, write_cache: bool = False, **kwargs):
+        """Final hidden states [B, l, H] of l rows (see LLaDA2MoeModelLM.forward)."""
+        cache = past_key_values
+        B, l = input_ids.shape
+        if write_cache and cache is None:
+            raise ValueError("write_cache=True needs past_key_values (a BlockKVCache)")
+        if position_ids is None:
+            start = cache.length if cache is not None else 0
+            position_ids = torch.arange(start, start + l, device=input_ids.device).expand(B, l)
+        if attention_mask is None:
+            row_valid = torch.ones(B, l, dtype=torch.bool, device=input_ids.device)
+        else:
+            if tuple(attention_mask.shape) != (B, l):
+                raise ValueError(
+                    f"attention_mask must have shape {(B, l)} (one flag per input row; the cache "
+                    f"keeps its own), got {tuple(attention_mask.shape)}"
+                )
+            row_valid = attention_mask.bool()
+        x = self.word_embeddings(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta, x.dtype)
+        mask = block_causal_mask(position_ids, row_valid, cache, block_length)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache, write_cache)
+        if write_cache:
+            cache.advance(row_valid)
+        return self.norm(x)
+
+
+class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
+    _tied_weights_keys = {}
+
+    def __init__(self, config: LLaDA2MoeConfig):
+        super().__init__(config)
+        self.model = LLaDA2MoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.word_embeddings
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def new_cache(self, batch: int, capacity: int, static: bool = False) -> BlockKVCache:
+        p = self.lm_head.weight
+        return BlockKVCache(self.config, batch, capacity, p.dtype, p.device, static=static)
+
+    def forward(self, input_ids, position_ids=None, past_key_values: Optional[BlockKVCache] = None,
+                attention_mask=None, block_length: int = 32, write_cache: bool = False,
+                return_logits: bool = True, **kwargs):
+        """Logits [B, l, V] in fp32 for l input rows; the logit at row i predicts token i.
+
+        position_ids [B, l]: absolute positions (default: continue after the cache). Blocks of
+        `block_length` are aligned to position 0. past_key_values: a BlockKVCache of finished
+        earlier blocks, all visible to every row. attention_mask [B, l]: 1 for real rows, 0 for
+        padding (never attended to). write_cache: append these rows' K/V to the cache.
+        return_logits=False skips lm_head (a cache-writing forward does not need it).
+        """
+        hidden = self.model(input_ids, position_ids, past_key_values, attention_mask,
+                            block_length, write_cache)
+        logits = self.lm_head(hidden).float() if return_logits else None
+        return CausalLMOutput(logits=logits)
+
+
+AutoConfig.register(MODEL_TYPE, LLaDA2MoeConfig, exist_ok=True)
+AutoModel.register(LLaDA2MoeConfig, LLaDA2MoeModel, exist_ok=True)
+AutoModelForCausalLM.register(LLaDA2MoeConfig, LLaDA2MoeModelLM, exist_ok=True)
