@@ -197,3 +197,43 @@ def decode(ids: Iterable[int]) -> str:
         if s not in SPECIALS:
             out.append(s)
     return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Solving problems with a model: block-diffusion decoding through dmoe_triton.generate.
+# ---------------------------------------------------------------------------------------------
+
+def solve(model, problems: Sequence[Problem], batch_size: int = 256, progress=None,
+          cuda_graph=None):
+    """Decode every problem's answer with `generate` (LLaDA2 defaults: block 32, 32 steps,
+    threshold 0.95, argmax). Each batch generates up to the end of the prompts' block, which is
+    where the model learned to stop. Returns (answers as text, list of GenerationStats).
+
+    `progress`, if given, is called with the number of problems just finished; `cuda_graph`
+    goes to `generate`.
+    """
+    from .generate import generate
+
+    answers, stats = [], []
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start:start + batch_size]
+        prompts = [encode(p.prompt) for p in chunk]
+        longest = max(len(p) for p in prompts)
+        gen_length = max(1, MAX_SEQUENCE - longest)
+        result = generate(model, prompts, gen_length=gen_length, block_length=MAX_SEQUENCE,
+                          steps=32, threshold=0.95, cuda_graph=cuda_graph)
+        answers += [decode(t) for t in result.tokens]
+        stats.append(result.stats)
+        if progress is not None:
+            progress(len(chunk))
+    return answers, stats
+
+
+def mean_unique_experts(stats) -> float:
+    """Distinct experts per block, averaged over MoE layers, denoising forwards and sequences."""
+    import torch
+
+    values = [s.unique_experts.flatten() for s in stats if s.unique_experts is not None]
+    if not values:
+        return float("nan")
+    return float(torch.nanmean(torch.cat(values).float()))
