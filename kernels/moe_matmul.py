@@ -67,6 +67,30 @@ def _tile_slots(sorted_slots_ptr, start, count, m0, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _silu_gate_up(x_rows, rows_ok, stride_xh, w_gate, w_up, stride_wk, i_ok, H,
+                  ROWS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """silu(x W_gate^T) * (x W_up^T) in fp32 for ROWS token rows and BLOCK_I columns.
+
+    x_rows [ROWS, 1] points at each row's first element; rows outside `rows_ok` are masked, so
+    they cost no memory traffic. w_gate / w_up [1, BLOCK_I] point at the columns' weight rows.
+    """
+    acc_gate = tl.zeros((ROWS, BLOCK_I), dtype=tl.float32)
+    acc_up = tl.zeros((ROWS, BLOCK_I), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < H
+        x = tl.load(x_rows + offs_k[None, :] * stride_xh, mask=rows_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w_mask = k_ok[:, None] & i_ok[None, :]
+        wg = tl.load(w_gate + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
+        wu = tl.load(w_up + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
+        acc_gate = tl.dot(x, wg, acc_gate, input_precision=PRECISION)
+        acc_up = tl.dot(x, wu, acc_up, input_precision=PRECISION)
+    return acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
+
+
+@triton.jit
 def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
                        w_ptr, stride_we, stride_wn, stride_wk,
                        act_ptr, stride_as,
@@ -87,19 +111,8 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
         for m0 in range(0, count, BLOCK_M):
             slot, m_ok = _tile_slots(sorted_slots_ptr, start, count, m0, BLOCK_M)
             x_rows = x_ptr + (slot // TOPK)[:, None] * stride_xt
-            acc_gate = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
-            acc_up = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
-            for k0 in range(0, H, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_ok = offs_k < H
-                x = tl.load(x_rows + offs_k[None, :] * stride_xh,
-                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                w_mask = k_ok[:, None] & i_ok[None, :]
-                wg = tl.load(w_gate + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
-                wu = tl.load(w_up + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
-                acc_gate = tl.dot(x, wg, acc_gate, input_precision=PRECISION)
-                acc_up = tl.dot(x, wu, acc_up, input_precision=PRECISION)
-            act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
+            act = _silu_gate_up(x_rows, m_ok, stride_xh, w_gate, w_up, stride_wk, i_ok, H,
+                                BLOCK_M, BLOCK_I, BLOCK_K, PRECISION)
             tl.store(act_ptr + slot[:, None] * stride_as + offs_i[None, :],
                      act.to(act_ptr.dtype.element_ty), mask=m_ok[:, None] & i_ok[None, :])
 
@@ -204,20 +217,9 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
         i_ok = offs_i < I
         w_gate = w_ptr + expert.to(tl.int64) * stride_we + offs_i[None, :] * stride_wn
         w_up = w_gate + I * stride_wn
-        acc_gate = tl.zeros((T_PAD, BLOCK_I), dtype=tl.float32)
-        acc_up = tl.zeros((T_PAD, BLOCK_I), dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < H
-            # Rows of tokens that do not use the expert are masked: no memory traffic.
-            x = tl.load(x_ptr + t[:, None] * stride_xt + offs_k[None, :] * stride_xh,
-                        mask=uses[:, None] & k_ok[None, :], other=0.0)
-            w_mask = k_ok[:, None] & i_ok[None, :]
-            wg = tl.load(w_gate + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
-            wu = tl.load(w_up + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
-            acc_gate = tl.dot(x, wg, acc_gate, input_precision=PRECISION)
-            acc_up = tl.dot(x, wu, acc_up, input_precision=PRECISION)
-        act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
+        # Every token row is in the tile; those that do not use the expert are masked.
+        act = _silu_gate_up(x_ptr + t[:, None] * stride_xt, uses, stride_xh, w_gate, w_up,
+                            stride_wk, i_ok, H, T_PAD, BLOCK_I, BLOCK_K, PRECISION)
         tl.store(act_ptr + slot[:, None] * stride_as + offs_i[None, :],
                  act.to(act_ptr.dtype.element_ty), mask=uses[:, None] & i_ok[None, :])
 
