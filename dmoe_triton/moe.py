@@ -124,7 +124,7 @@ class DecodeConfig:
     """The decode path (T <= DECODE_MAX_TOKENS): two launches, used experts found in-kernel.
 
     gate/up: persistent programs over (used expert, block_i intermediate columns) items;
-    down + combine: one program per block_h hidden columns, walking all used experts.
+    down + combine: one program per (block_h hidden columns, share of the used experts).
     """
 
     block_i: int = 32
@@ -136,6 +136,15 @@ class DecodeConfig:
     k_down: int = 256          # step along I
     warps_down: int = 4
     stages_down: int = 4
+    # Down programs per block_h columns, each walking a contiguous share of the used experts.
+    # 1: cdiv(H, block_h) = 128 programs at H = 2048, one per SM, writing out directly.
+    # 2: twice the programs (twice the weight bytes in flight, half the serial steps each)
+    # for an fp32 partial per share, summed in share order by the last program to finish.
+    down_splits: int = 2
+
+    def __post_init__(self):
+        if not isinstance(self.down_splits, int) or self.down_splits < 1:
+            raise ValueError(f"down_splits must be an int >= 1, got {self.down_splits!r}")
 
 
 @dataclass(frozen=True)
@@ -270,28 +279,64 @@ def combine_slots(partial, ids, weights, out, num_experts: int):
     return out
 
 
-def decode_forward(hidden, ids, weights, w_gate_up, w_down, out, config: DecodeConfig):
-    """Two launches: gate/up into act [T*k, I], then down + weighted sum straight into out."""
-    from .kernels.moe_matmul import moe_down_combine_decode_kernel, moe_gate_up_decode_kernel
+def _decode_pads(T, k, E, dtype) -> dict:
+    return dict(T_PAD=max(16, triton.next_power_of_2(T)), K_PAD=triton.next_power_of_2(k),
+                S_PAD=triton.next_power_of_2(T * k), NUM_BINS=triton.next_power_of_2(E + 1),
+                PRECISION=_precision(dtype))
+
+
+def _down_arrivals(H, device, config: DecodeConfig):
+    """The down launch's arrival counters (one per block_h columns), or None with one split."""
+    if config.down_splits == 1:
+        return None
+    return torch.empty(triton.cdiv(H, config.block_h), dtype=torch.int32, device=device)
+
+
+def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig):
+    """act [T*k, I] in hidden's dtype for the filled slots; also zeroes `arrivals` (if any)."""
+    from .kernels.moe_matmul import moe_gate_up_decode_kernel
 
     T, H = hidden.shape
     k = ids.shape[1]
     E, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
     act = torch.empty(T * k, inter, dtype=hidden.dtype, device=hidden.device)
     c = config
-    pads = dict(T_PAD=max(16, triton.next_power_of_2(T)), K_PAD=triton.next_power_of_2(k),
-                S_PAD=triton.next_power_of_2(T * k), NUM_BINS=triton.next_power_of_2(E + 1),
-                PRECISION=_precision(hidden.dtype))
     grid = _persistent_grid(hidden.device, c, min(E, T * k) * triton.cdiv(inter, c.block_i))
+    counters = (ids, 0) if arrivals is None else (arrivals, arrivals.numel())  # ids: unused
     moe_gate_up_decode_kernel[grid](
         hidden, hidden.stride(0), hidden.stride(1), w_gate_up, *w_gate_up.stride(),
-        act, act.stride(0), ids, T, H, inter, E, k, BLOCK_I=c.block_i, BLOCK_K=c.k_gate_up,
-        num_warps=c.warps_gate_up, num_stages=c.stages_gate_up, **pads)
-    moe_down_combine_decode_kernel[(triton.cdiv(H, c.block_h),)](
+        act, act.stride(0), ids, *counters, T, H, inter, E, k, BLOCK_I=c.block_i,
+        BLOCK_K=c.k_gate_up, num_warps=c.warps_gate_up, num_stages=c.stages_gate_up,
+        **_decode_pads(T, k, E, hidden.dtype))
+    return act
+
+
+def decode_down_combine(act, ids, weights, w_down, out, arrivals, config: DecodeConfig):
+    """out = sum over slots of weight * act W_down^T; `arrivals` must hold zeros (or be None
+    with one split): decode_gate_up zeroes them, and the launch leaves them zeroed."""
+    from .kernels.moe_matmul import moe_down_combine_decode_kernel
+
+    T, H = out.shape
+    k = ids.shape[1]
+    E, inter = w_down.shape[0], w_down.shape[2]
+    c = config
+    if c.down_splits == 1:
+        partial, arrivals = out, ids  # unused by the one-split kernel
+    else:
+        partial = torch.empty(c.down_splits, T, H, dtype=torch.float32, device=out.device)
+    moe_down_combine_decode_kernel[(triton.cdiv(H, c.block_h), c.down_splits)](
         act, act.stride(0), w_down, *w_down.stride(), ids, weights, out, out.stride(0),
-        T, H, inter, E, k, BLOCK_H=c.block_h, BLOCK_K=c.k_down, num_warps=c.warps_down,
-        num_stages=c.stages_down, **pads)
+        partial, arrivals, T, H, inter, E, k, BLOCK_H=c.block_h, BLOCK_K=c.k_down,
+        EXPERT_SPLITS=c.down_splits, num_warps=c.warps_down, num_stages=c.stages_down,
+        **_decode_pads(T, k, E, act.dtype))
     return out
+
+
+def decode_forward(hidden, ids, weights, w_gate_up, w_down, out, config: DecodeConfig):
+    """Two launches: gate/up into act [T*k, I], then down + weighted sum straight into out."""
+    arrivals = _down_arrivals(hidden.shape[1], hidden.device, config)
+    act = decode_gate_up(hidden, ids, w_gate_up, arrivals, config)
+    return decode_down_combine(act, ids, weights, w_down, out, arrivals, config)
 
 
 def grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, config: GroupedConfig):

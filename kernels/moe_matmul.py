@@ -200,11 +200,18 @@ def _expert_rows(token_ids, expert, TOPK, T_PAD: tl.constexpr, K_PAD: tl.constex
 @triton.jit
 def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
                               w_ptr, stride_we, stride_wn, stride_wk,
-                              act_ptr, stride_as, ids_ptr, T, H, I, E, TOPK,
+                              act_ptr, stride_as, ids_ptr, arrivals_ptr, n_arrivals,
+                              T, H, I, E, TOPK,
                               T_PAD: tl.constexpr, K_PAD: tl.constexpr, S_PAD: tl.constexpr,
                               NUM_BINS: tl.constexpr, BLOCK_I: tl.constexpr,
                               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """act[slot] = silu(x W_gate^T) * (x W_up^T); work item = (used expert, BLOCK_I columns)."""
+    """act[slot] = silu(x W_gate^T) * (x W_up^T); work item = (used expert, BLOCK_I columns).
+
+    Also zeroes the `n_arrivals` arrival counters of the down launch that follows (its split
+    programs count themselves there), which saves a memset launch.
+    """
+    for c in range(tl.program_id(0), n_arrivals, tl.num_programs(0)):
+        tl.store(arrivals_ptr + c, 0)
     _, _, used, rank = _expert_buckets(ids_ptr, T * TOPK, E, S_PAD, NUM_BINS)
     token_ids, _ = _token_ids(ids_ptr, T, TOPK, T_PAD, K_PAD)
     t = tl.arange(0, T_PAD)
@@ -226,17 +233,21 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
 
 @triton.jit
 def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi,
-                                   ids_ptr, weights_ptr, out_ptr, stride_ot, T, H, I, E, TOPK,
+                                   ids_ptr, weights_ptr, out_ptr, stride_ot,
+                                   partial_ptr, arrivals_ptr, T, H, I, E, TOPK,
                                    T_PAD: tl.constexpr, K_PAD: tl.constexpr,
                                    S_PAD: tl.constexpr, NUM_BINS: tl.constexpr,
                                    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                                   PRECISION: tl.constexpr):
+                                   EXPERT_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
     """out[:, BLOCK_H columns] = sum over used experts e of w[:, e] * act_e W_down[e]^T.
 
-    One program per BLOCK_H columns of H walks every used expert, so each down weight is read
-    once and the token rows are summed in registers in a fixed order: no partials, no atomics.
-    The (expert, I step) pairs are one flat loop so the pipeliner keeps the next experts' weight
-    tiles in flight across expert boundaries.
+    Program (h, s) takes BLOCK_H columns of H and the s-th of EXPERT_SPLITS contiguous shares
+    of the used experts, so each down weight is read once. The (expert, I step) pairs are one
+    flat loop so the pipeliner keeps the next experts' weight tiles in flight across expert
+    boundaries. With one split the program sums its token rows in registers and writes out:
+    no partials, no atomics. With more (more programs, so more bytes in flight when few experts
+    are used), each writes an fp32 partial [EXPERT_SPLITS, T, H] and the last of a column
+    block's programs to arrive adds them in split order: deterministic whoever arrives last.
     """
     _, _, used, rank = _expert_buckets(ids_ptr, T * TOPK, E, S_PAD, NUM_BINS)
     token_ids, id_mask = _token_ids(ids_ptr, T, TOPK, T_PAD, K_PAD)
@@ -248,7 +259,10 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     k_steps = tl.cdiv(I, BLOCK_K)
     y = tl.zeros((T_PAD, BLOCK_H), dtype=tl.float32)
     acc = tl.zeros((T_PAD, BLOCK_H), dtype=tl.float32)
-    for step in range(0, tl.sum(used.to(tl.int32), 0) * k_steps):
+    n_used = tl.sum(used.to(tl.int32), 0)
+    share = tl.program_id(1)
+    for step in range(share * n_used // EXPERT_SPLITS * k_steps,
+                      (share + 1) * n_used // EXPERT_SPLITS * k_steps):
         expert = _nth_used_expert(used, rank, step // k_steps, NUM_BINS)
         hit, uses, slot = _expert_rows(token_ids, expert, TOPK, T_PAD, K_PAD)
         offs_k = (step % k_steps) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -264,5 +278,20 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
         weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)
         y += tl.where(last, acc * weight[:, None], 0.0)
         acc = tl.where(last, 0.0, acc)
-    tl.store(out_ptr + t.to(tl.int64)[:, None] * stride_ot + offs_h[None, :],
-             y.to(out_ptr.dtype.element_ty), mask=(t < T)[:, None] & h_ok[None, :])
+    tile_ok = (t < T)[:, None] & h_ok[None, :]
+    out_tile = out_ptr + t.to(tl.int64)[:, None] * stride_ot + offs_h[None, :]
+    if EXPERT_SPLITS == 1:
+        tl.store(out_tile, y.to(out_ptr.dtype.element_ty), mask=tile_ok)
+    else:
+        partial_tile = partial_ptr + t.to(tl.int64)[:, None] * H + offs_h[None, :]
+        tl.store(partial_tile + share * T * H, y, mask=tile_ok)
+        tl.debug_barrier()  # all of this program's partial is written before it counts itself
+        arrivals = arrivals_ptr + tl.program_id(0)
+        if tl.atomic_add(arrivals, 1, sem="acq_rel") == EXPERT_SPLITS - 1:
+            total = tl.zeros((T_PAD, BLOCK_H), dtype=tl.float32)
+            for s in tl.static_range(EXPERT_SPLITS):
+                # .cg: read the other programs' partials from L2, never a stale L1 line.
+                total += tl.load(partial_tile + s * T * H, mask=tile_ok, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out_tile, total.to(out_ptr.dtype.element_ty), mask=tile_ok)
+            tl.atomic_xchg(arrivals, 0)  # ready for the next launch, even without a gate/up

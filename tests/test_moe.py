@@ -8,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dmoe_triton import DMoEBlock, RouterConfig, RoutingPolicy, moe_forward, route
-from dmoe_triton.moe import DECODE_MAX_TOKENS, _align_slots_torch, align_slots, moe_forward_triton
+from dmoe_triton.moe import (DECODE_MAX_TOKENS, DecodeConfig, _align_slots_torch, align_slots,
+                             decode_down_combine, decode_gate_up, moe_forward_triton)
 from dmoe_triton.reference import moe_forward_reference
 
 HAS_CUDA = torch.cuda.is_available()
@@ -44,12 +45,14 @@ def oracle(hidden, ids, weights, w_gate_up, w_down):
                                  w_down.double())
 
 
-def check_against_reference(hidden, ids, weights, w_gate_up, w_down, tol, path="auto"):
+def check_against_reference(hidden, ids, weights, w_gate_up, w_down, tol, path="auto",
+                            decode=DecodeConfig()):
     out = torch.full_like(hidden, float("nan"))
     if path == "auto":
         y = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton", out=out)
     else:
-        y = moe_forward_triton(hidden, ids, weights, w_gate_up, w_down, out=out, path=path)
+        y = moe_forward_triton(hidden, ids, weights, w_gate_up, w_down, out=out, path=path,
+                               decode=decode)
     assert y.data_ptr() == out.data_ptr() and y.dtype == hidden.dtype
     ref = oracle(hidden, ids, weights, w_gate_up, w_down)
     assert torch.isfinite(y).all(), "an output row was left unwritten (NaN poison survived)"
@@ -83,18 +86,20 @@ def routings(draw):
     weights[ids < 0] = 0.0
     # Both kernel paths: the decode one only takes few tokens.
     path = draw(st.sampled_from(["decode", "grouped"])) if T <= DECODE_MAX_TOKENS else "grouped"
-    return T, H, I, E, ids, weights, g, path
+    # The decode path's down launch with its used experts in 1..3 shares (partials + last-arriver sum).
+    decode = DecodeConfig(down_splits=draw(st.integers(1, 3)))
+    return T, H, I, E, ids, weights, g, path, decode
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @given(case=routings())
 def test_kernel_matches_reference(dtype, case):
-    T, H, I, E, ids, weights, g, path = case
+    T, H, I, E, ids, weights, g, path, decode = case
     hidden = torch.randn(T, H, generator=g).to(dtype)
     w_gate_up, w_down = make_layer(E, H, I, dtype, "cpu", g)
     to = dict(device=DEV)
     check_against_reference(hidden.to(**to), ids.to(**to), weights.to(**to), w_gate_up.to(**to),
-                            w_down.to(**to), TOL[dtype], path)
+                            w_down.to(**to), TOL[dtype], path, decode)
 
 
 @pytest.mark.parametrize("T", [37, DECODE_MAX_TOKENS + 3])  # decode path, grouped path
@@ -110,6 +115,35 @@ def test_scratch_poisoned_and_every_row_written(poison_scratch, T):
                     backend="triton")
     ref = oracle(hidden, ids.to(DEV), weights.to(DEV), w_gate_up.to(DEV), w_down.to(DEV))
     assert torch.isfinite(y).all() and rel_err(y, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3])
+def test_decode_down_splits_agree_and_leave_counters_zeroed(splits):
+    """Shares of the used experts (more shares than used experts too) sum to the one-program
+    result; the arrival counters are zero after each launch, so the down launch can be replayed
+    on its own."""
+    g = torch.Generator().manual_seed(4)
+    T, H, I, E, k = 20, 48, 24, 6, 2
+    hidden = torch.randn(T, H, generator=g).to(DEV)
+    ids = torch.argsort(torch.rand(T, E, generator=g), dim=1)[:, :k].to(torch.int32)
+    ids[:, 1] = -1
+    ids[: T // 2, 0] = 3  # two used experts: fewer than 3 shares
+    ids[T // 2:, 0] = 5
+    ids, weights = ids.to(DEV), torch.rand(T, k, generator=g).to(DEV)
+    w_gate_up, w_down = make_layer(E, H, I, torch.float32, "cpu", g)
+    w_gate_up, w_down = w_gate_up.to(DEV), w_down.to(DEV)
+    config = DecodeConfig(block_h=16, down_splits=splits)
+    arrivals = torch.full((H // 16,), -7, dtype=torch.int32, device=DEV)  # poison: gate/up zeroes
+    act = decode_gate_up(hidden, ids, w_gate_up, None if splits == 1 else arrivals, config)
+    ref = oracle(hidden, ids, weights, w_gate_up, w_down)
+    for _ in range(2):
+        out = torch.full_like(hidden, float("nan"))
+        decode_down_combine(act, ids, weights, w_down, out, arrivals, config)
+        assert torch.isfinite(out).all() and rel_err(out, ref) <= 1e-4
+        if splits > 1:
+            assert torch.equal(arrivals, torch.zeros_like(arrivals))
+    with pytest.raises(ValueError, match="down_splits"):
+        DecodeConfig(down_splits=0)
 
 
 @pytest.mark.parametrize("path", ["decode", "grouped"])
@@ -350,20 +384,25 @@ def test_gpu_matches_reference(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [32, 128])  # decode path, grouped path
-def test_cuda_graph_replay_equals_eager(T):
+@pytest.mark.parametrize("T,splits", [(32, 1), (32, 2), (32, 4), (128, 2)])  # decode, grouped
+def test_cuda_graph_replay_equals_eager(T, splits):
     hidden, ids, weights, w_gate_up, w_down = llada_like_case(T=T)
     hidden, w_gate_up, w_down = hidden.bfloat16(), w_gate_up.bfloat16(), w_down.bfloat16()
-    eager = moe_forward(hidden, ids, weights, w_gate_up, w_down)
+    decode = DecodeConfig(down_splits=splits)
+
+    def forward(out=None):  # moe_forward's kernel path with this test's decode config
+        return moe_forward_triton(hidden, ids, weights, w_gate_up, w_down, out=out, decode=decode)
+
+    eager = forward()
     out = torch.full_like(hidden, float("nan"))
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        moe_forward(hidden, ids, weights, w_gate_up, w_down, out=out)  # warm-up: compile
+        forward(out)  # warm-up: compile
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        moe_forward(hidden, ids, weights, w_gate_up, w_down, out=out)
+        forward(out)
     out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
@@ -372,4 +411,4 @@ def test_cuda_graph_replay_equals_eager(T):
     ids.copy_(torch.roll(ids, 1, dims=0))
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(out, moe_forward(hidden, ids, weights, w_gate_up, w_down))
+    assert torch.equal(out, forward())
