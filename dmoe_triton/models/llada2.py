@@ -106,9 +106,10 @@ class LLaDA2MoeRMSNorm(nn.Module):
 
     def forward(self, x):
         # fp32 statistics, cast back, then the weight: the published order of operations.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # F.rms_norm upcasts internally and rounds once at the end (one fused kernel on CUDA
+        # instead of seven elementwise ones).
+        normed = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        return self.weight * normed
 
 
 class LLaDA2MoeMLP(nn.Module):
@@ -214,8 +215,12 @@ class BlockKVCache:
     """
 
     def __init__(self, config: LLaDA2MoeConfig, batch: int, capacity: int, dtype, device,
-                 static: bool = False):
-        shape = (batch, config.num_key_value_heads, capacity, config.head_dim)
+                 static: bool = False, scratch: Optional[int] = None):
+        # A static cache keeps `scratch` spare rows after `capacity` for the current rows of a
+        # forward, so attention reads the buffer in place instead of concatenating the whole
+        # cache with them in every layer of every step.
+        self.scratch = (64 if static else 0) if scratch is None else scratch
+        shape = (batch, config.num_key_value_heads, capacity + self.scratch, config.head_dim)
         n = config.num_hidden_layers
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
@@ -224,6 +229,16 @@ class BlockKVCache:
 
     def visible(self) -> int:
         return self.capacity if self.static else self.length
+
+    def with_current(self, layer: int, k, v):
+        """Keys and values [B, nkv, visible + l, hd]: the visible cache rows, then k, v."""
+        n, l = self.visible(), k.shape[2]
+        if self.static and l <= self.scratch:
+            self.keys[layer][:, :, n:n + l] = k
+            self.values[layer][:, :, n:n + l] = v
+            return self.keys[layer][:, :, :n + l], self.values[layer][:, :, :n + l]
+        return (torch.cat((self.keys[layer][:, :, :n], k), dim=2),
+                torch.cat((self.values[layer][:, :, :n], v), dim=2))
 
     def write(self, layer: int, k, v):
         end = self.length + k.shape[2]
@@ -279,15 +294,30 @@ class LLaDA2MoeAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = k, v
         if cache is not None and cache.visible() > 0:
-            n = cache.visible()
-            keys = torch.cat((cache.keys[self.layer_idx][:, :, :n], k), dim=2)
-            values = torch.cat((cache.values[self.layer_idx][:, :, :n], v), dim=2)
+            keys, values = cache.with_current(self.layer_idx, k, v)
         if write_cache:
             cache.write(self.layer_idx, k, v)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, scale=self.hd ** -0.5, enable_gqa=self.nh != self.nkv
-        )
+        out = grouped_query_attention(q, keys, values, mask, self.hd ** -0.5)
         return self.dense(out.transpose(1, 2).reshape(B, L, self.nh * self.hd))
+
+
+def grouped_query_attention(q, keys, values, mask, scale):
+    """q [B, nh, l, hd], keys/values [B, nkv, n, hd], mask [B, 1, l, n] bool -> [B, nh, l, hd].
+
+    The query heads that share a KV head are stacked along the rows (head h uses KV head
+    h // (nh / nkv), as with enable_gqa), so SDPA sees nkv heads of (nh / nkv) * l rows and reads
+    each K/V row once: with a mask, `enable_gqa=True` falls back to the math kernel, which
+    copies K/V once per query head.
+    """
+    B, nh, l, hd = q.shape
+    nkv, n = keys.shape[1], keys.shape[2]
+    group = nh // nkv
+    if group == 1:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    stacked = q.reshape(B, nkv, group * l, hd)
+    mask = mask.expand(B, 1, l, n)[:, :, None].expand(B, 1, group, l, n).reshape(B, 1, group * l, n)
+    out = F.scaled_dot_product_attention(stacked, keys, values, attn_mask=mask, scale=scale)
+    return out.view(B, nh, l, hd)
 
 
 class LLaDA2MoeDecoderLayer(nn.Module):
@@ -419,9 +449,11 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def new_cache(self, batch: int, capacity: int, static: bool = False) -> BlockKVCache:
+    def new_cache(self, batch: int, capacity: int, static: bool = False,
+                  scratch: Optional[int] = None) -> BlockKVCache:
         p = self.lm_head.weight
-        return BlockKVCache(self.config, batch, capacity, p.dtype, p.device, static=static)
+        return BlockKVCache(self.config, batch, capacity, p.dtype, p.device, static=static,
+                            scratch=scratch)
 
     def forward(self, input_ids, position_ids=None, past_key_values: Optional[BlockKVCache] = None,
                 attention_mask=None, block_length: int = 32, write_cache: bool = False,
