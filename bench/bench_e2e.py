@@ -357,15 +357,17 @@ def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str) ->
     step = prepare_step(model, batch, prefix)
     mid = model.model.layers[c.num_hidden_layers // 2]
     seen = {}
-    hooks = [mid.register_forward_pre_hook(
-        lambda m, a, kw: seen.setdefault("layer", (a, kw)), with_kwargs=True),
-        mid.mlp.register_forward_pre_hook(lambda m, a: seen.setdefault("mlp_in", a[0]))]
+
+    def keep(key):  # a pre-hook that records its inputs and returns None (changes nothing)
+        return lambda module, args, *kwargs: seen.setdefault(key, args) and None
+    hooks = [mid.register_forward_pre_hook(keep("layer")),
+             mid.mlp.register_forward_pre_hook(keep("mlp_in"))]
     with torch.no_grad():
         step_fn(model, step)()
     for h in hooks:
         h.remove()
-    (x, cos, sin, mask, cache, _), _ = seen["layer"]
-    h_in, block = seen["mlp_in"], mid.mlp
+    x, cos, sin, mask, cache, _ = seen["layer"]
+    h_in, block = seen["mlp_in"][0], mid.mlp
     B, L, H = h_in.shape
     with torch.no_grad():
         r = route(h_in.float() @ block.gate_weight.T, block.expert_bias, block.router_cfg,
