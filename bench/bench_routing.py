@@ -5,15 +5,20 @@ PyTorch version of the same gate (what a user would write: votes, sort, cumsum, 
 group-limited top-k), each timed eagerly and under a CUDA graph (median over many replays of a
 graph holding REPS calls). Prints a table and writes bench/results/routing.md.
 
-    python bench/bench_routing.py [--out bench/results/routing.md]
+    python bench/bench_routing.py [--sweep] [--out bench/results/routing.md]
+
+--sweep first times launch shapes of the kernel (rows per program or chunk, warps, rank chunk)
+on one block, checks each against the reference, and uses the fastest for the table.
 """
 import argparse
+import dataclasses
 import statistics
 import sys
 
 import torch
 
 from dmoe_triton import RouterConfig, RoutingPolicy, route
+from dmoe_triton.routing import DEFAULT_LAUNCH, _route_triton
 
 CFG = RouterConfig(256, 8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
 REPS = 20
@@ -30,7 +35,7 @@ def torch_gate(logits, bias, cfg, policy):
         kept = torch.zeros_like(r).scatter_(-1, top.indices, top.values)
         votes = kept.view(S, L // bs, bs, E).sum(2)
         votes = votes / (votes.sum(-1, keepdim=True) + 1e-20)
-        sorted_v, order = votes.sort(-1, descending=True, stable=True)
+        sorted_v, order = votes.sort(dim=-1, descending=True, stable=True)
         cum = sorted_v.cumsum(-1)
         keep = cum <= policy.top_p
         keep |= torch.cat([torch.ones_like(keep[..., :1]), keep[..., :-1]], -1)
@@ -77,12 +82,48 @@ def time_us(fn, graphed):
     return statistics.median(times)
 
 
+def check_same(a, b):
+    """Same ids (as sets per row: slot order is free) and weights to 1e-5."""
+    ia, order_a = a.topk_ids.sort(-1)
+    ib, order_b = b.topk_ids.sort(-1)
+    wa, wb = a.topk_weights.gather(-1, order_a), b.topk_weights.gather(-1, order_b)
+    assert torch.equal(ia, ib), "kernel ids differ from the reference"
+    assert torch.allclose(wa, wb, atol=1e-5), "kernel weights differ from the reference"
+
+
+def sweep(logits, bias):
+    """Fastest launch shape for one block, per policy family; prints the timings."""
+    block_variants = [dict(block_rows=br, block_warps=w, rank_chunk=rc)
+                      for br in (16, 32) for w in (8, 16, 32) for rc in (32, 64, 128)]
+    token_variants = [dict(token_rows=tr, token_warps=w) for tr in (1, 2, 4) for w in (2, 4, 8)]
+    best = {}
+    for family, policy, variants in (("block", RoutingPolicy.dmoe(), block_variants),
+                                     ("token", RoutingPolicy.token(), token_variants)):
+        want = route(logits.cpu(), bias.cpu(), CFG, policy, backend="reference")
+        timings = []
+        for v in variants:
+            launch = dataclasses.replace(DEFAULT_LAUNCH, **v)
+            fn = lambda: _route_triton(logits, bias, CFG, policy, launch)  # noqa: E731
+            got = fn()
+            check_same(type(want)(got.topk_ids.cpu(), got.topk_weights.cpu(), None), want)
+            timings.append((time_us(fn, True), v))
+        timings.sort(key=lambda x: x[0])
+        print(f"sweep ({family}, 1 block): " + ", ".join(f"{us:.1f}us {v}" for us, v in timings[:6]))
+        best[family] = timings[0][1]
+    return dataclasses.replace(DEFAULT_LAUNCH, **best["block"], **best["token"]), best
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/routing.md")
+    ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
+    launch, best = DEFAULT_LAUNCH, None
+    if args.sweep:
+        logits = torch.randn(1, 32, 256, device=dev) + 2 * torch.randn(256, device=dev).clamp(min=0)
+        launch, best = sweep(logits, torch.randn(256, device=dev) * 0.01)
     rows = []
     policies = [("dmoe p=0.6", RoutingPolicy.dmoe()), ("token", RoutingPolicy.token()),
                 ("des_vote 38", RoutingPolicy.des_vote(38))]
@@ -91,7 +132,7 @@ def main():
         logits = torch.randn(blocks, 32, 256, device=dev) + 2 * torch.randn(256, device=dev).clamp(min=0)
         bias = torch.randn(256, device=dev) * 0.01
         for name, policy in policies:
-            kernel = lambda: route(logits, bias, CFG, policy, backend="triton")  # noqa: E731
+            kernel = lambda: _route_triton(logits, bias, CFG, policy, launch)  # noqa: E731
             peer = lambda: torch_gate(logits, bias, CFG, policy)  # noqa: E731
             rows.append((blocks, name, time_us(kernel, True), time_us(kernel, False),
                          time_us(peer, True), time_us(peer, False)))
@@ -104,7 +145,8 @@ def main():
     text = (f"# Routing of one MoE layer (E=256, top-8, groups 8/4)\n\n"
             f"Device: {dev_name}; torch {torch.__version__}; command: "
             f"`python bench/bench_routing.py`. Median of 50 timings; graph rows replay a CUDA graph "
-            f"of {REPS} calls. Router logits: normal plus a skewed per-expert offset.\n\n"
+            f"of {REPS} calls. Router logits: normal plus a skewed per-expert offset. "
+            f"Kernel launch: {launch}.\n\n"
             + "\n".join(lines) + "\n")
     with open(args.out, "w") as f:
         f.write(text)

@@ -92,7 +92,23 @@ def route(logits: torch.Tensor, expert_bias: Optional[torch.Tensor], cfg: Router
     return _route_triton(logits, expert_bias, cfg, policy)
 
 
-def _route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy) -> RouteResult:
+@dataclass(frozen=True)
+class RouteLaunch:
+    """Launch shape of the routing kernel (bench/bench_routing.py --sweep times variants)."""
+
+    # Defaults: the fastest shapes of `bench_routing.py --sweep` on an H100 (E=256, 1 block).
+    token_rows: int = 2        # token policies: rows per program
+    token_warps: int = 4
+    block_rows: int = 16       # block policies: rows per chunk of a block (at most the block)
+    block_warps: int = 16
+    rank_chunk: int = 32       # votes ranked against this many rivals at a time
+
+
+DEFAULT_LAUNCH = RouteLaunch()
+
+
+def _route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
+                  launch: RouteLaunch = DEFAULT_LAUNCH) -> RouteResult:
     from .kernels.routing import route_kernel
 
     lead, (L, E) = logits.shape[:-2], logits.shape[-2:]
@@ -108,11 +124,11 @@ def _route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy)
         n_blocks = triton.cdiv(L, bs)
         coreset = torch.empty(S, n_blocks, E, dtype=torch.uint8, device=x.device)
         votes = torch.empty(S, n_blocks, E, dtype=torch.float32, device=x.device)
-        block_t = min(32, triton.next_power_of_2(bs))
+        block_t = min(launch.block_rows, triton.next_power_of_2(bs))
         grid = (S * n_blocks,)
     else:
         # A token policy has no blocks; each program takes `block_t` consecutive rows.
-        bs = block_t = 16
+        bs = block_t = launch.token_rows
         n_blocks = triton.cdiv(L, bs)
         coreset = votes = weights  # unused pointers
         grid = (S * n_blocks,)
@@ -122,8 +138,9 @@ def _route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy)
         float(policy.top_p), policy.guard, policy.size, float(cfg.routed_scaling_factor),
         E=E, N_GROUP=cfg.n_group, GROUP_SIZE=size, TOPK_GROUP=cfg.topk_group,
         TOP_K=k, VOTE_K=cfg.top_k, POLICY=POLICY_CODE[policy.kind], BLOCK_T=block_t,
-        K_PAD=triton.next_power_of_2(k), RANK_CHUNK=min(32, tiles["G_PAD"] * tiles["GS_PAD"]),
-        num_warps=4 if E <= 64 else 8, **tiles,
+        K_PAD=triton.next_power_of_2(k),
+        RANK_CHUNK=min(launch.rank_chunk, tiles["G_PAD"] * tiles["GS_PAD"]),
+        num_warps=launch.block_warps if policy.is_block else launch.token_warps, **tiles,
     )
     ids = ids.reshape(*lead, L, k)
     weights = weights.reshape(*lead, L, k)

@@ -6,12 +6,47 @@ it. For token policies a program owns BLOCK_T consecutive rows and skips the cor
 
 Expert e lives at tile position (g, j) with e = g * GROUP_SIZE + j, so group statistics are plain
 reductions over the last axis whatever the group size (padded to powers of two).
+
+Speed: the routing of a block is a chain of small reductions, so its time is their latency.
+Every pick is one max over int64 keys that pack (score, expert): the high 32 bits order the
+fp32 score, the low bits order experts so that ties go to the lower index. One reduction thus
+yields the value and the index together, and a chosen expert is struck out by its unique key.
 The spec (routing-spec.md) and its reference (dmoe_triton/reference.py) define every tie rule.
 """
 import triton
 import triton.language as tl
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))
+# Keys of slots that can never be picked (padding, already chosen): below every real key.
+NO_KEY = tl.constexpr(-(2**63))
+INDEX_BITS = tl.constexpr(16)            # experts per layer < 2**16
+INDEX_MASK = tl.constexpr(2**16 - 1)
+# Ordered int32 image of -inf (see _ordered); a pick whose key is not above it is an empty slot.
+ORD_NEG_INF = tl.constexpr(-2139095041)
+
+
+@triton.jit
+def _ordered(x):
+    """fp32 -> int32 with the same order (for non-NaN x; -0.0 must already be +0.0)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _key(x, index):
+    """int64 key: larger x first, then lower index."""
+    return (_ordered(x).to(tl.int64) << INDEX_BITS) + (index ^ INDEX_MASK)  # == MASK - index
+
+
+@triton.jit
+def _key_index(key):
+    return ((key & INDEX_MASK) ^ INDEX_MASK).to(tl.int32)
+
+
+@triton.jit
+def _key_filled(key):
+    """The pick is a real expert with a score above -inf."""
+    return (key >> INDEX_BITS) > ORD_NEG_INF
 
 
 @triton.jit
@@ -20,41 +55,20 @@ def _max2(x):
 
 
 @triton.jit
-def _min2(x):
-    return tl.min(tl.min(x, axis=2), axis=1)
-
-
-@triton.jit
 def _load_scores(logits_ptr, bias_ptr, rows, row_ok, col, col_ok, E: tl.constexpr):
-    """s = sigmoid(logits), r = s + bias over a [BLOCK_T, G_PAD, GS_PAD] tile.
+    """Keys of r = sigmoid(logits) + bias over a [BLOCK_T, G_PAD, GS_PAD] tile.
 
-    Invalid slots (padding, rows past the block) rank as -inf. A NaN in r ranks as -inf too and
-    flags its row `bad` (its weights become NaN: visible downstream, never silent).
+    Padding and rows past the block get NO_KEY. A NaN in r ranks as -inf and flags its row `bad`
+    (its weights become NaN: visible downstream, never silent).
     """
     valid = row_ok & col_ok
     x = tl.load(logits_ptr + rows * E + col, mask=valid, other=0.0)
-    s = tl.sigmoid(x)
-    r = s + tl.load(bias_ptr + col, mask=col_ok, other=0.0)
+    r = tl.sigmoid(x) + tl.load(bias_ptr + col, mask=col_ok, other=0.0)
     is_nan = (r != r) & valid
     bad = tl.max(tl.max(is_nan.to(tl.int32), axis=2), axis=1) > 0
-    r = tl.where(valid & (r == r), r, NEG_INF)
-    return r, bad, valid
-
-
-@triton.jit
-def _pick_best(work, valid, col):
-    """Largest value per row and its lowest column (ties: lower expert index)."""
-    best = _max2(work)
-    at = _min2(tl.where((work == best[:, None, None]) & valid, col, 1 << 30))
-    return best, at
-
-
-@triton.jit
-def _pick_best_in_group(masked, cand, j):
-    """Per (row, group): the largest value and its lowest in-group position."""
-    top1 = tl.max(masked, axis=2)
-    at1 = tl.min(tl.where((masked == top1[:, :, None]) & cand, j, 1 << 30), axis=2)
-    return top1, at1
+    r = tl.where(r == r, r + 0.0, NEG_INF)  # + 0.0 turns -0.0 into +0.0: keys order them equal
+    keys = tl.where(valid, _key(r, col), NO_KEY)
+    return r, keys, bad
 
 
 @triton.jit
@@ -85,16 +99,15 @@ def route_kernel(
         # --- votes: each real row adds its plain top-VOTE_K values of r ---------------------
         votes = tl.zeros([G_PAD, GS_PAD], dtype=tl.float32)
         for c in range(row_start, row_end, BLOCK_T):
-            rows = base + c + t
-            r, bad, valid = _load_scores(logits_ptr, bias_ptr, rows, c + t < row_end, col, col_ok, E)
-            work = r
+            r, keys, bad = _load_scores(logits_ptr, bias_ptr, base + c + t, c + t < row_end,
+                                        col, col_ok, E)
+            work = keys
             for _ in tl.static_range(VOTE_K):
-                best, at = _pick_best(work, valid, col)
-                hit = col == at[:, None, None]
-                # A -inf pick is an empty slot and casts no vote.
-                gain = tl.where(hit & (best[:, None, None] > NEG_INF), best[:, None, None], 0.0)
-                votes += tl.sum(gain, axis=0)
-                work = tl.where(hit, NEG_INF, work)
+                best = _max2(work)[:, None, None]
+                work = tl.where(work == best, NO_KEY, work)
+            # Struck-out real slots are the picks; a -inf pick casts no vote.
+            chosen = (work != keys) & (r > NEG_INF)
+            votes += tl.sum(tl.where(chosen, r, 0.0), axis=0)
         votes = votes / (tl.sum(tl.sum(votes, axis=1), axis=0) + 1e-20)
         vrow = votes_ptr + pid * E
         g2 = tl.arange(0, G_PAD)[:, None]
@@ -105,14 +118,15 @@ def route_kernel(
         # --- rank the votes (desc, ties to the lower index) and take the coreset ------------
         e = tl.arange(0, E_PAD)
         e_ok = e < E
-        v = tl.load(vrow + e, mask=e_ok, other=NEG_INF)
+        v = tl.load(vrow + e, mask=e_ok, other=0.0)
+        vkey = tl.where(e_ok, _key(v, e), NO_KEY)
         rank = tl.zeros([E_PAD], dtype=tl.int32)
         mass_before = tl.zeros([E_PAD], dtype=tl.float32)
         for c0 in tl.static_range(0, E_PAD, RANK_CHUNK):
             ec = c0 + tl.arange(0, RANK_CHUNK)
-            vc = tl.load(vrow + ec, mask=ec < E, other=NEG_INF)
-            ahead = (vc[:, None] > v[None, :]) | ((vc[:, None] == v[None, :]) & (ec[:, None] < e[None, :]))
-            ahead = ahead & (ec[:, None] < E)
+            vc = tl.load(vrow + ec, mask=ec < E, other=0.0)
+            ckey = tl.where(ec < E, _key(vc, ec), NO_KEY)
+            ahead = ckey[:, None] > vkey[None, :]
             rank += tl.sum(ahead.to(tl.int32), axis=0)
             mass_before += tl.sum(tl.where(ahead, vc[:, None], 0.0), axis=0)
         if POLICY == 1:
@@ -135,19 +149,23 @@ def route_kernel(
 
     # --- route every row of the block inside its candidate set ------------------------------
     kk = tl.arange(0, K_PAD)[None, :]
+    gi = tl.arange(0, G_PAD)[None, :]
     for c in range(row_start, row_end, BLOCK_T):
-        rows = base + c + t
-        row_ok = c + t < row_end
-        r, bad, valid = _load_scores(logits_ptr, bias_ptr, rows, row_ok, col, col_ok, E)
-        cand = in_coreset & valid
-        masked = tl.where(cand, r, NEG_INF)
+        row = c + tl.arange(0, BLOCK_T)
+        row_ok = row < row_end
+        r, keys, bad = _load_scores(logits_ptr, bias_ptr, base + c + t, c + t < row_end,
+                                    col, col_ok, E)
+        cand = in_coreset & (keys != NO_KEY)
+        keys = tl.where(cand, keys, NO_KEY)
 
         # Group ranking: class 2 (>= 2 candidates, sum of top two) > class 1 (one, its value)
         # > class 0 (none); ties to the lower group. Padding groups rank below everything.
-        top1, at1 = _pick_best_in_group(masked, cand, j)
-        top2 = tl.max(tl.where(j == at1[:, :, None], NEG_INF, masked), axis=2)
+        key1 = tl.max(keys, axis=2)
+        key2 = tl.max(tl.where(keys == key1[:, :, None], NO_KEY, keys), axis=2)
+        r_masked = tl.where(cand, r, NEG_INF)
+        top1 = tl.max(r_masked, axis=2)
+        top2 = tl.max(tl.where(keys == key1[:, :, None], NEG_INF, r_masked), axis=2)
         count = tl.sum(cand.to(tl.int32), axis=2)
-        gi = tl.arange(0, G_PAD)[None, :]
         cls = tl.where(count >= 2, 2, tl.where(count == 1, 1, 0))
         cls = tl.where(gi < N_GROUP, cls, -1)
         score = tl.where(count >= 2, top1 + top2, tl.where(count == 1, top1, 0.0))
@@ -157,24 +175,20 @@ def route_kernel(
         rival_ahead = (c_b > c_a) | ((c_b == c_a) & ((s_b > s_a) | ((s_b == s_a) & (g_b < g_a))))
         group_rank = tl.sum(rival_ahead.to(tl.int32), axis=2)
         kept_group = (group_rank < TOPK_GROUP) & (gi < N_GROUP)
-        work = tl.where(kept_group[:, :, None], masked, NEG_INF)
+        work = tl.where(kept_group[:, :, None], keys, NO_KEY)
 
         ids = tl.full([BLOCK_T, K_PAD], -1, dtype=tl.int32)
-        w = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
-        row1 = base + c + tl.arange(0, BLOCK_T)
-        row1_ok = c + tl.arange(0, BLOCK_T) < row_end
         for i in tl.static_range(TOP_K):
-            best, at = _pick_best(work, valid, col)
-            filled = best > NEG_INF
-            # The weight is the unbiased sigmoid of the pick, re-read from the logits row.
-            x_at = tl.load(logits_ptr + row1 * E + at, mask=row1_ok & filled, other=0.0)
-            w_at = tl.where(filled, tl.sigmoid(x_at), 0.0)
-            ids = tl.where(kk == i, tl.where(filled, at, -1)[:, None], ids)
-            w = tl.where(kk == i, w_at[:, None], w)
-            work = tl.where(col == at[:, None, None], NEG_INF, work)
+            best = _max2(work)
+            ids = tl.where(kk == i, tl.where(_key_filled(best), _key_index(best), -1)[:, None], ids)
+            work = tl.where(work == best[:, None, None], NO_KEY, work)
+        # The weight is the unbiased sigmoid of each pick: one gather from the logits rows.
+        out = (base + row)[:, None] * TOP_K + kk
+        out_ok = row_ok[:, None] & (kk < TOP_K)
+        filled = out_ok & (ids >= 0)
+        x_at = tl.load(logits_ptr + (base + row)[:, None] * E + ids, mask=filled, other=0.0)
+        w = tl.where(filled, tl.sigmoid(x_at), 0.0)
         w = w / (tl.sum(w, axis=1)[:, None] + 1e-20) * scaling
         w = tl.where(bad[:, None], float("nan"), w)
-        out = row1[:, None] * TOP_K + kk
-        out_ok = row1_ok[:, None] & (kk < TOP_K)
         tl.store(ids_ptr + out, ids, mask=out_ok)
         tl.store(weights_ptr + out, w, mask=out_ok)
