@@ -127,20 +127,20 @@ class DecodeConfig:
     down + combine: one program per (block_h hidden columns, share of the used experts).
     """
 
-    block_i: int = 32
+    block_i: int = 64          # defaults: bench_moe.py --sweep on an H100, 15 and 70 experts
     k_gate_up: int = 128       # step along H
     warps_gate_up: int = 4
     stages_gate_up: int = 4
     programs_per_sm: int = 2   # gate/up grid = SMs x this (at most what fits on an SM)
-    block_h: int = 16
+    block_h: int = 32
     k_down: int = 256          # step along I
     warps_down: int = 4
     stages_down: int = 4
     # Down programs per block_h columns, each walking a contiguous share of the used experts.
     # 1: cdiv(H, block_h) = 128 programs at H = 2048, one per SM, writing out directly.
-    # 2: twice the programs (twice the weight bytes in flight, half the serial steps each)
+    # n > 1: n times the programs (n times the weight bytes in flight, 1/n of the steps each)
     # for an fp32 partial per share, summed in share order by the last program to finish.
-    down_splits: int = 2
+    down_splits: int = 4
 
     def __post_init__(self):
         if not isinstance(self.down_splits, int) or self.down_splits < 1:
