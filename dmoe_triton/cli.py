@@ -1,6 +1,7 @@
 """The `dmoe` command (also `python -m dmoe_triton`).
 
-    dmoe generate --prompt "What is 12 * 7?"                    # the embedded default model
+    dmoe generate                                # the default model on its example problem
+    dmoe generate --prompt "(48+39)*7="          # the default: the shipped arithmetic model
     dmoe generate --model DIR --prompt "..." --policy dmoe --top-p 0.6 --guard 16
 
 Loads a LLaDA2 checkpoint directory (config.json, safetensors, tokenizer.json), patches its MoE
@@ -23,15 +24,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmoe", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     g = commands.add_parser("generate", help="decode an answer to one prompt")
-    g.add_argument("--model", help="checkpoint directory (default: the embedded tiny model, "
-                                   "random weights, built once under $DMOE_CACHE)")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--model", help="checkpoint directory (default: the shipped arithmetic "
+                                   "model models/arith-dmoe, else a tiny random one)")
+    g.add_argument("--prompt", help="required, except for an arithmetic model (default: "
+                                    "an example problem)")
     g.add_argument("--raw", action="store_true", help="no chat template: decode after the text")
     g.add_argument("--policy", choices=POLICIES, default="dmoe")
     g.add_argument("--top-p", type=float, default=0.6, help="dmoe: coreset vote mass")
-    g.add_argument("--guard", type=int, default=16, help="dmoe: minimum coreset size")
+    g.add_argument("--guard", type=int, default=None,
+                   help="dmoe: minimum coreset size (default 16 of 256 experts, scaled to the model)")
     g.add_argument("--block-size", type=int, default=32, help="routing block (dmoe, des_vote)")
-    g.add_argument("--size", type=int, default=38, help="des_vote: coreset size")
+    g.add_argument("--size", type=int, default=None,
+                   help="des_vote: coreset size (default 15%% of the experts: 38 of 256)")
     g.add_argument("--k", type=int, default=4, help="topk_cap: experts per token")
     g.add_argument("--gen-length", type=int, default=128)
     g.add_argument("--block-length", type=int, default=32, help="diffusion block")
@@ -47,13 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_policy(args):
+def make_policy(args, num_experts: int = 256):
+    """The policy of the arguments; guard and size default to the paper's values for 256
+    experts (16, and DES's 15% = 38) scaled to the model's `num_experts`."""
     from .config import RoutingPolicy
 
     if args.policy == "dmoe":
-        return RoutingPolicy.dmoe(top_p=args.top_p, guard=args.guard, block_size=args.block_size)
+        guard = args.guard if args.guard is not None else max(1, round(16 * num_experts / 256))
+        return RoutingPolicy.dmoe(top_p=args.top_p, guard=guard, block_size=args.block_size)
     if args.policy == "des_vote":
-        return RoutingPolicy.des_vote(size=args.size, block_size=args.block_size)
+        size = args.size if args.size is not None else max(1, round(0.15 * num_experts))
+        return RoutingPolicy.des_vote(size=size, block_size=args.block_size)
     if args.policy == "topk_cap":
         return RoutingPolicy.topk_cap(k=args.k)
     return RoutingPolicy.token()
@@ -143,19 +151,32 @@ def run_generate(args) -> int:
 
     from .generate import generate
     from .patch import patch_model, set_policy
-    from .tiny import RANDOM_WEIGHTS_NOTE, default_model_dir, is_random_default
+    from .tiny import (ARITHMETIC_NOTE, ARITHMETIC_PROMPT, RANDOM_WEIGHTS_NOTE, default_model_dir,
+                       is_arithmetic_model, is_random_default)
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    policy = make_policy(args)
     model_dir = args.model or default_model_dir()
+    arithmetic = is_arithmetic_model(model_dir)  # raw problems in, no chat template
     if is_random_default(model_dir):
         print(f"note: {RANDOM_WEIGHTS_NOTE}")
+    elif arithmetic and not args.model:
+        print(f"note: {ARITHMETIC_NOTE}")
+    if args.prompt is None:
+        if not arithmetic:
+            raise ValueError("--prompt is required for this model")
+        args.prompt = ARITHMETIC_PROMPT
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     tokenizer, tok_config = load_tokenizer(model_dir)
-    text = args.prompt if args.raw else chat_prompt(args.prompt, tok_config)
+    raw = args.raw or arithmetic
+    if arithmetic:
+        from .tasks import encode
+
+        encode(args.prompt)  # a character outside the task's alphabet is a ValueError, not unk
+    text = args.prompt if raw else chat_prompt(args.prompt, tok_config)
     prompt_ids = tokenizer.encode(text, add_special_tokens=False).ids
     model = load_model(model_dir, device, dtype)
+    policy = make_policy(args, model.config.num_experts)
     patch_model(model, policy, backend=args.backend)
     print(f"model: {model_dir} on {device} ({str(dtype).replace('torch.', '')}), policy: {policy}")
 

@@ -168,8 +168,10 @@ def save_tokenizer(directory: str) -> str:
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "tokenizer.json")
     build_tokenizer().save(path)
+    # "dmoe_task": the dmoe CLI feeds raw problems, no chat template (tiny.is_arithmetic_model)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS,
-              "pad_token": PAD, "mask_token": MASK, "model_max_length": 4096}
+              "pad_token": PAD, "mask_token": MASK, "model_max_length": 4096,
+              "dmoe_task": "arithmetic"}
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return path

@@ -6,7 +6,8 @@ It has the real layout (config.json, sharded bf16 safetensors + index, tokenizer
 shows the machinery (decoding, routing, unique experts per block).
 
 The checkpoint lives under $DMOE_CACHE or ~/.cache/dmoe-triton/. `default_model_dir()` is the one
-place that chooses the default model, so a trained one can replace it.
+place that chooses the default model: the trained arithmetic model of issue 6 (models/arith-dmoe
+in the repository) when present, this random one otherwise.
 """
 from __future__ import annotations
 
@@ -44,9 +45,40 @@ def cache_root() -> str:
                                                         "dmoe-triton")
 
 
+# The trained arithmetic model of issue 6 (bench/train_tiny.py), shipped in the repository's
+# models/ folder beside this package. It is found through this file's location, so a source
+# checkout and `pip install -e .` reach it; a wheel install has no models/ and falls back to
+# the random model.
+SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "models", "arith-dmoe")
+ARITHMETIC_NOTE = ("the default model is the shipped arithmetic model (a tiny LLaDA2 MoE trained "
+                   "on +, -, * problems, then fine-tuned with dMoE routing; not random): give it "
+                   "a problem such as '(48+39)*7=' (characters 0-9 + - * = ( ) only)")
+ARITHMETIC_PROMPT = "(48+39)*7="
+
+
+def shipped_model_dir() -> str | None:
+    """models/arith-dmoe of the repository if it holds a checkpoint, else None."""
+    files = ("config.json", "model.safetensors", "tokenizer.json")
+    if all(os.path.isfile(os.path.join(SHIPPED_MODEL, f)) for f in files):
+        return SHIPPED_MODEL
+    return None
+
+
+def is_arithmetic_model(path: str) -> bool:
+    """True for a checkpoint of the arithmetic task (its tokenizer_config.json says so): it
+    takes raw problems, no chat template."""
+    try:
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
+            return json.load(f).get("dmoe_task") == "arithmetic"
+    except (OSError, ValueError):
+        return False
+
+
 def default_model_dir() -> str:
-    """The checkpoint `dmoe generate` runs without --model (built on first use)."""
-    return tiny_model_dir()
+    """The checkpoint `dmoe generate` runs without --model: the shipped arithmetic model when
+    the repository has it, else the tiny random one (built on first use)."""
+    return shipped_model_dir() or tiny_model_dir()
 
 
 def is_random_default(path: str) -> bool:
