@@ -1,6 +1,7 @@
 """Routing of one LLaDA2.0-mini MoE layer (E=256, top-8, 8 groups keep 4) on the GPU.
 
-For 1, 4 and 16 blocks of 32 tokens: the fused kernel (`route`, one launch) against a vectorised
+For 1, 4 and 16 blocks of 32 tokens: the Triton kernels (two launches for block policies, one for
+token policies; `route()` minus its host-side input checks) against a vectorised
 PyTorch version of the same gate (what a user would write: votes, sort, cumsum, masked
 group-limited top-k), each timed eagerly and under a CUDA graph (median over many replays of a
 graph holding REPS calls). Prints a table and writes bench/results/routing.md.
@@ -93,16 +94,17 @@ def check_same(a, b):
 
 def sweep(logits, bias):
     """Fastest launch shape for one block, per policy family; prints the timings."""
-    block_variants = [dict(block_rows=br, block_warps=w, rank_chunk=rc)
-                      for br in (16, 32) for w in (8, 16, 32) for rc in (32, 64, 128)]
-    token_variants = [dict(token_rows=tr, token_warps=w) for tr in (1, 2, 4) for w in (2, 4, 8)]
+    block_variants = [dict(vote_rows=vr, coreset_warps=w, rank_chunk=rc)
+                      for vr in (16, 32) for w in (4, 8, 16) for rc in (32, 128)]
+    token_variants = [dict(route_rows=rr, route_warps=w) for rr in (1, 2, 4) for w in (1, 2, 4)]
     best = {}
-    for family, policy, variants in (("block", RoutingPolicy.dmoe(), block_variants),
-                                     ("token", RoutingPolicy.token(), token_variants)):
+    # Route shapes first (token policy: route_kernel alone), then coreset shapes with them.
+    for family, policy, variants in (("token", RoutingPolicy.token(), token_variants),
+                                     ("block", RoutingPolicy.dmoe(), block_variants)):
         want = route(logits.cpu(), bias.cpu(), CFG, policy, backend="reference")
         timings = []
         for v in variants:
-            launch = dataclasses.replace(DEFAULT_LAUNCH, **v)
+            launch = dataclasses.replace(DEFAULT_LAUNCH, **best.get("token", {}), **v)
             fn = lambda: _route_triton(logits, bias, CFG, policy, launch)  # noqa: E731
             got = fn()
             check_same(type(want)(got.topk_ids.cpu(), got.topk_weights.cpu(), None), want)
@@ -136,7 +138,7 @@ def main():
             peer = lambda: torch_gate(logits, bias, CFG, policy)  # noqa: E731
             rows.append((blocks, name, time_us(kernel, True), time_us(kernel, False),
                          time_us(peer, True), time_us(peer, False)))
-    header = ("| blocks x 32 tokens | policy | fused kernel, graph (us) | fused kernel, eager (us) "
+    header = ("| blocks x 32 tokens | policy | kernels, graph (us) | kernels, eager (us) "
               "| PyTorch gate, graph (us) | PyTorch gate, eager (us) | speedup (graph) |")
     lines = [header, "|" + "---|" * 7]
     for b, name, kg, ke, pg, pe in rows:
@@ -144,8 +146,10 @@ def main():
     dev_name = torch.cuda.get_device_name()
     text = (f"# Routing of one MoE layer (E=256, top-8, groups 8/4)\n\n"
             f"Device: {dev_name}; torch {torch.__version__}; command: "
-            f"`python bench/bench_routing.py`. Median of 50 timings; graph rows replay a CUDA graph "
-            f"of {REPS} calls. Router logits: normal plus a skewed per-expert offset. "
+            f"`python bench/bench_routing.py{' --sweep' if args.sweep else ''}`. Median of 50 "
+            f"timings; graph rows replay a CUDA graph of {REPS} calls; eager rows launch the "
+            f"kernels from Python (no input checks). Router logits: normal plus a skewed "
+            f"per-expert offset. "
             f"Kernel launch: {launch}.\n\n"
             + "\n".join(lines) + "\n")
     with open(args.out, "w") as f:

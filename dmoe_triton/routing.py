@@ -1,8 +1,8 @@
 """`route()`: the public entry point of the routing layer (routing-spec.md).
 
 Checks every input on the host (shapes, dtypes, devices: nothing that needs a sync), then either
-launches the fused Triton kernel (`kernels/routing.py`, one launch per layer) or runs the
-reference.
+launches the Triton kernels (`kernels/routing.py`: two launches per layer for block policies,
+one for token policies) or runs the reference.
 """
 from __future__ import annotations
 
@@ -94,13 +94,13 @@ def route(logits: torch.Tensor, expert_bias: Optional[torch.Tensor], cfg: Router
 
 @dataclass(frozen=True)
 class RouteLaunch:
-    """Launch shape of the routing kernel (bench/bench_routing.py --sweep times variants)."""
+    """Launch shapes of the routing kernels (bench/bench_routing.py --sweep times variants)."""
 
     # Defaults: the fastest shapes of `bench_routing.py --sweep` on an H100 (E=256, 1 block).
-    token_rows: int = 2        # token policies: rows per program
-    token_warps: int = 4
-    block_rows: int = 16       # block policies: rows per chunk of a block (at most the block)
-    block_warps: int = 16
+    route_rows: int = 1        # route_kernel: rows per program
+    route_warps: int = 1
+    vote_rows: int = 16        # block_coreset_kernel: rows per chunk of the block's votes
+    coreset_warps: int = 8
     rank_chunk: int = 32       # votes ranked against this many rivals at a time
 
 
@@ -109,7 +109,7 @@ DEFAULT_LAUNCH = RouteLaunch()
 
 def _route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
                   launch: RouteLaunch = DEFAULT_LAUNCH) -> RouteResult:
-    from .kernels.routing import route_kernel
+    from .kernels.routing import block_coreset_kernel, route_kernel
 
     lead, (L, E) = logits.shape[:-2], logits.shape[-2:]
     x = logits.reshape(-1, L, E).contiguous()
@@ -117,33 +117,34 @@ def _route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
     k = policy.slots(cfg)
     ids = torch.empty(S, L, k, dtype=torch.int32, device=x.device)
     weights = torch.empty(S, L, k, dtype=torch.float32, device=x.device)
-    size = cfg.group_size
-    tiles = dict(G_PAD=triton.next_power_of_2(cfg.n_group), GS_PAD=triton.next_power_of_2(size))
+    # Token policies have no blocks: route_kernel then sees blocks of route_rows rows.
+    bs = policy.block_size if policy.is_block else launch.route_rows
+    n_blocks = triton.cdiv(L, bs)
+    coreset = None
     if policy.is_block:
-        bs = policy.block_size
-        n_blocks = triton.cdiv(L, bs)
         coreset = torch.empty(S, n_blocks, E, dtype=torch.uint8, device=x.device)
         votes = torch.empty(S, n_blocks, E, dtype=torch.float32, device=x.device)
-        block_t = min(launch.block_rows, triton.next_power_of_2(bs))
-        grid = (S * n_blocks,)
-    else:
-        # A token policy has no blocks; each program takes `block_t` consecutive rows.
-        bs = block_t = launch.token_rows
-        n_blocks = triton.cdiv(L, bs)
-        coreset = votes = weights  # unused pointers
-        grid = (S * n_blocks,)
-    route_kernel[grid](
-        x, expert_bias, ids, weights, coreset, votes,
-        L, n_blocks, bs,
-        float(policy.top_p), policy.guard, policy.size, float(cfg.routed_scaling_factor),
-        E=E, N_GROUP=cfg.n_group, GROUP_SIZE=size, TOPK_GROUP=cfg.topk_group,
-        TOP_K=k, VOTE_K=cfg.top_k, POLICY=POLICY_CODE[policy.kind], BLOCK_T=block_t,
-        K_PAD=triton.next_power_of_2(k),
-        RANK_CHUNK=min(launch.rank_chunk, tiles["G_PAD"] * tiles["GS_PAD"]),
-        num_warps=launch.block_warps if policy.is_block else launch.token_warps, **tiles,
+        e_pad = triton.next_power_of_2(E)
+        block_coreset_kernel[(S * n_blocks,)](
+            x, expert_bias, coreset, votes, L, n_blocks, bs,
+            float(policy.top_p), policy.guard, policy.size,
+            E=E, VOTE_K=cfg.top_k, POLICY=POLICY_CODE[policy.kind],
+            BLOCK_T=min(launch.vote_rows, triton.next_power_of_2(bs)), E_PAD=e_pad,
+            RANK_CHUNK=min(launch.rank_chunk, e_pad), num_warps=launch.coreset_warps,
+        )
+    rows = min(launch.route_rows, triton.next_power_of_2(bs))
+    chunks = triton.cdiv(bs, rows)
+    route_kernel[(S * n_blocks * chunks,)](
+        x, expert_bias, ids, weights, coreset if coreset is not None else ids,
+        L, n_blocks, bs, chunks, float(cfg.routed_scaling_factor),
+        E=E, N_GROUP=cfg.n_group, GROUP_SIZE=cfg.group_size, TOPK_GROUP=cfg.topk_group,
+        TOP_K=k, HAS_CORESET=coreset is not None, BLOCK_T=rows,
+        G_PAD=triton.next_power_of_2(cfg.n_group),
+        GS_PAD=triton.next_power_of_2(cfg.group_size), K_PAD=triton.next_power_of_2(k),
+        num_warps=launch.route_warps,
     )
     ids = ids.reshape(*lead, L, k)
     weights = weights.reshape(*lead, L, k)
-    if not policy.is_block:
+    if coreset is None:
         return RouteResult(ids, weights, None)
     return RouteResult(ids, weights, coreset.view(torch.bool).reshape(*lead, n_blocks, E))

@@ -1,8 +1,12 @@
-"""Fused routing: block votes -> top-p coreset -> coreset-masked group-limited top-k.
+"""Routing: block votes -> top-p coreset, then coreset-masked group-limited top-k.
 
-One launch per MoE layer. For block policies a program owns one block of one sequence: it sums
-the block's votes, ranks them, writes the block's coreset, then routes the block's tokens inside
-it. For token policies a program owns BLOCK_T consecutive rows and skips the coreset phases.
+Two launches per MoE layer for block policies, one for token policies:
+- `block_coreset_kernel`: one program per block of one sequence sums the block's votes, ranks
+  them and writes the block's coreset;
+- `route_kernel`: one program per BLOCK_T rows (of one block) routes them inside their block's
+  coreset (or among all experts for token policies).
+Splitting lets the per-row picks, the longest chain of dependent reductions, run on many SMs at
+once instead of after the votes in the block's one program.
 
 Expert e lives at tile position (g, j) with e = g * GROUP_SIZE + j, so group statistics are plain
 reductions over the last axis whatever the group size (padded to powers of two).
@@ -56,139 +60,145 @@ def _max2(x):
 
 @triton.jit
 def _load_scores(logits_ptr, bias_ptr, rows, row_ok, col, col_ok, E: tl.constexpr):
-    """Keys of r = sigmoid(logits) + bias over a [BLOCK_T, G_PAD, GS_PAD] tile.
+    """r = sigmoid(logits) + bias and its keys over a tile of rows x experts.
 
-    Padding and rows past the block get NO_KEY. A NaN in r ranks as -inf and flags its row `bad`
-    (its weights become NaN: visible downstream, never silent).
+    Padding and rows past the block get NO_KEY. A NaN in r ranks as -inf and is flagged in
+    `is_nan` (its row's weights become NaN: visible downstream, never silent).
     """
     valid = row_ok & col_ok
     x = tl.load(logits_ptr + rows * E + col, mask=valid, other=0.0)
     r = tl.sigmoid(x) + tl.load(bias_ptr + col, mask=col_ok, other=0.0)
     is_nan = (r != r) & valid
-    bad = tl.max(tl.max(is_nan.to(tl.int32), axis=2), axis=1) > 0
     r = tl.where(r == r, r + 0.0, NEG_INF)  # + 0.0 turns -0.0 into +0.0: keys order them equal
     keys = tl.where(valid, _key(r, col), NO_KEY)
-    return r, keys, bad
+    return r, keys, is_nan
+
+
+@triton.jit
+def block_coreset_kernel(
+    logits_ptr, bias_ptr, coreset_ptr, votes_ptr,
+    L, n_blocks, block_size, top_p, guard, coreset_size,
+    E: tl.constexpr, VOTE_K: tl.constexpr, POLICY: tl.constexpr,  # 1 dmoe, 2 des_vote
+    BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, RANK_CHUNK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    seq = pid // n_blocks
+    row_start = (pid % n_blocks) * block_size
+    row_end = tl.minimum(row_start + block_size, L)
+    base = seq * L  # first row of this sequence in the flattened [S * L, E] view
+    t = tl.arange(0, BLOCK_T)[:, None]
+    e = tl.arange(0, E_PAD)
+    e_ok = e < E
+
+    # --- votes: each real row adds its plain top-VOTE_K values of r -------------------------
+    votes = tl.zeros([E_PAD], dtype=tl.float32)
+    for c in range(row_start, row_end, BLOCK_T):
+        r, keys, _ = _load_scores(logits_ptr, bias_ptr, base + c + t, c + t < row_end,
+                                  e[None, :], e_ok[None, :], E)
+        work = keys
+        for _ in tl.static_range(VOTE_K):
+            work = tl.where(work == tl.max(work, axis=1)[:, None], NO_KEY, work)
+        # Struck-out real slots are the picks; a -inf pick casts no vote.
+        votes += tl.sum(tl.where((work != keys) & (r > NEG_INF), r, 0.0), axis=0)
+    votes = votes / (tl.sum(votes, axis=0) + 1e-20)
+    vrow = votes_ptr + pid * E
+    tl.store(vrow + e, votes, mask=e_ok)
+    tl.debug_barrier()
+
+    # --- rank the votes (desc, ties to the lower index) and take the coreset ----------------
+    v = tl.load(vrow + e, mask=e_ok, other=0.0)
+    vkey = tl.where(e_ok, _key(v, e), NO_KEY)
+    rank = tl.zeros([E_PAD], dtype=tl.int32)
+    mass_before = tl.zeros([E_PAD], dtype=tl.float32)
+    for c0 in tl.static_range(0, E_PAD, RANK_CHUNK):
+        ec = c0 + tl.arange(0, RANK_CHUNK)
+        vc = tl.load(vrow + ec, mask=ec < E, other=0.0)
+        ckey = tl.where(ec < E, _key(vc, ec), NO_KEY)
+        ahead = ckey[:, None] > vkey[None, :]
+        rank += tl.sum(ahead.to(tl.int32), axis=0)
+        mass_before += tl.sum(tl.where(ahead, vc[:, None], 0.0), axis=0)
+    if POLICY == 1:
+        cumulative = mass_before + v  # mass of e and every expert ranked ahead of it
+        # top_p = 1 keeps every expert, as exact arithmetic would (reference.block_coreset).
+        within = (cumulative <= top_p) | (top_p >= 1.0)
+        past = (~within) & e_ok
+        first_past = tl.min(tl.where(past, rank, E_PAD), axis=0)
+        keep = within | (rank == first_past) | (rank == 0)
+        keep = keep & e_ok
+        n_kept = tl.sum(keep.to(tl.int32), axis=0)
+        keep = tl.where(n_kept < guard, rank < guard, keep)
+    else:
+        keep = rank < coreset_size
+    tl.store(coreset_ptr + pid * E + e, keep.to(tl.uint8), mask=e_ok)
 
 
 @triton.jit
 def route_kernel(
-    logits_ptr, bias_ptr, ids_ptr, weights_ptr, coreset_ptr, votes_ptr,
-    L, n_blocks, block_size,
-    top_p, guard, coreset_size, scaling,
+    logits_ptr, bias_ptr, ids_ptr, weights_ptr, coreset_ptr,
+    L, n_blocks, block_size, chunks_per_block, scaling,
     E: tl.constexpr, N_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUP: tl.constexpr,
-    TOP_K: tl.constexpr, VOTE_K: tl.constexpr, POLICY: tl.constexpr,  # 0 token, 1 dmoe, 2 des_vote
+    TOP_K: tl.constexpr, HAS_CORESET: tl.constexpr,
     BLOCK_T: tl.constexpr, G_PAD: tl.constexpr, GS_PAD: tl.constexpr, K_PAD: tl.constexpr,
-    RANK_CHUNK: tl.constexpr,
 ):
+    """Rows [c, c + BLOCK_T) of one block: coreset-masked (if any) group-limited top-k."""
     pid = tl.program_id(0)
-    seq = pid // n_blocks
-    blk = pid % n_blocks
-    row_start = blk * block_size
-    row_end = tl.minimum(row_start + block_size, L)
-    base = seq * L  # first row of this sequence in the flattened [S * L, E] view
+    block_id = pid // chunks_per_block  # = seq * n_blocks + block
+    seq = block_id // n_blocks
+    block_start = (block_id % n_blocks) * block_size
+    c = block_start + (pid % chunks_per_block) * BLOCK_T
+    row_end = tl.minimum(block_start + block_size, L)
+    base = seq * L
 
     t = tl.arange(0, BLOCK_T)[:, None, None]
     g = tl.arange(0, G_PAD)[None, :, None]
     j = tl.arange(0, GS_PAD)[None, None, :]
     col = g * GROUP_SIZE + j
     col_ok = (g < N_GROUP) & (j < GROUP_SIZE)
-    E_PAD: tl.constexpr = G_PAD * GS_PAD
-
-    if POLICY != 0:
-        # --- votes: each real row adds its plain top-VOTE_K values of r ---------------------
-        votes = tl.zeros([G_PAD, GS_PAD], dtype=tl.float32)
-        for c in range(row_start, row_end, BLOCK_T):
-            r, keys, bad = _load_scores(logits_ptr, bias_ptr, base + c + t, c + t < row_end,
-                                        col, col_ok, E)
-            work = keys
-            for _ in tl.static_range(VOTE_K):
-                best = _max2(work)[:, None, None]
-                work = tl.where(work == best, NO_KEY, work)
-            # Struck-out real slots are the picks; a -inf pick casts no vote.
-            chosen = (work != keys) & (r > NEG_INF)
-            votes += tl.sum(tl.where(chosen, r, 0.0), axis=0)
-        votes = votes / (tl.sum(tl.sum(votes, axis=1), axis=0) + 1e-20)
-        vrow = votes_ptr + pid * E
-        g2 = tl.arange(0, G_PAD)[:, None]
-        j2 = tl.arange(0, GS_PAD)[None, :]
-        tl.store(vrow + g2 * GROUP_SIZE + j2, votes, mask=(g2 < N_GROUP) & (j2 < GROUP_SIZE))
-        tl.debug_barrier()
-
-        # --- rank the votes (desc, ties to the lower index) and take the coreset ------------
-        e = tl.arange(0, E_PAD)
-        e_ok = e < E
-        v = tl.load(vrow + e, mask=e_ok, other=0.0)
-        vkey = tl.where(e_ok, _key(v, e), NO_KEY)
-        rank = tl.zeros([E_PAD], dtype=tl.int32)
-        mass_before = tl.zeros([E_PAD], dtype=tl.float32)
-        for c0 in tl.static_range(0, E_PAD, RANK_CHUNK):
-            ec = c0 + tl.arange(0, RANK_CHUNK)
-            vc = tl.load(vrow + ec, mask=ec < E, other=0.0)
-            ckey = tl.where(ec < E, _key(vc, ec), NO_KEY)
-            ahead = ckey[:, None] > vkey[None, :]
-            rank += tl.sum(ahead.to(tl.int32), axis=0)
-            mass_before += tl.sum(tl.where(ahead, vc[:, None], 0.0), axis=0)
-        if POLICY == 1:
-            cumulative = mass_before + v  # mass of e and every expert ranked ahead of it
-            # top_p = 1 keeps every expert, as exact arithmetic would (reference.block_coreset).
-            within = (cumulative <= top_p) | (top_p >= 1.0)
-            past = (~within) & e_ok
-            first_past = tl.min(tl.where(past, rank, E_PAD), axis=0)
-            keep = within | (rank == first_past) | (rank == 0)
-            keep = keep & e_ok
-            n_kept = tl.sum(keep.to(tl.int32), axis=0)
-            keep = tl.where(n_kept < guard, rank < guard, keep)
-        else:
-            keep = rank < coreset_size
-        tl.store(coreset_ptr + pid * E + e, keep.to(tl.uint8), mask=e_ok)
-        tl.debug_barrier()
-        in_coreset = tl.load(coreset_ptr + pid * E + col, mask=col_ok, other=0) != 0
+    if HAS_CORESET:
+        in_coreset = tl.load(coreset_ptr + block_id * E + col, mask=col_ok, other=0) != 0
     else:
         in_coreset = col_ok
 
-    # --- route every row of the block inside its candidate set ------------------------------
     kk = tl.arange(0, K_PAD)[None, :]
     gi = tl.arange(0, G_PAD)[None, :]
-    for c in range(row_start, row_end, BLOCK_T):
-        row = c + tl.arange(0, BLOCK_T)
-        row_ok = row < row_end
-        r, keys, bad = _load_scores(logits_ptr, bias_ptr, base + c + t, c + t < row_end,
-                                    col, col_ok, E)
-        cand = in_coreset & (keys != NO_KEY)
-        keys = tl.where(cand, keys, NO_KEY)
+    row = c + tl.arange(0, BLOCK_T)
+    row_ok = row < row_end
+    r, keys, is_nan = _load_scores(logits_ptr, bias_ptr, base + c + t, c + t < row_end,
+                                   col, col_ok, E)
+    bad = _max2(is_nan.to(tl.int32)) > 0
+    cand = in_coreset & (keys != NO_KEY)
+    keys = tl.where(cand, keys, NO_KEY)
 
-        # Group ranking: class 2 (>= 2 candidates, sum of top two) > class 1 (one, its value)
-        # > class 0 (none); ties to the lower group. Padding groups rank below everything.
-        key1 = tl.max(keys, axis=2)
-        key2 = tl.max(tl.where(keys == key1[:, :, None], NO_KEY, keys), axis=2)
-        r_masked = tl.where(cand, r, NEG_INF)
-        top1 = tl.max(r_masked, axis=2)
-        top2 = tl.max(tl.where(keys == key1[:, :, None], NEG_INF, r_masked), axis=2)
-        count = tl.sum(cand.to(tl.int32), axis=2)
-        cls = tl.where(count >= 2, 2, tl.where(count == 1, 1, 0))
-        cls = tl.where(gi < N_GROUP, cls, -1)
-        score = tl.where(count >= 2, top1 + top2, tl.where(count == 1, top1, 0.0))
-        c_a, c_b = cls[:, :, None], cls[:, None, :]          # a = this group, b = a rival
-        s_a, s_b = score[:, :, None], score[:, None, :]
-        g_a, g_b = gi[:, :, None], gi[:, None, :]
-        rival_ahead = (c_b > c_a) | ((c_b == c_a) & ((s_b > s_a) | ((s_b == s_a) & (g_b < g_a))))
-        group_rank = tl.sum(rival_ahead.to(tl.int32), axis=2)
-        kept_group = (group_rank < TOPK_GROUP) & (gi < N_GROUP)
-        work = tl.where(kept_group[:, :, None], keys, NO_KEY)
+    # Group ranking: class 2 (>= 2 candidates, sum of top two) > class 1 (one, its value)
+    # > class 0 (none); ties to the lower group. Padding groups rank below everything.
+    key1 = tl.max(keys, axis=2)
+    r_masked = tl.where(cand, r, NEG_INF)
+    top1 = tl.max(r_masked, axis=2)
+    top2 = tl.max(tl.where(keys == key1[:, :, None], NEG_INF, r_masked), axis=2)
+    count = tl.sum(cand.to(tl.int32), axis=2)
+    cls = tl.where(count >= 2, 2, tl.where(count == 1, 1, 0))
+    cls = tl.where(gi < N_GROUP, cls, -1)
+    score = tl.where(count >= 2, top1 + top2, tl.where(count == 1, top1, 0.0))
+    c_a, c_b = cls[:, :, None], cls[:, None, :]          # a = this group, b = a rival
+    s_a, s_b = score[:, :, None], score[:, None, :]
+    g_a, g_b = gi[:, :, None], gi[:, None, :]
+    rival_ahead = (c_b > c_a) | ((c_b == c_a) & ((s_b > s_a) | ((s_b == s_a) & (g_b < g_a))))
+    group_rank = tl.sum(rival_ahead.to(tl.int32), axis=2)
+    kept_group = (group_rank < TOPK_GROUP) & (gi < N_GROUP)
+    work = tl.where(kept_group[:, :, None], keys, NO_KEY)
 
-        ids = tl.full([BLOCK_T, K_PAD], -1, dtype=tl.int32)
-        for i in tl.static_range(TOP_K):
-            best = _max2(work)
-            ids = tl.where(kk == i, tl.where(_key_filled(best), _key_index(best), -1)[:, None], ids)
-            work = tl.where(work == best[:, None, None], NO_KEY, work)
-        # The weight is the unbiased sigmoid of each pick: one gather from the logits rows.
-        out = (base + row)[:, None] * TOP_K + kk
-        out_ok = row_ok[:, None] & (kk < TOP_K)
-        filled = out_ok & (ids >= 0)
-        x_at = tl.load(logits_ptr + (base + row)[:, None] * E + ids, mask=filled, other=0.0)
-        w = tl.where(filled, tl.sigmoid(x_at), 0.0)
-        w = w / (tl.sum(w, axis=1)[:, None] + 1e-20) * scaling
-        w = tl.where(bad[:, None], float("nan"), w)
-        tl.store(ids_ptr + out, ids, mask=out_ok)
-        tl.store(weights_ptr + out, w, mask=out_ok)
+    ids = tl.full([BLOCK_T, K_PAD], -1, dtype=tl.int32)
+    for i in tl.static_range(TOP_K):
+        best = _max2(work)
+        ids = tl.where(kk == i, tl.where(_key_filled(best), _key_index(best), -1)[:, None], ids)
+        work = tl.where(work == best[:, None, None], NO_KEY, work)
+    # The weight is the unbiased sigmoid of each pick: one gather from the logits rows.
+    out = (base + row)[:, None] * TOP_K + kk
+    out_ok = row_ok[:, None] & (kk < TOP_K)
+    filled = out_ok & (ids >= 0)
+    x_at = tl.load(logits_ptr + (base + row)[:, None] * E + ids, mask=filled, other=0.0)
+    w = tl.where(filled, tl.sigmoid(x_at), 0.0)
+    w = w / (tl.sum(w, axis=1)[:, None] + 1e-20) * scaling
+    w = tl.where(bad[:, None], float("nan"), w)
+    tl.store(ids_ptr + out, ids, mask=out_ok)
+    tl.store(weights_ptr + out, w, mask=out_ok)
