@@ -38,7 +38,7 @@ import torch
 from dmoe_triton import RoutingPolicy, patch_model, set_policy
 from dmoe_triton.calibrate import (calibrate_router, moe_layers, popularity_skew, route_summary,
                                    set_router_bias)
-from dmoe_triton.generate import generate
+from dmoe_triton.decoding import generate
 from dmoe_triton.models import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from dmoe_triton.models.llada2 import LLaDA2MoeSparseMoeBlock
 from dmoe_triton.moe import DMoEBlock, moe_forward

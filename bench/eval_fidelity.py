@@ -5,7 +5,7 @@
 Both checkpoints (before and after the dMoE fine-tune) decode the test split under token
 routing, dMoE at p in {0.4, ..., 0.8} (guard 16/256 of E), DES-vote (the top 15% of E by votes,
 as DES chose for LLaDA2.0-mini) and the Top-4 cap. Decoding is LLaDA2's block diffusion
-(`dmoe_triton.generate`: block 32, 32 steps, threshold 0.95, argmax) through the inference path
+(`dmoe_triton.generate()`: block 32, 32 steps, threshold 0.95, argmax) through the inference path
 (`patch_model`: fused routing + MoE kernels on the GPU). Unique experts = distinct experts the
 32 tokens of a block route to, averaged over MoE layers, denoising forwards and problems (the
 paper's measure). Writes fidelity.md (table), fidelity.png (accuracy against unique experts)

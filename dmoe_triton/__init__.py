@@ -15,8 +15,8 @@ _LAZY = {
     "DMoEBlock": "dmoe_triton.moe",
     "patch_model": "dmoe_triton.patch",
     "set_policy": "dmoe_triton.patch",
-    "generate": "dmoe_triton.generate",
-    "GenerationResult": "dmoe_triton.generate",
+    "generate": "dmoe_triton.decoding",
+    "GenerationResult": "dmoe_triton.decoding",
 }
 
 __all__ = ["RouterConfig", "RoutingPolicy", "RouteResult", "route", *_LAZY]

@@ -149,7 +149,7 @@ def run_generate(args) -> int:
     import transformers
     from tqdm import tqdm
 
-    from .generate import generate
+    from .decoding import generate
     from .patch import patch_model, set_policy
     from .tiny import (ARITHMETIC_NOTE, ARITHMETIC_PROMPT, RANDOM_WEIGHTS_NOTE, default_model_dir,
                        is_arithmetic_model, is_random_default)

@@ -285,6 +285,12 @@ def _decode_pads(T, k, E, dtype) -> dict:
                 PRECISION=_precision(dtype))
 
 
+def _stages(stages: int, dtype: torch.dtype) -> int:
+    # The decode configs are tuned for 2-byte weights; fp32 tiles are twice as large, and the
+    # tuned pipeline depth would not fit an H100's shared memory (228 KB per SM).
+    return stages if dtype != torch.float32 else max(2, stages // 2)
+
+
 def _down_arrivals(H, device, config: DecodeConfig):
     """The down launch's arrival counters (one per block_h columns), or None with one split."""
     if config.down_splits == 1:
@@ -306,8 +312,8 @@ def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig):
     moe_gate_up_decode_kernel[grid](
         hidden, hidden.stride(0), hidden.stride(1), w_gate_up, *w_gate_up.stride(),
         act, act.stride(0), ids, *counters, T, H, inter, E, k, BLOCK_I=c.block_i,
-        BLOCK_K=c.k_gate_up, num_warps=c.warps_gate_up, num_stages=c.stages_gate_up,
-        **_decode_pads(T, k, E, hidden.dtype))
+        BLOCK_K=c.k_gate_up, num_warps=c.warps_gate_up,
+        num_stages=_stages(c.stages_gate_up, hidden.dtype), **_decode_pads(T, k, E, hidden.dtype))
     return act
 
 
@@ -327,8 +333,8 @@ def decode_down_combine(act, ids, weights, w_down, out, arrivals, config: Decode
     moe_down_combine_decode_kernel[(triton.cdiv(H, c.block_h), c.down_splits)](
         act, act.stride(0), w_down, *w_down.stride(), ids, weights, out, out.stride(0),
         partial, arrivals, T, H, inter, E, k, BLOCK_H=c.block_h, BLOCK_K=c.k_down,
-        EXPERT_SPLITS=c.down_splits, num_warps=c.warps_down, num_stages=c.stages_down,
-        **_decode_pads(T, k, E, act.dtype))
+        EXPERT_SPLITS=c.down_splits, num_warps=c.warps_down,
+        num_stages=_stages(c.stages_down, act.dtype), **_decode_pads(T, k, E, act.dtype))
     return out
 
 

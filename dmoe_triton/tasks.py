@@ -202,7 +202,7 @@ def decode(ids: Iterable[int]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Solving problems with a model: block-diffusion decoding through dmoe_triton.generate.
+# Solving problems with a model: block-diffusion decoding through dmoe_triton.generate().
 # ---------------------------------------------------------------------------------------------
 
 def solve(model, problems: Sequence[Problem], batch_size: int = 256, progress=None,
@@ -214,7 +214,7 @@ def solve(model, problems: Sequence[Problem], batch_size: int = 256, progress=No
     `progress`, if given, is called with the number of problems just finished; `cuda_graph`
     goes to `generate`.
     """
-    from .generate import generate
+    from .decoding import generate
 
     answers, stats = [], []
     for start in range(0, len(problems), batch_size):

@@ -304,3 +304,13 @@ def test_cache_errors():
         with pytest.raises(ValueError, match="full"):
             model(ids, past_key_values=cache, write_cache=True)
     assert math.isclose(cache.valid.float().mean().item(), 1.0)
+
+
+def test_public_generate_stays_the_function_after_its_module_is_imported():
+    import importlib
+
+    import dmoe_triton
+
+    importlib.import_module(dmoe_triton.generate.__module__)
+    from dmoe_triton import generate
+    assert callable(generate) and generate.__name__ == "generate"

@@ -282,7 +282,9 @@ def generate(model, input_ids: Union[torch.Tensor, List[List[int]], List[int]],
     cache = None
     st = GenerationStats(cuda_graph=graph)
     if use_cache:
-        cache = model.new_cache(B, total * bl, static=graph)
+        # On CUDA the cache is static (fixed shapes) graphed or not, so that a graphed step and
+        # an eager one run the same attention and give the same tokens.
+        cache = model.new_cache(B, total * bl, static=device.type == "cuda")
         if first > 0:  # prefill: the prompt's full blocks
             model(x[:, : first * bl], positions[:, : first * bl], past_key_values=cache,
                   attention_mask=valid[:, : first * bl], block_length=bl, write_cache=True,
@@ -290,9 +292,11 @@ def generate(model, input_ids: Union[torch.Tensor, List[List[int]], List[int]],
             st.cache_writes += 1
 
     # Static buffers of one step (what a CUDA graph reads and writes).
-    block = torch.empty(B, bl, dtype=torch.long, device=device)
-    block_pos = torch.empty(B, bl, dtype=torch.long, device=device)
-    running = torch.empty(B, 1, dtype=torch.bool, device=device)
+    # Filled with valid values: the graph's warm-up steps run before the first block is loaded
+    # (garbage token ids there would index the embedding out of bounds).
+    block = torch.full((B, bl), mask_id, dtype=torch.long, device=device)
+    block_pos = torch.zeros(B, bl, dtype=torch.long, device=device)
+    running = torch.zeros(B, 1, dtype=torch.bool, device=device)
     quota = torch.zeros((), dtype=torch.long, device=device)
     committed = torch.zeros((), dtype=torch.long, device=device)
     moe = _moe_modules(model) if stats else []
