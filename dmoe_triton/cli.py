@@ -1,7 +1,7 @@
 """The `dmoe` command (also `python -m dmoe_triton`).
 
     dmoe generate                                # the default model on its example problem
-    dmoe generate --prompt "(48+39)*7="          # the default: the shipped arithmetic model
+    dmoe generate --prompt "(73+2)*7="           # the default: the shipped arithmetic model
     dmoe generate --model DIR --prompt "..." --policy dmoe --top-p 0.6 --guard 16
 
 Loads a LLaDA2 checkpoint directory (config.json, safetensors, tokenizer.json), patches its MoE
@@ -203,9 +203,9 @@ def run_generate(args) -> int:
     print(f"tokens/s: {st.tokens_per_s:.1f} ({st.committed_tokens} tokens in {st.wall_time_s:.2f} s, "
           f"{st.forwards} forwards, {st.tokens_per_forward:.2f} tokens/forward, "
           f"{st.time_per_forward_s * 1e3:.2f} ms/forward)")
-    line = f"unique experts per block: {_fmt(st.mean_unique_experts)} ({policy})"
+    line = f"unique experts per block: {_fmt(st.mean_unique_experts)} with {policy}"
     if st.mean_coreset_size is not None:
-        line += f", coreset {_fmt(st.mean_coreset_size)}"
+        line += f" (coreset {_fmt(st.mean_coreset_size)})"
     if args.policy != "token" and not args.no_compare:
         from .config import RoutingPolicy
 

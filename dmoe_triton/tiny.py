@@ -53,8 +53,8 @@ SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
                              "models", "arith-dmoe")
 ARITHMETIC_NOTE = ("the default model is the shipped arithmetic model (a tiny LLaDA2 MoE trained "
                    "on +, -, * problems, then fine-tuned with dMoE routing; not random): give it "
-                   "a problem such as '(48+39)*7=' (characters 0-9 + - * = ( ) only)")
-ARITHMETIC_PROMPT = "(48+39)*7="
+                   "a problem such as '(73+2)*7=' (characters 0-9 + - * = ( ) only)")
+ARITHMETIC_PROMPT = "(73+2)*7="  # a held-out problem: tasks.sample_problems("test", 1, 1)
 
 
 def shipped_model_dir() -> str | None:
