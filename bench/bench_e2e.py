@@ -21,6 +21,8 @@ copy bandwidth (read + write) measured in this process.
     PYTHONUNBUFFERED=1 python bench/bench_e2e.py --out $OUT          # H100, ~5-6 minutes
     python bench/bench_e2e.py --smoke --out /tmp/e2e                 # CPU, tiny config, logic only
 `--part a` (calibrated rows, breakdown, generations) / `--part b` (plain rows) split the run.
+`--quick` (H100, ~2.5 minutes): calibrated rows for 1 and 16 sequences at prefix 512 and the
+breakdown only, written to e2e_quick.{md,json,png}.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from typing import Callable, List, Optional
 import torch
 
 from dmoe_triton import RoutingPolicy, patch_model, set_policy
+from dmoe_triton.attention import attention_prep
 from dmoe_triton.calibrate import (calibrate_router, moe_layers, popularity_skew, route_summary,
                                    set_router_bias)
 from dmoe_triton.decoding import generate
@@ -323,6 +326,7 @@ def measure_row(model, step: Step, setup: Setup, routing: str, name: str, bandwi
 
 
 expert_bytes_cache = {}
+ASIDE = ("of which", "attention, old way")  # breakdown rows that are not parts of the sum
 
 
 def run_rows(model, setup: Setup, routing: str, bandwidth: float, rows: list, loop_batches):
@@ -374,11 +378,19 @@ def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str) ->
                   block.policy, block.backend)
     ids, w = r.topk_ids.reshape(B * L, -1), r.topk_weights.reshape(B * L, -1)
     hidden_final = torch.randn(B, L, H, device=x.device, dtype=x.dtype)
+    att = mid.attention
+    with torch.no_grad():
+        qkv = att.query_key_value(mid.input_layernorm(x))
+    k_rows, v_rows = cache.scratch_rows(att.layer_idx, L)
     n_moe = len(moe_layers(model))
     layer0 = model.model.layers[0].mlp
     parts = {
         "attention (norm, QKV, qk-norm, RoPE, SDPA, dense)": (
             lambda: mid.attention(mid.input_layernorm(x), cos, sin, mask, cache, False),
+            c.num_hidden_layers),
+        "of which q/k norm + RoPE + K/V into the cache (attention_prep)": (
+            lambda: attention_prep(qkv, att.query_layernorm.weight, att.key_layernorm.weight, cos,
+                                   sin, att.nh, att.nkv, att.query_layernorm.eps, k_rows, v_rows),
             c.num_hidden_layers),
         "attention, old way (cat cache + SDPA enable_gqa)": (
             lambda: old_attention(mid, x, cos, sin, mask, cache), c.num_hidden_layers),
@@ -418,6 +430,7 @@ def old_attention(layer, x, cos, sin, mask, cache):
     n = cache.visible()
     keys = torch.cat((cache.keys[att.layer_idx][:, :, :n], k), dim=2)
     values = torch.cat((cache.values[att.layer_idx][:, :, :n], v), dim=2)
+    mask = mask[:, :, :L]  # the model's mask stacks the query heads per KV head: one group
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=att.hd ** -0.5,
                                          enable_gqa=True)
     return att.dense(out.transpose(1, 2).reshape(B, L, att.nh * att.hd))
@@ -532,10 +545,11 @@ def write_report(path_md, setup, args, bandwidth, calib, rows, parts, gens, devi
     if parts:
         lines += ["## Where the time goes (parts timed separately, x layers)", ""]
         for p in parts:
-            total = sum(t for label, _, _, t in p["parts"] if "old way" not in label)
+            total = sum(t for label, _, _, t in p["parts"] if not label.startswith(ASIDE))
             lines += [f"Calibrated, {p['policy']}, {p['batch']} sequence(s), prefix {p['prefix']}: "
                       f"whole forward {p['whole_ms']:.3f} ms, sum of parts {total:.3f} ms "
-                      "(the old-way attention row is a comparison, not in the sum).", "",
+                      "(rows starting 'of which' or 'attention, old way' are not in the "
+                      "sum: a share of the row above, a comparison).", "",
                       "| part | ms once | x | ms per forward |", "|---|---|---|---|"]
             lines += [f"| {label} | {ms:.4f} | {n} | {t:.3f} |" for label, ms, n, t in p["parts"]]
             lines.append("")
@@ -597,8 +611,13 @@ def plot(path_png, rows, bandwidth, model, setup):
 
 def make_setup(args) -> Setup:
     if args.smoke:
-        return Setup(True, torch.device("cpu"), LLaDA2MoeConfig(**SMOKE_CONFIG), (1, 2), (32, 64),
+        return Setup(True, torch.device("cpu"), LLaDA2MoeConfig(**SMOKE_CONFIG),
+                     (1, 2), (32,) if args.quick else (32, 64),
                      args.target_unique or 9.0, 1, 1, 1, 8, 40, time.time() + args.budget_s)
+    if args.quick:
+        return Setup(False, torch.device("cuda"), LLaDA2MoeConfig(), (1, 16), (512,),
+                     args.target_unique or 70.0, 20, 7, 3, 128, args.gen_prompt,
+                     time.time() + args.budget_s)
     return Setup(False, torch.device("cuda"), LLaDA2MoeConfig(), (1, 4, 16), (512, 2048),
                  args.target_unique or 70.0, 20, 7, 3, 128, args.gen_prompt,
                  time.time() + args.budget_s)
@@ -610,15 +629,23 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU, no timings")
     ap.add_argument("--part", choices=("all", "a", "b"), default="all",
                     help="a: calibrated rows, breakdown, generations; b: plain rows")
+    ap.add_argument("--quick", action="store_true",
+                    help="calibrated rows for 1 and 16 sequences at the first prefix + breakdown, "
+                         "no generations, no plain rows (e2e_quick.*)")
     ap.add_argument("--target-unique", type=float, default=None)
-    ap.add_argument("--budget-s", type=float, default=480.0,
-                    help="skip remaining rows after this many seconds (report says so)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="skip remaining rows after this many seconds (report says so); "
+                         "default 480, --quick 130")
     ap.add_argument("--gen-prompt", type=int, default=512)
     args = ap.parse_args(argv)
+    if args.budget_s is None:
+        args.budget_s = 130.0 if args.quick else 480.0
+    if args.quick and args.part != "all":
+        ap.error("--quick runs its own selection; leave --part out")
     start = time.time()
     setup = make_setup(args)
     os.makedirs(args.out, exist_ok=True)
-    suffix = "" if args.part == "all" else f"_{args.part}"
+    suffix = "_quick" if args.quick else ("" if args.part == "all" else f"_{args.part}")
     torch.manual_seed(SEED)
     dev = setup.device
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (smoke)"
@@ -635,6 +662,8 @@ def main(argv=None):
 
     rows, parts, gens, calib = [], [], [], None
     loop_batches = setup.batches  # the unpatched loop is ~1 s per forward on an H100: all fit
+    if args.quick:
+        loop_batches = setup.batches[:1]  # its 16-sequence row alone takes ~6 s
     if args.part in ("all", "a"):
         # Calibrate on the benchmark's own step: 16 (smoke: 2) sequences, first prefix, token
         # routing; the prefix is prefilled again at each strength (its states depend on it).
@@ -653,8 +682,9 @@ def main(argv=None):
             if setup.left():
                 parts.append(breakdown(model, setup, 1, prefix, "token"))
                 parts.append(breakdown(model, setup, 1, prefix, "dmoe p=0.6"))
-        gens += generations(model, setup, "calibrated", setup.gen_prompt)
-    if args.part in ("all", "b"):
+        if not args.quick:
+            gens += generations(model, setup, "calibrated", setup.gen_prompt)
+    if args.part in ("all", "b") and not args.quick:
         set_router_bias(model, 0 * popularity_skew(len(moe_layers(model)),
                                                    setup.config.num_experts, SEED))
         run_rows(model, setup, "plain", bandwidth, rows, loop_batches)

@@ -159,3 +159,41 @@ def moe_forward_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_wei
         out = (torch.nn.functional.silu(gate) * up) @ w_down[e].to(acc).T
         y.index_add_(0, tokens, out * topk_weights[tokens, slots].to(acc)[:, None])
     return y.to(hidden.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaDA2 attention prep (dmoe_triton/attention.py): the model's own eager ops, which the kernel
+# must reproduce.
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * rms_norm(x) over the last dim: fp32 statistics, cast back, then the weight (the
+    published order of operations; F.rms_norm upcasts internally and rounds once)."""
+    return weight * torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, L, hd], cos/sin [B, L, rotary_dim]: NeoX RoPE on the first rotary_dim dims."""
+    rd = cos.shape[-1]
+    cos, sin = cos[:, None], sin[:, None]
+    rot, rest = x[..., :rd], x[..., rd:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
+def attention_prep_reference(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                             cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                             num_kv_heads: int, eps: float):
+    """qkv [B, L, (nh + 2 nkv) * hd] -> q [B, nh, L, hd], k, v [B, nkv, L, hd]: per-head RMSNorm
+    of q and k, then RoPE on their first rotary_dim dims; v as projected."""
+    B, L, _ = qkv.shape
+    hd = q_weight.shape[0]
+    heads = qkv.view(B, L, num_heads + 2 * num_kv_heads, hd).transpose(1, 2)
+    q, k, v = heads.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+    q = apply_rope(rms_norm(q, q_weight, eps), cos, sin)
+    k = apply_rope(rms_norm(k, k_weight, eps), cos, sin)
+    return q, k, v

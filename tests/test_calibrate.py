@@ -112,7 +112,12 @@ def test_grouped_query_attention_equals_sdpa_gqa():
     mask = torch.rand(2, 1, 5, 12, generator=g) < 0.7
     mask[..., 0] = True
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
-    torch.testing.assert_close(grouped_query_attention(q, k, v, mask, 0.3), ref)
+    stacked = mask.repeat(1, 1, 4, 1)  # the layout block_causal_mask(..., query_groups=4) builds
+    torch.testing.assert_close(grouped_query_attention(q, k, v, stacked, 0.3), ref)
+    additive = torch.zeros(stacked.shape).masked_fill_(~stacked, float("-inf"))  # as the model
+    torch.testing.assert_close(grouped_query_attention(q, k, v, additive, 0.3), ref)
+    with pytest.raises(ValueError, match="mask must have 20 rows"):
+        grouped_query_attention(q, k, v, mask, 0.3)
 
 
 def test_static_cache_attends_through_scratch_rows():

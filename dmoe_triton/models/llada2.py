@@ -19,6 +19,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
+from ..attention import attention_prep
+from ..reference import apply_rope, rms_norm, rotate_half  # noqa: F401 (rotate_half: public name)
 from ..routing import RouteResult
 
 MODEL_TYPE = "llada2_moe"
@@ -108,8 +110,7 @@ class LLaDA2MoeRMSNorm(nn.Module):
         # fp32 statistics, cast back, then the weight: the published order of operations.
         # F.rms_norm upcasts internally and rounds once at the end (one fused kernel on CUDA
         # instead of seven elementwise ones).
-        normed = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
-        return self.weight * normed
+        return rms_norm(x, self.weight, self.eps)
 
 
 class LLaDA2MoeMLP(nn.Module):
@@ -184,11 +185,6 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
         return out
 
 
-def rotate_half(x):
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
-
-
 def rope_cos_sin(position_ids, rotary_dim: int, theta: float, dtype):
     """NeoX RoPE tables [B, L, rotary_dim], computed in fp32 and cast to the activations' dtype."""
     exponent = torch.arange(0, rotary_dim, 2, device=position_ids.device).float() / rotary_dim
@@ -196,14 +192,6 @@ def rope_cos_sin(position_ids, rotary_dim: int, theta: float, dtype):
     freqs = position_ids.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x, cos, sin):
-    """x [B, heads, L, hd]; rotate only the first rotary_dim dims of each head."""
-    rd = cos.shape[-1]
-    cos, sin = cos[:, None], sin[:, None]
-    rot, rest = x[..., :rd], x[..., rd:]
-    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
 
 
 class BlockKVCache:
@@ -230,12 +218,28 @@ class BlockKVCache:
     def visible(self) -> int:
         return self.capacity if self.static else self.length
 
+    def scratch_rows(self, layer: int, l: int):
+        """Views [B, nkv, l, hd] of the spare rows after the visible ones, where a forward can
+        write its K/V so that attention reads the buffer in place; (None, None) when there is
+        no room for l rows there (not static, or l > scratch)."""
+        if not (self.static and 0 < l <= self.scratch):
+            return None, None
+        n = self.visible()
+        return self.keys[layer][:, :, n:n + l], self.values[layer][:, :, n:n + l]
+
     def with_current(self, layer: int, k, v):
-        """Keys and values [B, nkv, visible + l, hd]: the visible cache rows, then k, v."""
+        """Keys and values [B, nkv, visible + l, hd]: the visible cache rows, then k, v.
+
+        Where scratch_rows has room, k and v are (or are copied into) those rows and the result
+        is a view of the buffer; else a concatenation.
+        """
         n, l = self.visible(), k.shape[2]
-        if self.static and l <= self.scratch:
-            self.keys[layer][:, :, n:n + l] = k
-            self.values[layer][:, :, n:n + l] = v
+        k_rows, v_rows = self.scratch_rows(layer, l)
+        if k_rows is not None:
+            if k.data_ptr() != k_rows.data_ptr():  # not written in place by attention_prep
+                k_rows.copy_(k)
+            if v.data_ptr() != v_rows.data_ptr():
+                v_rows.copy_(v)
             return self.keys[layer][:, :, :n + l], self.values[layer][:, :, :n + l]
         return (torch.cat((self.keys[layer][:, :, :n], k), dim=2),
                 torch.cat((self.values[layer][:, :, :n], v), dim=2))
@@ -254,8 +258,11 @@ class BlockKVCache:
         self.length = end
 
 
-def block_causal_mask(position_ids, row_valid, cache: Optional[BlockKVCache], block_length: int):
-    """Boolean [B, 1, l, C + l] mask for l query rows against C cached + l current keys.
+def block_causal_mask(position_ids, row_valid, cache: Optional[BlockKVCache], block_length: int,
+                      query_groups: int = 1):
+    """Boolean [B, 1, query_groups * l, C + l] mask for l query rows against C cached + l
+    current keys, repeated for the query heads stacked per KV head (grouped_query_attention's
+    layout: stacked row g * l + i is query row i), built once per forward for every layer.
 
     Cached keys are finished earlier blocks: visible where valid. Current keys: visible where
     their block is not after the query's block and the row is real; every row also sees itself,
@@ -268,7 +275,7 @@ def block_causal_mask(position_ids, row_valid, cache: Optional[BlockKVCache], bl
     if cache is not None and cache.visible() > 0:
         cached = cache.valid[:, None, : cache.visible()].expand(-1, l, -1)
         current = torch.cat((cached, current), dim=-1)
-    return current[:, None]
+    return current[:, None].repeat(1, 1, query_groups, 1)
 
 
 class LLaDA2MoeAttention(nn.Module):
@@ -286,12 +293,23 @@ class LLaDA2MoeAttention(nn.Module):
         self.dense = nn.Linear(self.nh * self.hd, config.hidden_size, bias=config.use_bias)
 
     def forward(self, x, cos, sin, mask, cache: Optional[BlockKVCache], write_cache: bool):
+        """mask: block_causal_mask(..., query_groups=nh // nkv), shared by every layer."""
         B, L, _ = x.shape
-        qkv = self.query_key_value(x).view(B, L, self.nh + 2 * self.nkv, self.hd).transpose(1, 2)
-        q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=1)
+        qkv = self.query_key_value(x)
+        k_rows, v_rows = cache.scratch_rows(self.layer_idx, L) if cache is not None else (None, None)
         if hasattr(self, "query_layernorm"):
-            q, k = self.query_layernorm(q), self.key_layernorm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            # One launch on CUDA (norms, RoPE, layout, K/V straight into the cache's spare
+            # rows) instead of ~25 small kernels. Elsewhere, and wherever autograd needs the
+            # graph (training: the kernel has no backward), the eager torch ops run: they are
+            # the kernel's reference, and the CPU model must not need Triton's interpreter.
+            backend = "reference" if torch.is_grad_enabled() and qkv.requires_grad else "auto"
+            q, k, v = attention_prep(qkv, self.query_layernorm.weight, self.key_layernorm.weight,
+                                     cos, sin, self.nh, self.nkv, self.query_layernorm.eps,
+                                     k_rows, v_rows, backend)
+        else:
+            heads = qkv.view(B, L, self.nh + 2 * self.nkv, self.hd).transpose(1, 2)
+            q, k, v = heads.split([self.nh, self.nkv, self.nkv], dim=1)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = k, v
         if cache is not None and cache.visible() > 0:
             keys, values = cache.with_current(self.layer_idx, k, v)
@@ -302,7 +320,8 @@ class LLaDA2MoeAttention(nn.Module):
 
 
 def grouped_query_attention(q, keys, values, mask, scale):
-    """q [B, nh, l, hd], keys/values [B, nkv, n, hd], mask [B, 1, l, n] bool -> [B, nh, l, hd].
+    """q [B, nh, l, hd], keys/values [B, nkv, n, hd], mask [B, 1, (nh / nkv) * l, n] (bool, or
+    additive in q's dtype; block_causal_mask with query_groups = nh / nkv) -> [B, nh, l, hd].
 
     The query heads that share a KV head are stacked along the rows (head h uses KV head
     h // (nh / nkv), as with enable_gqa), so SDPA sees nkv heads of (nh / nkv) * l rows and reads
@@ -312,10 +331,10 @@ def grouped_query_attention(q, keys, values, mask, scale):
     B, nh, l, hd = q.shape
     nkv, n = keys.shape[1], keys.shape[2]
     group = nh // nkv
-    if group == 1:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    if mask.shape[-2] != group * l:
+        raise ValueError(f"mask must have {group * l} rows (query heads stacked per KV head), "
+                         f"got shape {tuple(mask.shape)}")
     stacked = q.reshape(B, nkv, group * l, hd)
-    mask = mask.expand(B, 1, l, n)[:, :, None].expand(B, 1, group, l, n).reshape(B, 1, group * l, n)
     out = F.scaled_dot_product_attention(stacked, keys, values, attn_mask=mask, scale=scale)
     return out.view(B, nh, l, hd)
 
@@ -426,7 +445,12 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
             row_valid = attention_mask.bool()
         x = self.word_embeddings(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta, x.dtype)
-        mask = block_causal_mask(position_ids, row_valid, cache, block_length)
+        groups = self.config.num_attention_heads // self.config.num_key_value_heads
+        allowed = block_causal_mask(position_ids, row_valid, cache, block_length, groups)
+        # SDPA turns a bool mask into an additive one (0 / -inf in the query's dtype: two
+        # kernels and an allocation) at every call; doing it here once serves every layer.
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+        mask.masked_fill_(~allowed, float("-inf"))
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache, write_cache)
         if write_cache:
