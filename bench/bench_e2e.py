@@ -9,9 +9,10 @@ Rows, for 1, 4 and 16 sequences: the unpatched model (the official per-expert Py
 eagerly on a few forwards) and, on the fused kernels (`patch_model`, switched with `set_policy`),
 token routing, dMoE top_p 0.5-0.8 (guard 16), DES-vote (38) and the Top-4 cap, each one forward
 captured in a CUDA graph (static cache) and replayed many times (median). Two routings, never
-mixed: PLAIN random weights (~uniform routing) and CALIBRATED (a seeded expert-popularity skew of
-the router bias, dmoe_triton/calibrate.py, searched here so that token routing touches ~70 unique
-experts per block, the paper's figure for the trained model).
+mixed: PLAIN random weights and CALIBRATED (dmoe_triton/calibrate.py: a seeded expert-popularity
+skew of the router bias when blocks touch too many experts, or the gate weights with the
+directions a block's tokens share removed in part when too few, searched here so that token
+routing touches ~70 unique experts per block, the paper's figure for the trained model).
 
 Bytes of a forward = non-expert weights actually read (attention, shared experts, dense layer 0,
 fp32 router, norms, lm_head, the block's embedding rows) + the KV cache buffer + for every MoE
@@ -40,7 +41,7 @@ import torch
 from dmoe_triton import RoutingPolicy, patch_model, set_policy
 from dmoe_triton.attention import attention_prep
 from dmoe_triton.calibrate import (calibrate_router, moe_layers, popularity_skew, route_summary,
-                                   set_router_bias)
+                                   router_weights, set_router_bias, set_router_weights)
 from dmoe_triton.decoding import generate
 from dmoe_triton.models import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from dmoe_triton.models.llada2 import LLaDA2MoeSparseMoeBlock
@@ -537,10 +538,12 @@ def write_report(path_md, setup, args, bandwidth, calib, rows, parts, gens, devi
         "counts that union x 6.29 MB per MoE layer + non-expert weights + the KV buffer; "
         "resident: experts the forward may touch (coreset union for block policies).", "",
         "## Routing used", "",
-        "- **plain**: random weights (std 0.02), router bias 0: close to uniform routing.",
+        "- **plain**: random weights (std 0.02), router bias 0 (tokens of a block share most "
+        "of their hidden state, so they agree more than a trained model's).",
         f"- **calibrated**: {calib.describe() if calib else 'not run in this part'}. "
-        "The skew does not depend on the hidden state, so sequences share popular experts: "
-        "the union across sequences is likely smaller than a trained model's.", "",
+        "A skew does not depend on the hidden state, so sequences share popular experts (the "
+        "union across sequences is likely smaller than a trained model's); the diversity knob "
+        "changes the router's scores, not only its ranking.", "",
         "## Denoising forward", "", table(rows), ""]
     if parts:
         lines += ["## Where the time goes (parts timed separately, x layers)", ""]
@@ -661,6 +664,7 @@ def main(argv=None):
           f"{bandwidth / 1e12:.3f} TB/s", flush=True)
 
     rows, parts, gens, calib = [], [], [], None
+    plain_router = router_weights(model)  # the calibration may change gate weights: restore
     loop_batches = setup.batches  # the unpatched loop is ~1 s per forward on an H100: all fit
     if args.quick:
         loop_batches = setup.batches[:1]  # its 16-sequence row alone takes ~6 s
@@ -687,6 +691,7 @@ def main(argv=None):
     if args.part in ("all", "b") and not args.quick:
         set_router_bias(model, 0 * popularity_skew(len(moe_layers(model)),
                                                    setup.config.num_experts, SEED))
+        set_router_weights(model, plain_router)
         run_rows(model, setup, "plain", bandwidth, rows, loop_batches)
         gens += generations(model, setup, "plain", setup.gen_prompt)
 

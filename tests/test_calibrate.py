@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from dmoe_triton import RoutingPolicy, patch_model
 from dmoe_triton.calibrate import (calibrate_router, expert_hits, moe_layers, popularity_skew,
-                                   route_summary, set_router_bias)
+                                   route_summary, router_weight, router_weights, set_router_bias,
+                                   set_router_diversity, set_router_weights, shared_directions)
 from dmoe_triton.models import LLaDA2MoeConfig
 from dmoe_triton.models.llada2 import grouped_query_attention
 
@@ -73,6 +74,55 @@ def test_calibration_reaches_the_target_and_is_recorded(patched):
     torch.testing.assert_close(bias, calib.strength * popularity_skew(2, 32, seed=3)[0])
     assert "N(0,1)" in calib.describe()
     set_router_bias(patched, torch.zeros(2, 32))
+
+
+def test_calibration_from_below_raises_diversity(patched):
+    """Below the target the gate weights lose part of the directions the block's tokens share."""
+    ids = torch.randint(3, 90, (3, 64), generator=torch.Generator().manual_seed(0))
+
+    def forward():
+        with torch.no_grad():
+            patched(ids, block_length=32)
+
+    plain_weights = router_weights(patched)
+    buffers = [router_weight(m) for m in moe_layers(patched)]
+    forward()
+    plain = route_summary(patched).mean_unique
+    target = plain + 3
+    calib = calibrate_router(patched, forward, target, tolerance=1.0, directions=4)
+    assert abs(calib.unique - target) <= 1.0 or len(calib.history) == 14
+    assert calib.strength == 0 and 0 < calib.diversity <= 1 and calib.directions == 4
+    assert calib.history[0] == (0.0, plain) and calib.history[1][0] == 1.0
+    assert "singular vectors" in calib.describe()
+    assert all(torch.equal(m.expert_bias, torch.zeros(32)) for m in moe_layers(patched))
+    assert all(router_weight(m) is b for m, b in zip(moe_layers(patched), buffers))  # in place
+    forward()  # left at the chosen value
+    assert route_summary(patched).mean_unique == pytest.approx(calib.unique)
+    set_router_weights(patched, plain_weights)
+    forward()
+    assert route_summary(patched).mean_unique == pytest.approx(plain)
+
+
+def test_diversity_removes_the_shared_directions(patched):
+    ids = torch.randint(3, 90, (2, 32), generator=torch.Generator().manual_seed(4))
+
+    def forward():
+        with torch.no_grad():
+            patched(ids)
+
+    base = router_weights(patched)
+    basis = shared_directions(patched, forward, 3)
+    assert [tuple(u.shape) for u in basis] == [(3, 64)] * 2
+    torch.testing.assert_close(basis[0] @ basis[0].T, torch.eye(3), rtol=1e-4, atol=1e-4)
+    set_router_diversity(patched, 1.0, base, basis)
+    w = router_weight(moe_layers(patched)[0])
+    torch.testing.assert_close(w @ basis[0].T, torch.zeros(32, 3), rtol=0, atol=1e-5)
+    set_router_diversity(patched, 0.0, base, basis)
+    assert torch.equal(router_weight(moe_layers(patched)[0]), base[0])
+    with pytest.raises(ValueError, match="diversity must be in"):
+        set_router_diversity(patched, 1.5, base, basis)
+    with pytest.raises(ValueError, match="directions must be"):
+        shared_directions(patched, forward, 0)
 
 
 def test_build_model_is_random_bf16_built_in_place():
