@@ -48,6 +48,8 @@ from dmoe_triton.models.llada2 import LLaDA2MoeSparseMoeBlock
 from dmoe_triton.moe import DMoEBlock, moe_forward
 from dmoe_triton.routing import route
 
+from graphs import capture  # bench/graphs.py (bench/ is on sys.path when run as a script)
+
 TOKENS_PER_FORWARD = 2.55  # published average of tokens committed per denoising forward
 BLOCK = 32
 SEED = 0
@@ -239,21 +241,6 @@ def step_fn(model, step: Step) -> Callable[[], object]:
     return forward
 
 
-def capture(fn, reps: int = 1):
-    """A CUDA graph of `reps` calls of fn (warmed up on a side stream first)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    return graph
-
-
 def time_ms(run: Callable[[], object], per_call: int, trials: int, device) -> float:
     """Median over trials of the time of `run` / per_call, in ms (events on CUDA)."""
     times = []
@@ -278,7 +265,7 @@ def time_graphed(fn, setup: Setup, reps: int = 1) -> float:
         with torch.no_grad():
             return time_ms(fn, 1, 1, setup.device) / 1  # smoke: logic only
     with torch.no_grad():
-        graph = capture(fn, reps)
+        graph = capture(fn, reps, warmup=2)
 
         def replay():
             for _ in range(setup.replays):

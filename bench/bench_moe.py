@@ -45,6 +45,7 @@ from dmoe_triton import RouterConfig, RoutingPolicy, route  # noqa: E402
 from dmoe_triton.moe import (DEFAULT_DECODE, DecodeConfig, _down_arrivals,  # noqa: E402
                              decode_down_combine, decode_gate_up, moe_forward_triton)
 from dmoe_triton.reference import moe_forward_reference  # noqa: E402
+from graphs import capture  # noqa: E402  (bench/graphs.py: bench/ is on sys.path as a script)
 
 E, H, I, TOP_K, BLOCK = 256, 2048, 512, 8, 32
 CFG = RouterConfig(num_experts=E, top_k=TOP_K, n_group=8, topk_group=4, routed_scaling_factor=2.5)
@@ -159,15 +160,7 @@ def copy_bandwidth():
 
 def graphed(fn):
     """Capture fn (one layer call per weight copy) in a CUDA graph; return its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # warm-up: compiles, allocates
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    return capture(fn).replay
 
 
 def graph_us(fn):

@@ -21,6 +21,8 @@ import torch
 from dmoe_triton import RouterConfig, RoutingPolicy, route
 from dmoe_triton.routing import DEFAULT_LAUNCH, _route_triton
 
+from graphs import capture  # bench/graphs.py (bench/ is on sys.path when run as a script)
+
 CFG = RouterConfig(256, 8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
 REPS = 20
 
@@ -60,16 +62,7 @@ def time_us(fn, graphed):
         fn()
     torch.cuda.synchronize()
     if graphed:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(REPS):
-                fn()
-        run, per = graph.replay, REPS
+        run, per = capture(fn, REPS).replay, REPS
     else:
         run, per = fn, 1
     times = []
