@@ -53,6 +53,7 @@ from tqdm import tqdm
 from dmoe_triton import RouterConfig, RoutingPolicy, route, tasks
 from dmoe_triton.models import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from dmoe_triton.models.llada2 import LLaDA2MoeSparseMoeBlock
+from dmoe_triton.reference import scaled_weights
 
 BLOCK = 32
 TRAIN_TOP_P = 0.6
@@ -152,14 +153,6 @@ def masked_token_loss(logits, targets, masked):
 # The training-only MoE forward
 
 
-def routed_weights(logits, ids, scale: float):
-    """Routing-spec step 3, differentiable: sigmoid(logits) at `ids` (-1 = empty slot, weight
-    0), renormalised over the filled slots, times `scale`."""
-    s = torch.sigmoid(logits)
-    w = s.gather(-1, ids.clamp(min=0).long()) * (ids >= 0)
-    return w / (w.sum(-1, keepdim=True) + 1e-20) * scale
-
-
 def dense_moe_training_forward(mlp, x, router_cfg: RouterConfig, policy: RoutingPolicy,
                                backend: str = "auto"):
     """A LLaDA2 MoE MLP for training: ids from `route` (no grad), differentiable weights, and
@@ -171,7 +164,11 @@ def dense_moe_training_forward(mlp, x, router_cfg: RouterConfig, policy: Routing
         logits = x.float() @ mlp.gate.weight.float().T
         routed = route(logits.detach(), mlp.gate.expert_bias, router_cfg, policy, backend)
         ids = routed.topk_ids
-        w = routed_weights(logits, ids, router_cfg.routed_scaling_factor)
+        # Routing-spec step 3 from the reference, differentiable in the logits; no row is
+        # `bad` here (training logits are finite).
+        no_bad = torch.zeros(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+        w = scaled_weights(torch.sigmoid(logits), ids.long(), no_bad,
+                           router_cfg.routed_scaling_factor)
         combine = torch.zeros(B, L, E, device=x.device).scatter_add(-1, ids.clamp(min=0).long(), w)
     mlp.training_ids = ids  # read by balance_expert_bias
     mlp.last_route = routed  # read by generate's routing statistics
