@@ -48,7 +48,7 @@ from dmoe_triton.models.llada2 import LLaDA2MoeSparseMoeBlock
 from dmoe_triton.moe import DMoEBlock, moe_forward
 from dmoe_triton.routing import route
 
-from graphs import capture  # bench/graphs.py (bench/ is on sys.path when run as a script)
+from graphs import capture, copy_bandwidth  # bench/graphs.py (bench/ is on sys.path as a script)
 
 TOKENS_PER_FORWARD = 2.55  # published average of tokens committed per denoising forward
 BLOCK = 32
@@ -155,25 +155,6 @@ class Unpatched:
 # Bytes
 
 
-def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth, bytes read + written per second (median of 20)."""
-    if device.type != "cuda":
-        return float("nan")
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(23):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        if i >= 3:
-            times.append(a.elapsed_time(b) / 1e3)
-    del src, dst
-    return 2 * nbytes / statistics.median(times)
-
-
 def expert_bytes(model) -> int:
     block = next(m for m in model.modules() if isinstance(m, DMoEBlock))
     return (block.w_gate_up[0].numel() + block.w_down[0].numel()) * block.w_gate_up.element_size()
@@ -183,7 +164,8 @@ def non_expert_bytes(model, batch: int) -> int:
     """Weights a forward reads besides routed experts (embedding: only the block's rows)."""
     total = 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.endswith(("w_gate_up", "w_down")) or "word_embeddings" in name:
+        # shared_gate_up: the shared experts' gate/up, counted once via their module's views.
+        if name.endswith(("w_gate_up", "w_down", "shared_gate_up")) or "word_embeddings" in name:
             continue
         total += t.numel() * t.element_size()
     emb = model.model.word_embeddings.weight
@@ -222,7 +204,8 @@ def prepare_step(model, batch: int, prefix: int, seed: int = SEED) -> Step:
     c, dev = model.config, model.lm_head.weight.device
     gen = torch.Generator().manual_seed(seed + 1000 * batch + prefix)
     prompt = random_tokens(c, (batch, prefix), gen).to(dev)
-    cache = model.new_cache(batch, prefix)
+    # Spare rows for the block (as decoding's static cache has): attention reads K/V in place.
+    cache = model.new_cache(batch, prefix, scratch=BLOCK)
     with torch.no_grad():
         model(prompt, past_key_values=cache, write_cache=True, return_logits=False,
               block_length=BLOCK)
@@ -314,7 +297,8 @@ def measure_row(model, step: Step, setup: Setup, routing: str, name: str, bandwi
 
 
 expert_bytes_cache = {}
-ASIDE = ("of which", "attention, old way")  # breakdown rows that are not parts of the sum
+# Breakdown rows that are not parts of the sum: a share of the row above, or a comparison.
+ASIDE = ("of which", "attention, old way", "shared expert, unfused")
 
 
 def run_rows(model, setup: Setup, routing: str, bandwidth: float, rows: list, loop_batches):
@@ -387,10 +371,10 @@ def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str) ->
         "router GEMM (fp32) + route": (
             lambda: route(h_in.float() @ block.gate_weight.T, block.expert_bias,
                           block.router_cfg, block.policy, block.backend), n_moe),
-        "routed experts (moe_forward)": (
+        "routed + shared experts (moe_forward)": (
             lambda: moe_forward(h_in.reshape(B * L, H), ids, w, block.w_gate_up, block.w_down,
-                                check_ids=False), n_moe),
-        "shared expert": (lambda: block.shared_expert(h_in), n_moe),
+                                check_ids=False, shared=block.shared_weights()), n_moe),
+        "shared expert, unfused (comparison)": (lambda: block.shared_expert(h_in), n_moe),
         "dense MLP (layer 0)": (lambda: layer0(h_in), 1),
         "final norm + lm_head (+ fp32 logits)": (
             lambda: model.lm_head(model.model.norm(hidden_final)).float(), 1),
@@ -538,8 +522,8 @@ def write_report(path_md, setup, args, bandwidth, calib, rows, parts, gens, devi
             total = sum(t for label, _, _, t in p["parts"] if not label.startswith(ASIDE))
             lines += [f"Calibrated, {p['policy']}, {p['batch']} sequence(s), prefix {p['prefix']}: "
                       f"whole forward {p['whole_ms']:.3f} ms, sum of parts {total:.3f} ms "
-                      "(rows starting 'of which' or 'attention, old way' are not in the "
-                      "sum: a share of the row above, a comparison).", "",
+                      "(rows starting 'of which', 'attention, old way' or 'shared expert, "
+                      "unfused' are not in the sum: a share of the row above, comparisons).", "",
                       "| part | ms once | x | ms per forward |", "|---|---|---|---|"]
             lines += [f"| {label} | {ms:.4f} | {n} | {t:.3f} |" for label, ms, n, t in p["parts"]]
             lines.append("")
@@ -656,13 +640,14 @@ def main(argv=None):
     if args.quick:
         loop_batches = setup.batches[:1]  # its 16-sequence row alone takes ~6 s
     if args.part in ("all", "a"):
-        # Calibrate on the benchmark's own step: 16 (smoke: 2) sequences, first prefix, token
-        # routing; the prefix is prefilled again at each strength (its states depend on it).
-        big, prefix = setup.batches[-1], setup.prefixes[0]
+        # Calibrate on the targets' own step: ONE sequence at the first prefix, token routing
+        # (the prefix is prefilled again at each strength: its states depend on it). The
+        # 16-sequence rows keep that router, whatever their blocks then touch.
+        one, prefix = setup.batches[0], setup.prefixes[0]
         set_policy(model, RoutingPolicy.token())
 
         def forward():
-            step = prepare_step(model, big, prefix)
+            step = prepare_step(model, one, prefix)
             with torch.no_grad():
                 step_fn(model, step)()
 

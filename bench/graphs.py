@@ -1,4 +1,7 @@
-"""CUDA-graph capture shared by the benchmarks (run as `python bench/<script>.py`)."""
+"""Helpers shared by the benchmarks (run as `python bench/<script>.py`): CUDA-graph capture and
+the copy bandwidth that every byte floor divides by."""
+import statistics
+
 import torch
 
 
@@ -16,3 +19,22 @@ def capture(fn, reps: int = 1, warmup: int = 1) -> torch.cuda.CUDAGraph:
         for _ in range(reps):
             fn()
     return graph
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second (median of 20)."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(23):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        if i >= 3:
+            times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    return 2 * nbytes / statistics.median(times)

@@ -1,0 +1,93 @@
+"""Where a denoising forward's GPU time goes, kernel by kernel (H100; a diagnosis tool).
+
+Builds the LLaDA2.0-mini config with `--layers` layers (default 4: layer 0 dense + 3 MoE layers;
+every layer has the full width, so per-layer kernel times are those of the full model) and random
+bf16 weights, prefills a cache of `--prefix` tokens, then for token routing and dMoE p=0.6:
+profiles a few eager forwards (torch.profiler, CUDA kernel durations) and times the same forward
+replayed from a CUDA graph. Prints, per policy, each kernel's total time per forward, its count,
+and the graphed forward's time against the sum of its kernels (the rest: gaps between kernels).
+
+    python bench/profile_e2e.py --layers 4 --prefix 512 --batch 1
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from dmoe_triton import RoutingPolicy, patch_model, set_policy
+from dmoe_triton.models import LLaDA2MoeConfig
+
+from bench_e2e import build_model, prepare_step, step_fn, time_ms
+from graphs import capture
+
+
+def op_table(fn, forwards: int, rows: int) -> str:
+    """The aten ops (with input shapes) that launched the most GPU time per forward."""
+    with torch.no_grad():
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                     record_shapes=True) as prof:
+            for _ in range(forwards):
+                fn()
+            torch.cuda.synchronize()
+    return prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_device_time_total", row_limit=rows, max_name_column_width=40,
+        max_shapes_column_width=70)
+
+
+def kernel_times(fn, forwards: int) -> dict:
+    """{kernel name: (us per forward, launches per forward)} over `forwards` eager calls."""
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(forwards):
+                fn()
+            torch.cuda.synchronize()
+    totals = collections.defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            t = totals[e.name[:90]]
+            t[0] += e.device_time / forwards
+            t[1] += 1 / forwards
+    return dict(totals)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--prefix", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--top", type=int, default=30)
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    config = LLaDA2MoeConfig(num_hidden_layers=args.layers)
+    model = build_model(config, dev)
+    patch_model(model, RoutingPolicy.token())
+    step = prepare_step(model, args.batch, args.prefix)
+    fn = step_fn(model, step)
+    for name, policy in (("token", RoutingPolicy.token()), ("dmoe p=0.6", RoutingPolicy.dmoe(0.6, 16))):
+        set_policy(model, policy)
+        times = kernel_times(fn, 5)
+        with torch.no_grad():
+            graph = capture(fn, 1, warmup=2)
+            graphed = time_ms(lambda: [graph.replay() for _ in range(50)], 50, 5, dev)
+        kernels_us = sum(t for t, _ in times.values())
+        launches = sum(n for _, n in times.values())
+        print(f"\n## {name}: {args.layers} layers, batch {args.batch}, prefix {args.prefix}")
+        print(f"graphed forward {graphed * 1e3:.1f} us; kernels {kernels_us:.1f} us in "
+              f"{launches:.0f} launches; gaps {graphed * 1e3 - kernels_us:.1f} us")
+        print("| us/forward | launches | kernel |\n|---|---|---|")
+        for k, (t, n) in sorted(times.items(), key=lambda kv: -kv[1][0])[: args.top]:
+            print(f"| {t:.1f} | {n:.0f} | {k} |")
+        del graph
+        if name == "token":
+            print(op_table(fn, 5, 30))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
