@@ -8,7 +8,7 @@ graph holding REPS calls). Prints a table and writes bench/results/routing.md.
 
     python bench/bench_routing.py [--sweep] [--out bench/results/routing.md]
 
---sweep first times launch shapes of the kernel (rows per program or chunk, warps, rank chunk)
+--sweep first times launch shapes of the kernel (rows per program or chunk, warps)
 on one block, checks each against the reference, and uses the fastest for the table.
 """
 import argparse
@@ -87,8 +87,8 @@ def check_same(a, b):
 
 def sweep(logits, bias):
     """Fastest launch shape for one block, per policy family; prints the timings."""
-    block_variants = [dict(vote_rows=vr, coreset_warps=w, rank_chunk=rc)
-                      for vr in (16, 32) for w in (4, 8, 16) for rc in (32, 128)]
+    block_variants = [dict(vote_rows=vr, coreset_warps=w) for vr in (8, 16, 32)
+                      for w in (2, 4, 8, 16)]
     token_variants = [dict(route_rows=rr, route_warps=w) for rr in (1, 2, 4) for w in (1, 2, 4)]
     best = {}
     # Route shapes first (token policy: route_kernel alone), then coreset shapes with them.

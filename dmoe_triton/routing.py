@@ -101,7 +101,6 @@ class RouteLaunch:
     route_warps: int = 1
     vote_rows: int = 16        # block_coreset_kernel: rows per chunk of the block's votes
     coreset_warps: int = 8
-    rank_chunk: int = 32       # votes ranked against this many rivals at a time
 
 
 DEFAULT_LAUNCH = RouteLaunch()
@@ -123,14 +122,12 @@ def _route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
     coreset = None
     if policy.is_block:
         coreset = torch.empty(S, n_blocks, E, dtype=torch.uint8, device=x.device)
-        votes = torch.empty(S, n_blocks, E, dtype=torch.float32, device=x.device)
-        e_pad = triton.next_power_of_2(E)
         block_coreset_kernel[(S * n_blocks,)](
-            x, expert_bias, coreset, votes, L, n_blocks, bs,
+            x, expert_bias, coreset, L, n_blocks, bs,
             float(policy.top_p), policy.guard, policy.size,
             E=E, VOTE_K=cfg.top_k, POLICY=POLICY_CODE[policy.kind],
-            BLOCK_T=min(launch.vote_rows, triton.next_power_of_2(bs)), E_PAD=e_pad,
-            RANK_CHUNK=min(launch.rank_chunk, e_pad), num_warps=launch.coreset_warps,
+            BLOCK_T=min(launch.vote_rows, triton.next_power_of_2(bs)),
+            E_PAD=triton.next_power_of_2(E), num_warps=launch.coreset_warps,
         )
     rows = min(launch.route_rows, triton.next_power_of_2(bs))
     chunks = triton.cdiv(bs, rows)

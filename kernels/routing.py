@@ -1,8 +1,8 @@
 """Routing: block votes -> top-p coreset, then coreset-masked group-limited top-k.
 
 Two launches per MoE layer for block policies, one for token policies:
-- `block_coreset_kernel`: one program per block of one sequence sums the block's votes, ranks
-  them and writes the block's coreset;
+- `block_coreset_kernel`: one program per block of one sequence sums the block's votes, sorts
+  them (bitonic sort of packed keys, then a scan for top-p) and writes the block's coreset;
 - `route_kernel`: one program per BLOCK_T rows (of one block) routes them inside their block's
   coreset (or among all experts for token policies).
 Splitting lets the per-row picks, the longest chain of dependent reductions, run on many SMs at
@@ -75,11 +75,18 @@ def _load_scores(logits_ptr, bias_ptr, rows, row_ok, col, col_ok, E: tl.constexp
 
 
 @triton.jit
+def _key_value(key):
+    """The fp32 score a key packs (inverse of _ordered; NO_KEY decodes to a finite junk value)."""
+    ordered = (key >> INDEX_BITS).to(tl.int32)
+    return tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def block_coreset_kernel(
-    logits_ptr, bias_ptr, coreset_ptr, votes_ptr,
+    logits_ptr, bias_ptr, coreset_ptr,
     L, n_blocks, block_size, top_p, guard, coreset_size,
     E: tl.constexpr, VOTE_K: tl.constexpr, POLICY: tl.constexpr,  # 1 dmoe, 2 des_vote
-    BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, RANK_CHUNK: tl.constexpr,
+    BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     seq = pid // n_blocks
@@ -100,36 +107,25 @@ def block_coreset_kernel(
             work = tl.where(work == tl.max(work, axis=1)[:, None], NO_KEY, work)
         # Struck-out real slots are the picks; a -inf pick casts no vote.
         votes += tl.sum(tl.where((work != keys) & (r > NEG_INF), r, 0.0), axis=0)
-    votes = votes / (tl.sum(votes, axis=0) + 1e-20)
-    vrow = votes_ptr + pid * E
-    tl.store(vrow + e, votes, mask=e_ok)
-    tl.debug_barrier()
+    votes = votes / (tl.sum(votes, axis=0) + 1e-20) + 0.0  # + 0.0: -0.0 keys like +0.0
 
-    # --- rank the votes (desc, ties to the lower index) and take the coreset ----------------
-    v = tl.load(vrow + e, mask=e_ok, other=0.0)
-    vkey = tl.where(e_ok, _key(v, e), NO_KEY)
-    rank = tl.zeros([E_PAD], dtype=tl.int32)
-    mass_before = tl.zeros([E_PAD], dtype=tl.float32)
-    for c0 in tl.static_range(0, E_PAD, RANK_CHUNK):
-        ec = c0 + tl.arange(0, RANK_CHUNK)
-        vc = tl.load(vrow + ec, mask=ec < E, other=0.0)
-        ckey = tl.where(ec < E, _key(vc, ec), NO_KEY)
-        ahead = ckey[:, None] > vkey[None, :]
-        rank += tl.sum(ahead.to(tl.int32), axis=0)
-        mass_before += tl.sum(tl.where(ahead, vc[:, None], 0.0), axis=0)
+    # --- sort the votes (desc, ties to the lower index: the keys are unique) ----------------
+    # A bitonic sort of the packed keys, then a scan: O(E log^2 E) steps instead of ranking
+    # every vote against every other one, and the index travels inside the key.
+    ranked = tl.sort(tl.where(e_ok, _key(votes, e), NO_KEY), descending=True)
+    expert = _key_index(ranked)  # expert at sorted position `e`
     if POLICY == 1:
-        cumulative = mass_before + v  # mass of e and every expert ranked ahead of it
+        cumulative = tl.cumsum(tl.where(e_ok, _key_value(ranked), 0.0), 0)
         # top_p = 1 keeps every expert, as exact arithmetic would (reference.block_coreset).
-        within = (cumulative <= top_p) | (top_p >= 1.0)
-        past = (~within) & e_ok
-        first_past = tl.min(tl.where(past, rank, E_PAD), axis=0)
-        keep = within | (rank == first_past) | (rank == 0)
-        keep = keep & e_ok
+        within = ((cumulative <= top_p) | (top_p >= 1.0)) & e_ok
+        first_past = tl.min(tl.where(e_ok & ~within, e, E_PAD), axis=0)
+        keep = (within | (e == first_past) | (e == 0)) & e_ok
         n_kept = tl.sum(keep.to(tl.int32), axis=0)
-        keep = tl.where(n_kept < guard, rank < guard, keep)
+        keep = tl.where(n_kept < guard, e < guard, keep)
     else:
-        keep = rank < coreset_size
-    tl.store(coreset_ptr + pid * E + e, keep.to(tl.uint8), mask=e_ok)
+        keep = e < coreset_size
+    # Scatter back to expert order: each real position names a distinct expert.
+    tl.store(coreset_ptr + pid * E + expert, keep.to(tl.uint8), mask=e_ok)
 
 
 @triton.jit
