@@ -1,20 +1,26 @@
-"""`attention_prep`: q/k RMSNorm + partial RoPE + the q/k/v layout of LLaDA2 attention in one launch.
+"""LLaDA2 attention in two launches: `attention_prep` and `block_attention`.
 
-Why: in a decoding step (one 32-token block, CUDA graph) the attention's cost is the ~25 small
+`attention_prep`: q/k RMSNorm + partial RoPE + the q/k/v layout in one launch. Why: in a decoding step (one 32-token block, CUDA graph) the attention's cost is the ~25 small
 kernels around the SDPA (split, transpose, two RMSNorms, ~10 kernels of RoPE per tensor, the
 copy of k/v into the cache), each 2-4 us, not its bytes. kernels/attention_prep.py does all of
 them in one launch and writes k/v straight into their destination (a static cache's spare rows).
 The reference (reference.attention_prep_reference) is the model's eager torch path.
+
+`block_attention`: the block's queries against the cache and themselves with the additive
+block-causal mask (kernels/block_attention.py), written in the layout the dense projection
+reads. Reference: reference.block_attention_reference (fp32 math); the model's CPU path is SDPA.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 
 from .kernels.attention_prep import attention_prep_kernel
-from .reference import attention_prep_reference
+from .kernels.block_attention import block_attention_kernel
+from .reference import attention_prep_reference, block_attention_reference
 from .routing import resolve_backend
 
 
@@ -93,6 +99,90 @@ def attention_prep(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Te
         qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(1),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         NH=num_heads, NKV=num_kv_heads, HD=hd, RD=cos.shape[-1],
-        BLOCK_D=triton.next_power_of_2(hd), num_warps=1 if hd <= 128 else 2,
+        BLOCK_D=max(16, triton.next_power_of_2(hd)), num_warps=1 if hd <= 128 else 2,
     )
     return q, k, v
+
+
+@dataclass(frozen=True)
+class AttentionLaunch:
+    """Launch shape of block_attention_kernel (bench/bench_attention.py --sweep times variants)."""
+
+    block_m: int = 16    # stacked query rows per program
+    block_n: int = 128   # keys per step
+    warps: int = 4
+    stages: int = 3
+
+
+# The fastest shapes of `bench_attention.py --sweep` on an H100 (prefix 512): with few
+# sequences, small row tiles give enough programs (4 KV heads x 8 per sequence), each walking
+# keys in long steps; with many, larger row tiles read each K/V tile for more rows.
+FEW_SEQUENCES = AttentionLaunch(block_m=16, block_n=128, warps=4, stages=3)   # 8.7 us at 1
+MANY_SEQUENCES = AttentionLaunch(block_m=64, block_n=64, warps=4, stages=3)   # 11.6 us at 16
+MANY_FROM = 8  # sequences
+
+
+def default_launch(batch: int) -> AttentionLaunch:
+    return FEW_SEQUENCES if batch < MANY_FROM else MANY_SEQUENCES
+
+
+def check_attention_inputs(q, keys, values, mask) -> None:
+    for name, t in (("q", q), ("keys", keys), ("values", values), ("mask", mask)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.device != q.device:
+            raise TypeError(f"{name} must be on {q.device}, got {t.device}")
+        if t.dim() != 4 or t.stride(-1) != 1:
+            raise ValueError(f"{name} must be 4-d with unit stride along the last dim, got shape "
+                             f"{tuple(t.shape)} strides {t.stride()}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    B, nh, l, hd = q.shape
+    if keys.dtype != q.dtype or values.dtype != q.dtype:
+        raise TypeError(f"keys and values must have q's dtype {q.dtype}, got {keys.dtype}, "
+                        f"{values.dtype}")
+    nkv, n = keys.shape[1], keys.shape[2]
+    if keys.shape[0] != B or keys.shape[3] != hd or nkv < 1 or nh % nkv:
+        raise ValueError(f"keys must have shape [{B}, nkv, n, {hd}] with nkv dividing "
+                         f"num_heads={nh}, got {tuple(keys.shape)}")
+    if values.shape != keys.shape:
+        raise ValueError(f"values must have keys' shape {tuple(keys.shape)}, got "
+                         f"{tuple(values.shape)}")
+    want = (B, 1, (nh // nkv) * l, n)
+    if tuple(mask.shape) != want:
+        raise ValueError(f"mask must have shape {list(want)} (additive; query heads stacked per "
+                         f"KV head, see llada2.block_causal_mask), got {tuple(mask.shape)}")
+    if mask.dtype not in (q.dtype, torch.float32):
+        raise TypeError(f"mask must be additive in q's dtype {q.dtype} or float32, got {mask.dtype}")
+
+
+def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                    scale: float, backend: str = "auto",
+                    launch: Optional[AttentionLaunch] = None) -> torch.Tensor:
+    """q [B, nh, l, hd], keys/values [B, nkv, n, hd] (any strides, unit along hd), additive mask
+    [B, 1, (nh / nkv) * l, n] with the query heads stacked per KV head -> [B, l, nh * hd] in q's
+    dtype: softmax(q k^T * scale + mask) v per head, head h reading KV head h // (nh / nkv).
+
+    backend: "triton" (one launch), "reference" (fp32 math), "auto" (triton on CUDA).
+    launch: the kernel's tile shape (default: default_launch(B)).
+    """
+    check_attention_inputs(q, keys, values, mask)
+    if resolve_backend(backend, q.device) == "reference":
+        return block_attention_reference(q, keys, values, mask, scale)
+    B, nh, l, hd = q.shape
+    nkv, n = keys.shape[1], keys.shape[2]
+    group = nh // nkv
+    out = torch.empty(B, l, nh, hd, dtype=q.dtype, device=q.device)
+    c = launch or default_launch(B)
+    block_attention_kernel[(B * nkv, triton.cdiv(group * l, c.block_m))](
+        q, q.stride(0), q.stride(1), q.stride(2),
+        keys, values, keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2),
+        mask, mask.stride(0), mask.stride(2),
+        out, out.stride(0), out.stride(1), out.stride(2),
+        l, n, float(scale), NKV=nkv, GROUP=group, HD=hd, BLOCK_D=max(16, triton.next_power_of_2(hd)),
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=c.warps, num_stages=c.stages,
+    )
+    return out.view(B, l, nh * hd)

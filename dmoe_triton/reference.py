@@ -137,18 +137,24 @@ def route_reference(logits: torch.Tensor, expert_bias: torch.Tensor, cfg: Router
 # ---------------------------------------------------------------------------------------------
 
 def moe_forward_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                          w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+                          w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                          shared=None) -> torch.Tensor:
     """The routed experts of one MoE layer: y[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t]).
 
     expert_e(x) = down_e(silu(gate_e(x)) * up_e(x)) with w_gate_up [E, 2I, H] (gate rows, then up
     rows) and w_down [E, H, I]. A slot whose id is outside [0, E) (-1 = empty) contributes nothing.
-    Computes in fp32 (float64 if given float64), returns hidden's dtype.
+    shared: optional (gate_up [2I, H], down [H, I]) of a shared expert, added with weight 1 for
+    every token in the same sum. Computes in fp32 (float64 if given float64), returns hidden's
+    dtype (one rounding at the end).
     """
     acc = torch.promote_types(hidden.dtype, torch.float32)
     x = hidden.to(acc)
     E, two_i, _ = w_gate_up.shape
     inter = two_i // 2
     y = torch.zeros_like(x)
+    if shared is not None:
+        gate_up = x @ shared[0].to(acc).T
+        y += (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ shared[1].to(acc).T
     for e in range(E):
         tokens, slots = torch.nonzero(topk_ids == e, as_tuple=True)
         if tokens.numel() == 0:
@@ -197,3 +203,18 @@ def attention_prep_reference(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight
     q = apply_rope(rms_norm(q, q_weight, eps), cos, sin)
     k = apply_rope(rms_norm(k, k_weight, eps), cos, sin)
     return q, k, v
+
+
+def block_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                              mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v in fp32, GQA with the query heads stacked per KV head.
+
+    q [B, nh, l, hd], keys/values [B, nkv, n, hd], mask [B, 1, (nh / nkv) * l, n] additive
+    (row g * l + i: query i of head kv * (nh / nkv) + g) -> [B, l, nh * hd] in q's dtype.
+    """
+    B, nh, l, hd = q.shape
+    nkv = keys.shape[1]
+    stacked = q.float().reshape(B, nkv, (nh // nkv) * l, hd)
+    s = stacked @ keys.float().transpose(-1, -2) * scale + mask.float()
+    out = torch.softmax(s, dim=-1) @ values.float()
+    return out.reshape(B, nh, l, hd).transpose(1, 2).reshape(B, l, nh * hd).to(q.dtype)

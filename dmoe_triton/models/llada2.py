@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from ..attention import attention_prep
+from ..attention import attention_prep, block_attention
 from ..reference import apply_rope, rms_norm, rotate_half  # noqa: F401 (rotate_half: public name)
 from ..routing import RouteResult
 
@@ -315,8 +315,13 @@ class LLaDA2MoeAttention(nn.Module):
             keys, values = cache.with_current(self.layer_idx, k, v)
         if write_cache:
             cache.write(self.layer_idx, k, v)
-        out = grouped_query_attention(q, keys, values, mask, self.hd ** -0.5)
-        return self.dense(out.transpose(1, 2).reshape(B, L, self.nh * self.hd))
+        if q.is_cuda and not (torch.is_grad_enabled() and q.requires_grad):
+            # One launch, output already in the dense projection's layout (no transpose copy).
+            out = block_attention(q, keys, values, mask, self.hd ** -0.5)
+        else:  # CPU, and training (the kernel has no backward): SDPA
+            out = grouped_query_attention(q, keys, values, mask, self.hd ** -0.5)
+            out = out.transpose(1, 2).reshape(B, L, self.nh * self.hd)
+        return self.dense(out)
 
 
 def grouped_query_attention(q, keys, values, mask, scale):
