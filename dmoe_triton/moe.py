@@ -85,10 +85,26 @@ def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
         )
 
 
+def check_shared(shared, w_gate_up, w_down) -> None:
+    if not (isinstance(shared, (tuple, list)) and len(shared) == 2
+            and all(isinstance(t, torch.Tensor) for t in shared)):
+        raise TypeError("shared must be None or a pair of tensors (gate_up [2I, H], down [H, I])")
+    gate_up, down = shared
+    for name, t, like in (("shared[0] (gate_up)", gate_up, w_gate_up[0]),
+                          ("shared[1] (down)", down, w_down[0])):
+        if t.shape != like.shape or t.stride() != like.stride():
+            raise ValueError(f"{name} must have the routed experts' per-expert shape "
+                             f"{_shape(like)} and strides {like.stride()}, got {_shape(t)} "
+                             f"strides {t.stride()}")
+        if t.dtype != like.dtype or t.device != like.device:
+            raise TypeError(f"{name} must be {like.dtype} on {like.device}, got {t.dtype} on "
+                            f"{t.device}")
+
+
 def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 w_gate_up: torch.Tensor, w_down: torch.Tensor, backend: str = "auto",
                 check_ids: Optional[bool] = None,
-                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                out: Optional[torch.Tensor] = None, shared=None) -> torch.Tensor:
     """Routed experts of one MoE layer: y[t] = sum_j w[t, j] * down(silu(gate(x)) * up(x)).
 
     hidden [T, H] (fp32/fp16/bf16); topk_ids [T, k] int32/int64, -1 = empty slot; topk_weights
@@ -101,8 +117,13 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     never read out of bounds.
     out: optional [T, H] tensor of hidden's dtype and device with unit stride along H, written
     in place and returned (a fixed buffer for CUDA graphs).
+    shared: optional (gate_up [2I, H], down [H, I]) of a shared expert with the routed experts'
+    per-expert strides: every token adds it with weight 1, inside the same fp32 sum (on the
+    decode path, one more expert of the same two launches instead of three more kernels).
     """
     check_moe_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down)
+    if shared is not None:
+        check_shared(shared, w_gate_up, w_down)
     if out is not None:
         check_out(out, hidden)
     backend = resolve_backend(backend, hidden.device)
@@ -114,9 +135,10 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
                              "under CUDA-graph capture")
         check_ids_in_range(topk_ids, w_gate_up.shape[0])
     if backend == "reference":
-        y = moe_forward_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down)
+        y = moe_forward_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, shared)
         return y if out is None else out.copy_(y)
-    return moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=out)
+    return moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=out,
+                              shared=shared)
 
 
 @dataclass(frozen=True)
@@ -298,28 +320,34 @@ def _down_arrivals(H, device, config: DecodeConfig):
     return torch.empty(triton.cdiv(H, config.block_h), dtype=torch.int32, device=device)
 
 
-def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig):
-    """act [T*k, I] in hidden's dtype for the filled slots; also zeroes `arrivals` (if any)."""
+def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, shared_gate_up=None):
+    """act [T*k (+ T with a shared expert), I] in hidden's dtype for the filled slots (then the
+    shared expert's rows); also zeroes `arrivals` (if any)."""
     from .kernels.moe_matmul import moe_gate_up_decode_kernel
 
     T, H = hidden.shape
     k = ids.shape[1]
     E, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
-    act = torch.empty(T * k, inter, dtype=hidden.dtype, device=hidden.device)
+    has_shared = shared_gate_up is not None
+    act = torch.empty(T * k + T * has_shared, inter, dtype=hidden.dtype, device=hidden.device)
     c = config
-    grid = _persistent_grid(hidden.device, c, min(E, T * k) * triton.cdiv(inter, c.block_i))
+    experts = min(E, T * k) + has_shared
+    grid = _persistent_grid(hidden.device, c, experts * triton.cdiv(inter, c.block_i))
     counters = (ids, 0) if arrivals is None else (arrivals, arrivals.numel())  # ids: unused
     moe_gate_up_decode_kernel[grid](
         hidden, hidden.stride(0), hidden.stride(1), w_gate_up, *w_gate_up.stride(),
-        act, act.stride(0), ids, *counters, T, H, inter, E, k, BLOCK_I=c.block_i,
-        BLOCK_K=c.k_gate_up, num_warps=c.warps_gate_up,
-        num_stages=_stages(c.stages_gate_up, hidden.dtype), **_decode_pads(T, k, E, hidden.dtype))
+        act, act.stride(0), ids, *counters, shared_gate_up if has_shared else w_gate_up,
+        T, H, inter, E, k, BLOCK_I=c.block_i, BLOCK_K=c.k_gate_up, num_warps=c.warps_gate_up,
+        num_stages=_stages(c.stages_gate_up, hidden.dtype), HAS_SHARED=has_shared,
+        **_decode_pads(T, k, E, hidden.dtype))
     return act
 
 
-def decode_down_combine(act, ids, weights, w_down, out, arrivals, config: DecodeConfig):
-    """out = sum over slots of weight * act W_down^T; `arrivals` must hold zeros (or be None
-    with one split): decode_gate_up zeroes them, and the launch leaves them zeroed."""
+def decode_down_combine(act, ids, weights, w_down, out, arrivals, config: DecodeConfig,
+                        shared_down=None):
+    """out = sum over slots of weight * act W_down^T (+ the shared expert's rows of act times
+    shared_down^T); `arrivals` must hold zeros (or be None with one split): decode_gate_up
+    zeroes them, and the launch leaves them zeroed."""
     from .kernels.moe_matmul import moe_down_combine_decode_kernel
 
     T, H = out.shape
@@ -332,45 +360,65 @@ def decode_down_combine(act, ids, weights, w_down, out, arrivals, config: Decode
         partial = torch.empty(c.down_splits, T, H, dtype=torch.float32, device=out.device)
     moe_down_combine_decode_kernel[(triton.cdiv(H, c.block_h), c.down_splits)](
         act, act.stride(0), w_down, *w_down.stride(), ids, weights, out, out.stride(0),
-        partial, arrivals, T, H, inter, E, k, BLOCK_H=c.block_h, BLOCK_K=c.k_down,
-        EXPERT_SPLITS=c.down_splits, num_warps=c.warps_down,
+        partial, arrivals, w_down if shared_down is None else shared_down, T, H, inter, E, k,
+        BLOCK_H=c.block_h, BLOCK_K=c.k_down, EXPERT_SPLITS=c.down_splits,
+        HAS_SHARED=shared_down is not None, num_warps=c.warps_down,
         num_stages=_stages(c.stages_down, act.dtype), **_decode_pads(T, k, E, act.dtype))
     return out
 
 
-def decode_forward(hidden, ids, weights, w_gate_up, w_down, out, config: DecodeConfig):
-    """Two launches: gate/up into act [T*k, I], then down + weighted sum straight into out."""
+def decode_forward(hidden, ids, weights, w_gate_up, w_down, out, config: DecodeConfig,
+                   shared=None):
+    """Two launches: gate/up into act [T*k (+T), I], then down + weighted sum straight into out
+    (the shared expert, if any, as one more expert that every token uses with weight 1)."""
+    shared_gate_up, shared_down = shared if shared is not None else (None, None)
     arrivals = _down_arrivals(hidden.shape[1], hidden.device, config)
-    act = decode_gate_up(hidden, ids, w_gate_up, arrivals, config)
-    return decode_down_combine(act, ids, weights, w_down, out, arrivals, config)
+    act = decode_gate_up(hidden, ids, w_gate_up, arrivals, config, shared_gate_up)
+    return decode_down_combine(act, ids, weights, w_down, out, arrivals, config, shared_down)
 
 
-def grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, config: GroupedConfig):
-    """Four launches: align, gate/up, down into per-slot partials, combine."""
+def grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, config: GroupedConfig,
+                    shared=None):
+    """Four launches: align, gate/up, down into per-slot partials, combine; a shared expert (many
+    tokens: prefill, not the decoding step) runs as torch GEMMs and is added after, in fp32."""
     E = w_gate_up.shape[0]
     lists = align_slots(ids.view(-1), E)
     act = expert_gate_up(hidden, w_gate_up, lists, ids.shape[1], config)
     partial = expert_down(act, w_down, lists, config)
-    return combine_slots(partial, ids, weights, out, E)
+    out = combine_slots(partial, ids, weights, out, E)
+    if shared is not None:
+        out.copy_(out.float() + shared_expert_fp32(hidden, *shared))
+    return out
+
+
+def shared_expert_fp32(hidden, shared_gate_up, shared_down):
+    """down(silu(gate(x)) * up(x)) with fp32 products and activation (the kernels' numerics)."""
+    inter = shared_gate_up.shape[0] // 2
+    gate_up = hidden.float() @ shared_gate_up.float().T
+    act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    return act.to(hidden.dtype).float() @ shared_down.float().T
 
 
 def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=None,
                        path: str = "auto", decode: DecodeConfig = DEFAULT_DECODE,
-                       grouped: GroupedConfig = DEFAULT_GROUPED) -> torch.Tensor:
+                       grouped: GroupedConfig = DEFAULT_GROUPED, shared=None) -> torch.Tensor:
     """The Triton path of `moe_forward` (inputs already checked).
 
     path "auto" takes the decode path for T <= DECODE_MAX_TOKENS, else the grouped one.
     """
     T, k = topk_ids.shape
     out = torch.empty_like(hidden) if out is None else out
-    if T == 0 or k == 0:
-        return out.zero_()
+    if T == 0:
+        return out
+    if k == 0:
+        out.zero_()
+        return out if shared is None else out.copy_(shared_expert_fp32(hidden, *shared))
     ids, weights = topk_ids.contiguous(), topk_weights.contiguous()
     if path == "auto":
         path = "decode" if T <= DECODE_MAX_TOKENS else "grouped"
     if path == "decode":
-        return decode_forward(hidden, ids, weights, w_gate_up, w_down, out, decode)
-    return grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, grouped)
+        return decode_forward(hidden, ids, weights, w_gate_up, w_down, out, decode, shared)
+    return grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, grouped, shared)
 
 
 def _required(obj, path: str):
@@ -414,7 +462,36 @@ class DMoEBlock(torch.nn.Module):
         self.w_gate_up = torch.nn.Parameter(w_gate_up.detach(), requires_grad=False)
         self.w_down = torch.nn.Parameter(w_down.detach(), requires_grad=False)
         self.shared_expert = shared_expert
+        self.register_buffer("shared_gate_up", self._stack_shared(shared_expert), persistent=False)
         self.last_route = None
+
+    def _stack_shared(self, mlp) -> Optional[torch.Tensor]:
+        """The shared expert's gate|up rows stacked like a routed expert's, with the module's
+        gate/up weights turned into views of them (no second copy), so moe_forward runs it as
+        one more expert of its launches; None (module called apart) if its shape differs."""
+        gate = getattr(getattr(mlp, "gate_proj", None), "weight", None)
+        up = getattr(getattr(mlp, "up_proj", None), "weight", None)
+        down = getattr(getattr(mlp, "down_proj", None), "weight", None)
+        like_gu, like_d = self.w_gate_up[0], self.w_down[0]
+        if any(t is None for t in (gate, up, down)) or any(
+                getattr(getattr(mlp, n), "bias", None) is not None
+                for n in ("gate_proj", "up_proj", "down_proj")):
+            return None
+        if (gate.shape[0] * 2, gate.shape[1]) != like_gu.shape or up.shape != gate.shape \
+                or down.shape != like_d.shape or down.stride() != like_d.stride() \
+                or gate.dtype != like_gu.dtype:
+            return None
+        stacked = torch.cat((gate.detach(), up.detach()), 0)
+        inter = gate.shape[0]
+        mlp.gate_proj.weight = torch.nn.Parameter(stacked[:inter], requires_grad=False)
+        mlp.up_proj.weight = torch.nn.Parameter(stacked[inter:], requires_grad=False)
+        return stacked
+
+    def shared_weights(self):
+        """(gate_up, down) for moe_forward's `shared`, or None when not stacked."""
+        if self.shared_gate_up is None:
+            return None
+        return self.shared_gate_up, self.shared_expert.down_proj.weight
 
     @classmethod
     def from_official(cls, mlp: torch.nn.Module, config, policy: RoutingPolicy,
@@ -470,10 +547,11 @@ class DMoEBlock(torch.nn.Module):
         r = route(logits, self.expert_bias, self.router_cfg, self.policy, self.backend)
         self.last_route = r
         k = r.topk_ids.shape[-1]
+        shared = self.shared_weights()
         y = moe_forward(hidden.reshape(B * L, H), r.topk_ids.reshape(B * L, k),
                         r.topk_weights.reshape(B * L, k), self.w_gate_up, self.w_down,
-                        backend=self.backend, check_ids=False).view(B, L, H)
-        if self.shared_expert is not None:
+                        backend=self.backend, check_ids=False, shared=shared).view(B, L, H)
+        if self.shared_expert is not None and shared is None:
             y = y + self.shared_expert(hidden)
         return y
 

@@ -201,11 +201,15 @@ def _expert_rows(token_ids, expert, TOPK, T_PAD: tl.constexpr, K_PAD: tl.constex
 def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
                               w_ptr, stride_we, stride_wn, stride_wk,
                               act_ptr, stride_as, ids_ptr, arrivals_ptr, n_arrivals,
-                              T, H, I, E, TOPK,
+                              shared_ptr, T, H, I, E, TOPK,
                               T_PAD: tl.constexpr, K_PAD: tl.constexpr, S_PAD: tl.constexpr,
                               NUM_BINS: tl.constexpr, BLOCK_I: tl.constexpr,
-                              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                              HAS_SHARED: tl.constexpr):
     """act[slot] = silu(x W_gate^T) * (x W_up^T); work item = (used expert, BLOCK_I columns).
+
+    With HAS_SHARED, the shared expert (gate|up rows at shared_ptr, the routed experts' strides)
+    is one more expert after the used ones, used by every token: its act rows are T*TOPK + t.
 
     Also zeroes the `n_arrivals` arrival counters of the down launch that follows (its split
     programs count themselves there), which saves a memset launch.
@@ -216,13 +220,20 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
     token_ids, _ = _token_ids(ids_ptr, T, TOPK, T_PAD, K_PAD)
     t = tl.arange(0, T_PAD)
     n_splits = tl.cdiv(I, BLOCK_I)
-    n_items = tl.sum(used.to(tl.int32), 0) * n_splits
+    n_used = tl.sum(used.to(tl.int32), 0)
+    n_items = (n_used + HAS_SHARED) * n_splits
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
-        expert = _nth_used_expert(used, rank, item // n_splits, NUM_BINS)
+        u = item // n_splits
+        expert = _nth_used_expert(used, rank, u, NUM_BINS)
         _, uses, slot = _expert_rows(token_ids, expert, TOPK, T_PAD, K_PAD)
         offs_i = (item % n_splits) * BLOCK_I + tl.arange(0, BLOCK_I)
         i_ok = offs_i < I
         w_gate = w_ptr + expert.to(tl.int64) * stride_we + offs_i[None, :] * stride_wn
+        if HAS_SHARED:
+            shared = u == n_used
+            uses = tl.where(shared, t < T, uses)
+            slot = tl.where(shared, (T * TOPK + t).to(tl.int64), slot)
+            w_gate = tl.where(shared, shared_ptr + offs_i[None, :] * stride_wn, w_gate)
         w_up = w_gate + I * stride_wn
         # Every token row is in the tile; those that do not use the expert are masked.
         act = _silu_gate_up(x_ptr + t[:, None] * stride_xt, uses, stride_xh, w_gate, w_up,
@@ -234,11 +245,12 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
 @triton.jit
 def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi,
                                    ids_ptr, weights_ptr, out_ptr, stride_ot,
-                                   partial_ptr, arrivals_ptr, T, H, I, E, TOPK,
+                                   partial_ptr, arrivals_ptr, shared_ptr, T, H, I, E, TOPK,
                                    T_PAD: tl.constexpr, K_PAD: tl.constexpr,
                                    S_PAD: tl.constexpr, NUM_BINS: tl.constexpr,
                                    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                                   EXPERT_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+                                   EXPERT_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+                                   HAS_SHARED: tl.constexpr):
     """out[:, BLOCK_H columns] = sum over used experts e of w[:, e] * act_e W_down[e]^T.
 
     Program (h, s) takes BLOCK_H columns of H and the s-th of EXPERT_SPLITS contiguous shares
@@ -260,22 +272,32 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     y = tl.zeros((T_PAD, BLOCK_H), dtype=tl.float32)
     acc = tl.zeros((T_PAD, BLOCK_H), dtype=tl.float32)
     n_used = tl.sum(used.to(tl.int32), 0)
+    n_experts = n_used + HAS_SHARED
     share = tl.program_id(1)
-    for step in range(share * n_used // EXPERT_SPLITS * k_steps,
-                      (share + 1) * n_used // EXPERT_SPLITS * k_steps):
-        expert = _nth_used_expert(used, rank, step // k_steps, NUM_BINS)
+    for step in range(share * n_experts // EXPERT_SPLITS * k_steps,
+                      (share + 1) * n_experts // EXPERT_SPLITS * k_steps):
+        u = step // k_steps
+        expert = _nth_used_expert(used, rank, u, NUM_BINS)
         hit, uses, slot = _expert_rows(token_ids, expert, TOPK, T_PAD, K_PAD)
         offs_k = (step % k_steps) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs_k < I
-        a = tl.load(act_ptr + slot[:, None] * stride_as + offs_k[None, :],
-                    mask=uses[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + expert.to(tl.int64) * stride_we + offs_h[None, :] * stride_wh
-                    + offs_k[:, None] * stride_wi, mask=k_ok[:, None] & h_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        w_tile = w_ptr + expert.to(tl.int64) * stride_we + offs_h[None, :] * stride_wh \
+            + offs_k[:, None] * stride_wi
         # After an expert's last I step: add its rows times the routing weight (a token that
         # lists the expert twice gets both weights; other tokens get 0, even if a weight is NaN).
-        last = (step % k_steps) == k_steps - 1
         weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)
+        if HAS_SHARED:
+            shared = u == n_used
+            uses = tl.where(shared, t < T, uses)
+            slot = tl.where(shared, (T * TOPK + t).to(tl.int64), slot)
+            w_tile = tl.where(shared, shared_ptr + offs_h[None, :] * stride_wh
+                              + offs_k[:, None] * stride_wi, w_tile)
+            weight = tl.where(shared, 1.0, weight)
+        a = tl.load(act_ptr + slot[:, None] * stride_as + offs_k[None, :],
+                    mask=uses[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_tile, mask=k_ok[:, None] & h_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        last = (step % k_steps) == k_steps - 1
         y += tl.where(last, acc * weight[:, None], 0.0)
         acc = tl.where(last, 0.0, acc)
     tile_ok = (t < T)[:, None] & h_ok[None, :]

@@ -39,22 +39,24 @@ def rel_err(y, ref):
     return float((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
 
 
-def oracle(hidden, ids, weights, w_gate_up, w_down):
+def oracle(hidden, ids, weights, w_gate_up, w_down, shared=None):
     """The reference in float64."""
+    shared = None if shared is None else tuple(t.double() for t in shared)
     return moe_forward_reference(hidden.double(), ids, weights.double(), w_gate_up.double(),
-                                 w_down.double())
+                                 w_down.double(), shared)
 
 
 def check_against_reference(hidden, ids, weights, w_gate_up, w_down, tol, path="auto",
-                            decode=DecodeConfig()):
+                            decode=DecodeConfig(), shared=None):
     out = torch.full_like(hidden, float("nan"))
     if path == "auto":
-        y = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton", out=out)
+        y = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton", out=out,
+                        shared=shared)
     else:
         y = moe_forward_triton(hidden, ids, weights, w_gate_up, w_down, out=out, path=path,
-                               decode=decode)
+                               decode=decode, shared=shared)
     assert y.data_ptr() == out.data_ptr() and y.dtype == hidden.dtype
-    ref = oracle(hidden, ids, weights, w_gate_up, w_down)
+    ref = oracle(hidden, ids, weights, w_gate_up, w_down, shared)
     assert torch.isfinite(y).all(), "an output row was left unwritten (NaN poison survived)"
     assert rel_err(y, ref) <= tol, rel_err(y, ref)
 
@@ -88,18 +90,49 @@ def routings(draw):
     path = draw(st.sampled_from(["decode", "grouped"])) if T <= DECODE_MAX_TOKENS else "grouped"
     # The decode path's down launch with its used experts in 1..3 shares (partials + last-arriver sum).
     decode = DecodeConfig(down_splits=draw(st.integers(1, 3)))
-    return T, H, I, E, ids, weights, g, path, decode
+    with_shared = draw(st.booleans())  # a shared expert: one more expert every token uses
+    return T, H, I, E, ids, weights, g, path, decode, with_shared
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @given(case=routings())
 def test_kernel_matches_reference(dtype, case):
-    T, H, I, E, ids, weights, g, path, decode = case
+    T, H, I, E, ids, weights, g, path, decode, with_shared = case
     hidden = torch.randn(T, H, generator=g).to(dtype)
     w_gate_up, w_down = make_layer(E, H, I, dtype, "cpu", g)
     to = dict(device=DEV)
+    shared = None
+    if with_shared:
+        gate_up, down = make_layer(1, H, I, dtype, DEV, g)
+        shared = (gate_up[0], down[0])
     check_against_reference(hidden.to(**to), ids.to(**to), weights.to(**to), w_gate_up.to(**to),
-                            w_down.to(**to), TOL[dtype], path, decode)
+                            w_down.to(**to), TOL[dtype], path, decode, shared)
+
+
+@pytest.mark.parametrize("path", ["decode", "grouped"])
+def test_shared_expert_alone_when_every_slot_is_empty(path):
+    """No routed expert at all: the output is the shared expert alone (not zeros, not NaN)."""
+    g = torch.Generator().manual_seed(3)
+    T, H, I, E = 20 if path == "decode" else 70, 24, 16, 4
+    hidden = torch.randn(T, H, generator=g).to(DEV)
+    ids = torch.full((T, 2), -1, dtype=torch.int32, device=DEV)
+    weights = torch.zeros(T, 2, device=DEV)
+    w_gate_up, w_down = make_layer(E, H, I, torch.float32, DEV, g)
+    gate_up, down = make_layer(1, H, I, torch.float32, DEV, g)
+    check_against_reference(hidden, ids, weights, w_gate_up, w_down, 1e-4, path,
+                            shared=(gate_up[0], down[0]))
+
+
+def test_shared_must_match_the_experts_layout():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 16, generator=g)
+    ids = torch.zeros(4, 1, dtype=torch.int32)
+    w_gate_up, w_down = make_layer(2, 16, 8, torch.float32, "cpu", g)
+    with pytest.raises(ValueError, match="shared\\[1\\] \\(down\\) must have"):
+        moe_forward(hidden, ids, torch.ones(4, 1), w_gate_up, w_down,
+                    shared=(w_gate_up[0], w_down[0].T))
+    with pytest.raises(TypeError, match="shared must be None or a pair"):
+        moe_forward(hidden, ids, torch.ones(4, 1), w_gate_up, w_down, shared=w_gate_up[0])
 
 
 @pytest.mark.parametrize("T", [37, DECODE_MAX_TOKENS + 3])  # decode path, grouped path
