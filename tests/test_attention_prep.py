@@ -8,6 +8,7 @@ from dmoe_triton.attention import attention_prep
 from dmoe_triton.models.llada2 import rope_cos_sin
 from dmoe_triton.reference import attention_prep_reference
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
 
@@ -30,17 +31,18 @@ def test_kernel_matches_reference(B, L, nkv, group, hd, rotary, dtype, in_cache,
     rd = max(2, int(hd * rotary) // 2 * 2)
     qkv, qw, kw, cos, sin = make_inputs(B, L, nh, nkv, hd, rd, dtype, seed, start=seed % 100)
     ref = attention_prep_reference(qkv, qw, kw, cos, sin, nh, nkv, 1e-6)
+    qkv, qw, kw, cos, sin = (t.to(DEVICE) for t in (qkv, qw, kw, cos, sin))
     k_out = v_out = None
     if in_cache:  # the spare rows of a static cache: strided destinations, rows around poisoned
-        keys = torch.full((B, nkv, 5 + L + 3, hd), float("nan"), dtype=dtype)
+        keys = torch.full((B, nkv, 5 + L + 3, hd), float("nan"), dtype=dtype, device=DEVICE)
         values = torch.full_like(keys, -7.0)
         k_out, v_out = keys[:, :, 5:5 + L], values[:, :, 5:5 + L]
         k_out.fill_(float("nan"))
     q, k, v = attention_prep(qkv, qw, kw, cos, sin, nh, nkv, 1e-6, k_out, v_out, backend="triton")
     assert q.shape == (B, nh, L, hd) and q.is_contiguous() and q.dtype == dtype
     for got, want in zip((q, k, v), ref):
-        torch.testing.assert_close(got, want, **TOL[dtype])
-    torch.testing.assert_close(v, ref[2], rtol=0, atol=0)  # values are copied exactly
+        torch.testing.assert_close(got.cpu(), want, **TOL[dtype])
+    torch.testing.assert_close(v.cpu(), ref[2], rtol=0, atol=0)  # values are copied exactly
     if in_cache:
         assert k is k_out and v is v_out
         assert torch.isnan(keys[:, :, :5]).all() and torch.isnan(keys[:, :, 5 + L:]).all()
