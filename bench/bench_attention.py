@@ -105,8 +105,8 @@ def main():
             check(q, keys, values, mask, launch)
             kernel = time_us(lambda: block_attention(q, keys, values, mask, HD ** -0.5))
             peer = time_us(lambda: sdpa_path(q, keys, values, mask))
-            nbytes = sum(t.numel() * t.element_size() for t in (q, keys, values, mask)) * 1 + \
-                q.numel() * q.element_size()  # + the output
+            # Bytes read (q, K/V, mask) and written (the output, q's size).
+            nbytes = sum(t.numel() * t.element_size() for t in (q, keys, values, mask, q))
             floor = nbytes / bandwidth * 1e6
             lines.append(f"| {batch} | {prefix} | {kernel:.1f} | {peer:.1f} | {peer / kernel:.2f}x "
                          f"| {floor:.1f} | {kernel / floor:.1f} |")

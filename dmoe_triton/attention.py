@@ -99,7 +99,7 @@ def attention_prep(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Te
         qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(1),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         NH=num_heads, NKV=num_kv_heads, HD=hd, RD=cos.shape[-1],
-        BLOCK_D=max(16, triton.next_power_of_2(hd)), num_warps=1 if hd <= 128 else 2,
+        BLOCK_D=triton.next_power_of_2(hd), num_warps=1 if hd <= 128 else 2,
     )
     return q, k, v
 

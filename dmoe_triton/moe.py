@@ -410,9 +410,8 @@ def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=No
     out = torch.empty_like(hidden) if out is None else out
     if T == 0:
         return out
-    if k == 0:
-        out.zero_()
-        return out if shared is None else out.copy_(shared_expert_fp32(hidden, *shared))
+    if k == 0:  # no routed slot: zeros, or the shared expert alone
+        return out.zero_() if shared is None else out.copy_(shared_expert_fp32(hidden, *shared))
     ids, weights = topk_ids.contiguous(), topk_weights.contiguous()
     if path == "auto":
         path = "decode" if T <= DECODE_MAX_TOKENS else "grouped"

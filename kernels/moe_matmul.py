@@ -198,6 +198,14 @@ def _expert_rows(token_ids, expert, TOPK, T_PAD: tl.constexpr, K_PAD: tl.constex
 
 
 @triton.jit
+def _shared_rows(shared, uses, slot, T, TOPK, T_PAD: tl.constexpr):
+    """Where `shared`: the shared expert's rows instead of a routed expert's: every real token,
+    its act row after the T*TOPK routed slots (T*TOPK + t)."""
+    t = tl.arange(0, T_PAD)
+    return tl.where(shared, t < T, uses), tl.where(shared, (T * TOPK + t).to(tl.int64), slot)
+
+
+@triton.jit
 def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
                               w_ptr, stride_we, stride_wn, stride_wk,
                               act_ptr, stride_as, ids_ptr, arrivals_ptr, n_arrivals,
@@ -231,8 +239,7 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
         w_gate = w_ptr + expert.to(tl.int64) * stride_we + offs_i[None, :] * stride_wn
         if HAS_SHARED:
             shared = u == n_used
-            uses = tl.where(shared, t < T, uses)
-            slot = tl.where(shared, (T * TOPK + t).to(tl.int64), slot)
+            uses, slot = _shared_rows(shared, uses, slot, T, TOPK, T_PAD)
             w_gate = tl.where(shared, shared_ptr + offs_i[None, :] * stride_wn, w_gate)
         w_up = w_gate + I * stride_wn
         # Every token row is in the tile; those that do not use the expert are masked.
@@ -288,8 +295,7 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
         weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)
         if HAS_SHARED:
             shared = u == n_used
-            uses = tl.where(shared, t < T, uses)
-            slot = tl.where(shared, (T * TOPK + t).to(tl.int64), slot)
+            uses, slot = _shared_rows(shared, uses, slot, T, TOPK, T_PAD)
             w_tile = tl.where(shared, shared_ptr + offs_h[None, :] * stride_wh
                               + offs_k[:, None] * stride_wi, w_tile)
             weight = tl.where(shared, 1.0, weight)
