@@ -542,7 +542,8 @@ class DMoEBlock(torch.nn.Module):
         if hidden.dim() != 3:
             raise ValueError(f"hidden must have shape [B, L, H], got {_shape(hidden)}")
         B, L, H = hidden.shape
-        logits = hidden.float() @ self.gate_weight.T
+        with torch.autocast(hidden.device.type, enabled=False):  # the router runs in fp32
+            logits = hidden.float() @ self.gate_weight.T
         r = route(logits, self.expert_bias, self.router_cfg, self.policy, self.backend)
         self.last_route = r
         k = r.topk_ids.shape[-1]

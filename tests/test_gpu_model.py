@@ -48,3 +48,25 @@ def test_patched_token_policy_matches_the_unpatched_model_in_bf16():
     torch.testing.assert_close(patched, unpatched, rtol=0.05, atol=0.05)
     agree = (patched.argmax(-1) == unpatched.argmax(-1)).float().mean()
     assert agree > 0.9
+
+
+def test_training_step_under_autocast():
+    """bench/train_tiny.py's step: fp32 parameters, bf16 autocast (issue 17: the fused attention
+    prep refused the bf16 projection beside fp32 RoPE tables)."""
+    torch.manual_seed(0)
+    model = LLaDA2MoeModelLM(LLaDA2MoeConfig(**CONFIG)).cuda().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(3, 500, (4, 64), device="cuda")
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(ids, block_length=32).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+    # Inference under autocast too (no grad, the fused kernels' branch): the eager ops run.
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()

@@ -314,3 +314,40 @@ def test_public_generate_stays_the_function_after_its_module_is_imported():
     importlib.import_module(dmoe_triton.generate.__module__)
     from dmoe_triton import generate
     assert callable(generate) and generate.__name__ == "generate"
+
+
+# ---------------------------------------------------------------------------------------------
+# Autocast (issue 17): training runs the model under bf16 autocast, which mixes dtypes (a bf16
+# QKV projection beside fp32 RoPE tables). The fused paths step aside for the eager ops there,
+# and the router stays fp32. CPU autocast reproduces the mix, so the kind is tested here too.
+
+
+def test_training_step_under_autocast_runs_the_eager_ops():
+    model = small_model().train()
+    ids = torch.randint(3, 96, (2, 20))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids, block_length=8).logits
+    loss = logits.float().logsumexp(-1).mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads if g is not None)
+    assert model.model.layers[0].attention.query_key_value.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("patched", [False, True])
+def test_router_stays_fp32_under_autocast(patched):
+    from dmoe_triton import RoutingPolicy, patch_model
+
+    model = small_model()
+    if patched:
+        patch_model(model, RoutingPolicy.token(), backend="reference")
+    mlp = model.model.layers[1].mlp
+    x = torch.randn(2, 20, SMALL["hidden_size"])
+    with torch.no_grad():
+        plain = mlp(x)
+        ids = mlp.last_route.topk_ids.clone()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mlp(x)
+    assert torch.equal(mlp.last_route.topk_ids, ids)
+    assert plain.dtype == torch.float32

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Pretrained
 from transformers.modeling_outputs import CausalLMOutput
 
 from ..attention import attention_prep, block_attention
-from ..reference import apply_rope, rms_norm, rotate_half  # noqa: F401 (rotate_half: public name)
+from ..reference import apply_rope, attention_prep_reference, rms_norm, rotate_half  # noqa: F401 (rotate_half: public name)
 from ..routing import RouteResult
 
 MODEL_TYPE = "llada2_moe"
@@ -145,7 +145,8 @@ class LLaDA2MoeGate(nn.Module):
         """x [T, H] -> ids [T, k] (int64), weights [T, k] (fp32)."""
         c = self.config
         T = x.shape[0]
-        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
+        with torch.autocast(x.device.type, enabled=False):  # router_dtype fp32, even under autocast
+            scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
         ranking = scores + self.expert_bias.float()
         group_scores = ranking.view(T, c.n_group, -1).topk(2, dim=-1).values.sum(-1)
         kept_groups = group_scores.topk(c.topk_group, dim=-1).indices
@@ -296,16 +297,19 @@ class LLaDA2MoeAttention(nn.Module):
         """mask: block_causal_mask(..., query_groups=nh // nkv), shared by every layer."""
         B, L, _ = x.shape
         qkv = self.query_key_value(x)
-        k_rows, v_rows = cache.scratch_rows(self.layer_idx, L) if cache is not None else (None, None)
-        if hasattr(self, "query_layernorm"):
+        eager = eager_ops(qkv)
+        if hasattr(self, "query_layernorm") and eager:
+            q, k, v = attention_prep_reference(qkv, self.query_layernorm.weight,
+                                               self.key_layernorm.weight, cos, sin, self.nh,
+                                               self.nkv, self.query_layernorm.eps)
+        elif hasattr(self, "query_layernorm"):
             # One launch on CUDA (norms, RoPE, layout, K/V straight into the cache's spare
-            # rows) instead of ~25 small kernels. Elsewhere, and wherever autograd needs the
-            # graph (training: the kernel has no backward), the eager torch ops run: they are
-            # the kernel's reference, and the CPU model must not need Triton's interpreter.
-            backend = "reference" if torch.is_grad_enabled() and qkv.requires_grad else "auto"
+            # rows) instead of ~25 small kernels; on the CPU the same eager ops as above (the
+            # CPU model must not need Triton's interpreter).
+            k_rows, v_rows = cache.scratch_rows(self.layer_idx, L) if cache is not None else (None, None)
             q, k, v = attention_prep(qkv, self.query_layernorm.weight, self.key_layernorm.weight,
                                      cos, sin, self.nh, self.nkv, self.query_layernorm.eps,
-                                     k_rows, v_rows, backend)
+                                     k_rows, v_rows)
         else:
             heads = qkv.view(B, L, self.nh + 2 * self.nkv, self.hd).transpose(1, 2)
             q, k, v = heads.split([self.nh, self.nkv, self.nkv], dim=1)
@@ -315,13 +319,21 @@ class LLaDA2MoeAttention(nn.Module):
             keys, values = cache.with_current(self.layer_idx, k, v)
         if write_cache:
             cache.write(self.layer_idx, k, v)
-        if q.is_cuda and not (torch.is_grad_enabled() and q.requires_grad):
+        if q.is_cuda and not eager:
             # One launch, output already in the dense projection's layout (no transpose copy).
             out = block_attention(q, keys, values, mask, self.hd ** -0.5)
-        else:  # CPU, and training (the kernel has no backward): SDPA
+        else:  # CPU, training and autocast (see eager_ops): SDPA
             out = grouped_query_attention(q, keys, values, mask, self.hd ** -0.5)
             out = out.transpose(1, 2).reshape(B, L, self.nh * self.hd)
         return self.dense(out)
+
+
+def eager_ops(t: torch.Tensor) -> bool:
+    """True where the model must run its eager torch ops (the fused kernels' references)
+    instead of the fused attention kernels: wherever autograd needs the graph (the kernels have
+    no backward), and under autocast, which mixes dtypes that the kernels refuse (a bf16 QKV
+    projection beside fp32 RoPE tables and cache) and whose casts only the eager ops get."""
+    return (torch.is_grad_enabled() and t.requires_grad) or torch.is_autocast_enabled(t.device.type)
 
 
 def grouped_query_attention(q, keys, values, mask, scale):
