@@ -64,13 +64,14 @@ def check(q, keys, values, mask, launch):
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
-def sweep(dev, batch):
+def sweep(dev, batch, quick=False):
+    """quick: two shapes (the GPU smoke run checks the code path, not the choice)."""
     q, keys, values, mask = inputs(batch, 512, dev)
     timings = []
-    for bm in (16, 32, 64, 128):
-        for bn in (32, 64, 128):
-            for warps in (4, 8):
-                for stages in (2, 3):
+    for bm in (16,) if quick else (16, 32, 64, 128):
+        for bn in (64, 128) if quick else (32, 64, 128):
+            for warps in (4,) if quick else (4, 8):
+                for stages in (3,) if quick else (2, 3):
                     launch = AttentionLaunch(block_m=bm, block_n=bn, warps=warps, stages=stages)
                     try:
                         check(q, keys, values, mask, launch)
@@ -90,16 +91,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/attention.md")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke size: 2 sweep shapes, 1 sequence at prefix 512 (bench/smoke_gpu.sh)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     if args.sweep:  # printed: the defaults (attention.default_launch) come from these
-        sweep(dev, 1)
-        sweep(dev, 16)
+        sweep(dev, 1, args.quick)
+        if not args.quick:
+            sweep(dev, 16)
     bandwidth = copy_bandwidth(dev)
     lines = ["| sequences | prefix | kernel (us) | SDPA + transpose (us) | speedup | floor (us) "
              "| kernel / floor |", "|" + "---|" * 7]
-    for batch in (1, 4, 16):
-        for prefix in (512, 2048):
+    for batch in (1,) if args.quick else (1, 4, 16):
+        for prefix in (512,) if args.quick else (512, 2048):
             q, keys, values, mask = inputs(batch, prefix, dev)
             launch = default_launch(batch)
             check(q, keys, values, mask, launch)
@@ -112,7 +116,7 @@ def main():
                          f"| {floor:.1f} | {kernel / floor:.1f} |")
     text = (f"# Block attention of one layer (16 query heads, 4 KV heads, head dim 128, 32 queries "
             f"per sequence)\n\nDevice: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
-            f"command: `python bench/bench_attention.py{' --sweep' if args.sweep else ''}`. Copy "
+            f"command: `python bench/bench_attention.py {' '.join(sys.argv[1:])}`. Copy "
             f"bandwidth {bandwidth / 1e12:.2f} TB/s. CUDA graph of {REPS} calls, median of 30. "
             f"Kernel launch: attention.default_launch (FEW_SEQUENCES below {MANY_FROM} "
             f"sequences, else MANY_SEQUENCES).\n\n" + "\n".join(lines) + "\n")

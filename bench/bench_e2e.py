@@ -588,11 +588,15 @@ def make_setup(args) -> Setup:
         return Setup(True, torch.device("cpu"), LLaDA2MoeConfig(**SMOKE_CONFIG),
                      (1, 2), (32,) if args.quick else (32, 64),
                      args.target_unique or 9.0, 1, 1, 1, 8, 40, time.time() + args.budget_s)
+    # --layers cuts the published config to fewer layers (the GPU smoke run): same shapes
+    # per layer, so every kernel and launch choice is the full model's.
+    config = LLaDA2MoeConfig() if args.layers is None else LLaDA2MoeConfig(
+        num_hidden_layers=args.layers)
     if args.quick:
-        return Setup(False, torch.device("cuda"), LLaDA2MoeConfig(), (1, 16), (512,),
+        return Setup(False, torch.device("cuda"), config, (1, 16), (512,),
                      args.target_unique or 70.0, 20, 7, 3, 128, args.gen_prompt,
                      time.time() + args.budget_s)
-    return Setup(False, torch.device("cuda"), LLaDA2MoeConfig(), (1, 4, 16), (512, 2048),
+    return Setup(False, torch.device("cuda"), config, (1, 4, 16), (512, 2048),
                  args.target_unique or 70.0, 20, 7, 3, 128, args.gen_prompt,
                  time.time() + args.budget_s)
 
@@ -611,6 +615,9 @@ def main(argv=None):
                     help="skip remaining rows after this many seconds (report says so); "
                          "default 480, --quick 130")
     ap.add_argument("--gen-prompt", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="layers of the published config to build (default: all 20); the GPU "
+                         "smoke run (bench/smoke_gpu.sh) uses 4")
     args = ap.parse_args(argv)
     if args.budget_s is None:
         args.budget_s = 130.0 if args.quick else 480.0

@@ -54,6 +54,7 @@ DTYPE = torch.bfloat16
 EXPERT_BYTES = 3 * H * I * 2  # gate + up + down, bf16
 MAX_REL_ERR = 1e-2            # bf16 vs the fp32 reference (the method's half-precision bound)
 SWEEP_UNIQUE = (15, 70)
+QUICK_CASES = ("32 tok, exact 15", "32 tok, exact 70", "4x32 tok, exact 15")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,10 +220,11 @@ def launch_closures(layers, ids, weights, hidden, config):
     return gate_up, down
 
 
-def sweep(layers, routed, bw, timer=None):
+def sweep(layers, routed, bw, timer=None, variants=None):
     """Time each launch's variants at 15 and 70 unique experts; return the best combination.
 
     timer(fn) -> us per layer call; graph_us on the GPU (the smoke test passes a CPU stand-in).
+    variants: time only the first this many variants of each launch (None: all).
     """
     timer = timer or graph_us
     picked = [next(r for r in routed if r["case"] == f"32 tok, exact {u}") for u in SWEEP_UNIQUE]
@@ -234,9 +236,10 @@ def sweep(layers, routed, bw, timer=None):
     best = {}
     print(f"sweep: each launch alone, us per layer call at {SWEEP_UNIQUE} unique experts "
           "(% of that launch's byte floor in brackets)")
-    for launch, variants in (("gate_up", GATE_UP_VARIANTS), ("down", DOWN_VARIANTS)):
+    for launch, changes in (("gate_up", GATE_UP_VARIANTS[:variants]),
+                            ("down", DOWN_VARIANTS[:variants])):
         scores, base = [], None
-        for change in variants:
+        for change in changes:
             config = dataclasses.replace(DEFAULT_DECODE, **change)
             try:
                 times, err = [], 0.0
@@ -348,11 +351,13 @@ def run_gpu(args):
           f"triton {triton.__version__}; copy bandwidth {bw:.0f} GB/s (read + write)")
     layers = make_layers(COPIES, E, H, I, DTYPE, "cuda")
     routed = build_routings("cuda", "triton")
+    if args.quick:  # smoke size (bench/smoke_gpu.sh): the sweep's two cases and one multi-block
+        routed = [r for r in routed if r["case"] in QUICK_CASES]
     check_routings(routed, layers[0], [DEFAULT_DECODE, dataclasses.replace(
         DEFAULT_DECODE, down_splits=1)], MAX_REL_ERR)
     config = DEFAULT_DECODE
     if args.sweep:
-        config = sweep(layers, routed, bw)
+        config = sweep(layers, routed, bw, variants=2 if args.quick else None)
         if config != DEFAULT_DECODE:
             check_routings(routed, layers[0], [config], MAX_REL_ERR)
     print(f"decode config: {config}")
@@ -492,6 +497,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sweep", action="store_true", help="time DecodeConfig variants first")
     parser.add_argument("--smoke", action="store_true", help="CPU check without timing")
+    parser.add_argument("--quick", action="store_true", help="GPU smoke size: 3 cases, 2 sweep "
+                        "variants per launch (bench/smoke_gpu.sh)")
     parser.add_argument("--out", default=None, help="output folder (default $OUT or "
                         "bench/results; a temporary folder with --smoke)")
     args = parser.parse_args()

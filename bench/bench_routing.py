@@ -85,11 +85,14 @@ def check_same(a, b):
     assert torch.allclose(wa, wb, atol=1e-5), "kernel weights differ from the reference"
 
 
-def sweep(logits, bias):
-    """Fastest launch shape for one block, per policy family; prints the timings."""
+def sweep(logits, bias, quick=False):
+    """Fastest launch shape for one block, per policy family; prints the timings.
+    quick: two variants per family (the GPU smoke run checks the code path, not the choice)."""
     block_variants = [dict(vote_rows=vr, coreset_warps=w) for vr in (8, 16, 32)
                       for w in (2, 4, 8, 16)]
     token_variants = [dict(route_rows=rr, route_warps=w) for rr in (1, 2, 4) for w in (1, 2, 4)]
+    if quick:
+        block_variants, token_variants = block_variants[:2], token_variants[:2]
     best = {}
     # Route shapes first (token policy: route_kernel alone), then coreset shapes with them.
     for family, policy, variants in (("token", RoutingPolicy.token(), token_variants),
@@ -112,17 +115,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/routing.md")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke size: 2 sweep variants per family, one block (bench/smoke_gpu.sh)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
     launch, best = DEFAULT_LAUNCH, None
     if args.sweep:
         logits = torch.randn(1, 32, 256, device=dev) + 2 * torch.randn(256, device=dev).clamp(min=0)
-        launch, best = sweep(logits, torch.randn(256, device=dev) * 0.01)
+        launch, best = sweep(logits, torch.randn(256, device=dev) * 0.01, args.quick)
     rows = []
     policies = [("dmoe p=0.6", RoutingPolicy.dmoe()), ("token", RoutingPolicy.token()),
                 ("des_vote 38", RoutingPolicy.des_vote(38))]
-    for blocks in (1, 4, 16):
+    for blocks in (1,) if args.quick else (1, 4, 16):
         # One sequence per block, as in batched decoding with a KV cache.
         logits = torch.randn(blocks, 32, 256, device=dev) + 2 * torch.randn(256, device=dev).clamp(min=0)
         bias = torch.randn(256, device=dev) * 0.01
@@ -139,7 +144,7 @@ def main():
     dev_name = torch.cuda.get_device_name()
     text = (f"# Routing of one MoE layer (E=256, top-8, groups 8/4)\n\n"
             f"Device: {dev_name}; torch {torch.__version__}; command: "
-            f"`python bench/bench_routing.py{' --sweep' if args.sweep else ''}`. Median of 50 "
+            f"`python bench/bench_routing.py {' '.join(sys.argv[1:])}`. Median of 50 "
             f"timings; graph rows replay a CUDA graph of {REPS} calls; eager rows launch the "
             f"kernels from Python (no input checks). Router logits: normal plus a skewed "
             f"per-expert offset. "

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU smoke run: every command the README gives, at reduced size, plus the GPU tests, in
+# one call (under 8 minutes on an H200). Run it on the device before resolving any change to a
+# kernel, the model, the decoding or a bench script:
+#
+#   bash bench/smoke_gpu.sh OUT_DIR
+#
+# Each step's output goes to OUT_DIR/<step>.log (its results under OUT_DIR/<step>/); a table of
+# steps, exit codes and seconds is printed last and written to OUT_DIR/summary.md. Exit status:
+# non-zero if any step failed. The reduced sizes are the scripts' own flags (--quick, --layers,
+# DMOE_SMOKE=1): the same code paths as the full runs, with sweeps cut short, one to a few
+# training steps per stage and a handful of evaluation problems.
+set -uo pipefail
+
+out=${1:?usage: bash bench/smoke_gpu.sh OUT_DIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 CI=true
+
+python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+  || { echo "smoke_gpu.sh needs a CUDA device"; exit 2; }
+# The package maps kernels/ to dmoe_triton.kernels: install it (no network needed) if the
+# machine has not yet.
+python3 -c "import dmoe_triton.kernels" 2>/dev/null \
+  || python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 \
+  || { echo "install failed: see $out/install.log"; exit 2; }
+
+rows=()
+failed=0
+step() {  # step NAME COMMAND...: run it, log it, record rc and seconds
+  local name=$1 start=$SECONDS rc
+  shift
+  echo "== $name: $*"
+  "$@" > "$out/$name.log" 2>&1
+  rc=$?
+  rows+=("| $name | $rc | $((SECONDS - start)) | \`$*\` |")
+  [ "$rc" -eq 0 ] || { failed=1; echo "!! $name failed (exit $rc); last lines:"; tail -n 15 "$out/$name.log"; }
+}
+
+step gpu_tests python3 -m pytest -q -m gpu tests
+step cli python3 -m dmoe_triton generate
+step routing python3 bench/bench_routing.py --sweep --quick --out "$out/routing.md"
+step moe python3 bench/bench_moe.py --sweep --quick --out "$out/moe"
+step attention python3 bench/bench_attention.py --sweep --quick --out "$out/attention.md"
+step e2e python3 bench/bench_e2e.py --quick --layers 4 --budget-s 60 --out "$out/e2e"
+step profile python3 bench/profile_e2e.py --layers 2
+step train_and_eval env DMOE_SMOKE=1 bash bench/train_and_eval.sh "$out/train_and_eval"
+
+{
+  echo "# GPU smoke run ($(python3 -c 'import torch; print(torch.cuda.get_device_name())'), $(date -u +%F))"
+  echo
+  echo "| step | exit | seconds | command |"
+  echo "|---|---|---|---|"
+  printf '%s\n' "${rows[@]}"
+} > "$out/summary.md"
+cat "$out/summary.md"
+exit "$failed"
