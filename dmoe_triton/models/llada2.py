@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Pretrained
 from transformers.modeling_outputs import CausalLMOutput
 
 from ..attention import attention_prep, block_attention
+from ..config import RouterConfig
 from ..reference import apply_rope, attention_prep_reference, rms_norm, rotate_half  # noqa: F401 (rotate_half: public name)
 from ..routing import RouteResult
 
@@ -91,6 +92,19 @@ class LLaDA2MoeConfig(PretrainedConfig):
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+        if self.num_experts:
+            self.router_config()  # the router's rules, checked when the config is built
+
+    def router_config(self) -> RouterConfig:
+        """The MoE layers' gate as a RouterConfig; a ValueError/TypeError naming the config
+        field (num_experts, num_experts_per_tok, n_group, topk_group, routed_scaling_factor)
+        when the router could not run it, e.g. a group left with fewer than two experts, or
+        kept groups that hold fewer than num_experts_per_tok experts."""
+        try:
+            return RouterConfig.from_hf(self)
+        except (TypeError, ValueError) as err:
+            message = str(err).replace("top_k", "num_experts_per_tok")
+            raise type(err)(f"LLaDA2MoeConfig: {message}") from None
 
     def is_moe_layer(self, i: int) -> bool:
         return bool(self.num_experts) and i >= self.first_k_dense_replace
@@ -136,9 +150,10 @@ class LLaDA2MoeGate(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
 
     def _apply(self, fn, recurse=True):
-        # `model.to(torch.bfloat16)` must not round the router's bias: it stays fp32, as published.
-        super()._apply(fn, recurse)
-        self.expert_bias.data = self.expert_bias.data.float()
+        # The bias stays fp32 whatever the model's dtype, as published. The weight follows the
+        # model's dtype like every published weight (bf16 in the checkpoint; the router
+        # upcasts it, and transformers' loader casts it to the load dtype anyway).
+        keep_fp32_router_state(self, super()._apply, fn, recurse, ("expert_bias",))
         return self
 
     def forward(self, x):
@@ -156,6 +171,23 @@ class LLaDA2MoeGate(nn.Module):
         w = scores.gather(1, ids)
         w = w / (w.sum(-1, keepdim=True) + 1e-20) * c.routed_scaling_factor
         return ids, w
+
+
+def keep_fp32_router_state(module: nn.Module, apply, fn, recurse: bool, names) -> None:
+    """Run `apply(fn, recurse)` (nn.Module._apply: .to(), .half(), .cuda(), ...) so that the
+    router tensors `names` that are fp32 keep their exact values and dtype and only move device.
+
+    Why: the router runs in fp32 (router_dtype), and a bias such as 7.0 + 0.003 * e is ranked
+    by differences far below bf16's resolution: rounded through bf16 and cast back, it kept 2 of
+    16 distinct values and 83% of tokens changed experts (issue 11).
+    """
+    saved = {n: getattr(module, n).data for n in names
+             if getattr(module, n, None) is not None and getattr(module, n).dtype == torch.float32}
+    apply(fn, recurse)
+    for name, before in saved.items():
+        now = getattr(module, name)
+        if now.dtype != torch.float32 and not before.is_meta:
+            now.data = before.to(now.device)
 
 
 class LLaDA2MoeSparseMoeBlock(nn.Module):
@@ -476,7 +508,9 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
 
 
 class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
-    _tied_weights_keys = {}
+    # transformers ties lm_head to the input embeddings when config.tie_word_embeddings is
+    # true (and then saves and loads the checkpoint without lm_head.weight).
+    _tied_weights_keys = {"lm_head.weight": "model.word_embeddings.weight"}
 
     def __init__(self, config: LLaDA2MoeConfig):
         super().__init__(config)

@@ -1,0 +1,75 @@
+"""Issue 11: what users of MoE engines hit (router state under dtype moves, tied heads, router
+configs the gate cannot run), each kind with the right value as a test."""
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dmoe_triton.models import LLaDA2MoeConfig, LLaDA2MoeModelLM
+from test_model import SMALL, small_model
+
+CLOSE_BIAS = 7.0 + 0.003 * torch.arange(SMALL["num_experts"], dtype=torch.float32)
+
+
+def gates(model):
+    return [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+
+
+@pytest.mark.parametrize("move", ["to_bf16", "half", "bfloat16", "to_fp16_kwarg"])
+def test_dtype_moves_keep_fp32_router_state_exact(move):
+    model = small_model()
+    for g in gates(model):
+        g.expert_bias.copy_(CLOSE_BIAS)
+    {"to_bf16": lambda m: m.to(torch.bfloat16), "half": lambda m: m.half(),
+     "bfloat16": lambda m: m.bfloat16(),
+     "to_fp16_kwarg": lambda m: m.to(dtype=torch.float16)}[move](model)
+    for g in gates(model):
+        assert g.expert_bias.dtype == torch.float32 and torch.equal(g.expert_bias, CLOSE_BIAS)
+    assert model.model.layers[0].attention.dense.weight.dtype != torch.float32  # the rest moved
+
+
+def test_router_choices_survive_a_dtype_move():
+    model = small_model()
+    for g in gates(model):
+        g.expert_bias.copy_(CLOSE_BIAS)
+    x = torch.randn(40, SMALL["hidden_size"])
+    before = gates(model)[0](x)[0]
+    model.to(torch.bfloat16)
+    after = gates(model)[0](x.bfloat16())[0]
+    agree = (before.sort(-1).values == after.sort(-1).values).all(-1).float().mean()
+    assert agree > 0.9  # only the bf16 rounding of x itself may move a near tie
+
+
+def test_tied_word_embeddings_tie_save_and_load(tmp_path):
+    model = small_model(tie_word_embeddings=True)
+    assert model.lm_head.weight.data_ptr() == model.model.word_embeddings.weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    assert "lm_head.weight" not in load_file(os.path.join(tmp_path, "model.safetensors"))
+    loaded = LLaDA2MoeModelLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.word_embeddings.weight.data_ptr()
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
+
+
+def test_untied_head_stays_its_own():
+    model = small_model()
+    assert model.lm_head.weight.data_ptr() != model.model.word_embeddings.weight.data_ptr()
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(num_experts=8, n_group=8), "n_group"),
+    (dict(num_experts=16, n_group=4, topk_group=1, num_experts_per_tok=8), "num_experts_per_tok"),
+    (dict(num_experts=12, n_group=5), "n_group"),
+    (dict(num_experts_per_tok=0), "num_experts_per_tok"),
+    (dict(topk_group=9, n_group=4), "topk_group"),
+    (dict(routed_scaling_factor=-1.0), "routed_scaling_factor"),
+])
+def test_a_router_config_the_gate_cannot_run_is_an_error_at_build(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        LLaDA2MoeConfig(**{**SMALL, **overrides})
+
+
+@pytest.mark.parametrize("value", [-4, "sixty-four", 2.5])
+def test_num_experts_of_the_wrong_kind_is_named(value):
+    with pytest.raises((TypeError, ValueError), match="num_experts"):
+        LLaDA2MoeConfig(**{**SMALL, "num_experts": value})
