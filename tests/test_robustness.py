@@ -73,3 +73,16 @@ def test_a_router_config_the_gate_cannot_run_is_an_error_at_build(overrides, fie
 def test_num_experts_of_the_wrong_kind_is_named(value):
     with pytest.raises((TypeError, ValueError), match="num_experts"):
         LLaDA2MoeConfig(**{**SMALL, "num_experts": value})
+
+
+def test_non_finite_weights_are_named_at_load(tmp_path):
+    from safetensors.torch import save_file
+
+    model = small_model()
+    model.save_pretrained(tmp_path)
+    path = os.path.join(tmp_path, "model.safetensors")
+    tensors = load_file(path)
+    tensors["model.layers.2.mlp.experts.5.down_proj.weight"][3, 1] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.layers\.2\.mlp\.experts\.5\.down_proj\.weight"):
+        LLaDA2MoeModelLM.from_pretrained(tmp_path)

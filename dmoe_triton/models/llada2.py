@@ -428,10 +428,22 @@ class LLaDA2MoePreTrainedModel(PreTrainedModel):
         kwargs["ignore_mismatched_sizes"] = True  # so that the check below can name the tensor
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         check_loading_info(info, model.config)
+        check_finite(model)
         for module in model.modules():
             if isinstance(module, LLaDA2MoeGate):  # the router's bias stays fp32 whatever dtype
                 module.expert_bias.data = module.expert_bias.data.float()
         return (model, info) if want_info else model
+
+
+def check_finite(model: nn.Module) -> None:
+    """A ValueError naming the first tensor that holds a NaN or an infinity: a checkpoint whose
+    bytes were corrupted would otherwise decode garbage (all-NaN logits give token 0
+    everywhere) with exit code 0. One pass over the weights at load, never in a forward."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"checkpoint tensor {name} holds {bad} non-finite values (NaN or "
+                             f"inf): the file is corrupted or was saved from a diverged run")
 
 
 def check_loading_info(info: dict, config: LLaDA2MoeConfig) -> None:
