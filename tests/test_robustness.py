@@ -86,3 +86,28 @@ def test_non_finite_weights_are_named_at_load(tmp_path):
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"model\.layers\.2\.mlp\.experts\.5\.down_proj\.weight"):
         LLaDA2MoeModelLM.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 12 item 5: LLaDA2.2 config fields
+
+
+LLADA22_FIELDS = dict(rope_parameters={"rope_type": "default", "rope_theta": 3e6,
+                                       "partial_rotary_factor": 0.5},
+                      max_position_embeddings=131072, eos_token_id=[1, 5], delete_token_id=7,
+                      split_token_id=8)
+
+
+def test_llada22_config_fields_are_read_and_round_trip(tmp_path):
+    config = LLaDA2MoeConfig(**{**SMALL, **LLADA22_FIELDS})
+    assert config.rope_theta == 3e6 and config.rotary_dim == SMALL["head_dim"] // 2
+    config.save_pretrained(tmp_path)
+    again = LLaDA2MoeConfig.from_pretrained(tmp_path)
+    for key, value in LLADA22_FIELDS.items():
+        assert getattr(again, key) == value, key
+    assert again.rope_theta == 3e6
+
+
+def test_rope_parameters_of_another_rope_type_is_an_error():
+    with pytest.raises(ValueError, match="rope_type"):
+        LLaDA2MoeConfig(**{**SMALL, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})

@@ -70,6 +70,7 @@ class LLaDA2MoeConfig(PretrainedConfig):
     mask_token_id: Optional[int] = 156895
 
     def __post_init__(self, **kwargs):
+        self._read_rope_parameters(kwargs.get("rope_parameters"))
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         derived = int(self.head_dim * self.partial_rotary_factor)
@@ -105,6 +106,21 @@ class LLaDA2MoeConfig(PretrainedConfig):
         except (TypeError, ValueError) as err:
             message = str(err).replace("top_k", "num_experts_per_tok")
             raise type(err)(f"LLaDA2MoeConfig: {message}") from None
+
+    def _read_rope_parameters(self, rope) -> None:
+        """LLaDA2.2 writes RoPE in transformers 5's form, `rope_parameters: {rope_type,
+        rope_theta, partial_rotary_factor}`, without the top-level keys: when present it is the
+        source of both (ignored, it silently ran theta 6e5 instead of 3e6)."""
+        if rope is None:
+            return
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope_parameters must be a dict, got {type(rope).__name__}")
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"rope_parameters.rope_type {rope['rope_type']!r} is not supported "
+                             f"(only 'default' RoPE, as every LLaDA2 checkpoint uses)")
+        self.rope_theta = float(rope.get("rope_theta", self.rope_theta))
+        self.partial_rotary_factor = float(rope.get("partial_rotary_factor",
+                                                    self.partial_rotary_factor))
 
     def is_moe_layer(self, i: int) -> bool:
         return bool(self.num_experts) and i >= self.first_k_dense_replace
