@@ -67,6 +67,7 @@ def check_moe_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down) -> None:
 
 
 def check_out(out, hidden) -> None:
+    """out must be a [T, H] tensor of hidden's dtype and device, unit stride along H."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
     if _shape(out) != _shape(hidden) or (out.numel() and out.stride(1) != 1):
@@ -88,6 +89,8 @@ def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
 
 
 def check_shared(shared, w_gate_up, w_down) -> None:
+    """shared must be (gate_up [2I, H], down [H, I]) shaped, strided and typed like one routed
+    expert of w_gate_up [E, 2I, H] / w_down [E, H, I]."""
     if not (isinstance(shared, (tuple, list)) and len(shared) == 2
             and all(isinstance(t, torch.Tensor) for t in shared)):
         raise TypeError("shared must be None or a pair of tensors (gate_up [2I, H], down [H, I])")
@@ -122,6 +125,7 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     shared: optional (gate_up [2I, H], down [H, I]) of a shared expert with the routed experts'
     per-expert strides: every token adds it with weight 1, inside the same fp32 sum (on the
     decode path, one more expert of the same two launches instead of three more kernels).
+    Launch path and tile shapes: dmoe_triton.launch (moe_launch; `launch.override` forces them).
     """
     check_moe_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down)
     if shared is not None:
@@ -261,6 +265,7 @@ def combine_slots(partial, ids, weights, out, num_experts: int,
 
 
 def _decode_pads(T, top_k, E, dtype) -> dict:
+    """The decode kernels' padded sizes (powers of two; T_PAD >= 16 for tl.dot)."""
     return dict(T_PAD=max(16, triton.next_power_of_2(T)),
                 TOP_K_PAD=triton.next_power_of_2(top_k),
                 S_PAD=triton.next_power_of_2(T * top_k), NUM_BINS=triton.next_power_of_2(E + 1),
@@ -507,6 +512,7 @@ class DMoEBlock(torch.nn.Module):
         return cls(cfg, policy, gate_weight, expert_bias, w_gate_up, w_down, shared, backend)
 
     def set_policy(self, policy: RoutingPolicy) -> None:
+        """Route with `policy` from the next forward on (checked against the router config)."""
         if not isinstance(policy, RoutingPolicy):
             raise TypeError(f"policy must be a RoutingPolicy, got {type(policy).__name__}")
         policy.check(self.router_cfg)
@@ -521,10 +527,10 @@ class DMoEBlock(torch.nn.Module):
             logits = hidden.float() @ self.gate_weight.T
         r = route(logits, self.expert_bias, self.router_cfg, self.policy, self.backend)
         self.last_route = r
-        k = r.topk_ids.shape[-1]
+        top_k = r.topk_ids.shape[-1]
         shared = self.shared_weights()
-        y = moe_forward(hidden.reshape(B * L, H), r.topk_ids.reshape(B * L, k),
-                        r.topk_weights.reshape(B * L, k), self.w_gate_up, self.w_down,
+        y = moe_forward(hidden.reshape(B * L, H), r.topk_ids.reshape(B * L, top_k),
+                        r.topk_weights.reshape(B * L, top_k), self.w_gate_up, self.w_down,
                         backend=self.backend, check_ids=False, shared=shared).view(B, L, H)
         if self.shared_expert is not None and shared is None:
             y = y + self.shared_expert(hidden)
