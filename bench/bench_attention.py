@@ -11,7 +11,7 @@ this process.
     python bench/bench_attention.py [--sweep] [--out bench/results/attention.md]
 
 --sweep first times launch shapes on 1 and on 16 sequences at prefix 512 and prints them
-(attention.default_launch holds the fastest of each).
+(launch.attention_launch holds the fastest of each).
 """
 import argparse
 import statistics
@@ -19,7 +19,8 @@ import sys
 
 import torch
 
-from dmoe_triton.attention import MANY_FROM, AttentionLaunch, block_attention, default_launch
+from dmoe_triton.attention import block_attention
+from dmoe_triton.launch import MANY_FROM, AttentionLaunch, attention_launch
 from dmoe_triton.models.llada2 import grouped_query_attention
 from dmoe_triton.reference import block_attention_reference
 
@@ -95,7 +96,7 @@ def main():
                     help="smoke size: 2 sweep shapes, 1 sequence at prefix 512 (bench/smoke_gpu.sh)")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    if args.sweep:  # printed: the defaults (attention.default_launch) come from these
+    if args.sweep:  # printed: the defaults (launch.attention_launch) come from these
         sweep(dev, 1, args.quick)
         if not args.quick:
             sweep(dev, 16)
@@ -105,7 +106,7 @@ def main():
     for batch in (1,) if args.quick else (1, 4, 16):
         for prefix in (512,) if args.quick else (512, 2048):
             q, keys, values, mask = inputs(batch, prefix, dev)
-            launch = default_launch(batch)
+            launch = attention_launch(batch)
             check(q, keys, values, mask, launch)
             kernel = time_us(lambda: block_attention(q, keys, values, mask, HD ** -0.5))
             peer = time_us(lambda: sdpa_path(q, keys, values, mask))
@@ -118,7 +119,7 @@ def main():
             f"per sequence)\n\nDevice: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
             f"command: `python bench/bench_attention.py {' '.join(sys.argv[1:])}`. Copy "
             f"bandwidth {bandwidth / 1e12:.2f} TB/s. CUDA graph of {REPS} calls, median of 30. "
-            f"Kernel launch: attention.default_launch (FEW_SEQUENCES below {MANY_FROM} "
+            f"Kernel launch: launch.attention_launch (FEW_SEQUENCES below {MANY_FROM} "
             f"sequences, else MANY_SEQUENCES).\n\n" + "\n".join(lines) + "\n")
     with open(args.out, "w") as f:
         f.write(text)

@@ -42,8 +42,9 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from dmoe_triton import RouterConfig, RoutingPolicy, route  # noqa: E402
-from dmoe_triton.moe import (DEFAULT_DECODE, DecodeConfig, _down_arrivals,  # noqa: E402
-                             decode_down_combine, decode_gate_up, moe_forward_triton)
+from dmoe_triton.launch import DEFAULT_DECODE, DecodeConfig  # noqa: E402
+from dmoe_triton.moe import (decode_down_combine, decode_gate_up, down_arrivals,  # noqa: E402
+                             moe_forward_triton)
 from dmoe_triton.reference import moe_forward_reference  # noqa: E402
 from graphs import capture  # noqa: E402  (bench/graphs.py: bench/ is on sys.path as a script)
 
@@ -195,17 +196,17 @@ def few_calls_us(fn, calls=3):
 # Sweep of the decode path's launch configs (32 tokens)
 # ---------------------------------------------------------------------------------------------
 
-GATE_UP_VARIANTS = [dict(), dict(block_i=16), dict(block_i=64), dict(k_gate_up=256, stages_gate_up=3),
-                    dict(k_gate_up=64, stages_gate_up=8), dict(warps_gate_up=8),
+GATE_UP_VARIANTS = [dict(), dict(block_i=16), dict(block_i=64), dict(k_tile_gate_up=256, stages_gate_up=3),
+                    dict(k_tile_gate_up=64, stages_gate_up=8), dict(warps_gate_up=8),
                     dict(stages_gate_up=6), dict(programs_per_sm=1)]
-DOWN_VARIANTS = [dict(), dict(down_splits=1), dict(down_splits=4), dict(k_down=512, stages_down=3),
-                 dict(k_down=128, stages_down=6), dict(warps_down=8), dict(stages_down=6),
+DOWN_VARIANTS = [dict(), dict(down_splits=1), dict(down_splits=4), dict(k_tile_down=512, stages_down=3),
+                 dict(k_tile_down=128, stages_down=6), dict(warps_down=8), dict(stages_down=6),
                  dict(block_h=32, down_splits=4), dict(down_splits=1, stages_down=6)]
 
 
 def launch_closures(layers, ids, weights, hidden, config):
     """The two decode launches, each alone over the weight copies (inputs made once here)."""
-    arrivals = [_down_arrivals(hidden.shape[1], hidden.device, config) for _ in layers]
+    arrivals = [down_arrivals(hidden.shape[1], hidden.device, config) for _ in layers]
     acts = [decode_gate_up(hidden, ids, wg, a, config) for (wg, _), a in zip(layers, arrivals)]
     out = torch.empty_like(hidden)
 

@@ -19,7 +19,8 @@ import sys
 import torch
 
 from dmoe_triton import RouterConfig, RoutingPolicy, route
-from dmoe_triton.routing import DEFAULT_LAUNCH, _route_triton
+from dmoe_triton.launch import DEFAULT_ROUTE
+from dmoe_triton.routing import route_triton
 
 from graphs import capture  # bench/graphs.py (bench/ is on sys.path when run as a script)
 
@@ -100,15 +101,15 @@ def sweep(logits, bias, quick=False):
         want = route(logits.cpu(), bias.cpu(), CFG, policy, backend="reference")
         timings = []
         for v in variants:
-            launch = dataclasses.replace(DEFAULT_LAUNCH, **best.get("token", {}), **v)
-            fn = lambda: _route_triton(logits, bias, CFG, policy, launch)  # noqa: E731
+            launch = dataclasses.replace(DEFAULT_ROUTE, **best.get("token", {}), **v)
+            fn = lambda: route_triton(logits, bias, CFG, policy, launch)  # noqa: E731
             got = fn()
             check_same(type(want)(got.topk_ids.cpu(), got.topk_weights.cpu(), None), want)
             timings.append((time_us(fn, True), v))
         timings.sort(key=lambda x: x[0])
         print(f"sweep ({family}, 1 block): " + ", ".join(f"{us:.1f}us {v}" for us, v in timings[:6]))
         best[family] = timings[0][1]
-    return dataclasses.replace(DEFAULT_LAUNCH, **best["block"], **best["token"]), best
+    return dataclasses.replace(DEFAULT_ROUTE, **best["block"], **best["token"]), best
 
 
 def main():
@@ -120,7 +121,7 @@ def main():
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    launch, best = DEFAULT_LAUNCH, None
+    launch, best = DEFAULT_ROUTE, None
     if args.sweep:
         logits = torch.randn(1, 32, 256, device=dev) + 2 * torch.randn(256, device=dev).clamp(min=0)
         launch, best = sweep(logits, torch.randn(256, device=dev) * 0.01, args.quick)
@@ -132,7 +133,7 @@ def main():
         logits = torch.randn(blocks, 32, 256, device=dev) + 2 * torch.randn(256, device=dev).clamp(min=0)
         bias = torch.randn(256, device=dev) * 0.01
         for name, policy in policies:
-            kernel = lambda: _route_triton(logits, bias, CFG, policy, launch)  # noqa: E731
+            kernel = lambda: route_triton(logits, bias, CFG, policy, launch)  # noqa: E731
             peer = lambda: torch_gate(logits, bias, CFG, policy)  # noqa: E731
             rows.append((blocks, name, time_us(kernel, True), time_us(kernel, False),
                          time_us(peer, True), time_us(peer, False)))

@@ -12,7 +12,6 @@ reads. Reference: reference.block_attention_reference (fp32 math); the model's C
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -20,11 +19,14 @@ import triton
 
 from .kernels.attention_prep import attention_prep_kernel
 from .kernels.block_attention import block_attention_kernel
+from .launch import (FEW_SEQUENCES, MANY_FROM, MANY_SEQUENCES,  # noqa: F401 (re-exported)
+                     AttentionLaunch, attention_launch, dot_precision, prep_launch)
 from .reference import attention_prep_reference, block_attention_reference
 from .routing import resolve_backend
 
 
 def _check_destination(name, t, shape, like) -> None:
+    """t must be a `like`-typed tensor of `shape` with unit stride along the last dim."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.dtype != like.dtype or t.device != like.device:
@@ -35,6 +37,7 @@ def _check_destination(name, t, shape, like) -> None:
 
 
 def check_prep_inputs(qkv, q_weight, k_weight, cos, sin, num_heads, num_kv_heads) -> None:
+    """attention_prep's host checks: a TypeError/ValueError naming the argument."""
     if not all(isinstance(t, torch.Tensor) for t in (qkv, q_weight, k_weight, cos, sin)):
         raise TypeError("qkv, q_weight, k_weight, cos and sin must be tensors")
     if qkv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -72,7 +75,7 @@ def attention_prep(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Te
     """qkv [B, L, (nh + 2 nkv) * hd] (the QKV projection) -> q [B, nh, L, hd] contiguous and
     k, v [B, nkv, L, hd]: q and k RMS-normalised per head (weights [hd]) and rotated on their
     first rotary_dim = cos.shape[-1] dims (cos/sin [B, L, rotary_dim] in qkv's dtype, from
-    rope_cos_sin); v as projected.
+    rope_cos_sin); v as projected. eps: the RMSNorm epsilon. Launch: launch.prep_launch.
 
     k_out / v_out: optional destinations [B, nkv, L, hd] (any strides, unit along hd), written
     in place and returned as k / v, e.g. the spare rows of a static KV cache.
@@ -94,39 +97,26 @@ def attention_prep(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Te
     q = torch.empty(B, num_heads, L, hd, dtype=qkv.dtype, device=qkv.device)
     k = torch.empty(kv_shape, dtype=qkv.dtype, device=qkv.device) if k_out is None else k_out
     v = torch.empty(kv_shape, dtype=qkv.dtype, device=qkv.device) if v_out is None else v_out
+    shapes = prep_launch(hd)
     attention_prep_kernel[(B * L, num_heads + 2 * num_kv_heads)](
-        qkv, q_weight, k_weight, cos, sin, q, k, v, L, float(eps),
-        qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(1),
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        qkv_ptr=qkv, q_weight_ptr=q_weight, k_weight_ptr=k_weight, cos_ptr=cos, sin_ptr=sin,
+        q_ptr=q, k_ptr=k, v_ptr=v, L=L, eps=float(eps),
+        qkv_sb=qkv.stride(0), qkv_sl=qkv.stride(1), cs_sb=cos.stride(0), cs_sl=cos.stride(1),
+        k_sb=k.stride(0), k_sh=k.stride(1), k_sl=k.stride(2),
+        v_sb=v.stride(0), v_sh=v.stride(1), v_sl=v.stride(2),
         NH=num_heads, NKV=num_kv_heads, HD=hd, RD=cos.shape[-1],
-        BLOCK_D=triton.next_power_of_2(hd), num_warps=1 if hd <= 128 else 2,
+        BLOCK_D=shapes.block_d, num_warps=shapes.warps,
     )
     return q, k, v
 
 
-@dataclass(frozen=True)
-class AttentionLaunch:
-    """Launch shape of block_attention_kernel (bench/bench_attention.py --sweep times variants)."""
-
-    block_m: int = 16    # stacked query rows per program
-    block_n: int = 128   # keys per step
-    warps: int = 4
-    stages: int = 3
-
-
-# The fastest shapes of `bench_attention.py --sweep` on an H100 (prefix 512): with few
-# sequences, small row tiles give enough programs (4 KV heads x 8 per sequence), each walking
-# keys in long steps; with many, larger row tiles read each K/V tile for more rows.
-FEW_SEQUENCES = AttentionLaunch(block_m=16, block_n=128, warps=4, stages=3)   # 8.7 us at 1
-MANY_SEQUENCES = AttentionLaunch(block_m=64, block_n=64, warps=4, stages=3)   # 11.6 us at 16
-MANY_FROM = 8  # sequences
-
-
 def default_launch(batch: int) -> AttentionLaunch:
-    return FEW_SEQUENCES if batch < MANY_FROM else MANY_SEQUENCES
+    """Kept for old callers: launch.attention_launch(batch)."""
+    return attention_launch(batch)
 
 
 def check_attention_inputs(q, keys, values, mask) -> None:
+    """block_attention's host checks: a TypeError/ValueError naming the argument."""
     for name, t in (("q", q), ("keys", keys), ("values", values), ("mask", mask)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -164,7 +154,8 @@ def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, m
     dtype: softmax(q k^T * scale + mask) v per head, head h reading KV head h // (nh / nkv).
 
     backend: "triton" (one launch), "reference" (fp32 math), "auto" (triton on CUDA).
-    launch: the kernel's tile shape (default: default_launch(B)).
+    launch: the kernel's tile shape (default: launch.attention_launch(B), or a
+    launch.override(attention=...)). scale: the logits' factor (1 / sqrt(hd) for the model).
     """
     check_attention_inputs(q, keys, values, mask)
     if resolve_backend(backend, q.device) == "reference":
@@ -173,16 +164,17 @@ def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, m
     nkv, n = keys.shape[1], keys.shape[2]
     group = nh // nkv
     out = torch.empty(B, l, nh, hd, dtype=q.dtype, device=q.device)
-    c = launch or default_launch(B)
-    block_attention_kernel[(B * nkv, triton.cdiv(group * l, c.block_m))](
-        q, q.stride(0), q.stride(1), q.stride(2),
-        keys, values, keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2),
-        mask, mask.stride(0), mask.stride(2),
-        out, out.stride(0), out.stride(1), out.stride(2),
-        l, n, float(scale), NKV=nkv, GROUP=group, HD=hd, BLOCK_D=max(16, triton.next_power_of_2(hd)),
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=c.warps, num_stages=c.stages,
+    shapes = launch or attention_launch(B)
+    block_attention_kernel[(B * nkv, triton.cdiv(group * l, shapes.block_m))](
+        q_ptr=q, stride_qb=q.stride(0), stride_qh=q.stride(1), stride_ql=q.stride(2),
+        k_ptr=keys, v_ptr=values,
+        stride_kb=keys.stride(0), stride_kh=keys.stride(1), stride_kn=keys.stride(2),
+        stride_vb=values.stride(0), stride_vh=values.stride(1), stride_vn=values.stride(2),
+        mask_ptr=mask, stride_mb=mask.stride(0), stride_mr=mask.stride(2),
+        out_ptr=out, stride_ob=out.stride(0), stride_ol=out.stride(1), stride_oh=out.stride(2),
+        L=l, n_keys=n, scale=float(scale), NKV=nkv, GROUP=group, HD=hd,
+        BLOCK_D=max(16, triton.next_power_of_2(hd)),  # tl.dot needs >= 16
+        BLOCK_M=shapes.block_m, BLOCK_N=shapes.block_n, PRECISION=dot_precision(q.dtype),
+        num_warps=shapes.warps, num_stages=shapes.stages,
     )
     return out.view(B, l, nh * hd)

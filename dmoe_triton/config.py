@@ -1,4 +1,4 @@
-"""Router configuration and routing policies (docs/routing.md, ../shared/docs/routing-spec.md).
+"""Router configuration and routing policies (routing contract: ../shared/docs/routing-spec.md).
 
 Every parameter is validated here, on the host, before any kernel runs: a bad value is a
 ValueError that names the parameter and the allowed range.
@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
+
+from .kernels import policy_codes as codes
 
 
 def _check_int(name: str, value, lo: int, hi: Optional[int] = None) -> int:
@@ -68,12 +70,65 @@ class RouterConfig:
         )
 
 
-_KINDS = ("token", "dmoe", "des_vote", "topk_cap")
+@dataclass(frozen=True)
+class PolicyParam:
+    """One parameter of a routing policy: a `RoutingPolicy` field and its allowed range."""
+
+    name: str
+    kind: type                 # int or float
+    lo: float                  # smallest allowed value (excluded when lo_open)
+    lo_open: bool = False
+    hi: Optional[float] = None # largest allowed value, if fixed
+    hi_experts: bool = False   # largest allowed value = num_experts (checked by policy.check)
+
+    def check(self, value, num_experts: Optional[int] = None) -> None:
+        hi = num_experts if (self.hi_experts and num_experts is not None) else self.hi
+        if self.kind is int:
+            _check_int(self.name, value, int(self.lo), None if hi is None else int(hi))
+            return
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and (value > self.lo if self.lo_open else value >= self.lo)
+        if not ok or (hi is not None and value > hi):
+            interval = f"{'(' if self.lo_open else '['}{self.lo:g}, {hi:g}]"
+            raise ValueError(f"{self.name} must be in {interval}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PolicyKind:
+    """One routing policy: its name, parameters, the code its kernels branch on, whether it
+    routes by blocks (a coreset per block of `block_size` rows), and which parameter (if any)
+    replaces the model's top_k as the number of slots per token. Adding a policy: one entry in
+    POLICIES, a constructor on RoutingPolicy, a code in kernels/policy_codes.py and its branch."""
+
+    name: str
+    code: int
+    is_block: bool
+    params: Tuple[PolicyParam, ...] = ()
+    slots_param: Optional[str] = None
+
+
+_TOP_P = PolicyParam("top_p", float, 0.0, lo_open=True, hi=1.0)
+_GUARD = PolicyParam("guard", int, 0, hi_experts=True)
+_SIZE = PolicyParam("size", int, 1, hi_experts=True)
+_K = PolicyParam("k", int, 1, hi_experts=True)
+_BLOCK_SIZE = PolicyParam("block_size", int, 1)
+
+POLICIES = {kind.name: kind for kind in (
+    PolicyKind("token", codes.TOKEN.value, is_block=False),
+    PolicyKind("dmoe", codes.DMOE.value, is_block=True, params=(_TOP_P, _GUARD)),
+    PolicyKind("des_vote", codes.DES_VOTE.value, is_block=True, params=(_SIZE,)),
+    PolicyKind("topk_cap", codes.TOKEN.value, is_block=False, params=(_K,), slots_param="k"),
+)}
+POLICY_NAMES = tuple(POLICIES)
 
 
 @dataclass(frozen=True)
 class RoutingPolicy:
-    """How tokens choose experts. Build with the class methods, not the constructor."""
+    """How tokens choose experts. Build with the class methods, not the constructor.
+
+    Fields: kind (a name in POLICY_NAMES) and the parameters its POLICIES entry lists; the
+    others keep their defaults and are ignored. block_size: rows per routing block.
+    """
 
     kind: str
     top_p: float = 1.0
@@ -83,18 +138,11 @@ class RoutingPolicy:
     k: int = 0
 
     def __post_init__(self):
-        if self.kind not in _KINDS:
-            raise ValueError(f"policy kind must be one of {_KINDS}, got {self.kind!r}")
-        _check_int("block_size", self.block_size, 1)
-        if self.kind == "dmoe":
-            p = self.top_p
-            if not isinstance(p, (int, float)) or isinstance(p, bool) or not (0 < p <= 1):
-                raise ValueError(f"top_p must be in (0, 1], got {p!r}")
-            _check_int("guard", self.guard, 0)
-        if self.kind == "des_vote":
-            _check_int("size", self.size, 1)
-        if self.kind == "topk_cap":
-            _check_int("k", self.k, 1)
+        if self.kind not in POLICIES:
+            raise ValueError(f"policy kind must be one of {POLICY_NAMES}, got {self.kind!r}")
+        _BLOCK_SIZE.check(self.block_size)
+        for param in self.spec.params:
+            param.check(getattr(self, param.name))
 
     @classmethod
     def token(cls) -> "RoutingPolicy":
@@ -117,28 +165,29 @@ class RoutingPolicy:
         return cls("topk_cap", k=k)
 
     @property
+    def spec(self) -> PolicyKind:
+        """This policy's entry in POLICIES."""
+        return POLICIES[self.kind]
+
+    @property
+    def code(self) -> int:
+        """The integer the routing kernels branch on (kernels/policy_codes.py)."""
+        return self.spec.code
+
+    @property
     def is_block(self) -> bool:
-        return self.kind in ("dmoe", "des_vote")
+        return self.spec.is_block
 
     def check(self, cfg: RouterConfig) -> None:
         """Validate the parameters that depend on the number of experts."""
-        E = cfg.num_experts
-        if self.kind == "dmoe":
-            _check_int("guard", self.guard, 0, E)
-        elif self.kind == "des_vote":
-            _check_int("size", self.size, 1, E)
-        elif self.kind == "topk_cap":
-            _check_int("k", self.k, 1, E)
+        for param in self.spec.params:
+            param.check(getattr(self, param.name), cfg.num_experts)
 
     def slots(self, cfg: RouterConfig) -> int:
         """Experts per token in the output (`topk_ids.shape[-1]`)."""
-        return self.k if self.kind == "topk_cap" else cfg.top_k
+        name = self.spec.slots_param
+        return cfg.top_k if name is None else getattr(self, name)
 
     def __str__(self) -> str:
-        if self.kind == "dmoe":
-            return f"dmoe(top_p={self.top_p}, guard={self.guard}, block_size={self.block_size})"
-        if self.kind == "des_vote":
-            return f"des_vote(size={self.size}, block_size={self.block_size})"
-        if self.kind == "topk_cap":
-            return f"topk_cap(k={self.k})"
-        return "token()"
+        names = [p.name for p in self.spec.params] + (["block_size"] if self.is_block else [])
+        return f"{self.kind}({', '.join(f'{n}={getattr(self, n)}' for n in names)})"

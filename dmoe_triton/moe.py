@@ -6,13 +6,15 @@ whole LLaDA2 MoE MLP: fp32 router GEMM, `route`, `moe_forward` and the shared ex
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 
 from .config import RouterConfig, RoutingPolicy
+from .launch import (ALIGN_MAX_SLOTS, DECODE_MAX_TOKENS, DEFAULT_COMBINE,  # noqa: F401 (re-exported)
+                     DEFAULT_DECODE, DEFAULT_GROUPED, CombineLaunch, DecodeConfig, GroupedConfig,
+                     align_launch, dot_precision, moe_launch, persistent_grid, pipeline_stages)
 from .reference import moe_forward_reference
 from .routing import resolve_backend, route
 
@@ -65,6 +67,7 @@ def check_moe_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down) -> None:
 
 
 def check_out(out, hidden) -> None:
+    """out must be a [T, H] tensor of hidden's dtype and device, unit stride along H."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
     if _shape(out) != _shape(hidden) or (out.numel() and out.stride(1) != 1):
@@ -86,6 +89,8 @@ def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
 
 
 def check_shared(shared, w_gate_up, w_down) -> None:
+    """shared must be (gate_up [2I, H], down [H, I]) shaped, strided and typed like one routed
+    expert of w_gate_up [E, 2I, H] / w_down [E, H, I]."""
     if not (isinstance(shared, (tuple, list)) and len(shared) == 2
             and all(isinstance(t, torch.Tensor) for t in shared)):
         raise TypeError("shared must be None or a pair of tensors (gate_up [2I, H], down [H, I])")
@@ -120,6 +125,7 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     shared: optional (gate_up [2I, H], down [H, I]) of a shared expert with the routed experts'
     per-expert strides: every token adds it with weight 1, inside the same fp32 sum (on the
     decode path, one more expert of the same two launches instead of three more kernels).
+    Launch path and tile shapes: dmoe_triton.launch (moe_launch; `launch.override` forces them).
     """
     check_moe_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down)
     if shared is not None:
@@ -141,94 +147,42 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
                               shared=shared)
 
 
-@dataclass(frozen=True)
-class DecodeConfig:
-    """The decode path (T <= DECODE_MAX_TOKENS): two launches, used experts found in-kernel.
-
-    gate/up: persistent programs over (used expert, block_i intermediate columns) items;
-    down + combine: one program per (block_h hidden columns, share of the used experts).
-    """
-
-    block_i: int = 64          # defaults: bench_moe.py --sweep on an H100, 15 and 70 experts
-    k_gate_up: int = 128       # step along H
-    warps_gate_up: int = 4
-    stages_gate_up: int = 4
-    programs_per_sm: int = 2   # gate/up grid = SMs x this (at most what fits on an SM)
-    block_h: int = 32
-    k_down: int = 256          # step along I
-    warps_down: int = 4
-    stages_down: int = 4
-    # Down programs per block_h columns, each walking a contiguous share of the used experts.
-    # 1: cdiv(H, block_h) = 128 programs at H = 2048, one per SM, writing out directly.
-    # n > 1: n times the programs (n times the weight bytes in flight, 1/n of the steps each)
-    # for an fp32 partial per share, summed in share order by the last program to finish.
-    down_splits: int = 4
-
-    def __post_init__(self):
-        if not isinstance(self.down_splits, int) or self.down_splits < 1:
-            raise ValueError(f"down_splits must be an int >= 1, got {self.down_splits!r}")
-
-
-@dataclass(frozen=True)
-class GroupedConfig:
-    """The grouped path (more tokens): align, gate/up, down (per-slot partials), combine.
-
-    Work items are (used expert, slice); an expert's tokens are walked in block_m tiles inside
-    the item, so slices are kept small enough (block_i, block_h) for the re-reads of a slice by
-    its later tiles to hit L2.
-    """
-
-    block_m: int = 32          # tokens of one expert per tile (tl.dot needs >= 16)
-    block_i: int = 16          # gate/up: intermediate columns per work item
-    k_gate_up: int = 128       # gate/up: step along H
-    warps_gate_up: int = 4
-    stages_gate_up: int = 4
-    block_h: int = 32          # down: hidden columns per work item
-    k_down: int = 128          # down: step along I
-    warps_down: int = 4
-    stages_down: int = 4
-    programs_per_sm: int = 2   # persistent grids = SMs x this (at most what fits on an SM)
-
-
-DECODE_MAX_TOKENS = 64  # the decode path computes every token row for each used expert
-DEFAULT_DECODE = DecodeConfig()
-DEFAULT_GROUPED = GroupedConfig()
-ALIGN_MAX_SLOTS = 8192  # above this, the one-program sort of the align kernel gets too big
-_SM_COUNT = {}
-
-
-def _persistent_programs(device: torch.device, per_sm: int) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter runs programs one after another; a few exercise the loop
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index] * per_sm
+def _lists_args(lists) -> dict:
+    """align_slots' outputs as the persistent kernels' keyword arguments."""
+    names = ("sorted_slots_ptr", "used_expert_ptr", "used_start_ptr", "used_count_ptr",
+             "n_used_ptr")
+    return dict(zip(names, lists))
 
 
 def align_slots(flat_ids: torch.Tensor, num_experts: int):
     """Slots sorted by expert and the list of used experts, on the device, no sync.
 
+    flat_ids: int32/int64 [S] (S = T * top_k slots, -1 or out of range = empty).
     Returns (sorted_slots, used_expert, used_start, used_count, n_used), int32: for u < n_used,
     expert used_expert[u] owns slots sorted_slots[used_start[u] : used_start[u] + used_count[u]].
+    moe_align_kernel or torch ops, as launch.align_launch chooses.
     """
     from .kernels.moe_matmul import moe_align_kernel
 
     S, E = flat_ids.numel(), num_experts
+    plan = align_launch(S, E)
+    if not plan.use_kernel:
+        return align_slots_torch(flat_ids, E)
     dev = flat_ids.device
     used = [torch.empty(E, dtype=torch.int32, device=dev) for _ in range(3)]
     n_used = torch.empty(1, dtype=torch.int32, device=dev)
     s_pad = triton.next_power_of_2(S)
-    if s_pad <= ALIGN_MAX_SLOTS and (E + 1) * s_pad < 2**31:
-        sorted_slots = torch.empty(s_pad, dtype=torch.int32, device=dev)
-        moe_align_kernel[(1,)](flat_ids, sorted_slots, *used, n_used, S, E, S_PAD=s_pad,
-                               NUM_BINS=triton.next_power_of_2(E + 1), num_warps=4)
-        return (sorted_slots, *used, n_used)
-    return _align_slots_torch(flat_ids, E, used, n_used)
+    sorted_slots = torch.empty(s_pad, dtype=torch.int32, device=dev)
+    moe_align_kernel[(1,)](
+        ids_ptr=flat_ids, sorted_slots_ptr=sorted_slots, used_expert_ptr=used[0],
+        used_start_ptr=used[1], used_count_ptr=used[2], n_used_ptr=n_used, S=S, E=E,
+        S_PAD=s_pad, NUM_BINS=triton.next_power_of_2(E + 1), num_warps=plan.warps)
+    return (sorted_slots, *used, n_used)
 
 
-def _align_slots_torch(flat_ids, E, used, n_used):
-    """The align step in torch ops for many slots (prefill): the same outputs, still no sync."""
+def align_slots_torch(flat_ids: torch.Tensor, num_experts: int):
+    """align_slots in torch ops for many slots (prefill): the same outputs, still no sync."""
+    E = num_experts
     ids = flat_ids.long()
     bucket = torch.where((ids >= 0) & (ids < E), ids, E)
     sorted_slots = torch.sort(bucket, stable=True).indices.to(torch.int32)
@@ -239,107 +193,119 @@ def _align_slots_torch(flat_ids, E, used, n_used):
     is_used = counts > 0
     # Used experts first, in expert order: a stable sort on "unused".
     order = torch.sort((~is_used).to(torch.int8), stable=True).indices
-    used[0].copy_(order)
-    used[1].copy_(starts[order])
-    used[2].copy_(counts[order])
-    n_used.copy_(is_used.sum().reshape(1))
-    return (sorted_slots, *used, n_used)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get exact fp32 products; half types use the tensor cores' native precision.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _persistent_grid(device, config, max_items: int) -> tuple:
-    return (max(1, min(_persistent_programs(device, config.programs_per_sm), max_items)),)
+    used = [t.to(torch.int32) for t in (order, starts[order], counts[order])]
+    return (sorted_slots, *used, is_used.sum().reshape(1).to(torch.int32))
 
 
 def expert_gate_up(hidden, w_gate_up, lists, top_k: int, config: GroupedConfig):
-    """act [T*k, I] in hidden's dtype: silu(x W_gate^T) * (x W_up^T) for every filled slot."""
+    """act [T*top_k, I] in hidden's dtype: silu(x W_gate^T) * (x W_up^T) for every filled slot.
+
+    hidden [T, H]; w_gate_up [E, 2I, H] in hidden's dtype; lists: align_slots' outputs.
+    """
     from .kernels.moe_matmul import moe_gate_up_kernel
 
     T, H = hidden.shape
     E, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
     act = torch.empty(T * top_k, inter, dtype=hidden.dtype, device=hidden.device)
-    c = config
-    grid = _persistent_grid(hidden.device, c, min(E, T * top_k) * triton.cdiv(inter, c.block_i))
+    cfg = config
+    grid = persistent_grid(hidden.device, cfg.programs_per_sm,
+                           min(E, T * top_k) * triton.cdiv(inter, cfg.block_i))
     moe_gate_up_kernel[grid](
-        hidden, hidden.stride(0), hidden.stride(1),
-        w_gate_up, *w_gate_up.stride(), act, act.stride(0), *lists, H, inter, top_k,
-        BLOCK_M=c.block_m, BLOCK_I=c.block_i, BLOCK_K=c.k_gate_up,
-        PRECISION=_precision(hidden.dtype), num_warps=c.warps_gate_up,
-        num_stages=c.stages_gate_up)
+        x_ptr=hidden, stride_xt=hidden.stride(0), stride_xh=hidden.stride(1), w_ptr=w_gate_up,
+        **_strides("stride_we", "stride_wn", "stride_wk", w=w_gate_up),
+        act_ptr=act, stride_as=act.stride(0), **_lists_args(lists), H=H, I=inter, TOP_K=top_k,
+        BLOCK_M=cfg.block_m, BLOCK_I=cfg.block_i, BLOCK_K=cfg.k_tile_gate_up,
+        PRECISION=dot_precision(hidden.dtype), num_warps=cfg.warps_gate_up,
+        num_stages=cfg.stages_gate_up)
     return act
 
 
+def _strides(*names, w) -> dict:
+    """A weight tensor's strides as named kernel arguments."""
+    return dict(zip(names, w.stride()))
+
+
 def expert_down(act, w_down, lists, config: GroupedConfig):
-    """partial [T*k, H] fp32: act W_down^T for every filled slot (other rows unwritten)."""
+    """partial [T*top_k, H] fp32: act W_down^T for every filled slot (other rows unwritten).
+
+    act [T*top_k, I]; w_down [E, H, I] in act's dtype; lists: align_slots' outputs.
+    """
     from .kernels.moe_matmul import moe_down_kernel
 
     slots, inter = act.shape
     E, H = w_down.shape[:2]
     partial = torch.empty(slots, H, dtype=torch.float32, device=act.device)
-    c = config
-    grid = _persistent_grid(act.device, c, min(E, slots) * triton.cdiv(H, c.block_h))
+    cfg = config
+    grid = persistent_grid(act.device, cfg.programs_per_sm,
+                           min(E, slots) * triton.cdiv(H, cfg.block_h))
     moe_down_kernel[grid](
-        act, act.stride(0), w_down, *w_down.stride(), partial, partial.stride(0), *lists, H, inter,
-        BLOCK_M=c.block_m, BLOCK_H=c.block_h, BLOCK_K=c.k_down, PRECISION=_precision(act.dtype),
-        num_warps=c.warps_down, num_stages=c.stages_down)
+        act_ptr=act, stride_as=act.stride(0), w_ptr=w_down,
+        **_strides("stride_we", "stride_wh", "stride_wi", w=w_down),
+        partial_ptr=partial, stride_ps=partial.stride(0), **_lists_args(lists), H=H, I=inter,
+        BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down,
+        PRECISION=dot_precision(act.dtype), num_warps=cfg.warps_down,
+        num_stages=cfg.stages_down)
     return partial
 
 
-def combine_slots(partial, ids, weights, out, num_experts: int):
-    """out[t] = sum_j w[t, j] * partial[t*k + j] over filled slots, in slot order."""
+def combine_slots(partial, ids, weights, out, num_experts: int,
+                  launch: CombineLaunch = DEFAULT_COMBINE):
+    """out[t] = sum_j w[t, j] * partial[t*k + j] over filled slots, in slot order.
+
+    partial fp32 [T*top_k, H]; ids int [T, top_k]; weights fp32 [T, top_k]; out [T, H].
+    """
     from .kernels.moe_matmul import moe_combine_kernel
 
     T, H = out.shape
-    block_t, block_h = 8, 256
-    moe_combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](
-        partial, partial.stride(0), ids, weights, out, out.stride(0), T, H, num_experts,
-        ids.shape[1], BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
+    moe_combine_kernel[(triton.cdiv(T, launch.block_t), triton.cdiv(H, launch.block_h))](
+        partial_ptr=partial, stride_ps=partial.stride(0), ids_ptr=ids, weights_ptr=weights,
+        out_ptr=out, stride_ot=out.stride(0), T=T, H=H, E=num_experts, TOP_K=ids.shape[1],
+        BLOCK_T=launch.block_t, BLOCK_H=launch.block_h, num_warps=launch.warps)
     return out
 
 
-def _decode_pads(T, k, E, dtype) -> dict:
-    return dict(T_PAD=max(16, triton.next_power_of_2(T)), K_PAD=triton.next_power_of_2(k),
-                S_PAD=triton.next_power_of_2(T * k), NUM_BINS=triton.next_power_of_2(E + 1),
-                PRECISION=_precision(dtype))
+def _decode_pads(T, top_k, E, dtype) -> dict:
+    """The decode kernels' padded sizes (powers of two; T_PAD >= 16 for tl.dot)."""
+    return dict(T_PAD=max(16, triton.next_power_of_2(T)),
+                TOP_K_PAD=triton.next_power_of_2(top_k),
+                S_PAD=triton.next_power_of_2(T * top_k), NUM_BINS=triton.next_power_of_2(E + 1),
+                PRECISION=dot_precision(dtype))
 
 
-def _stages(stages: int, dtype: torch.dtype) -> int:
-    # The decode configs are tuned for 2-byte weights; fp32 tiles are twice as large, and the
-    # tuned pipeline depth would not fit an H100's shared memory (228 KB per SM).
-    return stages if dtype != torch.float32 else max(2, stages // 2)
-
-
-def _down_arrivals(H, device, config: DecodeConfig):
-    """The down launch's arrival counters (one per block_h columns), or None with one split."""
+def down_arrivals(H: int, device, config: DecodeConfig):
+    """The down launch's arrival counters, int32 [cdiv(H, block_h)], or None with one split."""
     if config.down_splits == 1:
         return None
     return torch.empty(triton.cdiv(H, config.block_h), dtype=torch.int32, device=device)
 
 
 def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, shared_gate_up=None):
-    """act [T*k (+ T with a shared expert), I] in hidden's dtype for the filled slots (then the
-    shared expert's rows); also zeroes `arrivals` (if any)."""
+    """act [T*top_k (+ T with a shared expert), I] in hidden's dtype for the filled slots (then
+    the shared expert's rows); also zeroes `arrivals` (if any).
+
+    hidden [T, H]; ids int [T, top_k] contiguous; w_gate_up [E, 2I, H]; arrivals: down_arrivals'
+    counters or None; shared_gate_up: [2I, H] with a routed expert's strides, or None.
+    """
     from .kernels.moe_matmul import moe_gate_up_decode_kernel
 
     T, H = hidden.shape
-    k = ids.shape[1]
+    top_k = ids.shape[1]
     E, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
     has_shared = shared_gate_up is not None
-    act = torch.empty(T * k + T * has_shared, inter, dtype=hidden.dtype, device=hidden.device)
-    c = config
-    experts = min(E, T * k) + has_shared
-    grid = _persistent_grid(hidden.device, c, experts * triton.cdiv(inter, c.block_i))
-    counters = (ids, 0) if arrivals is None else (arrivals, arrivals.numel())  # ids: unused
+    act = torch.empty(T * top_k + T * has_shared, inter, dtype=hidden.dtype, device=hidden.device)
+    cfg = config
+    experts = min(E, T * top_k) + has_shared
+    grid = persistent_grid(hidden.device, cfg.programs_per_sm,
+                           experts * triton.cdiv(inter, cfg.block_i))
     moe_gate_up_decode_kernel[grid](
-        hidden, hidden.stride(0), hidden.stride(1), w_gate_up, *w_gate_up.stride(),
-        act, act.stride(0), ids, *counters, shared_gate_up if has_shared else w_gate_up,
-        T, H, inter, E, k, BLOCK_I=c.block_i, BLOCK_K=c.k_gate_up, num_warps=c.warps_gate_up,
-        num_stages=_stages(c.stages_gate_up, hidden.dtype), HAS_SHARED=has_shared,
-        **_decode_pads(T, k, E, hidden.dtype))
+        x_ptr=hidden, stride_xt=hidden.stride(0), stride_xh=hidden.stride(1), w_ptr=w_gate_up,
+        **_strides("stride_we", "stride_wn", "stride_wk", w=w_gate_up),
+        act_ptr=act, stride_as=act.stride(0), ids_ptr=ids, arrivals_ptr=arrivals,
+        n_arrivals=0 if arrivals is None else arrivals.numel(), shared_ptr=shared_gate_up,
+        T=T, H=H, I=inter, E=E, TOP_K=top_k, BLOCK_I=cfg.block_i, BLOCK_K=cfg.k_tile_gate_up,
+        HAS_SHARED=has_shared, num_warps=cfg.warps_gate_up,
+        num_stages=pipeline_stages(cfg.stages_gate_up, hidden.dtype),
+        **_decode_pads(T, top_k, E, hidden.dtype))
     return act
 
 
@@ -347,23 +313,30 @@ def decode_down_combine(act, ids, weights, w_down, out, arrivals, config: Decode
                         shared_down=None):
     """out = sum over slots of weight * act W_down^T (+ the shared expert's rows of act times
     shared_down^T); `arrivals` must hold zeros (or be None with one split): decode_gate_up
-    zeroes them, and the launch leaves them zeroed."""
+    zeroes them, and the launch leaves them zeroed.
+
+    act [T*top_k (+T), I]; ids int [T, top_k]; weights fp32 [T, top_k]; w_down [E, H, I];
+    out [T, H]; shared_down: [H, I] with a routed expert's strides, or None.
+    """
     from .kernels.moe_matmul import moe_down_combine_decode_kernel
 
     T, H = out.shape
-    k = ids.shape[1]
+    top_k = ids.shape[1]
     E, inter = w_down.shape[0], w_down.shape[2]
-    c = config
-    if c.down_splits == 1:
-        partial, arrivals = out, ids  # unused by the one-split kernel
-    else:
-        partial = torch.empty(c.down_splits, T, H, dtype=torch.float32, device=out.device)
-    moe_down_combine_decode_kernel[(triton.cdiv(H, c.block_h), c.down_splits)](
-        act, act.stride(0), w_down, *w_down.stride(), ids, weights, out, out.stride(0),
-        partial, arrivals, w_down if shared_down is None else shared_down, T, H, inter, E, k,
-        BLOCK_H=c.block_h, BLOCK_K=c.k_down, EXPERT_SPLITS=c.down_splits,
-        HAS_SHARED=shared_down is not None, num_warps=c.warps_down,
-        num_stages=_stages(c.stages_down, act.dtype), **_decode_pads(T, k, E, act.dtype))
+    cfg = config
+    partial = None  # one split writes out directly
+    if cfg.down_splits > 1:
+        partial = torch.empty(cfg.down_splits, T, H, dtype=torch.float32, device=out.device)
+    moe_down_combine_decode_kernel[(triton.cdiv(H, cfg.block_h), cfg.down_splits)](
+        act_ptr=act, stride_as=act.stride(0), w_ptr=w_down,
+        **_strides("stride_we", "stride_wh", "stride_wi", w=w_down),
+        ids_ptr=ids, weights_ptr=weights, out_ptr=out, stride_ot=out.stride(0),
+        partial_ptr=partial, arrivals_ptr=None if partial is None else arrivals,
+        shared_ptr=shared_down, T=T, H=H, I=inter, E=E, TOP_K=top_k,
+        BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down, EXPERT_SPLITS=cfg.down_splits,
+        HAS_SHARED=shared_down is not None, num_warps=cfg.warps_down,
+        num_stages=pipeline_stages(cfg.stages_down, act.dtype),
+        **_decode_pads(T, top_k, E, act.dtype))
     return out
 
 
@@ -372,27 +345,30 @@ def decode_forward(hidden, ids, weights, w_gate_up, w_down, out, config: DecodeC
     """Two launches: gate/up into act [T*k (+T), I], then down + weighted sum straight into out
     (the shared expert, if any, as one more expert that every token uses with weight 1)."""
     shared_gate_up, shared_down = shared if shared is not None else (None, None)
-    arrivals = _down_arrivals(hidden.shape[1], hidden.device, config)
+    arrivals = down_arrivals(hidden.shape[1], hidden.device, config)
     act = decode_gate_up(hidden, ids, w_gate_up, arrivals, config, shared_gate_up)
     return decode_down_combine(act, ids, weights, w_down, out, arrivals, config, shared_down)
 
 
 def grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, config: GroupedConfig,
-                    shared=None):
+                    shared=None, combine: CombineLaunch = DEFAULT_COMBINE):
     """Four launches: align, gate/up, down into per-slot partials, combine; a shared expert (many
     tokens: prefill, not the decoding step) runs as torch GEMMs and is added after, in fp32."""
     E = w_gate_up.shape[0]
     lists = align_slots(ids.view(-1), E)
     act = expert_gate_up(hidden, w_gate_up, lists, ids.shape[1], config)
     partial = expert_down(act, w_down, lists, config)
-    out = combine_slots(partial, ids, weights, out, E)
+    out = combine_slots(partial, ids, weights, out, E, combine)
     if shared is not None:
         out.copy_(out.float() + shared_expert_fp32(hidden, *shared))
     return out
 
 
 def shared_expert_fp32(hidden, shared_gate_up, shared_down):
-    """down(silu(gate(x)) * up(x)) with fp32 products and activation (the kernels' numerics)."""
+    """down(silu(gate(x)) * up(x)) with fp32 products and activation (the kernels' numerics).
+
+    hidden [T, H]; shared_gate_up [2I, H]; shared_down [H, I]. Returns fp32 [T, H].
+    """
     inter = shared_gate_up.shape[0] // 2
     gate_up = hidden.float() @ shared_gate_up.float().T
     act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
@@ -400,24 +376,28 @@ def shared_expert_fp32(hidden, shared_gate_up, shared_down):
 
 
 def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=None,
-                       path: str = "auto", decode: DecodeConfig = DEFAULT_DECODE,
-                       grouped: GroupedConfig = DEFAULT_GROUPED, shared=None) -> torch.Tensor:
-    """The Triton path of `moe_forward` (inputs already checked).
+                       path: str = "auto", decode: Optional[DecodeConfig] = None,
+                       grouped: Optional[GroupedConfig] = None, shared=None) -> torch.Tensor:
+    """The Triton path of `moe_forward` (inputs already checked; same arguments).
 
-    path "auto" takes the decode path for T <= DECODE_MAX_TOKENS, else the grouped one.
+    path "auto", decode and grouped None: launch.moe_launch's choice (the decode path for
+    T <= DECODE_MAX_TOKENS, else the grouped one; a `launch.override` replaces it); given
+    values win over both.
     """
-    T, k = topk_ids.shape
+    T, top_k = topk_ids.shape
     out = torch.empty_like(hidden) if out is None else out
     if T == 0:
         return out
-    if k == 0:  # no routed slot: zeros, or the shared expert alone
+    if top_k == 0:  # no routed slot: zeros, or the shared expert alone
         return out.zero_() if shared is None else out.copy_(shared_expert_fp32(hidden, *shared))
     ids, weights = topk_ids.contiguous(), topk_weights.contiguous()
-    if path == "auto":
-        path = "decode" if T <= DECODE_MAX_TOKENS else "grouped"
+    plan = moe_launch(T, top_k, w_gate_up.shape[0], hidden.dtype, hidden.device)
+    path = plan.path if path == "auto" else path
     if path == "decode":
-        return decode_forward(hidden, ids, weights, w_gate_up, w_down, out, decode, shared)
-    return grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, grouped, shared)
+        return decode_forward(hidden, ids, weights, w_gate_up, w_down, out,
+                              decode or plan.decode, shared)
+    return grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, grouped or plan.grouped,
+                           shared, plan.combine)
 
 
 def _required(obj, path: str):
@@ -532,6 +512,7 @@ class DMoEBlock(torch.nn.Module):
         return cls(cfg, policy, gate_weight, expert_bias, w_gate_up, w_down, shared, backend)
 
     def set_policy(self, policy: RoutingPolicy) -> None:
+        """Route with `policy` from the next forward on (checked against the router config)."""
         if not isinstance(policy, RoutingPolicy):
             raise TypeError(f"policy must be a RoutingPolicy, got {type(policy).__name__}")
         policy.check(self.router_cfg)
@@ -546,10 +527,10 @@ class DMoEBlock(torch.nn.Module):
             logits = hidden.float() @ self.gate_weight.T
         r = route(logits, self.expert_bias, self.router_cfg, self.policy, self.backend)
         self.last_route = r
-        k = r.topk_ids.shape[-1]
+        top_k = r.topk_ids.shape[-1]
         shared = self.shared_weights()
-        y = moe_forward(hidden.reshape(B * L, H), r.topk_ids.reshape(B * L, k),
-                        r.topk_weights.reshape(B * L, k), self.w_gate_up, self.w_down,
+        y = moe_forward(hidden.reshape(B * L, H), r.topk_ids.reshape(B * L, top_k),
+                        r.topk_weights.reshape(B * L, top_k), self.w_gate_up, self.w_down,
                         backend=self.backend, check_ids=False, shared=shared).view(B, L, H)
         if self.shared_expert is not None and shared is None:
             y = y + self.shared_expert(hidden)

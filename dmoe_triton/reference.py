@@ -1,6 +1,7 @@
 """The PyTorch reference: routing-spec.md and the expert MLP, in plain code.
 
-Short and obvious on purpose: loops where they make the rule readable, no performance tricks.
+Short and obvious on purpose: the rules read as tensor ops (loops only over sequences and
+blocks), no performance tricks.
 Every function computes in the dtype of its inputs (pass float64 for a high-precision oracle).
 The Triton kernels are tested against these functions.
 """
@@ -31,29 +32,21 @@ def group_limited_topk(r: torch.Tensor, candidates: torch.Tensor, cfg: RouterCon
     G, size = cfg.n_group, cfg.group_size
     neg_inf = torch.tensor(float("-inf"), dtype=r.dtype)
     masked = torch.where(candidates, r, neg_inf)
-    ids = torch.full((N, top_k), -1, dtype=torch.int64)
-    for n in range(N):
-        # Rank groups by (class, score): class 2 = two or more candidates, scored by the sum of
-        # its two largest values; class 1 = one candidate, scored by it; class 0 = none.
-        keys = []
-        for g in range(G):
-            vals = masked[n, g * size:(g + 1) * size]
-            top = vals[sort_desc(vals)]
-            count = int(candidates[n, g * size:(g + 1) * size].sum())
-            if count >= 2:
-                keys.append((2, float(top[0] + top[1]), -g))
-            elif count == 1:
-                keys.append((1, float(top[0]), -g))
-            else:
-                keys.append((0, 0.0, -g))
-        kept_groups = sorted(range(G), key=lambda g: keys[g], reverse=True)[: cfg.topk_group]
-        in_kept = torch.zeros(E, dtype=torch.bool)
-        for g in kept_groups:
-            in_kept[g * size:(g + 1) * size] = True
-        row = torch.where(in_kept, masked[n], neg_inf)
-        order = sort_desc(row)[:top_k]
-        ids[n] = torch.where(row[order] == float("-inf"), torch.full_like(order, -1), order)
-    return ids
+    top = torch.sort(masked.view(N, G, size), dim=-1, descending=True).values
+    count = candidates.view(N, G, size).sum(dim=-1)
+    # Rank groups by (class, score): class 2 = two or more candidates, scored by the sum of
+    # its two largest values; class 1 = one candidate, scored by it; class 0 = none.
+    group_class = (count >= 2).long() + (count >= 1).long()
+    score = torch.where(count >= 2, top[..., 0] + top[..., 1],  # RouterConfig: size >= 2
+                        torch.where(count == 1, top[..., 0], torch.zeros_like(top[..., 0])))
+    # Class first, then score, then the lower group: a stable sort by score, then a stable
+    # sort of that order by class (ties keep their order: by score, then by group index).
+    by_score = sort_desc(score)
+    ranked = torch.gather(by_score, 1, sort_desc(torch.gather(group_class, 1, by_score)))
+    kept_group = torch.zeros(N, G, dtype=torch.bool).scatter_(1, ranked[:, :cfg.topk_group], True)
+    row = torch.where(kept_group.repeat_interleave(size, dim=1), masked, neg_inf)
+    order = sort_desc(row)[:, :top_k]
+    return torch.where(row.gather(1, order) == float("-inf"), torch.full_like(order, -1), order)
 
 
 def scaled_weights(s: torch.Tensor, ids: torch.Tensor, bad: torch.Tensor, scale: float):
@@ -66,13 +59,11 @@ def scaled_weights(s: torch.Tensor, ids: torch.Tensor, bad: torch.Tensor, scale:
 
 def block_votes(r: torch.Tensor, top_k: int) -> torch.Tensor:
     """dMoE steps 1-3 for one block's real rows r [T, E]: normalised votes [E]."""
-    T, E = r.shape
-    kept = torch.zeros_like(r)
-    for t in range(T):
-        picks = sort_desc(r[t])[:top_k]
-        # A -inf pick (only from NaN scores) is an empty slot and casts no vote.
-        kept[t, picks] = torch.where(torch.isinf(r[t, picks]), torch.zeros_like(r[t, picks]),
-                                     r[t, picks])
+    picks = sort_desc(r)[:, :top_k]  # each row's own top-k (ties: lower index)
+    picked = r.gather(1, picks)
+    # A -inf pick (only from NaN scores) is an empty slot and casts no vote.
+    kept = torch.zeros_like(r).scatter_(1, picks, torch.where(torch.isinf(picked),
+                                                              torch.zeros_like(picked), picked))
     votes = kept.sum(dim=0)
     return votes / (votes.sum() + 1e-20)
 

@@ -14,25 +14,29 @@ import torch
 import triton
 
 from .config import RouterConfig, RoutingPolicy
+from .launch import RouteLaunch, route_launch
 from .reference import route_reference
 
 BACKENDS = ("auto", "triton", "reference")
-POLICY_CODE = {"token": 0, "topk_cap": 0, "dmoe": 1, "des_vote": 2}
 
 
 @dataclass
 class RouteResult:
+    """What `route` returns (routing-spec.md, Outputs)."""
+
     topk_ids: torch.Tensor        # int32 [..., L, k]; -1 marks an empty slot
     topk_weights: torch.Tensor    # float32 [..., L, k]; 0 in empty slots
     coreset: Optional[torch.Tensor]  # bool [..., n_blocks, E] for block policies, else None
 
 
 def interpreting() -> bool:
+    """Triton's interpreter is on (TRITON_INTERPRET set): kernels run on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" means the kernels on CUDA and the reference elsewhere."""
+    """backend: one of BACKENDS; device: the inputs' device. Returns "triton" or "reference":
+    "auto" means the kernels on CUDA and the reference elsewhere."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -46,6 +50,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def check_route_inputs(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy):
+    """Host checks of route's arguments; returns expert_bias (zeros [E] fp32 if None)."""
     if not isinstance(cfg, RouterConfig):
         raise TypeError(f"cfg must be a RouterConfig, got {type(cfg).__name__}")
     if not isinstance(policy, RoutingPolicy):
@@ -80,68 +85,66 @@ def check_route_inputs(logits, expert_bias, cfg: RouterConfig, policy: RoutingPo
 
 def route(logits: torch.Tensor, expert_bias: Optional[torch.Tensor], cfg: RouterConfig,
           policy: RoutingPolicy, backend: str = "auto") -> RouteResult:
-    """Route router logits [..., L, E] (fp32) to experts under `policy`.
+    """Route router logits to experts under `policy` (routing-spec.md).
 
-    Leading dims are independent sequences; block policies cut each sequence's L rows into
-    consecutive blocks of `policy.block_size` starting at row 0.
+    logits: fp32 [..., L, E], E = cfg.num_experts; leading dims are independent sequences.
+    expert_bias: fp32 [E] on logits' device, or None (zeros). Block policies cut each
+    sequence's L rows into consecutive blocks of `policy.block_size` starting at row 0.
+    backend: "auto" (kernels on CUDA), "triton" or "reference".
+    Returns RouteResult: topk_ids int32 [..., L, slots] (-1 = empty), topk_weights fp32
+    [..., L, slots], coreset bool [..., cdiv(L, block_size), E] or None; slots =
+    policy.slots(cfg). Launch shapes: dmoe_triton.launch (route_launch, override).
     """
     expert_bias = check_route_inputs(logits, expert_bias, cfg, policy)
     backend = resolve_backend(backend, logits.device)
     if backend == "reference":
         return RouteResult(*route_reference(logits, expert_bias, cfg, policy))
-    return _route_triton(logits, expert_bias, cfg, policy)
+    return route_triton(logits, expert_bias, cfg, policy)
 
 
-@dataclass(frozen=True)
-class RouteLaunch:
-    """Launch shapes of the routing kernels (bench/bench_routing.py --sweep times variants)."""
+def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
+                 launch: Optional[RouteLaunch] = None) -> RouteResult:
+    """The Triton path of `route`, inputs already checked (benches time it without the checks).
 
-    # Defaults: the fastest shapes of `bench_routing.py --sweep` on an H100 (E=256, 1 block).
-    route_rows: int = 1        # route_kernel: rows per program
-    route_warps: int = 1
-    vote_rows: int = 16        # block_coreset_kernel: rows per chunk of the block's votes
-    coreset_warps: int = 8
-
-
-DEFAULT_LAUNCH = RouteLaunch()
-
-
-def _route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
-                  launch: RouteLaunch = DEFAULT_LAUNCH) -> RouteResult:
+    logits: fp32 [..., L, E] (E = cfg.num_experts); expert_bias: fp32 [E] on logits' device.
+    launch: the kernels' shapes (default: launch.route_launch, or a `launch.override`).
+    Returns a RouteResult shaped like `route`'s.
+    """
     from .kernels.routing import block_coreset_kernel, route_kernel
 
     lead, (L, E) = logits.shape[:-2], logits.shape[-2:]
     x = logits.reshape(-1, L, E).contiguous()
     S = x.shape[0]
-    k = policy.slots(cfg)
-    ids = torch.empty(S, L, k, dtype=torch.int32, device=x.device)
-    weights = torch.empty(S, L, k, dtype=torch.float32, device=x.device)
+    shapes = launch or route_launch(E, x.device)
+    top_k = policy.slots(cfg)
+    ids = torch.empty(S, L, top_k, dtype=torch.int32, device=x.device)
+    weights = torch.empty(S, L, top_k, dtype=torch.float32, device=x.device)
     # Token policies have no blocks: route_kernel then sees blocks of route_rows rows.
-    bs = policy.block_size if policy.is_block else launch.route_rows
-    n_blocks = triton.cdiv(L, bs)
+    block_size = policy.block_size if policy.is_block else shapes.route_rows
+    n_blocks = triton.cdiv(L, block_size)
     coreset = None
     if policy.is_block:
         coreset = torch.empty(S, n_blocks, E, dtype=torch.uint8, device=x.device)
         block_coreset_kernel[(S * n_blocks,)](
-            x, expert_bias, coreset, L, n_blocks, bs,
-            float(policy.top_p), policy.guard, policy.size,
-            E=E, VOTE_K=cfg.top_k, POLICY=POLICY_CODE[policy.kind],
-            BLOCK_T=min(launch.vote_rows, triton.next_power_of_2(bs)),
-            E_PAD=triton.next_power_of_2(E), num_warps=launch.coreset_warps,
+            logits_ptr=x, bias_ptr=expert_bias, coreset_ptr=coreset, L=L, n_blocks=n_blocks,
+            block_size=block_size, top_p=float(policy.top_p), guard=policy.guard,
+            coreset_size=policy.size, E=E, VOTE_K=cfg.top_k, POLICY=policy.code,
+            BLOCK_T=min(shapes.vote_rows, triton.next_power_of_2(block_size)),
+            E_PAD=triton.next_power_of_2(E), num_warps=shapes.coreset_warps,
         )
-    rows = min(launch.route_rows, triton.next_power_of_2(bs))
-    chunks = triton.cdiv(bs, rows)
+    rows = min(shapes.route_rows, triton.next_power_of_2(block_size))
+    chunks = triton.cdiv(block_size, rows)
     route_kernel[(S * n_blocks * chunks,)](
-        x, expert_bias, ids, weights, coreset if coreset is not None else ids,
-        L, n_blocks, bs, chunks, float(cfg.routed_scaling_factor),
+        logits_ptr=x, bias_ptr=expert_bias, ids_ptr=ids, weights_ptr=weights,
+        coreset_ptr=coreset, L=L, n_blocks=n_blocks, block_size=block_size,
+        chunks_per_block=chunks, scaling=float(cfg.routed_scaling_factor),
         E=E, N_GROUP=cfg.n_group, GROUP_SIZE=cfg.group_size, TOPK_GROUP=cfg.topk_group,
-        TOP_K=k, HAS_CORESET=coreset is not None, BLOCK_T=rows,
-        G_PAD=triton.next_power_of_2(cfg.n_group),
-        GS_PAD=triton.next_power_of_2(cfg.group_size), K_PAD=triton.next_power_of_2(k),
-        num_warps=launch.route_warps,
+        TOP_K=top_k, BLOCK_T=rows, G_PAD=triton.next_power_of_2(cfg.n_group),
+        GS_PAD=triton.next_power_of_2(cfg.group_size), TOP_K_PAD=triton.next_power_of_2(top_k),
+        num_warps=shapes.route_warps,
     )
-    ids = ids.reshape(*lead, L, k)
-    weights = weights.reshape(*lead, L, k)
+    ids = ids.reshape(*lead, L, top_k)
+    weights = weights.reshape(*lead, L, top_k)
     if coreset is None:
         return RouteResult(ids, weights, None)
     return RouteResult(ids, weights, coreset.view(torch.bool).reshape(*lead, n_blocks, E))

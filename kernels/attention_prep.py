@@ -26,6 +26,7 @@ def _normed(x, w, inv_rms, dtype: tl.constexpr):
 @triton.jit
 def _norm_rope_head(src, w_ptr, cos_row, sin_row, dst, eps,
                     HD: tl.constexpr, RD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One head: RMSNorm (weights w_ptr [HD]) then NeoX RoPE on its first RD dims, src -> dst."""
     dtype = dst.dtype.element_ty
     d = tl.arange(0, BLOCK_D)
     in_head = d < HD
@@ -41,9 +42,9 @@ def _norm_rope_head(src, w_ptr, cos_row, sin_row, dst, eps,
     wp = tl.load(w_ptr + partner, mask=rotary, other=0.0).to(tl.float32)
     yp = _normed(xp, wp, inv_rms, dtype)
     rotated = tl.where(first_half, -yp, yp)  # rotate_half: (-b, a)
-    c = tl.load(cos_row + d, mask=rotary, other=0.0).to(tl.float32)
-    s = tl.load(sin_row + d, mask=rotary, other=0.0).to(tl.float32)
-    roped = (y * c).to(dtype).to(tl.float32) + (rotated * s).to(dtype).to(tl.float32)
+    cos_d = tl.load(cos_row + d, mask=rotary, other=0.0).to(tl.float32)
+    sin_d = tl.load(sin_row + d, mask=rotary, other=0.0).to(tl.float32)
+    roped = (y * cos_d).to(dtype).to(tl.float32) + (rotated * sin_d).to(dtype).to(tl.float32)
     tl.store(dst + d, tl.where(rotary, roped, y).to(dtype), mask=in_head)
 
 
@@ -58,6 +59,14 @@ def attention_prep_kernel(
     NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, RD: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """Grid (B * L, NH + 2 NKV): program (token, head) normalises, rotates or copies one head.
+
+    qkv_ptr [B, L, (NH + 2 NKV) * HD] fp32/fp16/bf16; q_weight_ptr, k_weight_ptr [HD];
+    cos_ptr, sin_ptr [B, L, RD] in qkv's dtype; q_ptr [B, NH, L, HD] contiguous out; k_ptr,
+    v_ptr [B, NKV, L, HD] out (strides in elements, as commented). L: tokens per sequence;
+    eps: RMSNorm epsilon (fp32). NH, NKV: query and KV heads; HD: head dims; RD: rotary dims
+    (even, <= HD); BLOCK_D: next power of two >= HD.
+    """
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     b = token // L

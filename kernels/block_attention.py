@@ -30,6 +30,14 @@ def block_attention_kernel(
     NKV: tl.constexpr, GROUP: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """Grid (B * NKV, cdiv(GROUP * L, BLOCK_M)): softmax(q k^T * scale + mask) v.
+
+    q_ptr [B, NH, L, HD] with NH = NKV * GROUP; k_ptr, v_ptr [B, NKV, n_keys, HD]; mask_ptr
+    additive [B, 1, GROUP * L, n_keys] (fp32 or q's dtype); out_ptr [B, L, NH, HD] out, q's
+    dtype. All strides in elements, unit along HD and keys. scale: fp32 logit factor.
+    BLOCK_D: HD padded to a power of two >= 16 (tl.dot); BLOCK_M: stacked query rows per
+    program; BLOCK_N: keys per step; PRECISION: tl.dot input_precision.
+    """
     b = tl.program_id(0) // NKV
     kv_head = tl.program_id(0) % NKV
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # stacked rows g * L + i

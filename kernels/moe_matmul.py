@@ -38,6 +38,11 @@ def _expert_buckets(ids_ptr, S, E, S_PAD: tl.constexpr, NUM_BINS: tl.constexpr):
 @triton.jit
 def moe_align_kernel(ids_ptr, sorted_slots_ptr, used_expert_ptr, used_start_ptr, used_count_ptr,
                      n_used_ptr, S, E, S_PAD: tl.constexpr, NUM_BINS: tl.constexpr):
+    """One program: ids_ptr int32/int64 [S] slot ids (S = T * top_k; -1 or out of range =
+    empty) -> sorted_slots_ptr int32 [S_PAD] (slots by expert, then slot; padding last),
+    used_expert/used_start/used_count_ptr int32 [E] (first n_used entries written), n_used_ptr
+    int32 [1]. S_PAD = next_power_of_2(S); NUM_BINS = next_power_of_2(E + 1).
+    """
     bucket, counts, used, rank = _expert_buckets(ids_ptr, S, E, S_PAD, NUM_BINS)
     slots = tl.arange(0, S_PAD)
     keys = tl.sort(bucket * S_PAD + slots)  # by expert, then by slot: deterministic order
@@ -95,9 +100,16 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
                        w_ptr, stride_we, stride_wn, stride_wk,
                        act_ptr, stride_as,
                        sorted_slots_ptr, used_expert_ptr, used_start_ptr, used_count_ptr,
-                       n_used_ptr, H, I, TOPK,
+                       n_used_ptr, H, I, TOP_K,
                        BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
                        PRECISION: tl.constexpr):
+    """act[slot] = silu(x W_gate^T) * (x W_up^T) for the used experts' slots (persistent).
+
+    x_ptr [T, H] (strides in elements); w_ptr [E, 2I, H] (gate rows, then up rows); act_ptr
+    [T*TOP_K, I] out, x's dtype; the five lists from moe_align_kernel. H, I: sizes; TOP_K: slots
+    per token (runtime). BLOCK_M: slots per tile; BLOCK_I: act columns per work item; BLOCK_K:
+    reduction step along H; PRECISION: tl.dot input_precision.
+    """
     n_splits = tl.cdiv(I, BLOCK_I)
     n_items = tl.load(n_used_ptr) * n_splits
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
@@ -110,7 +122,7 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
         # An expert's tokens beyond the first tile re-read its weight slice from L2, not HBM.
         for m0 in range(0, count, BLOCK_M):
             slot, m_ok = _tile_slots(sorted_slots_ptr, start, count, m0, BLOCK_M)
-            x_rows = x_ptr + (slot // TOPK)[:, None] * stride_xt
+            x_rows = x_ptr + (slot // TOP_K)[:, None] * stride_xt
             act = _silu_gate_up(x_rows, m_ok, stride_xh, w_gate, w_up, stride_wk, i_ok, H,
                                 BLOCK_M, BLOCK_I, BLOCK_K, PRECISION)
             tl.store(act_ptr + slot[:, None] * stride_as + offs_i[None, :],
@@ -125,6 +137,12 @@ def moe_down_kernel(act_ptr, stride_as,
                     n_used_ptr, H, I,
                     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                     PRECISION: tl.constexpr):
+    """partial[slot] = act[slot] W_down^T in fp32 for the used experts' slots (persistent).
+
+    act_ptr [T*TOP_K, I]; w_ptr [E, H, I] (strides in elements); partial_ptr fp32 [T*TOP_K, H]
+    out; the five lists from moe_align_kernel. BLOCK_M: slots per tile; BLOCK_H: hidden columns
+    per work item; BLOCK_K: reduction step along I; PRECISION: tl.dot input_precision.
+    """
     n_splits = tl.cdiv(H, BLOCK_H)
     n_items = tl.load(n_used_ptr) * n_splits
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
@@ -150,14 +168,20 @@ def moe_down_kernel(act_ptr, stride_as,
 
 @triton.jit
 def moe_combine_kernel(partial_ptr, stride_ps, ids_ptr, weights_ptr, out_ptr, stride_ot,
-                       T, H, E, TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+                       T, H, E, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = sum_j weights[t, j] * partial[t*TOP_K + j] over filled slots, j in order.
+
+    partial_ptr fp32 [T*TOP_K, H]; ids_ptr int [T, TOP_K] (outside [0, E) = empty);
+    weights_ptr fp32 [T, TOP_K]; out_ptr [T, H] (row stride stride_ot). Grid (cdiv(T,
+    BLOCK_T), cdiv(H, BLOCK_H)).
+    """
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     t_ok = offs_t < T
     h_ok = offs_h < H
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-    for j in tl.static_range(TOPK):  # unrolled: the k partial loads are in flight together
-        slot = offs_t.to(tl.int64) * TOPK + j
+    for j in tl.static_range(TOP_K):  # unrolled: the k partial loads are in flight together
+        slot = offs_t.to(tl.int64) * TOP_K + j
         expert = tl.load(ids_ptr + slot, mask=t_ok, other=-1)
         weight = tl.load(weights_ptr + slot, mask=t_ok, other=0.0)
         filled = t_ok & (expert >= 0) & (expert < E)
@@ -181,51 +205,58 @@ def _nth_used_expert(used, rank, u, NUM_BINS: tl.constexpr):
 
 
 @triton.jit
-def _token_ids(ids_ptr, T, TOPK, T_PAD: tl.constexpr, K_PAD: tl.constexpr):
+def _token_ids(ids_ptr, T, TOP_K, T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr):
     t = tl.arange(0, T_PAD)[:, None]
-    j = tl.arange(0, K_PAD)[None, :]
-    mask = (t < T) & (j < TOPK)
-    return tl.load(ids_ptr + t * TOPK + j, mask=mask, other=-1), mask
+    j = tl.arange(0, TOP_K_PAD)[None, :]
+    mask = (t < T) & (j < TOP_K)
+    return tl.load(ids_ptr + t * TOP_K + j, mask=mask, other=-1), mask
 
 
 @triton.jit
-def _expert_rows(token_ids, expert, TOPK, T_PAD: tl.constexpr, K_PAD: tl.constexpr):
+def _expert_rows(token_ids, expert, TOP_K, T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr):
     """Which tokens use `expert`, and the slot (first, if a token lists it twice) that holds it."""
     hit = token_ids == expert
     uses = tl.max(hit.to(tl.int32), 1) > 0
-    first = tl.min(tl.where(hit, tl.arange(0, K_PAD)[None, :], K_PAD), 1)
-    return hit, uses, tl.arange(0, T_PAD).to(tl.int64) * TOPK + first
+    first = tl.min(tl.where(hit, tl.arange(0, TOP_K_PAD)[None, :], TOP_K_PAD), 1)
+    return hit, uses, tl.arange(0, T_PAD).to(tl.int64) * TOP_K + first
 
 
 @triton.jit
-def _shared_rows(shared, uses, slot, T, TOPK, T_PAD: tl.constexpr):
+def _shared_rows(shared, uses, slot, T, TOP_K, T_PAD: tl.constexpr):
     """Where `shared`: the shared expert's rows instead of a routed expert's: every real token,
-    its act row after the T*TOPK routed slots (T*TOPK + t)."""
+    its act row after the T*TOP_K routed slots (T*TOP_K + t)."""
     t = tl.arange(0, T_PAD)
-    return tl.where(shared, t < T, uses), tl.where(shared, (T * TOPK + t).to(tl.int64), slot)
+    return tl.where(shared, t < T, uses), tl.where(shared, (T * TOP_K + t).to(tl.int64), slot)
 
 
 @triton.jit
 def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
                               w_ptr, stride_we, stride_wn, stride_wk,
                               act_ptr, stride_as, ids_ptr, arrivals_ptr, n_arrivals,
-                              shared_ptr, T, H, I, E, TOPK,
-                              T_PAD: tl.constexpr, K_PAD: tl.constexpr, S_PAD: tl.constexpr,
+                              shared_ptr, T, H, I, E, TOP_K,
+                              T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr, S_PAD: tl.constexpr,
                               NUM_BINS: tl.constexpr, BLOCK_I: tl.constexpr,
                               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
                               HAS_SHARED: tl.constexpr):
     """act[slot] = silu(x W_gate^T) * (x W_up^T); work item = (used expert, BLOCK_I columns).
 
     With HAS_SHARED, the shared expert (gate|up rows at shared_ptr, the routed experts' strides)
-    is one more expert after the used ones, used by every token: its act rows are T*TOPK + t.
+    is one more expert after the used ones, used by every token: its act rows are T*TOP_K + t.
 
     Also zeroes the `n_arrivals` arrival counters of the down launch that follows (its split
     programs count themselves there), which saves a memset launch.
+
+    x_ptr [T, H]; w_ptr [E, 2I, H] (strides in elements); act_ptr [T*TOP_K (+T), I] out;
+    ids_ptr int [T, TOP_K] contiguous (-1 = empty); arrivals_ptr int32 [n_arrivals] or None;
+    shared_ptr [2I, H] or None (without HAS_SHARED). T_PAD >= 16, TOP_K_PAD, S_PAD, NUM_BINS:
+    powers of two >= T, TOP_K, T*TOP_K, E + 1. BLOCK_I: act columns per work item; BLOCK_K:
+    reduction step along H; PRECISION: tl.dot input_precision.
     """
-    for c in range(tl.program_id(0), n_arrivals, tl.num_programs(0)):
-        tl.store(arrivals_ptr + c, 0)
-    _, _, used, rank = _expert_buckets(ids_ptr, T * TOPK, E, S_PAD, NUM_BINS)
-    token_ids, _ = _token_ids(ids_ptr, T, TOPK, T_PAD, K_PAD)
+    if arrivals_ptr is not None:
+        for i in range(tl.program_id(0), n_arrivals, tl.num_programs(0)):
+            tl.store(arrivals_ptr + i, 0)
+    _, _, used, rank = _expert_buckets(ids_ptr, T * TOP_K, E, S_PAD, NUM_BINS)
+    token_ids, _ = _token_ids(ids_ptr, T, TOP_K, T_PAD, TOP_K_PAD)
     t = tl.arange(0, T_PAD)
     n_splits = tl.cdiv(I, BLOCK_I)
     n_used = tl.sum(used.to(tl.int32), 0)
@@ -233,13 +264,13 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
         u = item // n_splits
         expert = _nth_used_expert(used, rank, u, NUM_BINS)
-        _, uses, slot = _expert_rows(token_ids, expert, TOPK, T_PAD, K_PAD)
+        _, uses, slot = _expert_rows(token_ids, expert, TOP_K, T_PAD, TOP_K_PAD)
         offs_i = (item % n_splits) * BLOCK_I + tl.arange(0, BLOCK_I)
         i_ok = offs_i < I
         w_gate = w_ptr + expert.to(tl.int64) * stride_we + offs_i[None, :] * stride_wn
         if HAS_SHARED:
             shared = u == n_used
-            uses, slot = _shared_rows(shared, uses, slot, T, TOPK, T_PAD)
+            uses, slot = _shared_rows(shared, uses, slot, T, TOP_K, T_PAD)
             w_gate = tl.where(shared, shared_ptr + offs_i[None, :] * stride_wn, w_gate)
         w_up = w_gate + I * stride_wn
         # Every token row is in the tile; those that do not use the expert are masked.
@@ -252,8 +283,8 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
 @triton.jit
 def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi,
                                    ids_ptr, weights_ptr, out_ptr, stride_ot,
-                                   partial_ptr, arrivals_ptr, shared_ptr, T, H, I, E, TOPK,
-                                   T_PAD: tl.constexpr, K_PAD: tl.constexpr,
+                                   partial_ptr, arrivals_ptr, shared_ptr, T, H, I, E, TOP_K,
+                                   T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr,
                                    S_PAD: tl.constexpr, NUM_BINS: tl.constexpr,
                                    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                                    EXPERT_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
@@ -267,12 +298,17 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     no partials, no atomics. With more (more programs, so more bytes in flight when few experts
     are used), each writes an fp32 partial [EXPERT_SPLITS, T, H] and the last of a column
     block's programs to arrive adds them in split order: deterministic whoever arrives last.
+
+    act_ptr [T*TOP_K (+T), I]; w_ptr [E, H, I]; ids_ptr int / weights_ptr fp32 [T, TOP_K];
+    out_ptr [T, H]; partial_ptr fp32 [EXPERT_SPLITS, T, H] and arrivals_ptr int32 [cdiv(H,
+    BLOCK_H)] (zeroed), both None with one split; shared_ptr [H, I] or None. BLOCK_K: reduction
+    step along I; the pads as in moe_gate_up_decode_kernel.
     """
-    _, _, used, rank = _expert_buckets(ids_ptr, T * TOPK, E, S_PAD, NUM_BINS)
-    token_ids, id_mask = _token_ids(ids_ptr, T, TOPK, T_PAD, K_PAD)
+    _, _, used, rank = _expert_buckets(ids_ptr, T * TOP_K, E, S_PAD, NUM_BINS)
+    token_ids, id_mask = _token_ids(ids_ptr, T, TOP_K, T_PAD, TOP_K_PAD)
     t = tl.arange(0, T_PAD)
-    j = tl.arange(0, K_PAD)
-    token_weights = tl.load(weights_ptr + t[:, None] * TOPK + j[None, :], mask=id_mask, other=0.0)
+    j = tl.arange(0, TOP_K_PAD)
+    token_weights = tl.load(weights_ptr + t[:, None] * TOP_K + j[None, :], mask=id_mask, other=0.0)
     offs_h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h < H
     k_steps = tl.cdiv(I, BLOCK_K)
@@ -285,7 +321,7 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
                       (share + 1) * n_experts // EXPERT_SPLITS * k_steps):
         u = step // k_steps
         expert = _nth_used_expert(used, rank, u, NUM_BINS)
-        hit, uses, slot = _expert_rows(token_ids, expert, TOPK, T_PAD, K_PAD)
+        hit, uses, slot = _expert_rows(token_ids, expert, TOP_K, T_PAD, TOP_K_PAD)
         offs_k = (step % k_steps) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs_k < I
         w_tile = w_ptr + expert.to(tl.int64) * stride_we + offs_h[None, :] * stride_wh \
@@ -295,7 +331,7 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
         weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)
         if HAS_SHARED:
             shared = u == n_used
-            uses, slot = _shared_rows(shared, uses, slot, T, TOPK, T_PAD)
+            uses, slot = _shared_rows(shared, uses, slot, T, TOP_K, T_PAD)
             w_tile = tl.where(shared, shared_ptr + offs_h[None, :] * stride_wh
                               + offs_k[:, None] * stride_wi, w_tile)
             weight = tl.where(shared, 1.0, weight)

@@ -20,6 +20,8 @@ The spec (routing-spec.md) and its reference (dmoe_triton/reference.py) define e
 import triton
 import triton.language as tl
 
+from .policy_codes import DMOE
+
 NEG_INF = tl.constexpr(float("-inf"))
 # Keys of slots that can never be picked (padding, already chosen): below every real key.
 NO_KEY = tl.constexpr(-(2**63))
@@ -85,9 +87,19 @@ def _key_value(key):
 def block_coreset_kernel(
     logits_ptr, bias_ptr, coreset_ptr,
     L, n_blocks, block_size, top_p, guard, coreset_size,
-    E: tl.constexpr, VOTE_K: tl.constexpr, POLICY: tl.constexpr,  # 1 dmoe, 2 des_vote
+    E: tl.constexpr, VOTE_K: tl.constexpr, POLICY: tl.constexpr,
     BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
 ):
+    """One block's coreset; grid (S * n_blocks,), program = sequence * n_blocks + block.
+
+    logits_ptr: fp32 [S, L, E] router logits, contiguous. bias_ptr: fp32 [E] expert bias.
+    coreset_ptr: uint8 [S, n_blocks, E] out, 1 = expert in the block's coreset.
+    L: rows per sequence; n_blocks = cdiv(L, block_size); block_size: rows per block.
+    top_p (fp32), guard (experts): the dMoE rule; coreset_size (experts): the DES-vote size.
+    E: experts; VOTE_K: experts each row votes for (the model's top-k); POLICY: a code of
+    kernels/policy_codes.py (DMOE or DES_VOTE); BLOCK_T: rows per vote chunk (power of two);
+    E_PAD: next power of two >= E.
+    """
     pid = tl.program_id(0)
     seq = pid // n_blocks
     row_start = (pid % n_blocks) * block_size
@@ -99,8 +111,9 @@ def block_coreset_kernel(
 
     # --- votes: each real row adds its plain top-VOTE_K values of r -------------------------
     votes = tl.zeros([E_PAD], dtype=tl.float32)
-    for c in range(row_start, row_end, BLOCK_T):
-        r, keys, _ = _load_scores(logits_ptr, bias_ptr, base + c + t, c + t < row_end,
+    for chunk_start in range(row_start, row_end, BLOCK_T):
+        rows = chunk_start + t
+        r, keys, _ = _load_scores(logits_ptr, bias_ptr, base + rows, rows < row_end,
                                   e[None, :], e_ok[None, :], E)
         work = keys
         for _ in tl.static_range(VOTE_K):
@@ -114,7 +127,7 @@ def block_coreset_kernel(
     # every vote against every other one, and the index travels inside the key.
     ranked = tl.sort(tl.where(e_ok, _key(votes, e), NO_KEY), descending=True)
     expert = _key_index(ranked)  # expert at sorted position `e`
-    if POLICY == 1:
+    if POLICY == DMOE:
         cumulative = tl.cumsum(tl.where(e_ok, _key_value(ranked), 0.0), 0)
         # top_p = 1 keeps every expert, as exact arithmetic would (reference.block_coreset).
         within = ((cumulative <= top_p) | (top_p >= 1.0)) & e_ok
@@ -122,51 +135,19 @@ def block_coreset_kernel(
         keep = (within | (e == first_past) | (e == 0)) & e_ok
         n_kept = tl.sum(keep.to(tl.int32), axis=0)
         keep = tl.where(n_kept < guard, e < guard, keep)
-    else:
+    else:  # DES_VOTE
         keep = e < coreset_size
     # Scatter back to expert order: each real position names a distinct expert.
     tl.store(coreset_ptr + pid * E + expert, keep.to(tl.uint8), mask=e_ok)
 
 
 @triton.jit
-def route_kernel(
-    logits_ptr, bias_ptr, ids_ptr, weights_ptr, coreset_ptr,
-    L, n_blocks, block_size, chunks_per_block, scaling,
-    E: tl.constexpr, N_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUP: tl.constexpr,
-    TOP_K: tl.constexpr, HAS_CORESET: tl.constexpr,
-    BLOCK_T: tl.constexpr, G_PAD: tl.constexpr, GS_PAD: tl.constexpr, K_PAD: tl.constexpr,
-):
-    """Rows [c, c + BLOCK_T) of one block: coreset-masked (if any) group-limited top-k."""
-    pid = tl.program_id(0)
-    block_id = pid // chunks_per_block  # = seq * n_blocks + block
-    seq = block_id // n_blocks
-    block_start = (block_id % n_blocks) * block_size
-    c = block_start + (pid % chunks_per_block) * BLOCK_T
-    row_end = tl.minimum(block_start + block_size, L)
-    base = seq * L
+def _kept_groups(keys, r, cand, gi, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr):
+    """[rows, G_PAD] bool: the TOPK_GROUP best groups of each row (routing-spec.md step 2).
 
-    t = tl.arange(0, BLOCK_T)[:, None, None]
-    g = tl.arange(0, G_PAD)[None, :, None]
-    j = tl.arange(0, GS_PAD)[None, None, :]
-    col = g * GROUP_SIZE + j
-    col_ok = (g < N_GROUP) & (j < GROUP_SIZE)
-    if HAS_CORESET:
-        in_coreset = tl.load(coreset_ptr + block_id * E + col, mask=col_ok, other=0) != 0
-    else:
-        in_coreset = col_ok
-
-    kk = tl.arange(0, K_PAD)[None, :]
-    gi = tl.arange(0, G_PAD)[None, :]
-    row = c + tl.arange(0, BLOCK_T)
-    row_ok = row < row_end
-    r, keys, is_nan = _load_scores(logits_ptr, bias_ptr, base + c + t, c + t < row_end,
-                                   col, col_ok, E)
-    bad = _max2(is_nan.to(tl.int32)) > 0
-    cand = in_coreset & (keys != NO_KEY)
-    keys = tl.where(cand, keys, NO_KEY)
-
-    # Group ranking: class 2 (>= 2 candidates, sum of top two) > class 1 (one, its value)
-    # > class 0 (none); ties to the lower group. Padding groups rank below everything.
+    Group ranking: class 2 (>= 2 candidates, sum of top two) > class 1 (one, its value)
+    > class 0 (none); ties to the lower group. Padding groups rank below everything.
+    """
     key1 = tl.max(keys, axis=2)
     r_masked = tl.where(cand, r, NEG_INF)
     top1 = tl.max(r_masked, axis=2)
@@ -180,10 +161,59 @@ def route_kernel(
     g_a, g_b = gi[:, :, None], gi[:, None, :]
     rival_ahead = (c_b > c_a) | ((c_b == c_a) & ((s_b > s_a) | ((s_b == s_a) & (g_b < g_a))))
     group_rank = tl.sum(rival_ahead.to(tl.int32), axis=2)
-    kept_group = (group_rank < TOPK_GROUP) & (gi < N_GROUP)
+    return (group_rank < TOPK_GROUP) & (gi < N_GROUP)
+
+
+@triton.jit
+def route_kernel(
+    logits_ptr, bias_ptr, ids_ptr, weights_ptr, coreset_ptr,
+    L, n_blocks, block_size, chunks_per_block, scaling,
+    E: tl.constexpr, N_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUP: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, G_PAD: tl.constexpr, GS_PAD: tl.constexpr,
+    TOP_K_PAD: tl.constexpr,
+):
+    """Rows [chunk_start, chunk_start + BLOCK_T) of one block: coreset-masked (if any)
+    group-limited top-k; grid (S * n_blocks * chunks_per_block,).
+
+    logits_ptr: fp32 [S, L, E] contiguous; bias_ptr: fp32 [E].
+    ids_ptr: int32 [S, L, TOP_K] out, -1 = empty slot; weights_ptr: fp32 [S, L, TOP_K] out.
+    coreset_ptr: uint8 [S, n_blocks, E] from block_coreset_kernel, or None (token policies:
+    every expert is a candidate).
+    L: rows per sequence; block_size: rows per block (token policies: BLOCK_T);
+    chunks_per_block = cdiv(block_size, BLOCK_T); scaling: routed_scaling_factor (fp32).
+    E, N_GROUP, GROUP_SIZE (= E / N_GROUP), TOPK_GROUP: the gate; TOP_K: slots per row;
+    G_PAD, GS_PAD, TOP_K_PAD: next powers of two of N_GROUP, GROUP_SIZE, TOP_K.
+    """
+    pid = tl.program_id(0)
+    block_id = pid // chunks_per_block  # = seq * n_blocks + block
+    seq = block_id // n_blocks
+    block_start = (block_id % n_blocks) * block_size
+    chunk_start = block_start + (pid % chunks_per_block) * BLOCK_T
+    row_end = tl.minimum(block_start + block_size, L)
+    base = seq * L
+
+    t = tl.arange(0, BLOCK_T)[:, None, None]
+    g = tl.arange(0, G_PAD)[None, :, None]
+    j = tl.arange(0, GS_PAD)[None, None, :]
+    col = g * GROUP_SIZE + j
+    col_ok = (g < N_GROUP) & (j < GROUP_SIZE)
+    if coreset_ptr is not None:
+        in_coreset = tl.load(coreset_ptr + block_id * E + col, mask=col_ok, other=0) != 0
+    else:
+        in_coreset = col_ok
+
+    kk = tl.arange(0, TOP_K_PAD)[None, :]
+    row = chunk_start + tl.arange(0, BLOCK_T)
+    row_ok = row < row_end
+    r, keys, is_nan = _load_scores(logits_ptr, bias_ptr, base + chunk_start + t,
+                                   chunk_start + t < row_end, col, col_ok, E)
+    bad = _max2(is_nan.to(tl.int32)) > 0
+    cand = in_coreset & (keys != NO_KEY)
+    keys = tl.where(cand, keys, NO_KEY)
+    kept_group = _kept_groups(keys, r, cand, tl.arange(0, G_PAD)[None, :], N_GROUP, TOPK_GROUP)
     work = tl.where(kept_group[:, :, None], keys, NO_KEY)
 
-    ids = tl.full([BLOCK_T, K_PAD], -1, dtype=tl.int32)
+    ids = tl.full([BLOCK_T, TOP_K_PAD], -1, dtype=tl.int32)
     for i in tl.static_range(TOP_K):
         best = _max2(work)
         ids = tl.where(kk == i, tl.where(_key_filled(best), _key_index(best), -1)[:, None], ids)

@@ -4,7 +4,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dmoe_triton.attention import AttentionLaunch, block_attention
+from dmoe_triton.attention import block_attention
+from dmoe_triton.launch import AttentionLaunch
 from dmoe_triton.models.llada2 import grouped_query_attention
 from dmoe_triton.reference import block_attention_reference
 

@@ -8,8 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dmoe_triton import DMoEBlock, RouterConfig, RoutingPolicy, moe_forward, route
-from dmoe_triton.moe import (DECODE_MAX_TOKENS, DecodeConfig, _align_slots_torch, align_slots,
-                             decode_down_combine, decode_gate_up, moe_forward_triton)
+from dmoe_triton import launch
+from dmoe_triton.launch import DECODE_MAX_TOKENS, AlignLaunch, DecodeConfig
+from dmoe_triton.moe import align_slots, decode_down_combine, decode_gate_up, moe_forward_triton
 from dmoe_triton.reference import moe_forward_reference
 
 HAS_CUDA = torch.cuda.is_available()
@@ -49,12 +50,10 @@ def oracle(hidden, ids, weights, w_gate_up, w_down, shared=None):
 def check_against_reference(hidden, ids, weights, w_gate_up, w_down, tol, path="auto",
                             decode=DecodeConfig(), shared=None):
     out = torch.full_like(hidden, float("nan"))
-    if path == "auto":
+    forced = dict(moe_path=None if path == "auto" else path, decode=decode)
+    with launch.override(**forced):
         y = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton", out=out,
                         shared=shared)
-    else:
-        y = moe_forward_triton(hidden, ids, weights, w_gate_up, w_down, out=out, path=path,
-                               decode=decode, shared=shared)
     assert y.data_ptr() == out.data_ptr() and y.dtype == hidden.dtype
     ref = oracle(hidden, ids, weights, w_gate_up, w_down, shared)
     assert torch.isfinite(y).all(), "an output row was left unwritten (NaN poison survived)"
@@ -216,8 +215,8 @@ def test_align_kernel_matches_torch_align():
     E = 7
     ids = torch.randint(-3, E + 3, (50, 3), generator=g, dtype=torch.int32).to(DEV)  # out of range too
     got = align_slots(ids.view(-1), E)
-    used = [torch.empty(E, dtype=torch.int32, device=DEV) for _ in range(3)]
-    want = _align_slots_torch(ids.view(-1), E, used, torch.empty(1, dtype=torch.int32, device=DEV))
+    with launch.override(align=AlignLaunch(use_kernel=False)):  # the torch ops of prefill
+        want = align_slots(ids.view(-1), E)
     n = int(want[4])
     assert int(got[4]) == n
     for a, b in zip(got[1:4], want[1:4]):

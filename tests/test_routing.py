@@ -5,7 +5,8 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from dmoe_triton import RouterConfig, RoutingPolicy, route
+from dmoe_triton import RouterConfig, RoutingPolicy, launch, route
+from dmoe_triton.launch import RouteLaunch
 from dmoe_triton.reference import block_votes, scores, sort_desc
 
 HAS_CUDA = torch.cuda.is_available()
@@ -79,8 +80,10 @@ def assert_invariants(res, logits, bias, cfg, policy):
             assert mass >= policy.top_p - 1e-5 or size == max(policy.guard, 1) or size == E
 
 
-def compare(logits, bias, cfg, policy):
-    got = route(logits, bias, cfg, policy, backend="triton")
+def compare(logits, bias, cfg, policy, shapes=None):
+    """Kernel (launched with `shapes`, default: route_launch's) against the reference."""
+    with launch.override(route=shapes):
+        got = route(logits, bias, cfg, policy, backend="triton")
     ref = route(logits.cpu(), bias.cpu(), cfg, policy, backend="reference")
     assert_invariants(got, logits, bias, cfg, policy)
     ok_rows = torch.ones(logits.shape[:-1], dtype=torch.bool)
@@ -127,6 +130,13 @@ def policies(draw, E):
     return RoutingPolicy.token()
 
 
+def route_launches():
+    """Launch shapes of the routing kernels: the default and the sweep's neighbours. The result
+    must not depend on them; under the interpreter, more rows per program also run faster."""
+    return st.builds(RouteLaunch, route_rows=st.sampled_from([1, 4, 32]),
+                     vote_rows=st.sampled_from([4, 16, 32]))
+
+
 @st.composite
 def logits_for(draw, E):
     S = draw(st.integers(1, 2))
@@ -151,7 +161,7 @@ def test_kernel_matches_reference(data):
     cfg = data.draw(router_configs())
     policy = data.draw(policies(cfg.num_experts))
     logits, bias = data.draw(logits_for(cfg.num_experts))
-    compare(logits, bias, cfg, policy)
+    compare(logits, bias, cfg, policy, data.draw(route_launches()))
 
 
 @given(st.data())
@@ -160,7 +170,7 @@ def test_llada_shape_matches_reference(data):
                                         RoutingPolicy.token(), RoutingPolicy.des_vote(38),
                                         RoutingPolicy.topk_cap(4)]))
     logits, bias = data.draw(logits_for(256))
-    compare(logits, bias, LLADA, policy)
+    compare(logits, bias, LLADA, policy, data.draw(route_launches()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +206,10 @@ def test_agrees_with_authors_gate(seed, skew):
     bias = torch.randn(256, generator=gen) * 0.01
     policy = RoutingPolicy.dmoe(top_p=0.6, guard=16, block_size=32)
     ids, w, well_posed = authors_gate(logits, bias, LLADA, policy)
-    got = route(logits.to(DEVICE), bias.to(DEVICE), LLADA, policy, backend="triton")
+    # A block's rows in one program: the interpreter's cost is per program, and the launch
+    # shape cannot change the result (test_kernel_matches_reference draws shapes to show it).
+    with launch.override(route=None if HAS_CUDA else RouteLaunch(route_rows=32)):
+        got = route(logits.to(DEVICE), bias.to(DEVICE), LLADA, policy, backend="triton")
     got_ids, got_w = canonical(got)
     order = torch.argsort(ids, -1)
     ids, w = ids.gather(-1, order), w.gather(-1, order)

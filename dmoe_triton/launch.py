@@ -1,0 +1,288 @@
+"""Every launch choice of every kernel, in one place (issue 10; triton_kernels' opt_flags.py idea).
+
+One function per kernel family turns shapes, dtype and device into a frozen dataclass:
+
+    route_launch(num_experts, device)            -> RouteLaunch     (kernels/routing.py)
+    moe_launch(tokens, top_k, num_experts, ...)  -> MoeLaunch       (kernels/moe_matmul.py)
+    align_launch(slots, num_experts)             -> AlignLaunch     (moe_align_kernel or torch)
+    attention_launch(batch)                      -> AttentionLaunch (kernels/block_attention.py)
+    prep_launch(head_dim)                        -> PrepLaunch      (kernels/attention_prep.py)
+
+and `override(...)` replaces any of them inside a `with` block (tests and benches force a
+launch shape or a path this way, never through private functions):
+
+    with launch.override(route=RouteLaunch(route_rows=4), moe_path="grouped"):
+        ...
+
+Overrides nest (the innermost wins per key, outer keys stay) and are thread-local. Every
+number below is a measured default; its comment says where it was measured. Changing one
+changes speed only, never results (the kernels' numerics do not depend on tile shapes, except
+where a comment says so).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+
+# ---------------------------------------------------------------------------------------------
+# routing (kernels/routing.py)
+
+@dataclass(frozen=True)
+class RouteLaunch:
+    """Launch shapes of the routing kernels (bench/bench_routing.py --sweep times variants).
+
+    Defaults: the fastest shapes of `bench_routing.py --sweep` on an H100 (E=256, 1 block).
+    """
+
+    route_rows: int = 1        # route_kernel: rows per program
+    route_warps: int = 1       # route_kernel: warps per program
+    vote_rows: int = 16        # block_coreset_kernel: rows per chunk of the block's votes
+    coreset_warps: int = 8     # block_coreset_kernel: warps per program
+
+
+DEFAULT_ROUTE = RouteLaunch()
+
+
+def route_launch(num_experts: int, device: torch.device) -> RouteLaunch:
+    """The routing kernels' launch for E = num_experts experts on `device` (one choice today:
+    measured at E = 256, LLaDA2.0-mini's count)."""
+    return _current("route") or DEFAULT_ROUTE
+
+
+# ---------------------------------------------------------------------------------------------
+# routed experts (kernels/moe_matmul.py)
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """The decode path (T <= DECODE_MAX_TOKENS): two launches, used experts found in-kernel.
+
+    gate/up: persistent programs over (used expert, block_i intermediate columns) items;
+    down + combine: one program per (block_h hidden columns, share of the used experts).
+    """
+
+    block_i: int = 64          # defaults: bench_moe.py --sweep on an H100, 15 and 70 experts
+    k_tile_gate_up: int = 128  # reduction step along H (elements)
+    warps_gate_up: int = 4
+    stages_gate_up: int = 4
+    programs_per_sm: int = 2   # gate/up grid = SMs x this (at most what fits on an SM)
+    block_h: int = 32
+    k_tile_down: int = 256     # reduction step along I (elements)
+    warps_down: int = 4
+    stages_down: int = 4
+    # Down programs per block_h columns, each walking a contiguous share of the used experts.
+    # 1: cdiv(H, block_h) = 128 programs at H = 2048, one per SM, writing out directly.
+    # n > 1: n times the programs (n times the weight bytes in flight, 1/n of the steps each)
+    # for an fp32 partial per share, summed in share order by the last program to finish.
+    down_splits: int = 4
+
+    def __post_init__(self):
+        if not isinstance(self.down_splits, int) or self.down_splits < 1:
+            raise ValueError(f"down_splits must be an int >= 1, got {self.down_splits!r}")
+
+
+@dataclass(frozen=True)
+class GroupedConfig:
+    """The grouped path (more tokens): align, gate/up, down (per-slot partials), combine.
+
+    Work items are (used expert, slice); an expert's tokens are walked in block_m tiles inside
+    the item, so slices are kept small enough (block_i, block_h) for the re-reads of a slice by
+    its later tiles to hit L2.
+    """
+
+    block_m: int = 32          # tokens of one expert per tile (tl.dot needs >= 16)
+    block_i: int = 16          # gate/up: intermediate columns per work item
+    k_tile_gate_up: int = 128  # gate/up: reduction step along H (elements)
+    warps_gate_up: int = 4
+    stages_gate_up: int = 4
+    block_h: int = 32          # down: hidden columns per work item
+    k_tile_down: int = 128     # down: reduction step along I (elements)
+    warps_down: int = 4
+    stages_down: int = 4
+    programs_per_sm: int = 2   # persistent grids = SMs x this (at most what fits on an SM)
+
+
+@dataclass(frozen=True)
+class AlignLaunch:
+    """moe_align_kernel (one program sorting every slot) or, for many slots, torch ops."""
+
+    use_kernel: bool = True
+    warps: int = 4
+
+
+@dataclass(frozen=True)
+class CombineLaunch:
+    """moe_combine_kernel: one program per block_t tokens x block_h hidden columns."""
+
+    block_t: int = 8
+    block_h: int = 256
+    warps: int = 4
+
+
+@dataclass(frozen=True)
+class MoeLaunch:
+    """Everything moe_forward's Triton path launches for one call."""
+
+    path: str                  # "decode" (two launches) or "grouped" (four)
+    decode: DecodeConfig
+    grouped: GroupedConfig
+    combine: CombineLaunch
+
+
+DECODE_MAX_TOKENS = 64  # the decode path computes every token row for each used expert
+ALIGN_MAX_SLOTS = 8192  # above this, the one-program sort of the align kernel gets too big
+MOE_PATHS = ("decode", "grouped")
+DEFAULT_DECODE = DecodeConfig()
+DEFAULT_GROUPED = GroupedConfig()
+DEFAULT_COMBINE = CombineLaunch()
+
+
+def moe_launch(tokens: int, top_k: int, num_experts: int, dtype: torch.dtype,
+               device: torch.device) -> MoeLaunch:
+    """moe_forward's launches for T = tokens rows of top_k slots over num_experts experts:
+    the decode path for T <= DECODE_MAX_TOKENS, else the grouped one."""
+    path = _current("moe_path") or ("decode" if tokens <= DECODE_MAX_TOKENS else "grouped")
+    return MoeLaunch(path=path, decode=_current("decode") or DEFAULT_DECODE,
+                     grouped=_current("grouped") or DEFAULT_GROUPED,
+                     combine=_current("combine") or DEFAULT_COMBINE)
+
+
+def align_launch(slots: int, num_experts: int) -> AlignLaunch:
+    """The align kernel while its one-program sort fits (next_power_of_2(slots) <=
+    ALIGN_MAX_SLOTS and its int32 keys (E + 1) * slots_pad do not overflow), else torch ops."""
+    forced = _current("align")
+    if forced is not None:
+        return forced
+    s_pad = triton.next_power_of_2(slots)
+    return AlignLaunch(use_kernel=s_pad <= ALIGN_MAX_SLOTS and (num_experts + 1) * s_pad < 2**31)
+
+
+def pipeline_stages(stages: int, dtype: torch.dtype) -> int:
+    """The decode configs are tuned for 2-byte weights; fp32 tiles are twice as large, and the
+    tuned pipeline depth would not fit an H100's shared memory (228 KB per SM)."""
+    return stages if dtype != torch.float32 else max(2, stages // 2)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input_precision: fp32 inputs get exact fp32 products; half types use the tensor
+    cores' native precision (this one does change numerics: it is fixed, never overridden)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+_SM_COUNT = {}
+
+
+def persistent_grid(device: torch.device, programs_per_sm: int, max_items: int) -> tuple:
+    """(programs,) for a persistent kernel: SMs x programs_per_sm, at most max_items, at least 1.
+    Off CUDA (the interpreter runs programs one after another) 4: a few exercise the loop."""
+    if device.type != "cuda":
+        programs = 4
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _SM_COUNT:
+            _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        programs = _SM_COUNT[index] * programs_per_sm
+    return (max(1, min(programs, max_items)),)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention (kernels/block_attention.py, kernels/attention_prep.py)
+
+@dataclass(frozen=True)
+class AttentionLaunch:
+    """Launch shape of block_attention_kernel (bench/bench_attention.py --sweep times variants)."""
+
+    block_m: int = 16    # stacked query rows per program
+    block_n: int = 128   # keys per step
+    warps: int = 4
+    stages: int = 3
+
+
+# The fastest shapes of `bench_attention.py --sweep` on an H100 (prefix 512): with few
+# sequences, small row tiles give enough programs (4 KV heads x 8 per sequence), each walking
+# keys in long steps; with many, larger row tiles read each K/V tile for more rows.
+FEW_SEQUENCES = AttentionLaunch(block_m=16, block_n=128, warps=4, stages=3)   # 8.7 us at 1
+MANY_SEQUENCES = AttentionLaunch(block_m=64, block_n=64, warps=4, stages=3)   # 11.6 us at 16
+MANY_FROM = 8  # sequences
+
+
+def attention_launch(batch: int) -> AttentionLaunch:
+    """block_attention's tile shape for `batch` sequences."""
+    forced = _current("attention")
+    if forced is not None:
+        return forced
+    return FEW_SEQUENCES if batch < MANY_FROM else MANY_SEQUENCES
+
+
+@dataclass(frozen=True)
+class PrepLaunch:
+    """attention_prep_kernel: one program per (token, head), BLOCK_D = head dims padded."""
+
+    block_d: int
+    warps: int
+
+
+def prep_launch(head_dim: int) -> PrepLaunch:
+    """One warp holds a head of up to 128 dims (LLaDA2.0-mini's), two above."""
+    forced = _current("prep")
+    if forced is not None:
+        return forced
+    return PrepLaunch(block_d=triton.next_power_of_2(head_dim), warps=1 if head_dim <= 128 else 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# scoped override
+
+_KINDS = {"route": RouteLaunch, "decode": DecodeConfig, "grouped": GroupedConfig,
+          "align": AlignLaunch, "combine": CombineLaunch, "attention": AttentionLaunch,
+          "prep": PrepLaunch, "moe_path": str}
+_state = threading.local()
+
+
+def _stack() -> list:
+    if not hasattr(_state, "stack"):
+        _state.stack = [{}]
+    return _state.stack
+
+
+def _current(key: str):
+    return _stack()[-1].get(key)
+
+
+@contextlib.contextmanager
+def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig] = None,
+             grouped: Optional[GroupedConfig] = None, align: Optional[AlignLaunch] = None,
+             combine: Optional[CombineLaunch] = None, attention: Optional[AttentionLaunch] = None,
+             prep: Optional[PrepLaunch] = None, moe_path: Optional[str] = None):
+    """Within the block, the launch functions return these instead of their choice (None keeps
+    the enclosing choice). moe_path: "decode" or "grouped" whatever the token count. A value of
+    the wrong type is a TypeError naming the argument; leaving the block restores the choices."""
+    given = dict(route=route, decode=decode, grouped=grouped, align=align, combine=combine,
+                 attention=attention, prep=prep, moe_path=moe_path)
+    frame = dict(_stack()[-1])
+    for name, value in given.items():
+        if value is None:
+            continue
+        if not isinstance(value, _KINDS[name]):
+            raise TypeError(f"{name} must be a {_KINDS[name].__name__} or None, "
+                            f"got {type(value).__name__}")
+        if name == "moe_path" and value not in MOE_PATHS:
+            raise ValueError(f"moe_path must be one of {MOE_PATHS}, got {value!r}")
+        frame[name] = value
+    _stack().append(frame)
+    try:
+        yield
+    finally:
+        _stack().pop()
+
+
+__all__ = ["RouteLaunch", "DecodeConfig", "GroupedConfig", "AlignLaunch", "CombineLaunch",
+           "MoeLaunch", "AttentionLaunch", "PrepLaunch", "route_launch", "moe_launch",
+           "align_launch", "attention_launch", "prep_launch", "override", "persistent_grid",
+           "pipeline_stages", "dot_precision", "DECODE_MAX_TOKENS", "ALIGN_MAX_SLOTS",
+           "FEW_SEQUENCES", "MANY_SEQUENCES", "MANY_FROM"]

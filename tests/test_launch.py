@@ -1,0 +1,138 @@
+"""The launch heuristics of dmoe_triton/launch.py and its scoped override."""
+import threading
+
+import pytest
+import torch
+
+from dmoe_triton import launch
+from dmoe_triton.config import POLICIES, POLICY_NAMES, RoutingPolicy
+from dmoe_triton.kernels import policy_codes
+from dmoe_triton.launch import (ALIGN_MAX_SLOTS, DECODE_MAX_TOKENS, FEW_SEQUENCES, MANY_FROM,
+                                MANY_SEQUENCES, AlignLaunch, AttentionLaunch, DecodeConfig,
+                                GroupedConfig, PrepLaunch, RouteLaunch)
+
+CPU = torch.device("cpu")
+
+
+def moe_path(tokens):
+    return launch.moe_launch(tokens, 8, 256, torch.bfloat16, CPU).path
+
+
+def test_defaults_are_todays_measured_values():
+    assert launch.route_launch(256, CPU) == RouteLaunch(route_rows=1, route_warps=1, vote_rows=16,
+                                                        coreset_warps=8)
+    plan = launch.moe_launch(32, 8, 256, torch.bfloat16, CPU)
+    assert plan.decode == DecodeConfig() and plan.decode.down_splits == 4
+    assert plan.grouped == GroupedConfig() and plan.grouped.block_m == 32
+    assert (plan.combine.block_t, plan.combine.block_h, plan.combine.warps) == (8, 256, 4)
+    assert DECODE_MAX_TOKENS == 64 and ALIGN_MAX_SLOTS == 8192 and MANY_FROM == 8
+    assert FEW_SEQUENCES == AttentionLaunch(16, 128, 4, 3)
+    assert MANY_SEQUENCES == AttentionLaunch(64, 64, 4, 3)
+
+
+def test_moe_path_switches_after_decode_max_tokens():
+    assert moe_path(1) == moe_path(DECODE_MAX_TOKENS) == "decode"
+    assert moe_path(DECODE_MAX_TOKENS + 1) == moe_path(4096) == "grouped"
+
+
+def test_attention_tiles_switch_at_many_from():
+    assert launch.attention_launch(1) == launch.attention_launch(MANY_FROM - 1) == FEW_SEQUENCES
+    assert launch.attention_launch(MANY_FROM) == launch.attention_launch(64) == MANY_SEQUENCES
+
+
+def test_prep_warps_switch_above_128_head_dims():
+    assert launch.prep_launch(128) == PrepLaunch(block_d=128, warps=1)
+    assert launch.prep_launch(96) == PrepLaunch(block_d=128, warps=1)
+    assert launch.prep_launch(129) == PrepLaunch(block_d=256, warps=2)
+
+
+def test_align_kernel_until_its_one_program_sort_gets_too_big():
+    assert launch.align_launch(ALIGN_MAX_SLOTS, 256).use_kernel
+    assert not launch.align_launch(ALIGN_MAX_SLOTS + 1, 256).use_kernel
+    assert not launch.align_launch(4096, 2**20).use_kernel  # (E + 1) * slots overflows int32
+
+
+def test_fp32_halves_the_pipeline_depth_and_uses_exact_dots():
+    assert launch.pipeline_stages(4, torch.bfloat16) == 4
+    assert launch.pipeline_stages(4, torch.float32) == 2
+    assert launch.pipeline_stages(3, torch.float32) == 2
+    assert launch.dot_precision(torch.float32) == "ieee"
+    assert launch.dot_precision(torch.float16) == "tf32"
+
+
+def test_persistent_grid_is_capped_by_the_work():
+    assert launch.persistent_grid(CPU, 2, 100) == (4,)
+    assert launch.persistent_grid(CPU, 2, 3) == (3,)
+    assert launch.persistent_grid(CPU, 2, 0) == (1,)
+
+
+def test_override_is_scoped_and_restores_the_default():
+    fast = RouteLaunch(route_rows=4)
+    with launch.override(route=fast, moe_path="grouped"):
+        assert launch.route_launch(256, CPU) == fast
+        assert moe_path(1) == "grouped"
+        assert launch.attention_launch(1) == FEW_SEQUENCES  # not overridden: the heuristic
+    assert launch.route_launch(256, CPU) == RouteLaunch()
+    assert moe_path(1) == "decode"
+
+
+def test_override_restores_after_an_exception():
+    with pytest.raises(RuntimeError):
+        with launch.override(decode=DecodeConfig(down_splits=1)):
+            raise RuntimeError
+    assert launch.moe_launch(1, 8, 256, torch.float16, CPU).decode == DecodeConfig()
+
+
+def test_overrides_nest_innermost_wins_outer_keys_stay():
+    outer = AttentionLaunch(block_m=32)
+    inner = AttentionLaunch(block_m=64)
+    with launch.override(attention=outer, align=AlignLaunch(use_kernel=False)):
+        with launch.override(attention=inner):
+            assert launch.attention_launch(1) == inner
+            assert not launch.align_launch(4, 4).use_kernel
+        assert launch.attention_launch(1) == outer
+    assert launch.attention_launch(1) == FEW_SEQUENCES
+    assert launch.align_launch(4, 4).use_kernel
+
+
+def test_override_is_thread_local():
+    seen = []
+    with launch.override(route=RouteLaunch(route_rows=2)):
+        worker = threading.Thread(target=lambda: seen.append(launch.route_launch(256, CPU)))
+        worker.start()
+        worker.join()
+    assert seen == [RouteLaunch()]
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(route=DecodeConfig()), "route"),
+    (dict(decode=RouteLaunch()), "decode"),
+    (dict(grouped=DecodeConfig()), "grouped"),
+    (dict(attention=(16, 128, 4, 3)), "attention"),
+    (dict(prep=4), "prep"),
+    (dict(align=True), "align"),
+    (dict(moe_path=1), "moe_path"),
+])
+def test_bad_override_types_name_the_argument(kwargs, name):
+    with pytest.raises(TypeError, match=f"^{name} must be"):
+        with launch.override(**kwargs):
+            pass
+    assert launch.route_launch(256, CPU) == RouteLaunch()
+
+
+def test_bad_moe_path_is_a_value_error():
+    with pytest.raises(ValueError, match="moe_path must be one of"):
+        with launch.override(moe_path="fast"):
+            pass
+
+
+def test_policy_table_is_the_one_source_of_codes_and_names():
+    assert POLICY_NAMES == ("token", "dmoe", "des_vote", "topk_cap")
+    assert POLICIES["dmoe"].code == policy_codes.DMOE.value
+    assert POLICIES["des_vote"].code == policy_codes.DES_VOTE.value
+    assert POLICIES["token"].code == POLICIES["topk_cap"].code == policy_codes.TOKEN.value
+    block = {name for name, kind in POLICIES.items() if kind.is_block}
+    assert block == {"dmoe", "des_vote"}
+    assert RoutingPolicy.dmoe().code == policy_codes.DMOE.value
+    with pytest.raises(ValueError, match="policy kind must be one of"):
+        RoutingPolicy("expert_choice")
