@@ -48,7 +48,7 @@ from dmoe_triton.modules import cache_bytes, expert_bytes, non_expert_bytes
 from dmoe_triton.moe import moe_forward
 from dmoe_triton.patch import Unpatched
 from dmoe_triton.routing import route
-from dmoe_triton.testing import SMOKE_CONFIG, build_model
+from dmoe_triton.testing import SMALL, build_model
 
 from common import capture, copy_bandwidth, time_ms  # bench/common.py (bench/ is on sys.path as a script)
 
@@ -474,7 +474,7 @@ def plot(path_png, rows, bandwidth, model, setup):
 
 def make_setup(args) -> Setup:
     if args.smoke:
-        return Setup(True, torch.device("cpu"), LLaDA2MoeConfig(**SMOKE_CONFIG),
+        return Setup(True, torch.device("cpu"), LLaDA2MoeConfig(**SMALL),
                      (1, 2), (32,) if args.quick else (32, 64),
                      args.target_unique or 9.0, 1, 1, 1, 8, 40, time.time() + args.budget_s)
     # --layers cuts the published config to fewer layers (the GPU smoke run): same shapes

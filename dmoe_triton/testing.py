@@ -6,20 +6,14 @@ import torch
 
 from .models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
 
-# A CPU-sized LLaDA2 layout: one dense layer, two MoE layers of 16 experts top-4, shared expert.
+# A CPU-sized LLaDA2 layout: one dense layer, two MoE layers of 16 experts top-4, shared expert
+# (also bench_e2e --smoke's model).
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
              num_hidden_layers=3, first_k_dense_replace=1, num_experts=16, num_experts_per_tok=4,
              n_group=4, topk_group=2, num_shared_experts=1, routed_scaling_factor=2.5,
              num_attention_heads=4, num_key_value_heads=2, head_dim=16, partial_rotary_factor=0.5,
              rope_theta=600000.0, rms_norm_eps=1e-6, eos_token_id=1, pad_token_id=1,
              mask_token_id=2)
-
-# bench_e2e --smoke's model (the model's other defaults).
-SMOKE_CONFIG = dict(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-                    num_hidden_layers=3, first_k_dense_replace=1, num_experts=16,
-                    num_experts_per_tok=4, n_group=4, topk_group=2, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=16, eos_token_id=1, pad_token_id=1,
-                    mask_token_id=2)
 
 # A GPU-sized one: 64 experts top-8, bf16.
 GPU_CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=64,

@@ -14,9 +14,9 @@ from dmoe_triton.models.llada2 import grouped_query_attention
 from dmoe_triton.modules import cache_bytes, expert_bytes, non_expert_bytes
 from dmoe_triton.moe import DMoEBlock
 from dmoe_triton.patch import Unpatched
-from dmoe_triton.testing import SMOKE_CONFIG, build_model
+from dmoe_triton.testing import SMALL, build_model
 
-CONFIG = dict(SMOKE_CONFIG, num_experts=32, n_group=4, topk_group=2)
+CONFIG = dict(SMALL, num_experts=32, n_group=4, topk_group=2)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_diversity_removes_the_shared_directions(patched):
 
 
 def test_build_model_is_random_bf16_built_in_place():
-    model = build_model(LLaDA2MoeConfig(**SMOKE_CONFIG), torch.device("cpu"))
+    model = build_model(LLaDA2MoeConfig(**SMALL), torch.device("cpu"))
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert model.model.layers[1].mlp.gate.expert_bias.dtype == torch.float32
     assert float(model.model.norm.weight.detach().float().mean()) == 1.0
@@ -171,7 +171,7 @@ def test_grouped_query_attention_equals_sdpa_gqa():
 
 def test_static_cache_attends_through_scratch_rows():
     """A static cache writes the step's K/V into spare rows instead of concatenating."""
-    model = build_model(LLaDA2MoeConfig(**SMOKE_CONFIG), torch.device("cpu")).float()
+    model = build_model(LLaDA2MoeConfig(**SMALL), torch.device("cpu")).float()
     ids = torch.randint(3, 90, (2, 64), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(ids).logits
