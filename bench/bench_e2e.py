@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,21 +42,19 @@ from dmoe_triton.attention import attention_prep
 from dmoe_triton.calibrate import (calibrate_router, moe_layers, popularity_skew, route_summary,
                                    router_weights, set_router_bias, set_router_weights)
 from dmoe_triton.decoding import generate
-from dmoe_triton.models import LLaDA2MoeConfig, LLaDA2MoeModelLM
-from dmoe_triton.models.llada2 import LLaDA2MoeSparseMoeBlock
-from dmoe_triton.moe import DMoEBlock, moe_forward
+from dmoe_triton.defaults import scaled_guard, scaled_size
+from dmoe_triton.models import LLaDA2MoeConfig
+from dmoe_triton.modules import cache_bytes, expert_bytes, non_expert_bytes
+from dmoe_triton.moe import moe_forward
+from dmoe_triton.patch import Unpatched
 from dmoe_triton.routing import route
+from dmoe_triton.testing import SMALL, build_model
 
-from graphs import capture, copy_bandwidth  # bench/graphs.py (bench/ is on sys.path as a script)
+from common import capture, copy_bandwidth, time_ms  # bench/common.py (bench/ is on sys.path as a script)
 
 TOKENS_PER_FORWARD = 2.55  # published average of tokens committed per denoising forward
 BLOCK = 32
 SEED = 0
-SMOKE_CONFIG = dict(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-                    num_hidden_layers=3, first_k_dense_replace=1, num_experts=16,
-                    num_experts_per_tok=4, n_group=4, topk_group=2, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=16, eos_token_id=1, pad_token_id=1,
-                    mask_token_id=2)
 
 
 @dataclass
@@ -82,101 +79,11 @@ class Setup:
 
 def policies(config) -> list:
     E = config.num_experts
-    guard, size = max(1, E * 16 // 256), max(1, E * 38 // 256)  # 16 and 38 at E = 256
+    guard, size = scaled_guard(E), scaled_size(E)  # 16 and 38 at E = 256
     rows = [("token", RoutingPolicy.token())]
     rows += [(f"dmoe p={p}", RoutingPolicy.dmoe(p, guard)) for p in (0.5, 0.6, 0.7, 0.8)]
     rows += [(f"des_vote {size}", RoutingPolicy.des_vote(size)), ("top-4 cap", RoutingPolicy.topk_cap(4))]
     return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# The model
-
-
-def build_model(config, device, seed: int = SEED) -> LLaDA2MoeModelLM:
-    """Random bf16 weights created on `device` with no CPU copy: meta tensors first, then memory
-    on the device, filled in place (std 0.02, norms 1, router bias 0)."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("meta"):
-            model = LLaDA2MoeModelLM(config)
-    finally:
-        torch.set_default_dtype(default)
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-        for name, b in model.named_buffers():
-            b.zero_()
-    return model.eval()
-
-
-def official_view(block: DMoEBlock, config) -> LLaDA2MoeSparseMoeBlock:
-    """The official per-expert-loop MoE MLP over the SAME weights as `block` (views, no copy),
-    so the unpatched rows run the published code path on the patched model's memory."""
-    with torch.device("meta"):
-        mlp = LLaDA2MoeSparseMoeBlock(config)
-    I = block.w_gate_up.shape[1] // 2
-    frozen = lambda t: torch.nn.Parameter(t, requires_grad=False)  # noqa: E731
-    mlp.gate.weight = frozen(block.gate_weight)  # fp32, as the official gate computes
-    mlp.gate.expert_bias = block.expert_bias      # shared: calibration applies to both
-    for e, expert in enumerate(mlp.experts):
-        expert.gate_proj.weight = frozen(block.w_gate_up[e, :I])
-        expert.up_proj.weight = frozen(block.w_gate_up[e, I:])
-        expert.down_proj.weight = frozen(block.w_down[e])
-    mlp.shared_experts = block.shared_expert
-    return mlp
-
-
-class Unpatched:
-    """Context: every DMoEBlock of the model swapped for its official per-expert-loop view."""
-
-    def __init__(self, model):
-        self.model = model
-        self.saved = [(layer, layer.mlp) for layer in model.model.layers
-                      if isinstance(layer.mlp, DMoEBlock)]
-
-    def __enter__(self):
-        for layer, block in self.saved:
-            layer.mlp = official_view(block, self.model.config)
-        return self.model
-
-    def __exit__(self, *exc):
-        for layer, block in self.saved:
-            layer.mlp = block
-
-
-# ---------------------------------------------------------------------------------------------
-# Bytes
-
-
-def expert_bytes(model) -> int:
-    block = next(m for m in model.modules() if isinstance(m, DMoEBlock))
-    return (block.w_gate_up[0].numel() + block.w_down[0].numel()) * block.w_gate_up.element_size()
-
-
-def non_expert_bytes(model, batch: int) -> int:
-    """Weights a forward reads besides routed experts (embedding: only the block's rows)."""
-    total = 0
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        # shared_gate_up: the shared experts' gate/up, counted once via their module's views.
-        if name.endswith(("w_gate_up", "w_down", "shared_gate_up")) or "word_embeddings" in name:
-            continue
-        total += t.numel() * t.element_size()
-    emb = model.model.word_embeddings.weight
-    return total + batch * BLOCK * emb.shape[1] * emb.element_size()
-
-
-def cache_bytes(cache) -> int:
-    """K/V the step reads: the whole visible buffer of every layer (static: all of it)."""
-    n = cache.visible() + BLOCK
-    k = cache.keys[0]
-    return 2 * len(cache.keys) * k.shape[0] * k.shape[1] * n * k.shape[3] * k.element_size()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,24 +129,6 @@ def step_fn(model, step: Step) -> Callable[[], object]:
         return model(step.block, step.positions, past_key_values=step.cache,
                      block_length=BLOCK).logits
     return forward
-
-
-def time_ms(run: Callable[[], object], per_call: int, trials: int, device) -> float:
-    """Median over trials of the time of `run` / per_call, in ms (events on CUDA)."""
-    times = []
-    for _ in range(trials):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            run()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / per_call)
-        else:
-            t = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t) * 1e3 / per_call)
-    return statistics.median(times)
 
 
 def time_graphed(fn, setup: Setup, reps: int = 1) -> float:
@@ -585,7 +474,7 @@ def plot(path_png, rows, bandwidth, model, setup):
 
 def make_setup(args) -> Setup:
     if args.smoke:
-        return Setup(True, torch.device("cpu"), LLaDA2MoeConfig(**SMOKE_CONFIG),
+        return Setup(True, torch.device("cpu"), LLaDA2MoeConfig(**SMALL),
                      (1, 2), (32,) if args.quick else (32, 64),
                      args.target_unique or 9.0, 1, 1, 1, 8, 40, time.time() + args.budget_s)
     # --layers cuts the published config to fewer layers (the GPU smoke run): same shapes
@@ -632,7 +521,7 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (smoke)"
     print(f"device {device_name}; building the model", flush=True)
 
-    model = build_model(setup.config, dev)
+    model = build_model(setup.config, dev, SEED)
     patch_model(model, RoutingPolicy.token())
     if dev.type == "cuda":
         torch.cuda.empty_cache()

@@ -24,17 +24,15 @@ import argparse
 import copy
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_tiny  # noqa: E402  (the same eval policy, guard and decode helper as training)
-
-from dmoe_triton import RoutingPolicy, tasks  # noqa: E402
-from dmoe_triton.models import LLaDA2MoeModelLM  # noqa: E402
-from dmoe_triton.patch import patch_model  # noqa: E402
+from dmoe_triton import RoutingPolicy, tasks
+from dmoe_triton import training  # the same eval policy, guard and decode helper as training
+from dmoe_triton.defaults import scaled_guard
+from dmoe_triton.models import LLaDA2MoeModelLM
+from dmoe_triton.patch import patch_model
 
 TOP_P = (0.4, 0.5, 0.6, 0.7, 0.8)
 CHECKPOINTS = (("before", "arith-token"), ("after", "arith-dmoe"))
@@ -45,7 +43,7 @@ def policies(config):
     E = config.num_experts
     des = max(1, round(0.15 * E))
     out = [("token", RoutingPolicy.token())]
-    out += [(f"dMoE p={p}", train_tiny.eval_policy(config, p)) for p in TOP_P]
+    out += [(f"dMoE p={p}", training.eval_policy(config, p)) for p in TOP_P]
     out += [(f"DES-vote {des}", RoutingPolicy.des_vote(des)), ("Top-4 cap", RoutingPolicy.topk_cap(4))]
     return out
 
@@ -60,7 +58,7 @@ def _timed_solve(model, patched, problems, policy, dtype, batch_size, cuda_graph
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
-    answers, stats, path = train_tiny.solve_under(model, problems, policy, dtype, batch_size,
+    answers, stats, path = training.solve_under(model, problems, policy, dtype, batch_size,
                                                   patched=patched, cuda_graph=cuda_graph)
     return answers, stats, path, time.perf_counter() - start
 
@@ -121,7 +119,7 @@ def check_paths(model, rows, problems, dtype, batch_size):
     loop), dMoE p=0.6 against the dense training forward. Returns a list of dicts."""
     out = []
     by_label = {r["policy"]: r for r in rows}
-    p06 = train_tiny.eval_policy(model.config, 0.6)
+    p06 = training.eval_policy(model.config, 0.6)
     for label, policy, name in (("token", RoutingPolicy.token(), "model's own MoE"),
                                 ("dMoE p=0.6", p06, "dense training forward")):
         start = time.perf_counter()
@@ -129,7 +127,7 @@ def check_paths(model, rows, problems, dtype, batch_size):
             if policy.kind == "token":
                 answers, _ = tasks.solve(model, problems, batch_size, cuda_graph=False)
             else:
-                with train_tiny.dense_training_routing(model, policy):
+                with training.dense_training_routing(model, policy):
                     answers, _ = tasks.solve(model, problems, batch_size, cuda_graph=False)
         patched = by_label[label]["answers"][:len(problems)]
         same = sum(a == b for a, b in zip(answers, patched)) / max(1, len(problems))
@@ -156,9 +154,9 @@ def write_table(results, config, meta, path):
         f"{config.num_hidden_layers} layers (layer 0 dense), hidden {config.hidden_size}, "
         f"{E} experts top-{config.num_experts_per_tok} in {config.n_group} groups keep "
         f"{config.topk_group}, one shared expert, {meta['dtype']}. Decoding: block 32, 32 steps, threshold "
-        f"0.95, argmax. Device: {meta['device']}. dMoE guard {train_tiny.guard_for(E, 16)} "
-        f"(16/256 of E); the fine-tune ran at p = {train_tiny.TRAIN_TOP_P}, guard "
-        f"{train_tiny.guard_for(E, 12)}.",
+        f"0.95, argmax. Device: {meta['device']}. dMoE guard {scaled_guard(E, 16)} "
+        f"(16/256 of E); the fine-tune ran at p = {training.TRAIN_TOP_P}, guard "
+        f"{scaled_guard(E, 12)}.",
         "",
         "*before* = `models/arith-token` (trained with token routing); *after* = "
         "`models/arith-dmoe` (the same weights fine-tuned with dMoE routing in the forward). "

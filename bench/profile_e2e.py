@@ -20,9 +20,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from dmoe_triton import RoutingPolicy, patch_model, set_policy
 from dmoe_triton.models import LLaDA2MoeConfig
+from dmoe_triton.testing import build_model
 
-from bench_e2e import build_model, prepare_step, step_fn, time_ms
-from graphs import capture
+from bench_e2e import prepare_step, step_fn
+from common import capture, time_ms
 
 
 def op_table(fn, forwards: int, rows: int) -> str:

@@ -36,10 +36,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-
-def moe_layers(model: torch.nn.Module) -> list:
-    """The MoE MLPs of `model` in layer order (anything that reports `last_route`)."""
-    return [m for m in model.modules() if hasattr(m, "last_route")]
+from .modules import expert_hits, moe_layers  # noqa: F401  (re-exported)
 
 
 def router_bias(module: torch.nn.Module) -> torch.Tensor:
@@ -138,19 +135,6 @@ def set_router_bias(model: torch.nn.Module, bias: torch.Tensor) -> None:
     with torch.no_grad():
         for t, b in zip(targets, bias):
             t.copy_(b.to(t.device, t.dtype))
-
-
-def expert_hits(topk_ids: torch.Tensor, num_experts: int, rows: Optional[int] = None):
-    """Which experts each sequence's last `rows` rows picked: topk_ids [B, L, k] -> bool [B, E].
-
-    Empty slots (-1) and out-of-range ids count for nothing. Device ops only.
-    """
-    ids = topk_ids if rows is None else topk_ids[:, -rows:]
-    ids = ids.reshape(ids.shape[0], -1).long()
-    valid = (ids >= 0) & (ids < num_experts)
-    hit = torch.zeros(ids.shape[0], num_experts + 1, dtype=torch.bool, device=ids.device)
-    hit.scatter_(1, torch.where(valid, ids, num_experts), True)
-    return hit[:, :num_experts]
 
 
 @dataclass

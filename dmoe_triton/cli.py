@@ -55,12 +55,13 @@ def make_policy(args, num_experts: int = 256):
     """The policy of the arguments; guard and size default to the paper's values for 256
     experts (16, and DES's 15% = 38) scaled to the model's `num_experts`."""
     from .config import RoutingPolicy
+    from .defaults import scaled_guard, scaled_size
 
     if args.policy == "dmoe":
-        guard = args.guard if args.guard is not None else max(1, round(16 * num_experts / 256))
+        guard = args.guard if args.guard is not None else scaled_guard(num_experts)
         return RoutingPolicy.dmoe(top_p=args.top_p, guard=guard, block_size=args.block_size)
     if args.policy == "des_vote":
-        size = args.size if args.size is not None else max(1, round(0.15 * num_experts))
+        size = args.size if args.size is not None else scaled_size(num_experts)
         return RoutingPolicy.des_vote(size=size, block_size=args.block_size)
     if args.policy == "topk_cap":
         return RoutingPolicy.topk_cap(k=args.k)

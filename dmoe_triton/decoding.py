@@ -17,11 +17,14 @@ host syncs are one per step ("is anything still masked?") and one per block (EOS
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
+
+from .modules import expert_hits, moe_layers
 
 DEFAULT_EOS_ID = 156892
 DEFAULT_MASK_ID = 156895
@@ -120,6 +123,14 @@ def _check_args(prompts, vocab_size, gen_length, block_length, steps, threshold,
         raise ValueError(f"mask_id {mask_id} is outside the vocabulary [0, {vocab_size})")
 
 
+def _special_ids(config, eos_id, mask_id):
+    """eos_id / mask_id: the arguments, else the model config's, else LLaDA2.0's."""
+    eos_id = getattr(config, "eos_token_id", None) if eos_id is None else eos_id
+    mask_id = getattr(config, "mask_token_id", None) if mask_id is None else mask_id
+    return (DEFAULT_EOS_ID if eos_id is None else eos_id,
+            DEFAULT_MASK_ID if mask_id is None else mask_id)
+
+
 def quota_schedule(block_length: int, steps: int) -> List[int]:
     """Tokens to commit at least, per step: block_length // steps, remainder to the first steps."""
     base, extra = divmod(block_length, steps)
@@ -173,27 +184,20 @@ def commit_mask(conf, active, threshold: float, quota):
 # Routing statistics
 
 
-def _moe_modules(model) -> list:
-    return [m for m in model.modules() if hasattr(m, "last_route")]
-
-
 def route_stats(modules, rows: int, unique_out, coreset_out, outside_out):
     """Write unique experts (and coreset size / outside picks) of the last `rows` rows routed by
     each MoE layer into [layers, B] buffers. Device ops only."""
     for i, m in enumerate(modules):
         route = m.last_route
-        ids = route.topk_ids[:, -rows:].long()
-        B, E = ids.shape[0], _num_experts(m, route)
-        hit = torch.zeros(B, E + 1, dtype=torch.bool, device=ids.device)
-        hit.scatter_(1, torch.where(ids >= 0, ids, E).view(B, -1), True)
-        unique_out[i] = hit[:, :E].sum(-1)
+        hit = expert_hits(route.topk_ids, _num_experts(m, route), rows)
+        unique_out[i] = hit.sum(-1)
         if coreset_out is not None and route.coreset is not None:
             # The routing blocks that cover those rows (one, unless the policy cuts smaller ones).
             size = getattr(getattr(m, "policy", None), "block_size", rows)
             n_blocks = -(-rows // size)
             blocks = route.coreset[:, -n_blocks:]
             coreset_out[i] = blocks.sum(-1).float().mean(1)
-            outside_out[i] = (hit[:, :E] & ~blocks.any(1)).sum(-1)
+            outside_out[i] = (hit & ~blocks.any(1)).sum(-1)
 
 
 def _num_experts(module, route) -> int:
@@ -203,8 +207,45 @@ def _num_experts(module, route) -> int:
     return cfg.num_experts
 
 
+class RouteRecorder:
+    """Routing statistics of every denoising forward, [forwards, layers, B], written by the step
+    on the device (capturable): unique experts, coreset size, picks outside the coreset. NaN / 0
+    where a sequence was not decoding."""
+
+    def __init__(self, modules: list, max_forwards: int, batch: int, device):
+        self.modules = modules
+        shape = (max_forwards, len(modules), batch)
+        self.unique = torch.full(shape, float("nan"), device=device)
+        self.coreset = torch.full_like(self.unique, float("nan"))
+        self.outside = torch.zeros(shape, dtype=torch.long, device=device)
+
+    def buffers(self) -> tuple:
+        return self.unique, self.coreset, self.outside
+
+    def record(self, rows: int, running, forward_index) -> None:
+        """Row `forward_index` from the layers' last routes over their last `rows` rows."""
+        n, B = self.unique.shape[1:]
+        device = self.unique.device
+        u = torch.zeros(n, B, device=device)
+        c = torch.full((n, B), float("nan"), device=device)
+        o = torch.zeros(n, B, dtype=torch.long, device=device)
+        route_stats(self.modules, rows, u, c, o)
+        keep = running[:, 0]
+        self.unique.index_copy_(0, forward_index[None], torch.where(keep, u, float("nan"))[None])
+        self.coreset.index_copy_(0, forward_index[None], torch.where(keep, c, float("nan"))[None])
+        self.outside.index_copy_(0, forward_index[None], (o * keep)[None])
+
+    def fill(self, st: "GenerationStats") -> None:
+        """The first st.forwards rows into st (one host sync)."""
+        n = st.forwards
+        st.unique_experts = self.unique[:n].cpu()
+        if any(getattr(m.last_route, "coreset", None) is not None for m in self.modules):
+            st.coreset_size = self.coreset[:n].cpu()
+            st.outside_coreset = int(self.outside[:n].sum())
+
+
 # ---------------------------------------------------------------------------------------------
-# Decoding
+# Decoding state
 
 
 def _wants_graph(model, device, cuda_graph, temperature, generator) -> bool:
@@ -227,6 +268,235 @@ def _wants_graph(model, device, cuda_graph, temperature, generator) -> bool:
     return True
 
 
+@dataclass
+class _Canvas:
+    """Every sequence left-padded by whole blocks, so that all decode global block `first` first
+    (module docstring). x holds the tokens; positions are each sequence's own."""
+
+    block_length: int
+    gen_length: int
+    starts: List[int]          # canvas column of each sequence's first generated token
+    last_block: List[int]      # the last global block of each sequence
+    first: int                 # the global block every sequence decodes first
+    total: int                 # blocks on the canvas
+    x: torch.Tensor            # [B, total * block_length] token ids
+    positions: torch.Tensor    # [B, total * block_length] own positions (< 0 on padding)
+    valid: torch.Tensor        # positions >= 0
+    gen_start: torch.Tensor    # starts, on the device
+
+
+def _canvas(prompts, bl: int, G: int, mask_id: int, eos_id: int, device) -> _Canvas:
+    B = len(prompts)
+    first_own = [len(p) // bl for p in prompts]
+    n_own = [-(-(len(p) + G) // bl) for p in prompts]
+    first = max(first_own)
+    pad_blocks = [first - f for f in first_own]
+    last_block = [first + n - f - 1 for n, f in zip(n_own, first_own)]
+    total = max(last_block) + 1
+    x = torch.full((B, total * bl), mask_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        x[i, : pad_blocks[i] * bl] = eos_id
+        x[i, pad_blocks[i] * bl: pad_blocks[i] * bl + len(p)] = torch.tensor(p)
+    offsets = torch.tensor(pad_blocks)[:, None] * bl
+    positions = (torch.arange(total * bl)[None] - offsets).to(device)
+    starts = [pad_blocks[i] * bl + len(p) for i, p in enumerate(prompts)]
+    return _Canvas(bl, G, starts, last_block, first, total, x.to(device), positions,
+                   positions >= 0, torch.tensor(starts, device=device))
+
+
+def _prefill(model, canvas: _Canvas, static: bool, st: "GenerationStats"):
+    """A KV cache holding the prompts' full blocks (those before block `first`)."""
+    B, bl, end = canvas.x.shape[0], canvas.block_length, canvas.first * canvas.block_length
+    # On CUDA the cache is static (fixed shapes) graphed or not, so that a graphed step and an
+    # eager one run the same attention and give the same tokens.
+    cache = model.new_cache(B, canvas.total * bl, static=static)
+    if end > 0:
+        model(canvas.x[:, :end], canvas.positions[:, :end], past_key_values=cache,
+              attention_mask=canvas.valid[:, :end], block_length=bl, write_cache=True,
+              return_logits=False)
+        st.cache_writes += 1
+    return cache
+
+
+@dataclass
+class _StepBuffers:
+    """What one denoising step reads and writes: fixed tensors, so a CUDA graph can replay it.
+
+    Filled with valid values: the graph's warm-up steps run before the first block is loaded
+    (garbage token ids there would index the embedding out of bounds)."""
+
+    block: torch.Tensor          # [B, bl] tokens of the block being decoded
+    block_pos: torch.Tensor      # [B, bl] their positions
+    running: torch.Tensor        # [B, 1] sequences still decoding
+    quota: torch.Tensor          # () tokens to commit at least this step
+    committed: torch.Tensor      # () tokens committed so far
+    forward_index: torch.Tensor  # () row of the routing statistics
+    end: int = 0                 # canvas columns up to the block's end (the uncached step)
+
+    @classmethod
+    def allocate(cls, B: int, bl: int, mask_id: int, device) -> "_StepBuffers":
+        zeros = lambda *shape, **kw: torch.zeros(*shape, dtype=torch.long, device=device, **kw)  # noqa: E731
+        return cls(torch.full((B, bl), mask_id, dtype=torch.long, device=device), zeros(B, bl),
+                   torch.zeros(B, 1, dtype=torch.bool, device=device), zeros(()), zeros(()),
+                   zeros(()))
+
+    def tensors(self) -> tuple:
+        return self.block, self.committed, self.forward_index
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    threshold: float
+    temperature: float
+    top_k: Optional[int]
+    top_p: Optional[float]
+    generator: object
+
+
+@dataclass
+class _Decode:
+    """The explicit state every decoding stage reads."""
+
+    model: torch.nn.Module
+    canvas: _Canvas
+    buffers: _StepBuffers
+    sampling: _Sampling
+    cache: object                      # None: recompute every earlier block (use_cache=False)
+    recorder: Optional[RouteRecorder]  # None: no routing statistics
+    mask_id: int
+    eos_id: int
+    steps: int
+
+
+# ---------------------------------------------------------------------------------------------
+# The step, its graph, the block loop
+
+
+def denoise_step(d: _Decode) -> None:
+    """One denoising forward and its commit decision: device ops only, no host sync."""
+    buf, bl, s = d.buffers, d.canvas.block_length, d.sampling
+    if d.cache is not None:
+        logits = d.model(buf.block, buf.block_pos, past_key_values=d.cache, block_length=bl).logits
+    else:  # recompute every earlier block, as the published generate does
+        end = buf.end
+        ids = torch.cat((d.canvas.x[:, : end - bl], buf.block), dim=1)
+        logits = d.model(ids, d.canvas.positions[:, :end], attention_mask=d.canvas.valid[:, :end],
+                         block_length=bl).logits[:, -bl:]
+    tok, conf = pick_tokens(logits, s.temperature, s.top_k, s.top_p, s.generator)
+    active = (buf.block == d.mask_id) & buf.running
+    commit = commit_mask(conf, active, s.threshold, buf.quota)
+    buf.block.copy_(torch.where(commit, tok, buf.block))
+    buf.committed.add_(commit.sum())
+    if d.recorder is not None:
+        d.recorder.record(bl, buf.running, buf.forward_index)
+    buf.forward_index.add_(1)
+
+
+def _capture(step: Callable[[], None], state: Sequence[torch.Tensor]) -> Callable[[], None]:
+    """Warm up `step` on a side stream, capture it in a CUDA graph, restore the `state` tensors
+    it touched; returns the replay."""
+    saved = [t.clone() for t in state]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # compiles kernels, settles allocations
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for t, s in zip(state, saved):
+        t.copy_(s)
+    return graph.replay
+
+
+def _step_function(d: _Decode, graph: bool) -> Callable[[], None]:
+    """The step to run: eager, or the replay of its CUDA graph."""
+    step = functools.partial(denoise_step, d)
+    if not graph:
+        return step
+    records = d.recorder.buffers() if d.recorder is not None else ()
+    return _capture(step, (*d.buffers.tensors(), *records))
+
+
+def _denoise_block(d: _Decode, b: int, is_running: List[bool], replay, timer, st) -> None:
+    """Up to `steps` denoising steps on global block b, until nothing in it is masked."""
+    buf, bl = d.buffers, d.canvas.block_length
+    lo, hi = b * bl, (b + 1) * bl
+    buf.block.copy_(d.canvas.x[:, lo:hi])
+    buf.block_pos.copy_(d.canvas.positions[:, lo:hi])
+    buf.running.copy_(torch.tensor(is_running, device=buf.block.device)[:, None])
+    buf.end = hi
+    for quota in quota_schedule(bl, d.steps):
+        if not bool(((buf.block == d.mask_id) & buf.running).any()):  # the step's one host sync
+            break
+        buf.quota.fill_(quota)
+        timer.start()
+        replay()
+        timer.stop()
+        st.forwards += 1
+    d.canvas.x[:, lo:hi] = buf.block
+
+
+def _finished(d: _Decode, b: int, done: List[bool], columns) -> None:
+    """Mark sequences done after block b: EOS among their generated tokens (checked once the
+    block is done, as published) or their last block reached. One host sync."""
+    c = d.canvas
+    hi = (b + 1) * c.block_length
+    seen = (c.x == d.eos_id) & (columns >= c.gen_start[:, None]) & (columns < hi)
+    for i, hit in enumerate(seen.any(1).tolist()):
+        done[i] = done[i] or hit or b >= c.last_block[i]
+
+
+def _run_blocks(d: _Decode, replay, st, on_block) -> "_StepTimer":
+    """Decode block by block from `first` until every sequence is done; returns the step timer."""
+    c, buf = d.canvas, d.buffers
+    timer = _StepTimer(c.x.device)
+    done = [False] * c.x.shape[0]
+    columns = torch.arange(c.total * c.block_length, device=c.x.device)
+    for b in range(c.first, c.total):
+        is_running = [not done[i] and b <= c.last_block[i] for i in range(len(done))]
+        if not any(is_running):
+            break
+        _denoise_block(d, b, is_running, replay, timer, st)
+        _finished(d, b, done, columns)
+        if on_block is not None:
+            on_block(b - c.first + 1, c.total - c.first)
+        if d.cache is not None and not all(done):  # the finished block's K/V into the cache
+            d.model(buf.block, buf.block_pos, past_key_values=d.cache,
+                    block_length=c.block_length, write_cache=True, return_logits=False)
+            st.cache_writes += 1
+    return timer
+
+
+def _tokens(c: _Canvas, eos_id: int) -> List[List[int]]:
+    """Each sequence's generated tokens, cut after the first EOS."""
+    tokens = []
+    for i, start in enumerate(c.starts):
+        out = c.x[i, start: start + c.gen_length].tolist()
+        tokens.append(out[: out.index(eos_id) + 1] if eos_id in out else out)
+    return tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+
+
+def _setup(model, prompts, *, gen_length, block_length, steps, sampling, mask_id, eos_id,
+           use_cache, stats, st) -> _Decode:
+    """Canvas, prefilled cache, step buffers and routing recorder of one generate() call."""
+    device = next(model.parameters()).device
+    canvas = _canvas(prompts, block_length, gen_length, mask_id, eos_id, device)
+    cache = _prefill(model, canvas, device.type == "cuda", st) if use_cache else None
+    B = len(prompts)
+    buffers = _StepBuffers.allocate(B, block_length, mask_id, device)
+    moe = moe_layers(model) if stats else []
+    recorder = None
+    if moe:
+        recorder = RouteRecorder(moe, (canvas.total - canvas.first) * steps, B, device)
+    return _Decode(model, canvas, buffers, sampling, cache, recorder, mask_id, eos_id, steps)
+
+
 @torch.no_grad()
 def generate(model, input_ids: Union[torch.Tensor, List[List[int]], List[int]],
              gen_length: int = 256, block_length: int = 32, steps: int = 32,
@@ -245,166 +515,34 @@ def generate(model, input_ids: Union[torch.Tensor, List[List[int]], List[int]],
     each block (progress bars). Returns tokens per sequence, cut after the first EOS.
     """
     start_time = time.perf_counter()
-    config = model.config
-    eos_id = getattr(config, "eos_token_id", None) if eos_id is None else eos_id
-    eos_id = DEFAULT_EOS_ID if eos_id is None else eos_id
-    mask_id = getattr(config, "mask_token_id", None) if mask_id is None else mask_id
-    mask_id = DEFAULT_MASK_ID if mask_id is None else mask_id
+    eos_id, mask_id = _special_ids(model.config, eos_id, mask_id)
     prompts = _as_prompts(input_ids)
-    _check_args(prompts, config.vocab_size, gen_length, block_length, steps, threshold,
+    _check_args(prompts, model.config.vocab_size, gen_length, block_length, steps, threshold,
                 temperature, top_k, top_p, mask_id)
-    param = next(model.parameters())
-    device = param.device
+    device = next(model.parameters()).device
     graph = _wants_graph(model, device, cuda_graph, temperature, generator) and use_cache
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-    # Layout: each sequence left-padded by whole blocks so all decode global block `first` first.
-    bl, B, G = block_length, len(prompts), gen_length
-    steps = min(steps, gen_length)  # as published (minimal_topk = 1)
-    first_own = [len(p) // bl for p in prompts]
-    n_own = [-(-(len(p) + G) // bl) for p in prompts]
-    first = max(first_own)
-    pad_blocks = [first - f for f in first_own]
-    last_block = [first + n - f - 1 for n, f in zip(n_own, first_own)]
-    total = max(last_block) + 1
-    x = torch.full((B, total * bl), mask_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        x[i, : pad_blocks[i] * bl] = eos_id
-        x[i, pad_blocks[i] * bl: pad_blocks[i] * bl + len(p)] = torch.tensor(p)
-    offsets = torch.tensor(pad_blocks)[:, None] * bl
-    positions = (torch.arange(total * bl)[None] - offsets).to(device)
-    valid = positions >= 0
-    x = x.to(device)
-    gen_start = torch.tensor([pad_blocks[i] * bl + len(p) for i, p in enumerate(prompts)],
-                             device=device)
-
-    cache = None
     st = GenerationStats(cuda_graph=graph)
-    if use_cache:
-        # On CUDA the cache is static (fixed shapes) graphed or not, so that a graphed step and
-        # an eager one run the same attention and give the same tokens.
-        cache = model.new_cache(B, total * bl, static=device.type == "cuda")
-        if first > 0:  # prefill: the prompt's full blocks
-            model(x[:, : first * bl], positions[:, : first * bl], past_key_values=cache,
-                  attention_mask=valid[:, : first * bl], block_length=bl, write_cache=True,
-                  return_logits=False)
-            st.cache_writes += 1
-
-    # Static buffers of one step (what a CUDA graph reads and writes).
-    # Filled with valid values: the graph's warm-up steps run before the first block is loaded
-    # (garbage token ids there would index the embedding out of bounds).
-    block = torch.full((B, bl), mask_id, dtype=torch.long, device=device)
-    block_pos = torch.zeros(B, bl, dtype=torch.long, device=device)
-    running = torch.zeros(B, 1, dtype=torch.bool, device=device)
-    quota = torch.zeros((), dtype=torch.long, device=device)
-    committed = torch.zeros((), dtype=torch.long, device=device)
-    moe = _moe_modules(model) if stats else []
-    max_forwards = (total - first) * steps
-    n_layers = len(moe)
-    unique = torch.full((max_forwards, n_layers, B), float("nan"), device=device)
-    coreset = torch.full_like(unique, float("nan"))
-    outside = torch.zeros(max_forwards, n_layers, B, dtype=torch.long, device=device)
-    forward_index = torch.zeros((), dtype=torch.long, device=device)
-    prefix = {"end": 0}
-
-    def step():
-        """One denoising forward and its commit decision: device ops only, no host sync."""
-        if use_cache:
-            logits = model(block, block_pos, past_key_values=cache, block_length=bl).logits
-        else:  # recompute every earlier block, as the published generate does
-            end = prefix["end"]
-            ids = torch.cat((x[:, : end - bl], block), dim=1)
-            logits = model(ids, positions[:, :end], attention_mask=valid[:, :end],
-                           block_length=bl).logits[:, -bl:]
-        tok, conf = pick_tokens(logits, temperature, top_k, top_p, generator)
-        active = (block == mask_id) & running
-        commit = commit_mask(conf, active, threshold, quota)
-        block.copy_(torch.where(commit, tok, block))
-        committed.add_(commit.sum())
-        if n_layers:
-            u = torch.zeros(n_layers, B, device=device)
-            c = torch.full((n_layers, B), float("nan"), device=device)
-            o = torch.zeros(n_layers, B, dtype=torch.long, device=device)
-            route_stats(moe, bl, u, c, o)
-            keep = running[:, 0]
-            unique.index_copy_(0, forward_index[None], torch.where(keep, u, float("nan"))[None])
-            coreset.index_copy_(0, forward_index[None], torch.where(keep, c, float("nan"))[None])
-            outside.index_copy_(0, forward_index[None], (o * keep)[None])
-        forward_index.add_(1)
-
-    replay = step
-    if graph:
-        replay = _capture(step, block, committed, forward_index, unique, coreset, outside)
-
-    timer = _StepTimer(device)
-    done = [False] * B
-    columns = torch.arange(total * bl, device=device)
-    schedule = quota_schedule(bl, steps)
-    for b in range(first, total):
-        is_running = [not done[i] and b <= last_block[i] for i in range(B)]
-        if not any(is_running):
-            break
-        lo, hi = b * bl, (b + 1) * bl
-        block.copy_(x[:, lo:hi])
-        block_pos.copy_(positions[:, lo:hi])
-        running.copy_(torch.tensor(is_running, device=device)[:, None])
-        prefix["end"] = hi
-        for s in range(steps):
-            if not bool(((block == mask_id) & running).any()):  # the step's one host sync
-                break
-            quota.fill_(schedule[s])
-            timer.start()
-            replay()
-            timer.stop()
-            st.forwards += 1
-        x[:, lo:hi] = block
-        # Stop at EOS (checked once the block is done, as published).
-        seen = (x == eos_id) & (columns >= gen_start[:, None]) & (columns < hi)
-        for i, hit in enumerate(seen.any(1).tolist()):
-            done[i] = done[i] or hit or b >= last_block[i]
-        if on_block is not None:
-            on_block(b - first + 1, total - first)
-        if use_cache and not all(done):
-            model(block, block_pos, past_key_values=cache, block_length=bl, write_cache=True,
-                  return_logits=False)
-            st.cache_writes += 1
-
-    tokens = []
-    for i, p in enumerate(prompts):
-        start = pad_blocks[i] * bl + len(p)
-        out = x[i, start: start + G].tolist()
-        tokens.append(out[: out.index(eos_id) + 1] if eos_id in out else out)
-
-    st.committed_tokens = int(committed)
-    st.time_per_forward_s = timer.mean()
-    if n_layers:
-        n = st.forwards
-        st.unique_experts = unique[:n].cpu()
-        if any(getattr(m.last_route, "coreset", None) is not None for m in moe):
-            st.coreset_size = coreset[:n].cpu()
-            st.outside_coreset = int(outside[:n].sum())
-    if device.type == "cuda":
-        st.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
-    st.wall_time_s = time.perf_counter() - start_time
+    d = _setup(model, prompts, gen_length=gen_length, block_length=block_length,
+               steps=min(steps, gen_length),  # as published (minimal_topk = 1)
+               sampling=_Sampling(threshold, temperature, top_k, top_p, generator),
+               mask_id=mask_id, eos_id=eos_id, use_cache=use_cache, stats=stats, st=st)
+    timer = _run_blocks(d, _step_function(d, graph), st, on_block)
+    tokens = _tokens(d.canvas, eos_id)
+    _finish_stats(st, d, timer, start_time)
     return GenerationResult(tokens, st)
 
 
-def _capture(step, block, committed, forward_index, *records):
-    """Warm up `step` on a side stream, capture it in a CUDA graph, restore the state it touched."""
-    saved = [t.clone() for t in (block, committed, forward_index, *records)]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # compiles kernels, settles allocations
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for t, s in zip((block, committed, forward_index, *records), saved):
-        t.copy_(s)
-    return graph.replay
+def _finish_stats(st: GenerationStats, d: _Decode, timer, start_time: float) -> None:
+    st.committed_tokens = int(d.buffers.committed)
+    st.time_per_forward_s = timer.mean()
+    if d.recorder is not None:
+        d.recorder.fill(st)
+    device = d.buffers.block.device
+    if device.type == "cuda":
+        st.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
+    st.wall_time_s = time.perf_counter() - start_time
 
 
 class _StepTimer:

@@ -95,3 +95,44 @@ def is_patched(model: nn.Module) -> bool:
     DMoEBlock = _dmoe_block()
     kinds = [isinstance(m, DMoEBlock) for _, _, m in _mlps(model) if not _is_dense_mlp(m)]
     return bool(kinds) and all(kinds)
+
+
+def official_view(block: nn.Module, config) -> nn.Module:
+    """The official per-expert-loop MoE MLP over the SAME weights as DMoEBlock `block` (views,
+    no copy), so an unpatched forward runs the published code path on the patched model's
+    memory."""
+    import torch
+
+    from .models.llada2 import LLaDA2MoeSparseMoeBlock
+
+    with torch.device("meta"):
+        mlp = LLaDA2MoeSparseMoeBlock(config)
+    I = block.w_gate_up.shape[1] // 2
+    frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
+    mlp.gate.weight = frozen(block.gate_weight)  # fp32, as the official gate computes
+    mlp.gate.expert_bias = block.expert_bias      # shared: calibration applies to both
+    for e, expert in enumerate(mlp.experts):
+        expert.gate_proj.weight = frozen(block.w_gate_up[e, :I])
+        expert.up_proj.weight = frozen(block.w_gate_up[e, I:])
+        expert.down_proj.weight = frozen(block.w_down[e])
+    mlp.shared_experts = block.shared_expert
+    return mlp
+
+
+class Unpatched:
+    """Context: every DMoEBlock of a patched model swapped for its official per-expert-loop
+    view (official_view); the blocks come back on exit."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.saved = [(layer, layer.mlp) for layer in model.model.layers
+                      if isinstance(layer.mlp, _dmoe_block())]
+
+    def __enter__(self) -> nn.Module:
+        for layer, block in self.saved:
+            layer.mlp = official_view(block, self.model.config)
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        for layer, block in self.saved:
+            layer.mlp = block

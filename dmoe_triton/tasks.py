@@ -148,26 +148,18 @@ def token_ids() -> dict:
     return vocab
 
 
-def build_tokenizer():
-    """A `tokenizers.Tokenizer` splitting text into single characters of CHARS."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    # WordLevel needs an unknown token; encode() below rejects unknown characters before that.
-    tok = Tokenizer(models.WordLevel(token_ids(), unk_token=PAD))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    tok.decoder = decoders.Fuse()  # characters join without spaces
-    tok.add_special_tokens([AddedToken(s, special=True) for s in SPECIALS])
-    return tok
-
-
 def save_tokenizer(directory: str) -> str:
     """Write tokenizer.json (and a tokenizer_config.json naming the specials) into `directory`."""
     import json
     import os
 
+    from .tiny import build_tokenizer
+
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "tokenizer.json")
-    build_tokenizer().save(path)
+    # One token per character of CHARS; WordLevel needs an unknown token, and encode() below
+    # rejects unknown characters before it is ever used.
+    build_tokenizer(SPECIALS, token_ids(), unknown=PAD).save(path)
     # "dmoe_task": the dmoe CLI feeds raw problems, no chat template (tiny.is_arithmetic_model)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS,
               "pad_token": PAD, "mask_token": MASK, "model_max_length": 4096,

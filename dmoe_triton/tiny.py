@@ -105,17 +105,26 @@ def tiny_model_dir(root: str | None = None) -> str:
     return path
 
 
-def build_tokenizer():
-    """Byte-level tokenizer (every text encodes) with the chat and diffusion special tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+def build_tokenizer(specials=(EOS, MASK, ROLE_OPEN, ROLE_CLOSE, ROLE_END), vocab=None,
+                    unknown=None):
+    """A `tokenizers.Tokenizer` with `specials` as special tokens, for both shipped kinds:
 
-    byte_chars = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {c: i for i, c in enumerate(sorted(byte_chars))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(s, special=True)
-                            for s in (EOS, MASK, ROLE_OPEN, ROLE_CLOSE, ROLE_END)])
+    vocab None (the tiny random model): byte-level, every text encodes. vocab {character: id}
+    (the arithmetic task): one token per character, `unknown` for characters outside it.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    if vocab is None:
+        byte_chars = pre_tokenizers.ByteLevel.alphabet()
+        tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(byte_chars))},
+                                   merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+    else:
+        tok = Tokenizer(models.WordLevel(vocab, unk_token=unknown))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+        tok.decoder = decoders.Fuse()  # characters join without spaces
+    tok.add_special_tokens([AddedToken(s, special=True) for s in specials])
     return tok
 
 

@@ -1,8 +1,6 @@
 """Router calibration (dmoe_triton/calibrate.py), the end-to-end benchmark's model helpers
-(bench/bench_e2e.py) and the attention changes they came with, on the CPU."""
-import sys
-from pathlib import Path
-
+(bench/bench_e2e.py's, now in dmoe_triton.patch / modules / testing) and the attention changes
+they came with, on the CPU."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,16 +11,17 @@ from dmoe_triton.calibrate import (calibrate_router, expert_hits, moe_layers, po
                                    set_router_diversity, set_router_weights, shared_directions)
 from dmoe_triton.models import LLaDA2MoeConfig
 from dmoe_triton.models.llada2 import grouped_query_attention
+from dmoe_triton.modules import cache_bytes, expert_bytes, non_expert_bytes
+from dmoe_triton.moe import DMoEBlock
+from dmoe_triton.patch import Unpatched
+from dmoe_triton.testing import SMALL, build_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import bench_e2e as be  # noqa: E402
-
-CONFIG = dict(be.SMOKE_CONFIG, num_experts=32, n_group=4, topk_group=2)
+CONFIG = dict(SMALL, num_experts=32, n_group=4, topk_group=2)
 
 
 @pytest.fixture(scope="module")
 def patched():
-    model = be.build_model(LLaDA2MoeConfig(**CONFIG), torch.device("cpu"))
+    model = build_model(LLaDA2MoeConfig(**CONFIG), torch.device("cpu"))
     model.float()
     return patch_model(model, RoutingPolicy.token())
 
@@ -126,7 +125,7 @@ def test_diversity_removes_the_shared_directions(patched):
 
 
 def test_build_model_is_random_bf16_built_in_place():
-    model = be.build_model(LLaDA2MoeConfig(**be.SMOKE_CONFIG), torch.device("cpu"))
+    model = build_model(LLaDA2MoeConfig(**SMALL), torch.device("cpu"))
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert model.model.layers[1].mlp.gate.expert_bias.dtype == torch.float32
     assert float(model.model.norm.weight.detach().float().mean()) == 1.0
@@ -138,22 +137,22 @@ def test_official_view_runs_the_loop_on_the_patched_weights(patched):
     ids = torch.randint(3, 90, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         fused = patched(ids).logits
-        with be.Unpatched(patched) as loop:
-            assert not any(isinstance(l.mlp, be.DMoEBlock) for l in loop.model.layers)
+        with Unpatched(patched) as loop:
+            assert not any(isinstance(l.mlp, DMoEBlock) for l in loop.model.layers)
             looped = loop(ids).logits
             summary = route_summary(loop)
-    assert any(isinstance(l.mlp, be.DMoEBlock) for l in patched.model.layers)  # restored
+    assert any(isinstance(l.mlp, DMoEBlock) for l in patched.model.layers)  # restored
     torch.testing.assert_close(looped, fused, rtol=1e-4, atol=1e-4)
     assert summary.unique.shape == (2, 2) and summary.coreset is None
 
 
 def test_bytes_of_a_forward(patched):
     c = patched.config
-    assert be.expert_bytes(patched) == 3 * c.hidden_size * c.moe_intermediate_size * 4  # fp32
+    assert expert_bytes(patched) == 3 * c.hidden_size * c.moe_intermediate_size * 4  # fp32
     cache = patched.new_cache(2, 64, static=True)
     kv = 2 * c.num_hidden_layers * 2 * c.num_key_value_heads * (64 + 32) * c.head_dim * 4
-    assert be.cache_bytes(cache) == kv
-    assert be.non_expert_bytes(patched, 2) > be.non_expert_bytes(patched, 1)
+    assert cache_bytes(cache) == kv
+    assert non_expert_bytes(patched, 2) > non_expert_bytes(patched, 1)
 
 
 def test_grouped_query_attention_equals_sdpa_gqa():
@@ -172,7 +171,7 @@ def test_grouped_query_attention_equals_sdpa_gqa():
 
 def test_static_cache_attends_through_scratch_rows():
     """A static cache writes the step's K/V into spare rows instead of concatenating."""
-    model = be.build_model(LLaDA2MoeConfig(**be.SMOKE_CONFIG), torch.device("cpu")).float()
+    model = build_model(LLaDA2MoeConfig(**SMALL), torch.device("cpu")).float()
     ids = torch.randint(3, 90, (2, 64), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(ids).logits

@@ -1,17 +1,14 @@
 """The default model: the shipped arithmetic checkpoint (models/arith-dmoe) when the repository
 has it, else the tiny random one; and the shipped model really solves held-out problems."""
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import train_tiny as tt  # noqa: E402
-
-from dmoe_triton import RoutingPolicy, cli, tasks, tiny  # noqa: E402
-from dmoe_triton.models import LLaDA2MoeModelLM  # noqa: E402
-from dmoe_triton.patch import patch_model, set_policy  # noqa: E402
+from dmoe_triton import RoutingPolicy, cli, tasks, tiny
+from dmoe_triton import training as tt
+from dmoe_triton.models import LLaDA2MoeModelLM
+from dmoe_triton.patch import patch_model, set_policy
 
 NOT_SHIPPED = ("models/arith-dmoe is not in the repository yet: train it on a GPU with "
                "`bash bench/train_and_eval.sh OUT` and unpack OUT/models.tar into models/")

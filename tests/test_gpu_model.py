@@ -7,30 +7,13 @@ import torch
 
 from dmoe_triton import RoutingPolicy, generate, patch_model
 from dmoe_triton.models import LLaDA2MoeConfig, LLaDA2MoeModelLM
+from dmoe_triton.testing import GPU_CONFIG, gpu_model
 
 pytestmark = pytest.mark.gpu
 
-CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=64,
-              num_hidden_layers=3, first_k_dense_replace=1, num_experts=64, num_experts_per_tok=8,
-              n_group=8, topk_group=4, num_shared_experts=1, num_attention_heads=8,
-              num_key_value_heads=2, head_dim=32, eos_token_id=1, pad_token_id=1, mask_token_id=2)
-
-
-def random_model(seed=0):
-    torch.manual_seed(seed)
-    model = LLaDA2MoeModelLM(LLaDA2MoeConfig(**CONFIG)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gate.weight"):
-                p.normal_(0, 0.1)
-        for layer in model.model.layers[1:]:
-            layer.mlp.gate.expert_bias.normal_(0, 0.05)
-    return model.to("cuda", torch.bfloat16)
-
-
 @pytest.mark.parametrize("policy", [RoutingPolicy.token(), RoutingPolicy.dmoe(0.6, 4)])
 def test_graphed_generate_gives_the_eager_tokens(policy):
-    model = patch_model(random_model(), policy)
+    model = patch_model(gpu_model(), policy)
     prompts = [[5, 6, 7, 8, 9] * 9, [11, 12, 13]]
     eager = generate(model, prompts, gen_length=64, cuda_graph=False, stats=False)
     graphed = generate(model, prompts, gen_length=64, cuda_graph=True, stats=False)
@@ -39,7 +22,7 @@ def test_graphed_generate_gives_the_eager_tokens(policy):
 
 
 def test_patched_token_policy_matches_the_unpatched_model_in_bf16():
-    model = random_model(1)
+    model = gpu_model(1)
     ids = torch.randint(3, 500, (2, 64), device="cuda")
     with torch.no_grad():
         unpatched = model(ids).logits
@@ -54,7 +37,7 @@ def test_training_step_under_autocast():
     """bench/train_tiny.py's step: fp32 parameters, bf16 autocast (issue 17: the fused attention
     prep refused the bf16 projection beside fp32 RoPE tables)."""
     torch.manual_seed(0)
-    model = LLaDA2MoeModelLM(LLaDA2MoeConfig(**CONFIG)).cuda().train()
+    model = LLaDA2MoeModelLM(LLaDA2MoeConfig(**GPU_CONFIG)).cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(3, 500, (4, 64), device="cuda")
     for _ in range(2):

@@ -10,29 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from dmoe_triton.models import BlockKVCache, LLaDA2MoeConfig, LLaDA2MoeModel, LLaDA2MoeModelLM
-
-SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-             num_hidden_layers=3, first_k_dense_replace=1, num_experts=16, num_experts_per_tok=4,
-             n_group=4, topk_group=2, num_shared_experts=1, routed_scaling_factor=2.5,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=16, partial_rotary_factor=0.5,
-             rope_theta=600000.0, rms_norm_eps=1e-6, eos_token_id=1, pad_token_id=1,
-             mask_token_id=2)
-
-
-def small_model(seed=0, **overrides):
-    """A random fp32 model whose every weight matters (norms, router bias not at their init)."""
-    torch.manual_seed(seed)
-    model = LLaDA2MoeModelLM(LLaDA2MoeConfig(**{**SMALL, **overrides})).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name.endswith("gate.weight"):
-                p.normal_(0, 0.3)
-        for layer in model.model.layers:
-            if hasattr(layer.mlp, "gate"):
-                layer.mlp.gate.expert_bias.normal_(0, 0.05)
-    return model
+from dmoe_triton.testing import SMALL, small_model
 
 
 # ---------------------------------------------------------------------------------------------

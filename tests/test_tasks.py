@@ -78,3 +78,33 @@ def test_tokenizer_round_trip_and_file_format(tmp_path):
         assert tasks.decode(ids + [vocab[tasks.MASK]]) == text
     for s in tasks.SPECIALS:
         assert tok.token_to_id(s) == vocab[s]
+
+
+def test_saved_tokenizer_is_the_shipped_models_byte_for_byte(tmp_path):
+    """One tokenizer builder (tiny.build_tokenizer) serves the task: what it writes is exactly
+    the tokenizer.json the shipped checkpoints carry."""
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "arith-dmoe" / "tokenizer.json"
+    if not shipped.is_file():
+        pytest.skip("models/arith-dmoe is not in the repository")
+    path = tasks.save_tokenizer(str(tmp_path))
+    assert Path(path).read_bytes() == shipped.read_bytes()
+
+
+def test_routing_sizes_scale_from_256_experts():
+    from dmoe_triton.defaults import scaled_guard, scaled_size
+
+    assert [scaled_guard(e) for e in (256, 64, 16, 4)] == [16, 4, 1, 1]
+    assert [scaled_guard(e, 12) for e in (256, 64, 16)] == [12, 3, 1]
+    assert [scaled_size(e) for e in (256, 64, 16)] == [38, 10, 2]
+
+
+def test_no_test_imports_a_bench_script():
+    """Library code the tests need lives in the package; bench/ holds scripts only."""
+    from pathlib import Path
+
+    forbidden = ("sys.path." + "insert", "import " + "bench", "import " + "train_tiny")
+    for path in Path(__file__).parent.glob("test_*.py"):
+        text = path.read_text()
+        assert not any(f in text for f in forbidden), path.name

@@ -1,30 +1,13 @@
-"""bench/train_tiny.py on a microscopic config, on the CPU: noising, the dense training MoE
+"""dmoe_triton/training.py (bench/train_tiny.py's library) on a microscopic config, on the CPU: noising, the dense training MoE
 forward against the model's own MoE paths, and a few training steps."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import train_tiny as tt  # noqa: E402
-
-from dmoe_triton import RouterConfig, RoutingPolicy, tasks  # noqa: E402
-from dmoe_triton.models import LLaDA2MoeModelLM  # noqa: E402
-from dmoe_triton.moe import DMoEBlock  # noqa: E402
-
-
-def micro_model(seed=0):
-    torch.manual_seed(seed)
-    model = LLaDA2MoeModelLM(tt.model_config("micro"))
-    for m in model.modules():  # a non-zero bias, so that ranking and weighing differ
-        if hasattr(m, "expert_bias"):
-            m.expert_bias.copy_(0.05 * torch.randn_like(m.expert_bias))
-    return model
-
-
-def micro_data(n=8, seed=0):
-    return tt.encode_problems(tasks.sample_problems("train", n, seed))
+from dmoe_triton import RouterConfig, RoutingPolicy
+from dmoe_triton import training as tt
+from dmoe_triton.models import LLaDA2MoeModelLM
+from dmoe_triton.moe import DMoEBlock
+from dmoe_triton.testing import micro_data, micro_model
 
 
 def test_noise_masks_only_answer_tokens_of_one_block():

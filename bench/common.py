@@ -1,0 +1,61 @@
+"""Helpers shared by the benchmarks (run as `python bench/<script>.py`, so bench/ is on
+sys.path): timing (CUDA events, median), CUDA-graph capture, and the copy bandwidth, in bytes/s,
+that every byte floor divides by."""
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def time_ms(run: Callable[[], object], per_call: int, trials: int, device) -> float:
+    """Median over trials of the time of `run` / per_call, in ms (events on CUDA)."""
+    times = []
+    for _ in range(trials):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            run()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / per_call)
+        else:
+            t = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t) * 1e3 / per_call)
+    return statistics.median(times)
+
+
+def capture(fn, reps: int = 1, warmup: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `reps` calls of fn, after `warmup` calls on a side stream (compiles
+    kernels and settles allocations, as capture requires)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return graph
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, bytes read + written (median of 20)."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(23):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        if i >= 3:
+            times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    return 2 * nbytes / statistics.median(times)

@@ -1,0 +1,57 @@
+"""The MoE layers of a model and the experts their last routes hit: one walk, one count, shared
+by decoding's routing statistics, router calibration and the benchmarks."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def moe_layers(model: torch.nn.Module) -> list:
+    """The MoE MLPs of `model` in layer order (anything that reports `last_route`)."""
+    return [m for m in model.modules() if hasattr(m, "last_route")]
+
+
+def expert_hits(topk_ids: torch.Tensor, num_experts: int, rows: Optional[int] = None):
+    """Which experts each sequence's last `rows` rows picked: topk_ids [B, L, k] -> bool [B, E].
+
+    Empty slots (-1) and out-of-range ids count for nothing. Device ops only.
+    """
+    ids = topk_ids if rows is None else topk_ids[:, -rows:]
+    ids = ids.reshape(ids.shape[0], -1).long()
+    valid = (ids >= 0) & (ids < num_experts)
+    hit = torch.zeros(ids.shape[0], num_experts + 1, dtype=torch.bool, device=ids.device)
+    hit.scatter_(1, torch.where(valid, ids, num_experts), True)
+    return hit[:, :num_experts]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes a decoding forward reads (the benchmarks' roofline floors)
+
+
+def expert_bytes(model: torch.nn.Module) -> int:
+    """Bytes of one routed expert's weights (gate, up, down) in a patched model."""
+    from .moe import DMoEBlock
+
+    block = next(m for m in model.modules() if isinstance(m, DMoEBlock))
+    return (block.w_gate_up[0].numel() + block.w_down[0].numel()) * block.w_gate_up.element_size()
+
+
+def non_expert_bytes(model: torch.nn.Module, batch: int, block_length: int = 32) -> int:
+    """Weights a forward of one block per sequence reads besides routed experts (embedding:
+    only the block's rows)."""
+    total = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        # shared_gate_up: the shared experts' gate/up, counted once via their module's views.
+        if name.endswith(("w_gate_up", "w_down", "shared_gate_up")) or "word_embeddings" in name:
+            continue
+        total += t.numel() * t.element_size()
+    emb = model.model.word_embeddings.weight
+    return total + batch * block_length * emb.shape[1] * emb.element_size()
+
+
+def cache_bytes(cache, block_length: int = 32) -> int:
+    """K/V a step reads: the whole visible buffer of every layer (static: all of it)."""
+    n = cache.visible() + block_length
+    k = cache.keys[0]
+    return 2 * len(cache.keys) * k.shape[0] * k.shape[1] * n * k.shape[3] * k.element_size()
