@@ -14,7 +14,6 @@ this process.
 (launch.attention_launch holds the fastest of each).
 """
 import argparse
-import statistics
 import sys
 
 import torch
@@ -24,7 +23,7 @@ from dmoe_triton.launch import MANY_FROM, AttentionLaunch, attention_launch
 from dmoe_triton.models.llada2 import grouped_query_attention
 from dmoe_triton.reference import block_attention_reference
 
-from graphs import capture, copy_bandwidth  # bench/graphs.py
+from common import capture, copy_bandwidth, time_ms  # bench/common.py
 
 NH, NKV, HD, L = 16, 4, 128, 32
 REPS = 20
@@ -41,17 +40,10 @@ def inputs(batch, prefix, dev):
 
 
 def time_us(fn):
+    """Median microseconds per call over 30 replays of a CUDA graph of REPS calls."""
     fn()
     graph = capture(fn, REPS, warmup=2)
-    times = []
-    for _ in range(30):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / REPS)
-    return statistics.median(times)
+    return 1e3 * time_ms(graph.replay, REPS, 30, torch.device("cuda"))
 
 
 def sdpa_path(q, keys, values, mask):

@@ -46,7 +46,7 @@ from dmoe_triton.launch import DEFAULT_DECODE, DecodeConfig  # noqa: E402
 from dmoe_triton.moe import (decode_down_combine, decode_gate_up, down_arrivals,  # noqa: E402
                              moe_forward_triton)
 from dmoe_triton.reference import moe_forward_reference  # noqa: E402
-from graphs import capture  # noqa: E402  (bench/graphs.py: bench/ is on sys.path as a script)
+from common import capture, copy_bandwidth, time_ms  # noqa: E402  (bench/common.py: bench/ is on sys.path as a script)
 
 E, H, I, TOP_K, BLOCK = 256, 2048, 512, 8, 32
 CFG = RouterConfig(num_experts=E, top_k=TOP_K, n_group=8, topk_group=4, routed_scaling_factor=2.5)
@@ -153,13 +153,6 @@ def check_routings(routed, layer, decode_configs, max_err):
 # Timing (GPU)
 # ---------------------------------------------------------------------------------------------
 
-def copy_bandwidth():
-    src = torch.randn(2**28, device="cuda")  # 1 GiB
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    return 2 * src.numel() * 4 / ms / 1e6  # GB/s, bytes read + written
-
-
 def graphed(fn):
     """Capture fn (one layer call per weight copy) in a CUDA graph; return its replay."""
     return capture(fn).replay
@@ -167,8 +160,10 @@ def graphed(fn):
 
 def graph_us(fn):
     """Median microseconds per layer call of a graph of COPIES calls."""
-    ms = triton.testing.do_bench(graphed(fn), warmup=25, rep=100, return_mode="median")
-    return ms * 1000 / COPIES
+    run = graphed(fn)
+    for _ in range(10):
+        run()
+    return 1e3 * time_ms(run, COPIES, 100, torch.device("cuda"))
 
 
 def cpu_us(fn):
@@ -347,7 +342,7 @@ def time_case(row, layers, config, route_backend, eager_peer, grouped_peer):
 
 def run_gpu(args):
     props = torch.cuda.get_device_properties(0)
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(torch.device("cuda")) / 1e9  # GB/s, the unit of this script's tables
     print(f"device {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, "
           f"triton {triton.__version__}; copy bandwidth {bw:.0f} GB/s (read + write)")
     layers = make_layers(COPIES, E, H, I, DTYPE, "cuda")

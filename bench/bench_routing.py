@@ -13,7 +13,6 @@ on one block, checks each against the reference, and uses the fastest for the ta
 """
 import argparse
 import dataclasses
-import statistics
 import sys
 
 import torch
@@ -22,7 +21,7 @@ from dmoe_triton import RouterConfig, RoutingPolicy, route
 from dmoe_triton.launch import DEFAULT_ROUTE
 from dmoe_triton.routing import route_triton
 
-from graphs import capture  # bench/graphs.py (bench/ is on sys.path when run as a script)
+from common import capture, time_ms  # bench/common.py (bench/ is on sys.path as a script)
 
 CFG = RouterConfig(256, 8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
 REPS = 20
@@ -66,15 +65,7 @@ def time_us(fn, graphed):
         run, per = capture(fn, REPS).replay, REPS
     else:
         run, per = fn, 1
-    times = []
-    for _ in range(50):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / per)
-    return statistics.median(times)
+    return 1e3 * time_ms(run, per, 50, torch.device("cuda"))
 
 
 def check_same(a, b):

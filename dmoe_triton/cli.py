@@ -16,7 +16,8 @@ import os
 import sys
 from typing import List, Optional
 
-POLICIES = ("token", "dmoe", "des_vote", "topk_cap")
+from .config import POLICY_NAMES
+
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", help="required, except for an arithmetic model (default: "
                                     "an example problem)")
     g.add_argument("--raw", action="store_true", help="no chat template: decode after the text")
-    g.add_argument("--policy", choices=POLICIES, default="dmoe")
+    g.add_argument("--policy", choices=POLICY_NAMES, default="dmoe")
     g.add_argument("--top-p", type=float, default=0.6, help="dmoe: coreset vote mass")
     g.add_argument("--guard", type=int, default=None,
                    help="dmoe: minimum coreset size (default 16 of 256 experts, scaled to the model)")

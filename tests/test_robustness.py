@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from dmoe_triton.models import LLaDA2MoeConfig, LLaDA2MoeModelLM
-from test_model import SMALL, small_model
+from dmoe_triton.testing import SMALL, small_model
 
 CLOSE_BIAS = 7.0 + 0.003 * torch.arange(SMALL["num_experts"], dtype=torch.float32)
 
