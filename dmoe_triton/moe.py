@@ -518,6 +518,14 @@ class DMoEBlock(torch.nn.Module):
         policy.check(self.router_cfg)
         self.policy = policy
 
+    def _apply(self, fn, recurse=True):
+        # The router's fp32 copies (gate_weight, expert_bias) keep their values through
+        # .to(bf16)/.half(): only their device moves (issue 11).
+        from .models.llada2 import keep_fp32_router_state
+
+        keep_fp32_router_state(self, super()._apply, fn, recurse, ("gate_weight", "expert_bias"))
+        return self
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, L, H] -> [B, L, H]; B independent sequences, blocks cut along L from row 0."""
         if hidden.dim() != 3:

@@ -111,3 +111,19 @@ def test_llada22_config_fields_are_read_and_round_trip(tmp_path):
 def test_rope_parameters_of_another_rope_type_is_an_error():
     with pytest.raises(ValueError, match="rope_type"):
         LLaDA2MoeConfig(**{**SMALL, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_patched_router_state_survives_a_dtype_move():
+    from dmoe_triton import RoutingPolicy, patch_model
+
+    model = small_model()
+    for g in gates(model):
+        g.expert_bias.copy_(CLOSE_BIAS)
+    patch_model(model, RoutingPolicy.token(), backend="reference")
+    blocks = [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "gate_weight")]
+    weights = [b.gate_weight.clone() for b in blocks]
+    model.to(torch.bfloat16)
+    for block, w in zip(blocks, weights):
+        assert block.gate_weight.dtype == torch.float32 and torch.equal(block.gate_weight, w)
+        assert torch.equal(block.expert_bias, CLOSE_BIAS)
+    assert blocks[0].w_gate_up.dtype == torch.bfloat16
