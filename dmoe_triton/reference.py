@@ -91,8 +91,17 @@ def block_coreset(votes: torch.Tensor, policy: RoutingPolicy) -> torch.Tensor:
 
 
 def route_reference(logits: torch.Tensor, expert_bias: torch.Tensor, cfg: RouterConfig,
-                    policy: RoutingPolicy):
-    """routing-spec.md in plain PyTorch. Returns (topk_ids int32, topk_weights, coreset or None)."""
+                    policy: RoutingPolicy, first_position=None, row_valid=None):
+    """docs/routing.md in plain PyTorch. Returns (topk_ids int32, topk_weights, coreset or None).
+
+    first_position: int [...] (one per sequence) or None (0): the absolute position of each
+    sequence's row 0; row i sits in window (first_position + i) // block_size.
+    row_valid: bool [..., L] or None (all real): padding rows never vote.
+    Block policies return coreset [..., n_windows, E]: window slot j is the absolute window
+    first_position // block_size + j; n_windows = cdiv(L, block_size) without first_position,
+    cdiv(L + block_size - 1, block_size) with it. A window with no real row has an empty
+    coreset, so its (padding) rows take no expert.
+    """
     lead, (L, E) = logits.shape[:-2], logits.shape[-2:]
     x = logits.detach().reshape(-1, L, E).cpu()
     S = x.shape[0]
@@ -102,15 +111,23 @@ def route_reference(logits: torch.Tensor, expert_bias: torch.Tensor, cfg: Router
     coreset = None
     if policy.is_block:
         bs = policy.block_size
-        n_blocks = -(-L // bs)
-        coreset = torch.zeros(S, n_blocks, E, dtype=torch.bool)
+        shift = (torch.zeros(S, dtype=torch.int64) if first_position is None
+                 else first_position.detach().reshape(S).cpu().long() % bs)
+        valid = (torch.ones(S, L, dtype=torch.bool) if row_valid is None
+                 else row_valid.detach().reshape(S, L).cpu().bool())
+        n_windows = -(-L // bs) if first_position is None else -(-(L + bs - 1) // bs)
+        coreset = torch.zeros(S, n_windows, E, dtype=torch.bool)
         for q in range(S):
-            for b in range(n_blocks):
-                rows = slice(b * bs, min(L, (b + 1) * bs))
-                votes = block_votes(r[q, rows], cfg.top_k)
-                coreset[q, b] = block_coreset(votes, policy)
-                cand = coreset[q, b].expand(r[q, rows].shape)
-                ids[q, rows] = group_limited_topk(r[q, rows], cand, cfg, top_k)
+            for j in range(n_windows):
+                lo, hi = max(0, j * bs - int(shift[q])), min(L, (j + 1) * bs - int(shift[q]))
+                if lo >= hi:
+                    continue  # no row of this forward in the window slot
+                real = valid[q, lo:hi]
+                if real.any():
+                    votes = block_votes(r[q, lo:hi][real], cfg.top_k)
+                    coreset[q, j] = block_coreset(votes, policy)
+                cand = coreset[q, j].expand(hi - lo, E)
+                ids[q, lo:hi] = group_limited_topk(r[q, lo:hi], cand, cfg, top_k)
     else:
         for q in range(S):
             ids[q] = group_limited_topk(r[q], torch.ones_like(r[q], dtype=torch.bool), cfg, top_k)

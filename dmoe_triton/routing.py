@@ -84,26 +84,58 @@ def check_route_inputs(logits, expert_bias, cfg: RouterConfig, policy: RoutingPo
 
 
 def route(logits: torch.Tensor, expert_bias: Optional[torch.Tensor], cfg: RouterConfig,
-          policy: RoutingPolicy, backend: str = "auto") -> RouteResult:
-    """Route router logits to experts under `policy` (routing-spec.md).
+          policy: RoutingPolicy, backend: str = "auto", *,
+          first_position: Optional[torch.Tensor] = None,
+          row_valid: Optional[torch.Tensor] = None) -> RouteResult:
+    """Route router logits to experts under `policy` (docs/routing.md).
 
     logits: fp32 [..., L, E], E = cfg.num_experts; leading dims are independent sequences.
-    expert_bias: fp32 [E] on logits' device, or None (zeros). Block policies cut each
-    sequence's L rows into consecutive blocks of `policy.block_size` starting at row 0.
+    expert_bias: fp32 [E] on logits' device, or None (zeros).
+    first_position: int32/int64 [...] on logits' device, or None (0): the absolute position of
+    each sequence's row 0 (a KV cache or left padding before it). Block policies cut windows
+    of `policy.block_size` by absolute position: row i is in window
+    (first_position + i) // block_size. A device tensor, so a CUDA graph can replay it.
+    row_valid: bool [..., L] or None (all real): padding rows never vote; a window without a
+    real row has an empty coreset (its rows take no expert).
     backend: "auto" (kernels on CUDA), "triton" or "reference".
     Returns RouteResult: topk_ids int32 [..., L, slots] (-1 = empty), topk_weights fp32
-    [..., L, slots], coreset bool [..., cdiv(L, block_size), E] or None; slots =
-    policy.slots(cfg). Launch shapes: dmoe_triton.launch (route_launch, override).
+    [..., L, slots], coreset bool [..., n_windows, E] or None (slot j = absolute window
+    first_position // block_size + j; n_windows = cdiv(L, block_size), or
+    cdiv(L + block_size - 1, block_size) with first_position); slots = policy.slots(cfg).
+    Launch shapes: dmoe_triton.launch (route_launch, override).
     """
     expert_bias = check_route_inputs(logits, expert_bias, cfg, policy)
+    check_windows(logits, first_position, row_valid)
     backend = resolve_backend(backend, logits.device)
     if backend == "reference":
-        return RouteResult(*route_reference(logits, expert_bias, cfg, policy))
-    return route_triton(logits, expert_bias, cfg, policy)
+        return RouteResult(*route_reference(logits, expert_bias, cfg, policy, first_position,
+                                            row_valid))
+    return route_triton(logits, expert_bias, cfg, policy, first_position=first_position,
+                        row_valid=row_valid)
+
+
+def check_windows(logits, first_position, row_valid) -> None:
+    """Shapes, dtypes and devices of route's window arguments (no sync)."""
+    lead, L = tuple(logits.shape[:-2]), logits.shape[-2]
+    for name, t, shape, dtypes in (
+            ("first_position", first_position, lead, (torch.int32, torch.int64)),
+            ("row_valid", row_valid, lead + (L,), (torch.bool,))):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)} (logits' leading dims"
+                             f"{' and L' if name == 'row_valid' else ''}), got {list(t.shape)}")
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
+        if t.device != logits.device:
+            raise TypeError(f"{name} is on {t.device} but logits on {logits.device}")
 
 
 def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
-                 launch: Optional[RouteLaunch] = None) -> RouteResult:
+                 launch: Optional[RouteLaunch] = None, *, first_position=None,
+                 row_valid=None) -> RouteResult:
     """The Triton path of `route`, inputs already checked (benches time it without the checks).
 
     logits: fp32 [..., L, E] (E = cfg.num_experts); expert_bias: fp32 [E] on logits' device.
@@ -111,6 +143,10 @@ def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
     Returns a RouteResult shaped like `route`'s.
     """
     from .kernels.routing import block_coreset_kernel, route_kernel
+
+    if policy.is_block and (first_position is not None or row_valid is not None):
+        raise NotImplementedError("the routing kernels do not take first_position / row_valid "
+                                  "yet; use backend='reference'")
 
     lead, (L, E) = logits.shape[:-2], logits.shape[-2:]
     x = logits.reshape(-1, L, E).contiguous()
