@@ -144,9 +144,6 @@ def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
     """
     from .kernels.routing import block_coreset_kernel, route_kernel
 
-    if policy.is_block and (first_position is not None or row_valid is not None):
-        raise NotImplementedError("the routing kernels do not take first_position / row_valid "
-                                  "yet; use backend='reference'")
 
     lead, (L, E) = logits.shape[:-2], logits.shape[-2:]
     x = logits.reshape(-1, L, E).contiguous()
@@ -157,12 +154,18 @@ def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
     weights = torch.empty(S, L, top_k, dtype=torch.float32, device=x.device)
     # Token policies have no blocks: route_kernel then sees blocks of route_rows rows.
     block_size = policy.block_size if policy.is_block else shapes.route_rows
-    n_blocks = triton.cdiv(L, block_size)
+    # Window slots: with first_position, a forward's rows may start mid-window (one more slot).
+    windowed = policy.is_block and first_position is not None
+    n_blocks = triton.cdiv(L + block_size - 1 if windowed else L, block_size)
+    first_position = first_position.reshape(S).contiguous() if windowed else None
+    row_valid = (row_valid.reshape(S, L).contiguous().view(torch.uint8)
+                 if policy.is_block and row_valid is not None else None)
     coreset = None
     if policy.is_block:
         coreset = torch.empty(S, n_blocks, E, dtype=torch.uint8, device=x.device)
         block_coreset_kernel[(S * n_blocks,)](
-            logits_ptr=x, bias_ptr=expert_bias, coreset_ptr=coreset, L=L, n_blocks=n_blocks,
+            logits_ptr=x, bias_ptr=expert_bias, coreset_ptr=coreset,
+            first_position_ptr=first_position, row_valid_ptr=row_valid, L=L, n_blocks=n_blocks,
             block_size=block_size, top_p=float(policy.top_p), guard=policy.guard,
             coreset_size=policy.size, E=E, VOTE_K=cfg.top_k, POLICY=policy.code,
             BLOCK_T=min(shapes.vote_rows, triton.next_power_of_2(block_size)),
@@ -172,7 +175,8 @@ def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
     chunks = triton.cdiv(block_size, rows)
     route_kernel[(S * n_blocks * chunks,)](
         logits_ptr=x, bias_ptr=expert_bias, ids_ptr=ids, weights_ptr=weights,
-        coreset_ptr=coreset, L=L, n_blocks=n_blocks, block_size=block_size,
+        coreset_ptr=coreset, first_position_ptr=first_position, L=L, n_blocks=n_blocks,
+        block_size=block_size,
         chunks_per_block=chunks, scaling=float(cfg.routed_scaling_factor),
         E=E, N_GROUP=cfg.n_group, GROUP_SIZE=cfg.group_size, TOPK_GROUP=cfg.topk_group,
         TOP_K=top_k, BLOCK_T=rows, G_PAD=triton.next_power_of_2(cfg.n_group),

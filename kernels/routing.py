@@ -84,17 +84,33 @@ def _key_value(key):
 
 
 @triton.jit
+def _window_shift(first_position_ptr, seq, block_size):
+    """Rows of the forward's first window held by an earlier forward: first_position mod
+    block_size, floored for negative positions (left padding); 0 without first_position."""
+    shift = 0
+    if first_position_ptr is not None:
+        p0 = tl.load(first_position_ptr + seq).to(tl.int64)
+        shift = ((p0 % block_size) + block_size) % block_size
+    return shift
+
+
+@triton.jit
 def block_coreset_kernel(
-    logits_ptr, bias_ptr, coreset_ptr,
+    logits_ptr, bias_ptr, coreset_ptr, first_position_ptr, row_valid_ptr,
     L, n_blocks, block_size, top_p, guard, coreset_size,
     E: tl.constexpr, VOTE_K: tl.constexpr, POLICY: tl.constexpr,
     BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
 ):
-    """One block's coreset; grid (S * n_blocks,), program = sequence * n_blocks + block.
+    """One routing window's coreset; grid (S * n_blocks,), program = sequence * n_blocks + slot.
 
     logits_ptr: fp32 [S, L, E] router logits, contiguous. bias_ptr: fp32 [E] expert bias.
-    coreset_ptr: uint8 [S, n_blocks, E] out, 1 = expert in the block's coreset.
-    L: rows per sequence; n_blocks = cdiv(L, block_size); block_size: rows per block.
+    coreset_ptr: uint8 [S, n_blocks, E] out, 1 = expert in the window's coreset.
+    first_position_ptr: int [S] absolute position of each sequence's row 0, or None (0):
+    window slot j holds rows [j * block_size - shift, (j + 1) * block_size - shift) with
+    shift = first_position mod block_size (docs/routing.md, windows by absolute position).
+    row_valid_ptr: uint8 [S, L] (1 = real row), or None (all real): padding rows never vote,
+    and a window without a real row keeps no expert.
+    L: rows per sequence; n_blocks: window slots per sequence; block_size: rows per window.
     top_p (fp32), guard (experts): the dMoE rule; coreset_size (experts): the DES-vote size.
     E: experts; VOTE_K: experts each row votes for (the model's top-k); POLICY: a code of
     kernels/policy_codes.py (DMOE or DES_VOTE); BLOCK_T: rows per vote chunk (power of two);
@@ -102,8 +118,9 @@ def block_coreset_kernel(
     """
     pid = tl.program_id(0)
     seq = pid // n_blocks
-    row_start = (pid % n_blocks) * block_size
+    row_start = (pid % n_blocks) * block_size - _window_shift(first_position_ptr, seq, block_size)
     row_end = tl.minimum(row_start + block_size, L)
+    row_start = tl.maximum(row_start, 0)
     base = seq * L  # first row of this sequence in the flattened [S * L, E] view
     t = tl.arange(0, BLOCK_T)[:, None]
     e = tl.arange(0, E_PAD)
@@ -111,9 +128,14 @@ def block_coreset_kernel(
 
     # --- votes: each real row adds its plain top-VOTE_K values of r -------------------------
     votes = tl.zeros([E_PAD], dtype=tl.float32)
+    real_rows = tl.zeros([1], dtype=tl.int32)
     for chunk_start in range(row_start, row_end, BLOCK_T):
         rows = chunk_start + t
-        r, keys, _ = _load_scores(logits_ptr, bias_ptr, base + rows, rows < row_end,
+        voting = rows < row_end
+        if row_valid_ptr is not None:
+            voting &= tl.load(row_valid_ptr + base + rows, mask=voting, other=0) != 0
+        real_rows += tl.sum(voting.to(tl.int32))
+        r, keys, _ = _load_scores(logits_ptr, bias_ptr, base + rows, voting,
                                   e[None, :], e_ok[None, :], E)
         work = keys
         for _ in tl.static_range(VOTE_K):
@@ -137,6 +159,7 @@ def block_coreset_kernel(
         keep = tl.where(n_kept < guard, e < guard, keep)
     else:  # DES_VOTE
         keep = e < coreset_size
+    keep = keep & (real_rows > 0)  # a window of padding (or of no row here) keeps no expert
     # Scatter back to expert order: each real position names a distinct expert.
     tl.store(coreset_ptr + pid * E + expert, keep.to(tl.uint8), mask=e_ok)
 
@@ -166,7 +189,7 @@ def _kept_groups(keys, r, cand, gi, N_GROUP: tl.constexpr, TOPK_GROUP: tl.conste
 
 @triton.jit
 def route_kernel(
-    logits_ptr, bias_ptr, ids_ptr, weights_ptr, coreset_ptr,
+    logits_ptr, bias_ptr, ids_ptr, weights_ptr, coreset_ptr, first_position_ptr,
     L, n_blocks, block_size, chunks_per_block, scaling,
     E: tl.constexpr, N_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUP: tl.constexpr,
     TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, G_PAD: tl.constexpr, GS_PAD: tl.constexpr,
@@ -178,7 +201,7 @@ def route_kernel(
     logits_ptr: fp32 [S, L, E] contiguous; bias_ptr: fp32 [E].
     ids_ptr: int32 [S, L, TOP_K] out, -1 = empty slot; weights_ptr: fp32 [S, L, TOP_K] out.
     coreset_ptr: uint8 [S, n_blocks, E] from block_coreset_kernel, or None (token policies:
-    every expert is a candidate).
+    every expert is a candidate). first_position_ptr: as block_coreset_kernel's (None: 0).
     L: rows per sequence; block_size: rows per block (token policies: BLOCK_T);
     chunks_per_block = cdiv(block_size, BLOCK_T); scaling: routed_scaling_factor (fp32).
     E, N_GROUP, GROUP_SIZE (= E / N_GROUP), TOPK_GROUP: the gate; TOP_K: slots per row;
@@ -187,7 +210,8 @@ def route_kernel(
     pid = tl.program_id(0)
     block_id = pid // chunks_per_block  # = seq * n_blocks + block
     seq = block_id // n_blocks
-    block_start = (block_id % n_blocks) * block_size
+    block_start = (block_id % n_blocks) * block_size - _window_shift(first_position_ptr, seq,
+                                                                     block_size)
     chunk_start = block_start + (pid % chunks_per_block) * BLOCK_T
     row_end = tl.minimum(block_start + block_size, L)
     base = seq * L
@@ -204,9 +228,10 @@ def route_kernel(
 
     kk = tl.arange(0, TOP_K_PAD)[None, :]
     row = chunk_start + tl.arange(0, BLOCK_T)
-    row_ok = row < row_end
-    r, keys, is_nan = _load_scores(logits_ptr, bias_ptr, base + chunk_start + t,
-                                   chunk_start + t < row_end, col, col_ok, E)
+    row_ok = (row >= 0) & (row < row_end)  # rows before 0 belong to an earlier forward
+    rows = chunk_start + t
+    r, keys, is_nan = _load_scores(logits_ptr, bias_ptr, base + rows, (rows >= 0) & (rows < row_end),
+                                   col, col_ok, E)
     bad = _max2(is_nan.to(tl.int32)) > 0
     cand = in_coreset & (keys != NO_KEY)
     keys = tl.where(cand, keys, NO_KEY)
