@@ -192,12 +192,17 @@ def route_stats(modules, rows: int, unique_out, coreset_out, outside_out):
         hit = expert_hits(route.topk_ids, _num_experts(m, route), rows)
         unique_out[i] = hit.sum(-1)
         if coreset_out is not None and route.coreset is not None:
-            # The routing blocks that cover those rows (one, unless the policy cuts smaller ones).
+            # The routing windows that cover those rows: the last ones that hold a real row (a
+            # window slot without one has an empty coreset, e.g. the spare slot of a forward
+            # that starts on a window boundary).
             size = getattr(getattr(m, "policy", None), "block_size", rows)
-            n_blocks = -(-rows // size)
-            blocks = route.coreset[:, -n_blocks:]
-            coreset_out[i] = blocks.sum(-1).float().mean(1)
-            outside_out[i] = (hit & ~blocks.any(1)).sum(-1)
+            n_windows = -(-rows // size)
+            sizes = route.coreset.sum(-1).float()
+            held = sizes > 0
+            last = held.flip(1).cumsum(1).flip(1) <= n_windows  # the last n_windows held ones
+            chosen = held & last
+            coreset_out[i] = (sizes * chosen).sum(1) / chosen.sum(1).clamp(min=1)
+            outside_out[i] = (hit & ~(route.coreset & chosen[..., None]).any(1)).sum(-1)
 
 
 def _num_experts(module, route) -> int:

@@ -218,7 +218,8 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
         self.shared_experts = LLaDA2MoeMLP(H, I * n_shared) if n_shared else None
         self.last_route: Optional[RouteResult] = None  # for decoding statistics
 
-    def forward(self, x):
+    def forward(self, x, first_position=None, row_valid=None):
+        # The official gate routes each token alone: routing windows do not apply.
         B, L, H = x.shape
         flat = x.reshape(-1, H)
         ids, w = self.gate(flat)
@@ -415,9 +416,13 @@ class LLaDA2MoeDecoderLayer(nn.Module):
         else:
             self.mlp = LLaDA2MoeMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, mask, cache, write_cache):
+    def forward(self, x, cos, sin, mask, cache, write_cache, windows: dict):
+        """windows: the MoE routing windows of these rows, `first_position` [B] and
+        `row_valid` [B, l] (route's arguments; None where they are the defaults)."""
         h = x + self.attention(self.input_layernorm(x), cos, sin, mask, cache, write_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        if isinstance(self.mlp, LLaDA2MoeMLP):  # the dense layer: no routing
+            return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h), **windows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,9 +513,14 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
         B, l = input_ids.shape
         if write_cache and cache is None:
             raise ValueError("write_cache=True needs past_key_values (a BlockKVCache)")
+        # Routing windows follow absolute positions (docs/routing.md): each sequence's row-0
+        # position, a device tensor (graph-safe); None where it is 0 by construction.
+        first_position = None if position_ids is None else position_ids[:, 0]
         if position_ids is None:
             start = cache.length if cache is not None else 0
             position_ids = torch.arange(start, start + l, device=input_ids.device).expand(B, l)
+            if start:
+                first_position = position_ids[:, 0]
         if attention_mask is None:
             row_valid = torch.ones(B, l, dtype=torch.bool, device=input_ids.device)
         else:
@@ -528,8 +538,10 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
         # kernels and an allocation) at every call; doing it here once serves every layer.
         mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
         mask.masked_fill_(~allowed, float("-inf"))
+        windows = dict(first_position=first_position,
+                       row_valid=None if attention_mask is None else row_valid)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, write_cache)
+            x = layer(x, cos, sin, mask, cache, write_cache, windows)
         if write_cache:
             cache.advance(row_valid)
         return self.norm(x)
