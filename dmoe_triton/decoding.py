@@ -34,7 +34,10 @@ DEFAULT_MASK_ID = 156895
 class GenerationStats:
     forwards: int = 0                 # denoising forwards (one block per sequence each)
     cache_writes: int = 0             # forwards that wrote K/V (prefill + finished blocks)
-    committed_tokens: int = 0         # tokens committed over the batch
+    committed_tokens: int = 0         # tokens committed over the batch, EOS fill included
+    # tokens returned over the batch: each sequence's up to and including its first EOS (what
+    # tokens_per_s and tokens_per_forward count; the fill after an EOS is not an answer)
+    generated_tokens: int = 0
     time_per_forward_s: float = 0.0   # mean time of one denoising step (forward + decision)
     wall_time_s: float = 0.0          # the whole call
     peak_memory_bytes: Optional[int] = None  # CUDA only
@@ -48,11 +51,13 @@ class GenerationStats:
 
     @property
     def tokens_per_forward(self) -> float:
-        return self.committed_tokens / max(self.forwards, 1)
+        """generated_tokens (up to the first EOS) per denoising forward."""
+        return self.generated_tokens / max(self.forwards, 1)
 
     @property
     def tokens_per_s(self) -> float:
-        return self.committed_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+        """generated_tokens (up to the first EOS) per second of the whole call."""
+        return self.generated_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
 
     @property
     def mean_unique_experts(self) -> Optional[float]:
@@ -78,7 +83,9 @@ class GenerationResult:
 # Inputs
 
 
-def _as_prompts(input_ids) -> List[List[int]]:
+def _as_prompts(input_ids, attention_mask=None, pad_id=None) -> List[List[int]]:
+    if attention_mask is not None:
+        return _masked_prompts(input_ids, attention_mask)
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
             raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
@@ -86,7 +93,16 @@ def _as_prompts(input_ids) -> List[List[int]]:
             input_ids = input_ids[None]
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, P] or [P], got shape {tuple(input_ids.shape)}")
-        return input_ids.tolist()
+        rows = input_ids.tolist()
+        if input_ids.shape[0] > 1 and pad_id is not None:
+            for i, row in enumerate(rows):
+                if row and pad_id in (row[0], row[-1]):
+                    raise ValueError(
+                        f"input_ids[{i}] starts or ends with the pad token {pad_id}: a padded "
+                        f"[B, P] tensor needs its attention_mask (generate(model, input_ids, "
+                        f"attention_mask=mask), 1 = real token), or pass the prompts unpadded as "
+                        f"a list of lists of ints (any lengths)")
+        return rows
     if isinstance(input_ids, Sequence) and input_ids and all(isinstance(t, int) for t in input_ids):
         return [list(input_ids)]
     if isinstance(input_ids, Sequence) and all(isinstance(p, Sequence) for p in input_ids):
@@ -94,6 +110,37 @@ def _as_prompts(input_ids) -> List[List[int]]:
         if all(all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompts):
             return prompts
     raise TypeError("input_ids must be a list of lists of ints, a list of ints, or an int tensor")
+
+
+def _masked_prompts(input_ids, attention_mask) -> List[List[int]]:
+    """Each row's tokens where attention_mask is 1, in order (left or right padding)."""
+    ids = input_ids if isinstance(input_ids, torch.Tensor) else None
+    if ids is None:
+        try:
+            ids = torch.tensor(input_ids)
+        except (TypeError, ValueError):
+            raise TypeError("with attention_mask, input_ids must be an int tensor [B, P] or a "
+                            "rectangular list of lists of ints") from None
+    mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
+    if mask is None:
+        try:
+            mask = torch.tensor(attention_mask)
+        except (TypeError, ValueError):
+            raise TypeError("attention_mask must be a tensor [B, P] of 0/1 (or bool)") from None
+    if ids.is_floating_point() or ids.dtype == torch.bool or ids.is_complex():
+        raise TypeError(f"input_ids must hold integer token ids, got {ids.dtype}")
+    if ids.dim() == 1:
+        ids, mask = ids[None], (mask[None] if mask.dim() == 1 else mask)
+    if ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, P] or [P], got shape {tuple(ids.shape)}")
+    if tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(ids.shape)}, got "
+                         f"{tuple(mask.shape)}")
+    if mask.is_floating_point() or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold 0 (padding) and 1 (real token) only")
+    keep = mask.bool().cpu()
+    ids = ids.cpu()
+    return [row[k].tolist() for row, k in zip(ids, keep)]
 
 
 def _check_args(prompts, vocab_size, gen_length, block_length, steps, threshold, temperature,
@@ -124,11 +171,31 @@ def _check_args(prompts, vocab_size, gen_length, block_length, steps, threshold,
 
 
 def _special_ids(config, eos_id, mask_id):
-    """eos_id / mask_id: the arguments, else the model config's, else LLaDA2.0's."""
+    """(eos ids tuple, mask_id): the arguments, else the model config's, else LLaDA2.0's.
+    eos_id may be an int or a list of ints (config.json often lists several): decoding stops at
+    any of them, and the first is the fill token."""
+    source = "eos_id" if eos_id is not None else "config.eos_token_id"
     eos_id = getattr(config, "eos_token_id", None) if eos_id is None else eos_id
     mask_id = getattr(config, "mask_token_id", None) if mask_id is None else mask_id
-    return (DEFAULT_EOS_ID if eos_id is None else eos_id,
-            DEFAULT_MASK_ID if mask_id is None else mask_id)
+    eos_id = DEFAULT_EOS_ID if eos_id is None else eos_id
+    ids = list(eos_id) if isinstance(eos_id, (list, tuple)) else [eos_id]
+    if not ids or any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+        raise ValueError(f"{source} must be an int or a non-empty list of ints, got {eos_id!r}")
+    return tuple(ids), DEFAULT_MASK_ID if mask_id is None else mask_id
+
+
+def _check_positions(prompts, gen_length: int, limit) -> None:
+    """Prompt tokens + gen_length within max_position_embeddings (past it the model answers
+    noise, or nothing)."""
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    need = len(prompts[longest]) + gen_length
+    if need > limit:
+        raise ValueError(
+            f"input_ids[{longest}] has {len(prompts[longest])} prompt tokens + gen_length "
+            f"{gen_length} = {need} positions, more than the model's max_position_embeddings "
+            f"{limit}: shorten the prompt or gen_length")
 
 
 def quota_schedule(block_length: int, steps: int) -> List[int]:
@@ -369,8 +436,9 @@ class _Decode:
     cache: object                      # None: recompute every earlier block (use_cache=False)
     recorder: Optional[RouteRecorder]  # None: no routing statistics
     mask_id: int
-    eos_id: int
+    eos_id: int                        # the fill token (the first of eos_ids)
     steps: int
+    eos_ids: tuple = ()                # every id that ends a sequence
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,7 +516,8 @@ def _finished(d: _Decode, b: int, done: List[bool], columns) -> None:
     block is done, as published) or their last block reached. One host sync."""
     c = d.canvas
     hi = (b + 1) * c.block_length
-    seen = (c.x == d.eos_id) & (columns >= c.gen_start[:, None]) & (columns < hi)
+    eos = torch.tensor(d.eos_ids or (d.eos_id,), device=c.x.device)
+    seen = torch.isin(c.x, eos) & (columns >= c.gen_start[:, None]) & (columns < hi)
     for i, hit in enumerate(seen.any(1).tolist()):
         done[i] = done[i] or hit or b >= c.last_block[i]
 
@@ -474,12 +543,14 @@ def _run_blocks(d: _Decode, replay, st, on_block) -> "_StepTimer":
     return timer
 
 
-def _tokens(c: _Canvas, eos_id: int) -> List[List[int]]:
-    """Each sequence's generated tokens, cut after the first EOS."""
+def _tokens(c: _Canvas, eos_ids) -> List[List[int]]:
+    """Each sequence's generated tokens, cut after the first EOS (any of eos_ids)."""
+    eos_ids = set(eos_ids)
     tokens = []
     for i, start in enumerate(c.starts):
         out = c.x[i, start: start + c.gen_length].tolist()
-        tokens.append(out[: out.index(eos_id) + 1] if eos_id in out else out)
+        cut = next((j for j, t in enumerate(out) if t in eos_ids), None)
+        tokens.append(out if cut is None else out[: cut + 1])
     return tokens
 
 
@@ -487,11 +558,11 @@ def _tokens(c: _Canvas, eos_id: int) -> List[List[int]]:
 # generate
 
 
-def _setup(model, prompts, *, gen_length, block_length, steps, sampling, mask_id, eos_id,
+def _setup(model, prompts, *, gen_length, block_length, steps, sampling, mask_id, eos_ids,
            use_cache, stats, st) -> _Decode:
     """Canvas, prefilled cache, step buffers and routing recorder of one generate() call."""
     device = next(model.parameters()).device
-    canvas = _canvas(prompts, block_length, gen_length, mask_id, eos_id, device)
+    canvas = _canvas(prompts, block_length, gen_length, mask_id, eos_ids[0], device)
     cache = _prefill(model, canvas, device.type == "cuda", st) if use_cache else None
     B = len(prompts)
     buffers = _StepBuffers.allocate(B, block_length, mask_id, device)
@@ -499,31 +570,42 @@ def _setup(model, prompts, *, gen_length, block_length, steps, sampling, mask_id
     recorder = None
     if moe:
         recorder = RouteRecorder(moe, (canvas.total - canvas.first) * steps, B, device)
-    return _Decode(model, canvas, buffers, sampling, cache, recorder, mask_id, eos_id, steps)
+    return _Decode(model, canvas, buffers, sampling, cache, recorder, mask_id, eos_ids[0], steps,
+                   eos_ids)
 
 
 @torch.no_grad()
 def generate(model, input_ids: Union[torch.Tensor, List[List[int]], List[int]],
              gen_length: int = 256, block_length: int = 32, steps: int = 32,
              threshold: float = 0.95, temperature: float = 0.0, top_k: Optional[int] = None,
-             top_p: Optional[float] = None, eos_id: Optional[int] = None,
+             top_p: Optional[float] = None, eos_id: Union[int, Sequence[int], None] = None,
              mask_id: Optional[int] = None, use_cache: bool = True,
              cuda_graph: Optional[bool] = None, stats: bool = True, generator=None,
-             on_block: Optional[Callable[[int, int], None]] = None) -> GenerationResult:
+             on_block: Optional[Callable[[int, int], None]] = None,
+             attention_mask: Optional[torch.Tensor] = None) -> GenerationResult:
     """Decode `gen_length` tokens after each prompt with LLaDA2 block diffusion.
 
     model: LLaDA2MoeModelLM (patched or not). input_ids: prompts, a list of lists of ints (any
-    lengths) or an int tensor [B, P]. temperature 0 takes the argmax; above 0 samples (top_k,
-    top_p filter first). eos_id / mask_id default to the model config's (else LLaDA2.0's).
+    lengths) or an int tensor [B, P]. A padded tensor takes its attention_mask [B, P] as
+    transformers gives it (1 = real token, 0 = padding, left or right): each row's real tokens
+    are its prompt, in order, and decode exactly as the unpadded list would. Without a mask, a
+    2-D tensor of two or more rows in which some row starts or ends with config.pad_token_id is
+    refused (ValueError naming attention_mask): it looks padded, and pads would be read as text
+    (for LLaDA2.0-mini pad == EOS). temperature 0 takes the argmax; above 0 samples (top_k,
+    top_p filter first). eos_id / mask_id default to the model config's (else LLaDA2.0's);
+    eos_id may be an int or a list of ints: a sequence ends with the block that holds any of
+    them, its tokens are cut after the first, and the first id is the fill token. A prompt
+    whose length plus gen_length exceeds config.max_position_embeddings is a ValueError.
     use_cache=False recomputes every earlier block at each step (the published, slow way).
     cuda_graph: None = on for patched models on CUDA. on_block(done, total) is called after
     each block (progress bars). Returns tokens per sequence, cut after the first EOS.
     """
     start_time = time.perf_counter()
-    eos_id, mask_id = _special_ids(model.config, eos_id, mask_id)
-    prompts = _as_prompts(input_ids)
+    eos_ids, mask_id = _special_ids(model.config, eos_id, mask_id)
+    prompts = _as_prompts(input_ids, attention_mask, getattr(model.config, "pad_token_id", None))
     _check_args(prompts, model.config.vocab_size, gen_length, block_length, steps, threshold,
                 temperature, top_k, top_p, mask_id)
+    _check_positions(prompts, gen_length, getattr(model.config, "max_position_embeddings", None))
     device = next(model.parameters()).device
     graph = _wants_graph(model, device, cuda_graph, temperature, generator) and use_cache
     if device.type == "cuda":
@@ -532,9 +614,10 @@ def generate(model, input_ids: Union[torch.Tensor, List[List[int]], List[int]],
     d = _setup(model, prompts, gen_length=gen_length, block_length=block_length,
                steps=min(steps, gen_length),  # as published (minimal_topk = 1)
                sampling=_Sampling(threshold, temperature, top_k, top_p, generator),
-               mask_id=mask_id, eos_id=eos_id, use_cache=use_cache, stats=stats, st=st)
+               mask_id=mask_id, eos_ids=eos_ids, use_cache=use_cache, stats=stats, st=st)
     timer = _run_blocks(d, _step_function(d, graph), st, on_block)
-    tokens = _tokens(d.canvas, eos_id)
+    tokens = _tokens(d.canvas, eos_ids)
+    st.generated_tokens = sum(map(len, tokens))
     _finish_stats(st, d, timer, start_time)
     return GenerationResult(tokens, st)
 
