@@ -48,18 +48,16 @@ def check_prep_inputs(qkv, q_weight, k_weight, cos, sin, num_heads, num_kv_heads
         raise ValueError(f"q_weight and k_weight must both have shape [head_dim], got "
                          f"{tuple(q_weight.shape)} and {tuple(k_weight.shape)}")
     hd = q_weight.shape[0]
-    if qkv.dim() != 3 or qkv.shape[2] != (num_heads + 2 * num_kv_heads) * hd or qkv.stride(-1) != 1:
+    if qkv.dim() != 3 or qkv.shape[2] != (num_heads + 2 * num_kv_heads) * hd:
         raise ValueError(f"qkv must have shape [B, L, {(num_heads + 2 * num_kv_heads) * hd}] "
-                         f"((num_heads + 2 num_kv_heads) * head_dim) with unit stride along the "
-                         f"last dim, got {tuple(qkv.shape)} with strides {qkv.stride()}")
+                         f"((num_heads + 2 num_kv_heads) * head_dim), got {tuple(qkv.shape)}")
     B, L, _ = qkv.shape
     rd = cos.shape[-1]
     if cos.dim() != 3 or tuple(cos.shape[:2]) != (B, L) or rd % 2 or not 0 < rd <= hd:
         raise ValueError(f"cos must have shape [{B}, {L}, rotary_dim] with an even rotary_dim in "
                          f"(0, {hd}], got {tuple(cos.shape)}")
-    if sin.shape != cos.shape or sin.stride() != cos.stride() or cos.stride(-1) != 1:
-        raise ValueError(f"sin must have cos's shape and strides (unit along the last dim), got "
-                         f"{tuple(sin.shape)} {sin.stride()} vs {tuple(cos.shape)} {cos.stride()}")
+    if sin.shape != cos.shape:
+        raise ValueError(f"sin must have cos's shape {tuple(cos.shape)}, got {tuple(sin.shape)}")
     for name, t in (("q_weight", q_weight), ("k_weight", k_weight), ("cos", cos), ("sin", sin)):
         if t.device != qkv.device:
             raise TypeError(f"{name} must be on {qkv.device}, got {t.device}")
@@ -77,6 +75,8 @@ def attention_prep(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Te
     first rotary_dim = cos.shape[-1] dims (cos/sin [B, L, rotary_dim] in qkv's dtype, from
     rope_cos_sin); v as projected. eps: the RMSNorm epsilon. Launch: launch.prep_launch.
 
+    qkv, the weights, cos and sin may be any strided views (the kernel reads qkv and cos/sin
+    through their strides when unit along the last dim and cos/sin share them, else a copy).
     k_out / v_out: optional destinations [B, nkv, L, hd] (any strides, unit along hd), written
     in place and returned as k / v, e.g. the spare rows of a static KV cache.
     backend: "triton" (one launch), "reference" (the eager torch ops), "auto" (triton on CUDA).
@@ -94,6 +94,12 @@ def attention_prep(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Te
         k = k if k_out is None else k_out.copy_(k)
         v = v if v_out is None else v_out.copy_(v)
         return q, k, v
+    # The kernel takes qkv's and cos/sin's (shared) strides, unit along the last dim, and reads
+    # the norm weights densely: other layouts are copied (issue 11).
+    qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
     q = torch.empty(B, num_heads, L, hd, dtype=qkv.dtype, device=qkv.device)
     k = torch.empty(kv_shape, dtype=qkv.dtype, device=qkv.device) if k_out is None else k_out
     v = torch.empty(kv_shape, dtype=qkv.dtype, device=qkv.device) if v_out is None else v_out
@@ -122,9 +128,8 @@ def check_attention_inputs(q, keys, values, mask) -> None:
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.device != q.device:
             raise TypeError(f"{name} must be on {q.device}, got {t.device}")
-        if t.dim() != 4 or t.stride(-1) != 1:
-            raise ValueError(f"{name} must be 4-d with unit stride along the last dim, got shape "
-                             f"{tuple(t.shape)} strides {t.stride()}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-d, got shape {tuple(t.shape)}")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
     B, nh, l, hd = q.shape
@@ -149,7 +154,8 @@ def check_attention_inputs(q, keys, values, mask) -> None:
 def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                     scale: float, backend: str = "auto",
                     launch: Optional[AttentionLaunch] = None) -> torch.Tensor:
-    """q [B, nh, l, hd], keys/values [B, nkv, n, hd] (any strides, unit along hd), additive mask
+    """q [B, nh, l, hd], keys/values [B, nkv, n, hd] (any strides; unit along hd reads them in
+    place, others are copied), additive mask
     [B, 1, (nh / nkv) * l, n] with the query heads stacked per KV head -> [B, l, nh * hd] in q's
     dtype: softmax(q k^T * scale + mask) v per head, head h reading KV head h // (nh / nkv).
 
@@ -160,6 +166,9 @@ def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, m
     check_attention_inputs(q, keys, values, mask)
     if resolve_backend(backend, q.device) == "reference":
         return block_attention_reference(q, keys, values, mask, scale)
+    # The kernel takes every stride but the last: a view without unit stride there is copied.
+    q, keys, values, mask = (t if t.stride(-1) == 1 else t.contiguous()
+                             for t in (q, keys, values, mask))
     B, nh, l, hd = q.shape
     nkv, n = keys.shape[1], keys.shape[2]
     group = nh // nkv

@@ -67,12 +67,16 @@ def check_moe_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down) -> None:
 
 
 def check_out(out, hidden) -> None:
-    """out must be a [T, H] tensor of hidden's dtype and device, unit stride along H."""
+    """out must be a [T, H] tensor of hidden's dtype and device, unit stride along H and rows
+    that do not overlap (any row stride >= H: a row-sliced buffer works)."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
-    if _shape(out) != _shape(hidden) or (out.numel() and out.stride(1) != 1):
-        raise ValueError(f"out must have hidden's shape {_shape(hidden)} with unit stride along H, "
-                         f"got shape {_shape(out)} strides {out.stride()}")
+    T, H = _shape(hidden)
+    if _shape(out) != (T, H) or (out.numel() and (
+            out.stride(1) != 1 or (T > 1 and out.stride(0) < H))):
+        raise ValueError(f"out must have hidden's shape {_shape(hidden)} with unit stride along H "
+                         f"and non-overlapping rows (row stride >= H), got shape {_shape(out)} "
+                         f"strides {out.stride()}")
     if out.dtype != hidden.dtype or out.device != hidden.device:
         raise TypeError(f"out must be {hidden.dtype} on {hidden.device}, got {out.dtype} on "
                         f"{out.device}")
@@ -88,22 +92,28 @@ def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
         )
 
 
-def check_shared(shared, w_gate_up, w_down) -> None:
-    """shared must be (gate_up [2I, H], down [H, I]) shaped, strided and typed like one routed
-    expert of w_gate_up [E, 2I, H] / w_down [E, H, I]."""
+def check_shared(shared, w_gate_up, w_down) -> tuple:
+    """shared must be (gate_up [2I, H], down [H, I]) shaped and typed like one routed expert of
+    w_gate_up [E, 2I, H] / w_down [E, H, I]. Returns the pair with the routed experts' strides
+    (the kernels run it with them): the tensors themselves, or copies where a view's strides
+    differ (a transposed or sliced shared expert still gives the right values)."""
     if not (isinstance(shared, (tuple, list)) and len(shared) == 2
             and all(isinstance(t, torch.Tensor) for t in shared)):
         raise TypeError("shared must be None or a pair of tensors (gate_up [2I, H], down [H, I])")
-    gate_up, down = shared
-    for name, t, like in (("shared[0] (gate_up)", gate_up, w_gate_up[0]),
-                          ("shared[1] (down)", down, w_down[0])):
-        if t.shape != like.shape or t.stride() != like.stride():
+    restrided = []
+    for name, t, like in (("shared[0] (gate_up)", shared[0], w_gate_up[0]),
+                          ("shared[1] (down)", shared[1], w_down[0])):
+        if t.shape != like.shape:
             raise ValueError(f"{name} must have the routed experts' per-expert shape "
-                             f"{_shape(like)} and strides {like.stride()}, got {_shape(t)} "
-                             f"strides {t.stride()}")
+                             f"{_shape(like)}, got {_shape(t)}")
         if t.dtype != like.dtype or t.device != like.device:
             raise TypeError(f"{name} must be {like.dtype} on {like.device}, got {t.dtype} on "
                             f"{t.device}")
+        if t.stride() != like.stride():
+            t = torch.empty_strided(like.shape, like.stride(), dtype=t.dtype,
+                                    device=t.device).copy_(t)
+        restrided.append(t)
+    return tuple(restrided)
 
 
 def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -114,22 +124,29 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
 
     hidden [T, H] (fp32/fp16/bf16); topk_ids [T, k] int32/int64, -1 = empty slot; topk_weights
     [T, k] fp32; w_gate_up [E, 2I, H] (gate rows, then up rows) and w_down [E, H, I] in hidden's
-    dtype. Returns [T, H] in hidden's dtype, accumulated in fp32.
+    dtype. Returns [T, H] in hidden's dtype, accumulated in fp32, contiguous. Every input may
+    be any strided view (transposed, sliced, offset, expanded): the values are the same.
+
+    NaN rule (docs/routing.md, NaN): a token outputs a NaN row when a filled slot's weight is
+    NaN, or when every slot is empty and every weight is NaN (how `route` marks an all-NaN
+    logits row), on every backend and path, with or without a shared expert: a row that route
+    flags is NaN, never 0. Otherwise an empty slot's weight is never read (junk cannot leak).
 
     check_ids: None (default) checks id values on the host only where that is free (CPU
     tensors); True checks on CUDA too (a host sync: not allowed under CUDA-graph capture);
     False never checks. Unchecked, the kernels skip any id outside [0, E) like an empty slot and
     never read out of bounds.
-    out: optional [T, H] tensor of hidden's dtype and device with unit stride along H, written
-    in place and returned (a fixed buffer for CUDA graphs).
-    shared: optional (gate_up [2I, H], down [H, I]) of a shared expert with the routed experts'
-    per-expert strides: every token adds it with weight 1, inside the same fp32 sum (on the
+    out: optional [T, H] tensor of hidden's dtype and device with unit stride along H and any
+    row stride >= H (else a ValueError naming out), written in place and returned (a fixed
+    buffer for CUDA graphs).
+    shared: optional (gate_up [2I, H], down [H, I]) of a shared expert (copied to the routed
+    experts' per-expert strides where a view's differ, so pass them for no copy): every token adds it with weight 1, inside the same fp32 sum (on the
     decode path, one more expert of the same two launches instead of three more kernels).
     Launch path and tile shapes: dmoe_triton.launch (moe_launch; `launch.override` forces them).
     """
     check_moe_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down)
     if shared is not None:
-        check_shared(shared, w_gate_up, w_down)
+        shared = check_shared(shared, w_gate_up, w_down)
     if out is not None:
         check_out(out, hidden)
     backend = resolve_backend(backend, hidden.device)
@@ -385,7 +402,9 @@ def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=No
     values win over both.
     """
     T, top_k = topk_ids.shape
-    out = torch.empty_like(hidden) if out is None else out
+    # Row-major whatever hidden's layout (empty_like would inherit a transposed hidden's
+    # strides, and the kernels write rows: issue 11).
+    out = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if out is None else out
     if T == 0:
         return out
     if top_k == 0:  # no routed slot: zeros, or the shared expert alone

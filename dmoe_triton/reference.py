@@ -153,13 +153,16 @@ def moe_forward_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_wei
     rows) and w_down [E, H, I]. A slot whose id is outside [0, E) (-1 = empty) contributes nothing.
     shared: optional (gate_up [2I, H], down [H, I]) of a shared expert, added with weight 1 for
     every token in the same sum. Computes in fp32 (float64 if given float64), returns hidden's
-    dtype (one rounding at the end).
+    dtype (one rounding at the end), row-major whatever hidden's layout.
+    NaN rule (routing-spec.md, NaN): a NaN weight in a filled slot makes its token NaN (the sum
+    does it), and so does a token with every slot empty and every weight NaN (route's all-NaN
+    logits row: ids -1, NaN weights): NaN, never 0. An empty slot's weight is otherwise unread.
     """
     acc = torch.promote_types(hidden.dtype, torch.float32)
     x = hidden.to(acc)
     E, two_i, _ = w_gate_up.shape
     inter = two_i // 2
-    y = torch.zeros_like(x)
+    y = torch.zeros(x.shape, dtype=acc, device=x.device)
     if shared is not None:
         gate_up = x @ shared[0].to(acc).T
         y += (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ shared[1].to(acc).T
@@ -172,6 +175,9 @@ def moe_forward_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_wei
         up = x[tokens] @ w_gu[inter:].T
         out = (torch.nn.functional.silu(gate) * up) @ w_down[e].to(acc).T
         y.index_add_(0, tokens, out * topk_weights[tokens, slots].to(acc)[:, None])
+    if topk_ids.shape[1]:
+        empty = ((topk_ids < 0) | (topk_ids >= E)).all(dim=-1)
+        y[empty & torch.isnan(topk_weights).all(dim=-1)] = float("nan")
     return y.to(hidden.dtype)
 
 

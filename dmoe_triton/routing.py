@@ -146,7 +146,9 @@ def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
 
 
     lead, (L, E) = logits.shape[:-2], logits.shape[-2:]
+    # The kernels read logits [S, L, E] and the bias [E] densely: any view is made so (issue 11).
     x = logits.reshape(-1, L, E).contiguous()
+    expert_bias = expert_bias.contiguous()
     S = x.shape[0]
     shapes = launch or route_launch(E, x.device)
     top_k = policy.slots(cfg)

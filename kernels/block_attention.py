@@ -38,7 +38,8 @@ def block_attention_kernel(
     BLOCK_D: HD padded to a power of two >= 16 (tl.dot); BLOCK_M: stacked query rows per
     program; BLOCK_N: keys per step; PRECISION: tl.dot input_precision.
     """
-    b = tl.program_id(0) // NKV
+    # int64: b * stride_kb (a KV cache of B sequences) passes 2**31 elements (issue 11).
+    b = (tl.program_id(0) // NKV).to(tl.int64)
     kv_head = tl.program_id(0) % NKV
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # stacked rows g * L + i
     row_ok = rows < GROUP * L

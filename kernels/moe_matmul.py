@@ -10,7 +10,7 @@ Four launches, all with grid sizes fixed by shapes (CUDA-graph capturable, no ho
 3. `moe_down_kernel`: work item = (used expert, slice of BLOCK_H hidden columns);
    partial[slot] = act[slot] W_down^T in fp32.
 4. `moe_combine_kernel`: y[t] = sum_j w[t, j] * partial[t*k + j] over the filled slots, in a fixed
-   order (deterministic), cast to the output dtype.
+   order (deterministic), cast to the output dtype; NaN weights follow docs/routing.md's rule.
 
 Kernels 2 and 3 are persistent: a fixed number of programs loops over the work items of the used
 experts only, so each used expert's weights are read once per launch (an expert's tokens are
@@ -180,15 +180,22 @@ def moe_combine_kernel(partial_ptr, stride_ps, ids_ptr, weights_ptr, out_ptr, st
     t_ok = offs_t < T
     h_ok = offs_h < H
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    any_filled = offs_t < 0
+    all_nan = offs_t >= 0
     for j in tl.static_range(TOP_K):  # unrolled: the k partial loads are in flight together
         slot = offs_t.to(tl.int64) * TOP_K + j
         expert = tl.load(ids_ptr + slot, mask=t_ok, other=-1)
         weight = tl.load(weights_ptr + slot, mask=t_ok, other=0.0)
         filled = t_ok & (expert >= 0) & (expert < E)
+        any_filled = any_filled | filled
+        all_nan = all_nan & (weight != weight)
         part = tl.load(partial_ptr + slot[:, None] * stride_ps + offs_h[None, :],
                        mask=filled[:, None] & h_ok[None, :], other=0.0)
         # `where`, not a product with a mask: an empty slot's weight must not leak a NaN.
         acc += tl.where(filled[:, None], part * weight[:, None], 0.0)
+    # NaN rule (docs/routing.md): a NaN weight in a filled slot makes NaN above; a token with
+    # every slot empty and every weight NaN (route's all-NaN logits row) is NaN too, not 0.
+    acc = tl.where((~any_filled & all_nan)[:, None], float("nan"), acc)
     tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * stride_ot + offs_h[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & h_ok[None, :])
 
@@ -274,7 +281,7 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
             w_gate = tl.where(shared, shared_ptr + offs_i[None, :] * stride_wn, w_gate)
         w_up = w_gate + I * stride_wn
         # Every token row is in the tile; those that do not use the expert are masked.
-        act = _silu_gate_up(x_ptr + t[:, None] * stride_xt, uses, stride_xh, w_gate, w_up,
+        act = _silu_gate_up(x_ptr + t.to(tl.int64)[:, None] * stride_xt, uses, stride_xh, w_gate, w_up,
                             stride_wk, i_ok, H, T_PAD, BLOCK_I, BLOCK_K, PRECISION)
         tl.store(act_ptr + slot[:, None] * stride_as + offs_i[None, :],
                  act.to(act_ptr.dtype.element_ty), mask=uses[:, None] & i_ok[None, :])
@@ -309,6 +316,12 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     t = tl.arange(0, T_PAD)
     j = tl.arange(0, TOP_K_PAD)
     token_weights = tl.load(weights_ptr + t[:, None] * TOP_K + j[None, :], mask=id_mask, other=0.0)
+    # NaN rule (docs/routing.md): a NaN weight in a filled slot makes NaN below; a token with
+    # every slot empty and every weight NaN (route's all-NaN logits row) is NaN too, not 0 (each
+    # split's share is NaN for it, so the sum of the shares is too).
+    any_filled = tl.max((id_mask & (token_ids >= 0) & (token_ids < E)).to(tl.int32), 1) > 0
+    all_nan = tl.min(tl.where(id_mask, token_weights != token_weights, True).to(tl.int32), 1) > 0
+    nan_row = ~any_filled & all_nan
     offs_h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h < H
     k_steps = tl.cdiv(I, BLOCK_K)
@@ -342,6 +355,7 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
         last = (step % k_steps) == k_steps - 1
         y += tl.where(last, acc * weight[:, None], 0.0)
         acc = tl.where(last, 0.0, acc)
+    y = tl.where(nan_row[:, None], float("nan"), y)
     tile_ok = (t < T)[:, None] & h_ok[None, :]
     out_tile = out_ptr + t.to(tl.int64)[:, None] * stride_ot + offs_h[None, :]
     if EXPERT_SPLITS == 1:

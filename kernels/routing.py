@@ -116,7 +116,7 @@ def block_coreset_kernel(
     kernels/policy_codes.py (DMOE or DES_VOTE); BLOCK_T: rows per vote chunk (power of two);
     E_PAD: next power of two >= E.
     """
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # int64: (seq * L + row) * E passes 2**31 (issue 11)
     seq = pid // n_blocks
     row_start = (pid % n_blocks) * block_size - _window_shift(first_position_ptr, seq, block_size)
     row_end = tl.minimum(row_start + block_size, L)
@@ -207,7 +207,7 @@ def route_kernel(
     E, N_GROUP, GROUP_SIZE (= E / N_GROUP), TOPK_GROUP: the gate; TOP_K: slots per row;
     G_PAD, GS_PAD, TOP_K_PAD: next powers of two of N_GROUP, GROUP_SIZE, TOP_K.
     """
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # int64: (seq * L + row) * E passes 2**31 (issue 11)
     block_id = pid // chunks_per_block  # = seq * n_blocks + block
     seq = block_id // n_blocks
     block_start = (block_id % n_blocks) * block_size - _window_shift(first_position_ptr, seq,
