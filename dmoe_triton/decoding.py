@@ -251,25 +251,26 @@ def commit_mask(conf, active, threshold: float, quota):
 # Routing statistics
 
 
-def route_stats(modules, rows: int, unique_out, coreset_out, outside_out):
-    """Write unique experts (and coreset size / outside picks) of the last `rows` rows routed by
-    each MoE layer into [layers, B] buffers. Device ops only."""
+def route_stats(modules, rows, unique_out, coreset_out, outside_out):
+    """Write unique experts (and coreset size / outside picks) of the `rows` ([B, L] bool) of
+    each MoE layer's last forward into [layers, B] buffers. Device ops only.
+
+    The coreset is averaged over the routing windows that hold those rows; generate's forwards
+    start on a window boundary, so window j holds rows [j * block_size, (j + 1) * block_size)."""
     for i, m in enumerate(modules):
         route = m.last_route
-        hit = expert_hits(route.topk_ids, _num_experts(m, route), rows)
+        ids = torch.where(rows[..., None], route.topk_ids, -1)
+        hit = expert_hits(ids, _num_experts(m, route))
         unique_out[i] = hit.sum(-1)
         if coreset_out is not None and route.coreset is not None:
-            # The routing windows that cover those rows: the last ones that hold a real row (a
-            # window slot without one has an empty coreset, e.g. the spare slot of a forward
-            # that starts on a window boundary).
-            size = getattr(getattr(m, "policy", None), "block_size", rows)
-            n_windows = -(-rows // size)
+            B, n = route.coreset.shape[:2]
+            size = m.policy.block_size
+            padded = torch.zeros(B, n * size, dtype=torch.bool, device=rows.device)
+            padded[:, : rows.shape[1]] = rows
+            covers = padded.view(B, n, size).any(-1)  # [B, windows]
             sizes = route.coreset.sum(-1).float()
-            held = sizes > 0
-            last = held.flip(1).cumsum(1).flip(1) <= n_windows  # the last n_windows held ones
-            chosen = held & last
-            coreset_out[i] = (sizes * chosen).sum(1) / chosen.sum(1).clamp(min=1)
-            outside_out[i] = (hit & ~(route.coreset & chosen[..., None]).any(1)).sum(-1)
+            coreset_out[i] = (sizes * covers).sum(1) / covers.sum(1).clamp(min=1)
+            outside_out[i] = (hit & ~(route.coreset & covers[..., None]).any(1)).sum(-1)
 
 
 def _num_experts(module, route) -> int:
@@ -294,8 +295,9 @@ class RouteRecorder:
     def buffers(self) -> tuple:
         return self.unique, self.coreset, self.outside
 
-    def record(self, rows: int, running, forward_index) -> None:
-        """Row `forward_index` from the layers' last routes over their last `rows` rows."""
+    def record(self, rows, running, forward_index) -> None:
+        """Row `forward_index` from the layers' last routes over `rows` ([B, L] bool: the block
+        being decoded)."""
         n, B = self.unique.shape[1:]
         device = self.unique.device
         u = torch.zeros(n, B, device=device)
@@ -342,46 +344,67 @@ def _wants_graph(model, device, cuda_graph, temperature, generator) -> bool:
 
 @dataclass
 class _Canvas:
-    """Every sequence left-padded by whole blocks, so that all decode global block `first` first
-    (module docstring). x holds the tokens; positions are each sequence's own."""
+    """Every sequence left-padded by whole spans, so that routing windows and diffusion blocks
+    fall on the same columns for all of them (docs/routing.md). x holds the tokens; positions
+    are each sequence's own."""
 
     block_length: int
+    span: int                  # columns of one step forward: max(block_length, routing window)
     gen_length: int
     starts: List[int]          # canvas column of each sequence's first generated token
     last_block: List[int]      # the last global block of each sequence
-    first: int                 # the global block every sequence decodes first
-    total: int                 # blocks on the canvas
+    first: int                 # the first global block that holds a masked position
+    total: int                 # blocks on the canvas (whole spans of columns)
     x: torch.Tensor            # [B, total * block_length] token ids
     positions: torch.Tensor    # [B, total * block_length] own positions (< 0 on padding)
     valid: torch.Tensor        # positions >= 0
     gen_start: torch.Tensor    # starts, on the device
 
 
-def _canvas(prompts, bl: int, G: int, mask_id: int, eos_id: int, device) -> _Canvas:
-    B = len(prompts)
-    first_own = [len(p) // bl for p in prompts]
-    n_own = [-(-(len(p) + G) // bl) for p in prompts]
-    first = max(first_own)
-    pad_blocks = [first - f for f in first_own]
-    last_block = [first + n - f - 1 for n, f in zip(n_own, first_own)]
-    total = max(last_block) + 1
-    x = torch.full((B, total * bl), mask_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        x[i, : pad_blocks[i] * bl] = eos_id
-        x[i, pad_blocks[i] * bl: pad_blocks[i] * bl + len(p)] = torch.tensor(p)
-    offsets = torch.tensor(pad_blocks)[:, None] * bl
-    positions = (torch.arange(total * bl)[None] - offsets).to(device)
-    starts = [pad_blocks[i] * bl + len(p) for i, p in enumerate(prompts)]
-    return _Canvas(bl, G, starts, last_block, first, total, x.to(device), positions,
+def _canvas(prompts, bl: int, span: int, G: int, mask_id: int, eos_id: int, device) -> _Canvas:
+    own_first = [len(p) // bl * bl for p in prompts]  # position of each one's first block
+    latest = max(own_first)
+    # Padding in whole spans keeps every sequence's windows and blocks on shared columns; with
+    # span == block_length this is the published layout (all decode global block `first` first).
+    offsets = [-(-(latest - f) // span) * span for f in own_first]
+    first = min(f + o for f, o in zip(own_first, offsets)) // bl
+    ends = [-(-(o + len(p) + G) // bl) for o, p in zip(offsets, prompts)]
+    last_block = [e - 1 for e in ends]
+    total = -(-max(ends) * bl // span) * span // bl
+    x = torch.full((len(prompts), total * bl), mask_id, dtype=torch.long)
+    for i, (p, o) in enumerate(zip(prompts, offsets)):
+        x[i, :o] = eos_id
+        x[i, o: o + len(p)] = torch.tensor(p)
+    positions = (torch.arange(total * bl)[None] - torch.tensor(offsets)[:, None]).to(device)
+    starts = [o + len(p) for o, p in zip(offsets, prompts)]
+    return _Canvas(bl, span, G, starts, last_block, first, total, x.to(device), positions,
                    positions >= 0, torch.tensor(starts, device=device))
 
 
+def _routing_span(model, bl: int) -> int:
+    """max(block_length, the routing window of the model's block policy): the rows of one
+    step forward, so that a window is always held whole up to the block being decoded and the
+    cache only ever holds closed windows. A ValueError names block_length when it neither
+    divides nor is a multiple of the window."""
+    windows = {m.policy.block_size for m in moe_layers(model)
+               if getattr(getattr(m, "policy", None), "is_block", False)}
+    span = bl
+    for w in windows:
+        if w % bl and bl % w:
+            raise ValueError(f"block_length ({bl}) must divide or be a multiple of the routing "
+                             f"window ({w}, the policy's block_size)")
+        span = max(span, w)
+    return span
+
+
 def _prefill(model, canvas: _Canvas, static: bool, st: "GenerationStats"):
-    """A KV cache holding the prompts' full blocks (those before block `first`)."""
-    B, bl, end = canvas.x.shape[0], canvas.block_length, canvas.first * canvas.block_length
+    """A KV cache holding the prompts' whole spans before block `first` (closed windows only:
+    the open one is recomputed by every step until its last block is decoded)."""
+    B, bl = canvas.x.shape[0], canvas.block_length
+    end = canvas.first * bl // canvas.span * canvas.span
     # On CUDA the cache is static (fixed shapes) graphed or not, so that a graphed step and an
     # eager one run the same attention and give the same tokens.
-    cache = model.new_cache(B, canvas.total * bl, static=static)
+    cache = model.new_cache(B, canvas.total * bl, static=static, scratch=max(64, canvas.span))
     if end > 0:
         model(canvas.x[:, :end], canvas.positions[:, :end], past_key_values=cache,
               attention_mask=canvas.valid[:, :end], block_length=bl, write_cache=True,
@@ -393,22 +416,29 @@ def _prefill(model, canvas: _Canvas, static: bool, st: "GenerationStats"):
 @dataclass
 class _StepBuffers:
     """What one denoising step reads and writes: fixed tensors, so a CUDA graph can replay it.
+    The step forward covers one span of columns: the routing window (or the diffusion block,
+    if longer) that holds the block being decoded.
 
     Filled with valid values: the graph's warm-up steps run before the first block is loaded
     (garbage token ids there would index the embedding out of bounds)."""
 
-    block: torch.Tensor          # [B, bl] tokens of the block being decoded
-    block_pos: torch.Tensor      # [B, bl] their positions
+    block: torch.Tensor          # [B, span] tokens of the span
+    block_pos: torch.Tensor      # [B, span] their positions
+    held: torch.Tensor           # [B, span] real rows up to the block's end (the rest: padding
+                                 # or later blocks, which neither vote nor are attended to)
+    current: torch.Tensor        # [B, span] the block being decoded
     running: torch.Tensor        # [B, 1] sequences still decoding
     quota: torch.Tensor          # () tokens to commit at least this step
     committed: torch.Tensor      # () tokens committed so far
     forward_index: torch.Tensor  # () row of the routing statistics
-    end: int = 0                 # canvas columns up to the block's end (the uncached step)
+    end: int = 0                 # canvas columns up to the span's end (the uncached step)
 
     @classmethod
-    def allocate(cls, B: int, bl: int, mask_id: int, device) -> "_StepBuffers":
+    def allocate(cls, B: int, span: int, mask_id: int, device) -> "_StepBuffers":
         zeros = lambda *shape, **kw: torch.zeros(*shape, dtype=torch.long, device=device, **kw)  # noqa: E731
-        return cls(torch.full((B, bl), mask_id, dtype=torch.long, device=device), zeros(B, bl),
+        flags = lambda: torch.ones(B, span, dtype=torch.bool, device=device)  # noqa: E731
+        return cls(torch.full((B, span), mask_id, dtype=torch.long, device=device),
+                   zeros(B, span), flags(), flags(),
                    torch.zeros(B, 1, dtype=torch.bool, device=device), zeros(()), zeros(()),
                    zeros(()))
 
@@ -449,19 +479,21 @@ def denoise_step(d: _Decode) -> None:
     """One denoising forward and its commit decision: device ops only, no host sync."""
     buf, bl, s = d.buffers, d.canvas.block_length, d.sampling
     if d.cache is not None:
-        logits = d.model(buf.block, buf.block_pos, past_key_values=d.cache, block_length=bl).logits
+        logits = d.model(buf.block, buf.block_pos, past_key_values=d.cache,
+                         attention_mask=buf.held, block_length=bl).logits
     else:  # recompute every earlier block, as the published generate does
-        end = buf.end
-        ids = torch.cat((d.canvas.x[:, : end - bl], buf.block), dim=1)
-        logits = d.model(ids, d.canvas.positions[:, :end], attention_mask=d.canvas.valid[:, :end],
-                         block_length=bl).logits[:, -bl:]
+        start, c = buf.end - d.canvas.span, d.canvas
+        ids = torch.cat((c.x[:, :start], buf.block), dim=1)
+        held = torch.cat((c.valid[:, :start], buf.held), dim=1)
+        logits = d.model(ids, c.positions[:, :buf.end], attention_mask=held,
+                         block_length=bl).logits[:, start:]
     tok, conf = pick_tokens(logits, s.temperature, s.top_k, s.top_p, s.generator)
-    active = (buf.block == d.mask_id) & buf.running
+    active = (buf.block == d.mask_id) & buf.running & buf.current
     commit = commit_mask(conf, active, s.threshold, buf.quota)
     buf.block.copy_(torch.where(commit, tok, buf.block))
     buf.committed.add_(commit.sum())
     if d.recorder is not None:
-        d.recorder.record(bl, buf.running, buf.forward_index)
+        d.recorder.record(buf.current, buf.running, buf.forward_index)
     buf.forward_index.add_(1)
 
 
@@ -494,21 +526,37 @@ def _step_function(d: _Decode, graph: bool) -> Callable[[], None]:
 
 def _denoise_block(d: _Decode, b: int, is_running: List[bool], replay, timer, st) -> None:
     """Up to `steps` denoising steps on global block b, until nothing in it is masked."""
-    buf, bl = d.buffers, d.canvas.block_length
-    lo, hi = b * bl, (b + 1) * bl
-    buf.block.copy_(d.canvas.x[:, lo:hi])
-    buf.block_pos.copy_(d.canvas.positions[:, lo:hi])
+    buf, c, bl = d.buffers, d.canvas, d.canvas.block_length
+    lo = b * bl // c.span * c.span  # the span that holds block b
+    hi = lo + c.span
+    columns = torch.arange(lo, hi, device=c.x.device)[None]
+    buf.block.copy_(c.x[:, lo:hi])
+    buf.block_pos.copy_(c.positions[:, lo:hi])
+    buf.held.copy_(c.valid[:, lo:hi] & (columns < (b + 1) * bl))
+    buf.current.copy_((columns >= b * bl) & (columns < (b + 1) * bl))
     buf.running.copy_(torch.tensor(is_running, device=buf.block.device)[:, None])
     buf.end = hi
     for quota in quota_schedule(bl, d.steps):
-        if not bool(((buf.block == d.mask_id) & buf.running).any()):  # the step's one host sync
+        if not bool(((buf.block == d.mask_id) & buf.running & buf.current).any()):  # one sync
             break
         buf.quota.fill_(quota)
         timer.start()
         replay()
         timer.stop()
         st.forwards += 1
-    d.canvas.x[:, lo:hi] = buf.block
+    c.x[:, lo:hi] = buf.block
+
+
+def _cache_span(d: _Decode, b: int, st) -> None:
+    """After block b: once it closes its span, the span's K/V into the cache (whole windows)."""
+    c, buf = d.canvas, d.buffers
+    if (b + 1) * c.block_length % c.span:
+        return
+    lo = buf.end - c.span
+    d.model(buf.block, buf.block_pos, past_key_values=d.cache,
+            attention_mask=c.valid[:, lo:buf.end], block_length=c.block_length,
+            write_cache=True, return_logits=False)
+    st.cache_writes += 1
 
 
 def _finished(d: _Decode, b: int, done: List[bool], columns) -> None:
@@ -536,10 +584,8 @@ def _run_blocks(d: _Decode, replay, st, on_block) -> "_StepTimer":
         _finished(d, b, done, columns)
         if on_block is not None:
             on_block(b - c.first + 1, c.total - c.first)
-        if d.cache is not None and not all(done):  # the finished block's K/V into the cache
-            d.model(buf.block, buf.block_pos, past_key_values=d.cache,
-                    block_length=c.block_length, write_cache=True, return_logits=False)
-            st.cache_writes += 1
+        if d.cache is not None and not all(done):
+            _cache_span(d, b, st)
     return timer
 
 
@@ -562,10 +608,11 @@ def _setup(model, prompts, *, gen_length, block_length, steps, sampling, mask_id
            use_cache, stats, st) -> _Decode:
     """Canvas, prefilled cache, step buffers and routing recorder of one generate() call."""
     device = next(model.parameters()).device
-    canvas = _canvas(prompts, block_length, gen_length, mask_id, eos_ids[0], device)
+    span = _routing_span(model, block_length)
+    canvas = _canvas(prompts, block_length, span, gen_length, mask_id, eos_ids[0], device)
     cache = _prefill(model, canvas, device.type == "cuda", st) if use_cache else None
     B = len(prompts)
-    buffers = _StepBuffers.allocate(B, block_length, mask_id, device)
+    buffers = _StepBuffers.allocate(B, span, mask_id, device)
     moe = moe_layers(model) if stats else []
     recorder = None
     if moe:
