@@ -7,6 +7,10 @@
 Loads a LLaDA2 checkpoint directory (config.json, safetensors, tokenizer.json), patches its MoE
 layers with the chosen routing policy, decodes with block diffusion and prints the answer,
 tokens/s and the unique experts per block, next to token routing's figure on the same prompt.
+Each policy's run follows an untimed one-block warm-up, so both figures are steady-state;
+tokens/s counts the answer's tokens up to and including its first EOS, not the fill after it.
+A missing or broken checkpoint, a bad device or a prompt past max_position_embeddings is one
+line `dmoe: error: ...` and exit code 2.
 """
 from __future__ import annotations
 
@@ -38,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", type=int, default=None,
                    help="des_vote: coreset size (default 15%% of the experts: 38 of 256)")
     g.add_argument("--k", type=int, default=4, help="topk_cap: experts per token")
-    g.add_argument("--gen-length", type=int, default=128)
+    g.add_argument("--gen-length", type=int, default=None,
+                   help="tokens to generate (default: 128, or what fits in the model's "
+                        "max_position_embeddings after the prompt)")
     g.add_argument("--block-length", type=int, default=32, help="diffusion block")
     g.add_argument("--steps", type=int, default=32, help="denoising steps per block at most")
     g.add_argument("--threshold", type=float, default=0.95)
@@ -87,9 +93,13 @@ def load_tokenizer(model_dir: str):
     config_path = os.path.join(model_dir, "tokenizer_config.json")
     config = {}
     if os.path.isfile(config_path):
-        with open(config_path) as f:
-            config = json.load(f)
-    return Tokenizer.from_file(path), config
+        config = _read_json(config_path, "the tokenizer config")
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as err:  # tokenizers raises a bare Exception for a malformed file
+        message = " ".join(str(err).split())
+        raise ValueError(f"{path}: not a tokenizers tokenizer.json ({message})") from None
+    return tokenizer, config
 
 
 def chat_prompt(text: str, tokenizer_config: dict) -> str:
@@ -117,21 +127,127 @@ def chat_prompt(text: str, tokenizer_config: dict) -> str:
 def resolve_device_dtype(device: Optional[str], dtype: str):
     import torch
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, ValueError, TypeError):
+            raise ValueError(f"--device {device}: expected a torch device such as cpu, cuda "
+                             f"or cuda:1") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available (this PyTorch build "
+                             f"{torch.__version__} or this machine has no GPU); use --device cpu")
+        try:
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"--device {device}: not usable here ({first}); "
+                             f"use --device cpu") from None
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     return device, getattr(torch, dtype)
 
 
+def check_model_dir(model_dir: str) -> None:
+    """A ValueError naming the file and what was expected, for a checkpoint directory that
+    from_pretrained would fail on with a traceback or an unclear message: no directory, no or
+    invalid config.json, a bad index, a missing shard, an empty, truncated or corrupted
+    safetensors file. Reads headers only."""
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"--model {model_dir}: no such directory (expected a checkpoint "
+                         f"directory with config.json, safetensors and tokenizer.json)")
+    config = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config):
+        raise ValueError(f"--model {model_dir}: no config.json (expected a checkpoint directory)")
+    _read_json(config, "the model config")
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = _read_json(index, "the shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: expected a JSON object with a non-empty \"weight_map\" "
+                             f"(tensor name -> shard file)")
+        shards = sorted(set(map(str, weight_map.values())))
+        for shard in shards:
+            if not os.path.isfile(os.path.join(model_dir, shard)):
+                raise ValueError(f"{os.path.join(model_dir, shard)}: missing shard (named in "
+                                 f"{os.path.basename(index)}, absent from the directory)")
+    else:
+        shards = ["model.safetensors"]
+        if not os.path.isfile(os.path.join(model_dir, shards[0])):
+            raise ValueError(f"--model {model_dir}: no model.safetensors (nor "
+                             f"model.safetensors.index.json with its shards)")
+    for shard in shards:
+        _check_safetensors(os.path.join(model_dir, shard))
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: invalid JSON ({err}); expected {what} as a JSON "
+                         f"object") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected {what} as a JSON object, got "
+                         f"{type(value).__name__}")
+    return value
+
+
+def _check_safetensors(path: str) -> None:
+    """Header parsed, and the file as long as the header says (an empty, truncated or
+    corrupted-header file is a ValueError naming it)."""
+    size = os.path.getsize(path)
+    expected = "a safetensors file (8-byte header length, JSON header, tensor data)"
+    if size < 8:
+        raise ValueError(f"{path}: {size} bytes, truncated or empty; expected {expected}")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            raise ValueError(f"{path}: header length {n} exceeds the file's {size} bytes "
+                             f"(truncated or corrupted); expected {expected}")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise ValueError(f"{path}: corrupted header (not JSON); expected {expected}") from None
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (TypeError, KeyError, IndexError, ValueError, AttributeError):
+        raise ValueError(f"{path}: corrupted header (tensor entries without data_offsets); "
+                         f"expected {expected}") from None
+    if 8 + n + end > size:
+        raise ValueError(f"{path}: truncated, {size} bytes where the header needs "
+                         f"{8 + n + end}; expected {expected}")
+
+
 def load_model(model_dir: str, device, dtype):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from . import models  # noqa: F401  (registers llada2_moe with the Auto classes)
 
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise ValueError(f"--model {model_dir}: no config.json (expected a checkpoint directory)")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    check_model_dir(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (ValueError, TypeError, KeyError) as err:  # a field the model cannot take
+        raise ValueError(f"{os.path.join(model_dir, 'config.json')}: {err}") from None
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype)
     return model.to(device).eval()
+
+
+def gen_length(requested: Optional[int], prompt_tokens: int, limit) -> int:
+    """--gen-length, or by default 128 capped to what fits after the prompt; a ValueError naming
+    max_position_embeddings when prompt + gen-length do not fit (past it the model answers
+    nothing, or noise)."""
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return 128 if requested is None else requested
+    wanted = min(128, limit - prompt_tokens) if requested is None else requested
+    if (requested is None and wanted < 1) or prompt_tokens + wanted > limit:
+        shown = "" if requested is None else f" + --gen-length {requested}"
+        raise ValueError(f"the prompt is {prompt_tokens} tokens{shown}, more than the model's "
+                         f"max_position_embeddings {limit} allows (prompt tokens + --gen-length "
+                         f"<= {limit}): shorten the prompt or --gen-length")
+    return wanted
 
 
 def _fmt(value, spec=".1f") -> str:
@@ -142,8 +258,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run_generate(args)
-    except (ValueError, TypeError) as err:
-        print(f"dmoe: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__  # one line
+        print(f"dmoe: error: {message}", file=sys.stderr)
         return 2
 
 
@@ -159,6 +276,7 @@ def run_generate(args) -> int:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     model_dir = args.model or default_model_dir()
+    check_model_dir(model_dir)  # a missing or broken checkpoint is named before anything else
     arithmetic = is_arithmetic_model(model_dir)  # raw problems in, no chat template
     if is_random_default(model_dir):
         print(f"note: {RANDOM_WEIGHTS_NOTE}")
@@ -178,11 +296,18 @@ def run_generate(args) -> int:
     text = args.prompt if raw else chat_prompt(args.prompt, tok_config)
     prompt_ids = tokenizer.encode(text, add_special_tokens=False).ids
     model = load_model(model_dir, device, dtype)
+    args.gen_length = gen_length(args.gen_length, len(prompt_ids),
+                                 getattr(model.config, "max_position_embeddings", None))
     policy = make_policy(args, model.config.num_experts)
     patch_model(model, policy, backend=args.backend)
     print(f"model: {model_dir} on {device} ({str(dtype).replace('torch.', '')}), policy: {policy}")
 
     def decode(policy_name: str):
+        # A warm-up outside the timing first (one block: kernels, allocator, caches), so that
+        # each policy's figures are steady-state, measured under the same conditions.
+        generate(model, [prompt_ids], gen_length=min(args.block_length, args.gen_length),
+                 block_length=args.block_length, steps=args.steps, threshold=args.threshold,
+                 temperature=args.temperature)
         bar = tqdm(desc=f"blocks ({policy_name})", unit="block", leave=False)
 
         def on_block(done, total):
@@ -202,7 +327,8 @@ def run_generate(args) -> int:
     answer = tokenizer.decode(result.tokens[0], skip_special_tokens=True)
     print("answer:")
     print(answer)
-    print(f"tokens/s: {st.tokens_per_s:.1f} ({st.committed_tokens} tokens in {st.wall_time_s:.2f} s, "
+    # tokens up to and including the first EOS (the fill after it is not counted)
+    print(f"tokens/s: {st.tokens_per_s:.1f} ({st.generated_tokens} tokens in {st.wall_time_s:.2f} s, "
           f"{st.forwards} forwards, {st.tokens_per_forward:.2f} tokens/forward, "
           f"{st.time_per_forward_s * 1e3:.2f} ms/forward)")
     line = f"unique experts per block: {_fmt(st.mean_unique_experts)} with {policy}"

@@ -4,11 +4,18 @@ Works on any module tree with the official LLaDA2 structure: each decoder layer'
 a dense MLP (`gate_proj`, `up_proj`, `down_proj`; left alone) or a MoE MLP (`gate.weight`,
 `gate.expert_bias`, `experts[e].{gate,up,down}_proj`, `shared_experts`), which is replaced by a
 `DMoEBlock`. So it patches this project's `LLaDA2MoeModelLM` and the official remote-code class.
+
+A patched model still speaks the published tensor names: its `state_dict()` (so
+`save_pretrained`) unpacks each DMoEBlock back into `mlp.gate.weight` (model dtype),
+`mlp.gate.expert_bias` (fp32), `mlp.experts.{e}.{gate,up,down}_proj.weight` and
+`mlp.shared_experts.*`, and `load_state_dict` takes those names, so a patched model saves a
+checkpoint that `from_pretrained` loads, bit-equal to the unpatched original.
 """
 from __future__ import annotations
 
 from typing import Iterator, Tuple
 
+import torch
 from torch import nn
 
 from .config import RoutingPolicy
@@ -68,6 +75,7 @@ def patch_model(model: nn.Module, policy: RoutingPolicy, backend: str = "auto") 
                 raise ValueError(f"{path}: a MoE MLP needs gate.weight and an experts list, "
                                  f"got {type(mlp).__name__}")
             parent.mlp = DMoEBlock.from_official(mlp, config, policy, backend)
+            _speak_published_names(parent.mlp)
             found.append(path)
         elif hasattr(mlp, "gate") or not _is_dense_mlp(mlp):
             raise ValueError(
@@ -77,6 +85,58 @@ def patch_model(model: nn.Module, policy: RoutingPolicy, backend: str = "auto") 
     if not found:
         raise ValueError("model has no MoE MLP to patch (no `mlp` module with gate and experts)")
     return model
+
+
+_REPACKED = ("gate_weight", "expert_bias", "w_gate_up", "w_down")
+
+
+def _published_state(block, state: dict, prefix: str) -> None:
+    """state_dict hook: the block's repacked tensors under the official names (copies, so that
+    no two saved tensors share memory)."""
+    if not all(prefix + n in state for n in ("gate_weight", "w_gate_up", "w_down")):
+        return  # not a whole block: leave it as it is
+    rest = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+    copy = lambda t: t.detach().clone()  # noqa: E731
+    w_gate_up, w_down = rest["w_gate_up"], rest["w_down"]
+    state[prefix + "gate.weight"] = rest["gate_weight"].detach().to(w_gate_up.dtype).clone()
+    if rest.get("expert_bias") is not None:
+        state[prefix + "gate.expert_bias"] = copy(rest["expert_bias"]).float()
+    inter = w_gate_up.shape[1] // 2
+    for e in range(w_gate_up.shape[0]):
+        state[f"{prefix}experts.{e}.gate_proj.weight"] = copy(w_gate_up[e, :inter])
+        state[f"{prefix}experts.{e}.up_proj.weight"] = copy(w_gate_up[e, inter:])
+        state[f"{prefix}experts.{e}.down_proj.weight"] = copy(w_down[e])
+    for name, value in rest.items():
+        if name.startswith("shared_expert."):
+            state[prefix + "shared_experts." + name[len("shared_expert."):]] = copy(value)
+        elif name not in _REPACKED:
+            state[prefix + name] = value  # anything else the block holds, unchanged
+
+
+def _load_published(block, state: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: official names (as _published_state writes them) back into the
+    block's repacked tensors."""
+    if prefix + "gate.weight" not in state:
+        return
+    state[prefix + "gate_weight"] = state.pop(prefix + "gate.weight").float()
+    if prefix + "gate.expert_bias" in state:
+        state[prefix + "expert_bias"] = state.pop(prefix + "gate.expert_bias").float()
+    E = block.w_gate_up.shape[0]
+    expert = lambda e, n: f"{prefix}experts.{e}.{n}_proj.weight"  # noqa: E731
+    if all(expert(e, n) in state for e in range(E) for n in ("gate", "up", "down")):
+        state[prefix + "w_gate_up"] = torch.stack([
+            torch.cat((state.pop(expert(e, "gate")), state.pop(expert(e, "up"))))
+            for e in range(E)])
+        state[prefix + "w_down"] = torch.stack([state.pop(expert(e, "down")) for e in range(E)])
+    for k in [k for k in state if k.startswith(prefix + "shared_experts.")]:
+        state[prefix + "shared_expert." + k[len(prefix + "shared_experts."):]] = state.pop(k)
+
+
+def _speak_published_names(block: nn.Module) -> None:
+    """Save and load `block` under the official LLaDA2 names (module docstring)."""
+    block.register_state_dict_post_hook(
+        lambda module, state, prefix, local_metadata: _published_state(module, state, prefix))
+    block.register_load_state_dict_pre_hook(_load_published)
 
 
 def set_policy(model: nn.Module, policy: RoutingPolicy) -> nn.Module:

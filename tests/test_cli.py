@@ -1,0 +1,218 @@
+"""`dmoe generate` on broken or unusual checkpoints (issue 11): one line `dmoe: error: ...` naming
+the file, field or argument, exit code 2, never a traceback; honest tokens/s; and a patched
+model that saves the published tensor names."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dmoe_triton import RoutingPolicy, cli
+from dmoe_triton import training as tt
+from dmoe_triton.models import LLaDA2MoeModelLM
+from dmoe_triton.patch import patch_model
+from dmoe_triton.testing import small_model
+
+FAST = ["--no-compare", "--gen-length", "8", "--block-length", "8", "--steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An untrained micro arithmetic checkpoint (config.json, model.safetensors, tokenizer)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "arith"
+    tt.save_checkpoint(LLaDA2MoeModelLM(tt.model_config("micro")), str(path))
+    return path
+
+
+@pytest.fixture
+def ckpt(checkpoint, tmp_path):
+    """A fresh copy to break."""
+    path = tmp_path / "model"
+    shutil.copytree(checkpoint, path)
+    return path
+
+
+def fails(capsys, argv, *needles):
+    """main(argv) exits 2 with one line `dmoe: error: ...` holding every needle."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dmoe: error: "), err
+    for needle in needles:
+        assert needle in err[0], (needle, err[0])
+    return err[0]
+
+
+def edit_config(path, **fields):
+    config = json.loads((path / "config.json").read_text())
+    config.update(fields)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_checkpoint_runs(ckpt, capsys):
+    assert cli.main(["generate", "--model", str(ckpt), "--prompt", "1+2=", *FAST]) == 0
+    assert "answer:" in capsys.readouterr().out
+
+
+def test_missing_model_directory_is_named(capsys, tmp_path):
+    fails(capsys, ["generate", "--model", str(tmp_path / "nonexistent")],
+          "--model", "nonexistent", "no such directory")
+
+
+def test_invalid_config_json(ckpt, capsys):
+    (ckpt / "config.json").write_text("{\"num_experts\": 16,,}")
+    fails(capsys, ["generate", "--model", str(ckpt), "--prompt", "1+2="],
+          str(ckpt / "config.json"), "invalid JSON")
+
+
+@pytest.mark.parametrize("value, needle", [(-4, "num_experts must be >= 2"),
+                                           ("sixty-four", "num_experts must be an int")])
+def test_bad_num_experts(ckpt, capsys, value, needle):
+    edit_config(ckpt, num_experts=value)
+    fails(capsys, ["generate", "--model", str(ckpt), "--prompt", "1+2=", *FAST],
+          "config.json", needle)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "header"])
+def test_broken_safetensors(ckpt, capsys, damage):
+    path = ckpt / "model.safetensors"
+    data = path.read_bytes()
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(data[:8] + b"#" * 16 + data[24:])
+    fails(capsys, ["generate", "--model", str(ckpt), "--prompt", "1+2=", *FAST],
+          str(path), "expected a safetensors file")
+
+
+def test_missing_shard(tmp_path, capsys, checkpoint):
+    path = tmp_path / "sharded"
+    shutil.copytree(checkpoint, path)
+    model = LLaDA2MoeModelLM.from_pretrained(checkpoint)
+    os.remove(path / "model.safetensors")
+    model.save_pretrained(path, max_shard_size="20KB")
+    shards = sorted(p.name for p in path.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    assert cli.main(["generate", "--model", str(path), "--prompt", "1+2=", *FAST]) == 0
+    capsys.readouterr()
+    os.remove(path / shards[-1])
+    fails(capsys, ["generate", "--model", str(path), "--prompt", "1+2=", *FAST],
+          shards[-1], "missing shard", "model.safetensors.index.json")
+
+
+def test_non_finite_weights_are_one_line(ckpt, capsys):
+    model = LLaDA2MoeModelLM.from_pretrained(ckpt)
+    with torch.no_grad():
+        model.model.norm.weight[3] = float("nan")
+    model.save_pretrained(ckpt)
+    fails(capsys, ["generate", "--model", str(ckpt), "--prompt", "1+2=", *FAST],
+          "model.norm.weight", "non-finite")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda(ckpt, capsys):
+    fails(capsys, ["generate", "--model", str(ckpt), "--prompt", "1+2=", "--device", "cuda"],
+          "--device cuda", "CUDA is not available")
+
+
+def test_unknown_device(ckpt, capsys):
+    fails(capsys, ["generate", "--model", str(ckpt), "--prompt", "1+2=", "--device", "tpu"],
+          "--device tpu", "expected")
+
+
+def test_prompt_past_max_position_embeddings(ckpt, capsys):
+    limit = json.loads((ckpt / "config.json").read_text())["max_position_embeddings"]
+    fails(capsys, ["generate", "--model", str(ckpt), "--prompt", "1+2=" * limit, *FAST],
+          "max_position_embeddings", str(limit), "--gen-length 8")
+
+
+def test_eos_token_id_list_in_config(ckpt, capsys):
+    config = json.loads((ckpt / "config.json").read_text())
+    edit_config(ckpt, eos_token_id=[config["eos_token_id"], 3])
+    assert cli.main(["generate", "--model", str(ckpt), "--prompt", "1+2=", *FAST]) == 0
+    assert "answer:" in capsys.readouterr().out
+
+
+def test_errors_come_without_traceback_from_the_command(ckpt):
+    (ckpt / "model.safetensors").write_bytes(b"")
+    run = subprocess.run([sys.executable, "-m", "dmoe_triton", "generate", "--model", str(ckpt),
+                          "--prompt", "1+2="], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("dmoe: error: ")
+    assert "Traceback" not in run.stderr
+
+
+def test_tokens_counted_to_eos_and_warm_up_outside_timing(ckpt, capsys, monkeypatch):
+    from dmoe_triton import decoding
+
+    calls = []
+    real = decoding.generate
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append((kwargs.get("on_block") is not None, result))  # the timed run has a bar
+        return result
+
+    monkeypatch.setattr(decoding, "generate", spy)
+    assert cli.main(["generate", "--model", str(ckpt), "--prompt", "1+2=", "--gen-length", "16",
+                     "--block-length", "8", "--steps", "4"]) == 0
+    out = capsys.readouterr().out
+    # Each policy (dmoe, then token for the comparison line) gets an untimed warm-up first.
+    assert [timed for timed, _ in calls] == [False, True, False, True]
+    result = calls[1][1]
+    shown = int(out.split("tokens/s: ")[1].split("(")[1].split(" tokens")[0])
+    assert shown == len(result.tokens[0]) == result.stats.generated_tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patched_model_saves_the_published_names(tmp_path, dtype):
+    original = small_model(seed=1).to(dtype)
+    want = {k: v.clone() for k, v in original.state_dict().items()}
+    patched = patch_model(small_model(seed=1).to(dtype), RoutingPolicy.dmoe(0.6, 2),
+                          backend="reference")
+    assert set(patched.state_dict()) == set(want)
+    patched.save_pretrained(tmp_path)
+    got = LLaDA2MoeModelLM.from_pretrained(tmp_path, dtype=dtype).state_dict()
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
+    # and a patched model loads that state dict back
+    other = patch_model(small_model(seed=5).to(dtype), RoutingPolicy.token(), backend="reference")
+    other.load_state_dict(patched.state_dict())
+    for name, value in other.state_dict().items():
+        assert torch.equal(value, want[name]), name
+
+
+def test_import_dmoe_triton_registers_the_auto_classes():
+    code = ("import dmoe_triton\n"
+            "from transformers import AutoConfig, AutoModel, AutoModelForCausalLM\n"
+            "from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,\n"
+            "    MODEL_MAPPING)\n"
+            "c = AutoConfig.for_model('llada2_moe')\n"
+            "print(type(c).__name__, MODEL_MAPPING[type(c)].__name__,\n"
+            "      MODEL_FOR_CAUSAL_LM_MAPPING[type(c)].__name__)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["LLaDA2MoeConfig", "LLaDA2MoeModel", "LLaDA2MoeModelLM"]
+
+
+def test_default_gen_length_fits_the_position_limit(ckpt, capsys):
+    limit = json.loads((ckpt / "config.json").read_text())["max_position_embeddings"]
+    prompt = "1+2=" * ((limit - 8) // 4)  # limit - 8 tokens: the default takes the 8 left
+    assert cli.main(["generate", "--model", str(ckpt), "--prompt", prompt, "--no-compare",
+                     "--block-length", "8", "--steps", "2"]) == 0
+    capsys.readouterr()
+    fails(capsys, ["generate", "--model", str(ckpt), "--prompt", "1" * limit, "--no-compare"],
+          f"the prompt is {limit} tokens", f"max_position_embeddings {limit}")
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_broken_tokenizer_files(ckpt, capsys, name):
+    (ckpt / name).write_text("{not json")
+    fails(capsys, ["generate", "--model", str(ckpt), "--prompt", "1+2=", *FAST], str(ckpt / name))
