@@ -14,6 +14,7 @@ set -uo pipefail
 
 out=${1:?usage: bash bench/smoke_gpu.sh OUT_DIR}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute: the steps run from the repository root
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 CI=true
 

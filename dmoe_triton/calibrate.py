@@ -8,7 +8,7 @@ routing. So benchmarks can give the router a popularity skew and say that they d
 
 What: MoE layer l gets `expert_bias = strength * z_l`, with z_l ~ N(0, 1) per expert drawn from a
 generator seeded with `seed` (layer by layer, on the CPU, so every device gets the same values).
-The bias only ranks experts (routing-spec: weights come from the sigmoid scores), so popular
+The bias only ranks experts (docs/routing.md: weights come from the sigmoid scores), so popular
 experts are chosen by more tokens of a block and a block touches fewer distinct experts; the
 gate weights and the hidden states are left as they are. `calibrate_router` searches `strength`
 so that token routing touches `target` unique experts per block on the model's own hidden states.

@@ -1,4 +1,4 @@
-"""Router configuration and routing policies (routing contract: ../shared/docs/routing-spec.md).
+"""Router configuration and routing policies (the routing contract: docs/routing.md).
 
 Every parameter is validated here, on the host, before any kernel runs: a bad value is a
 ValueError that names the parameter and the allowed range.

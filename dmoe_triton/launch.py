@@ -22,12 +22,32 @@ where a comment says so).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
 import triton
+
+
+def _check_shape(launch, powers_of_two=(), at_least=None) -> None:
+    """Every field a positive int (bool for use_kernel); those named in `powers_of_two` powers of
+    two (Triton's tl.arange needs them); `at_least` {field: minimum} (tl.dot needs 16 rows). A
+    ValueError naming the class and the field, raised when the shape is built, not inside a
+    kernel."""
+    name = type(launch).__name__
+    for f in dataclasses.fields(launch):
+        value = getattr(launch, f.name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if f.type in (bool, "bool"):
+                continue
+            raise ValueError(f"{name}.{f.name} must be an int >= 1, got {value!r}")
+        if f.name in powers_of_two and value & (value - 1):
+            raise ValueError(f"{name}.{f.name} must be a power of two, got {value}")
+        if at_least and value < at_least.get(f.name, 1):
+            raise ValueError(f"{name}.{f.name} must be >= {at_least[f.name]}, got {value}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,6 +64,10 @@ class RouteLaunch:
     route_warps: int = 1       # route_kernel: warps per program
     vote_rows: int = 16        # block_coreset_kernel: rows per chunk of the block's votes
     coreset_warps: int = 8     # block_coreset_kernel: warps per program
+
+    def __post_init__(self):
+        _check_shape(self, powers_of_two=("route_rows", "vote_rows", "route_warps",
+                                          "coreset_warps"))
 
 
 DEFAULT_ROUTE = RouteLaunch()
@@ -82,8 +106,8 @@ class DecodeConfig:
     down_splits: int = 4
 
     def __post_init__(self):
-        if not isinstance(self.down_splits, int) or self.down_splits < 1:
-            raise ValueError(f"down_splits must be an int >= 1, got {self.down_splits!r}")
+        _check_shape(self, powers_of_two=("block_i", "k_tile_gate_up", "warps_gate_up",
+                                          "block_h", "k_tile_down", "warps_down"))
 
 
 @dataclass(frozen=True)
@@ -106,6 +130,13 @@ class GroupedConfig:
     stages_down: int = 4
     programs_per_sm: int = 2   # persistent grids = SMs x this (at most what fits on an SM)
 
+    def __post_init__(self):
+        _check_shape(self, powers_of_two=("block_m", "block_i", "k_tile_gate_up",
+                                          "warps_gate_up", "block_h", "k_tile_down",
+                                          "warps_down"),
+                     at_least=dict(block_m=16, block_i=16, block_h=16, k_tile_gate_up=16,
+                                   k_tile_down=16))
+
 
 @dataclass(frozen=True)
 class AlignLaunch:
@@ -122,6 +153,9 @@ class CombineLaunch:
     block_t: int = 8
     block_h: int = 256
     warps: int = 4
+
+    def __post_init__(self):
+        _check_shape(self, powers_of_two=("block_t", "block_h", "warps"))
 
 
 @dataclass(frozen=True)
@@ -201,6 +235,10 @@ class AttentionLaunch:
     block_n: int = 128   # keys per step
     warps: int = 4
     stages: int = 3
+
+    def __post_init__(self):
+        _check_shape(self, powers_of_two=("block_m", "block_n", "warps"),
+                     at_least=dict(block_m=16, block_n=16))
 
 
 # The fastest shapes of `bench_attention.py --sweep` on an H100 (prefix 512): with few

@@ -1,4 +1,4 @@
-"""The PyTorch reference: routing-spec.md and the expert MLP, in plain code.
+"""The PyTorch reference: docs/routing.md and the expert MLP, in plain code.
 
 Short and obvious on purpose: the rules read as tensor ops (loops only over sequences and
 blocks), no performance tricks.
@@ -154,7 +154,7 @@ def moe_forward_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_wei
     shared: optional (gate_up [2I, H], down [H, I]) of a shared expert, added with weight 1 for
     every token in the same sum. Computes in fp32 (float64 if given float64), returns hidden's
     dtype (one rounding at the end), row-major whatever hidden's layout.
-    NaN rule (routing-spec.md, NaN): a NaN weight in a filled slot makes its token NaN (the sum
+    NaN rule (docs/routing.md, NaN): a NaN weight in a filled slot makes its token NaN (the sum
     does it), and so does a token with every slot empty and every weight NaN (route's all-NaN
     logits row: ids -1, NaN weights): NaN, never 0. An empty slot's weight is otherwise unread.
     """

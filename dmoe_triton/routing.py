@@ -1,4 +1,4 @@
-"""`route()`: the public entry point of the routing layer (routing-spec.md).
+"""`route()`: the public entry point of the routing layer (docs/routing.md).
 
 Checks every input on the host (shapes, dtypes, devices: nothing that needs a sync), then either
 launches the Triton kernels (`kernels/routing.py`: two launches per layer for block policies,
@@ -22,7 +22,7 @@ BACKENDS = ("auto", "triton", "reference")
 
 @dataclass
 class RouteResult:
-    """What `route` returns (routing-spec.md, Outputs)."""
+    """What `route` returns (docs/routing.md, Outputs)."""
 
     topk_ids: torch.Tensor        # int32 [..., L, k]; -1 marks an empty slot
     topk_weights: torch.Tensor    # float32 [..., L, k]; 0 in empty slots

@@ -15,7 +15,7 @@ Speed: the routing of a block is a chain of small reductions, so its time is the
 Every pick is one max over int64 keys that pack (score, expert): the high 32 bits order the
 fp32 score, the low bits order experts so that ties go to the lower index. One reduction thus
 yields the value and the index together, and a chosen expert is struck out by its unique key.
-The spec (routing-spec.md) and its reference (dmoe_triton/reference.py) define every tie rule.
+The contract (docs/routing.md) and its reference (dmoe_triton/reference.py) define every tie rule.
 """
 import triton
 import triton.language as tl
@@ -166,7 +166,7 @@ def block_coreset_kernel(
 
 @triton.jit
 def _kept_groups(keys, r, cand, gi, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr):
-    """[rows, G_PAD] bool: the TOPK_GROUP best groups of each row (routing-spec.md step 2).
+    """[rows, G_PAD] bool: the TOPK_GROUP best groups of each row (docs/routing.md, common step 2).
 
     Group ranking: class 2 (>= 2 candidates, sum of top two) > class 1 (one, its value)
     > class 0 (none); ties to the lower group. Padding groups rank below everything.

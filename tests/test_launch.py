@@ -136,3 +136,19 @@ def test_policy_table_is_the_one_source_of_codes_and_names():
     assert RoutingPolicy.dmoe().code == policy_codes.DMOE.value
     with pytest.raises(ValueError, match="policy kind must be one of"):
         RoutingPolicy("expert_choice")
+
+
+@pytest.mark.parametrize("build, field", [
+    (lambda: launch.RouteLaunch(route_rows=0), "route_rows"),
+    (lambda: launch.RouteLaunch(route_rows=3), "route_rows"),
+    (lambda: launch.RouteLaunch(vote_rows=5), "vote_rows"),
+    (lambda: launch.DecodeConfig(block_i=0), "block_i"),
+    (lambda: launch.DecodeConfig(block_i=48), "block_i"),
+    (lambda: launch.DecodeConfig(down_splits=0), "down_splits"),
+    (lambda: launch.GroupedConfig(block_m=8), "block_m"),
+    (lambda: launch.AttentionLaunch(block_m=3), "block_m"),
+    (lambda: launch.CombineLaunch(block_h=100), "block_h"),
+])
+def test_a_launch_shape_the_kernels_cannot_take_is_named_when_built(build, field):
+    with pytest.raises(ValueError, match=field):
+        build()
