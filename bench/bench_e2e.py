@@ -231,12 +231,12 @@ def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str) ->
         step_fn(model, step)()
     for h in hooks:
         h.remove()
-    x, cos, sin, mask, cache, _ = seen["layer"]
+    x, cos, sin, mask, cache, _, windows = seen["layer"]
     h_in, block = seen["mlp_in"][0], mid.mlp
     B, L, H = h_in.shape
-    with torch.no_grad():
+    with torch.no_grad():  # the routing the layer ran, windows included
         r = route(h_in.float() @ block.gate_weight.T, block.expert_bias, block.router_cfg,
-                  block.policy, block.backend)
+                  block.policy, block.backend, **windows)
     ids, w = r.topk_ids.reshape(B * L, -1), r.topk_weights.reshape(B * L, -1)
     hidden_final = torch.randn(B, L, H, device=x.device, dtype=x.dtype)
     att = mid.attention
@@ -259,7 +259,7 @@ def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str) ->
             lambda: (mid.post_attention_layernorm(x) + x) + x, c.num_hidden_layers),
         "router GEMM (fp32) + route": (
             lambda: route(h_in.float() @ block.gate_weight.T, block.expert_bias,
-                          block.router_cfg, block.policy, block.backend), n_moe),
+                          block.router_cfg, block.policy, block.backend, **windows), n_moe),
         "routed + shared experts (moe_forward)": (
             lambda: moe_forward(h_in.reshape(B * L, H), ids, w, block.w_gate_up, block.w_down,
                                 check_ids=False, shared=block.shared_weights()), n_moe),

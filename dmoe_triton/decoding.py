@@ -264,7 +264,7 @@ def route_stats(modules, rows, unique_out, coreset_out, outside_out):
         unique_out[i] = hit.sum(-1)
         if coreset_out is not None and route.coreset is not None:
             B, n = route.coreset.shape[:2]
-            size = m.policy.block_size
+            size = getattr(getattr(m, "policy", None), "block_size", None) or rows.shape[1]
             padded = torch.zeros(B, n * size, dtype=torch.bool, device=rows.device)
             padded[:, : rows.shape[1]] = rows
             covers = padded.view(B, n, size).any(-1)  # [B, windows]

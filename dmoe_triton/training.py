@@ -184,11 +184,12 @@ def dense_training_routing(model, policy: RoutingPolicy, backend: str = "auto"):
     for m in moes:
         m.forward = functools.partial(dense_moe_training_forward, m, router_cfg=cfg,
                                       policy=policy, backend=backend)
+        m.policy = policy  # what a DMoEBlock exposes: generate reads its routing window
     try:
         yield moes
     finally:
         for m in moes:
-            del m.forward
+            del m.forward, m.policy
             m.training_ids = None
 
 

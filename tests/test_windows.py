@@ -11,12 +11,19 @@ from dmoe_triton import RouterConfig, RoutingPolicy, route
 CFG = RouterConfig(num_experts=32, top_k=4, n_group=4, topk_group=2, routed_scaling_factor=2.5)
 BLOCK_POLICIES = [RoutingPolicy.dmoe(0.6, 4, block_size=8), RoutingPolicy.des_vote(6, block_size=8)]
 BACKENDS = ["reference", "triton"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def on(t):
+    return t.to(DEVICE)
 
 
 def logits_of(S, L, seed):
+    """On the GPU where there is one: backend "triton" needs CUDA tensors there (on the CPU the
+    interpreter runs it); the window arguments go with them (on())."""
     g = torch.Generator().manual_seed(seed)
     skew = 2 * torch.randn(CFG.num_experts, generator=g).clamp(min=0)
-    return torch.randn(S, L, CFG.num_experts, generator=g) + skew
+    return (torch.randn(S, L, CFG.num_experts, generator=g) + skew).to(DEVICE)
 
 
 def same(a, b):
@@ -33,7 +40,7 @@ def test_cached_rows_route_as_in_the_full_forward(backend, policy, L, cut, seed)
     x = logits_of(1, L, seed)
     full = route(x, None, CFG, policy, backend)
     tail = route(x[:, start:], None, CFG, policy, backend,
-                 first_position=torch.tensor([start]))
+                 first_position=on(torch.tensor([start])))
     assert torch.equal(tail.topk_ids, full.topk_ids[:, start:])
     assert torch.equal(tail.topk_weights, full.topk_weights[:, start:])
     first = start // policy.block_size
@@ -51,10 +58,11 @@ def test_a_shifted_forward_equals_padding_rows_that_never_vote(backend, policy, 
     bs = policy.block_size
     shift = p0 % bs
     x = logits_of(1, L, seed)
-    shifted = route(x, None, CFG, policy, backend, first_position=torch.tensor([p0]))
+    shifted = route(x, None, CFG, policy, backend, first_position=on(torch.tensor([p0])))
     pads = logits_of(1, shift, seed + 1000) * 5
     padded_x = torch.cat((pads, x), dim=1)
-    valid = torch.cat((torch.zeros(1, shift, dtype=torch.bool), torch.ones(1, L, dtype=torch.bool)), 1)
+    valid = on(torch.cat((torch.zeros(1, shift, dtype=torch.bool),
+                          torch.ones(1, L, dtype=torch.bool)), 1))
     padded = route(padded_x, None, CFG, policy, backend, row_valid=valid)
     assert torch.equal(shifted.topk_ids, padded.topk_ids[:, shift:])
     assert torch.equal(shifted.topk_weights, padded.topk_weights[:, shift:])
@@ -64,8 +72,8 @@ def test_a_shifted_forward_equals_padding_rows_that_never_vote(backend, policy, 
 @pytest.mark.parametrize("policy", BLOCK_POLICIES)
 def test_batched_sequences_route_as_alone(backend, policy):
     x = logits_of(3, 21, 7)
-    starts = torch.tensor([0, 5, 13])
-    valid = torch.rand(3, 21, generator=torch.Generator().manual_seed(3)) > 0.2
+    starts = on(torch.tensor([0, 5, 13]))
+    valid = on(torch.rand(3, 21, generator=torch.Generator().manual_seed(3)) > 0.2)
     batched = route(x, None, CFG, policy, backend, first_position=starts, row_valid=valid)
     for q in range(3):
         alone = route(x[q:q + 1], None, CFG, policy, backend, first_position=starts[q:q + 1],
@@ -78,7 +86,7 @@ def test_batched_sequences_route_as_alone(backend, policy):
 def test_a_window_of_padding_rows_takes_no_expert(backend):
     policy = BLOCK_POLICIES[0]
     x = logits_of(1, 24, 1)
-    valid = torch.ones(1, 24, dtype=torch.bool)
+    valid = on(torch.ones(1, 24, dtype=torch.bool))
     valid[:, 8:16] = False  # the whole second window is padding
     r = route(x, None, CFG, policy, backend, row_valid=valid)
     assert not r.coreset[0, 1].any()
@@ -91,8 +99,8 @@ def test_token_routing_ignores_windows(backend):
     x = logits_of(2, 12, 2)
     plain = route(x, None, CFG, RoutingPolicy.token(), backend)
     windowed = route(x, None, CFG, RoutingPolicy.token(), backend,
-                     first_position=torch.tensor([3, 9]),
-                     row_valid=torch.ones(2, 12, dtype=torch.bool))
+                     first_position=on(torch.tensor([3, 9])),
+                     row_valid=on(torch.ones(2, 12, dtype=torch.bool)))
     same(plain, windowed)
 
 
@@ -113,8 +121,8 @@ def test_bad_window_arguments_are_named(name, kwargs, error, needle):
 def test_kernel_matches_reference_with_windows(policy, S, L, seed):
     g = torch.Generator().manual_seed(seed)
     x = logits_of(S, L, seed)
-    first = torch.randint(-12, 40, (S,), generator=g)
-    valid = torch.rand(S, L, generator=g) > 0.3
+    first = on(torch.randint(-12, 40, (S,), generator=g))
+    valid = on(torch.rand(S, L, generator=g) > 0.3)
     want = route(x, None, CFG, policy, "reference", first_position=first, row_valid=valid)
     got = route(x, None, CFG, policy, "triton", first_position=first, row_valid=valid)
     assert torch.equal(got.coreset, want.coreset)
