@@ -106,6 +106,9 @@ def main(argv=None):
         model, tokens, prompt_len, train_policy(config), steps=args.stage2_steps,
         seconds=args.stage2_seconds, lr=args.stage2_lr, batch_size=args.batch,
         desc="stage 2 (dmoe)", generator=generator)
+    # The checkpoint declares the routing it was fine-tuned for (RoutingPolicy.from_config:
+    # dMoE at this top_p, guard scaled to the experts), so --policy auto and patch_model run it.
+    model.config.core_threshold = eval_policy(config).top_p
     save_checkpoint(model, os.path.join(args.out, "arith-dmoe"))
     acc, uniq, path = validate(model, val, eval_policy(config), eval_dtype)
     log["stage2"].update(val_accuracy=acc, val_unique_experts=uniq, val_path=path,

@@ -34,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", help="required, except for an arithmetic model (default: "
                                     "an example problem)")
     g.add_argument("--raw", action="store_true", help="no chat template: decode after the text")
-    g.add_argument("--policy", choices=POLICY_NAMES, default="dmoe")
+    g.add_argument("--policy", choices=("auto",) + POLICY_NAMES, default="auto",
+                   help="auto (default): the routing the checkpoint declares (config.json: "
+                        "expert_capacity -> capacity, core_threshold or mode 'aggregate' -> "
+                        "dmoe, else token); an explicit policy wins")
+    g.add_argument("--capacity", type=int, default=48,
+                   help="capacity: experts a routing window keeps (LLaDA2.2: 48)")
     g.add_argument("--top-p", type=float, default=0.6, help="dmoe: coreset vote mass")
     g.add_argument("--guard", type=int, default=None,
                    help="dmoe: minimum coreset size (default 16 of 256 experts, scaled to the model)")
@@ -58,12 +63,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_policy(args, num_experts: int = 256):
-    """The policy of the arguments; guard and size default to the paper's values for 256
-    experts (16, and DES's 15% = 38) scaled to the model's `num_experts`."""
+def make_policy(args, config) -> tuple:
+    """(policy, why): the policy of the arguments; guard and size default to the paper's values
+    for 256 experts (16, and DES's 15% = 38) scaled to the model's `num_experts`; "auto" takes
+    the checkpoint's own routing (RoutingPolicy.from_config)."""
     from .config import RoutingPolicy
     from .defaults import scaled_guard, scaled_size
 
+    num_experts = config.num_experts
+    if args.policy == "auto":
+        policy = RoutingPolicy.from_config(config)
+        keys = [f"{k}={getattr(config, k)}" for k in ("expert_capacity", "core_threshold", "mode")
+                if getattr(config, k, None) not in (None, 0)]
+        return policy, "auto: config.json " + (", ".join(keys) if keys else
+                                                "declares no block routing")
+    return _explicit_policy(args, num_experts, scaled_guard, scaled_size), "--policy"
+
+
+def _explicit_policy(args, num_experts, scaled_guard, scaled_size):
+    from .config import RoutingPolicy
+
+    if args.policy == "capacity":
+        return RoutingPolicy.capacity(args.capacity, block_size=args.block_size)
     if args.policy == "dmoe":
         guard = args.guard if args.guard is not None else scaled_guard(num_experts)
         return RoutingPolicy.dmoe(top_p=args.top_p, guard=guard, block_size=args.block_size)
@@ -298,9 +319,10 @@ def run_generate(args) -> int:
     model = load_model(model_dir, device, dtype)
     args.gen_length = gen_length(args.gen_length, len(prompt_ids),
                                  getattr(model.config, "max_position_embeddings", None))
-    policy = make_policy(args, model.config.num_experts)
+    policy, why = make_policy(args, model.config)
     patch_model(model, policy, backend=args.backend)
-    print(f"model: {model_dir} on {device} ({str(dtype).replace('torch.', '')}), policy: {policy}")
+    print(f"model: {model_dir} on {device} ({str(dtype).replace('torch.', '')}), policy: {policy} "
+          f"({why})")
 
     def decode(policy_name: str):
         # A warm-up outside the timing first (one block: kernels, allocator, caches), so that
@@ -322,7 +344,7 @@ def run_generate(args) -> int:
         finally:
             bar.close()
 
-    result = decode(args.policy)
+    result = decode(policy.kind)
     st = result.stats
     answer = tokenizer.decode(result.tokens[0], skip_special_tokens=True)
     print("answer:")
@@ -334,7 +356,7 @@ def run_generate(args) -> int:
     line = f"unique experts per block: {_fmt(st.mean_unique_experts)} with {policy}"
     if st.mean_coreset_size is not None:
         line += f" (coreset {_fmt(st.mean_coreset_size)})"
-    if args.policy != "token" and not args.no_compare:
+    if policy.kind != "token" and not args.no_compare:
         from .config import RoutingPolicy
 
         set_policy(model, RoutingPolicy.token())

@@ -80,11 +80,13 @@ class PolicyParam:
     lo_open: bool = False
     hi: Optional[float] = None # largest allowed value, if fixed
     hi_experts: bool = False   # largest allowed value = num_experts (checked by policy.check)
+    lo_top_k: bool = False     # smallest allowed value = the model's top_k (policy.check)
 
-    def check(self, value, num_experts: Optional[int] = None) -> None:
+    def check(self, value, num_experts: Optional[int] = None, top_k: Optional[int] = None) -> None:
         hi = num_experts if (self.hi_experts and num_experts is not None) else self.hi
+        lo = top_k if (self.lo_top_k and top_k is not None) else self.lo
         if self.kind is int:
-            _check_int(self.name, value, int(self.lo), None if hi is None else int(hi))
+            _check_int(self.name, value, int(lo), None if hi is None else int(hi))
             return
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         ok = ok and (value > self.lo if self.lo_open else value >= self.lo)
@@ -105,6 +107,7 @@ class PolicyKind:
     is_block: bool
     params: Tuple[PolicyParam, ...] = ()
     slots_param: Optional[str] = None
+    plain_top_k: bool = False  # tokens pick a plain (not group-limited) top-k in the coreset
 
 
 _TOP_P = PolicyParam("top_p", float, 0.0, lo_open=True, hi=1.0)
@@ -112,12 +115,15 @@ _GUARD = PolicyParam("guard", int, 0, hi_experts=True)
 _SIZE = PolicyParam("size", int, 1, hi_experts=True)
 _K = PolicyParam("k", int, 1, hi_experts=True)
 _BLOCK_SIZE = PolicyParam("block_size", int, 1)
+_CAPACITY = PolicyParam("expert_capacity", int, 1, hi_experts=True, lo_top_k=True)
 
 POLICIES = {kind.name: kind for kind in (
     PolicyKind("token", codes.TOKEN.value, is_block=False),
     PolicyKind("dmoe", codes.DMOE.value, is_block=True, params=(_TOP_P, _GUARD)),
     PolicyKind("des_vote", codes.DES_VOTE.value, is_block=True, params=(_SIZE,)),
     PolicyKind("topk_cap", codes.TOKEN.value, is_block=False, params=(_K,), slots_param="k"),
+    PolicyKind("capacity", codes.CAPACITY.value, is_block=True, params=(_CAPACITY,),
+               plain_top_k=True),
 )}
 POLICY_NAMES = tuple(POLICIES)
 
@@ -136,6 +142,7 @@ class RoutingPolicy:
     block_size: int = 32
     size: int = 0
     k: int = 0
+    expert_capacity: int = 0
 
     def __post_init__(self):
         if self.kind not in POLICIES:
@@ -164,6 +171,37 @@ class RoutingPolicy:
         """Token routing with top_k replaced by k (the paper's "Top-4" baseline)."""
         return cls("topk_cap", k=k)
 
+    @classmethod
+    def capacity(cls, expert_capacity: int = 48, block_size: int = 32) -> "RoutingPolicy":
+        """LLaDA2.2's own block routing: each window keeps the `expert_capacity` experts with
+        the largest maximum score over its rows; tokens take a plain top-k inside them."""
+        return cls("capacity", expert_capacity=expert_capacity, block_size=block_size)
+
+    @classmethod
+    def from_config(cls, config) -> "RoutingPolicy":
+        """The routing a checkpoint was trained for (docs/routing.md, "The checkpoint chooses"):
+        capacity routing for `expert_capacity` > 0 (window `block_size`, default 32); dMoE
+        (top_p = `core_threshold`, default 0.6; guard 16 scaled to the expert count) for a
+        config with `core_threshold` or `mode == "aggregate"`; token routing otherwise.
+        config: a transformers config object or a dict. A ValueError names expert_capacity
+        outside [num_experts_per_tok, num_experts]."""
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        capacity = get("expert_capacity") or 0
+        if capacity:
+            top_k, E = get("num_experts_per_tok"), get("num_experts")
+            if not isinstance(capacity, int) or not top_k <= capacity <= E:
+                raise ValueError(f"expert_capacity must be an int in [num_experts_per_tok="
+                                 f"{top_k}, num_experts={E}] (0 or absent: no capacity "
+                                 f"routing), got {capacity!r}")
+            return cls.capacity(capacity, get("block_size") or 32)
+        if get("core_threshold") is not None or get("mode") == "aggregate":
+            from .defaults import scaled_guard
+
+            top_p = get("core_threshold")
+            return cls.dmoe(0.6 if top_p is None else float(top_p),
+                            scaled_guard(get("num_experts")), 32)
+        return cls.token()
+
     @property
     def spec(self) -> PolicyKind:
         """This policy's entry in POLICIES."""
@@ -181,7 +219,7 @@ class RoutingPolicy:
     def check(self, cfg: RouterConfig) -> None:
         """Validate the parameters that depend on the number of experts."""
         for param in self.spec.params:
-            param.check(getattr(self, param.name), cfg.num_experts)
+            param.check(getattr(self, param.name), cfg.num_experts, cfg.top_k)
 
     def slots(self, cfg: RouterConfig) -> int:
         """Experts per token in the output (`topk_ids.shape[-1]`)."""

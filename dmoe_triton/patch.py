@@ -13,7 +13,7 @@ checkpoint that `from_pretrained` loads, bit-equal to the unpatched original.
 """
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -50,19 +50,24 @@ def _check_policy(policy) -> None:
                         f"got {type(policy).__name__}")
 
 
-def patch_model(model: nn.Module, policy: RoutingPolicy, backend: str = "auto") -> nn.Module:
+def patch_model(model: nn.Module, policy: Optional[RoutingPolicy] = None,
+                backend: str = "auto") -> nn.Module:
     """Swap every MoE MLP of `model` for a `DMoEBlock` routed by `policy`; returns `model`.
+
+    policy None: the routing the checkpoint declares, RoutingPolicy.from_config(model.config)
+    (LLaDA2.2's capacity, a dMoE checkpoint's dMoE, else token routing).
 
     Expert weights are repacked layer by layer (one layer's experts extra at most); the old
     per-expert modules are released. A module named `mlp` that is neither a dense MLP nor an
     official MoE MLP is a ValueError naming its path. Already patched layers just take the
     new policy.
     """
-    _check_policy(policy)
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError("model has no .config: patch_model needs the LLaDA2 config "
                          "(num_experts, num_experts_per_tok, n_group, ...)")
+    policy = RoutingPolicy.from_config(config) if policy is None else policy
+    _check_policy(policy)
     DMoEBlock = _dmoe_block()
     found = []
     for path, parent, mlp in list(_mlps(model)):

@@ -90,6 +90,17 @@ def block_coreset(votes: torch.Tensor, policy: RoutingPolicy) -> torch.Tensor:
     return coreset
 
 
+def window_coreset(r: torch.Tensor, policy: RoutingPolicy, top_k: int) -> torch.Tensor:
+    """The coreset [E] bool of one window from its real rows' scores r [T, E]: dMoE / DES-vote
+    from the normalised votes; capacity (LLaDA2.2) the `expert_capacity` experts with the
+    largest maximum of r over the rows, ties to the lower index (a NaN score ranks -inf)."""
+    if policy.kind == "capacity":
+        coreset = torch.zeros(r.shape[1], dtype=torch.bool)
+        coreset[sort_desc(r.max(dim=0).values)[: policy.expert_capacity]] = True
+        return coreset
+    return block_coreset(block_votes(r, top_k), policy)
+
+
 def route_reference(logits: torch.Tensor, expert_bias: torch.Tensor, cfg: RouterConfig,
                     policy: RoutingPolicy, first_position=None, row_valid=None):
     """docs/routing.md in plain PyTorch. Returns (topk_ids int32, topk_weights, coreset or None).
@@ -116,6 +127,9 @@ def route_reference(logits: torch.Tensor, expert_bias: torch.Tensor, cfg: Router
         valid = (torch.ones(S, L, dtype=torch.bool) if row_valid is None
                  else row_valid.detach().reshape(S, L).cpu().bool())
         n_windows = -(-L // bs) if first_position is None else -(-(L + bs - 1) // bs)
+        # Capacity routing picks a plain top-k inside the window's experts: one group of all.
+        pick_cfg = (RouterConfig(E, cfg.top_k, 1, 1, cfg.routed_scaling_factor)
+                    if policy.spec.plain_top_k else cfg)
         coreset = torch.zeros(S, n_windows, E, dtype=torch.bool)
         for q in range(S):
             for j in range(n_windows):
@@ -124,10 +138,9 @@ def route_reference(logits: torch.Tensor, expert_bias: torch.Tensor, cfg: Router
                     continue  # no row of this forward in the window slot
                 real = valid[q, lo:hi]
                 if real.any():
-                    votes = block_votes(r[q, lo:hi][real], cfg.top_k)
-                    coreset[q, j] = block_coreset(votes, policy)
+                    coreset[q, j] = window_coreset(r[q, lo:hi][real], policy, cfg.top_k)
                 cand = coreset[q, j].expand(hi - lo, E)
-                ids[q, lo:hi] = group_limited_topk(r[q, lo:hi], cand, cfg, top_k)
+                ids[q, lo:hi] = group_limited_topk(r[q, lo:hi], cand, pick_cfg, top_k)
     else:
         for q in range(S):
             ids[q] = group_limited_topk(r[q], torch.ones_like(r[q], dtype=torch.bool), cfg, top_k)

@@ -169,12 +169,15 @@ def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
             logits_ptr=x, bias_ptr=expert_bias, coreset_ptr=coreset,
             first_position_ptr=first_position, row_valid_ptr=row_valid, L=L, n_blocks=n_blocks,
             block_size=block_size, top_p=float(policy.top_p), guard=policy.guard,
-            coreset_size=policy.size, E=E, VOTE_K=cfg.top_k, POLICY=policy.code,
+            coreset_size=policy.expert_capacity if policy.kind == "capacity" else policy.size,
+            E=E, VOTE_K=cfg.top_k, POLICY=policy.code,
             BLOCK_T=min(shapes.vote_rows, triton.next_power_of_2(block_size)),
             E_PAD=triton.next_power_of_2(E), num_warps=shapes.coreset_warps,
         )
     rows = min(shapes.route_rows, triton.next_power_of_2(block_size))
     chunks = triton.cdiv(block_size, rows)
+    if policy.spec.plain_top_k:  # capacity routing: a plain top-k, i.e. one group of all experts
+        cfg = RouterConfig(E, cfg.top_k, 1, 1, cfg.routed_scaling_factor)
     route_kernel[(S * n_blocks * chunks,)](
         logits_ptr=x, bias_ptr=expert_bias, ids_ptr=ids, weights_ptr=weights,
         coreset_ptr=coreset, first_position_ptr=first_position, L=L, n_blocks=n_blocks,

@@ -20,7 +20,7 @@ The contract (docs/routing.md) and its reference (dmoe_triton/reference.py) defi
 import triton
 import triton.language as tl
 
-from .policy_codes import DMOE
+from .policy_codes import CAPACITY, DMOE
 
 NEG_INF = tl.constexpr(float("-inf"))
 # Keys of slots that can never be picked (padding, already chosen): below every real key.
@@ -95,6 +95,43 @@ def _window_shift(first_position_ptr, seq, block_size):
 
 
 @triton.jit
+def _window_scores(logits_ptr, bias_ptr, row_valid_ptr, base, row_start, row_end,
+                   E: tl.constexpr, VOTE_K: tl.constexpr, MAX_SCORE: tl.constexpr,
+                   BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
+    """What a window ranks its experts by, over its real rows [row_start, row_end): each real
+    row's plain top-VOTE_K values of r summed and normalised (the votes of dMoE and DES-vote),
+    or with MAX_SCORE each expert's maximum r (LLaDA2.2 capacity routing). Returns
+    (score fp32 [E_PAD], real rows int32 [1])."""
+    t = tl.arange(0, BLOCK_T)[:, None]
+    e = tl.arange(0, E_PAD)
+    e_ok = e < E
+    if MAX_SCORE:
+        score = tl.full([E_PAD], NEG_INF, dtype=tl.float32)
+    else:
+        score = tl.zeros([E_PAD], dtype=tl.float32)
+    real_rows = tl.zeros([1], dtype=tl.int32)
+    for chunk_start in range(row_start, row_end, BLOCK_T):
+        rows = chunk_start + t
+        voting = rows < row_end
+        if row_valid_ptr is not None:
+            voting &= tl.load(row_valid_ptr + base + rows, mask=voting, other=0) != 0
+        real_rows += tl.sum(voting.to(tl.int32))
+        r, keys, _ = _load_scores(logits_ptr, bias_ptr, base + rows, voting,
+                                  e[None, :], e_ok[None, :], E)
+        if MAX_SCORE:
+            score = tl.maximum(score, tl.max(tl.where(voting & e_ok[None, :], r, NEG_INF), axis=0))
+        else:
+            work = keys
+            for _ in tl.static_range(VOTE_K):
+                work = tl.where(work == tl.max(work, axis=1)[:, None], NO_KEY, work)
+            # Struck-out real slots are the picks; a -inf pick casts no vote.
+            score += tl.sum(tl.where((work != keys) & (r > NEG_INF), r, 0.0), axis=0)
+    if not MAX_SCORE:
+        score = score / (tl.sum(score, axis=0) + 1e-20) + 0.0  # + 0.0: -0.0 keys like +0.0
+    return score, real_rows
+
+
+@triton.jit
 def block_coreset_kernel(
     logits_ptr, bias_ptr, coreset_ptr, first_position_ptr, row_valid_ptr,
     L, n_blocks, block_size, top_p, guard, coreset_size,
@@ -111,9 +148,10 @@ def block_coreset_kernel(
     row_valid_ptr: uint8 [S, L] (1 = real row), or None (all real): padding rows never vote,
     and a window without a real row keeps no expert.
     L: rows per sequence; n_blocks: window slots per sequence; block_size: rows per window.
-    top_p (fp32), guard (experts): the dMoE rule; coreset_size (experts): the DES-vote size.
+    top_p (fp32), guard (experts): the dMoE rule; coreset_size (experts): the DES-vote size or
+    the capacity policy's expert_capacity.
     E: experts; VOTE_K: experts each row votes for (the model's top-k); POLICY: a code of
-    kernels/policy_codes.py (DMOE or DES_VOTE); BLOCK_T: rows per vote chunk (power of two);
+    kernels/policy_codes.py (DMOE, DES_VOTE or CAPACITY); BLOCK_T: rows per vote chunk (power of two);
     E_PAD: next power of two >= E.
     """
     pid = tl.program_id(0).to(tl.int64)  # int64: (seq * L + row) * E passes 2**31 (issue 11)
@@ -122,32 +160,16 @@ def block_coreset_kernel(
     row_end = tl.minimum(row_start + block_size, L)
     row_start = tl.maximum(row_start, 0)
     base = seq * L  # first row of this sequence in the flattened [S * L, E] view
-    t = tl.arange(0, BLOCK_T)[:, None]
     e = tl.arange(0, E_PAD)
     e_ok = e < E
 
-    # --- votes: each real row adds its plain top-VOTE_K values of r -------------------------
-    votes = tl.zeros([E_PAD], dtype=tl.float32)
-    real_rows = tl.zeros([1], dtype=tl.int32)
-    for chunk_start in range(row_start, row_end, BLOCK_T):
-        rows = chunk_start + t
-        voting = rows < row_end
-        if row_valid_ptr is not None:
-            voting &= tl.load(row_valid_ptr + base + rows, mask=voting, other=0) != 0
-        real_rows += tl.sum(voting.to(tl.int32))
-        r, keys, _ = _load_scores(logits_ptr, bias_ptr, base + rows, voting,
-                                  e[None, :], e_ok[None, :], E)
-        work = keys
-        for _ in tl.static_range(VOTE_K):
-            work = tl.where(work == tl.max(work, axis=1)[:, None], NO_KEY, work)
-        # Struck-out real slots are the picks; a -inf pick casts no vote.
-        votes += tl.sum(tl.where((work != keys) & (r > NEG_INF), r, 0.0), axis=0)
-    votes = votes / (tl.sum(votes, axis=0) + 1e-20) + 0.0  # + 0.0: -0.0 keys like +0.0
+    score, real_rows = _window_scores(logits_ptr, bias_ptr, row_valid_ptr, base, row_start,
+                                      row_end, E, VOTE_K, POLICY == CAPACITY, BLOCK_T, E_PAD)
 
     # --- sort the votes (desc, ties to the lower index: the keys are unique) ----------------
     # A bitonic sort of the packed keys, then a scan: O(E log^2 E) steps instead of ranking
     # every vote against every other one, and the index travels inside the key.
-    ranked = tl.sort(tl.where(e_ok, _key(votes, e), NO_KEY), descending=True)
+    ranked = tl.sort(tl.where(e_ok, _key(score, e), NO_KEY), descending=True)
     expert = _key_index(ranked)  # expert at sorted position `e`
     if POLICY == DMOE:
         cumulative = tl.cumsum(tl.where(e_ok, _key_value(ranked), 0.0), 0)
@@ -157,7 +179,7 @@ def block_coreset_kernel(
         keep = (within | (e == first_past) | (e == 0)) & e_ok
         n_kept = tl.sum(keep.to(tl.int32), axis=0)
         keep = tl.where(n_kept < guard, e < guard, keep)
-    else:  # DES_VOTE
+    else:  # DES_VOTE, CAPACITY: a fixed number of experts
         keep = e < coreset_size
     keep = keep & (real_rows > 0)  # a window of padding (or of no row here) keeps no expert
     # Scatter back to expert order: each real position names a distinct expert.

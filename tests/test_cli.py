@@ -160,7 +160,7 @@ def test_tokens_counted_to_eos_and_warm_up_outside_timing(ckpt, capsys, monkeypa
 
     monkeypatch.setattr(decoding, "generate", spy)
     assert cli.main(["generate", "--model", str(ckpt), "--prompt", "1+2=", "--gen-length", "16",
-                     "--block-length", "8", "--steps", "4"]) == 0
+                     "--block-length", "8", "--steps", "4", "--policy", "dmoe"]) == 0
     out = capsys.readouterr().out
     # Each policy (dmoe, then token for the comparison line) gets an untimed warm-up first.
     assert [timed for timed, _ in calls] == [False, True, False, True]

@@ -16,10 +16,13 @@ NOT_SHIPPED = ("models/arith-dmoe is not in the repository yet: train it on a GP
 
 @pytest.fixture
 def micro_checkpoint(tmp_path):
-    """An untrained micro arithmetic checkpoint, saved as train_tiny saves the real one."""
+    """An untrained micro arithmetic checkpoint, saved as train_tiny saves the real one (it
+    declares the dMoE routing it was fine-tuned for)."""
     torch.manual_seed(0)
     path = tmp_path / "arith-dmoe"
-    tt.save_checkpoint(LLaDA2MoeModelLM(tt.model_config("micro")), str(path))
+    model = LLaDA2MoeModelLM(tt.model_config("micro"))
+    model.config.core_threshold = 0.6
+    tt.save_checkpoint(model, str(path))
     return path
 
 

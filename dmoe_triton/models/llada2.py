@@ -20,9 +20,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Pretrained
 from transformers.modeling_outputs import CausalLMOutput
 
 from ..attention import attention_prep, block_attention
-from ..config import RouterConfig
+from ..config import RouterConfig, RoutingPolicy
 from ..reference import apply_rope, attention_prep_reference, rms_norm, rotate_half  # noqa: F401 (rotate_half: public name)
-from ..routing import RouteResult
+from ..routing import RouteResult, route
 
 MODEL_TYPE = "llada2_moe"
 
@@ -95,6 +95,7 @@ class LLaDA2MoeConfig(PretrainedConfig):
             )
         if self.num_experts:
             self.router_config()  # the router's rules, checked when the config is built
+            RoutingPolicy.from_config(self)  # and expert_capacity's range (LLaDA2.2)
 
     def router_config(self) -> RouterConfig:
         """The MoE layers' gate as a RouterConfig; a ValueError/TypeError naming the config
@@ -172,6 +173,16 @@ class LLaDA2MoeGate(nn.Module):
         keep_fp32_router_state(self, super()._apply, fn, recurse, ("expert_bias",))
         return self
 
+    def route_windows(self, x, policy: RoutingPolicy, first_position=None, row_valid=None):
+        """x [B, L, H] -> ids [B * L, k] (int64, -1 = empty), weights [B * L, k] (fp32) under a
+        block policy (docs/routing.md), computed by the reference."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        r = route(logits, self.expert_bias.float(), RouterConfig.from_hf(self.config), policy,
+                  "reference", first_position=first_position, row_valid=row_valid)
+        k = r.topk_ids.shape[-1]
+        return r.topk_ids.reshape(-1, k).long(), r.topk_weights.reshape(-1, k)
+
     def forward(self, x):
         """x [T, H] -> ids [T, k] (int64), weights [T, k] (fp32)."""
         c = self.config
@@ -217,15 +228,27 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
         n_shared = config.num_shared_experts or 0
         self.shared_experts = LLaDA2MoeMLP(H, I * n_shared) if n_shared else None
         self.last_route: Optional[RouteResult] = None  # for decoding statistics
+        # LLaDA2.2 checkpoints route by windows in their own gate, so the unpatched model does
+        # too. A dMoE checkpoint's gate stays the official token gate here: dMoE is what
+        # patch_model / --policy auto run on it (the unpatched model is the token baseline).
+        policy = RoutingPolicy.from_config(config)
+        self.block_policy = policy if policy.kind == "capacity" else None
 
     def forward(self, x, first_position=None, row_valid=None):
-        # The official gate routes each token alone: routing windows do not apply.
+        """x [B, L, H]. A LLaDA2.2 checkpoint (expert_capacity > 0) routes by windows, through
+        the reference (first_position / row_valid: the windows, docs/routing.md); else the
+        official gate routes each token alone."""
         B, L, H = x.shape
         flat = x.reshape(-1, H)
-        ids, w = self.gate(flat)
+        if self.block_policy is not None:
+            ids, w = self.gate.route_windows(x, self.block_policy, first_position, row_valid)
+        else:
+            ids, w = self.gate(flat)
         self.last_route = RouteResult(ids.view(B, L, -1).to(torch.int32), w.view(B, L, -1), None)
         out = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
         for e in ids.unique().tolist():  # a host sync: this is the slow reference path
+            if e < 0:
+                continue  # an empty slot (a window of padding keeps no expert)
             token, slot = torch.where(ids == e)
             y = self.experts[e](flat[token]).float() * w[token, slot, None]
             out.index_add_(0, token, y)
