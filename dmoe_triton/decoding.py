@@ -210,27 +210,33 @@ def quota_schedule(block_length: int, steps: int) -> List[int]:
 
 def pick_tokens(logits, temperature: float, top_k: Optional[int], top_p: Optional[float],
                 generator=None):
-    """Candidate token and its probability per row of logits [..., V] (fp32)."""
+    """Candidate token and its probability per row of logits [..., V] (fp32), in the order of
+    the published LLaDA2 sampler: the temperature divides the logits first, then the top-k
+    and top-p filters, then one multinomial draw per row from the softmax of what is left
+    (its probability is the confidence). Temperature 0 takes the argmax, with the unfiltered
+    softmax as confidence: that is what users mean by 0 (the published generate() has no
+    separate greedy mode in every release; with temperature 1 and the same seed this draws
+    exactly what the published sampler draws)."""
     logits = logits.float()
-    if top_k is not None and top_k < logits.shape[-1]:
+    if temperature <= 0:
+        probs = logits.softmax(-1)
+        tok = probs.argmax(-1)
+        return tok, probs.gather(-1, tok[..., None]).squeeze(-1)
+    if temperature != 1:
+        logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum > top_p
+        drop = sorted_logits.softmax(-1).cumsum(-1) > top_p
         drop[..., 1:] = drop[..., :-1].clone()  # keep the token that crosses top_p
         drop[..., 0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-    if temperature > 0:
-        probs = (logits / temperature).softmax(-1)
-        flat = probs.reshape(-1, probs.shape[-1])
-        tok = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
-    else:
-        probs = logits.softmax(-1)
-        tok = probs.argmax(-1)
-    conf = probs.gather(-1, tok[..., None]).squeeze(-1)
-    return tok, conf
+    probs = logits.softmax(-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    tok = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    return tok, probs.gather(-1, tok[..., None]).squeeze(-1)
 
 
 def commit_mask(conf, active, threshold: float, quota):
@@ -638,8 +644,9 @@ def generate(model, input_ids: Union[torch.Tensor, List[List[int]], List[int]],
     are its prompt, in order, and decode exactly as the unpadded list would. Without a mask, a
     2-D tensor of two or more rows in which some row starts or ends with config.pad_token_id is
     refused (ValueError naming attention_mask): it looks padded, and pads would be read as text
-    (for LLaDA2.0-mini pad == EOS). temperature 0 takes the argmax; above 0 samples (top_k,
-    top_p filter first). eos_id / mask_id default to the model config's (else LLaDA2.0's);
+    (for LLaDA2.0-mini pad == EOS). temperature 0 takes the argmax; above 0 samples (the
+    temperature divides the logits, then top_k and top_p filter: pick_tokens). eos_id /
+    mask_id default to the model config's (else LLaDA2.0's);
     eos_id may be an int or a list of ints: a sequence ends with the block that holds any of
     them, its tokens are cut after the first, and the first id is the fill token. A prompt
     whose length plus gen_length exceeds config.max_position_embeddings is a ValueError.
