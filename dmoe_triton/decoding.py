@@ -392,8 +392,9 @@ def _routing_span(model, bl: int) -> int:
     step forward, so that a window is always held whole up to the block being decoded and the
     cache only ever holds closed windows. A ValueError names block_length when it neither
     divides nor is a multiple of the window."""
-    windows = {m.policy.block_size for m in moe_layers(model)
-               if getattr(getattr(m, "policy", None), "is_block", False)}
+    policies = [getattr(m, "policy", None) or getattr(m, "block_policy", None)
+                for m in moe_layers(model)]  # patched blocks; an unpatched LLaDA2.2 gate
+    windows = {p.block_size for p in policies if p is not None and p.is_block}
     span = bl
     for w in windows:
         if w % bl and bl % w:

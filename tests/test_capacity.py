@@ -119,3 +119,16 @@ def test_the_cli_runs_the_routing_the_checkpoint_declares(capsys):
                          "--gen-length", "8"]) == 0
         out = capsys.readouterr().out
         assert f"policy: {want}" in out and "auto: config.json" in out, out
+
+
+def test_an_unpatched_llada22_model_decodes_the_same_with_and_without_the_cache():
+    from dmoe_triton import generate
+    from dmoe_triton.testing import small_model
+
+    model = small_model(1, expert_capacity=5, block_size=8)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    kw = dict(gen_length=12, block_length=4, steps=4, threshold=0.6, stats=False)
+    with torch.no_grad():
+        cached = generate(model, prompts, **kw).tokens
+        assert generate(model, prompts, use_cache=False, **kw).tokens == cached
+        assert [generate(model, [p], **kw).tokens[0] for p in prompts] == cached
