@@ -285,11 +285,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
 
-def run_generate(args) -> int:
-    import transformers
+def _timed_decode(model, prompt_ids, args, label: str):
+    """generate() under the arguments, with a progress bar; a one-block warm-up first, outside
+    the timing (kernels, allocator, caches), so that every policy's figures are steady-state,
+    measured under the same conditions."""
     from tqdm import tqdm
 
     from .decoding import generate
+
+    generate(model, [prompt_ids], gen_length=min(args.block_length, args.gen_length),
+             block_length=args.block_length, steps=args.steps, threshold=args.threshold,
+             temperature=args.temperature)
+    bar = tqdm(desc=f"blocks ({label})", unit="block", leave=False)
+
+    def on_block(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        return generate(model, [prompt_ids], gen_length=args.gen_length,
+                        block_length=args.block_length, steps=args.steps,
+                        threshold=args.threshold, temperature=args.temperature,
+                        on_block=on_block)
+    finally:
+        bar.close()
+
+
+def run_generate(args) -> int:
+    import transformers
+
     from .patch import patch_model, set_policy
     from .tiny import (ARITHMETIC_NOTE, ARITHMETIC_PROMPT, RANDOM_WEIGHTS_NOTE, default_model_dir,
                        is_arithmetic_model, is_random_default)
@@ -324,27 +348,7 @@ def run_generate(args) -> int:
     print(f"model: {model_dir} on {device} ({str(dtype).replace('torch.', '')}), policy: {policy} "
           f"({why})")
 
-    def decode(policy_name: str):
-        # A warm-up outside the timing first (one block: kernels, allocator, caches), so that
-        # each policy's figures are steady-state, measured under the same conditions.
-        generate(model, [prompt_ids], gen_length=min(args.block_length, args.gen_length),
-                 block_length=args.block_length, steps=args.steps, threshold=args.threshold,
-                 temperature=args.temperature)
-        bar = tqdm(desc=f"blocks ({policy_name})", unit="block", leave=False)
-
-        def on_block(done, total):
-            bar.total = total
-            bar.update(done - bar.n)
-
-        try:
-            return generate(model, [prompt_ids], gen_length=args.gen_length,
-                            block_length=args.block_length, steps=args.steps,
-                            threshold=args.threshold, temperature=args.temperature,
-                            on_block=on_block)
-        finally:
-            bar.close()
-
-    result = decode(policy.kind)
+    result = _timed_decode(model, prompt_ids, args, policy.kind)
     st = result.stats
     answer = tokenizer.decode(result.tokens[0], skip_special_tokens=True)
     print("answer:")
@@ -360,7 +364,7 @@ def run_generate(args) -> int:
         from .config import RoutingPolicy
 
         set_policy(model, RoutingPolicy.token())
-        base = decode("token").stats
+        base = _timed_decode(model, prompt_ids, args, "token").stats
         line += (f" vs {_fmt(base.mean_unique_experts)} with token routing "
                  f"({base.tokens_per_s:.1f} tokens/s)")
     print(line)

@@ -288,6 +288,17 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
 
 
 @triton.jit
+def _nan_rows(token_ids, id_mask, token_weights, E):
+    """[T_PAD] bool: tokens whose every slot is empty and every weight NaN (route's all-NaN
+    logits row). NaN rule (docs/routing.md): such a token outputs NaN, not 0 (each split's
+    share is NaN for it, so the sum of the shares is too); a NaN weight in a filled slot makes
+    NaN through the sum by itself."""
+    any_filled = tl.max((id_mask & (token_ids >= 0) & (token_ids < E)).to(tl.int32), 1) > 0
+    all_nan = tl.min(tl.where(id_mask, token_weights != token_weights, True).to(tl.int32), 1) > 0
+    return ~any_filled & all_nan
+
+
+@triton.jit
 def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi,
                                    ids_ptr, weights_ptr, out_ptr, stride_ot,
                                    partial_ptr, arrivals_ptr, shared_ptr, T, H, I, E, TOP_K,
@@ -316,12 +327,7 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     t = tl.arange(0, T_PAD)
     j = tl.arange(0, TOP_K_PAD)
     token_weights = tl.load(weights_ptr + t[:, None] * TOP_K + j[None, :], mask=id_mask, other=0.0)
-    # NaN rule (docs/routing.md): a NaN weight in a filled slot makes NaN below; a token with
-    # every slot empty and every weight NaN (route's all-NaN logits row) is NaN too, not 0 (each
-    # split's share is NaN for it, so the sum of the shares is too).
-    any_filled = tl.max((id_mask & (token_ids >= 0) & (token_ids < E)).to(tl.int32), 1) > 0
-    all_nan = tl.min(tl.where(id_mask, token_weights != token_weights, True).to(tl.int32), 1) > 0
-    nan_row = ~any_filled & all_nan
+    nan_row = _nan_rows(token_ids, id_mask, token_weights, E)
     offs_h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h < H
     k_steps = tl.cdiv(I, BLOCK_K)
