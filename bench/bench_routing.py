@@ -28,10 +28,19 @@ REPS = 20
 
 
 def torch_gate(logits, bias, cfg, policy):
-    """The dMoE gate in plain vectorised PyTorch (one sequence per leading row, L % 32 == 0)."""
+    """The dMoE (or LLaDA2.2 capacity) gate in plain vectorised PyTorch (one sequence per
+    leading row, L % 32 == 0): the peer a user would write."""
     S, L, E = logits.shape
     s = logits.sigmoid()
     r = s + bias
+    if policy.kind == "capacity":  # LLaDA2.2: window max, top-C, plain top-k inside
+        bs = policy.block_size
+        window_max = r.view(S, L // bs, bs, E).amax(2)
+        allowed = torch.zeros_like(window_max, dtype=torch.bool).scatter_(
+            -1, window_max.topk(policy.expert_capacity, -1).indices, True)
+        ids = torch.where(allowed.repeat_interleave(bs, 1), r, float("-inf")).topk(cfg.top_k, -1).indices
+        w = s.gather(-1, ids)
+        return ids, w / (w.sum(-1, keepdim=True) + 1e-20) * cfg.routed_scaling_factor
     if policy.is_block:
         bs = policy.block_size
         top = r.topk(cfg.top_k, dim=-1)
@@ -118,7 +127,8 @@ def main():
         launch, best = sweep(logits, torch.randn(256, device=dev) * 0.01, args.quick)
     rows = []
     policies = [("dmoe p=0.6", RoutingPolicy.dmoe()), ("token", RoutingPolicy.token()),
-                ("des_vote 38", RoutingPolicy.des_vote(38))]
+                ("des_vote 38", RoutingPolicy.des_vote(38)),
+                ("capacity 48 (LLaDA2.2)", RoutingPolicy.capacity(48))]
     for blocks in (1,) if args.quick else (1, 4, 16):
         # One sequence per block, as in batched decoding with a KV cache.
         logits = torch.randn(blocks, 32, 256, device=dev) + 2 * torch.randn(256, device=dev).clamp(min=0)
