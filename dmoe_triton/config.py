@@ -221,6 +221,13 @@ class RoutingPolicy:
         for param in self.spec.params:
             param.check(getattr(self, param.name), cfg.num_experts, cfg.top_k)
 
+    def pick_config(self, cfg: RouterConfig) -> RouterConfig:
+        """The gate tokens pick their experts with under this policy: cfg itself, or for a
+        plain-top-k policy (capacity: groups not applied) one group of all experts."""
+        if not self.spec.plain_top_k:
+            return cfg
+        return RouterConfig(cfg.num_experts, cfg.top_k, 1, 1, cfg.routed_scaling_factor)
+
     def slots(self, cfg: RouterConfig) -> int:
         """Experts per token in the output (`topk_ids.shape[-1]`)."""
         name = self.spec.slots_param

@@ -15,6 +15,7 @@ from .config import RouterConfig, RoutingPolicy
 from .launch import (ALIGN_MAX_SLOTS, DECODE_MAX_TOKENS, DEFAULT_COMBINE,  # noqa: F401 (re-exported)
                      DEFAULT_DECODE, DEFAULT_GROUPED, CombineLaunch, DecodeConfig, GroupedConfig,
                      align_launch, dot_precision, moe_launch, persistent_grid, pipeline_stages)
+from .modules import keep_fp32_router_state
 from .reference import moe_forward_reference
 from .routing import resolve_backend, route
 
@@ -540,8 +541,6 @@ class DMoEBlock(torch.nn.Module):
     def _apply(self, fn, recurse=True):
         # The router's fp32 copies (gate_weight, expert_bias) keep their values through
         # .to(bf16)/.half(): only their device moves (issue 11).
-        from .models.llada2 import keep_fp32_router_state
-
         keep_fp32_router_state(self, super()._apply, fn, recurse, ("gate_weight", "expert_bias"))
         return self
 

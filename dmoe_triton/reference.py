@@ -127,9 +127,7 @@ def route_reference(logits: torch.Tensor, expert_bias: torch.Tensor, cfg: Router
         valid = (torch.ones(S, L, dtype=torch.bool) if row_valid is None
                  else row_valid.detach().reshape(S, L).cpu().bool())
         n_windows = -(-L // bs) if first_position is None else -(-(L + bs - 1) // bs)
-        # Capacity routing picks a plain top-k inside the window's experts: one group of all.
-        pick_cfg = (RouterConfig(E, cfg.top_k, 1, 1, cfg.routed_scaling_factor)
-                    if policy.spec.plain_top_k else cfg)
+        pick_cfg = policy.pick_config(cfg)  # capacity: a plain top-k inside the window
         coreset = torch.zeros(S, n_windows, E, dtype=torch.bool)
         for q in range(S):
             for j in range(n_windows):

@@ -144,7 +144,6 @@ def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
     """
     from .kernels.routing import block_coreset_kernel, route_kernel
 
-
     lead, (L, E) = logits.shape[:-2], logits.shape[-2:]
     # The kernels read logits [S, L, E] and the bias [E] densely: any view is made so (issue 11).
     x = logits.reshape(-1, L, E).contiguous()
@@ -176,8 +175,7 @@ def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
         )
     rows = min(shapes.route_rows, triton.next_power_of_2(block_size))
     chunks = triton.cdiv(block_size, rows)
-    if policy.spec.plain_top_k:  # capacity routing: a plain top-k, i.e. one group of all experts
-        cfg = RouterConfig(E, cfg.top_k, 1, 1, cfg.routed_scaling_factor)
+    cfg = policy.pick_config(cfg)  # capacity routing: a plain top-k (one group of all experts)
     route_kernel[(S * n_blocks * chunks,)](
         logits_ptr=x, bias_ptr=expert_bias, ids_ptr=ids, weights_ptr=weights,
         coreset_ptr=coreset, first_position_ptr=first_position, L=L, n_blocks=n_blocks,

@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from ..attention import attention_prep, block_attention
 from ..config import RouterConfig, RoutingPolicy
+from ..modules import keep_fp32_router_state
 from ..reference import apply_rope, attention_prep_reference, rms_norm, rotate_half  # noqa: F401 (rotate_half: public name)
 from ..routing import RouteResult, route
 
@@ -178,7 +179,7 @@ class LLaDA2MoeGate(nn.Module):
         block policy (docs/routing.md), computed by the reference."""
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
-        r = route(logits, self.expert_bias.float(), RouterConfig.from_hf(self.config), policy,
+        r = route(logits, self.expert_bias.float(), self.config.router_config(), policy,
                   "reference", first_position=first_position, row_valid=row_valid)
         k = r.topk_ids.shape[-1]
         return r.topk_ids.reshape(-1, k).long(), r.topk_weights.reshape(-1, k)
@@ -198,23 +199,6 @@ class LLaDA2MoeGate(nn.Module):
         w = scores.gather(1, ids)
         w = w / (w.sum(-1, keepdim=True) + 1e-20) * c.routed_scaling_factor
         return ids, w
-
-
-def keep_fp32_router_state(module: nn.Module, apply, fn, recurse: bool, names) -> None:
-    """Run `apply(fn, recurse)` (nn.Module._apply: .to(), .half(), .cuda(), ...) so that the
-    router tensors `names` that are fp32 keep their exact values and dtype and only move device.
-
-    Why: the router runs in fp32 (router_dtype), and a bias such as 7.0 + 0.003 * e is ranked
-    by differences far below bf16's resolution: rounded through bf16 and cast back, it kept 2 of
-    16 distinct values and 83% of tokens changed experts (issue 11).
-    """
-    saved = {n: getattr(module, n).data for n in names
-             if getattr(module, n, None) is not None and getattr(module, n).dtype == torch.float32}
-    apply(fn, recurse)
-    for name, before in saved.items():
-        now = getattr(module, name)
-        if now.dtype != torch.float32 and not before.is_meta:
-            now.data = before.to(now.device)
 
 
 class LLaDA2MoeSparseMoeBlock(nn.Module):
