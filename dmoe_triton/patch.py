@@ -166,8 +166,6 @@ def official_view(block: nn.Module, config) -> nn.Module:
     """The official per-expert-loop MoE MLP over the SAME weights as DMoEBlock `block` (views,
     no copy), so an unpatched forward runs the published code path on the patched model's
     memory."""
-    import torch
-
     from .models.llada2 import LLaDA2MoeSparseMoeBlock
 
     with torch.device("meta"):
