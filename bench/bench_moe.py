@@ -41,8 +41,8 @@ if "--smoke" in sys.argv:  # before any @triton.jit is created
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from dmoe_triton import RouterConfig, RoutingPolicy, route  # noqa: E402
-from dmoe_triton.launch import DEFAULT_DECODE, DecodeConfig  # noqa: E402
+from dmoe_triton import RouterConfig, RoutingPolicy, launch, route  # noqa: E402
+from dmoe_triton.launch import DEFAULT_DECODE, DEFAULT_GROUPED, DecodeConfig  # noqa: E402
 from dmoe_triton.moe import (decode_down_combine, decode_gate_up, down_arrivals,  # noqa: E402
                              moe_forward_triton)
 from dmoe_triton.reference import moe_forward_reference  # noqa: E402
@@ -86,7 +86,7 @@ def cases(gen):
                 RoutingPolicy.token(), None))
     out.append(("32 tok, dmoe(uniform)", torch.randn(1, BLOCK, E, generator=gen),
                 RoutingPolicy.dmoe(), None))
-    for n in (4, 16):
+    for n in (4, 16, 64):
         out.append((f"{n}x32 tok, exact 15", exact_logits(n, 15, gen), RoutingPolicy.token(), 15))
         out.append((f"{n}x32 tok, uniform", torch.randn(n, BLOCK, E, generator=gen),
                     RoutingPolicy.token(), None))
@@ -216,8 +216,34 @@ def launch_closures(layers, ids, weights, hidden, config):
     return gate_up, down
 
 
+def best_change(label, changes, measure, percents):
+    """Time each change (a dict of config fields) with measure(change) -> (times, err); print
+    each with percents(times) -> ["%"...]; return the change of the lowest mean time relative to
+    the first (a variant off the reference is shown, never picked; one that fails to compile or
+    launch, e.g. out of shared memory, is skipped)."""
+    scores, base = [], None
+    for change in changes:
+        try:
+            times, err = measure(change)
+        except Exception as exc:
+            print(f"  {label:8s} {json.dumps(change):56s} failed: {type(exc).__name__}: "
+                  f"{str(exc)[:100]}")
+            continue
+        base = base or times
+        score = sum(t / b for t, b in zip(times, base)) / len(times)
+        if err <= MAX_REL_ERR:
+            scores.append((score, change))
+        cells = "  ".join(f"{t:7.1f} ({p:3.0f}%)" for t, p in zip(times, percents(times)))
+        print(f"  {label:8s} {json.dumps(change or 'default'):56s} {cells}  rel {score:.3f}  "
+              f"err {err:.1e}", flush=True)
+    best = min(scores, key=lambda s: s[0])[1] if scores else {}
+    print(f"  {label}: best {json.dumps(best or 'default')}")
+    return best
+
+
 def sweep(layers, routed, bw, timer=None, variants=None):
-    """Time each launch's variants at 15 and 70 unique experts; return the best combination.
+    """Time each decode launch's variants at 15 and 70 unique experts; return the best
+    combination.
 
     timer(fn) -> us per layer call; graph_us on the GPU (the smoke test passes a CPU stand-in).
     variants: time only the first this many variants of each launch (None: all).
@@ -229,39 +255,81 @@ def sweep(layers, routed, bw, timer=None, variants=None):
     refs = [moe_forward_reference(hidden.float(), r["ids"], r["weights"], *layers[0])
             for r in picked]
     floors = {"gate_up": 2 / 3 * EXPERT_BYTES / bw / 1e3, "down": 1 / 3 * EXPERT_BYTES / bw / 1e3}
-    best = {}
     print(f"sweep: each launch alone, us per layer call at {SWEEP_UNIQUE} unique experts "
           "(% of that launch's byte floor in brackets)")
-    for launch, changes in (("gate_up", GATE_UP_VARIANTS[:variants]),
-                            ("down", DOWN_VARIANTS[:variants])):
-        scores, base = [], None
-        for change in changes:
-            config = dataclasses.replace(DEFAULT_DECODE, **change)
-            try:
-                times, err = [], 0.0
-                for row, ref in zip(picked, refs):
-                    y = moe_forward_triton(hidden, row["ids"], row["weights"], *layers[0],
-                                           decode=config)
-                    err = max(err, rel_err(y, ref) if bool(torch.isfinite(y).all()) else 1.0)
-                    launches = dict(zip(("gate_up", "down"), launch_closures(
-                        layers, row["ids"], row["weights"], hidden, config)))
-                    times.append(timer(launches[launch]))
-            except Exception as exc:  # e.g. out of shared memory: skip the variant
-                print(f"  {launch:8s} {json.dumps(change):44s} failed: {type(exc).__name__}: "
-                      f"{str(exc)[:100]}")
-                continue
-            if base is None:
-                base = times
-            score = sum(t / b for t, b in zip(times, base)) / len(times)
-            if err <= MAX_REL_ERR:  # a wrong variant is shown, never picked
-                scores.append((score, change))
-            cells = "  ".join(f"{t:6.1f} ({100 * u * floors[launch] / t:3.0f}%)"
-                              for t, u in zip(times, SWEEP_UNIQUE))
-            print(f"  {launch:8s} {json.dumps(change or 'default'):44s} {cells}  "
-                  f"rel {score:.3f}  err {err:.1e}", flush=True)
-        best[launch] = min(scores, key=lambda s: s[0])[1] if scores else {}
-        print(f"  {launch}: best {json.dumps(best[launch] or 'default')}")
+
+    def measure(launch, change):
+        config = dataclasses.replace(DEFAULT_DECODE, **change)
+        times, err = [], 0.0
+        for row, ref in zip(picked, refs):
+            y = moe_forward_triton(hidden, row["ids"], row["weights"], *layers[0], decode=config)
+            err = max(err, rel_err(y, ref) if bool(torch.isfinite(y).all()) else 1.0)
+            launches = dict(zip(("gate_up", "down"), launch_closures(
+                layers, row["ids"], row["weights"], hidden, config)))
+            times.append(timer(launches[launch]))
+        return times, err
+
+    best = {launch: best_change(
+        launch, changes[:variants] if variants else changes, lambda c, lc=launch: measure(lc, c),
+        lambda ts, lc=launch: [100 * u * floors[lc] / t for t, u in zip(ts, SWEEP_UNIQUE)])
+        for launch, changes in (("gate_up", GATE_UP_VARIANTS), ("down", DOWN_VARIANTS))}
     return dataclasses.replace(DEFAULT_DECODE, **best["gate_up"], **best["down"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweep of the grouped path's launch configs (several blocks; issue 14)
+# ---------------------------------------------------------------------------------------------
+
+# One knob changed at a time from the default; gate/up knobs and down knobs are then combined.
+GROUPED_GATE_UP_VARIANTS = [dict(), dict(block_i=32), dict(block_i=64), dict(block_i=64, warps_gate_up=8),
+                            dict(block_i=128, warps_gate_up=8), dict(block_m=16),
+                            dict(block_i=64, k_tile_gate_up=64, stages_gate_up=6),
+                            dict(block_i=64, programs_per_sm=1), dict(block_i=64, programs_per_sm=3)]
+GROUPED_DOWN_VARIANTS = [dict(), dict(block_h=64), dict(block_h=128), dict(block_h=128, warps_down=8),
+                         dict(block_h=64, k_tile_down=256, stages_down=3),
+                         dict(block_h=64, k_tile_down=64, stages_down=6)]
+GROUPED_SWEEP_CASES = ("4x32 tok, exact 15", "16x32 tok, exact 15", "16x32 tok, uniform",
+                       "64x32 tok, exact 15")
+
+
+def sweep_grouped(layers, routed, bw, timer=None, variants=None):
+    """Time GroupedConfig variants (the whole grouped forward, one knob group at a time) on the
+    multi-block cases; return the best gate/up knobs combined with the best down knobs.
+    timer and variants as in sweep()."""
+    timer = timer or graph_us
+    picked = [r for r in routed if r["case"] in GROUPED_SWEEP_CASES]
+    wg, wd = layers[0]
+    gen = torch.Generator().manual_seed(2)
+    hiddens = [torch.randn(r["tokens"], wg.shape[2], generator=gen).to(wg.device, wg.dtype)
+               for r in picked]
+    refs = [moe_forward_reference(h.float(), r["ids"], r["weights"], wg, wd)
+            for h, r in zip(hiddens, picked)]
+    floors = [r["unique_layer"] * EXPERT_BYTES / bw / 1e3 for r in picked]
+    print("grouped sweep: us per layer call (% of copy bandwidth) at "
+          + ", ".join(r["case"] for r in picked))
+
+    def measure(change):
+        config = dataclasses.replace(DEFAULT_GROUPED, **change)
+        times, err = [], 0.0
+        for row, hidden, ref in zip(picked, hiddens, refs):
+            y = moe_forward_triton(hidden, row["ids"], row["weights"], wg, wd, path="grouped",
+                                   grouped=config)
+            err = max(err, rel_err(y, ref) if bool(torch.isfinite(y).all()) else 1.0)
+            outs = [torch.empty_like(hidden) for _ in layers]
+            times.append(timer(lambda: [moe_forward_triton(
+                hidden, row["ids"], row["weights"], g, d, out=o, path="grouped", grouped=config)
+                for (g, d), o in zip(layers, outs)]))
+        return times, err
+
+    percents = lambda ts: [100 * f / t for f, t in zip(floors, ts)]  # noqa: E731
+    best = {label: best_change(label, changes[:variants] if variants else changes, measure,
+                               percents)
+            for label, changes in (("gate_up", GROUPED_GATE_UP_VARIANTS),
+                                   ("down", GROUPED_DOWN_VARIANTS))}
+    config = dataclasses.replace(DEFAULT_GROUPED, **best["gate_up"], **best["down"])
+    times, err = measure(dataclasses.asdict(config))
+    print(f"  combined {config}: " + "  ".join(f"{t:7.1f}" for t in times) + f"  err {err:.1e}")
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +416,8 @@ def run_gpu(args):
     layers = make_layers(COPIES, E, H, I, DTYPE, "cuda")
     routed = build_routings("cuda", "triton")
     if args.quick:  # smoke size (bench/smoke_gpu.sh): the sweep's two cases and one multi-block
-        routed = [r for r in routed if r["case"] in QUICK_CASES]
+        keep = QUICK_CASES + (GROUPED_SWEEP_CASES if args.sweep_grouped else ())
+        routed = [r for r in routed if r["case"] in keep]
     check_routings(routed, layers[0], [DEFAULT_DECODE, dataclasses.replace(
         DEFAULT_DECODE, down_splits=1)], MAX_REL_ERR)
     config = DEFAULT_DECODE
@@ -357,9 +426,11 @@ def run_gpu(args):
         if config != DEFAULT_DECODE:
             check_routings(routed, layers[0], [config], MAX_REL_ERR)
     print(f"decode config: {config}")
+    grouped = sweep_grouped(layers, routed, bw) if args.sweep_grouped else DEFAULT_GROUPED
     grouped_peer, eager_peer = hf_experts(layers, "grouped_mm"), hf_experts(layers, "eager")
     for row in routed:
-        time_case(row, layers, config, "triton", eager_peer, grouped_peer)
+        with launch.override(grouped=grouped):
+            time_case(row, layers, config, "triton", eager_peer, grouped_peer)
         row["floor_us"] = row["bytes"] / bw / 1e3
         print(f"  {row['case']:22s} T={row['tokens']:3d} unique {row['unique_layer']:3d} "
               f"(per block {row['unique_block']:5.1f})  experts {row['experts_us']:7.1f} us "
@@ -368,7 +439,7 @@ def run_gpu(args):
               f"{row['grouped_mm_us']:7.1f} ({row['grouped_mm_mode']})  eager "
               f"{row['eager_us']:8.0f}", flush=True)
     device = f"{props.name} ({props.multi_processor_count} SMs)"
-    write_results(args.out, device, bw, config, routed)
+    write_results(args.out, device, bw, config, routed, grouped)
 
 
 def run_smoke(args):
@@ -378,12 +449,16 @@ def run_smoke(args):
     for row in routed:
         print(f"  {row['case']:22s} T={row['tokens']:3d} unique {row['unique_layer']:3d} "
               f"(per block {row['unique_block']:5.1f})")
+    # 2048-token cases take minutes under the interpreter: the GPU run checks them.
+    routed = [r for r in routed if r["tokens"] <= 512]
     small = make_layers(1, E, 32, 32, torch.float32, "cpu")
     configs = [DEFAULT_DECODE, dataclasses.replace(DEFAULT_DECODE, down_splits=1),
                dataclasses.replace(DEFAULT_DECODE, block_i=16, down_splits=4)]
     check_routings(routed, small[0], configs, 1e-4)
     print("sweep code on the small layer (CPU times, meaningless):")
     sweep(small, routed, 3000.0, timer=cpu_us)
+    sweep_grouped(small, [r for r in routed if r["case"] == "4x32 tok, exact 15"], 3000.0,
+                  timer=cpu_us, variants=2)
     row = routed[1]
     hidden = torch.randn(row["tokens"], 32)
     ref = moe_forward_reference(hidden, row["ids"], row["weights"], *small[0])
@@ -406,7 +481,7 @@ def run_smoke(args):
 # Output
 # ---------------------------------------------------------------------------------------------
 
-def write_results(out, device, bw, config, rows):
+def write_results(out, device, bw, config, rows, grouped=DEFAULT_GROUPED):
     os.makedirs(out, exist_ok=True)
     cmd = "PYTHONUNBUFFERED=1 python bench/bench_moe.py " + " ".join(sys.argv[1:])
     lines = [
@@ -415,7 +490,8 @@ def write_results(out, device, bw, config, rows):
         f"- Device: {device}; torch {torch.__version__}, triton {triton.__version__}.",
         f"- Copy bandwidth measured in the same process: **{bw:.0f} GB/s** (read + write).",
         f"- Command: `{cmd}`",
-        f"- Decode config (32 tokens): `{config}`; more tokens take the grouped path.",
+        f"- Decode config (32 tokens): `{config}`; more tokens take the grouped path: "
+        f"`{grouped}`.",
         "",
         "Times are per layer call: median over replays of a CUDA graph of 4 calls on 4 weight "
         "copies (6.4 GB, so L2 holds none). `experts` = moe_forward alone; `layer` = route() "
@@ -492,6 +568,8 @@ def plot(path, bw, rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sweep", action="store_true", help="time DecodeConfig variants first")
+    parser.add_argument("--sweep-grouped", action="store_true", help="time GroupedConfig "
+                        "variants at the multi-block cases first (issue 14)")
     parser.add_argument("--smoke", action="store_true", help="CPU check without timing")
     parser.add_argument("--quick", action="store_true", help="GPU smoke size: 3 cases, 2 sweep "
                         "variants per launch (bench/smoke_gpu.sh)")
