@@ -281,13 +281,14 @@ def sweep(layers, routed, bw, timer=None, variants=None):
 # ---------------------------------------------------------------------------------------------
 
 # One knob changed at a time from the default; gate/up knobs and down knobs are then combined.
-GROUPED_GATE_UP_VARIANTS = [dict(), dict(block_i=32), dict(block_i=64), dict(block_i=64, warps_gate_up=8),
-                            dict(block_i=128, warps_gate_up=8), dict(block_m=16),
-                            dict(block_i=64, k_tile_gate_up=64, stages_gate_up=6),
-                            dict(block_i=64, programs_per_sm=1), dict(block_i=64, programs_per_sm=3)]
-GROUPED_DOWN_VARIANTS = [dict(), dict(block_h=64), dict(block_h=128), dict(block_h=128, warps_down=8),
-                         dict(block_h=64, k_tile_down=256, stages_down=3),
-                         dict(block_h=64, k_tile_down=64, stages_down=6)]
+# (The default is the best of the first sweep of 2026-11-30, whose variants were block_i 32 /
+# 64 / 128, warps 8, block_m 16, k tile 64, programs per SM 1 / 3, block_h 64 / 128.)
+GROUPED_GATE_UP_VARIANTS = [dict(), dict(programs_per_sm=4), dict(k_tile_gate_up=64, stages_gate_up=6),
+                            dict(block_i=128, warps_gate_up=8), dict(block_m=64),
+                            dict(block_m=64, warps_gate_up=8), dict(stages_gate_up=3),
+                            dict(block_i=32, programs_per_sm=4)]
+GROUPED_DOWN_VARIANTS = [dict(), dict(block_h=128), dict(block_h=32), dict(k_tile_down=128, stages_down=4),
+                         dict(warps_down=8), dict(stages_down=4)]
 GROUPED_SWEEP_CASES = ("4x32 tok, exact 15", "16x32 tok, exact 15", "16x32 tok, uniform",
                        "64x32 tok, exact 15")
 

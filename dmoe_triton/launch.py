@@ -119,16 +119,20 @@ class GroupedConfig:
     its later tiles to hit L2.
     """
 
+    # Defaults: the best of `bench_moe.py --quick --sweep-grouped` on the H200 (2026-11-30) at
+    # 4, 16 and 64 x 32 tokens; against the earlier (32, 16, 128, 4, 4, 32, 128, 4, 4, 2) they
+    # took 189 -> 132 us (4x32, 15 per block), 654 -> 501 (16x32, 15), 731 -> 541 (16x32,
+    # uniform), 1680 -> 1276 (64x32, 15).
     block_m: int = 32          # tokens of one expert per tile (tl.dot needs >= 16)
-    block_i: int = 16          # gate/up: intermediate columns per work item
+    block_i: int = 64          # gate/up: intermediate columns per work item
     k_tile_gate_up: int = 128  # gate/up: reduction step along H (elements)
     warps_gate_up: int = 4
     stages_gate_up: int = 4
-    block_h: int = 32          # down: hidden columns per work item
-    k_tile_down: int = 128     # down: reduction step along I (elements)
+    block_h: int = 64          # down: hidden columns per work item
+    k_tile_down: int = 64      # down: reduction step along I (elements)
     warps_down: int = 4
-    stages_down: int = 4
-    programs_per_sm: int = 2   # persistent grids = SMs x this (at most what fits on an SM)
+    stages_down: int = 6
+    programs_per_sm: int = 3   # persistent grids = SMs x this (at most what fits on an SM)
 
     def __post_init__(self):
         _check_shape(self, powers_of_two=("block_m", "block_i", "k_tile_gate_up",
