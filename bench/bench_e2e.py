@@ -50,7 +50,7 @@ from dmoe_triton.patch import Unpatched
 from dmoe_triton.routing import route
 from dmoe_triton.testing import SMALL, build_model
 
-from common import capture, copy_bandwidth, time_ms  # bench/common.py (bench/ is on sys.path as a script)
+from common import capture, copy_bandwidth, fmt, random_tokens, time_ms  # bench/common.py (bench/ is on sys.path as a script)
 
 TOKENS_PER_FORWARD = 2.55  # published average of tokens committed per denoising forward
 BLOCK = 32
@@ -88,12 +88,6 @@ def policies(config) -> list:
 
 # ---------------------------------------------------------------------------------------------
 # Inputs and timing
-
-
-def random_tokens(config, shape, gen):
-    """Token ids avoiding the mask and EOS tokens."""
-    ids = torch.randint(0, config.vocab_size - 8, shape, generator=gen)
-    return torch.where((ids == config.mask_token_id) | (ids == config.eos_token_id), ids + 3, ids)
 
 
 @dataclass
@@ -328,10 +322,6 @@ def generations(model, setup: Setup, routing: str, prompt_len: int) -> list:
 
 # ---------------------------------------------------------------------------------------------
 # Report
-
-
-def fmt(v, spec=".2f"):
-    return "n/a" if v is None or v != v else format(v, spec)
 
 
 def table(rows) -> str:

@@ -42,6 +42,17 @@ def capture(fn, reps: int = 1, warmup: int = 1) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def fmt(v, spec=".2f") -> str:
+    """v formatted, or "n/a" for None and NaN (table cells)."""
+    return "n/a" if v is None or v != v else format(v, spec)
+
+
+def random_tokens(config, shape, gen):
+    """Random token ids [shape] (CPU) avoiding the mask and EOS tokens."""
+    ids = torch.randint(0, config.vocab_size - 8, shape, generator=gen)
+    return torch.where((ids == config.mask_token_id) | (ids == config.eos_token_id), ids + 3, ids)
+
+
 def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in bytes/s, bytes read + written (median of 20)."""
     if device.type != "cuda":

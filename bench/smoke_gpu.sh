@@ -44,6 +44,7 @@ step routing python3 bench/bench_routing.py --sweep --quick --out "$out/routing.
 step moe python3 bench/bench_moe.py --sweep --quick --out "$out/moe"
 step attention python3 bench/bench_attention.py --sweep --quick --out "$out/attention.md"
 step e2e python3 bench/bench_e2e.py --quick --layers 4 --budget-s 60 --out "$out/e2e"
+step generate python3 bench/bench_generate.py --quick --layers 4 --out "$out/generate"
 step profile python3 bench/profile_e2e.py --layers 2
 step train_and_eval env DMOE_SMOKE=1 bash bench/train_and_eval.sh "$out/train_and_eval"
 

@@ -11,9 +11,15 @@ Batches: sequences are left-padded by whole blocks so that all decode the same g
 index together; padding rows are masked out as keys and each sequence keeps its own positions
 (blocks aligned to its own position 0), so a sequence decodes exactly as it would alone.
 
-On CUDA the denoising step (forward + commit decision) can replay a CUDA graph: it reads static
-buffers (the block, its positions, a static cache) and the cache write stays outside it. The only
-host syncs are one per step ("is anything still masked?") and one per block (EOS).
+On CUDA the denoising step (forward + commit decision + routing statistics) replays a CUDA
+graph: it reads static buffers (the block, its positions, a static cache). The cache write of a
+finished span replays a second graph (the span's forward, its K/V left in the cache's scratch
+rows) and then appends those rows. Both graphs, with the buffers and the static cache they read,
+are kept in `graphs.graph_cache` for the next call of the same layout (graphs.py says what the
+key holds, when a graph is not reused, and how much memory is kept). The host syncs: one per
+step (reading the "still masked?" flag the step computed, which a step must know before the
+next is launched: checking later would run forwards that published decoding does not run) and
+two per block (the running flags up, EOS down).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
+from .graphs import capture, graph_cache, graph_key
 from .modules import expert_hits, moe_layers
 
 DEFAULT_EOS_ID = 156892
@@ -42,6 +49,7 @@ class GenerationStats:
     wall_time_s: float = 0.0          # the whole call
     peak_memory_bytes: Optional[int] = None  # CUDA only
     cuda_graph: bool = False
+    graphs_captured: int = 0          # graph sets this call captured (0: it reused kept ones)
     # [forwards, moe_layers, batch]: distinct experts the block of each sequence routed to
     # (NaN where the sequence was not decoding); None when the MoE layers do not report routes.
     unique_experts: Optional[torch.Tensor] = None
@@ -261,22 +269,52 @@ def route_stats(modules, rows, unique_out, coreset_out, outside_out):
     """Write unique experts (and coreset size / outside picks) of the `rows` ([B, L] bool) of
     each MoE layer's last forward into [layers, B] buffers. Device ops only.
 
-    The coreset is averaged over the routing windows that hold those rows; generate's forwards
-    start on a window boundary, so window j holds rows [j * block_size, (j + 1) * block_size)."""
-    for i, m in enumerate(modules):
-        route = m.last_route
-        ids = torch.where(rows[..., None], route.topk_ids, -1)
-        hit = expert_hits(ids, _num_experts(m, route))
-        unique_out[i] = hit.sum(-1)
-        if coreset_out is not None and route.coreset is not None:
-            B, n = route.coreset.shape[:2]
+    The layers' routes are stacked first, so a step launches a fixed handful of kernels
+    whatever the layer count (layer by layer, ~20 small launches x 19 layers: issue 18 found
+    LLaDA2.0-mini's graphed step ~1.3x its bare forward with them). The coreset is averaged over the routing
+    windows that hold those rows; generate's forwards start on a window boundary, so window j
+    holds rows [j * block_size, (j + 1) * block_size)."""
+    routes = [m.last_route for m in modules]
+    E = max(_num_experts(m, r) for m, r in zip(modules, routes))
+    ids = torch.where(rows[..., None], torch.stack([r.topk_ids for r in routes]), -1)
+    n, B = ids.shape[:2]
+    hit = expert_hits(ids.flatten(0, 1), E).view(n, B, E)
+    unique_out.copy_(hit.sum(-1))
+    if coreset_out is None:
+        return
+    groups = {}  # layers with a coreset, by (window rows, experts): stacked together
+    for i, (m, r) in enumerate(zip(modules, routes)):
+        if r.coreset is not None:
             size = getattr(getattr(m, "policy", None), "block_size", None) or rows.shape[1]
-            padded = torch.zeros(B, n * size, dtype=torch.bool, device=rows.device)
-            padded[:, : rows.shape[1]] = rows
-            covers = padded.view(B, n, size).any(-1)  # [B, windows]
-            sizes = route.coreset.sum(-1).float()
-            coreset_out[i] = (sizes * covers).sum(1) / covers.sum(1).clamp(min=1)
-            outside_out[i] = (hit & ~(route.coreset & covers[..., None]).any(1)).sum(-1)
+            groups.setdefault((size, r.coreset.shape[-1]), []).append(i)
+    for (size, _), layers in groups.items():
+        _coreset_stats([routes[i].coreset for i in layers], layers, _windows_held(rows, size,
+                       routes[layers[0]].coreset.shape[1]), hit, coreset_out, outside_out)
+
+
+def _windows_held(rows, size: int, windows: int):
+    """[B, windows] bool: the routing windows of `size` rows that hold any of `rows` [B, L]."""
+    B = rows.shape[0]
+    padded = torch.zeros(B, windows * size, dtype=torch.bool, device=rows.device)
+    padded[:, : rows.shape[1]] = rows
+    return padded.view(B, windows, size).any(-1)
+
+
+def _coreset_stats(coresets, layers, covers, hit, coreset_out, outside_out) -> None:
+    """Coreset size (mean over the held windows) and picks outside it, of the `layers` whose
+    coresets [B, windows, E] are given, into rows `layers` of coreset_out / outside_out."""
+    cs = torch.stack(coresets)  # [g, B, windows, E]
+    sizes = (cs.sum(-1).float() * covers).sum(-1) / covers.sum(-1).clamp(min=1)
+    every = layers == list(range(hit.shape[0]))
+    picked = hit if every else torch.stack([hit[i] for i in layers])
+    outside = (picked & ~(cs & covers[..., None]).any(2)).sum(-1)
+    if every:
+        coreset_out.copy_(sizes)
+        outside_out.copy_(outside)
+        return
+    for j, i in enumerate(layers):  # layers under different policies: rare, one copy each
+        coreset_out[i] = sizes[j]
+        outside_out[i] = outside[j]
 
 
 def _num_experts(module, route) -> int:
@@ -297,29 +335,38 @@ class RouteRecorder:
         self.unique = torch.full(shape, float("nan"), device=device)
         self.coreset = torch.full_like(self.unique, float("nan"))
         self.outside = torch.zeros(shape, dtype=torch.long, device=device)
+        self.has_coreset = False  # set by record(): a layer routed with a block policy
 
     def buffers(self) -> tuple:
         return self.unique, self.coreset, self.outside
+
+    def reset(self) -> None:
+        """As allocated (a kept recorder serving another generate call)."""
+        self.unique.fill_(float("nan"))
+        self.coreset.fill_(float("nan"))
+        self.outside.zero_()
 
     def record(self, rows, running, forward_index) -> None:
         """Row `forward_index` from the layers' last routes over `rows` ([B, L] bool: the block
         being decoded)."""
         n, B = self.unique.shape[1:]
         device = self.unique.device
-        u = torch.zeros(n, B, device=device)
-        c = torch.full((n, B), float("nan"), device=device)
-        o = torch.zeros(n, B, dtype=torch.long, device=device)
+        self.has_coreset = any(m.last_route.coreset is not None for m in self.modules)
+        u = torch.empty(n, B, device=device)
+        c = torch.full((n, B), float("nan"), device=device) if self.has_coreset else None
+        o = torch.zeros(n, B, dtype=torch.long, device=device) if self.has_coreset else None
         route_stats(self.modules, rows, u, c, o)
-        keep = running[:, 0]
-        self.unique.index_copy_(0, forward_index[None], torch.where(keep, u, float("nan"))[None])
-        self.coreset.index_copy_(0, forward_index[None], torch.where(keep, c, float("nan"))[None])
-        self.outside.index_copy_(0, forward_index[None], (o * keep)[None])
+        keep, at = running[:, 0], forward_index[None]
+        self.unique.index_copy_(0, at, torch.where(keep, u, float("nan"))[None])
+        if self.has_coreset:
+            self.coreset.index_copy_(0, at, torch.where(keep, c, float("nan"))[None])
+            self.outside.index_copy_(0, at, (o * keep)[None])
 
     def fill(self, st: "GenerationStats") -> None:
         """The first st.forwards rows into st (one host sync)."""
         n = st.forwards
         st.unique_experts = self.unique[:n].cpu()
-        if any(getattr(m.last_route, "coreset", None) is not None for m in self.modules):
+        if self.has_coreset:
             st.coreset_size = self.coreset[:n].cpu()
             st.outside_coreset = int(self.outside[:n].sum())
 
@@ -404,20 +451,23 @@ def _routing_span(model, bl: int) -> int:
     return span
 
 
-def _prefill(model, canvas: _Canvas, static: bool, st: "GenerationStats"):
-    """A KV cache holding the prompts' whole spans before block `first` (closed windows only:
-    the open one is recomputed by every step until its last block is decoded)."""
-    B, bl = canvas.x.shape[0], canvas.block_length
-    end = canvas.first * bl // canvas.span * canvas.span
+def _new_cache(model, canvas: _Canvas, static: bool):
     # On CUDA the cache is static (fixed shapes) graphed or not, so that a graphed step and an
     # eager one run the same attention and give the same tokens.
-    cache = model.new_cache(B, canvas.total * bl, static=static, scratch=max(64, canvas.span))
+    return model.new_cache(canvas.x.shape[0], canvas.total * canvas.block_length, static=static,
+                           scratch=max(64, canvas.span))
+
+
+def _prefill(model, canvas: _Canvas, cache, st: "GenerationStats") -> None:
+    """Fill the empty `cache` with the prompts' whole spans before block `first` (closed
+    windows only: the open one is recomputed by every step until its last block is decoded)."""
+    bl = canvas.block_length
+    end = canvas.first * bl // canvas.span * canvas.span
     if end > 0:
         model(canvas.x[:, :end], canvas.positions[:, :end], past_key_values=cache,
               attention_mask=canvas.valid[:, :end], block_length=bl, write_cache=True,
               return_logits=False)
         st.cache_writes += 1
-    return cache
 
 
 @dataclass
@@ -438,6 +488,8 @@ class _StepBuffers:
     quota: torch.Tensor          # () tokens to commit at least this step
     committed: torch.Tensor      # () tokens committed so far
     forward_index: torch.Tensor  # () row of the routing statistics
+    left: torch.Tensor           # () bool: a position of the block is still masked (the step
+                                 # sets it, so the host's one read per step launches nothing)
     end: int = 0                 # canvas columns up to the span's end (the uncached step)
 
     @classmethod
@@ -447,10 +499,17 @@ class _StepBuffers:
         return cls(torch.full((B, span), mask_id, dtype=torch.long, device=device),
                    zeros(B, span), flags(), flags(),
                    torch.zeros(B, 1, dtype=torch.bool, device=device), zeros(()), zeros(()),
-                   zeros(()))
+                   zeros(()), torch.ones((), dtype=torch.bool, device=device))
 
     def tensors(self) -> tuple:
-        return self.block, self.committed, self.forward_index
+        """What a step writes (restored after a graph capture's warm-up steps)."""
+        return self.block, self.committed, self.forward_index, self.left
+
+    def reset(self) -> None:
+        """The counters as allocated (kept buffers serving another call; the rest is loaded
+        per block)."""
+        self.committed.zero_()
+        self.forward_index.zero_()
 
 
 @dataclass(frozen=True)
@@ -495,43 +554,79 @@ def denoise_step(d: _Decode) -> None:
         logits = d.model(ids, c.positions[:, :buf.end], attention_mask=held,
                          block_length=bl).logits[:, start:]
     tok, conf = pick_tokens(logits, s.temperature, s.top_k, s.top_p, s.generator)
-    active = (buf.block == d.mask_id) & buf.running & buf.current
+    active = _masked(d)
     commit = commit_mask(conf, active, s.threshold, buf.quota)
     buf.block.copy_(torch.where(commit, tok, buf.block))
     buf.committed.add_(commit.sum())
     if d.recorder is not None:
         d.recorder.record(buf.current, buf.running, buf.forward_index)
     buf.forward_index.add_(1)
+    buf.left.copy_(_masked(d).any())
 
 
-def _capture(step: Callable[[], None], state: Sequence[torch.Tensor]) -> Callable[[], None]:
-    """Warm up `step` on a side stream, capture it in a CUDA graph, restore the `state` tensors
-    it touched; returns the replay."""
-    saved = [t.clone() for t in state]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # compiles kernels, settles allocations
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for t, s in zip(state, saved):
-        t.copy_(s)
-    return graph.replay
+def _masked(d: _Decode):
+    """[B, span] bool: the block's positions still masked in the running sequences."""
+    buf = d.buffers
+    return (buf.block == d.mask_id) & buf.running & buf.current
 
 
-def _step_function(d: _Decode, graph: bool) -> Callable[[], None]:
-    """The step to run: eager, or the replay of its CUDA graph."""
-    step = functools.partial(denoise_step, d)
-    if not graph:
-        return step
-    records = d.recorder.buffers() if d.recorder is not None else ()
-    return _capture(step, (*d.buffers.tensors(), *records))
+def _write_span(d: _Decode) -> None:
+    """The eager cache write: the span's forward appending its K/V. held is the span's real
+    rows here (the block closes its span)."""
+    buf = d.buffers
+    d.model(buf.block, buf.block_pos, past_key_values=d.cache, attention_mask=buf.held,
+            block_length=d.canvas.block_length, write_cache=True, return_logits=False)
 
 
-def _denoise_block(d: _Decode, b: int, is_running: List[bool], replay, timer, st) -> None:
+def _span_forward(d: _Decode) -> None:
+    """The cache write's forward without the write: its K/V stay in the static cache's scratch
+    rows (BlockKVCache.append_scratch moves them). What the write graph holds."""
+    buf = d.buffers
+    d.model(buf.block, buf.block_pos, past_key_values=d.cache, attention_mask=buf.held,
+            block_length=d.canvas.block_length, return_logits=False)
+
+
+@dataclass
+class _Runner:
+    """How the block loop runs a denoising step and a span's cache write."""
+
+    step: Callable[[], None]
+    write_span: Callable[[], None]
+
+
+@dataclass
+class _Graphs:
+    """What graph_cache keeps for one decoding layout (graphs.graph_key): the tensors the
+    graphs read, refilled by each call, and the replays of the step and of the span forward."""
+
+    buffers: _StepBuffers
+    cache: object
+    recorder: Optional[RouteRecorder]
+    step: Callable[[], None]
+    span_forward: Callable[[], None]
+
+    @classmethod
+    def capture(cls, d: _Decode) -> "_Graphs":
+        records = d.recorder.buffers() if d.recorder is not None else ()
+        step = capture(functools.partial(denoise_step, d), (*d.buffers.tensors(), *records))
+        span_forward = capture(functools.partial(_span_forward, d))
+        return cls(d.buffers, d.cache, d.recorder, step, span_forward)
+
+    def reset(self) -> None:
+        """Empty cache, counters and records, as freshly allocated (another call's turn)."""
+        self.cache.clear()
+        self.buffers.reset()
+        if self.recorder is not None:
+            self.recorder.reset()
+
+    def runner(self) -> _Runner:
+        def write_span():
+            self.span_forward()
+            self.cache.append_scratch(self.buffers.held)
+        return _Runner(self.step, write_span)
+
+
+def _denoise_block(d: _Decode, b: int, is_running: List[bool], step, timer, st) -> None:
     """Up to `steps` denoising steps on global block b, until nothing in it is masked."""
     buf, c, bl = d.buffers, d.canvas, d.canvas.block_length
     lo = b * bl // c.span * c.span  # the span that holds block b
@@ -542,27 +637,24 @@ def _denoise_block(d: _Decode, b: int, is_running: List[bool], replay, timer, st
     buf.held.copy_(c.valid[:, lo:hi] & (columns < (b + 1) * bl))
     buf.current.copy_((columns >= b * bl) & (columns < (b + 1) * bl))
     buf.running.copy_(torch.tensor(is_running, device=buf.block.device)[:, None])
+    buf.left.copy_(_masked(d).any())
     buf.end = hi
     for quota in quota_schedule(bl, d.steps):
-        if not bool(((buf.block == d.mask_id) & buf.running & buf.current).any()):  # one sync
+        if not bool(buf.left):  # the one host sync of a step (the step before computed it)
             break
         buf.quota.fill_(quota)
         timer.start()
-        replay()
+        step()
         timer.stop()
         st.forwards += 1
     c.x[:, lo:hi] = buf.block
 
 
-def _cache_span(d: _Decode, b: int, st) -> None:
+def _cache_span(d: _Decode, b: int, write_span, st) -> None:
     """After block b: once it closes its span, the span's K/V into the cache (whole windows)."""
-    c, buf = d.canvas, d.buffers
-    if (b + 1) * c.block_length % c.span:
+    if (b + 1) * d.canvas.block_length % d.canvas.span:
         return
-    lo = buf.end - c.span
-    d.model(buf.block, buf.block_pos, past_key_values=d.cache,
-            attention_mask=c.valid[:, lo:buf.end], block_length=c.block_length,
-            write_cache=True, return_logits=False)
+    write_span()
     st.cache_writes += 1
 
 
@@ -577,7 +669,7 @@ def _finished(d: _Decode, b: int, done: List[bool], columns) -> None:
         done[i] = done[i] or hit or b >= c.last_block[i]
 
 
-def _run_blocks(d: _Decode, replay, st, on_block) -> "_StepTimer":
+def _run_blocks(d: _Decode, run: _Runner, st, on_block) -> "_StepTimer":
     """Decode block by block from `first` until every sequence is done; returns the step timer."""
     c, buf = d.canvas, d.buffers
     timer = _StepTimer(c.x.device)
@@ -587,12 +679,12 @@ def _run_blocks(d: _Decode, replay, st, on_block) -> "_StepTimer":
         is_running = [not done[i] and b <= c.last_block[i] for i in range(len(done))]
         if not any(is_running):
             break
-        _denoise_block(d, b, is_running, replay, timer, st)
+        _denoise_block(d, b, is_running, run.step, timer, st)
         _finished(d, b, done, columns)
         if on_block is not None:
             on_block(b - c.first + 1, c.total - c.first)
         if d.cache is not None and not all(done):
-            _cache_span(d, b, st)
+            _cache_span(d, b, run.write_span, st)
     return timer
 
 
@@ -612,20 +704,40 @@ def _tokens(c: _Canvas, eos_ids) -> List[List[int]]:
 
 
 def _setup(model, prompts, *, gen_length, block_length, steps, sampling, mask_id, eos_ids,
-           use_cache, stats, st) -> _Decode:
-    """Canvas, prefilled cache, step buffers and routing recorder of one generate() call."""
+           use_cache, stats, graph, st) -> tuple:
+    """(_Decode, _Runner) of one generate() call: canvas, prefilled cache, step buffers and
+    routing recorder, and how to run a step. With `graph`, the tensors and graphs graph_cache
+    kept for this layout are refilled and replayed, or captured and kept."""
     device = next(model.parameters()).device
     span = _routing_span(model, block_length)
     canvas = _canvas(prompts, block_length, span, gen_length, mask_id, eos_ids[0], device)
-    cache = _prefill(model, canvas, device.type == "cuda", st) if use_cache else None
     B = len(prompts)
-    buffers = _StepBuffers.allocate(B, span, mask_id, device)
     moe = moe_layers(model) if stats else []
-    recorder = None
-    if moe:
-        recorder = RouteRecorder(moe, (canvas.total - canvas.first) * steps, B, device)
-    return _Decode(model, canvas, buffers, sampling, cache, recorder, mask_id, eos_ids[0], steps,
-                   eos_ids)
+    key = graph_key(model, batch=B, span=span, capacity=canvas.total * block_length,
+                    block_length=block_length, steps=steps, mask_id=mask_id, stats=bool(moe),
+                    sampling=(sampling.threshold, sampling.temperature, sampling.top_k,
+                              sampling.top_p)) if graph else None
+    kept = graph_cache.get(key, model) if graph else None
+    if kept is not None:
+        kept.reset()
+        buffers, cache, recorder = kept.buffers, kept.cache, kept.recorder
+    else:
+        buffers = _StepBuffers.allocate(B, span, mask_id, device)
+        cache = _new_cache(model, canvas, graph or device.type == "cuda") if use_cache else None
+        # Rows for every step of every block: a size fixed by the layout, so a kept recorder
+        # serves any prompt lengths of that layout.
+        recorder = RouteRecorder(moe, canvas.total * steps, B, device) if moe else None
+    if cache is not None:
+        _prefill(model, canvas, cache, st)
+    d = _Decode(model, canvas, buffers, sampling, cache, recorder, mask_id, eos_ids[0], steps,
+                eos_ids)
+    if not graph:
+        return d, _Runner(functools.partial(denoise_step, d), functools.partial(_write_span, d))
+    if kept is None:
+        kept = _Graphs.capture(d)
+        graph_cache.put(key, model, kept)
+        st.graphs_captured += 1
+    return d, kept.runner()
 
 
 @torch.no_grad()
@@ -652,8 +764,13 @@ def generate(model, input_ids: Union[torch.Tensor, List[List[int]], List[int]],
     them, its tokens are cut after the first, and the first id is the fill token. A prompt
     whose length plus gen_length exceeds config.max_position_embeddings is a ValueError.
     use_cache=False recomputes every earlier block at each step (the published, slow way).
-    cuda_graph: None = on for patched models on CUDA. on_block(done, total) is called after
-    each block (progress bars). Returns tokens per sequence, cut after the first EOS.
+    cuda_graph: None = on for patched models on CUDA; the graphs are kept between calls
+    (graphs.graph_cache: a later call with the same batch size, lengths, sampling and policy
+    captures nothing; `dmoe_triton.graphs.clear_graph_cache()` frees them). stats: record
+    unique experts, coreset sizes and picks outside the coreset of every layer at every step
+    (GenerationStats.unique_experts ...): on by default, a fixed handful of small kernels per
+    step whatever the layer count; stats=False drops them. on_block(done, total) is called
+    after each block (progress bars). Returns tokens per sequence, cut after the first EOS.
     """
     start_time = time.perf_counter()
     eos_ids, mask_id = _special_ids(model.config, eos_id, mask_id)
@@ -666,11 +783,12 @@ def generate(model, input_ids: Union[torch.Tensor, List[List[int]], List[int]],
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     st = GenerationStats(cuda_graph=graph)
-    d = _setup(model, prompts, gen_length=gen_length, block_length=block_length,
-               steps=min(steps, gen_length),  # as published (minimal_topk = 1)
-               sampling=_Sampling(threshold, temperature, top_k, top_p, generator),
-               mask_id=mask_id, eos_ids=eos_ids, use_cache=use_cache, stats=stats, st=st)
-    timer = _run_blocks(d, _step_function(d, graph), st, on_block)
+    d, run = _setup(model, prompts, gen_length=gen_length, block_length=block_length,
+                    steps=min(steps, gen_length),  # as published (minimal_topk = 1)
+                    sampling=_Sampling(threshold, temperature, top_k, top_p, generator),
+                    mask_id=mask_id, eos_ids=eos_ids, use_cache=use_cache, stats=stats,
+                    graph=graph, st=st)
+    timer = _run_blocks(d, run, st, on_block)
     tokens = _tokens(d.canvas, eos_ids)
     st.generated_tokens = sum(map(len, tokens))
     _finish_stats(st, d, timer, start_time)

@@ -296,6 +296,12 @@ def _current(key: str):
     return _stack()[-1].get(key)
 
 
+def override_key() -> tuple:
+    """The overrides in force, hashable (the launch choices a captured CUDA graph bakes in:
+    part of graphs.graph_key)."""
+    return tuple(sorted(_stack()[-1].items()))
+
+
 @contextlib.contextmanager
 def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig] = None,
              grouped: Optional[GroupedConfig] = None, align: Optional[AlignLaunch] = None,
@@ -325,6 +331,6 @@ def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig]
 
 __all__ = ["RouteLaunch", "DecodeConfig", "GroupedConfig", "AlignLaunch", "CombineLaunch",
            "MoeLaunch", "AttentionLaunch", "PrepLaunch", "route_launch", "moe_launch",
-           "align_launch", "attention_launch", "prep_launch", "override", "persistent_grid",
-           "pipeline_stages", "dot_precision", "DECODE_MAX_TOKENS", "ALIGN_MAX_SLOTS",
-           "FEW_SEQUENCES", "MANY_SEQUENCES", "MANY_FROM"]
+           "align_launch", "attention_launch", "prep_launch", "override", "override_key",
+           "persistent_grid", "pipeline_stages", "dot_precision", "DECODE_MAX_TOKENS",
+           "ALIGN_MAX_SLOTS", "FEW_SEQUENCES", "MANY_SEQUENCES", "MANY_FROM"]

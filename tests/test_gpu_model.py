@@ -5,11 +5,14 @@ import copy
 import pytest
 import torch
 
-from dmoe_triton import RoutingPolicy, generate, patch_model
+from dmoe_triton import RoutingPolicy, generate, patch_model, set_policy
+from dmoe_triton.graphs import clear_graph_cache, graph_cache
 from dmoe_triton.models import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from dmoe_triton.testing import GPU_CONFIG, gpu_model
 
 pytestmark = pytest.mark.gpu
+
+PROMPTS = [[5, 6, 7, 8, 9] * 9, [11, 12, 13]]
 
 @pytest.mark.parametrize("policy", [RoutingPolicy.token(), RoutingPolicy.dmoe(0.6, 4)])
 def test_graphed_generate_gives_the_eager_tokens(policy):
@@ -19,6 +22,84 @@ def test_graphed_generate_gives_the_eager_tokens(policy):
     graphed = generate(model, prompts, gen_length=64, cuda_graph=True, stats=False)
     assert graphed.stats.cuda_graph and not eager.stats.cuda_graph
     assert graphed.tokens == eager.tokens
+
+
+def _decode(model, prompts=PROMPTS, **kw):
+    return generate(model, prompts, gen_length=64, cuda_graph=True, **kw)
+
+
+@pytest.mark.parametrize("policy", [RoutingPolicy.token(), RoutingPolicy.dmoe(0.6, 4)])
+def test_a_second_call_of_the_same_layout_captures_nothing(policy):
+    """Graphs kept between calls (issue 18): the second call replays them, on other prompts of
+    the same layout too, with the tokens and routing statistics of eager decoding."""
+    model = patch_model(gpu_model(), policy)
+    clear_graph_cache()
+    first = _decode(model)
+    assert first.stats.graphs_captured == 1 and len(graph_cache) == 1
+    captures = graph_cache.captures
+    second = _decode(model)
+    assert second.stats.graphs_captured == 0 and graph_cache.captures == captures
+    assert second.tokens == first.tokens
+    other = [[7, 8, 9] * 14, [13, 12, 11, 10]]  # other lengths, same canvas
+    kept = _decode(model, other)
+    eager = generate(model, other, gen_length=64, cuda_graph=False)
+    assert kept.stats.graphs_captured == 0 and kept.tokens == eager.tokens
+    torch.testing.assert_close(kept.stats.unique_experts, eager.stats.unique_experts,
+                               equal_nan=True)
+    if policy.is_block:
+        torch.testing.assert_close(kept.stats.coreset_size, eager.stats.coreset_size,
+                                   equal_nan=True)
+        assert kept.stats.outside_coreset == eager.stats.outside_coreset == 0
+
+
+def test_a_kept_graph_after_set_policy_gives_a_fresh_graphs_tokens():
+    model = patch_model(gpu_model(), RoutingPolicy.token())
+    clear_graph_cache()
+    token = _decode(model)
+    set_policy(model, RoutingPolicy.dmoe(0.6, 4))
+    dmoe = _decode(model)
+    assert dmoe.stats.graphs_captured == 1  # the policy is in the key: no token graph replayed
+    set_policy(model, RoutingPolicy.token())
+    again = _decode(model)
+    assert again.stats.graphs_captured == 0 and again.tokens == token.tokens
+    set_policy(model, RoutingPolicy.dmoe(0.6, 4))
+    kept = _decode(model)
+    clear_graph_cache()
+    fresh = _decode(model)
+    assert kept.stats.graphs_captured == 0 and fresh.stats.graphs_captured == 1
+    assert kept.tokens == fresh.tokens == dmoe.tokens
+
+
+def test_a_kept_graph_after_new_weights_gives_a_fresh_graphs_tokens():
+    """Weights loaded in place are read by the kept graph; weights moved to new memory make
+    the key miss (a new capture); both give a fresh capture's and eager decoding's tokens."""
+    model = patch_model(gpu_model(0), RoutingPolicy.dmoe(0.6, 4))
+    other = patch_model(gpu_model(1), RoutingPolicy.dmoe(0.6, 4))
+    clear_graph_cache()
+    before = _decode(model)
+    model.load_state_dict(other.state_dict())  # in place: same addresses
+    kept = _decode(model)
+    assert kept.stats.graphs_captured == 0
+    clear_graph_cache()
+    fresh = _decode(model)
+    eager = generate(model, PROMPTS, gen_length=64, cuda_graph=False)
+    assert kept.tokens == fresh.tokens == eager.tokens
+    assert kept.tokens != before.tokens  # the new weights did change the answer
+    block = next(m for m in model.modules() if hasattr(m, "w_down"))
+    block.w_down.data = block.w_down.data.clone()  # new memory: the kept graph must not run
+    moved = _decode(model)
+    assert moved.stats.graphs_captured == 1 and moved.tokens == eager.tokens
+
+
+def test_the_graph_cache_stays_bounded():
+    model = patch_model(gpu_model(), RoutingPolicy.token())
+    clear_graph_cache()
+    for n in range(1, graph_cache.max_entries + 2):  # one batch size more than it keeps
+        _decode(model, PROMPTS[:1] * n)
+    assert len(graph_cache) == graph_cache.max_entries
+    assert _decode(model, PROMPTS[:1]).stats.graphs_captured == 1  # the oldest went out
+    clear_graph_cache()
+    assert len(graph_cache) == 0
 
 
 def test_patched_token_policy_matches_the_unpatched_model_in_bf16():

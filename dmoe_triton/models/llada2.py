@@ -314,6 +314,28 @@ class BlockKVCache:
         self.valid[:, self.length:end] = row_valid
         self.length = end
 
+    def append_scratch(self, row_valid):
+        """Append the l = row_valid.shape[1] rows that the last forward over this static cache
+        left in every layer's scratch rows (where attention writes a forward's K/V): the rows a
+        forward with write_cache=True appends. Why: a forward replayed from a CUDA graph cannot
+        follow `length` (its slices are fixed at capture), so decoding replays the forward
+        without writing and appends its K/V here."""
+        l = row_valid.shape[1]
+        for layer in range(len(self.keys)):
+            k, v = self.scratch_rows(layer, l)
+            if k is None:
+                raise ValueError(f"append_scratch needs a static cache with {l} scratch rows "
+                                 f"(static={self.static}, scratch={self.scratch})")
+            self.write(layer, k, v)
+        self.advance(row_valid)
+
+    def clear(self):
+        """Empty the cache (zeros everywhere, length 0), as new_cache makes it: a kept static
+        cache then serves another call exactly as a fresh one would."""
+        for t in (*self.keys, *self.values, self.valid):
+            t.zero_()
+        self.length = 0
+
 
 def block_causal_mask(position_ids, row_valid, cache: Optional[BlockKVCache], block_length: int,
                       query_groups: int = 1):

@@ -1,0 +1,303 @@
+"""The speed users see: `generate()` timed as a user calls it, against the bare forward (issue 18).
+
+LLaDA2.0-mini's layout (LLaDA2MoeConfig() defaults, or --layers of them) with RANDOM bf16 weights
+built on the GPU (dmoe_triton.testing.build_model), patched (`patch_model`) and switched with
+`set_policy`; the router calibrated so that token routing touches ~70 unique experts per block
+(dmoe_triton/calibrate.py, the paper's figure for the trained model; `--router plain` keeps the
+random router). Per row (sequences x policy: token routing, dMoE p=0.6): prompts of 512 random
+tokens, one warm-up call of the same layout (stopped after its first block: its graphs are kept
+all the same), then `generate(model, prompts, gen_length=G)` with everything else default
+(stats on), and a second timed call with stats=False. Reported per row:
+
+- ms per forward from the call's stats (mean CUDA-event time of a denoising step), stats on/off;
+- the bare forward of the same shape (one 32-token block per sequence, half MASK, against a
+  static cache of the call's capacity), captured in a CUDA graph and replayed (median);
+- step / forward, wall time / forwards, wall / step (prefill, cache writes, host loop included);
+- tokens/s per sequence and aggregate (generated tokens up to EOS / wall time), and what the bare
+  forward predicts (the call's tokens per forward / the bare forward's time);
+- whether the timed call captured a graph (it should not: graphs are kept between calls).
+Then dMoE's speed-up over token routing through generate and through the bare forward, beside
+the paper's 1.14x-1.66x. Random weights commit about one token per step per sequence (nothing
+passes the 0.95 threshold), so a call runs about gen_length steps.
+
+    python bench/bench_generate.py --out $OUT            # H200: 1, 16, 64 sequences, G = 256
+    python bench/bench_generate.py --quick --out $OUT    # 1 and 16 sequences, G = 64
+    python bench/bench_generate.py --smoke --out /tmp/g  # CPU, tiny model, logic only
+Writes generate{,_quick,_smoke}.{md,json} under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dmoe_triton import RoutingPolicy, patch_model, set_policy
+from dmoe_triton.calibrate import calibrate_router
+from dmoe_triton.decoding import generate
+from dmoe_triton.defaults import scaled_guard
+from dmoe_triton.graphs import clear_graph_cache
+from dmoe_triton.models import LLaDA2MoeConfig
+from dmoe_triton.testing import SMALL, build_model
+
+from common import capture, fmt, random_tokens, time_ms  # bench/common.py (bench/ is on sys.path)
+
+BLOCK = 32
+SEED = 0
+PAPER_SPEEDUP = (1.14, 1.66)
+
+
+@dataclass
+class Setup:
+    name: str
+    device: torch.device
+    config: LLaDA2MoeConfig
+    batches: tuple
+    prompt: int
+    gen_length: int
+    replays: int
+    trials: int
+
+
+def make_setup(args) -> Setup:
+    if args.smoke:
+        return Setup("generate_smoke", torch.device("cpu"), LLaDA2MoeConfig(**SMALL), (1, 2),
+                     16, 16, 1, 1)
+    config = LLaDA2MoeConfig() if args.layers is None else LLaDA2MoeConfig(
+        num_hidden_layers=args.layers)
+    if args.quick:
+        return Setup("generate_quick", torch.device("cuda"), config, (1, 16), args.prompt, 64,
+                     10, 5)
+    return Setup("generate", torch.device("cuda"), config, (1, 16, 64), args.prompt, 256, 10, 7)
+
+
+def policies(config) -> list:
+    return [("token", RoutingPolicy.token()),
+            ("dmoe p=0.6", RoutingPolicy.dmoe(0.6, scaled_guard(config.num_experts)))]
+
+
+# ---------------------------------------------------------------------------------------------
+# The bare forward of a decoding step's shape
+
+
+def bare_forward_ms(model, setup: Setup, batch: int, capacity: int) -> float:
+    """ms of one forward of a half-masked block per sequence against a static cache of
+    `capacity` rows holding a `setup.prompt`-token prefix: a CUDA graph replayed (median)."""
+    c, dev = model.config, setup.device
+    gen = torch.Generator().manual_seed(SEED + batch)
+    cache = model.new_cache(batch, capacity, static=True, scratch=max(64, BLOCK))
+    prompt = random_tokens(c, (batch, setup.prompt), gen).to(dev)
+    block = random_tokens(c, (batch, BLOCK), gen)
+    block = torch.where(torch.rand(batch, BLOCK, generator=gen) < 0.5, c.mask_token_id, block)
+    block = block.to(dev)
+    positions = torch.arange(setup.prompt, setup.prompt + BLOCK, device=dev).expand(batch, BLOCK)
+    positions = positions.contiguous()
+    held = torch.ones(batch, BLOCK, dtype=torch.bool, device=dev)
+    with torch.no_grad():
+        model(prompt, past_key_values=cache, write_cache=True, return_logits=False,
+              block_length=BLOCK)
+
+        def forward():
+            return model(block, positions, past_key_values=cache, attention_mask=held,
+                         block_length=BLOCK).logits
+        if dev.type != "cuda":
+            return time_ms(forward, 1, 1, dev)
+        graph = capture(forward, warmup=2)
+
+        def replay():
+            for _ in range(setup.replays):
+                graph.replay()
+        replay()
+        return time_ms(replay, setup.replays, setup.trials, dev)
+
+
+# ---------------------------------------------------------------------------------------------
+# generate as a user calls it
+
+
+class _Stop(Exception):
+    pass
+
+
+def warm_up(model, prompts, setup: Setup, stats: bool) -> None:
+    """One call of the row's layout, stopped after its first block: it captures and keeps the
+    graphs (and compiles the kernels) that the timed call then replays."""
+    def stop(done, total):
+        raise _Stop
+    try:
+        generate(model, prompts, gen_length=setup.gen_length, stats=stats, on_block=stop)
+    except _Stop:
+        pass
+
+
+def timed_call(model, prompts, setup: Setup, stats: bool):
+    warm_up(model, prompts, setup, stats)
+    if setup.device.type == "cuda":
+        torch.cuda.synchronize()
+    return generate(model, prompts, gen_length=setup.gen_length, stats=stats).stats
+
+
+def measure_row(model, setup: Setup, batch: int, name: str, policy) -> dict:
+    set_policy(model, policy)
+    gen = torch.Generator().manual_seed(SEED + 7 * batch)
+    prompts = random_tokens(model.config, (batch, setup.prompt), gen).tolist()
+    on = timed_call(model, prompts, setup, stats=True)
+    off = timed_call(model, prompts, setup, stats=False)
+    capacity = -(-(setup.prompt + setup.gen_length) // BLOCK) * BLOCK
+    bare = bare_forward_ms(model, setup, batch, capacity)
+    step, step_off = on.time_per_forward_s * 1e3, off.time_per_forward_s * 1e3
+    wall = on.wall_time_s * 1e3 / max(on.forwards, 1)
+    row = dict(batch=batch, policy=name, forwards=on.forwards, tokens=on.generated_tokens,
+               step_ms=step, step_off_ms=step_off, bare_ms=bare, wall_ms=wall,
+               step_over_bare=step / bare, wall_over_step=wall / step,
+               tok_s=on.tokens_per_s, tok_s_seq=on.tokens_per_s / batch,
+               tok_s_predicted=on.tokens_per_forward / bare * 1e3,
+               unique=on.mean_unique_experts, coreset=on.mean_coreset_size,
+               captured=on.graphs_captured + off.graphs_captured, graph=on.cuda_graph,
+               peak_gb=(on.peak_memory_bytes or 0) / 1e9)
+    print(f"  B={batch:2d} {name:11s} step {step:7.3f} ms (stats off {step_off:7.3f}) bare "
+          f"{bare:7.3f} x{row['step_over_bare']:.3f}  wall/forward {wall:7.3f} "
+          f"x{row['wall_over_step']:.3f}  {row['tok_s']:8.1f} tok/s  captured {row['captured']}",
+          flush=True)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def table(rows) -> list:
+    lines = ["| seqs | policy | forwards | ms/forward (stats) | ms/forward (stats off) "
+             "| bare forward ms | step / forward | wall ms / forward | wall / step "
+             "| tok/s per seq | tok/s aggregate | tok/s predicted by the bare forward "
+             "| unique/block | captured in timed calls | peak GB |", "|" + "---|" * 15]
+    for r in rows:
+        lines.append(
+            f"| {r['batch']} | {r['policy']}{'' if r['graph'] else ' (eager)'} | {r['forwards']} "
+            f"| {fmt(r['step_ms'], '.3f')} | {fmt(r['step_off_ms'], '.3f')} "
+            f"| {fmt(r['bare_ms'], '.3f')} | {fmt(r['step_over_bare'], '.3f')} "
+            f"| {fmt(r['wall_ms'], '.3f')} | {fmt(r['wall_over_step'], '.3f')} "
+            f"| {fmt(r['tok_s_seq'], '.1f')} | {fmt(r['tok_s'], '.1f')} "
+            f"| {fmt(r['tok_s_predicted'], '.1f')} | {fmt(r['unique'], '.1f')} "
+            f"| {r['captured']} | {fmt(r['peak_gb'], '.1f')} |")
+    return lines
+
+
+def speedups(rows) -> list:
+    lines = ["| seqs | dMoE speed-up via generate (step) | via the bare forward "
+             "| generate / bare | via tok/s (wall) | paper |", "|---|---|---|---|---|---|"]
+    for batch in sorted({r["batch"] for r in rows}):
+        tok = next((r for r in rows if r["batch"] == batch and r["policy"] == "token"), None)
+        dm = next((r for r in rows if r["batch"] == batch and r["policy"] != "token"), None)
+        if tok is None or dm is None:
+            continue
+        via_gen, via_bare = tok["step_ms"] / dm["step_ms"], tok["bare_ms"] / dm["bare_ms"]
+        lines.append(f"| {batch} | {via_gen:.3f}x | {via_bare:.3f}x | {via_gen / via_bare:.3f} "
+                     f"| {dm['tok_s'] / tok['tok_s']:.3f}x "
+                     f"| {PAPER_SPEEDUP[0]}x-{PAPER_SPEEDUP[1]}x |")
+    return lines
+
+
+def targets(rows) -> list:
+    out = []
+
+    def line(text, ok):
+        out.append(f"- {text}: **{'met' if ok else 'not met'}**")
+    for r in rows:
+        if not r["graph"]:
+            continue
+        line(f"{r['batch']} seq, {r['policy']}: step {r['step_over_bare']:.3f}x the bare forward "
+             "(<= 1.1)", r["step_over_bare"] <= 1.1)
+        line(f"{r['batch']} seq, {r['policy']}: wall / step {r['wall_over_step']:.3f} (<= 1.15)",
+             r["wall_over_step"] <= 1.15)
+        line(f"{r['batch']} seq, {r['policy']}: timed calls captured {r['captured']} (0)",
+             r["captured"] == 0)
+    for batch in (1, 16):
+        tok = next((r for r in rows if r["batch"] == batch and r["policy"] == "token"), None)
+        dm = next((r for r in rows if r["batch"] == batch and r["policy"] != "token"), None)
+        if tok and dm and tok["graph"]:
+            ratio = (tok["step_ms"] / dm["step_ms"]) / (tok["bare_ms"] / dm["bare_ms"])
+            line(f"{batch} seq: dMoE speed-up via generate / via the bare forward {ratio:.3f} "
+                 "(within 5%)", abs(ratio - 1) <= 0.05)
+    return out
+
+
+def write_report(setup: Setup, args, rows, calib, device_name, seconds) -> str:
+    cmd = "python bench/bench_generate.py " + " ".join(sys.argv[1:])
+    lines = [f"# generate() as users call it (issue 18): {setup.name}", "",
+             f"Device: {device_name}; torch {torch.__version__}; command: `{cmd}`; "
+             f"{setup.config.num_hidden_layers} layers, random bf16 weights; router: "
+             f"{calib or 'plain random'}. Prompts of {setup.prompt} random tokens, gen_length "
+             f"{setup.gen_length}, block 32, 32 steps, threshold 0.95, greedy; each timed call "
+             "after a warm-up call of its layout. ms/forward: the call's stats (mean CUDA-event "
+             "time of a denoising step: forward, decision, statistics); bare forward: the "
+             "model's forward of the same shape replayed from a CUDA graph (median of "
+             f"{setup.trials} trials of {setup.replays}); wall: the whole call / its forwards. "
+             f"Done in {seconds:.0f} s.", "", *table(rows), "",
+             "## dMoE over token routing", "", *speedups(rows), "",
+             "## Targets of issue 18", "", *targets(rows), ""]
+    text = "\n".join(lines)
+    with open(os.path.join(args.out, f"{setup.name}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(args.out, f"{setup.name}.json"), "w") as f:
+        json.dump(dict(rows=rows, router=calib, setup=dict(
+            batches=setup.batches, prompt=setup.prompt, gen_length=setup.gen_length,
+            layers=setup.config.num_hidden_layers)), f, indent=1)
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def calibrate(model, setup: Setup, target: float) -> str:
+    """Router calibrated on one sequence's prompt + half-masked block under token routing."""
+    set_policy(model, RoutingPolicy.token())
+    gen = torch.Generator().manual_seed(SEED + 3)
+    ids = random_tokens(model.config, (1, setup.prompt + BLOCK), gen).to(setup.device)
+
+    def forward():
+        with torch.no_grad():
+            model(ids, block_length=BLOCK, return_logits=False)
+    return calibrate_router(model, forward, target, seed=SEED).describe()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--quick", action="store_true", help="1 and 16 sequences, gen_length 64")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, logic only")
+    ap.add_argument("--router", choices=("calibrated", "plain"), default="calibrated")
+    ap.add_argument("--target-unique", type=float, default=70.0)
+    ap.add_argument("--prompt", type=int, default=512, help="prompt tokens per sequence")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="layers of the published config (default all 20; smoke_gpu.sh: 4)")
+    args = ap.parse_args(argv)
+    start = time.time()
+    setup = make_setup(args)
+    os.makedirs(args.out, exist_ok=True)
+    dev = setup.device
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (smoke)"
+    print(f"device {device_name}; building the model", flush=True)
+    model = patch_model(build_model(setup.config, dev, SEED), RoutingPolicy.token())
+    calib = None
+    if args.router == "calibrated":
+        target = args.target_unique if not args.smoke else 9.0
+        calib = calibrate(model, setup, target)
+        print("calibration: " + calib, flush=True)
+    rows = []
+    for batch in setup.batches:
+        for name, policy in policies(setup.config):
+            rows.append(measure_row(model, setup, batch, name, policy))
+        clear_graph_cache()  # this batch size's graphs and caches: not needed again
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    print(write_report(setup, args, rows, calib, device_name, time.time() - start))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
