@@ -24,6 +24,9 @@ copy bandwidth (read + write) measured in this process.
 `--part a` (calibrated rows, breakdown, generations) / `--part b` (plain rows) split the run.
 `--quick` (H100, ~2.5 minutes): calibrated rows for 1 and 16 sequences at prefix 512 and the
 breakdown only, written to e2e_quick.{md,json,png}.
+`--llada22`: the LLaDA2.2-mini layout (expert_capacity 48, routing window 32, RoPE theta 3e6);
+the rows gain "capacity 48", the checkpoint's own block routing, beside dMoE on the same model
+(files e2e*_llada22.*).
 """
 from __future__ import annotations
 
@@ -83,7 +86,22 @@ def policies(config) -> list:
     rows = [("token", RoutingPolicy.token())]
     rows += [(f"dmoe p={p}", RoutingPolicy.dmoe(p, guard)) for p in (0.5, 0.6, 0.7, 0.8)]
     rows += [(f"des_vote {size}", RoutingPolicy.des_vote(size)), ("top-4 cap", RoutingPolicy.topk_cap(4))]
+    own = RoutingPolicy.from_config(config)
+    if own.kind == "capacity":  # a LLaDA2.2 layout: its own block routing, beside dMoE
+        rows.append((f"capacity {own.expert_capacity}", own))
     return rows
+
+
+def llada22_config(base: dict) -> LLaDA2MoeConfig:
+    """The LLaDA2.2-mini layout over `base` (the LLaDA2.0 fields): expert_capacity 48 of 256
+    experts (scaled to the expert count, at least 2 * top_k), routing window 32, RoPE theta
+    3e6 in transformers 5's rope_parameters form, 131072 positions."""
+    E, k = base.get("num_experts", 256), base.get("num_experts_per_tok", 8)
+    rope = dict(rope_type="default", rope_theta=3e6,
+                partial_rotary_factor=base.get("partial_rotary_factor", 0.5))
+    return LLaDA2MoeConfig(**{**base, "expert_capacity": max(2 * k, 48 * E // 256),
+                              "block_size": BLOCK, "rope_parameters": rope,
+                              "max_position_embeddings": 131072})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,13 +482,14 @@ def plot(path_png, rows, bandwidth, model, setup):
 
 def make_setup(args) -> Setup:
     if args.smoke:
-        return Setup(True, torch.device("cpu"), LLaDA2MoeConfig(**SMALL),
+        small = llada22_config(SMALL) if args.llada22 else LLaDA2MoeConfig(**SMALL)
+        return Setup(True, torch.device("cpu"), small,
                      (1, 2), (32,) if args.quick else (32, 64),
                      args.target_unique or 9.0, 1, 1, 1, 8, 40, time.time() + args.budget_s)
     # --layers cuts the published config to fewer layers (the GPU smoke run): same shapes
     # per layer, so every kernel and launch choice is the full model's.
-    config = LLaDA2MoeConfig() if args.layers is None else LLaDA2MoeConfig(
-        num_hidden_layers=args.layers)
+    base = {} if args.layers is None else dict(num_hidden_layers=args.layers)
+    config = llada22_config(base) if args.llada22 else LLaDA2MoeConfig(**base)
     if args.quick:
         return Setup(False, torch.device("cuda"), config, (1, 16), (512,),
                      args.target_unique or 70.0, 20, 7, 3, 128, args.gen_prompt,
@@ -497,6 +516,9 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=None,
                     help="layers of the published config to build (default: all 20); the GPU "
                          "smoke run (bench/smoke_gpu.sh) uses 4")
+    ap.add_argument("--llada22", action="store_true",
+                    help="the LLaDA2.2-mini layout (expert_capacity 48, window 32): rows gain "
+                         "'capacity 48', its own routing, beside dMoE (e2e*_llada22.*)")
     args = ap.parse_args(argv)
     if args.budget_s is None:
         args.budget_s = 130.0 if args.quick else 480.0
@@ -506,6 +528,7 @@ def main(argv=None):
     setup = make_setup(args)
     os.makedirs(args.out, exist_ok=True)
     suffix = "_quick" if args.quick else ("" if args.part == "all" else f"_{args.part}")
+    suffix += "_llada22" if args.llada22 else ""
     torch.manual_seed(SEED)
     dev = setup.device
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (smoke)"

@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): the routing the checkpoint declares (config.json: "
                         "expert_capacity -> capacity, core_threshold or mode 'aggregate' -> "
                         "dmoe, else token); an explicit policy wins")
-    g.add_argument("--capacity", type=int, default=48,
-                   help="capacity: experts a routing window keeps (LLaDA2.2: 48)")
+    g.add_argument("--capacity", type=int, default=None,
+                   help="capacity: experts a routing window keeps (default: config.json's "
+                        "expert_capacity; LLaDA2.2 ships 48)")
     g.add_argument("--top-p", type=float, default=0.6, help="dmoe: coreset vote mass")
     g.add_argument("--guard", type=int, default=None,
                    help="dmoe: minimum coreset size (default 16 of 256 experts, scaled to the model)")
@@ -52,7 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "max_position_embeddings after the prompt)")
     g.add_argument("--block-length", type=int, default=32, help="diffusion block")
     g.add_argument("--steps", type=int, default=32, help="denoising steps per block at most")
-    g.add_argument("--threshold", type=float, default=0.95)
+    g.add_argument("--threshold", type=float, default=None,
+                   help="commit confidence (default: generation_config.json's threshold, "
+                        "else 0.95)")
+    g.add_argument("--editing-threshold", type=float, default=None,
+                   help="LLaDA2.1 token editing: overwrite written tokens above this "
+                        "confidence, in [0, 1] (default: generation_config.json's "
+                        "editing_threshold, else no editing)")
+    g.add_argument("--max-post-steps", type=int, default=None,
+                   help="editing: edit-only steps after a block has no mask (default: "
+                        "generation_config.json's max_post_steps, else 16)")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--dtype", choices=DTYPES, default="auto",
@@ -70,21 +80,27 @@ def make_policy(args, config) -> tuple:
     from .config import RoutingPolicy
     from .defaults import scaled_guard, scaled_size
 
-    num_experts = config.num_experts
     if args.policy == "auto":
         policy = RoutingPolicy.from_config(config)
         keys = [f"{k}={getattr(config, k)}" for k in ("expert_capacity", "core_threshold", "mode")
                 if getattr(config, k, None) not in (None, 0)]
         return policy, "auto: config.json " + (", ".join(keys) if keys else
                                                 "declares no block routing")
-    return _explicit_policy(args, num_experts, scaled_guard, scaled_size), "--policy"
+    return _explicit_policy(args, config, scaled_guard, scaled_size), "--policy"
 
 
-def _explicit_policy(args, num_experts, scaled_guard, scaled_size):
+def _explicit_policy(args, config, scaled_guard, scaled_size):
     from .config import RoutingPolicy
 
+    num_experts = config.num_experts
     if args.policy == "capacity":
-        return RoutingPolicy.capacity(args.capacity, block_size=args.block_size)
+        capacity = args.capacity if args.capacity is not None else \
+            getattr(config, "expert_capacity", None)
+        if not capacity:
+            raise ValueError("--policy capacity on a config without expert_capacity (not a "
+                             "LLaDA2.2 checkpoint): pass --capacity N, top_k <= N <= "
+                             "num_experts")
+        return RoutingPolicy.capacity(capacity, block_size=args.block_size)
     if args.policy == "dmoe":
         guard = args.guard if args.guard is not None else scaled_guard(num_experts)
         return RoutingPolicy.dmoe(top_p=args.top_p, guard=guard, block_size=args.block_size)
@@ -271,6 +287,44 @@ def gen_length(requested: Optional[int], prompt_tokens: int, limit) -> int:
     return wanted
 
 
+# What generation_config.json may set, and the value without it.
+GENERATION_DEFAULTS = {"threshold": 0.95, "editing_threshold": None, "max_post_steps": 16}
+
+
+def generation_defaults(model_dir: str) -> dict:
+    """The decoding knobs a checkpoint's generation_config.json sets (threshold,
+    editing_threshold, max_post_steps; LLaDA2.1 ships editing ones), {} without the file. A
+    value generate() would refuse is a ValueError naming the file and the key."""
+    from .decoding import _check_editing
+
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    found = {k: v for k, v in _read_json(path, "the generation config").items()
+             if k in GENERATION_DEFAULTS and v is not None}
+    try:
+        _check_editing(found.get("editing_threshold"), found.get("max_post_steps", 16))
+        if not isinstance(found.get("threshold", 0.0), (int, float)):
+            raise ValueError(f"threshold must be a number, got {found['threshold']!r}")
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return found
+
+
+def _decoding_args(args, model_dir: str) -> str:
+    """Fill --threshold / --editing-threshold / --max-post-steps left unset from the
+    checkpoint's generation_config.json, else the defaults; returns what the run says."""
+    found = generation_defaults(model_dir)
+    for key, default in GENERATION_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, found.get(key, default))
+    if args.editing_threshold is None:
+        return "LLaDA2.0 decoding (no token editing)"
+    where = " (generation_config.json)" if "editing_threshold" in found else ""
+    return (f"LLaDA2.1 token editing, editing_threshold={args.editing_threshold}{where}, "
+            f"max_post_steps={args.max_post_steps}")
+
+
 def _fmt(value, spec=".1f") -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -293,9 +347,10 @@ def _timed_decode(model, prompt_ids, args, label: str):
 
     from .decoding import generate
 
-    generate(model, [prompt_ids], gen_length=min(args.block_length, args.gen_length),
-             block_length=args.block_length, steps=args.steps, threshold=args.threshold,
-             temperature=args.temperature)
+    knobs = dict(block_length=args.block_length, steps=args.steps, threshold=args.threshold,
+                 temperature=args.temperature, editing_threshold=args.editing_threshold,
+                 max_post_steps=args.max_post_steps)
+    generate(model, [prompt_ids], gen_length=min(args.block_length, args.gen_length), **knobs)
     bar = tqdm(desc=f"blocks ({label})", unit="block", leave=False)
 
     def on_block(done, total):
@@ -303,10 +358,8 @@ def _timed_decode(model, prompt_ids, args, label: str):
         bar.update(done - bar.n)
 
     try:
-        return generate(model, [prompt_ids], gen_length=args.gen_length,
-                        block_length=args.block_length, steps=args.steps,
-                        threshold=args.threshold, temperature=args.temperature,
-                        on_block=on_block)
+        return generate(model, [prompt_ids], gen_length=args.gen_length, on_block=on_block,
+                        **knobs)
     finally:
         bar.close()
 
@@ -344,9 +397,11 @@ def run_generate(args) -> int:
     args.gen_length = gen_length(args.gen_length, len(prompt_ids),
                                  getattr(model.config, "max_position_embeddings", None))
     policy, why = make_policy(args, model.config)
+    decoding = _decoding_args(args, model_dir)
     patch_model(model, policy, backend=args.backend)
     print(f"model: {model_dir} on {device} ({str(dtype).replace('torch.', '')}), policy: {policy} "
           f"({why})")
+    print(f"decoding: {decoding}")
 
     result = _timed_decode(model, prompt_ids, args, policy.kind)
     st = result.stats
@@ -356,7 +411,8 @@ def run_generate(args) -> int:
     # tokens up to and including the first EOS (the fill after it is not counted)
     print(f"tokens/s: {st.tokens_per_s:.1f} ({st.generated_tokens} tokens in {st.wall_time_s:.2f} s, "
           f"{st.forwards} forwards, {st.tokens_per_forward:.2f} tokens/forward, "
-          f"{st.time_per_forward_s * 1e3:.2f} ms/forward)")
+          f"{st.time_per_forward_s * 1e3:.2f} ms/forward"
+          f"{f', {st.edits} edits' if args.editing_threshold is not None else ''})")
     line = f"unique experts per block: {_fmt(st.mean_unique_experts)} with {policy}"
     if st.mean_coreset_size is not None:
         line += f" (coreset {_fmt(st.mean_coreset_size)})"

@@ -184,7 +184,7 @@ class RoutingPolicy:
         (top_p = `core_threshold`, default 0.6; guard 16 scaled to the expert count) for a
         config with `core_threshold` or `mode == "aggregate"`; token routing otherwise.
         config: a transformers config object or a dict. A ValueError names expert_capacity
-        outside [num_experts_per_tok, num_experts]."""
+        outside [num_experts_per_tok, num_experts], and block_size < 1."""
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
         capacity = get("expert_capacity") or 0
         if capacity:
@@ -193,7 +193,8 @@ class RoutingPolicy:
                 raise ValueError(f"expert_capacity must be an int in [num_experts_per_tok="
                                  f"{top_k}, num_experts={E}] (0 or absent: no capacity "
                                  f"routing), got {capacity!r}")
-            return cls.capacity(capacity, get("block_size") or 32)
+            window = get("block_size")  # 0 or below is an error naming it, never 32
+            return cls.capacity(capacity, 32 if window is None else window)
         if get("core_threshold") is not None or get("mode") == "aggregate":
             from .defaults import scaled_guard
 

@@ -20,6 +20,13 @@ key holds, when a graph is not reused, and how much memory is kept). The host sy
 step (reading the "still masked?" flag the step computed, which a step must know before the
 next is launched: checking later would run forwards that published decoding does not run) and
 two per block (the running flags up, EOS down).
+
+LLaDA2.1 token editing (`editing_threshold`, ../shared/docs/llada2-family.md): each step also
+overwrites written tokens of the block being decoded, and once the block has no mask, up to
+`max_post_steps` edit-only steps follow. The whole decision (commit, edit, and whether a
+sequence is finished with the block) is device ops inside the step, so a step stays one graph
+replay; the step's flag becomes "is any sequence still open on this block?" (the same single
+sync per step as without editing).
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ class GenerationStats:
     forwards: int = 0                 # denoising forwards (one block per sequence each)
     cache_writes: int = 0             # forwards that wrote K/V (prefill + finished blocks)
     committed_tokens: int = 0         # tokens committed over the batch, EOS fill included
+    edits: int = 0                    # LLaDA2.1 editing: written tokens overwritten (T2T)
     # tokens returned over the batch: each sequence's up to and including its first EOS (what
     # tokens_per_s and tokens_per_forward count; the fill after an EOS is not an answer)
     generated_tokens: int = 0
@@ -206,6 +214,19 @@ def _check_positions(prompts, gen_length: int, limit) -> None:
             f"{limit}: shorten the prompt or gen_length")
 
 
+def _check_editing(editing_threshold, max_post_steps) -> None:
+    """LLaDA2.1's knobs: editing_threshold None (off) or in [0, 1] (0: edit whenever the argmax
+    differs, a published preset), max_post_steps an int >= 0."""
+    if editing_threshold is not None and (
+            isinstance(editing_threshold, bool) or not isinstance(editing_threshold, (int, float))
+            or not 0 <= editing_threshold <= 1):
+        raise ValueError(f"editing_threshold must be None (no token editing) or a number in "
+                         f"[0, 1], got {editing_threshold!r}")
+    if isinstance(max_post_steps, bool) or not isinstance(max_post_steps, int) \
+            or max_post_steps < 0:
+        raise ValueError(f"max_post_steps must be an int >= 0, got {max_post_steps!r}")
+
+
 def quota_schedule(block_length: int, steps: int) -> List[int]:
     """Tokens to commit at least, per step: block_length // steps, remainder to the first steps."""
     base, extra = divmod(block_length, steps)
@@ -259,6 +280,39 @@ def commit_mask(conf, active, threshold: float, quota):
     positions = torch.arange(conf.shape[-1], device=conf.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(-1, order, positions)
     return active & ((conf > threshold) | (rank < quota))
+
+
+def editing_decision(tok, conf, block, masked, written, threshold: float,
+                     editing_threshold: float):
+    """LLaDA2.1's decision for one step (../shared/docs/llada2-family.md, "Decoding"): device
+    ops only. tok, conf, block [B, L] (candidate, its probability, current tokens); masked
+    [B, L] bool: masked positions that may be committed; written [B, L] bool: already-written,
+    non-prompt positions that may be edited. Returns (commit, edit) [B, L] bool:
+    commit = every masked position with conf > threshold, else the single most confident one
+    (ties: the lower position); edit = written positions whose candidate differs from their
+    token with conf > editing_threshold (overwritten, never re-masked)."""
+    commit = commit_mask(conf, masked, threshold, 1)
+    edit = written & (tok != block) & (conf > editing_threshold)
+    return commit, edit
+
+
+def _edit_step(buf: "_StepBuffers", tok, conf, mask_id: int, s: "_Sampling") -> None:
+    """Apply editing_decision to the step buffers and settle the sequences finished with the
+    block: no mask left, and either max_post_steps edit-only steps done or an edit-only step
+    that edited nothing. Device ops only."""
+    live = buf.running & ~buf.settled
+    masked = (buf.block == mask_id) & buf.current & live
+    written = buf.generated & live & (buf.block != mask_id)
+    commit, edit = editing_decision(tok, conf, buf.block, masked, written, s.threshold,
+                                    s.editing_threshold)
+    post = live & ~masked.any(-1, keepdim=True)  # this was an edit-only step
+    buf.block.copy_(torch.where(commit | edit, tok, buf.block))
+    buf.committed.add_(commit.sum())
+    buf.edits.add_(edit.sum())
+    buf.post_steps.add_(post.long())
+    left = ((buf.block == mask_id) & buf.current).any(-1, keepdim=True)
+    quiet = post & ~edit.any(-1, keepdim=True)
+    buf.settled.logical_or_(live & ~left & (quiet | (buf.post_steps >= s.max_post_steps)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,6 +544,11 @@ class _StepBuffers:
     forward_index: torch.Tensor  # () row of the routing statistics
     left: torch.Tensor           # () bool: a position of the block is still masked (the step
                                  # sets it, so the host's one read per step launches nothing)
+    # LLaDA2.1 editing only (left as allocated otherwise):
+    generated: torch.Tensor      # [B, span] the block's non-prompt columns (editable)
+    settled: torch.Tensor        # [B, 1] sequences finished with the block
+    post_steps: torch.Tensor     # [B, 1] edit-only steps done on the block
+    edits: torch.Tensor          # () tokens overwritten so far
     end: int = 0                 # canvas columns up to the span's end (the uncached step)
 
     @classmethod
@@ -499,17 +558,20 @@ class _StepBuffers:
         return cls(torch.full((B, span), mask_id, dtype=torch.long, device=device),
                    zeros(B, span), flags(), flags(),
                    torch.zeros(B, 1, dtype=torch.bool, device=device), zeros(()), zeros(()),
-                   zeros(()), torch.ones((), dtype=torch.bool, device=device))
+                   zeros(()), torch.ones((), dtype=torch.bool, device=device), flags(),
+                   torch.zeros(B, 1, dtype=torch.bool, device=device), zeros(B, 1), zeros(()))
 
     def tensors(self) -> tuple:
         """What a step writes (restored after a graph capture's warm-up steps)."""
-        return self.block, self.committed, self.forward_index, self.left
+        return (self.block, self.committed, self.forward_index, self.left, self.settled,
+                self.post_steps, self.edits)
 
     def reset(self) -> None:
         """The counters as allocated (kept buffers serving another call; the rest is loaded
         per block)."""
         self.committed.zero_()
         self.forward_index.zero_()
+        self.edits.zero_()
 
 
 @dataclass(frozen=True)
@@ -519,6 +581,8 @@ class _Sampling:
     top_k: Optional[int]
     top_p: Optional[float]
     generator: object
+    editing_threshold: Optional[float] = None  # None: LLaDA2.0 (no token editing)
+    max_post_steps: int = 16
 
 
 @dataclass
@@ -554,14 +618,25 @@ def denoise_step(d: _Decode) -> None:
         logits = d.model(ids, c.positions[:, :buf.end], attention_mask=held,
                          block_length=bl).logits[:, start:]
     tok, conf = pick_tokens(logits, s.temperature, s.top_k, s.top_p, s.generator)
-    active = _masked(d)
-    commit = commit_mask(conf, active, s.threshold, buf.quota)
-    buf.block.copy_(torch.where(commit, tok, buf.block))
-    buf.committed.add_(commit.sum())
+    if s.editing_threshold is not None:
+        _edit_step(buf, tok, conf, d.mask_id, s)
+    else:
+        commit = commit_mask(conf, _masked(d), s.threshold, buf.quota)
+        buf.block.copy_(torch.where(commit, tok, buf.block))
+        buf.committed.add_(commit.sum())
     if d.recorder is not None:
         d.recorder.record(buf.current, buf.running, buf.forward_index)
     buf.forward_index.add_(1)
-    buf.left.copy_(_masked(d).any())
+    buf.left.copy_(_block_open(d))
+
+
+def _block_open(d: _Decode):
+    """() bool on the device: does a running sequence still need a step on this block? Without
+    editing: is anything of it masked; with editing: is a sequence not yet settled."""
+    buf = d.buffers
+    if d.sampling.editing_threshold is not None:
+        return (buf.running & ~buf.settled).any()
+    return _masked(d).any()
 
 
 def _masked(d: _Decode):
@@ -637,8 +712,10 @@ def _denoise_block(d: _Decode, b: int, is_running: List[bool], step, timer, st) 
     buf.held.copy_(c.valid[:, lo:hi] & (columns < (b + 1) * bl))
     buf.current.copy_((columns >= b * bl) & (columns < (b + 1) * bl))
     buf.running.copy_(torch.tensor(is_running, device=buf.block.device)[:, None])
-    buf.left.copy_(_masked(d).any())
     buf.end = hi
+    if d.sampling.editing_threshold is not None:
+        _start_editing(d, columns)
+    buf.left.copy_(_block_open(d))
     for quota in quota_schedule(bl, d.steps):
         if not bool(buf.left):  # the one host sync of a step (the step before computed it)
             break
@@ -648,6 +725,16 @@ def _denoise_block(d: _Decode, b: int, is_running: List[bool], step, timer, st) 
         timer.stop()
         st.forwards += 1
     c.x[:, lo:hi] = buf.block
+
+
+def _start_editing(d: _Decode, columns) -> None:
+    """Editing state for a new block: its generated columns, no post step yet, and a sequence
+    with nothing masked in it (a prompt-only block of a batch neighbour) settled at once."""
+    buf = d.buffers
+    buf.generated.copy_(buf.current & (columns >= d.canvas.gen_start[:, None]))
+    buf.post_steps.zero_()
+    masked = ((buf.block == d.mask_id) & buf.current).any(-1, keepdim=True)
+    buf.settled.copy_(~(masked & buf.running))
 
 
 def _cache_span(d: _Decode, b: int, write_span, st) -> None:
@@ -716,7 +803,8 @@ def _setup(model, prompts, *, gen_length, block_length, steps, sampling, mask_id
     key = graph_key(model, batch=B, span=span, capacity=canvas.total * block_length,
                     block_length=block_length, steps=steps, mask_id=mask_id, stats=bool(moe),
                     sampling=(sampling.threshold, sampling.temperature, sampling.top_k,
-                              sampling.top_p)) if graph else None
+                              sampling.top_p, sampling.editing_threshold,
+                              sampling.max_post_steps)) if graph else None
     kept = graph_cache.get(key, model) if graph else None
     if kept is not None:
         kept.reset()
@@ -748,7 +836,9 @@ def generate(model, input_ids: Union[torch.Tensor, List[List[int]], List[int]],
              mask_id: Optional[int] = None, use_cache: bool = True,
              cuda_graph: Optional[bool] = None, stats: bool = True, generator=None,
              on_block: Optional[Callable[[int, int], None]] = None,
-             attention_mask: Optional[torch.Tensor] = None) -> GenerationResult:
+             attention_mask: Optional[torch.Tensor] = None,
+             editing_threshold: Optional[float] = None,
+             max_post_steps: int = 16) -> GenerationResult:
     """Decode `gen_length` tokens after each prompt with LLaDA2 block diffusion.
 
     model: LLaDA2MoeModelLM (patched or not). input_ids: prompts, a list of lists of ints (any
@@ -771,12 +861,23 @@ def generate(model, input_ids: Union[torch.Tensor, List[List[int]], List[int]],
     (GenerationStats.unique_experts ...): on by default, a fixed handful of small kernels per
     step whatever the layer count; stats=False drops them. on_block(done, total) is called
     after each block (progress bars). Returns tokens per sequence, cut after the first EOS.
+
+    editing_threshold: None (default) decodes as LLaDA2.0. A number in [0, 1] turns on LLaDA2.1
+    token editing (../shared/docs/llada2-family.md): each step commits every masked position
+    of the block with confidence > threshold (else the single most confident one) and
+    overwrites every written, non-prompt position of the block whose candidate differs from its
+    token with confidence > editing_threshold; once the block has no mask, up to
+    `max_post_steps` (int >= 0) edit-only steps follow, ending early after one that edits
+    nothing. `steps` does not bound a block in this mode. stats.edits counts the overwrites.
+    A ValueError names editing_threshold outside [0, 1] or max_post_steps < 0. The checkpoint's
+    generation_config.json values are what the CLI passes (cli.generation_defaults).
     """
     start_time = time.perf_counter()
     eos_ids, mask_id = _special_ids(model.config, eos_id, mask_id)
     prompts = _as_prompts(input_ids, attention_mask, getattr(model.config, "pad_token_id", None))
     _check_args(prompts, model.config.vocab_size, gen_length, block_length, steps, threshold,
                 temperature, top_k, top_p, mask_id)
+    _check_editing(editing_threshold, max_post_steps)
     _check_positions(prompts, gen_length, getattr(model.config, "max_position_embeddings", None))
     device = next(model.parameters()).device
     graph = _wants_graph(model, device, cuda_graph, temperature, generator) and use_cache
@@ -784,8 +885,12 @@ def generate(model, input_ids: Union[torch.Tensor, List[List[int]], List[int]],
         torch.cuda.reset_peak_memory_stats(device)
     st = GenerationStats(cuda_graph=graph)
     d, run = _setup(model, prompts, gen_length=gen_length, block_length=block_length,
-                    steps=min(steps, gen_length),  # as published (minimal_topk = 1)
-                    sampling=_Sampling(threshold, temperature, top_k, top_p, generator),
+                    # as published (minimal_topk = 1); editing: every mask step commits at
+                    # least one of the block's masks, then at most max_post_steps edit-only steps
+                    steps=min(steps, gen_length) if editing_threshold is None
+                    else block_length + max_post_steps,
+                    sampling=_Sampling(threshold, temperature, top_k, top_p, generator,
+                                       editing_threshold, max_post_steps),
                     mask_id=mask_id, eos_ids=eos_ids, use_cache=use_cache, stats=stats,
                     graph=graph, st=st)
     timer = _run_blocks(d, run, st, on_block)
@@ -797,6 +902,7 @@ def generate(model, input_ids: Union[torch.Tensor, List[List[int]], List[int]],
 
 def _finish_stats(st: GenerationStats, d: _Decode, timer, start_time: float) -> None:
     st.committed_tokens = int(d.buffers.committed)
+    st.edits = int(d.buffers.edits)
     st.time_per_forward_s = timer.mean()
     if d.recorder is not None:
         d.recorder.fill(st)

@@ -508,6 +508,8 @@ class DMoEBlock(torch.nn.Module):
         expert_bias = getattr(mlp.gate, "expert_bias", None)
         experts = _required(mlp, "experts")
         shared = getattr(mlp, "shared_experts", None)
+        if shared is not None and not any(p.numel() for p in shared.parameters()):
+            shared = None  # num_shared_experts: 0 (zero-width tensors): no shared expert
         if hasattr(experts, "gate_up_proj"):
             return cls(cfg, policy, gate_weight, expert_bias, experts.gate_up_proj.data,
                        experts.down_proj.data, shared, backend)

@@ -50,10 +50,13 @@ def group_limited_topk(r: torch.Tensor, candidates: torch.Tensor, cfg: RouterCon
 
 
 def scaled_weights(s: torch.Tensor, ids: torch.Tensor, bad: torch.Tensor, scale: float):
-    """Spec step 3: unbiased sigmoid of the filled slots, renormalised, scaled; NaN for bad rows."""
+    """Spec step 3: unbiased sigmoid of the filled slots, renormalised (not with one slot: every
+    LLaDA2 gate normalises only when top_k > 1), scaled; NaN for bad rows."""
     filled = ids >= 0
     w = torch.where(filled, torch.gather(s, -1, ids.clamp(min=0)), torch.zeros_like(s[..., :1]))
-    w = w / (w.sum(dim=-1, keepdim=True) + 1e-20) * scale
+    if ids.shape[-1] > 1:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    w = w * scale
     return torch.where(bad[..., None], torch.full_like(w, float("nan")), w)
 
 

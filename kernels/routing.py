@@ -271,7 +271,9 @@ def route_kernel(
     filled = out_ok & (ids >= 0)
     x_at = tl.load(logits_ptr + (base + row)[:, None] * E + ids, mask=filled, other=0.0)
     w = tl.where(filled, tl.sigmoid(x_at), 0.0)
-    w = w / (tl.sum(w, axis=1)[:, None] + 1e-20) * scaling
+    if TOP_K > 1:  # a top-1 gate does not normalise (every LLaDA2 gate: top_k > 1 only)
+        w = w / (tl.sum(w, axis=1)[:, None] + 1e-20)
+    w = w * scaling
     w = tl.where(bad[:, None], float("nan"), w)
     tl.store(ids_ptr + out, ids, mask=out_ok)
     tl.store(weights_ptr + out, w, mask=out_ok)

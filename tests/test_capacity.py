@@ -132,3 +132,16 @@ def test_an_unpatched_llada22_model_decodes_the_same_with_and_without_the_cache(
         cached = generate(model, prompts, **kw).tokens
         assert generate(model, prompts, use_cache=False, **kw).tokens == cached
         assert [generate(model, [p], **kw).tokens[0] for p in prompts] == cached
+
+
+@pytest.mark.parametrize("block_size", [0, -8])
+def test_a_routing_window_below_one_is_named(block_size):
+    from dmoe_triton.testing import small_model
+
+    config = dict(num_experts=16, num_experts_per_tok=4, expert_capacity=8, block_size=block_size)
+    with pytest.raises(ValueError, match="block_size"):
+        RoutingPolicy.from_config(config)
+    with pytest.raises(ValueError, match="block_size"):
+        small_model(0, expert_capacity=8, block_size=block_size)
+    with pytest.raises(ValueError, match="block_size"):
+        RoutingPolicy.capacity(8, block_size=block_size)

@@ -216,3 +216,60 @@ def test_default_gen_length_fits_the_position_limit(ckpt, capsys):
 def test_broken_tokenizer_files(ckpt, capsys, name):
     (ckpt / name).write_text("{not json")
     fails(capsys, ["generate", "--model", str(ckpt), "--prompt", "1+2=", *FAST], str(ckpt / name))
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaDA2.2 / 2.1 checkpoints (issue 12 items 4 and 7)
+
+
+@pytest.fixture(scope="module")
+def llada22(tmp_path_factory):
+    """A small LLaDA2.2-style checkpoint: expert_capacity and block_size in config.json (its
+    own block routing), RoPE as rope_parameters, and a generation_config.json carrying
+    LLaDA2.1's editing knobs."""
+    config = tt.model_config("micro")
+    config.expert_capacity, config.block_size = config.num_experts // 2, 8
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("ckpt") / "llada22"
+    tt.save_checkpoint(LLaDA2MoeModelLM(config), str(path))
+    raw = json.loads((path / "config.json").read_text())
+    raw["rope_parameters"] = {"rope_type": "default", "rope_theta": raw.pop("rope_theta"),
+                              "partial_rotary_factor": raw.pop("partial_rotary_factor")}
+    (path / "config.json").write_text(json.dumps(raw))
+    (path / "generation_config.json").write_text(json.dumps(
+        {"editing_threshold": 0.0, "max_post_steps": 2, "threshold": 0.9}))
+    return path
+
+
+def test_a_llada22_checkpoint_runs_its_own_routing_and_editing(llada22, capsys):
+    assert cli.main(["generate", "--model", str(llada22), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "policy: capacity(expert_capacity=" in out and "block_size=8)" in out, out
+    assert "auto: config.json expert_capacity=" in out, out
+    assert "LLaDA2.1 token editing, editing_threshold=0.0 (generation_config.json), " \
+           "max_post_steps=2" in out, out
+    assert " edits)" in out, out
+
+
+def test_generation_config_defaults_and_what_wins(llada22, tmp_path):
+    assert cli.generation_defaults(str(llada22)) == {
+        "editing_threshold": 0.0, "max_post_steps": 2, "threshold": 0.9}
+    assert cli.generation_defaults(str(tmp_path)) == {}
+    args = cli.build_parser().parse_args(["generate", "--editing-threshold", "0.5"])
+    cli._decoding_args(args, str(llada22))  # an explicit value wins; the rest from the file
+    assert (args.editing_threshold, args.max_post_steps, args.threshold) == (0.5, 2, 0.9)
+
+
+def test_bad_editing_knobs_are_named(llada22, tmp_path, capsys):
+    fails(capsys, ["generate", "--model", str(llada22), "--editing-threshold", "1.5", *FAST],
+          "editing_threshold", "[0, 1]")
+    bad = tmp_path / "bad"
+    shutil.copytree(llada22, bad)
+    (bad / "generation_config.json").write_text(json.dumps({"editing_threshold": -1}))
+    fails(capsys, ["generate", "--model", str(bad), *FAST], "generation_config.json",
+          "editing_threshold")
+
+
+def test_a_capacity_policy_needs_a_capacity(ckpt, capsys):
+    fails(capsys, ["generate", "--model", str(ckpt), "--prompt", "1+2=", "--policy", "capacity",
+                   *FAST], "expert_capacity", "--capacity")

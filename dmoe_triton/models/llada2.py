@@ -197,7 +197,9 @@ class LLaDA2MoeGate(nn.Module):
         in_kept = in_kept.repeat_interleave(c.num_experts // c.n_group, dim=1)
         ids = ranking.masked_fill(~in_kept, float("-inf")).topk(c.num_experts_per_tok, dim=-1).indices
         w = scores.gather(1, ids)
-        w = w / (w.sum(-1, keepdim=True) + 1e-20) * c.routed_scaling_factor
+        if c.num_experts_per_tok > 1:  # as published: a top-1 gate does not normalise
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        w = w * c.routed_scaling_factor
         return ids, w
 
 
@@ -209,8 +211,12 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
         H, I = config.hidden_size, config.moe_intermediate_size
         self.gate = LLaDA2MoeGate(config)
         self.experts = nn.ModuleList(LLaDA2MoeMLP(H, I) for _ in range(config.num_experts))
-        n_shared = config.num_shared_experts or 0
-        self.shared_experts = LLaDA2MoeMLP(H, I * n_shared) if n_shared else None
+        n_shared = config.num_shared_experts
+        # As published: a shared expert of width I * num_shared_experts whenever the key is
+        # set, so a `num_shared_experts: 0` checkpoint carries zero-width tensors; they load,
+        # and the forward skips the expert.
+        self.shared_experts = LLaDA2MoeMLP(H, I * n_shared) if n_shared is not None else None
+        self.has_shared = bool(n_shared)
         self.last_route: Optional[RouteResult] = None  # for decoding statistics
         # LLaDA2.2 checkpoints route by windows in their own gate, so the unpatched model does
         # too. A dMoE checkpoint's gate stays the official token gate here: dMoE is what
@@ -237,7 +243,7 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
             y = self.experts[e](flat[token]).float() * w[token, slot, None]
             out.index_add_(0, token, y)
         out = out.to(x.dtype).view(B, L, H)
-        if self.shared_experts is not None:
+        if self.shared_experts is not None and self.has_shared:
             out = out + self.shared_experts(x)
         return out
 
@@ -477,6 +483,10 @@ class LLaDA2MoePreTrainedModel(PreTrainedModel):
         want_info = kwargs.pop("output_loading_info", False)
         kwargs["ignore_mismatched_sizes"] = True  # so that the check below can name the tensor
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        # A zero-width tensor (num_shared_experts: 0) has nothing to load: absent is fine.
+        state = model.state_dict()
+        info["missing_keys"] = [k for k in info.get("missing_keys") or []
+                                if k not in state or state[k].numel() > 0]
         check_loading_info(info, model.config)
         check_finite(model)
         for module in model.modules():
