@@ -24,7 +24,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
-from .modules import expert_hits, moe_layers
+from .modules import expert_load, moe_layers
 
 DEFAULT_EOS_ID = 156892
 DEFAULT_MASK_ID = 156895
@@ -48,6 +48,10 @@ class GenerationStats:
     # same shape, block policies only: coreset size, and picks outside the coreset (must be 0)
     coreset_size: Optional[torch.Tensor] = None
     outside_coreset: Optional[int] = None
+    # same shape as unique_experts: the most rows of the block any one expert processes
+    # (balance), and the block's routed token-expert pairs (expert FLOPs / pair FLOPs)
+    max_expert_load: Optional[torch.Tensor] = None
+    routed_pairs: Optional[torch.Tensor] = None
 
     @property
     def tokens_per_forward(self) -> float:
@@ -257,17 +261,23 @@ def commit_mask(conf, active, threshold: float, quota):
 # Routing statistics
 
 
-def route_stats(modules, rows, unique_out, coreset_out, outside_out):
-    """Write unique experts (and coreset size / outside picks) of the `rows` ([B, L] bool) of
-    each MoE layer's last forward into [layers, B] buffers. Device ops only.
+def route_stats(modules, rows, unique_out, coreset_out, outside_out, load_out=None,
+                pairs_out=None):
+    """Write unique experts (and coreset size / outside picks, the largest expert load and the
+    routed pairs) of the `rows` ([B, L] bool) of each MoE layer's last forward into [layers, B]
+    buffers. Device ops only.
 
     The coreset is averaged over the routing windows that hold those rows; generate's forwards
     start on a window boundary, so window j holds rows [j * block_size, (j + 1) * block_size)."""
     for i, m in enumerate(modules):
         route = m.last_route
         ids = torch.where(rows[..., None], route.topk_ids, -1)
-        hit = expert_hits(ids, _num_experts(m, route))
+        load = expert_load(ids, _num_experts(m, route))
+        hit = load > 0
         unique_out[i] = hit.sum(-1)
+        if load_out is not None:
+            load_out[i] = load.max(-1).values
+            pairs_out[i] = load.sum(-1)
         if coreset_out is not None and route.coreset is not None:
             B, n = route.coreset.shape[:2]
             size = getattr(getattr(m, "policy", None), "block_size", None) or rows.shape[1]
@@ -288,7 +298,8 @@ def _num_experts(module, route) -> int:
 
 class RouteRecorder:
     """Routing statistics of every denoising forward, [forwards, layers, B], written by the step
-    on the device (capturable): unique experts, coreset size, picks outside the coreset. NaN / 0
+    on the device (capturable): unique experts, coreset size, picks outside the coreset, the
+    largest expert load and the routed token-expert pairs of the block. NaN / 0
     where a sequence was not decoding."""
 
     def __init__(self, modules: list, max_forwards: int, batch: int, device):
@@ -297,9 +308,11 @@ class RouteRecorder:
         self.unique = torch.full(shape, float("nan"), device=device)
         self.coreset = torch.full_like(self.unique, float("nan"))
         self.outside = torch.zeros(shape, dtype=torch.long, device=device)
+        self.load = torch.full_like(self.unique, float("nan"))
+        self.pairs = torch.full_like(self.unique, float("nan"))
 
     def buffers(self) -> tuple:
-        return self.unique, self.coreset, self.outside
+        return self.unique, self.coreset, self.outside, self.load, self.pairs
 
     def record(self, rows, running, forward_index) -> None:
         """Row `forward_index` from the layers' last routes over `rows` ([B, L] bool: the block
@@ -309,16 +322,19 @@ class RouteRecorder:
         u = torch.zeros(n, B, device=device)
         c = torch.full((n, B), float("nan"), device=device)
         o = torch.zeros(n, B, dtype=torch.long, device=device)
-        route_stats(self.modules, rows, u, c, o)
+        load, pairs = torch.zeros(n, B, device=device), torch.zeros(n, B, device=device)
+        route_stats(self.modules, rows, u, c, o, load, pairs)
         keep = running[:, 0]
-        self.unique.index_copy_(0, forward_index[None], torch.where(keep, u, float("nan"))[None])
-        self.coreset.index_copy_(0, forward_index[None], torch.where(keep, c, float("nan"))[None])
+        for buffer, value in ((self.unique, u), (self.coreset, c), (self.load, load),
+                              (self.pairs, pairs)):
+            buffer.index_copy_(0, forward_index[None], torch.where(keep, value, float("nan"))[None])
         self.outside.index_copy_(0, forward_index[None], (o * keep)[None])
 
     def fill(self, st: "GenerationStats") -> None:
         """The first st.forwards rows into st (one host sync)."""
         n = st.forwards
         st.unique_experts = self.unique[:n].cpu()
+        st.max_expert_load, st.routed_pairs = self.load[:n].cpu(), self.pairs[:n].cpu()
         if any(getattr(m.last_route, "coreset", None) is not None for m in self.modules):
             st.coreset_size = self.coreset[:n].cpu()
             st.outside_coreset = int(self.outside[:n].sum())
