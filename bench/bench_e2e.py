@@ -7,7 +7,8 @@ model itself); half of the block's tokens are MASK, as in the middle of decoding
 
 Rows, for 1, 4 and 16 sequences: the unpatched model (the official per-expert Python loop, timed
 eagerly on a few forwards) and, on the fused kernels (`patch_model`, switched with `set_policy`),
-token routing, dMoE top_p 0.5-0.8 (guard 16), DES-vote (38) and the Top-4 cap, each one forward
+token routing, dMoE top_p 0.5-0.8 (guard 16), DES-vote (38), the Top-4 cap and expert choice
+(plain, inside the p=0.6 coreset, and that with linear_reverse capacity), each one forward
 captured in a CUDA graph (static cache) and replayed many times (median). Two routings, never
 mixed: PLAIN random weights and CALIBRATED (dmoe_triton/calibrate.py: a seeded expert-popularity
 skew of the router bias when blocks touch too many experts, or the gate weights with the
@@ -86,6 +87,15 @@ def policies(config) -> list:
     rows = [("token", RoutingPolicy.token())]
     rows += [(f"dmoe p={p}", RoutingPolicy.dmoe(p, guard)) for p in (0.5, 0.6, 0.7, 0.8)]
     rows += [(f"des_vote {size}", RoutingPolicy.des_vote(size)), ("top-4 cap", RoutingPolicy.topk_cap(4))]
+    # Expert choice (issue 15), k = top_k at matched expert FLOPs: plain (every expert reads
+    # its c = 32 * 8 / 256 = 1 token), inside the dMoE p=0.6 coreset, and inside it with
+    # linear_reverse capacity (k / 4 to 5 k / 4 over the half-masked block's ratio).
+    k = config.num_experts_per_tok
+    rows += [("ec k=8", RoutingPolicy.expert_choice(k)),
+             ("ec-core p=0.6", RoutingPolicy.expert_choice(k, coreset_top_p=0.6, guard=guard)),
+             ("ec-core-lr", RoutingPolicy.expert_choice(None, "linear_reverse", max(1, k // 4),
+                                                        k + k // 4, coreset_top_p=0.6,
+                                                        guard=guard))]
     own = RoutingPolicy.from_config(config)
     if own.kind == "capacity":  # a LLaDA2.2 layout: its own block routing, beside dMoE
         rows.append((f"capacity {own.expert_capacity}", own))

@@ -16,7 +16,9 @@ for each routing, time under a CUDA graph that calls the layer once per weight c
 Bytes = unique experts x 6.29 MB; floor = bytes / copy bandwidth.
 Routings: 32 tokens with exactly 8 / 15 / 32 / 70 unique experts (logits built so that route()
 picks a known set: each token's 8 experts inside 4 groups), uniform random logits (~163 unique),
-dMoE on uniform logits; and 4 / 16 blocks (128 / 512 tokens, one block per sequence).
+dMoE on uniform logits; and 4 / 16 blocks (128 / 512 tokens, one block per sequence); expert
+choice's balanced shapes (issue 15): plain EC (256 experts x 1 token) and EC inside the coreset
+(16 x 16), route()'s [T, E] ids, and once compacted to [T, picks] to show that layout's cost.
 --sweep first times a handful of DecodeConfig variants per launch (gate/up, down + combine) at
 15 and 70 unique experts, and benchmarks with the best of each launch.
 Writes moe.md, moe.png and moe.json under --out (default $OUT, else bench/results).
@@ -90,7 +92,29 @@ def cases(gen):
         out.append((f"{n}x32 tok, exact 15", exact_logits(n, 15, gen), RoutingPolicy.token(), 15))
         out.append((f"{n}x32 tok, uniform", torch.randn(n, BLOCK, E, generator=gen),
                     RoutingPolicy.token(), None))
+    return out + expert_choice_cases(gen)
+
+
+def expert_choice_cases(gen):
+    """The balanced shapes expert choice makes (docs/routing.md, Expert choice), ids [T, E]:
+    plain EC on uniform logits, every expert takes c = 32 * 8 / 256 = 1 token; EC inside the
+    coreset on the exact-15 logits (coreset = the guard's 16), each takes c = 256 / 16 = 16;
+    the same shape with the ids compacted to the row's picks (the [T, E] layout's cost)."""
+    core = RoutingPolicy.expert_choice(TOP_K, coreset_top_p=0.6, guard=16)
+    out = [("32 tok, EC k=8 (c=1)", torch.randn(1, BLOCK, E, generator=gen),
+            RoutingPolicy.expert_choice(TOP_K), 256)]
+    logits = exact_logits(1, 15, gen)
+    out += [("32 tok, EC-core 16 (c=16)", logits, core, 16),
+            ("32 tok, EC-core 16 compact", logits, core, 16),
+            ("4x32 tok, EC-core 16", exact_logits(4, 15, gen), core, 16)]
     return out
+
+
+def compact(ids, weights):
+    """Each row's filled slots first, cut to the fullest row's count (bench only: a host sync)."""
+    order = torch.sort((ids < 0).to(torch.int8), dim=-1, stable=True).indices
+    width = max(1, int((ids >= 0).sum(-1).max()))
+    return ids.gather(-1, order)[:, :width].contiguous(), weights.gather(-1, order)[:, :width].contiguous()
 
 
 def unique_counts(ids):
@@ -109,7 +133,9 @@ def build_routings(device, route_backend):
         logits = logits.to(device)
         r = route(logits, None, CFG, policy, route_backend)
         T = logits.shape[0] * BLOCK
-        ids, weights = r.topk_ids.view(T, TOP_K), r.topk_weights.view(T, TOP_K)
+        ids, weights = r.topk_ids.view(T, -1), r.topk_weights.view(T, -1)  # EC: [T, E]
+        if name.endswith("compact"):
+            ids, weights = compact(ids, weights)
         u_layer, u_block = unique_counts(ids)
         if exact is not None and u_block != exact:
             raise SystemExit(f"routing {name!r}: {u_block} unique experts per block, wanted {exact}")
@@ -397,7 +423,7 @@ def time_case(row, layers, config, route_backend, eager_peer, grouped_peer):
     def layer():
         for (wg, wd), o in zip(layers, outs):
             r = route(row["logits"], None, CFG, row["policy"], route_backend)
-            moe_forward_triton(hidden, r.topk_ids.view(T, TOP_K), r.topk_weights.view(T, TOP_K),
+            moe_forward_triton(hidden, r.topk_ids.view(T, -1), r.topk_weights.view(T, -1),
                                wg, wd, out=o, decode=config)
 
     peer_ids, peer_weights = peer_routing(ids, weights)

@@ -20,7 +20,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .config import POLICY_NAMES
+from .config import POLICY_NAMES, SCHEDULES
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -48,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", type=int, default=None,
                    help="des_vote: coreset size (default 15%% of the experts: 38 of 256)")
     g.add_argument("--k", type=int, default=4, help="topk_cap: experts per token")
+    g.add_argument("--schedule", choices=SCHEDULES, default="fixed",
+                   help="expert_choice, ec_coreset: capacity schedule over the window's mask "
+                        "ratio (fixed: k = the model's top-k)")
+    g.add_argument("--k-min", type=int, default=None,
+                   help="expert_choice, ec_coreset (linear schedules): k at one end "
+                        "(default top-k / 4)")
+    g.add_argument("--k-max", type=int, default=None,
+                   help="expert_choice, ec_coreset (linear schedules): k at the other end "
+                        "(default 5 top-k / 4)")
     g.add_argument("--gen-length", type=int, default=None,
                    help="tokens to generate (default: 128, or what fits in the model's "
                         "max_position_embeddings after the prompt)")
@@ -82,7 +91,8 @@ def make_policy(args, config) -> tuple:
 
     if args.policy == "auto":
         policy = RoutingPolicy.from_config(config)
-        keys = [f"{k}={getattr(config, k)}" for k in ("expert_capacity", "core_threshold", "mode")
+        keys = [f"{k}={getattr(config, k)}" for k in ("expert_capacity", "expert_choice_schedule",
+                                                       "core_threshold", "mode")
                 if getattr(config, k, None) not in (None, 0)]
         return policy, "auto: config.json " + (", ".join(keys) if keys else
                                                 "declares no block routing")
@@ -109,7 +119,27 @@ def _explicit_policy(args, config, scaled_guard, scaled_size):
         return RoutingPolicy.des_vote(size=size, block_size=args.block_size)
     if args.policy == "topk_cap":
         return RoutingPolicy.topk_cap(k=args.k)
+    if args.policy in ("expert_choice", "ec_coreset"):
+        return _expert_choice_policy(args, config, scaled_guard)
     return RoutingPolicy.token()
+
+
+def _expert_choice_policy(args, config, scaled_guard):
+    """--policy expert_choice / ec_coreset: fixed k = the model's top-k, or --k-min / --k-max
+    (default top-k / 4 and 5 top-k / 4) for the linear schedules; ec_coreset takes --top-p and
+    --guard as dmoe does."""
+    from .config import RoutingPolicy
+
+    k = config.num_experts_per_tok
+    core = args.top_p if args.policy == "ec_coreset" else None
+    guard = args.guard if args.guard is not None else scaled_guard(config.num_experts)
+    if args.schedule == "fixed":
+        return RoutingPolicy.expert_choice(k, block_size=args.block_size, coreset_top_p=core,
+                                           guard=guard)
+    k_min = args.k_min if args.k_min is not None else max(1, k // 4)
+    k_max = args.k_max if args.k_max is not None else k + k // 4
+    return RoutingPolicy.expert_choice(None, args.schedule, k_min, k_max, args.block_size,
+                                       coreset_top_p=core, guard=guard)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,6 +108,7 @@ class PolicyKind:
     params: Tuple[PolicyParam, ...] = ()
     slots_param: Optional[str] = None
     plain_top_k: bool = False  # tokens pick a plain (not group-limited) top-k in the coreset
+    expert_slots: bool = False  # expert choice: one slot per expert (slot e holds e or -1)
 
 
 _TOP_P = PolicyParam("top_p", float, 0.0, lo_open=True, hi=1.0)
@@ -116,6 +117,12 @@ _SIZE = PolicyParam("size", int, 1, hi_experts=True)
 _K = PolicyParam("k", int, 1, hi_experts=True)
 _BLOCK_SIZE = PolicyParam("block_size", int, 1)
 _CAPACITY = PolicyParam("expert_capacity", int, 1, hi_experts=True, lo_top_k=True)
+# Expert choice: the window's capacity is cdiv(rows * k, eligible experts), so k >= 1 keeps it
+# >= 1 and k <= E keeps it <= rows (docs/routing.md, Expert choice).
+_K_MIN = PolicyParam("k_min", int, 1, hi_experts=True)
+_K_MAX = PolicyParam("k_max", int, 1, hi_experts=True)
+# The capacity schedules of expert choice, by the window's mask ratio m (docs/routing.md).
+SCHEDULES = ("fixed", "linear", "linear_reverse")
 
 POLICIES = {kind.name: kind for kind in (
     PolicyKind("token", codes.TOKEN.value, is_block=False),
@@ -124,7 +131,12 @@ POLICIES = {kind.name: kind for kind in (
     PolicyKind("topk_cap", codes.TOKEN.value, is_block=False, params=(_K,), slots_param="k"),
     PolicyKind("capacity", codes.CAPACITY.value, is_block=True, params=(_CAPACITY,),
                plain_top_k=True),
+    PolicyKind("expert_choice", codes.EXPERT_CHOICE.value, is_block=True,
+               params=(_K_MIN, _K_MAX), expert_slots=True),
+    PolicyKind("ec_coreset", codes.EXPERT_CHOICE.value, is_block=True,
+               params=(_TOP_P, _GUARD, _K_MIN, _K_MAX), expert_slots=True),
 )}
+EXPERT_CHOICE_KINDS = ("expert_choice", "ec_coreset")
 POLICY_NAMES = tuple(POLICIES)
 
 
@@ -143,6 +155,9 @@ class RoutingPolicy:
     size: int = 0
     k: int = 0
     expert_capacity: int = 0
+    schedule: str = "fixed"
+    k_min: int = 0
+    k_max: int = 0
 
     def __post_init__(self):
         if self.kind not in POLICIES:
@@ -150,6 +165,14 @@ class RoutingPolicy:
         _BLOCK_SIZE.check(self.block_size)
         for param in self.spec.params:
             param.check(getattr(self, param.name))
+        if self.is_expert_choice:
+            if self.schedule not in SCHEDULES:
+                raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            if self.k_min > self.k_max:
+                raise ValueError(f"k_min ({self.k_min}) must be <= k_max ({self.k_max})")
+            if self.schedule == "fixed" and self.k_min != self.k_max:
+                raise ValueError(f"schedule 'fixed' takes one k (k_min == k_max), got k_min="
+                                 f"{self.k_min}, k_max={self.k_max}")
 
     @classmethod
     def token(cls) -> "RoutingPolicy":
@@ -178,6 +201,36 @@ class RoutingPolicy:
         return cls("capacity", expert_capacity=expert_capacity, block_size=block_size)
 
     @classmethod
+    def expert_choice(cls, k: Optional[int] = 8, schedule: str = "fixed",
+                      k_min: Optional[int] = None, k_max: Optional[int] = None,
+                      block_size: int = 32, coreset_top_p: Optional[float] = None,
+                      guard: int = 16) -> "RoutingPolicy":
+        """Expert choice (EC-DLM): each eligible expert takes its top-c rows of the window by
+        affinity, c = min(rows, cdiv(rows * k, eligible experts)) with k from the schedule at
+        the window's mask ratio (docs/routing.md, Expert choice).
+
+        schedule "fixed" uses k; "linear" (k_min at no mask to k_max all masked) and
+        "linear_reverse" (k_max at no mask to k_min all masked) use k_min and k_max.
+        coreset_top_p None: every expert is eligible (kind "expert_choice"); a float: only the
+        window's dMoE coreset (top_p, guard) is, kind "ec_coreset".
+        ValueError (naming it) for an unknown schedule, k / k_min / k_max outside [1, E]
+        (checked against E when routed), k_min > k_max, a missing k_min / k_max."""
+        if schedule == "fixed":
+            _check_int("k", k, 1)
+            if k_min is not None or k_max is not None:
+                raise ValueError("k_min / k_max are for the linear schedules; schedule 'fixed' "
+                                 f"takes k, got k_min={k_min!r}, k_max={k_max!r}")
+            k_min = k_max = k
+        elif k_min is None or k_max is None:
+            raise ValueError(f"schedule {schedule!r} needs k_min and k_max, got k_min={k_min!r}, "
+                             f"k_max={k_max!r}")
+        if coreset_top_p is None:
+            return cls("expert_choice", schedule=schedule, k_min=k_min, k_max=k_max,
+                       block_size=block_size)
+        return cls("ec_coreset", top_p=coreset_top_p, guard=guard, schedule=schedule,
+                   k_min=k_min, k_max=k_max, block_size=block_size)
+
+    @classmethod
     def from_config(cls, config) -> "RoutingPolicy":
         """The routing a checkpoint was trained for (docs/routing.md, "The checkpoint chooses"):
         capacity routing for `expert_capacity` > 0 (window `block_size`, default 32); dMoE
@@ -195,6 +248,8 @@ class RoutingPolicy:
                                  f"routing), got {capacity!r}")
             window = get("block_size")  # 0 or below is an error naming it, never 32
             return cls.capacity(capacity, 32 if window is None else window)
+        if get("expert_choice_schedule") is not None:
+            return _expert_choice_from_config(get)
         if get("core_threshold") is not None or get("mode") == "aggregate":
             from .defaults import scaled_guard
 
@@ -217,6 +272,11 @@ class RoutingPolicy:
     def is_block(self) -> bool:
         return self.spec.is_block
 
+    @property
+    def is_expert_choice(self) -> bool:
+        """Experts choose rows (kinds in EXPERT_CHOICE_KINDS), not rows experts."""
+        return self.kind in EXPERT_CHOICE_KINDS
+
     def check(self, cfg: RouterConfig) -> None:
         """Validate the parameters that depend on the number of experts."""
         for param in self.spec.params:
@@ -231,9 +291,31 @@ class RoutingPolicy:
 
     def slots(self, cfg: RouterConfig) -> int:
         """Experts per token in the output (`topk_ids.shape[-1]`)."""
+        if self.spec.expert_slots:
+            return cfg.num_experts
         name = self.spec.slots_param
         return cfg.top_k if name is None else getattr(self, name)
 
     def __str__(self) -> str:
         names = [p.name for p in self.spec.params] + (["block_size"] if self.is_block else [])
-        return f"{self.kind}({', '.join(f'{n}={getattr(self, n)}' for n in names)})"
+        if self.is_expert_choice:
+            names.insert(0, "schedule")
+        return f"{self.kind}({', '.join(f'{n}={getattr(self, n)!s}' for n in names)})"
+
+
+def _expert_choice_from_config(get) -> RoutingPolicy:
+    """RoutingPolicy.from_config for a checkpoint that declares expert choice:
+    expert_choice_schedule, expert_choice_k_min / _k_max (default num_experts_per_tok), and
+    core_threshold for expert choice inside the dMoE coreset (guard 16 scaled to E)."""
+    from .defaults import scaled_guard
+
+    schedule = get("expert_choice_schedule")
+    k_min = get("expert_choice_k_min") or get("num_experts_per_tok")
+    k_max = get("expert_choice_k_max") or k_min
+    top_p = get("core_threshold")
+    fixed = schedule == "fixed"
+    return RoutingPolicy.expert_choice(
+        k=k_min if fixed else None, schedule=schedule, k_min=None if fixed else k_min,
+        k_max=None if fixed else k_max, block_size=get("block_size") or 32,
+        coreset_top_p=None if top_p is None else float(top_p),
+        guard=scaled_guard(get("num_experts")))

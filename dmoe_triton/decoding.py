@@ -38,7 +38,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from .graphs import capture, graph_cache, graph_key
-from .modules import expert_hits, moe_layers
+from .modules import expert_load, moe_layers
 
 DEFAULT_EOS_ID = 156892
 DEFAULT_MASK_ID = 156895
@@ -64,6 +64,10 @@ class GenerationStats:
     # same shape, block policies only: coreset size, and picks outside the coreset (must be 0)
     coreset_size: Optional[torch.Tensor] = None
     outside_coreset: Optional[int] = None
+    # same shape as unique_experts: the most rows of the block any one expert processes
+    # (balance), and the block's routed token-expert pairs (expert FLOPs / pair FLOPs)
+    max_expert_load: Optional[torch.Tensor] = None
+    routed_pairs: Optional[torch.Tensor] = None
 
     @property
     def tokens_per_forward(self) -> float:
@@ -319,21 +323,28 @@ def _edit_step(buf: "_StepBuffers", tok, conf, mask_id: int, s: "_Sampling") -> 
 # Routing statistics
 
 
-def route_stats(modules, rows, unique_out, coreset_out, outside_out):
-    """Write unique experts (and coreset size / outside picks) of the `rows` ([B, L] bool) of
-    each MoE layer's last forward into [layers, B] buffers. Device ops only.
+def route_stats(modules, rows, unique_out, coreset_out, outside_out, load_out=None,
+                pairs_out=None):
+    """Write unique experts (and coreset size / outside picks, the largest expert load and the
+    routed pairs) of the `rows` ([B, L] bool) of each MoE layer's last forward into [layers, B]
+    buffers. Device ops only.
 
     The layers' routes are stacked first, so a step launches a fixed handful of kernels
     whatever the layer count (layer by layer, ~20 small launches x 19 layers: issue 18 found
-    LLaDA2.0-mini's graphed step ~1.3x its bare forward with them). The coreset is averaged over the routing
-    windows that hold those rows; generate's forwards start on a window boundary, so window j
-    holds rows [j * block_size, (j + 1) * block_size)."""
+    LLaDA2.0-mini's graphed step ~1.3x its bare forward with them). The coreset is averaged
+    over the routing windows that hold those rows; generate's forwards start on a window
+    boundary, so window j holds rows [j * block_size, (j + 1) * block_size). load_out /
+    pairs_out (optional): the most rows any expert takes, and the routed (row, expert) pairs."""
     routes = [m.last_route for m in modules]
     E = max(_num_experts(m, r) for m, r in zip(modules, routes))
     ids = torch.where(rows[..., None], torch.stack([r.topk_ids for r in routes]), -1)
     n, B = ids.shape[:2]
-    hit = expert_hits(ids.flatten(0, 1), E).view(n, B, E)
+    load = expert_load(ids.flatten(0, 1), E).view(n, B, E)
+    hit = load > 0
     unique_out.copy_(hit.sum(-1))
+    if load_out is not None:
+        load_out.copy_(load.max(-1).values)
+        pairs_out.copy_(load.sum(-1))
     if coreset_out is None:
         return
     groups = {}  # layers with a coreset, by (window rows, experts): stacked together
@@ -380,7 +391,8 @@ def _num_experts(module, route) -> int:
 
 class RouteRecorder:
     """Routing statistics of every denoising forward, [forwards, layers, B], written by the step
-    on the device (capturable): unique experts, coreset size, picks outside the coreset. NaN / 0
+    on the device (capturable): unique experts, coreset size, picks outside the coreset, the
+    largest expert load and the routed token-expert pairs of the block. NaN / 0
     where a sequence was not decoding."""
 
     def __init__(self, modules: list, max_forwards: int, batch: int, device):
@@ -389,15 +401,17 @@ class RouteRecorder:
         self.unique = torch.full(shape, float("nan"), device=device)
         self.coreset = torch.full_like(self.unique, float("nan"))
         self.outside = torch.zeros(shape, dtype=torch.long, device=device)
+        self.load = torch.full_like(self.unique, float("nan"))
+        self.pairs = torch.full_like(self.unique, float("nan"))
         self.has_coreset = False  # set by record(): a layer routed with a block policy
 
     def buffers(self) -> tuple:
-        return self.unique, self.coreset, self.outside
+        return self.unique, self.coreset, self.outside, self.load, self.pairs
 
     def reset(self) -> None:
         """As allocated (a kept recorder serving another generate call)."""
-        self.unique.fill_(float("nan"))
-        self.coreset.fill_(float("nan"))
+        for buffer in (self.unique, self.coreset, self.load, self.pairs):
+            buffer.fill_(float("nan"))
         self.outside.zero_()
 
     def record(self, rows, running, forward_index) -> None:
@@ -407,11 +421,13 @@ class RouteRecorder:
         device = self.unique.device
         self.has_coreset = any(m.last_route.coreset is not None for m in self.modules)
         u = torch.empty(n, B, device=device)
+        load, pairs = torch.empty(n, B, device=device), torch.empty(n, B, device=device)
         c = torch.full((n, B), float("nan"), device=device) if self.has_coreset else None
         o = torch.zeros(n, B, dtype=torch.long, device=device) if self.has_coreset else None
-        route_stats(self.modules, rows, u, c, o)
+        route_stats(self.modules, rows, u, c, o, load, pairs)
         keep, at = running[:, 0], forward_index[None]
-        self.unique.index_copy_(0, at, torch.where(keep, u, float("nan"))[None])
+        for buffer, value in ((self.unique, u), (self.load, load), (self.pairs, pairs)):
+            buffer.index_copy_(0, at, torch.where(keep, value, float("nan"))[None])
         if self.has_coreset:
             self.coreset.index_copy_(0, at, torch.where(keep, c, float("nan"))[None])
             self.outside.index_copy_(0, at, (o * keep)[None])
@@ -420,6 +436,7 @@ class RouteRecorder:
         """The first st.forwards rows into st (one host sync)."""
         n = st.forwards
         st.unique_experts = self.unique[:n].cpu()
+        st.max_expert_load, st.routed_pairs = self.load[:n].cpu(), self.pairs[:n].cpu()
         if self.has_coreset:
             st.coreset_size = self.coreset[:n].cpu()
             st.outside_coreset = int(self.outside[:n].sum())

@@ -64,10 +64,13 @@ class RouteLaunch:
     route_warps: int = 1       # route_kernel: warps per program
     vote_rows: int = 16        # block_coreset_kernel: rows per chunk of the block's votes
     coreset_warps: int = 8     # block_coreset_kernel: warps per program
+    # expert_choice_kernel: warps per program (one window's rows x experts tile); not yet
+    # measured: 4 holds a 32 x 256 tile of int64 keys in registers (64 per thread).
+    expert_choice_warps: int = 4
 
     def __post_init__(self):
         _check_shape(self, powers_of_two=("route_rows", "vote_rows", "route_warps",
-                                          "coreset_warps"))
+                                          "coreset_warps", "expert_choice_warps"))
 
 
 DEFAULT_ROUTE = RouteLaunch()

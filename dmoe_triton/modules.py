@@ -18,12 +18,18 @@ def expert_hits(topk_ids: torch.Tensor, num_experts: int, rows: Optional[int] = 
 
     Empty slots (-1) and out-of-range ids count for nothing. Device ops only.
     """
-    ids = topk_ids if rows is None else topk_ids[:, -rows:]
-    ids = ids.reshape(ids.shape[0], -1).long()
+    return expert_load(topk_ids if rows is None else topk_ids[:, -rows:], num_experts) > 0
+
+
+def expert_load(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rows each expert processes per sequence: topk_ids [B, L, k] -> int64 [B, E] (an expert
+    appears at most once in a row). Empty slots (-1) and out-of-range ids count for nothing.
+    Device ops only."""
+    ids = topk_ids.reshape(topk_ids.shape[0], -1).long()
     valid = (ids >= 0) & (ids < num_experts)
-    hit = torch.zeros(ids.shape[0], num_experts + 1, dtype=torch.bool, device=ids.device)
-    hit.scatter_(1, torch.where(valid, ids, num_experts), True)
-    return hit[:, :num_experts]
+    load = torch.zeros(ids.shape[0], num_experts + 1, dtype=torch.long, device=ids.device)
+    load.scatter_add_(1, torch.where(valid, ids, num_experts), torch.ones_like(ids))
+    return load[:, :num_experts]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -547,19 +547,21 @@ class DMoEBlock(torch.nn.Module):
         return self
 
     def forward(self, hidden: torch.Tensor, first_position: Optional[torch.Tensor] = None,
-                row_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+                row_valid: Optional[torch.Tensor] = None,
+                row_masked: Optional[torch.Tensor] = None) -> torch.Tensor:
         """hidden [B, L, H] -> [B, L, H]; B independent sequences.
 
         first_position [B] (int, device) and row_valid [B, L] (bool): the routing windows, as
         `route` takes them (windows by absolute position; padding rows never vote). None: row 0
-        at position 0, every row real."""
+        at position 0, every row real. row_masked [B, L] (bool): the rows holding the mask token
+        (the expert-choice schedules' mask ratio), or None."""
         if hidden.dim() != 3:
             raise ValueError(f"hidden must have shape [B, L, H], got {_shape(hidden)}")
         B, L, H = hidden.shape
         with torch.autocast(hidden.device.type, enabled=False):  # the router runs in fp32
             logits = hidden.float() @ self.gate_weight.T
         r = route(logits, self.expert_bias, self.router_cfg, self.policy, self.backend,
-                  first_position=first_position, row_valid=row_valid)
+                  first_position=first_position, row_valid=row_valid, row_masked=row_masked)
         self.last_route = r
         top_k = r.topk_ids.shape[-1]
         shared = self.shared_weights()

@@ -104,13 +104,34 @@ def window_coreset(r: torch.Tensor, policy: RoutingPolicy, top_k: int) -> torch.
     return block_coreset(block_votes(r, top_k), policy)
 
 
+def window_rows(S: int, L: int, block_size: int, first_position=None, row_valid=None):
+    """The routing windows of S sequences of L rows (docs/routing.md, windows by absolute
+    position): n_windows and, for each (sequence q, window slot j) that holds rows of this
+    forward, (q, j, lo, hi, real) with rows [lo, hi) in the window and real [hi - lo] bool."""
+    bs = block_size
+    shift = (torch.zeros(S, dtype=torch.int64) if first_position is None
+             else first_position.detach().reshape(S).cpu().long() % bs)
+    valid = (torch.ones(S, L, dtype=torch.bool) if row_valid is None
+             else row_valid.detach().reshape(S, L).cpu().bool())
+    n_windows = -(-L // bs) if first_position is None else -(-(L + bs - 1) // bs)
+    held = []
+    for q in range(S):
+        for j in range(n_windows):
+            lo, hi = max(0, j * bs - int(shift[q])), min(L, (j + 1) * bs - int(shift[q]))
+            if lo < hi:  # else no row of this forward in the window slot
+                held.append((q, j, lo, hi, valid[q, lo:hi]))
+    return n_windows, held
+
+
 def route_reference(logits: torch.Tensor, expert_bias: torch.Tensor, cfg: RouterConfig,
-                    policy: RoutingPolicy, first_position=None, row_valid=None):
+                    policy: RoutingPolicy, first_position=None, row_valid=None, row_masked=None):
     """docs/routing.md in plain PyTorch. Returns (topk_ids int32, topk_weights, coreset or None).
 
     first_position: int [...] (one per sequence) or None (0): the absolute position of each
     sequence's row 0; row i sits in window (first_position + i) // block_size.
     row_valid: bool [..., L] or None (all real): padding rows never vote.
+    row_masked: bool [..., L] or None (no row masked): the rows that hold the mask token, read
+    by the expert-choice capacity schedules only.
     Block policies return coreset [..., n_windows, E]: window slot j is the absolute window
     first_position // block_size + j; n_windows = cdiv(L, block_size) without first_position,
     cdiv(L + block_size - 1, block_size) with it. A window with no real row has an empty
@@ -121,27 +142,23 @@ def route_reference(logits: torch.Tensor, expert_bias: torch.Tensor, cfg: Router
     S = x.shape[0]
     s, r, bad = scores(x, expert_bias.detach().cpu())
     top_k = policy.slots(cfg)
-    ids = torch.empty(S, L, top_k, dtype=torch.int64)
+    ids = torch.full((S, L, top_k), -1, dtype=torch.int64)
     coreset = None
     if policy.is_block:
-        bs = policy.block_size
-        shift = (torch.zeros(S, dtype=torch.int64) if first_position is None
-                 else first_position.detach().reshape(S).cpu().long() % bs)
-        valid = (torch.ones(S, L, dtype=torch.bool) if row_valid is None
-                 else row_valid.detach().reshape(S, L).cpu().bool())
-        n_windows = -(-L // bs) if first_position is None else -(-(L + bs - 1) // bs)
+        n_windows, held = window_rows(S, L, policy.block_size, first_position, row_valid)
+        masked = (torch.zeros(S, L, dtype=torch.bool) if row_masked is None
+                  else row_masked.detach().reshape(S, L).cpu().bool())
         pick_cfg = policy.pick_config(cfg)  # capacity: a plain top-k inside the window
         coreset = torch.zeros(S, n_windows, E, dtype=torch.bool)
-        for q in range(S):
-            for j in range(n_windows):
-                lo, hi = max(0, j * bs - int(shift[q])), min(L, (j + 1) * bs - int(shift[q]))
-                if lo >= hi:
-                    continue  # no row of this forward in the window slot
-                real = valid[q, lo:hi]
-                if real.any():
-                    coreset[q, j] = window_coreset(r[q, lo:hi][real], policy, cfg.top_k)
-                cand = coreset[q, j].expand(hi - lo, E)
-                ids[q, lo:hi] = group_limited_topk(r[q, lo:hi], cand, pick_cfg, top_k)
+        for q, j, lo, hi, real in held:
+            if real.any():
+                coreset[q, j] = window_coreset(r[q, lo:hi][real], policy, cfg.top_k)
+            if policy.is_expert_choice:
+                ids[q, lo:hi] = expert_choice_window(r[q, lo:hi], real, masked[q, lo:hi],
+                                                     coreset[q, j], policy)
+                continue
+            cand = coreset[q, j].expand(hi - lo, E)
+            ids[q, lo:hi] = group_limited_topk(r[q, lo:hi], cand, pick_cfg, top_k)
     else:
         for q in range(S):
             ids[q] = group_limited_topk(r[q], torch.ones_like(r[q], dtype=torch.bool), cfg, top_k)
@@ -152,6 +169,33 @@ def route_reference(logits: torch.Tensor, expert_bias: torch.Tensor, cfg: Router
     if coreset is not None:
         coreset = coreset.reshape(*lead, coreset.shape[1], E).to(dev)
     return ids, weights, coreset
+
+
+def expert_choice_capacity(policy: RoutingPolicy, rows: int, masked: int, eligible: int) -> int:
+    """Tokens each eligible expert of a window takes (docs/routing.md, Expert choice): rows real
+    rows of which `masked` hold the mask token, `eligible` experts. In integers, so exact:
+    c = min(rows, cdiv(rows * k, eligible)), rows * k = rows * k_min + (k_max - k_min) * n with
+    n = 0 (fixed), masked (linear) or rows - masked (linear_reverse); 0 without rows."""
+    if rows == 0 or eligible == 0:
+        return 0
+    n = {"fixed": 0, "linear": masked, "linear_reverse": rows - masked}[policy.schedule]
+    total = rows * policy.k_min + (policy.k_max - policy.k_min) * n
+    return min(rows, -(-total // eligible))
+
+
+def expert_choice_window(r: torch.Tensor, real: torch.Tensor, masked: torch.Tensor,
+                         eligible: torch.Tensor, policy: RoutingPolicy) -> torch.Tensor:
+    """Expert choice in one window: r [T, E] scores of its rows, real [T] / masked [T] bool,
+    eligible [E] bool (its coreset). Returns ids [T, E]: e where expert e took the row, else
+    -1. Each eligible expert takes its c largest r over the real rows (ties: lower row); a -inf
+    value (a NaN score) is never taken."""
+    T, E = r.shape
+    c = expert_choice_capacity(policy, int(real.sum()), int((masked & real).sum()),
+                               int(eligible.sum()))
+    col = torch.where(real[:, None], r, torch.tensor(float("-inf"), dtype=r.dtype)).T  # [E, T]
+    took = torch.zeros(E, T, dtype=torch.bool).scatter_(1, sort_desc(col)[:, :c], True).T
+    took &= eligible[None, :] & real[:, None] & (r > float("-inf"))
+    return torch.where(took, torch.arange(E).expand(T, E), -1)
 
 
 # ---------------------------------------------------------------------------------------------

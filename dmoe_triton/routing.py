@@ -86,7 +86,8 @@ def check_route_inputs(logits, expert_bias, cfg: RouterConfig, policy: RoutingPo
 def route(logits: torch.Tensor, expert_bias: Optional[torch.Tensor], cfg: RouterConfig,
           policy: RoutingPolicy, backend: str = "auto", *,
           first_position: Optional[torch.Tensor] = None,
-          row_valid: Optional[torch.Tensor] = None) -> RouteResult:
+          row_valid: Optional[torch.Tensor] = None,
+          row_masked: Optional[torch.Tensor] = None) -> RouteResult:
     """Route router logits to experts under `policy` (docs/routing.md).
 
     logits: fp32 [..., L, E], E = cfg.num_experts; leading dims are independent sequences.
@@ -97,36 +98,48 @@ def route(logits: torch.Tensor, expert_bias: Optional[torch.Tensor], cfg: Router
     (first_position + i) // block_size. A device tensor, so a CUDA graph can replay it.
     row_valid: bool [..., L] or None (all real): padding rows never vote; a window without a
     real row has an empty coreset (its rows take no expert).
+    row_masked: bool [..., L] or None (no row masked): the rows that hold the mask token; the
+    expert-choice capacity schedules read the window's mask ratio from it (required by the
+    "linear" and "linear_reverse" schedules, a ValueError without it), the others ignore it.
     backend: "auto" (kernels on CUDA), "triton" or "reference".
     Returns RouteResult: topk_ids int32 [..., L, slots] (-1 = empty), topk_weights fp32
     [..., L, slots], coreset bool [..., n_windows, E] or None (slot j = absolute window
     first_position // block_size + j; n_windows = cdiv(L, block_size), or
-    cdiv(L + block_size - 1, block_size) with first_position); slots = policy.slots(cfg).
+    cdiv(L + block_size - 1, block_size) with first_position); slots = policy.slots(cfg)
+    (expert choice: E, slot e holds e or -1).
     Launch shapes: dmoe_triton.launch (route_launch, override).
     """
     expert_bias = check_route_inputs(logits, expert_bias, cfg, policy)
-    check_windows(logits, first_position, row_valid)
+    check_windows(logits, first_position, row_valid, row_masked)
+    if policy.is_expert_choice and policy.schedule != "fixed" and row_masked is None:
+        raise ValueError(f"row_masked is required by schedule {policy.schedule!r} (the window's "
+                         "mask ratio sets its capacity); got None")
     backend = resolve_backend(backend, logits.device)
     if backend == "reference":
         return RouteResult(*route_reference(logits, expert_bias, cfg, policy, first_position,
-                                            row_valid))
+                                            row_valid, row_masked))
+    if policy.is_expert_choice:
+        return expert_choice_triton(logits, expert_bias, cfg, policy, first_position=first_position,
+                                    row_valid=row_valid, row_masked=row_masked)
     return route_triton(logits, expert_bias, cfg, policy, first_position=first_position,
                         row_valid=row_valid)
 
 
-def check_windows(logits, first_position, row_valid) -> None:
+def check_windows(logits, first_position, row_valid, row_masked=None) -> None:
     """Shapes, dtypes and devices of route's window arguments (no sync)."""
     lead, L = tuple(logits.shape[:-2]), logits.shape[-2]
     for name, t, shape, dtypes in (
             ("first_position", first_position, lead, (torch.int32, torch.int64)),
-            ("row_valid", row_valid, lead + (L,), (torch.bool,))):
+            ("row_valid", row_valid, lead + (L,), (torch.bool,)),
+            ("row_masked", row_masked, lead + (L,), (torch.bool,))):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {list(shape)} (logits' leading dims"
-                             f"{' and L' if name == 'row_valid' else ''}), got {list(t.shape)}")
+                             f"{'' if name == 'first_position' else ' and L'}), got "
+                             f"{list(t.shape)}")
         if t.dtype not in dtypes:
             raise TypeError(f"{name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
         if t.device != logits.device:
@@ -191,3 +204,53 @@ def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
     if coreset is None:
         return RouteResult(ids, weights, None)
     return RouteResult(ids, weights, coreset.view(torch.bool).reshape(*lead, n_blocks, E))
+
+
+def _row_flags(flags, S: int, L: int):
+    """A bool [..., L] window argument as the kernels read it: uint8 [S, L], dense; or None."""
+    return None if flags is None else flags.reshape(S, L).contiguous().view(torch.uint8)
+
+
+def expert_choice_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
+                         launch: Optional[RouteLaunch] = None, *, first_position=None,
+                         row_valid=None, row_masked=None) -> RouteResult:
+    """The Triton path of `route` for the expert-choice policies (kernels/expert_choice.py),
+    inputs already checked: for "ec_coreset" first the dMoE coreset of each window (the routing
+    kernels' block_coreset_kernel, unchanged), then one expert-choice program per window.
+
+    logits: fp32 [..., L, E]; expert_bias: fp32 [E]; row_masked: bool [..., L] or None.
+    Returns a RouteResult: ids int32 / weights fp32 [..., L, E] (slot e: e or -1), coreset bool
+    [..., n_windows, E] (the eligible experts of each window).
+    """
+    from .config import SCHEDULES
+    from .kernels import policy_codes
+    from .kernels.expert_choice import expert_choice_kernel
+    from .kernels.routing import block_coreset_kernel
+
+    lead, (L, E) = logits.shape[:-2], logits.shape[-2:]
+    x = logits.reshape(-1, L, E).contiguous()  # the kernels read logits and bias densely
+    expert_bias = expert_bias.contiguous()
+    S, bs = x.shape[0], policy.block_size
+    shapes = launch or route_launch(E, x.device)
+    n_blocks = triton.cdiv(L if first_position is None else L + bs - 1, bs)
+    first_position = None if first_position is None else first_position.reshape(S).contiguous()
+    row_valid, row_masked = _row_flags(row_valid, S, L), _row_flags(row_masked, S, L)
+    coreset = torch.empty(S, n_blocks, E, dtype=torch.uint8, device=x.device)
+    window = dict(logits_ptr=x, bias_ptr=expert_bias, coreset_ptr=coreset,
+                  first_position_ptr=first_position, row_valid_ptr=row_valid, L=L,
+                  n_blocks=n_blocks, block_size=bs, E=E, E_PAD=triton.next_power_of_2(E))
+    if policy.kind == "ec_coreset":
+        block_coreset_kernel[(S * n_blocks,)](
+            **window, top_p=float(policy.top_p), guard=policy.guard, coreset_size=0,
+            VOTE_K=cfg.top_k, POLICY=policy_codes.DMOE,
+            BLOCK_T=min(shapes.vote_rows, triton.next_power_of_2(bs)),
+            num_warps=shapes.coreset_warps)
+    ids = torch.empty(S, L, E, dtype=torch.int32, device=x.device)
+    weights = torch.empty(S, L, E, dtype=torch.float32, device=x.device)
+    expert_choice_kernel[(S * n_blocks,)](
+        **window, row_masked_ptr=row_masked, ids_ptr=ids, weights_ptr=weights,
+        k_min=policy.k_min, k_max=policy.k_max, scaling=float(cfg.routed_scaling_factor),
+        SCHEDULE=SCHEDULES.index(policy.schedule), HAS_CORESET=policy.kind == "ec_coreset",
+        BLOCK_T=triton.next_power_of_2(bs), num_warps=shapes.expert_choice_warps)
+    return RouteResult(ids.reshape(*lead, L, E), weights.reshape(*lead, L, E),
+                       coreset.view(torch.bool).reshape(*lead, n_blocks, E))

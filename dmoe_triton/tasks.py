@@ -225,9 +225,16 @@ def solve(model, problems: Sequence[Problem], batch_size: int = 256, progress=No
 
 def mean_unique_experts(stats) -> float:
     """Distinct experts per block, averaged over MoE layers, denoising forwards and sequences."""
+    return mean_stat(stats, "unique_experts")
+
+
+def mean_stat(stats, name: str) -> float:
+    """A per-block GenerationStats field ([forwards, layers, batch]: unique_experts,
+    max_expert_load, routed_pairs, ...) averaged over MoE layers, denoising forwards and
+    sequences (NaN where none was recorded)."""
     import torch
 
-    values = [s.unique_experts.flatten() for s in stats if s.unique_experts is not None]
+    values = [getattr(s, name).flatten() for s in stats if getattr(s, name) is not None]
     if not values:
         return float("nan")
     return float(torch.nanmean(torch.cat(values).float()))

@@ -140,17 +140,20 @@ def masked_token_loss(logits, targets, masked):
 
 
 def dense_moe_training_forward(mlp, x, router_cfg: RouterConfig, policy: RoutingPolicy,
-                               backend: str = "auto", first_position=None, row_valid=None):
+                               backend: str = "auto", first_position=None, row_valid=None,
+                               row_masked=None):
     """A LLaDA2 MoE MLP for training: ids from `route` (no grad), differentiable weights, and
     every expert run on every token with its activations scaled by the token's weight for that
     expert (0 where not routed). Equal to the sparse sum; meant for small models only.
-    first_position, row_valid: the routing windows (route's arguments), from the model."""
+    first_position, row_valid, row_masked: the routing windows (route's arguments), from the
+    model."""
     B, L, H = x.shape
     E = router_cfg.num_experts
     with torch.autocast(x.device.type, enabled=False):  # the router runs in fp32
         logits = x.float() @ mlp.gate.weight.float().T
         routed = route(logits.detach(), mlp.gate.expert_bias, router_cfg, policy, backend,
-                       first_position=first_position, row_valid=row_valid)
+                       first_position=first_position, row_valid=row_valid,
+                       row_masked=row_masked)
         ids = routed.topk_ids
         # Routing-spec step 3 from the reference, differentiable in the logits; no row is
         # `bad` here (training logits are finite).

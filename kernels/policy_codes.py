@@ -10,3 +10,4 @@ TOKEN = tl.constexpr(0)      # token, topk_cap: no coreset, route_kernel only
 DMOE = tl.constexpr(1)       # block top-p coreset of summed votes, with a guard
 DES_VOTE = tl.constexpr(2)   # block top-`size` coreset of summed votes
 CAPACITY = tl.constexpr(3)   # LLaDA2.2: window top-`capacity` experts by max score, plain top-k
+EXPERT_CHOICE = tl.constexpr(4)  # experts take their top-c rows (kernels/expert_choice.py)

@@ -224,10 +224,10 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
         policy = RoutingPolicy.from_config(config)
         self.block_policy = policy if policy.kind == "capacity" else None
 
-    def forward(self, x, first_position=None, row_valid=None):
+    def forward(self, x, first_position=None, row_valid=None, row_masked=None):
         """x [B, L, H]. A LLaDA2.2 checkpoint (expert_capacity > 0) routes by windows, through
         the reference (first_position / row_valid: the windows, docs/routing.md); else the
-        official gate routes each token alone."""
+        official gate routes each token alone. row_masked: read by no policy this gate runs."""
         B, L, H = x.shape
         flat = x.reshape(-1, H)
         if self.block_policy is not None:
@@ -577,8 +577,12 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
         # kernels and an allocation) at every call; doing it here once serves every layer.
         mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
         mask.masked_fill_(~allowed, float("-inf"))
+        # row_masked: the rows that hold the mask token, a device tensor like row_valid: the
+        # expert-choice capacity schedules read each window's mask ratio from it, no host sync.
+        mask_id = self.config.mask_token_id
         windows = dict(first_position=first_position,
-                       row_valid=None if attention_mask is None else row_valid)
+                       row_valid=None if attention_mask is None else row_valid,
+                       row_masked=None if mask_id is None else input_ids == mask_id)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache, write_cache, windows)
         if write_cache:
