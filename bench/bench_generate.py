@@ -38,6 +38,7 @@ import torch
 
 from dmoe_triton import RoutingPolicy, patch_model, set_policy
 from dmoe_triton.calibrate import calibrate_router
+from dmoe_triton import decoding
 from dmoe_triton.decoding import generate
 from dmoe_triton.defaults import scaled_guard
 from dmoe_triton.graphs import clear_graph_cache
@@ -119,19 +120,10 @@ def bare_forward_ms(model, setup: Setup, batch: int, capacity: int) -> float:
 # generate as a user calls it
 
 
-class _Stop(Exception):
-    pass
-
-
 def warm_up(model, prompts, setup: Setup, stats: bool) -> None:
-    """One call of the row's layout, stopped after its first block: it captures and keeps the
-    graphs (and compiles the kernels) that the timed call then replays."""
-    def stop(done, total):
-        raise _Stop
-    try:
-        generate(model, prompts, gen_length=setup.gen_length, stats=stats, on_block=stop)
-    except _Stop:
-        pass
+    """The row's layout once, stopped after its first block (decoding.warm_up): the timed call
+    then replays the kept graphs."""
+    decoding.warm_up(model, prompts, gen_length=setup.gen_length, stats=stats)
 
 
 def timed_call(model, prompts, setup: Setup, stats: bool):

@@ -959,3 +959,20 @@ class _StepTimer:
             torch.cuda.synchronize()
             return sum(a.elapsed_time(b) for a, b in self.marks) / 1e3 / len(self.marks)
         return sum(b - a for a, b in self.marks) / len(self.marks)
+
+
+class _WarmedUp(Exception):
+    """Raised from on_block to end warm_up's call after its first block."""
+
+
+def warm_up(model, input_ids, **generate_kwargs) -> None:
+    """One `generate` call of this layout (same arguments as the call to come), stopped after
+    its first block: it compiles the kernels and captures the graphs that the later call then
+    finds in graphs.graph_cache, so that call's time is steady state (the CLI and
+    bench_generate.py time this way). on_block is taken by the warm-up."""
+    def stop(done, total):
+        raise _WarmedUp
+    try:
+        generate(model, input_ids, on_block=stop, **generate_kwargs)
+    except _WarmedUp:
+        pass

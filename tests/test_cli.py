@@ -154,17 +154,22 @@ def test_tokens_counted_to_eos_and_warm_up_outside_timing(ckpt, capsys, monkeypa
     real = decoding.generate
 
     def spy(*args, **kwargs):
-        result = real(*args, **kwargs)
-        calls.append((kwargs.get("on_block") is not None, result))  # the timed run has a bar
+        try:
+            result = real(*args, **kwargs)
+        except decoding._WarmedUp:  # the warm-up: the same layout, stopped after one block
+            calls.append(("warm-up", kwargs["gen_length"], None))
+            raise
+        calls.append(("timed", kwargs["gen_length"], result))
         return result
 
     monkeypatch.setattr(decoding, "generate", spy)
     assert cli.main(["generate", "--model", str(ckpt), "--prompt", "1+2=", "--gen-length", "16",
                      "--block-length", "8", "--steps", "4", "--policy", "dmoe"]) == 0
     out = capsys.readouterr().out
-    # Each policy (dmoe, then token for the comparison line) gets an untimed warm-up first.
-    assert [timed for timed, _ in calls] == [False, True, False, True]
-    result = calls[1][1]
+    # Each policy (dmoe, then token for the comparison line) gets an untimed warm-up of the
+    # same layout first (so the timed call finds its graphs kept: issue 18).
+    assert [(kind, n) for kind, n, _ in calls] == [("warm-up", 16), ("timed", 16)] * 2
+    result = calls[1][2]
     shown = int(out.split("tokens/s: ")[1].split("(")[1].split(" tokens")[0])
     assert shown == len(result.tokens[0]) == result.stats.generated_tokens
 
