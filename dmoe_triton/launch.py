@@ -63,7 +63,11 @@ class RouteLaunch:
     route_rows: int = 1        # route_kernel: rows per program
     route_warps: int = 1       # route_kernel: warps per program
     vote_rows: int = 16        # block_coreset_kernel: rows per chunk of the block's votes
-    coreset_warps: int = 8     # block_coreset_kernel: warps per program
+    coreset_warps: int = 8     # block_coreset_kernel (and window_route_kernel): warps per program
+    # Block policies in one launch (kernels/router.py window_route_kernel: each program
+    # computes its window's coreset, then routes its rows) instead of block_coreset_kernel +
+    # route_kernel. Same results; one launch and no sort in the chain (issue 13).
+    fused: bool = True
 
     def __post_init__(self):
         _check_shape(self, powers_of_two=("route_rows", "vote_rows", "route_warps",
@@ -73,10 +77,57 @@ class RouteLaunch:
 DEFAULT_ROUTE = RouteLaunch()
 
 
-def route_launch(num_experts: int, device: torch.device) -> RouteLaunch:
-    """The routing kernels' launch for E = num_experts experts on `device` (one choice today:
-    measured at E = 256, LLaDA2.0-mini's count)."""
-    return _current("route") or DEFAULT_ROUTE
+# With the fused launch every program of a window repeats the window's coreset: past a few
+# windows (16 sequences: 16 windows) 8 rows a program keep the repeats to 4 per window.
+FUSED_MANY_WINDOWS = 4
+FUSED_MANY_ROWS = 8
+
+
+def route_launch(num_experts: int, device: torch.device, windows: int = 1) -> RouteLaunch:
+    """The routing kernels' launch for E = num_experts experts on `device` and `windows`
+    routing windows in the forward (measured at E = 256, LLaDA2.0-mini's count)."""
+    forced = _current("route")
+    if forced is not None:
+        return forced
+    if windows > FUSED_MANY_WINDOWS:
+        return dataclasses.replace(DEFAULT_ROUTE, route_rows=FUSED_MANY_ROWS)
+    return DEFAULT_ROUTE
+
+
+@dataclass(frozen=True)
+class RouterLaunch:
+    """router_logits_kernel (kernels/router.py): rows x experts per program, reduction step."""
+
+    block_t: int = 32
+    block_e: int = 4
+    block_k: int = 64
+    warps: int = 4
+
+    def __post_init__(self):
+        _check_shape(self, powers_of_two=("block_t", "block_e", "block_k", "warps"))
+
+
+# About 128 programs for one 32-row block at E = 256 (64 expert tiles x 1 row tile: each reads
+# 32 KB of weights and the block's 128 KB of bf16 hidden from L2); larger expert tiles for more
+# rows so that the hidden rows are re-read fewer times. Broadcast tiles stay <= 8192 elements.
+ROUTER_TILE = 8192
+ROUTER_PROGRAMS = 128
+
+
+def router_launch(tokens: int, num_experts: int) -> RouterLaunch:
+    """router_logits_kernel's tiles for `tokens` rows and num_experts experts (not yet measured
+    on a GPU: the rule keeps ~ROUTER_PROGRAMS programs and a bounded register tile)."""
+    forced = _current("router")
+    if forced is not None:
+        return forced
+    block_t = min(32, triton.next_power_of_2(max(tokens, 1)))
+    row_tiles = triton.cdiv(tokens, block_t)
+    block_e = 4
+    while block_e < 64 and row_tiles * triton.cdiv(num_experts, 2 * block_e) >= ROUTER_PROGRAMS:
+        block_e *= 2
+    block_e = min(block_e, triton.next_power_of_2(num_experts))
+    block_k = max(4, min(64, ROUTER_TILE // (block_t * block_e)))
+    return RouterLaunch(block_t=block_t, block_e=block_e, block_k=block_k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +327,7 @@ def prep_launch(head_dim: int) -> PrepLaunch:
 # ---------------------------------------------------------------------------------------------
 # scoped override
 
-_KINDS = {"route": RouteLaunch, "decode": DecodeConfig, "grouped": GroupedConfig,
+_KINDS = {"route": RouteLaunch, "router": RouterLaunch, "decode": DecodeConfig, "grouped": GroupedConfig,
           "align": AlignLaunch, "combine": CombineLaunch, "attention": AttentionLaunch,
           "prep": PrepLaunch, "moe_path": str}
 _state = threading.local()
@@ -296,11 +347,13 @@ def _current(key: str):
 def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig] = None,
              grouped: Optional[GroupedConfig] = None, align: Optional[AlignLaunch] = None,
              combine: Optional[CombineLaunch] = None, attention: Optional[AttentionLaunch] = None,
-             prep: Optional[PrepLaunch] = None, moe_path: Optional[str] = None):
+             prep: Optional[PrepLaunch] = None, moe_path: Optional[str] = None,
+             router: Optional[RouterLaunch] = None):
     """Within the block, the launch functions return these instead of their choice (None keeps
     the enclosing choice). moe_path: "decode" or "grouped" whatever the token count. A value of
     the wrong type is a TypeError naming the argument; leaving the block restores the choices."""
-    given = dict(route=route, decode=decode, grouped=grouped, align=align, combine=combine,
+    given = dict(route=route, router=router, decode=decode, grouped=grouped, align=align,
+                 combine=combine,
                  attention=attention, prep=prep, moe_path=moe_path)
     frame = dict(_stack()[-1])
     for name, value in given.items():
@@ -319,7 +372,7 @@ def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig]
         _stack().pop()
 
 
-__all__ = ["RouteLaunch", "DecodeConfig", "GroupedConfig", "AlignLaunch", "CombineLaunch",
+__all__ = ["RouteLaunch", "RouterLaunch", "router_launch", "DecodeConfig", "GroupedConfig", "AlignLaunch", "CombineLaunch",
            "MoeLaunch", "AttentionLaunch", "PrepLaunch", "route_launch", "moe_launch",
            "align_launch", "attention_launch", "prep_launch", "override", "persistent_grid",
            "pipeline_stages", "dot_precision", "DECODE_MAX_TOKENS", "ALIGN_MAX_SLOTS",
