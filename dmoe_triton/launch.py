@@ -324,12 +324,29 @@ def prep_launch(head_dim: int) -> PrepLaunch:
     return PrepLaunch(block_d=triton.next_power_of_2(head_dim), warps=1 if head_dim <= 128 else 2)
 
 
+@dataclass(frozen=True)
+class NormLaunch:
+    """add_rms_norm_kernel (kernels/add_norm.py): one program per row, block_h = H padded."""
+
+    block_h: int
+    warps: int
+
+
+def norm_launch(hidden: int) -> NormLaunch:
+    """A row of up to 2048 values (LLaDA2.0-mini's) on 4 warps (16 per thread), 8 above
+    (not yet measured: the kernel is a few bytes a row, its time is its launch)."""
+    forced = _current("norm")
+    if forced is not None:
+        return forced
+    return NormLaunch(block_h=triton.next_power_of_2(hidden), warps=4 if hidden <= 2048 else 8)
+
+
 # ---------------------------------------------------------------------------------------------
 # scoped override
 
 _KINDS = {"route": RouteLaunch, "router": RouterLaunch, "decode": DecodeConfig, "grouped": GroupedConfig,
           "align": AlignLaunch, "combine": CombineLaunch, "attention": AttentionLaunch,
-          "prep": PrepLaunch, "moe_path": str}
+          "prep": PrepLaunch, "norm": NormLaunch, "moe_path": str}
 _state = threading.local()
 
 
@@ -348,13 +365,13 @@ def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig]
              grouped: Optional[GroupedConfig] = None, align: Optional[AlignLaunch] = None,
              combine: Optional[CombineLaunch] = None, attention: Optional[AttentionLaunch] = None,
              prep: Optional[PrepLaunch] = None, moe_path: Optional[str] = None,
-             router: Optional[RouterLaunch] = None):
+             router: Optional[RouterLaunch] = None, norm: Optional[NormLaunch] = None):
     """Within the block, the launch functions return these instead of their choice (None keeps
     the enclosing choice). moe_path: "decode" or "grouped" whatever the token count. A value of
     the wrong type is a TypeError naming the argument; leaving the block restores the choices."""
     given = dict(route=route, router=router, decode=decode, grouped=grouped, align=align,
                  combine=combine,
-                 attention=attention, prep=prep, moe_path=moe_path)
+                 attention=attention, prep=prep, moe_path=moe_path, norm=norm)
     frame = dict(_stack()[-1])
     for name, value in given.items():
         if value is None:
@@ -372,7 +389,7 @@ def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig]
         _stack().pop()
 
 
-__all__ = ["RouteLaunch", "RouterLaunch", "router_launch", "DecodeConfig", "GroupedConfig", "AlignLaunch", "CombineLaunch",
+__all__ = ["RouteLaunch", "RouterLaunch", "router_launch", "NormLaunch", "norm_launch", "DecodeConfig", "GroupedConfig", "AlignLaunch", "CombineLaunch",
            "MoeLaunch", "AttentionLaunch", "PrepLaunch", "route_launch", "moe_launch",
            "align_launch", "attention_launch", "prep_launch", "override", "persistent_grid",
            "pipeline_stages", "dot_precision", "DECODE_MAX_TOKENS", "ALIGN_MAX_SLOTS",
