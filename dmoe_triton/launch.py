@@ -2,10 +2,12 @@
 
 One function per kernel family turns shapes, dtype and device into a frozen dataclass:
 
-    route_launch(num_experts, device)            -> RouteLaunch     (kernels/routing.py)
+    route_launch(num_experts, device, windows)   -> RouteLaunch     (kernels/routing.py, router.py)
+    router_launch(tokens, num_experts)           -> RouterLaunch    (kernels/router.py, the GEMM)
+    norm_launch(hidden)                          -> NormLaunch      (kernels/add_norm.py)
     moe_launch(tokens, top_k, num_experts, ...)  -> MoeLaunch       (kernels/moe_matmul.py)
     align_launch(slots, num_experts)             -> AlignLaunch     (moe_align_kernel or torch)
-    attention_launch(batch)                      -> AttentionLaunch (kernels/block_attention.py)
+    attention_launch(batch, n_keys)              -> AttentionLaunch (kernels/block_attention.py)
     prep_launch(head_dim)                        -> PrepLaunch      (kernels/attention_prep.py)
 
 and `override(...)` replaces any of them inside a `with` block (tests and benches force a
@@ -89,6 +91,8 @@ def route_launch(num_experts: int, device: torch.device, windows: int = 1) -> Ro
     forced = _current("route")
     if forced is not None:
         return forced
+    if device.type != "cuda":  # the interpreter runs programs one by one: one per window
+        return dataclasses.replace(DEFAULT_ROUTE, route_rows=32)
     if windows > FUSED_MANY_WINDOWS:
         return dataclasses.replace(DEFAULT_ROUTE, route_rows=FUSED_MANY_ROWS)
     return DEFAULT_ROUTE
