@@ -98,7 +98,7 @@ def main():
     for batch in (1,) if args.quick else (1, 4, 16):
         for prefix in (512,) if args.quick else (512, 2048):
             q, keys, values, mask = inputs(batch, prefix, dev)
-            launch = attention_launch(batch)
+            launch = attention_launch(batch, keys.shape[2])
             check(q, keys, values, mask, launch)
             kernel = time_us(lambda: block_attention(q, keys, values, mask, HD ** -0.5))
             peer = time_us(lambda: sdpa_path(q, keys, values, mask))

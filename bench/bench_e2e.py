@@ -51,7 +51,8 @@ from dmoe_triton.models import LLaDA2MoeConfig
 from dmoe_triton.modules import cache_bytes, expert_bytes, non_expert_bytes
 from dmoe_triton.moe import moe_forward
 from dmoe_triton.patch import Unpatched
-from dmoe_triton.routing import route
+from dmoe_triton.norm import add_rms_norm
+from dmoe_triton.router import route_hidden
 from dmoe_triton.testing import SMALL, build_model
 
 from common import capture, copy_bandwidth, fmt, random_tokens, time_ms  # bench/common.py (bench/ is on sys.path as a script)
@@ -236,9 +237,11 @@ def run_rows(model, setup: Setup, routing: str, bandwidth: float, rows: list, lo
 # Where the time goes
 
 
-def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str) -> dict:
+def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str,
+              bandwidth: float) -> dict:
     """Time the parts of one forward separately (each captured in a graph of 20 calls), on a
-    middle layer's real inputs, scaled by how many layers have that part."""
+    middle layer's real inputs, scaled by how many layers have that part; beside each, the
+    byte floor of that part (its bytes / the copy bandwidth, part_bytes)."""
     c = model.config
     set_policy(model, dict(policies(c))[policy_name])
     step = prepare_step(model, batch, prefix)
@@ -253,12 +256,12 @@ def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str) ->
         step_fn(model, step)()
     for h in hooks:
         h.remove()
-    x, cos, sin, mask, cache, _, windows = seen["layer"]
+    x, cos, sin, mask, cache, _, windows = seen["layer"][:7]
     h_in, block = seen["mlp_in"][0], mid.mlp
     B, L, H = h_in.shape
     with torch.no_grad():  # the routing the layer ran, windows included
-        r = route(h_in.float() @ block.gate_weight.T, block.expert_bias, block.router_cfg,
-                  block.policy, block.backend, **windows)
+        r = route_hidden(h_in, block.gate_weight, block.expert_bias, block.router_cfg,
+                         block.policy, block.backend, **windows)
     ids, w = r.topk_ids.reshape(B * L, -1), r.topk_weights.reshape(B * L, -1)
     hidden_final = torch.randn(B, L, H, device=x.device, dtype=x.dtype)
     att = mid.attention
@@ -267,6 +270,8 @@ def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str) ->
     k_rows, v_rows = cache.scratch_rows(att.layer_idx, L)
     n_moe = len(moe_layers(model))
     layer0 = model.model.layers[0].mlp
+    norms = (mid.input_layernorm, mid.post_attention_layernorm)
+    nbytes = part_bytes(model, mid, cache, x, r.topk_ids)
     parts = {
         "attention (norm, QKV, qk-norm, RoPE, SDPA, dense)": (
             lambda: mid.attention(mid.input_layernorm(x), cos, sin, mask, cache, False),
@@ -277,11 +282,11 @@ def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str) ->
             c.num_hidden_layers),
         "attention, old way (cat cache + SDPA enable_gqa)": (
             lambda: old_attention(mid, x, cos, sin, mask, cache), c.num_hidden_layers),
-        "post-attention norm + residual adds": (
-            lambda: (mid.post_attention_layernorm(x) + x) + x, c.num_hidden_layers),
-        "router GEMM (fp32) + route": (
-            lambda: route(h_in.float() @ block.gate_weight.T, block.expert_bias,
-                          block.router_cfg, block.policy, block.backend, **windows), n_moe),
+        "residual adds + norms (two add_rms_norm)": (
+            lambda: [add_rms_norm(x, x, n.weight, n.eps) for n in norms], c.num_hidden_layers),
+        "router GEMM (fp32) + route (route_hidden)": (
+            lambda: route_hidden(h_in, block.gate_weight, block.expert_bias, block.router_cfg,
+                                 block.policy, block.backend, **windows), n_moe),
         "routed + shared experts (moe_forward)": (
             lambda: moe_forward(h_in.reshape(B * L, H), ids, w, block.w_gate_up, block.w_down,
                                 check_ids=False, shared=block.shared_weights()), n_moe),
@@ -293,10 +298,39 @@ def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str) ->
     out = {"batch": batch, "prefix": prefix, "policy": policy_name, "parts": []}
     for label, (fn, count) in parts.items():
         ms = time_graphed(fn, setup, reps=20)
-        out["parts"].append((label, ms, count, ms * count))
+        floor = nbytes.get(label.split(" (")[0], 0) * count / bandwidth * 1e3
+        out["parts"].append((label, ms, count, ms * count, floor))
     out["whole_ms"] = time_graphed(step_fn(model, step), setup)
     del step
     return out
+
+
+def _numel_bytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def part_bytes(model, layer, cache, x, topk_ids) -> dict:
+    """Bytes one call of each breakdown part must move (weights read once, the K/V it reads,
+    activations in and out), keyed by the part's label up to its first ' (': the floor column.
+    Experts: the experts the middle layer's route used (union over sequences) + the shared one."""
+    from dmoe_triton.modules import expert_hits
+    att, mlp = layer.attention, layer.mlp
+    act = x.numel() * x.element_size()  # one [B, l, H] activation
+    kv = cache_bytes(cache) // len(cache.keys)
+    attention = _numel_bytes(att.query_key_value.weight, att.dense.weight,
+                             layer.input_layernorm.weight) + kv + 2 * act
+    used = int(expert_hits(topk_ids, mlp.router_cfg.num_experts).any(0).sum())
+    shared = 0 if mlp.shared_expert is None else _numel_bytes(*mlp.shared_expert.parameters())
+    lm = model.lm_head.weight
+    return {
+        "attention": attention,
+        "of which q/k norm + RoPE + K/V into the cache": 3 * act,
+        "residual adds + norms": 2 * (4 * act + layer.input_layernorm.weight.numel() * 2),
+        "router GEMM": _numel_bytes(mlp.gate_weight, mlp.expert_bias) + act,
+        "routed + shared experts": used * expert_bytes_cache[id(model)] + shared + 2 * act,
+        "dense MLP": _numel_bytes(*model.model.layers[0].mlp.parameters()) + 2 * act,
+        "final norm + lm_head": _numel_bytes(lm) + x.shape[0] * x.shape[1] * lm.shape[0] * 4,
+    }
 
 
 def old_attention(layer, x, cos, sin, mask, cache):
@@ -426,13 +460,18 @@ def write_report(path_md, setup, args, bandwidth, calib, rows, parts, gens, devi
     if parts:
         lines += ["## Where the time goes (parts timed separately, x layers)", ""]
         for p in parts:
-            total = sum(t for label, _, _, t in p["parts"] if not label.startswith(ASIDE))
+            total = sum(t for label, _, _, t, _ in p["parts"] if not label.startswith(ASIDE))
+            floor = sum(f for label, _, _, _, f in p["parts"] if not label.startswith(ASIDE))
             lines += [f"Calibrated, {p['policy']}, {p['batch']} sequence(s), prefix {p['prefix']}: "
-                      f"whole forward {p['whole_ms']:.3f} ms, sum of parts {total:.3f} ms "
+                      f"whole forward {p['whole_ms']:.3f} ms, sum of parts {total:.3f} ms, "
+                      f"their byte floor {floor:.3f} ms "
                       "(rows starting 'of which', 'attention, old way' or 'shared expert, "
                       "unfused' are not in the sum: a share of the row above, comparisons).", "",
-                      "| part | ms once | x | ms per forward |", "|---|---|---|---|"]
-            lines += [f"| {label} | {ms:.4f} | {n} | {t:.3f} |" for label, ms, n, t in p["parts"]]
+                      "| part | ms once | x | ms per forward | byte floor ms per forward "
+                      "| x floor |", "|---|---|---|---|---|---|"]
+            lines += [f"| {label} | {ms:.4f} | {n} | {t:.3f} | {f:.4f} | "
+                      f"{t / f if f else float('nan'):.1f} |"
+                      for label, ms, n, t, f in p["parts"]]
             lines.append("")
     if gens:
         lines += ["## Whole generations (1 sequence, random prompt, CUDA graph step)", "",
@@ -575,8 +614,8 @@ def main(argv=None):
         run_rows(model, setup, "calibrated", bandwidth, rows, loop_batches)
         for prefix in setup.prefixes[: 1 if setup.smoke else None]:
             if setup.left():
-                parts.append(breakdown(model, setup, 1, prefix, "token"))
-                parts.append(breakdown(model, setup, 1, prefix, "dmoe p=0.6"))
+                parts.append(breakdown(model, setup, 1, prefix, "token", bandwidth))
+                parts.append(breakdown(model, setup, 1, prefix, "dmoe p=0.6", bandwidth))
         if not args.quick:
             gens += generations(model, setup, "calibrated", setup.gen_prompt)
     if args.part in ("all", "b") and not args.quick:

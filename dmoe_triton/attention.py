@@ -18,7 +18,7 @@ import torch
 import triton
 
 from .kernels.attention_prep import attention_prep_kernel
-from .kernels.block_attention import block_attention_kernel
+from .kernels.block_attention import attention_combine_kernel, block_attention_kernel
 from .launch import (FEW_SEQUENCES, MANY_FROM, MANY_SEQUENCES,  # noqa: F401 (re-exported)
                      AttentionLaunch, attention_launch, dot_precision, prep_launch)
 from .reference import attention_prep_reference, block_attention_reference
@@ -160,7 +160,8 @@ def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, m
     dtype: softmax(q k^T * scale + mask) v per head, head h reading KV head h // (nh / nkv).
 
     backend: "triton" (one launch), "reference" (fp32 math), "auto" (triton on CUDA).
-    launch: the kernel's tile shape (default: launch.attention_launch(B), or a
+    launch: the kernel's tile shape and key splits (default: launch.attention_launch(B, n):
+    long prefixes split over the keys, then one combine launch; or a
     launch.override(attention=...)). scale: the logits' factor (1 / sqrt(hd) for the model).
     """
     check_attention_inputs(q, keys, values, mask)
@@ -173,17 +174,32 @@ def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, m
     nkv, n = keys.shape[1], keys.shape[2]
     group = nh // nkv
     out = torch.empty(B, l, nh, hd, dtype=q.dtype, device=q.device)
-    shapes = launch or attention_launch(B)
-    block_attention_kernel[(B * nkv, triton.cdiv(group * l, shapes.block_m))](
+    shapes = launch or attention_launch(B, n)
+    block_d = max(16, triton.next_power_of_2(hd))  # tl.dot needs >= 16
+    row_tiles = triton.cdiv(group * l, shapes.block_m)
+    # Keys per split: a multiple of the key step; splits past the last key are dropped.
+    per_split = triton.cdiv(triton.cdiv(n, shapes.key_splits), shapes.block_n) * shapes.block_n
+    splits = triton.cdiv(n, per_split)
+    part_out = part_lse = None
+    if splits > 1:
+        part_out = torch.empty(B * nkv, splits, group * l, block_d, dtype=torch.float32,
+                               device=q.device)
+        part_lse = torch.empty(B * nkv, splits, group * l, dtype=torch.float32, device=q.device)
+    block_attention_kernel[(B * nkv, row_tiles, splits)](
         q_ptr=q, stride_qb=q.stride(0), stride_qh=q.stride(1), stride_ql=q.stride(2),
         k_ptr=keys, v_ptr=values,
         stride_kb=keys.stride(0), stride_kh=keys.stride(1), stride_kn=keys.stride(2),
         stride_vb=values.stride(0), stride_vh=values.stride(1), stride_vn=values.stride(2),
         mask_ptr=mask, stride_mb=mask.stride(0), stride_mr=mask.stride(2),
         out_ptr=out, stride_ob=out.stride(0), stride_ol=out.stride(1), stride_oh=out.stride(2),
-        L=l, n_keys=n, scale=float(scale), NKV=nkv, GROUP=group, HD=hd,
-        BLOCK_D=max(16, triton.next_power_of_2(hd)),  # tl.dot needs >= 16
+        L=l, n_keys=n, scale=float(scale), keys_per_split=per_split, part_out_ptr=part_out,
+        part_lse_ptr=part_lse, NKV=nkv, GROUP=group, HD=hd, BLOCK_D=block_d,
         BLOCK_M=shapes.block_m, BLOCK_N=shapes.block_n, PRECISION=dot_precision(q.dtype),
         num_warps=shapes.warps, num_stages=shapes.stages,
     )
+    if splits > 1:
+        attention_combine_kernel[(B * nkv, row_tiles)](
+            part_out_ptr=part_out, part_lse_ptr=part_lse, out_ptr=out, stride_ob=out.stride(0),
+            stride_ol=out.stride(1), stride_oh=out.stride(2), L=l, SPLITS=splits, NKV=nkv,
+            GROUP=group, HD=hd, BLOCK_D=block_d, BLOCK_M=shapes.block_m, num_warps=shapes.warps)
     return out.view(B, l, nh * hd)

@@ -2,10 +2,12 @@
 
 One function per kernel family turns shapes, dtype and device into a frozen dataclass:
 
-    route_launch(num_experts, device)            -> RouteLaunch     (kernels/routing.py)
+    route_launch(num_experts, device, windows)   -> RouteLaunch     (kernels/routing.py, router.py)
+    router_launch(tokens, num_experts)           -> RouterLaunch    (kernels/router.py, the GEMM)
+    norm_launch(hidden)                          -> NormLaunch      (kernels/add_norm.py)
     moe_launch(tokens, top_k, num_experts, ...)  -> MoeLaunch       (kernels/moe_matmul.py)
     align_launch(slots, num_experts)             -> AlignLaunch     (moe_align_kernel or torch)
-    attention_launch(batch)                      -> AttentionLaunch (kernels/block_attention.py)
+    attention_launch(batch, n_keys)              -> AttentionLaunch (kernels/block_attention.py)
     prep_launch(head_dim)                        -> PrepLaunch      (kernels/attention_prep.py)
 
 and `override(...)` replaces any of them inside a `with` block (tests and benches force a
@@ -63,7 +65,11 @@ class RouteLaunch:
     route_rows: int = 1        # route_kernel: rows per program
     route_warps: int = 1       # route_kernel: warps per program
     vote_rows: int = 16        # block_coreset_kernel: rows per chunk of the block's votes
-    coreset_warps: int = 8     # block_coreset_kernel: warps per program
+    coreset_warps: int = 8     # block_coreset_kernel (and window_route_kernel): warps per program
+    # Block policies in one launch (kernels/router.py window_route_kernel: each program
+    # computes its window's coreset, then routes its rows) instead of block_coreset_kernel +
+    # route_kernel. Same results; one launch and no sort in the chain (issue 13).
+    fused: bool = True
     # expert_choice_kernel: warps per program (one window's rows x experts tile); not yet
     # measured: 4 holds a 32 x 256 tile of int64 keys in registers (64 per thread).
     expert_choice_warps: int = 4
@@ -76,10 +82,59 @@ class RouteLaunch:
 DEFAULT_ROUTE = RouteLaunch()
 
 
-def route_launch(num_experts: int, device: torch.device) -> RouteLaunch:
-    """The routing kernels' launch for E = num_experts experts on `device` (one choice today:
-    measured at E = 256, LLaDA2.0-mini's count)."""
-    return _current("route") or DEFAULT_ROUTE
+# With the fused launch every program of a window repeats the window's coreset: past a few
+# windows (16 sequences: 16 windows) 8 rows a program keep the repeats to 4 per window.
+FUSED_MANY_WINDOWS = 4
+FUSED_MANY_ROWS = 8
+
+
+def route_launch(num_experts: int, device: torch.device, windows: int = 1) -> RouteLaunch:
+    """The routing kernels' launch for E = num_experts experts on `device` and `windows`
+    routing windows in the forward (measured at E = 256, LLaDA2.0-mini's count)."""
+    forced = _current("route")
+    if forced is not None:
+        return forced
+    if device.type != "cuda":  # the interpreter runs programs one by one: one per window
+        return dataclasses.replace(DEFAULT_ROUTE, route_rows=32)
+    if windows > FUSED_MANY_WINDOWS:
+        return dataclasses.replace(DEFAULT_ROUTE, route_rows=FUSED_MANY_ROWS)
+    return DEFAULT_ROUTE
+
+
+@dataclass(frozen=True)
+class RouterLaunch:
+    """router_logits_kernel (kernels/router.py): rows x experts per program, reduction step."""
+
+    block_t: int = 32
+    block_e: int = 4
+    block_k: int = 64
+    warps: int = 4
+
+    def __post_init__(self):
+        _check_shape(self, powers_of_two=("block_t", "block_e", "block_k", "warps"))
+
+
+# About 128 programs for one 32-row block at E = 256 (64 expert tiles x 1 row tile: each reads
+# 32 KB of weights and the block's 128 KB of bf16 hidden from L2); larger expert tiles for more
+# rows so that the hidden rows are re-read fewer times. Broadcast tiles stay <= 8192 elements.
+ROUTER_TILE = 8192
+ROUTER_PROGRAMS = 128
+
+
+def router_launch(tokens: int, num_experts: int) -> RouterLaunch:
+    """router_logits_kernel's tiles for `tokens` rows and num_experts experts (not yet measured
+    on a GPU: the rule keeps ~ROUTER_PROGRAMS programs and a bounded register tile)."""
+    forced = _current("router")
+    if forced is not None:
+        return forced
+    block_t = min(32, triton.next_power_of_2(max(tokens, 1)))
+    row_tiles = triton.cdiv(tokens, block_t)
+    block_e = 4
+    while block_e < 64 and row_tiles * triton.cdiv(num_experts, 2 * block_e) >= ROUTER_PROGRAMS:
+        block_e *= 2
+    block_e = min(block_e, triton.next_power_of_2(num_experts))
+    block_k = max(4, min(64, ROUTER_TILE // (block_t * block_e)))
+    return RouterLaunch(block_t=block_t, block_e=block_e, block_k=block_k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,6 +297,10 @@ class AttentionLaunch:
     block_n: int = 128   # keys per step
     warps: int = 4
     stages: int = 3
+    # Programs per row tile along the keys (flash-decoding): > 1 writes partial outputs that
+    # attention_combine_kernel merges (one more launch), so a long prefix is walked by more
+    # programs than 4 KV heads x 8 row tiles.
+    key_splits: int = 1
 
     def __post_init__(self):
         _check_shape(self, powers_of_two=("block_m", "block_n", "warps"),
@@ -256,12 +315,25 @@ MANY_SEQUENCES = AttentionLaunch(block_m=64, block_n=64, warps=4, stages=3)   # 
 MANY_FROM = 8  # sequences
 
 
-def attention_launch(batch: int) -> AttentionLaunch:
-    """block_attention's tile shape for `batch` sequences."""
+# Split the keys from SPLIT_FROM_KEYS keys on (few sequences only: many fill the GPU already),
+# about SPLIT_KEYS keys a split, at most MAX_KEY_SPLITS (not yet measured: issue 13 asks for
+# prefix 2048 in fewer than 20 us; the combine is one more launch, so prefix 512 stays whole).
+SPLIT_FROM_KEYS = 1024
+SPLIT_KEYS = 512
+MAX_KEY_SPLITS = 8
+
+
+def attention_launch(batch: int, n_keys: int = 0) -> AttentionLaunch:
+    """block_attention's tile shape for `batch` sequences attending to n_keys keys."""
     forced = _current("attention")
     if forced is not None:
         return forced
-    return FEW_SEQUENCES if batch < MANY_FROM else MANY_SEQUENCES
+    if batch >= MANY_FROM:
+        return MANY_SEQUENCES
+    if n_keys >= SPLIT_FROM_KEYS:
+        splits = min(MAX_KEY_SPLITS, triton.cdiv(n_keys, SPLIT_KEYS))
+        return dataclasses.replace(FEW_SEQUENCES, key_splits=splits)
+    return FEW_SEQUENCES
 
 
 @dataclass(frozen=True)
@@ -280,12 +352,29 @@ def prep_launch(head_dim: int) -> PrepLaunch:
     return PrepLaunch(block_d=triton.next_power_of_2(head_dim), warps=1 if head_dim <= 128 else 2)
 
 
+@dataclass(frozen=True)
+class NormLaunch:
+    """add_rms_norm_kernel (kernels/add_norm.py): one program per row, block_h = H padded."""
+
+    block_h: int
+    warps: int
+
+
+def norm_launch(hidden: int) -> NormLaunch:
+    """A row of up to 2048 values (LLaDA2.0-mini's) on 4 warps (16 per thread), 8 above
+    (not yet measured: the kernel is a few bytes a row, its time is its launch)."""
+    forced = _current("norm")
+    if forced is not None:
+        return forced
+    return NormLaunch(block_h=triton.next_power_of_2(hidden), warps=4 if hidden <= 2048 else 8)
+
+
 # ---------------------------------------------------------------------------------------------
 # scoped override
 
-_KINDS = {"route": RouteLaunch, "decode": DecodeConfig, "grouped": GroupedConfig,
+_KINDS = {"route": RouteLaunch, "router": RouterLaunch, "decode": DecodeConfig, "grouped": GroupedConfig,
           "align": AlignLaunch, "combine": CombineLaunch, "attention": AttentionLaunch,
-          "prep": PrepLaunch, "moe_path": str}
+          "prep": PrepLaunch, "norm": NormLaunch, "moe_path": str}
 _state = threading.local()
 
 
@@ -309,12 +398,14 @@ def override_key() -> tuple:
 def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig] = None,
              grouped: Optional[GroupedConfig] = None, align: Optional[AlignLaunch] = None,
              combine: Optional[CombineLaunch] = None, attention: Optional[AttentionLaunch] = None,
-             prep: Optional[PrepLaunch] = None, moe_path: Optional[str] = None):
+             prep: Optional[PrepLaunch] = None, moe_path: Optional[str] = None,
+             router: Optional[RouterLaunch] = None, norm: Optional[NormLaunch] = None):
     """Within the block, the launch functions return these instead of their choice (None keeps
     the enclosing choice). moe_path: "decode" or "grouped" whatever the token count. A value of
     the wrong type is a TypeError naming the argument; leaving the block restores the choices."""
-    given = dict(route=route, decode=decode, grouped=grouped, align=align, combine=combine,
-                 attention=attention, prep=prep, moe_path=moe_path)
+    given = dict(route=route, router=router, decode=decode, grouped=grouped, align=align,
+                 combine=combine,
+                 attention=attention, prep=prep, moe_path=moe_path, norm=norm)
     frame = dict(_stack()[-1])
     for name, value in given.items():
         if value is None:
@@ -332,7 +423,7 @@ def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig]
         _stack().pop()
 
 
-__all__ = ["RouteLaunch", "DecodeConfig", "GroupedConfig", "AlignLaunch", "CombineLaunch",
+__all__ = ["RouteLaunch", "RouterLaunch", "router_launch", "NormLaunch", "norm_launch", "DecodeConfig", "GroupedConfig", "AlignLaunch", "CombineLaunch",
            "MoeLaunch", "AttentionLaunch", "PrepLaunch", "route_launch", "moe_launch",
            "align_launch", "attention_launch", "prep_launch", "override", "override_key",
            "persistent_grid", "pipeline_stages", "dot_precision", "DECODE_MAX_TOKENS",

@@ -2,7 +2,8 @@
 
 `moe_forward` checks its inputs on the host (shapes, dtypes, devices: nothing that needs a sync),
 then runs either the Triton kernels of `kernels/moe_matmul.py` or the reference. `DMoEBlock` is a
-whole LLaDA2 MoE MLP: fp32 router GEMM, `route`, `moe_forward` and the shared expert.
+whole LLaDA2 MoE MLP: `route_hidden` (fp32 router GEMM + routing), `moe_forward` and the
+shared expert.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from .launch import (ALIGN_MAX_SLOTS, DECODE_MAX_TOKENS, DEFAULT_COMBINE,  # noq
                      align_launch, dot_precision, moe_launch, persistent_grid, pipeline_stages)
 from .modules import keep_fp32_router_state
 from .reference import moe_forward_reference
-from .routing import resolve_backend, route
+from .router import route_hidden
+from .routing import resolve_backend
 
 FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 ID_TYPES = (torch.int32, torch.int64)
@@ -558,10 +560,10 @@ class DMoEBlock(torch.nn.Module):
         if hidden.dim() != 3:
             raise ValueError(f"hidden must have shape [B, L, H], got {_shape(hidden)}")
         B, L, H = hidden.shape
-        with torch.autocast(hidden.device.type, enabled=False):  # the router runs in fp32
-            logits = hidden.float() @ self.gate_weight.T
-        r = route(logits, self.expert_bias, self.router_cfg, self.policy, self.backend,
-                  first_position=first_position, row_valid=row_valid, row_masked=row_masked)
+        # The fp32 router GEMM and the routing: two launches on the Triton path (issue 13).
+        r = route_hidden(hidden, self.gate_weight, self.expert_bias, self.router_cfg,
+                         self.policy, self.backend, first_position=first_position,
+                         row_valid=row_valid, row_masked=row_masked)
         self.last_route = r
         top_k = r.topk_ids.shape[-1]
         shared = self.shared_weights()

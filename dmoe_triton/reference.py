@@ -250,6 +250,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
+def add_rms_norm_reference(x: torch.Tensor, delta, weight: torch.Tensor, eps: float):
+    """(h, y): h = x + delta (x when delta is None), y = rms_norm(h, weight, eps): the decoder
+    layer's residual add and the norm that reads it, as eager torch ops."""
+    h = x if delta is None else x + delta
+    return h, rms_norm(h, weight, eps)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)

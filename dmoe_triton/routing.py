@@ -155,17 +155,18 @@ def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
     launch: the kernels' shapes (default: launch.route_launch, or a `launch.override`).
     Returns a RouteResult shaped like `route`'s.
     """
-    from .kernels.routing import block_coreset_kernel, route_kernel
+    from .kernels.routing import block_coreset_kernel
 
     lead, (L, E) = logits.shape[:-2], logits.shape[-2:]
     # The kernels read logits [S, L, E] and the bias [E] densely: any view is made so (issue 11).
     x = logits.reshape(-1, L, E).contiguous()
     expert_bias = expert_bias.contiguous()
     S = x.shape[0]
-    shapes = launch or route_launch(E, x.device)
     top_k = policy.slots(cfg)
     ids = torch.empty(S, L, top_k, dtype=torch.int32, device=x.device)
     weights = torch.empty(S, L, top_k, dtype=torch.float32, device=x.device)
+    windows = S * triton.cdiv(L, policy.block_size) if policy.is_block else 0
+    shapes = launch or route_launch(E, x.device, windows=windows)
     # Token policies have no blocks: route_kernel then sees blocks of route_rows rows.
     block_size = policy.block_size if policy.is_block else shapes.route_rows
     # Window slots: with first_position, a forward's rows may start mid-window (one more slot).
@@ -177,6 +178,10 @@ def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
     coreset = None
     if policy.is_block:
         coreset = torch.empty(S, n_blocks, E, dtype=torch.uint8, device=x.device)
+    if policy.is_block and shapes.fused:  # one launch (kernels/router.py)
+        window_route(x, expert_bias, ids, weights, coreset, first_position, row_valid, cfg,
+                     policy, shapes, n_blocks)
+    elif policy.is_block:
         block_coreset_kernel[(S * n_blocks,)](
             logits_ptr=x, bias_ptr=expert_bias, coreset_ptr=coreset,
             first_position_ptr=first_position, row_valid_ptr=row_valid, L=L, n_blocks=n_blocks,
@@ -186,6 +191,23 @@ def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
             BLOCK_T=min(shapes.vote_rows, triton.next_power_of_2(block_size)),
             E_PAD=triton.next_power_of_2(E), num_warps=shapes.coreset_warps,
         )
+    if not (policy.is_block and shapes.fused):
+        _route_rows(x, expert_bias, ids, weights, coreset, first_position, cfg, policy, shapes,
+                    n_blocks, block_size)
+    ids = ids.reshape(*lead, L, top_k)
+    weights = weights.reshape(*lead, L, top_k)
+    if coreset is None:
+        return RouteResult(ids, weights, None)
+    return RouteResult(ids, weights, coreset.view(torch.bool).reshape(*lead, n_blocks, E))
+
+
+def _route_rows(x, expert_bias, ids, weights, coreset, first_position, cfg, policy, shapes,
+                n_blocks, block_size) -> None:
+    """route_kernel over every row (after block_coreset_kernel for block policies)."""
+    from .kernels.routing import route_kernel
+
+    S, L, E = x.shape
+    top_k = ids.shape[-1]
     rows = min(shapes.route_rows, triton.next_power_of_2(block_size))
     chunks = triton.cdiv(block_size, rows)
     cfg = policy.pick_config(cfg)  # capacity routing: a plain top-k (one group of all experts)
@@ -199,11 +221,6 @@ def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
         GS_PAD=triton.next_power_of_2(cfg.group_size), TOP_K_PAD=triton.next_power_of_2(top_k),
         num_warps=shapes.route_warps,
     )
-    ids = ids.reshape(*lead, L, top_k)
-    weights = weights.reshape(*lead, L, top_k)
-    if coreset is None:
-        return RouteResult(ids, weights, None)
-    return RouteResult(ids, weights, coreset.view(torch.bool).reshape(*lead, n_blocks, E))
 
 
 def _row_flags(flags, S: int, L: int):
@@ -254,3 +271,31 @@ def expert_choice_triton(logits, expert_bias, cfg: RouterConfig, policy: Routing
         BLOCK_T=triton.next_power_of_2(bs), num_warps=shapes.expert_choice_warps)
     return RouteResult(ids.reshape(*lead, L, E), weights.reshape(*lead, L, E),
                        coreset.view(torch.bool).reshape(*lead, n_blocks, E))
+
+
+def window_route(x, expert_bias, ids, weights, coreset, first_position, row_valid, cfg,
+                 policy, shapes, n_blocks) -> None:
+    """A block policy in one launch (kernels/router.py window_route_kernel): x fp32 [S, L, E]
+    logits; ids, weights, coreset: route_triton's outputs, written in place."""
+    from .kernels.router import window_route_kernel
+
+    S, L, E = x.shape
+    block_size = policy.block_size
+    rows = min(shapes.route_rows, triton.next_power_of_2(block_size))
+    chunks = triton.cdiv(block_size, rows)
+    pick = policy.pick_config(cfg)  # capacity routing: a plain top-k (one group of all experts)
+    e_pad = triton.next_power_of_2(E)
+    window_route_kernel[(S * n_blocks * chunks,)](
+        logits_ptr=x, bias_ptr=expert_bias, ids_ptr=ids, weights_ptr=weights,
+        coreset_ptr=coreset, first_position_ptr=first_position, row_valid_ptr=row_valid, L=L,
+        n_blocks=n_blocks, block_size=block_size, chunks_per_block=chunks,
+        top_p=float(policy.top_p), guard=policy.guard,
+        coreset_size=policy.expert_capacity if policy.kind == "capacity" else policy.size,
+        scaling=float(pick.routed_scaling_factor), E=E, VOTE_K=cfg.top_k, POLICY=policy.code,
+        N_GROUP=pick.n_group, GROUP_SIZE=pick.group_size, TOPK_GROUP=pick.topk_group,
+        TOP_K=ids.shape[-1], BLOCK_T=rows,
+        VOTE_T=min(shapes.vote_rows, triton.next_power_of_2(block_size)), E_PAD=e_pad,
+        CW=min(32, e_pad), G_PAD=triton.next_power_of_2(pick.n_group),
+        GS_PAD=triton.next_power_of_2(pick.group_size),
+        TOP_K_PAD=triton.next_power_of_2(ids.shape[-1]), num_warps=shapes.coreset_warps,
+    )

@@ -26,11 +26,17 @@ def block_attention_kernel(
     k_ptr, v_ptr, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     mask_ptr, stride_mb, stride_mr,
     out_ptr, stride_ob, stride_ol, stride_oh,
-    L, n_keys, scale,
+    L, n_keys, scale, keys_per_split, part_out_ptr, part_lse_ptr,
     NKV: tl.constexpr, GROUP: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Grid (B * NKV, cdiv(GROUP * L, BLOCK_M)): softmax(q k^T * scale + mask) v.
+    """Grid (B * NKV, cdiv(GROUP * L, BLOCK_M), splits): softmax(q k^T * scale + mask) v.
+
+    Split over keys (flash-decoding) when part_out_ptr is not None: program (.., .., s) walks
+    keys [s * keys_per_split, (s + 1) * keys_per_split) (a multiple of BLOCK_N) and writes its
+    normalised partial output fp32 [B * NKV, splits, GROUP * L, BLOCK_D] and its log2-sum-exp2
+    fp32 [B * NKV, splits, GROUP * L] (-inf where the row saw no key there) for
+    attention_combine_kernel; else (one split) it writes out_ptr directly.
 
     q_ptr [B, NH, L, HD] with NH = NKV * GROUP; k_ptr, v_ptr [B, NKV, n_keys, HD]; mask_ptr
     additive [B, 1, GROUP * L, n_keys] (fp32 or q's dtype); out_ptr [B, L, NH, HD] out, q's
@@ -56,7 +62,8 @@ def block_attention_kernel(
     run_max = tl.full([BLOCK_M], FLOOR, dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for n0 in range(0, n_keys, BLOCK_N):
+    first_key = tl.program_id(2) * keys_per_split
+    for n0 in range(first_key, tl.minimum(first_key + keys_per_split, n_keys), BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < n_keys
         kv_ok = n_ok[:, None] & d_ok[None, :]
@@ -72,8 +79,59 @@ def block_attention_kernel(
         v = tl.load(v_base + n[:, None] * stride_vn + d[None, :], mask=kv_ok, other=0.0)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         run_max = new_max
+    if part_out_ptr is not None:
+        _store_partial(part_out_ptr, part_lse_ptr, acc, run_max, run_sum, rows, row_ok, d,
+                       GROUP * L, BLOCK_D)
+        return
     # A row that sees no key at all (never the model's: every row sees itself) divides 0 by 0:
     # NaN, as SDPA gives, never a silent zero.
     out = acc / tl.where(row_ok, run_sum, 1.0)[:, None]  # padding rows: no 0 / 0
     tl.store(out_ptr + b * stride_ob + i[:, None] * stride_ol + head[:, None] * stride_oh
              + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _store_partial(part_out_ptr, part_lse_ptr, acc, run_max, run_sum, rows, row_ok, d, ROWS,
+                   BLOCK_D: tl.constexpr):
+    """One split's normalised output and log2-sum-exp2 (-inf: no key seen in this split)."""
+    part = (tl.program_id(0) * tl.num_programs(2) + tl.program_id(2)).to(tl.int64) * ROWS + rows
+    seen = run_sum > 0
+    lse = tl.where(seen, run_max + tl.log2(tl.where(seen, run_sum, 1.0)), float("-inf"))
+    out = acc / tl.where(seen, run_sum, 1.0)[:, None]
+    tl.store(part_lse_ptr + part, lse, mask=row_ok)
+    tl.store(part_out_ptr + part[:, None] * BLOCK_D + d[None, :], out, mask=row_ok[:, None])
+
+
+@triton.jit
+def attention_combine_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_ol,
+                             stride_oh, L, SPLITS: tl.constexpr, NKV: tl.constexpr,
+                             GROUP: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_M: tl.constexpr):
+    """Grid (B * NKV, cdiv(GROUP * L, BLOCK_M)): the splits' partial outputs weighed by
+    exp2(lse - max lse) and normalised, into out_ptr [B, L, NH, HD] (block_attention_kernel's
+    layout and dtype). A row that saw no key in any split gets 0 / 0 = NaN, as unsplit."""
+    b = (tl.program_id(0) // NKV).to(tl.int64)
+    kv_head = tl.program_id(0) % NKV
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP * L
+    d = tl.arange(0, BLOCK_D)
+    base = tl.program_id(0).to(tl.int64) * SPLITS * (GROUP * L)
+    best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        lse = tl.load(part_lse_ptr + base + s * GROUP * L + rows, mask=row_ok, other=0.0)
+        best = tl.maximum(best, lse)
+    best = tl.where(best == float("-inf"), 0.0, best)  # no key anywhere: every weight 0
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        at = base + s * GROUP * L + rows
+        weight = tl.exp2(tl.load(part_lse_ptr + at, mask=row_ok, other=0.0) - best)
+        part = tl.load(part_out_ptr + at[:, None] * BLOCK_D + d[None, :], mask=row_ok[:, None],
+                       other=0.0)
+        total += weight
+        acc += weight[:, None] * part
+    head = kv_head * GROUP + rows // L
+    i = rows % L
+    out = acc / tl.where(row_ok, total, 1.0)[:, None]
+    tl.store(out_ptr + b * stride_ob + i[:, None] * stride_ol + head[:, None] * stride_oh
+             + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (d < HD)[None, :])

@@ -171,19 +171,30 @@ def block_coreset_kernel(
     # every vote against every other one, and the index travels inside the key.
     ranked = tl.sort(tl.where(e_ok, _key(score, e), NO_KEY), descending=True)
     expert = _key_index(ranked)  # expert at sorted position `e`
-    if POLICY == DMOE:
-        cumulative = tl.cumsum(tl.where(e_ok, _key_value(ranked), 0.0), 0)
-        # top_p = 1 keeps every expert, as exact arithmetic would (reference.block_coreset).
-        within = ((cumulative <= top_p) | (top_p >= 1.0)) & e_ok
-        first_past = tl.min(tl.where(e_ok & ~within, e, E_PAD), axis=0)
-        keep = (within | (e == first_past) | (e == 0)) & e_ok
-        n_kept = tl.sum(keep.to(tl.int32), axis=0)
-        keep = tl.where(n_kept < guard, e < guard, keep)
-    else:  # DES_VOTE, CAPACITY: a fixed number of experts
-        keep = e < coreset_size
+    cumulative = tl.cumsum(tl.where(e_ok, _key_value(ranked), 0.0), 0)
+    keep = _keep(cumulative, e, e_ok, top_p, guard, coreset_size, POLICY, E_PAD)
     keep = keep & (real_rows > 0)  # a window of padding (or of no row here) keeps no expert
     # Scatter back to expert order: each real position names a distinct expert.
     tl.store(coreset_ptr + pid * E + expert, keep.to(tl.uint8), mask=e_ok)
+
+
+@triton.jit
+def _keep(cumulative, rank, e_ok, top_p, guard, coreset_size, POLICY: tl.constexpr,
+          E_PAD: tl.constexpr):
+    """The coreset rule over experts at rank `rank` (0 = most votes) whose inclusive cumulative
+    vote mass in rank order is `cumulative` (used by dMoE only): dMoE keeps every expert within
+    top_p, the first past it and the first, else the top-guard; DES-vote and capacity keep the
+    top coreset_size. Padding (e_ok false) is never kept."""
+    if POLICY == DMOE:
+        # top_p = 1 keeps every expert, as exact arithmetic would (reference.block_coreset).
+        within = ((cumulative <= top_p) | (top_p >= 1.0)) & e_ok
+        first_past = tl.min(tl.where(e_ok & ~within, rank, E_PAD), axis=0)
+        keep = (within | (rank == first_past) | (rank == 0)) & e_ok
+        n_kept = tl.sum(keep.to(tl.int32), axis=0)
+        keep = tl.where(n_kept < guard, rank < guard, keep)
+    else:  # DES_VOTE, CAPACITY: a fixed number of experts
+        keep = rank < coreset_size
+    return keep & e_ok
 
 
 @triton.jit
@@ -236,8 +247,20 @@ def route_kernel(
                                                                      block_size)
     chunk_start = block_start + (pid % chunks_per_block) * BLOCK_T
     row_end = tl.minimum(block_start + block_size, L)
-    base = seq * L
+    _route_chunk(logits_ptr, bias_ptr, ids_ptr, weights_ptr, coreset_ptr, block_id, seq * L,
+                 chunk_start, row_end, scaling, E, N_GROUP, GROUP_SIZE, TOPK_GROUP, TOP_K,
+                 BLOCK_T, G_PAD, GS_PAD, TOP_K_PAD)
 
+
+@triton.jit
+def _route_chunk(logits_ptr, bias_ptr, ids_ptr, weights_ptr, coreset_ptr, block_id, base,
+                 chunk_start, row_end, scaling,
+                 E: tl.constexpr, N_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                 TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr,
+                 G_PAD: tl.constexpr, GS_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr):
+    """Route rows [chunk_start, chunk_start + BLOCK_T) ∩ [0, row_end) of the sequence whose row 0
+    is flattened row `base`, inside window `block_id`'s coreset (uint8 [.., E] at coreset_ptr,
+    or every expert when None); writes their ids and weights (route_kernel's contract)."""
     t = tl.arange(0, BLOCK_T)[:, None, None]
     g = tl.arange(0, G_PAD)[None, :, None]
     j = tl.arange(0, GS_PAD)[None, None, :]

@@ -115,3 +115,52 @@ def test_bf16_on_gpu_matches_reference_and_sdpa():
     err_kernel = (got.float() - want.float()).abs().mean()
     err_sdpa = (sdpa.float() - want.float()).abs().mean()
     assert err_kernel <= 1.5 * err_sdpa + 1e-4, (err_kernel, err_sdpa)
+
+
+# ---------------------------------------------------------------------------------------------
+# split over the keys (flash-decoding: partial softmax per key chunk, then a combine)
+
+@pytest.mark.parametrize("cached", [0, 1, 31, 33, 2040])
+@pytest.mark.parametrize("splits", [2, 3, 8])
+def test_key_splits_match_the_reference(cached, splits):
+    L, see_prob = 4, (0.02 if cached > 1000 else 0.5)  # some splits see no key for a row
+    q, keys, values, mask = make_inputs(1, L, 2, 2, 8, cached, torch.float32, cached + splits,
+                                        see_prob)
+    want = block_attention_reference(q, keys, values, mask, 0.3)
+    got = kernel(q, keys, values, mask, 0.3, AttentionLaunch(block_m=16, block_n=16,
+                                                            key_splits=splits))
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+def test_a_row_that_sees_no_key_in_any_split_is_nan():
+    q, keys, values, mask = make_inputs(1, 3, 1, 1, 8, 40, torch.float32, 0)
+    mask[:, :, 1] = float("-inf")  # row 1 sees nothing
+    got = kernel(q, keys, values, mask, 0.3, AttentionLaunch(block_m=16, block_n=16,
+                                                            key_splits=3))
+    want = block_attention_reference(q, keys, values, mask, 0.3)
+    assert got[:, 1].isnan().all() and not got[:, [0, 2]].isnan().any()
+    torch.testing.assert_close(got[:, [0, 2]], want[:, [0, 2]], **TOL[torch.float32])
+
+
+def test_long_prefixes_split_over_the_keys():
+    from dmoe_triton import launch
+    assert launch.attention_launch(1, 544).key_splits == 1      # prefix 512: one launch
+    assert launch.attention_launch(1, 2080).key_splits > 1      # prefix 2048: split
+    assert launch.attention_launch(16, 2080).key_splits == 1    # many sequences fill the GPU
+
+
+@pytest.mark.gpu
+def test_gpu_split_keys_at_prefix_2048_replay_in_a_graph():
+    q, keys, values, mask = make_inputs(1, 32, 4, 4, 128, 2048, torch.bfloat16, 5)
+    q, keys, values, mask = (t.cuda() for t in (q, keys, values, mask))
+    from dmoe_triton import launch
+    assert launch.attention_launch(1, keys.shape[2]).key_splits > 1
+    eager = block_attention(q, keys, values, mask, 128 ** -0.5)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = block_attention(q, keys, values, mask, 128 ** -0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+    want = block_attention_reference(q, keys, values, mask, 128 ** -0.5)
+    torch.testing.assert_close(eager, want, rtol=2e-2, atol=2e-2)

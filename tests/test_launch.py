@@ -12,6 +12,7 @@ from dmoe_triton.launch import (ALIGN_MAX_SLOTS, DECODE_MAX_TOKENS, FEW_SEQUENCE
                                 GroupedConfig, PrepLaunch, RouteLaunch)
 
 CPU = torch.device("cpu")
+GPU = torch.device("cuda")  # only its type is read: the rules run without a GPU
 
 
 def moe_path(tokens):
@@ -19,7 +20,7 @@ def moe_path(tokens):
 
 
 def test_defaults_are_todays_measured_values():
-    assert launch.route_launch(256, CPU) == RouteLaunch(route_rows=1, route_warps=1, vote_rows=16,
+    assert launch.route_launch(256, GPU) == RouteLaunch(route_rows=1, route_warps=1, vote_rows=16,
                                                         coreset_warps=8)
     plan = launch.moe_launch(32, 8, 256, torch.bfloat16, CPU)
     assert plan.decode == DecodeConfig() and plan.decode.down_splits == 4
@@ -66,13 +67,22 @@ def test_persistent_grid_is_capped_by_the_work():
     assert launch.persistent_grid(CPU, 2, 0) == (1,)
 
 
+def test_fused_routing_rows_per_program():
+    """Each program of the one-launch routing repeats its window's coreset: 1 row a program
+    for few windows, 8 for many, a whole window in the interpreter (programs run one by one)."""
+    assert launch.route_launch(256, GPU, windows=4).route_rows == 1
+    assert launch.route_launch(256, GPU, windows=16).route_rows == 8
+    assert launch.route_launch(256, CPU).route_rows == 32
+    assert launch.route_launch(256, GPU).fused
+
+
 def test_override_is_scoped_and_restores_the_default():
     fast = RouteLaunch(route_rows=4)
     with launch.override(route=fast, moe_path="grouped"):
-        assert launch.route_launch(256, CPU) == fast
+        assert launch.route_launch(256, GPU) == fast
         assert moe_path(1) == "grouped"
         assert launch.attention_launch(1) == FEW_SEQUENCES  # not overridden: the heuristic
-    assert launch.route_launch(256, CPU) == RouteLaunch()
+    assert launch.route_launch(256, GPU) == RouteLaunch()
     assert moe_path(1) == "decode"
 
 
@@ -98,7 +108,7 @@ def test_overrides_nest_innermost_wins_outer_keys_stay():
 def test_override_is_thread_local():
     seen = []
     with launch.override(route=RouteLaunch(route_rows=2)):
-        worker = threading.Thread(target=lambda: seen.append(launch.route_launch(256, CPU)))
+        worker = threading.Thread(target=lambda: seen.append(launch.route_launch(256, GPU)))
         worker.start()
         worker.join()
     assert seen == [RouteLaunch()]
@@ -117,7 +127,7 @@ def test_bad_override_types_name_the_argument(kwargs, name):
     with pytest.raises(TypeError, match=f"^{name} must be"):
         with launch.override(**kwargs):
             pass
-    assert launch.route_launch(256, CPU) == RouteLaunch()
+    assert launch.route_launch(256, GPU) == RouteLaunch()
 
 
 def test_bad_moe_path_is_a_value_error():

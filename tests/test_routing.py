@@ -131,10 +131,11 @@ def policies(draw, E):
 
 
 def route_launches():
-    """Launch shapes of the routing kernels: the default and the sweep's neighbours. The result
-    must not depend on them; under the interpreter, more rows per program also run faster."""
+    """Launch shapes of the routing kernels: the default and the sweep's neighbours, one launch
+    (window_route_kernel) or two (block_coreset_kernel + route_kernel). The result must not
+    depend on them; under the interpreter, more rows per program also run faster."""
     return st.builds(RouteLaunch, route_rows=st.sampled_from([1, 4, 32]),
-                     vote_rows=st.sampled_from([4, 16, 32]))
+                     vote_rows=st.sampled_from([4, 16, 32]), fused=st.booleans())
 
 
 @st.composite

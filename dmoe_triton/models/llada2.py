@@ -22,7 +22,9 @@ from transformers.modeling_outputs import CausalLMOutput
 from ..attention import attention_prep, block_attention
 from ..config import RouterConfig, RoutingPolicy
 from ..modules import keep_fp32_router_state
-from ..reference import apply_rope, attention_prep_reference, rms_norm, rotate_half  # noqa: F401 (rotate_half: public name)
+from ..norm import add_rms_norm
+from ..reference import (  # noqa: F401 (rotate_half: public name)
+    add_rms_norm_reference, apply_rope, attention_prep_reference, rms_norm, rotate_half)
 from ..routing import RouteResult, route
 
 MODEL_TYPE = "llada2_moe"
@@ -451,13 +453,26 @@ class LLaDA2MoeDecoderLayer(nn.Module):
         else:
             self.mlp = LLaDA2MoeMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, mask, cache, write_cache, windows: dict):
+    def forward(self, x, cos, sin, mask, cache, write_cache, windows: dict, delta=None):
         """windows: the MoE routing windows of these rows, `first_position` [B] and
-        `row_valid` [B, l] (route's arguments; None where they are the defaults)."""
-        h = x + self.attention(self.input_layernorm(x), cos, sin, mask, cache, write_cache)
+        `row_valid` [B, l] (route's arguments; None where they are the defaults).
+        delta: the previous layer's MLP output, not yet added to x (None: x is the whole
+        residual stream). Returns (h, out): the layer's output is h + out, left for the next
+        norm to add in its own launch (add_then_norm: one launch per add and norm)."""
+        x, normed = add_then_norm(x, delta, self.input_layernorm)
+        attended = self.attention(normed, cos, sin, mask, cache, write_cache)
+        h, normed = add_then_norm(x, attended, self.post_attention_layernorm)
         if isinstance(self.mlp, LLaDA2MoeMLP):  # the dense layer: no routing
-            return h + self.mlp(self.post_attention_layernorm(h))
-        return h + self.mlp(self.post_attention_layernorm(h), **windows)
+            return h, self.mlp(normed)
+        return h, self.mlp(normed, **windows)
+
+
+def add_then_norm(x, delta, norm: LLaDA2MoeRMSNorm):
+    """(x + delta, norm(x + delta)); x itself when delta is None. One launch on CUDA
+    (dmoe_triton/norm.py); the eager ops wherever eager_ops says (autograd, autocast) or on CPU."""
+    if x.is_cuda and not eager_ops(x) and (delta is None or not eager_ops(delta)):
+        return add_rms_norm(x, delta, norm.weight, norm.eps)
+    return add_rms_norm_reference(x, delta, norm.weight, norm.eps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,11 +598,12 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
         windows = dict(first_position=first_position,
                        row_valid=None if attention_mask is None else row_valid,
                        row_masked=None if mask_id is None else input_ids == mask_id)
+        delta = None
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, write_cache, windows)
+            x, delta = layer(x, cos, sin, mask, cache, write_cache, windows, delta)
         if write_cache:
             cache.advance(row_valid)
-        return self.norm(x)
+        return add_then_norm(x, delta, self.norm)[1]
 
 
 class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
