@@ -337,6 +337,9 @@ def route_stats(modules, rows, unique_out, coreset_out, outside_out, load_out=No
     pairs_out (optional): the most rows any expert takes, and the routed (row, expert) pairs."""
     routes = [m.last_route for m in modules]
     E = max(_num_experts(m, r) for m, r in zip(modules, routes))
+    extra = routes[0].topk_ids.shape[-2] - rows.shape[-1]
+    if extra > 0:  # use_cache=False: the forward routed every earlier column too
+        rows = torch.nn.functional.pad(rows, (extra, 0))
     ids = torch.where(rows[..., None], torch.stack([r.topk_ids for r in routes]), -1)
     n, B = ids.shape[:2]
     load = expert_load(ids.flatten(0, 1), E).view(n, B, E)

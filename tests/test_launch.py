@@ -137,16 +137,19 @@ def test_bad_moe_path_is_a_value_error():
 
 
 def test_policy_table_is_the_one_source_of_codes_and_names():
-    assert POLICY_NAMES == ("token", "dmoe", "des_vote", "topk_cap", "capacity")
+    assert POLICY_NAMES == ("token", "dmoe", "des_vote", "topk_cap", "capacity",
+                            "expert_choice", "ec_coreset")
     assert POLICIES["dmoe"].code == policy_codes.DMOE.value
     assert POLICIES["des_vote"].code == policy_codes.DES_VOTE.value
     assert POLICIES["capacity"].code == policy_codes.CAPACITY.value
     assert POLICIES["token"].code == POLICIES["topk_cap"].code == policy_codes.TOKEN.value
+    assert (POLICIES["expert_choice"].code == POLICIES["ec_coreset"].code
+            == policy_codes.EXPERT_CHOICE.value)
     block = {name for name, kind in POLICIES.items() if kind.is_block}
-    assert block == {"dmoe", "des_vote", "capacity"}
+    assert block == {"dmoe", "des_vote", "capacity", "expert_choice", "ec_coreset"}
     assert RoutingPolicy.dmoe().code == policy_codes.DMOE.value
     with pytest.raises(ValueError, match="policy kind must be one of"):
-        RoutingPolicy("expert_choice")
+        RoutingPolicy("expert_chooses")
 
 
 @pytest.mark.parametrize("build, field", [
