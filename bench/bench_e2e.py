@@ -567,11 +567,26 @@ def run_fp8(args, setup: Setup) -> list:
         fp8_rows(model, setup, step, bandwidth, "fp8", rows)
         return rows
     bf16 = fp8_rows(model, setup, step, bandwidth, "bf16", rows)
+    before = every_policy_logits(model, setup, step)
     patch_model(model, RoutingPolicy.token(), expert_dtype="fp8")  # in place, layer by layer
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     fp8_rows(model, setup, step, bandwidth, "fp8", rows, baseline=bf16)
+    after = every_policy_logits(model, setup, step)
+    for name in before:  # untimed rows: the agreement of every policy
+        rows.append(dict(policy=f"{name} (agreement only)", prefix=step.prefix,
+                         **logits_agreement(after[name], before[name])))
     return rows
+
+
+def every_policy_logits(model, setup: Setup, step: Step) -> dict:
+    """The step's logits under every policy of the e2e table (eager forwards, untimed)."""
+    out = {}
+    for name, policy in policies(setup.config):
+        set_policy(model, policy)
+        with torch.no_grad():
+            out[name] = step_fn(model, step)()
+    return out
 
 
 def write_fp8_report(args, rows, device_name) -> str:
@@ -581,10 +596,11 @@ def write_fp8_report(args, rows, device_name) -> str:
              "| policy | ms / forward | tokens/s (2.55 / forward) | unique | floor ms | x floor "
              "| peak GB | logits rel err vs bf16 | argmax agree |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['policy']} | {r['ms']:.3f} | {r['tok_s']:.0f} | {r['unique']:.1f} | "
-                     f"{r['floor_ms']:.3f} | {r['ratio']:.2f} | {fmt(r['peak_gb'])} | "
+        lines.append(f"| {r['policy']} | {fmt(r.get('ms'), '.3f')} | {fmt(r.get('tok_s'), '.0f')} | "
+                     f"{fmt(r.get('unique'), '.1f')} | {fmt(r.get('floor_ms'), '.3f')} | "
+                     f"{fmt(r.get('ratio'))} | {fmt(r.get('peak_gb'))} | "
                      f"{fmt(r.get('logits_rel_err'), '.2e')} | {fmt(r.get('argmax_agree'), '.3f')} |")
-    pair = {r["policy"]: r["ms"] for r in rows}
+    pair = {r["policy"]: r["ms"] for r in rows if "ms" in r}
     if "dmoe p=0.6 fp8" in pair and "dmoe p=0.6 bf16" in pair:
         lines += ["", f"dMoE p=0.6: FP8 / bf16 time = "
                       f"{pair['dmoe p=0.6 fp8'] / pair['dmoe p=0.6 bf16']:.2f} (target <= 0.65)"]
