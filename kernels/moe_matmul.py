@@ -378,6 +378,24 @@ def _nan_rows(token_ids, id_mask, token_weights, E):
 
 
 @triton.jit
+def _sum_shares(y, partial_tile, out_tile, tile_ok, arrivals, share, share_stride,
+                T_PAD: tl.constexpr, BLOCK_H: tl.constexpr, EXPERT_SPLITS: tl.constexpr):
+    """Write this share's partial y; the last of the column block's EXPERT_SPLITS programs to
+    arrive adds every share's partial in share order into out_tile (deterministic whoever
+    arrives last) and rearms the arrival counter."""
+    tl.store(partial_tile + share * share_stride, y, mask=tile_ok)
+    tl.debug_barrier()  # all of this program's partial is written before it counts itself
+    if tl.atomic_add(arrivals, 1, sem="acq_rel") == EXPERT_SPLITS - 1:
+        total = tl.zeros((T_PAD, BLOCK_H), dtype=tl.float32)
+        for s in tl.static_range(EXPERT_SPLITS):
+            # .cg: read the other programs' partials from L2, never a stale L1 line.
+            total += tl.load(partial_tile + s * share_stride, mask=tile_ok, other=0.0,
+                             cache_modifier=".cg")
+        tl.store(out_tile, total.to(out_tile.dtype.element_ty), mask=tile_ok)
+        tl.atomic_xchg(arrivals, 0)  # ready for the next launch, even without a gate/up
+
+
+@triton.jit
 def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi,
                                    ids_ptr, weights_ptr, out_ptr, stride_ot,
                                    partial_ptr, arrivals_ptr, shared_ptr, T, H, I, E, TOP_K,
@@ -452,14 +470,5 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
         tl.store(out_tile, y.to(out_ptr.dtype.element_ty), mask=tile_ok)
     else:
         partial_tile = partial_ptr + t.to(tl.int64)[:, None] * H + offs_h[None, :]
-        tl.store(partial_tile + share * T * H, y, mask=tile_ok)
-        tl.debug_barrier()  # all of this program's partial is written before it counts itself
-        arrivals = arrivals_ptr + tl.program_id(0)
-        if tl.atomic_add(arrivals, 1, sem="acq_rel") == EXPERT_SPLITS - 1:
-            total = tl.zeros((T_PAD, BLOCK_H), dtype=tl.float32)
-            for s in tl.static_range(EXPERT_SPLITS):
-                # .cg: read the other programs' partials from L2, never a stale L1 line.
-                total += tl.load(partial_tile + s * T * H, mask=tile_ok, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(out_tile, total.to(out_ptr.dtype.element_ty), mask=tile_ok)
-            tl.atomic_xchg(arrivals, 0)  # ready for the next launch, even without a gate/up
+        _sum_shares(y, partial_tile, out_tile, tile_ok, arrivals_ptr + tl.program_id(0), share,
+                    T * H, T_PAD, BLOCK_H, EXPERT_SPLITS)
