@@ -28,6 +28,15 @@ breakdown only, written to e2e_quick.{md,json,png}.
 `--llada22`: the LLaDA2.2-mini layout (expert_capacity 48, routing window 32, RoPE theta 3e6);
 the rows gain "capacity 48", the checkpoint's own block routing, beside dMoE on the same model
 (files e2e*_llada22.*).
+
+FP8 experts (issue 16), one sequence, prefix 512, calibrated router, token and dMoE p=0.6:
+    PYTHONUNBUFFERED=1 python bench/bench_e2e.py --fp8 --out $OUT     # mini, bf16 then FP8 rows
+    PYTHONUNBUFFERED=1 python bench/bench_e2e.py --flash --out $OUT   # LLaDA2.0-flash in FP8
+--fp8 times the bf16 model, quantizes its routed experts in place (128 x 128 blocks) and times the
+same step again, with the logits' agreement against bf16 per policy (relative error, argmax
+agreement); --flash builds LLaDA2.0-flash with random FP8 experts directly on the GPU (never the
+206 GB bf16 model): ms per forward, tokens/s, unique experts, peak memory. Both take --smoke
+(the SMALL config on the CPU). Written to e2e_fp8.* / e2e_flash.*.
 """
 from __future__ import annotations
 
@@ -53,7 +62,7 @@ from dmoe_triton.moe import moe_forward
 from dmoe_triton.patch import Unpatched
 from dmoe_triton.norm import add_rms_norm
 from dmoe_triton.router import route_hidden
-from dmoe_triton.testing import SMALL, build_model
+from dmoe_triton.testing import SMALL, build_fp8_model, build_model
 
 from common import capture, copy_bandwidth, fmt, random_tokens, time_ms  # bench/common.py (bench/ is on sys.path as a script)
 
@@ -529,6 +538,119 @@ def plot(path_png, rows, bandwidth, model, setup):
 # ---------------------------------------------------------------------------------------------
 
 
+# LLaDA2.0-flash: LLaDA2.0-mini's layout at these sizes. Sources: /work/shared/docs/llada2.md
+# (hidden 4096, 32 layers, intermediate 9216, moe_intermediate 1024, 32 heads); the model card
+# https://huggingface.co/inclusionAI/LLaDA2.0-flash ("100BA6B", 103 B parameters); dFactory's
+# llada2_flash model config as https://deepwiki.com/inclusionAI/dFactory/6.1-supported-models
+# lists it (hidden 4096, 32 heads, 4 KV heads, head_dim 128, moe_intermediate 1024, 256 experts,
+# top-8, n_group 8, topk_group 4); https://www.sotaaz.com/post/llada2x-en (32 layers, 32 heads,
+# vocab 157184). NOT confirmed from the checkpoint's own config.json: intermediate_size (dense
+# layer 0 only; deepwiki's table says 14336). These give 102.8 B parameters, 6.1 B active.
+FLASH = dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=9216,
+             moe_intermediate_size=1024, num_attention_heads=32, num_key_value_heads=4,
+             head_dim=128)
+
+
+def logits_agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """FP8 logits `a` against bf16 logits `b` of the same step: relative error, argmax agreement."""
+    a, b = a.float(), b.float()
+    return dict(logits_rel_err=float((a - b).norm() / b.norm()),
+                argmax_agree=float((a.argmax(-1) == b.argmax(-1)).float().mean()))
+
+
+def fp8_policies(config) -> list:
+    return [(n, p) for n, p in policies(config) if n in ("token", "dmoe p=0.6")]
+
+
+def calibrated_step(model, setup: Setup, prefix: int):
+    """Calibrate the router on one sequence (as --quick does), then that sequence's step."""
+    def forward():
+        with torch.no_grad():
+            step_fn(model, prepare_step(model, 1, prefix))()
+
+    set_policy(model, RoutingPolicy.token())
+    calib = calibrate_router(model, forward, setup.target_unique, seed=SEED)
+    print("calibration: " + calib.describe(), flush=True)
+    return calib, prepare_step(model, 1, prefix)
+
+
+def fp8_rows(model, setup: Setup, step: Step, bandwidth: float, label: str, rows: list,
+             baseline: Optional[dict] = None) -> dict:
+    """Rows of `model` on `step` per FP8 policy (label in the policy column); returns each
+    policy's logits (for the agreement with `baseline`'s)."""
+    expert_bytes_cache[id(model)] = expert_bytes(model)
+    logits = {}
+    for name, policy in fp8_policies(setup.config):
+        set_policy(model, policy)
+        row = measure_row(model, step, setup, "calibrated", f"{name} {label}", bandwidth)
+        with torch.no_grad():
+            logits[name] = step_fn(model, step)()
+        if baseline is not None:
+            row.update(logits_agreement(logits[name], baseline[name]))
+        rows.append(row)
+    return logits
+
+
+def run_fp8(args, setup: Setup) -> list:
+    """--fp8: bf16 rows, then the same model with FP8 experts on the same step; --flash:
+    LLaDA2.0-flash built in FP8 on the device."""
+    dev, prefix, rows = setup.device, setup.prefixes[0], []
+    if args.flash:
+        model = build_fp8_model(setup.config, dev, SEED)
+    else:
+        model = build_model(setup.config, dev, SEED)
+    patch_model(model, RoutingPolicy.token())
+    bandwidth = copy_bandwidth(dev) if dev.type == "cuda" else 3.0e12
+    _, step = calibrated_step(model, setup, prefix)
+    if args.flash:
+        fp8_rows(model, setup, step, bandwidth, "fp8", rows)
+        return rows
+    bf16 = fp8_rows(model, setup, step, bandwidth, "bf16", rows)
+    before = every_policy_logits(model, setup, step)
+    patch_model(model, RoutingPolicy.token(), expert_dtype="fp8")  # in place, layer by layer
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    fp8_rows(model, setup, step, bandwidth, "fp8", rows, baseline=bf16)
+    after = every_policy_logits(model, setup, step)
+    for name in before:  # untimed rows: the agreement of every policy
+        rows.append(dict(policy=f"{name} (agreement only)", prefix=step.prefix,
+                         **logits_agreement(after[name], before[name])))
+    return rows
+
+
+def every_policy_logits(model, setup: Setup, step: Step) -> dict:
+    """The step's logits under every policy of the e2e table (eager forwards, untimed)."""
+    out = {}
+    for name, policy in policies(setup.config):
+        set_policy(model, policy)
+        with torch.no_grad():
+            out[name] = step_fn(model, step)()
+    return out
+
+
+def write_fp8_report(args, rows, device_name) -> str:
+    kind = "flash" if args.flash else "fp8"
+    lines = [f"# {'LLaDA2.0-flash, FP8 experts' if args.flash else 'FP8 experts vs bf16'}: "
+             f"one sequence, prefix {rows[0]['prefix']}, calibrated router ({device_name})", "",
+             "| policy | ms / forward | tokens/s (2.55 / forward) | unique | floor ms | x floor "
+             "| peak GB | logits rel err vs bf16 | argmax agree |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['policy']} | {fmt(r.get('ms'), '.3f')} | {fmt(r.get('tok_s'), '.0f')} | "
+                     f"{fmt(r.get('unique'), '.1f')} | {fmt(r.get('floor_ms'), '.3f')} | "
+                     f"{fmt(r.get('ratio'))} | {fmt(r.get('peak_gb'))} | "
+                     f"{fmt(r.get('logits_rel_err'), '.2e')} | {fmt(r.get('argmax_agree'), '.3f')} |")
+    pair = {r["policy"]: r["ms"] for r in rows if "ms" in r}
+    if "dmoe p=0.6 fp8" in pair and "dmoe p=0.6 bf16" in pair:
+        lines += ["", f"dMoE p=0.6: FP8 / bf16 time = "
+                      f"{pair['dmoe p=0.6 fp8'] / pair['dmoe p=0.6 bf16']:.2f} (target <= 0.65)"]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, f"e2e_{kind}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(args.out, f"e2e_{kind}.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return text
+
+
 def make_setup(args) -> Setup:
     if args.smoke:
         small = llada22_config(SMALL) if args.llada22 else LLaDA2MoeConfig(**SMALL)
@@ -538,6 +660,8 @@ def make_setup(args) -> Setup:
     # --layers cuts the published config to fewer layers (the GPU smoke run): same shapes
     # per layer, so every kernel and launch choice is the full model's.
     base = {} if args.layers is None else dict(num_hidden_layers=args.layers)
+    if getattr(args, "flash", False):
+        base = {**FLASH, **base}
     config = llada22_config(base) if args.llada22 else LLaDA2MoeConfig(**base)
     if args.quick:
         return Setup(False, torch.device("cuda"), config, (1, 16), (512,),
@@ -557,6 +681,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true",
                     help="calibrated rows for 1 and 16 sequences at the first prefix + breakdown, "
                          "no generations, no plain rows (e2e_quick.*)")
+    ap.add_argument("--fp8", action="store_true", help="bf16 vs FP8-experts rows (e2e_fp8.*)")
+    ap.add_argument("--flash", action="store_true",
+                    help="LLaDA2.0-flash with random FP8 experts built on the GPU (e2e_flash.*)")
     ap.add_argument("--target-unique", type=float, default=None)
     ap.add_argument("--budget-s", type=float, default=None,
                     help="skip remaining rows after this many seconds (report says so); "
@@ -573,6 +700,10 @@ def main(argv=None):
         args.budget_s = 130.0 if args.quick else 480.0
     if args.quick and args.part != "all":
         ap.error("--quick runs its own selection; leave --part out")
+    if args.fp8 or args.flash:
+        args.quick = True  # one sequence at the first prefix: the quick setup's
+        if args.fp8 and args.flash:
+            ap.error("--fp8 and --flash are separate runs")
     start = time.time()
     setup = make_setup(args)
     os.makedirs(args.out, exist_ok=True)
@@ -582,6 +713,10 @@ def main(argv=None):
     dev = setup.device
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (smoke)"
     print(f"device {device_name}; building the model", flush=True)
+    if args.fp8 or args.flash:
+        print(write_fp8_report(args, run_fp8(args, setup), device_name))
+        print(f"done in {time.time() - start:.0f} s", flush=True)
+        return 0
 
     model = build_model(setup.config, dev, SEED)
     patch_model(model, RoutingPolicy.token())

@@ -2,6 +2,8 @@
 
     PYTHONUNBUFFERED=1 python bench/bench_moe.py --sweep --out $OUT    # GPU, ~3 min on an H100
     python bench/bench_moe.py --smoke                                   # CPU, interpreter, ~1 min
+    PYTHONUNBUFFERED=1 python bench/bench_moe.py --fp8 --out $OUT       # GPU, FP8 rows, ~1 min
+    python bench/bench_moe.py --smoke --fp8                             # CPU check of those
 
 One process: measure the device-to-device copy bandwidth; build 4 copies of one MoE layer's
 experts (E=256, H=2048, I=512, bf16: 1.61 GB each) so L2 (50 MB) cannot hold what a call reads;
@@ -22,6 +24,10 @@ choice's balanced shapes (issue 15): plain EC (256 experts x 1 token) and EC ins
 --sweep first times a handful of DecodeConfig variants per launch (gate/up, down + combine) at
 15 and 70 unique experts, and benchmarks with the best of each launch.
 Writes moe.md, moe.png and moe.json under --out (default $OUT, else bench/results).
+--fp8 (issue 16) times FP8 e4m3 experts with 128 x 128 block scales instead (bf16 activations,
+dequantized in the k loop) at 32 tokens with 15 / 70 unique experts and 16 x 32 tokens, beside
+bf16 on the same routing, both e4m3 reads (native, sm_89+; byte-decoded, the pre-sm_89 path);
+bytes = unique x (3.15 MB of e4m3 + 768 B of fp32 scales); writes moe_fp8.md / moe_fp8.json.
 --smoke runs everything but the timing on the CPU under TRITON_INTERPRET=1 (routings, unique
 counts, moe_forward vs the reference on a small layer, the peers, the md and png from made-up
 times) so this script can be checked without a GPU.
@@ -47,6 +53,7 @@ from dmoe_triton import RouterConfig, RoutingPolicy, launch, route  # noqa: E402
 from dmoe_triton.launch import DEFAULT_DECODE, DEFAULT_GROUPED, DecodeConfig  # noqa: E402
 from dmoe_triton.moe import (decode_down_combine, decode_gate_up, down_arrivals,  # noqa: E402
                              moe_forward_triton)
+from dmoe_triton.quant import dequantize_experts, quantize_experts  # noqa: E402
 from dmoe_triton.reference import moe_forward_reference  # noqa: E402
 from common import capture, copy_bandwidth, time_ms  # noqa: E402  (bench/common.py: bench/ is on sys.path as a script)
 
@@ -469,6 +476,109 @@ def run_gpu(args):
     write_results(args.out, device, bw, config, routed, grouped)
 
 
+# ---------------------------------------------------------------------------------------------
+# FP8 experts (issue 16)
+# ---------------------------------------------------------------------------------------------
+
+FP8_CASES = ("32 tok, exact 15", "32 tok, exact 70", "16x32 tok, exact 15")
+
+
+def fp8_expert_bytes(scales) -> int:
+    """One expert's bytes as the kernels read them: e4m3 weights + its fp32 block scales."""
+    return 3 * H * I + (scales.gate_up[0].numel() + scales.down[0].numel()) * 4
+
+
+def check_fp8(routed, layer8, max_err):
+    """FP8 kernels (native and byte-decoded reads) vs the dequantize-then-fp32 reference."""
+    wg, wd, scales = layer8
+    dg, dd = dequantize_experts(wg, wd, scales)
+    gen = torch.Generator().manual_seed(2)
+    dtype = DTYPE if wg.is_cuda else torch.float32  # the interpreter's bf16 tl.dot is wrong
+    for row in routed:
+        hidden = torch.randn(row["tokens"], wg.shape[2], generator=gen).to(wg.device, dtype)
+        ref = moe_forward_reference(hidden.float(), row["ids"], row["weights"], dg, dd)
+        for bits in (False, True):
+            with launch.override(fp8_bits=bits):
+                y = moe_forward_triton(hidden, row["ids"], row["weights"], wg, wd,
+                                       out=torch.full_like(hidden, float("nan")), scales=scales)
+            err = rel_err(y, ref) if bool(torch.isfinite(y).all()) else float("inf")
+            row["fp8_err"] = max(row.get("fp8_err", 0.0), err)
+            if not err <= max_err:
+                raise SystemExit(f"FP8 moe_forward is off on {row['case']!r} (fp8_bits={bits}): "
+                                 f"relative error {err:.2e} > {max_err:.0e}")
+    print(f"FP8 moe_forward vs the dequantized fp32 reference on {len(routed)} routings: max "
+          f"relative error {max(r['fp8_err'] for r in routed):.2e} (bound {max_err:.0e})")
+
+
+def time_fp8_row(row, layers, layers8, config, bw):
+    T, ids, weights = row["tokens"], row["ids"], row["weights"]
+    hidden = torch.randn(T, H, device="cuda", dtype=DTYPE)
+    outs = [torch.empty_like(hidden) for _ in layers]
+
+    def bf16():
+        for (wg, wd), o in zip(layers, outs):
+            moe_forward_triton(hidden, ids, weights, wg, wd, out=o, decode=config)
+
+    def fp8():
+        for (wg, wd, sc), o in zip(layers8, outs):
+            moe_forward_triton(hidden, ids, weights, wg, wd, out=o, decode=config, scales=sc)
+
+    row["bf16_us"] = graph_us(bf16)
+    for bits, key in ((False, "fp8_us"), (True, "fp8_bits_us")):
+        with launch.override(fp8_bits=bits):  # the launch choice is made at capture
+            row[key] = graph_us(fp8)
+    row["fp8_bytes"] = row["unique_layer"] * fp8_expert_bytes(layers8[0][2])
+    row["fp8_floor_us"] = row["fp8_bytes"] / bw / 1e3
+
+
+def write_fp8(out, device, bw, rows):
+    lines = [f"# FP8 e4m3 experts (128 x 128 block scales, bf16 activations): {device}", "",
+             f"Copy bandwidth {bw:.0f} GB/s. Bytes = unique experts x (3 H I e4m3 + fp32 "
+             "scales); floor = bytes / copy bandwidth; % copy bw = floor / time. `bytes` "
+             "column: the pre-sm_89 path (e4m3 decoded from uint8 with integer ops). Times per "
+             "layer call, CUDA graph of 4 calls on 4 weight copies.", "",
+             "| routing | tokens | unique | FP8 MB | floor us | FP8 us | % copy bw | FP8 bytes "
+             "us | bf16 us | FP8 / bf16 | err |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['tokens']} | {r['unique_layer']} | {r['fp8_bytes'] / 1e6:.0f} | "
+            f"{r['fp8_floor_us']:.1f} | {r['fp8_us']:.1f} | "
+            f"{100 * r['fp8_floor_us'] / r['fp8_us']:.1f} | {r['fp8_bits_us']:.1f} | "
+            f"{r['bf16_us']:.1f} | {r['fp8_us'] / r['bf16_us']:.2f} | {r['fp8_err']:.1e} |")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "moe_fp8.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    keep = ("case", "tokens", "unique_layer", "fp8_bytes", "fp8_floor_us", "fp8_us",
+            "fp8_bits_us", "bf16_us", "fp8_err")
+    with open(os.path.join(out, "moe_fp8.json"), "w") as f:
+        json.dump(dict(device=device, copy_gbps=bw, rows=[{k: r[k] for k in keep} for r in rows]),
+                  f, indent=1)
+    print("\n".join(lines))
+
+
+def run_fp8(args):
+    """The FP8 table: GPU timing, or (--smoke) the checks on a small CPU layer and made-up times."""
+    routed = [r for r in build_routings("cuda" if not args.smoke else "cpu",
+                                        "reference" if args.smoke else "triton")
+              if r["case"] in FP8_CASES]
+    if args.smoke:
+        small = make_layers(1, E, 32, 32, torch.float32, "cpu")
+        check_fp8(routed, quantize_experts(*small[0], (16, 16)), 1e-4)
+        for row in routed:
+            row.update(fp8_bytes=row["unique_layer"] * 3 * H * I, bf16_us=9.0, fp8_us=5.0,
+                       fp8_bits_us=7.0)
+            row["fp8_floor_us"] = row["fp8_bytes"] / 3000.0 / 1e3
+        return write_fp8(args.out, "smoke test (made-up times)", 3000.0, routed)
+    props = torch.cuda.get_device_properties(0)
+    bw = copy_bandwidth(torch.device("cuda")) / 1e9
+    layers = make_layers(COPIES, E, H, I, DTYPE, "cuda")
+    layers8 = [quantize_experts(wg, wd) for wg, wd in layers]
+    check_fp8(routed, layers8[0], MAX_REL_ERR)
+    for row in routed:
+        time_fp8_row(row, layers, layers8, DEFAULT_DECODE, bw)
+    write_fp8(args.out, f"{props.name} ({props.multi_processor_count} SMs)", bw, routed)
+
+
 def run_smoke(args):
     """CPU: the routings and their unique counts, the kernels vs the reference on a small layer,
     the peers on the same small layer, and the md / png written from made-up times."""
@@ -600,13 +710,16 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="CPU check without timing")
     parser.add_argument("--quick", action="store_true", help="GPU smoke size: 3 cases, 2 sweep "
                         "variants per launch (bench/smoke_gpu.sh)")
+    parser.add_argument("--fp8", action="store_true", help="the FP8-experts table instead")
     parser.add_argument("--out", default=None, help="output folder (default $OUT or "
                         "bench/results; a temporary folder with --smoke)")
     args = parser.parse_args()
     if args.out is None:
         args.out = (tempfile.mkdtemp(prefix="bench_moe_") if args.smoke
                     else os.environ.get("OUT") or "bench/results")
-    if args.smoke:
+    if args.fp8 and (args.smoke or torch.cuda.is_available()):
+        run_fp8(args)
+    elif args.smoke:
         run_smoke(args)
     elif not torch.cuda.is_available():
         raise SystemExit("bench_moe.py times on a CUDA device; use --smoke on the CPU")

@@ -1,6 +1,7 @@
 """What dMoE keeps: accuracy and unique experts per block of the tiny arithmetic model (issue 6).
 
     python bench/eval_fidelity.py                   # models/arith-{token,dmoe}, 5000 test problems
+    python bench/eval_fidelity.py --fp8             # FP8 experts vs bf16 (issue 16)
 
 Both checkpoints (before and after the dMoE fine-tune) decode the test split under token
 routing, dMoE at p in {0.4, ..., 0.8} (guard 16/256 of E), DES-vote (the top 15% of E by votes,
@@ -17,6 +18,12 @@ answers), and the test size is cut, if needed, so that all decodes fit `--budget
 After it, the patched path is checked against independent forwards on `--check` problems:
 token routing against the model's own MoE (official gate, expert loop), dMoE p=0.6 against
 the dense training forward (the one stage 2 trained through).
+
+--fp8 (issue 16) instead decodes the same held-out problems with both checkpoints under token
+routing and dMoE p=0.6 twice, with the routed experts in the model's dtype and in FP8 e4m3 (128
+x 128 block scales, quantized at load: `patch_model(..., expert_dtype="fp8")`), and writes
+fidelity_fp8.md / .json: accuracy of each, the difference in points (target: within 1), and the
+share of identical answers.
 """
 from __future__ import annotations
 
@@ -139,6 +146,53 @@ def check_paths(model, rows, problems, dtype, batch_size):
     return out
 
 
+def evaluate_fp8(model, patched, problems, dtype, batch_size, cuda_graph=False):
+    """Rows (policy, accuracy in the model's dtype, in FP8, points lost, same answers) for token
+    routing and dMoE p=0.6, the FP8 copy quantized from `patched`."""
+    fp8 = patch_model(copy.deepcopy(patched), RoutingPolicy.token(), expert_dtype="fp8")
+    rows = []
+    for label, policy in (("token", RoutingPolicy.token()),
+                          ("dMoE p=0.6", training.eval_policy(model.config, 0.6))):
+        got = {}
+        for kind, run in (("base", patched), ("fp8", fp8)):
+            answers, stats, _, _ = _timed_solve(model, run, problems, policy, dtype, batch_size,
+                                                cuda_graph)
+            got[kind] = (answers, tasks.accuracy(answers, problems),
+                         tasks.mean_unique_experts(stats))
+        same = sum(a == b for a, b in zip(got["base"][0], got["fp8"][0])) / len(problems)
+        rows.append(dict(policy=label, accuracy=got["base"][1], accuracy_fp8=got["fp8"][1],
+                         points_lost=100 * (got["base"][1] - got["fp8"][1]), same_answers=same,
+                         unique=got["base"][2], unique_fp8=got["fp8"][2]))
+        r = rows[-1]
+        print(f"  {label:11s} acc {r['accuracy']:.4f} fp8 {r['accuracy_fp8']:.4f} "
+              f"({r['points_lost']:+.2f} points lost) same answers {100 * same:.1f}%", flush=True)
+    return rows
+
+
+def run_fp8(args, problems, loaded, dtype):
+    lines = [f"# FP8 experts vs {str(dtype).replace('torch.', '')}: {len(problems)} held-out "
+             f"problems (seed {args.seed})", "",
+             "| checkpoint | policy | accuracy | accuracy FP8 | points lost | same answers | "
+             "unique | unique FP8 |", "|---|---|---|---|---|---|---|---|"]
+    results = {}
+    for name, folder in CHECKPOINTS:
+        print(f"{name} the fine-tune: {folder}", flush=True)
+        results[name] = evaluate_fp8(*loaded[name], problems, dtype, args.batch,
+                                     args.cuda_graph != "off" and torch.cuda.is_available())
+        for r in results[name]:
+            lines.append(f"| {folder} | {r['policy']} | {100 * r['accuracy']:.2f}% | "
+                         f"{100 * r['accuracy_fp8']:.2f}% | {r['points_lost']:+.2f} | "
+                         f"{100 * r['same_answers']:.1f}% | {r['unique']:.2f} | "
+                         f"{r['unique_fp8']:.2f} |")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "fidelity_fp8.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.out, "fidelity_fp8.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print("\n".join(lines))
+    return results
+
+
 def _pct(x, ref):
     return f"{100 * x / ref:.1f}%" if ref else "n/a"
 
@@ -243,6 +297,8 @@ def main(argv=None):
     ap.add_argument("--budget-seconds", type=float, default=100.0,
                     help="time for the table's decodes; the test size is cut to fit")
     ap.add_argument("--check", type=int, default=256, help="problems for the path checks")
+    ap.add_argument("--fp8", action="store_true",
+                    help="FP8 experts vs the model's dtype, token and dMoE p=0.6 (fidelity_fp8.*)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -250,6 +306,8 @@ def main(argv=None):
     problems = tasks.sample_problems("test", args.test, args.seed)
     loaded = {name: load(os.path.join(args.models, folder), device, dtype)
               for name, folder in CHECKPOINTS}
+    if args.fp8:
+        return run_fp8(args, problems, loaded, dtype)
     model, patched = loaded["before"]
     cuda_graph, per_problem, calibration = calibrate(model, patched, problems, dtype,
                                                      args.batch, args.cuda_graph)

@@ -3,6 +3,7 @@
     dmoe generate                                # the default model on its example problem
     dmoe generate --prompt "(73+2)*7="           # the default: the shipped arithmetic model
     dmoe generate --model DIR --prompt "..." --policy dmoe --top-p 0.6 --guard 16
+    dmoe generate --quantize fp8                 # routed experts in FP8 (128x128 block scales)
 
 Loads a LLaDA2 checkpoint directory (config.json, safetensors, tokenizer.json), patches its MoE
 layers with the chosen routing policy, decodes with block diffusion and prints the answer,
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     g.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto")
+    g.add_argument("--quantize", choices=("none", "fp8"), default="none",
+                   help="fp8: routed experts to FP8 e4m3 with 128x128 block scales at load "
+                        "(an FP8 checkpoint's experts are FP8 whatever this says)")
     g.add_argument("--no-compare", action="store_true",
                    help="skip the second run with token routing")
     return parser
@@ -427,9 +431,11 @@ def run_generate(args) -> int:
                                  getattr(model.config, "max_position_embeddings", None))
     policy, why = make_policy(args, model.config)
     decoding = _decoding_args(args, model_dir)
-    patch_model(model, policy, backend=args.backend)
-    print(f"model: {model_dir} on {device} ({str(dtype).replace('torch.', '')}), policy: {policy} "
-          f"({why})")
+    expert_dtype = None if args.quantize == "none" else args.quantize
+    patch_model(model, policy, backend=args.backend, expert_dtype=expert_dtype)
+    fp8 = ", FP8 experts" if getattr(model.config, "quantization_config", None) else ""
+    print(f"model: {model_dir} on {device} ({str(dtype).replace('torch.', '')}{fp8}), policy: "
+          f"{policy} ({why})")
     print(f"decoding: {decoding}")
 
     result = _timed_decode(model, prompt_ids, args, policy.kind)

@@ -258,6 +258,39 @@ def align_launch(slots: int, num_experts: int) -> AlignLaunch:
     return AlignLaunch(use_kernel=s_pad <= ALIGN_MAX_SLOTS and (num_experts + 1) * s_pad < 2**31)
 
 
+# FP8 experts (issue 16): how the kernels read e4m3 weights, and their k steps.
+FP8_NATIVE_CAPABILITY = (8, 9)  # Triton's float8e4nv (e4m3) type exists from sm_89 on
+
+
+def fp8_bits(device: torch.device) -> bool:
+    """True: read FP8 expert weights as uint8 bytes and decode them with integer ops (exact),
+    because Triton has no e4m3 type below sm_89 (a float8e4nv pointer does not compile there);
+    False: native e4m3 loads and conversions (sm_89+: Ada, Hopper; and Triton's interpreter,
+    which loads torch.float8_e4m3fn tensors). Both dequantize in the k loop with activations
+    in their own dtype, so FP8 experts run, and give the same values, on any GPU. The choice
+    is forced with override(fp8_bits=...)."""
+    forced = _current("fp8_bits")
+    if forced is not None:
+        return forced
+    if device.type != "cuda":
+        return False
+    return tuple(torch.cuda.get_device_capability(device)) < FP8_NATIVE_CAPABILITY
+
+
+def fit_scale_blocks(config, block_k: int):
+    """`config` (DecodeConfig / GroupedConfig) with each k step shrunk to a divisor of block_k
+    (the largest power of two <= the step that divides it), so a k step lies in one scale
+    block (kernels/moe_matmul.py). A correctness rule, not a speed choice: it applies to
+    forced configs too."""
+    def fit(step: int) -> int:
+        while block_k % step:
+            step //= 2
+        return step
+
+    return dataclasses.replace(config, k_tile_gate_up=fit(config.k_tile_gate_up),
+                               k_tile_down=fit(config.k_tile_down))
+
+
 def pipeline_stages(stages: int, dtype: torch.dtype) -> int:
     """The decode configs are tuned for 2-byte weights; fp32 tiles are twice as large, and the
     tuned pipeline depth would not fit an H100's shared memory (228 KB per SM)."""
@@ -374,7 +407,7 @@ def norm_launch(hidden: int) -> NormLaunch:
 
 _KINDS = {"route": RouteLaunch, "router": RouterLaunch, "decode": DecodeConfig, "grouped": GroupedConfig,
           "align": AlignLaunch, "combine": CombineLaunch, "attention": AttentionLaunch,
-          "prep": PrepLaunch, "norm": NormLaunch, "moe_path": str}
+          "prep": PrepLaunch, "norm": NormLaunch, "moe_path": str, "fp8_bits": bool}
 _state = threading.local()
 
 
@@ -399,13 +432,15 @@ def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig]
              grouped: Optional[GroupedConfig] = None, align: Optional[AlignLaunch] = None,
              combine: Optional[CombineLaunch] = None, attention: Optional[AttentionLaunch] = None,
              prep: Optional[PrepLaunch] = None, moe_path: Optional[str] = None,
-             router: Optional[RouterLaunch] = None, norm: Optional[NormLaunch] = None):
+             router: Optional[RouterLaunch] = None, norm: Optional[NormLaunch] = None,
+             fp8_bits: Optional[bool] = None):
     """Within the block, the launch functions return these instead of their choice (None keeps
-    the enclosing choice). moe_path: "decode" or "grouped" whatever the token count. A value of
-    the wrong type is a TypeError naming the argument; leaving the block restores the choices."""
+    the enclosing choice). moe_path: "decode" or "grouped" whatever the token count; fp8_bits:
+    how FP8 weights are read (fp8_bits()). A value of the wrong type is a TypeError naming the
+    argument; leaving the block restores the choices."""
     given = dict(route=route, router=router, decode=decode, grouped=grouped, align=align,
-                 combine=combine,
-                 attention=attention, prep=prep, moe_path=moe_path, norm=norm)
+                 combine=combine, attention=attention, prep=prep, moe_path=moe_path, norm=norm,
+                 fp8_bits=fp8_bits)
     frame = dict(_stack()[-1])
     for name, value in given.items():
         if value is None:
@@ -426,5 +461,5 @@ def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig]
 __all__ = ["RouteLaunch", "RouterLaunch", "router_launch", "NormLaunch", "norm_launch", "DecodeConfig", "GroupedConfig", "AlignLaunch", "CombineLaunch",
            "MoeLaunch", "AttentionLaunch", "PrepLaunch", "route_launch", "moe_launch",
            "align_launch", "attention_launch", "prep_launch", "override", "override_key",
-           "persistent_grid", "pipeline_stages", "dot_precision", "DECODE_MAX_TOKENS",
-           "ALIGN_MAX_SLOTS", "FEW_SEQUENCES", "MANY_SEQUENCES", "MANY_FROM"]
+           "persistent_grid", "pipeline_stages", "dot_precision", "fp8_bits", "fit_scale_blocks",
+           "DECODE_MAX_TOKENS", "ALIGN_MAX_SLOTS", "FEW_SEQUENCES", "MANY_SEQUENCES", "MANY_FROM"]

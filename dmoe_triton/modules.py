@@ -37,11 +37,15 @@ def expert_load(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def expert_bytes(model: torch.nn.Module) -> int:
-    """Bytes of one routed expert's weights (gate, up, down) in a patched model."""
+    """Bytes of one routed expert's weights (gate, up, down) in a patched model (FP8 experts:
+    their e4m3 bytes plus their fp32 block scales)."""
     from .moe import DMoEBlock
 
     block = next(m for m in model.modules() if isinstance(m, DMoEBlock))
-    return (block.w_gate_up[0].numel() + block.w_down[0].numel()) * block.w_gate_up.element_size()
+    total = (block.w_gate_up[0].numel() + block.w_down[0].numel()) * block.w_gate_up.element_size()
+    if block.w_gate_up_scale is not None:
+        total += (block.w_gate_up_scale[0].numel() + block.w_down_scale[0].numel()) * 4
+    return total
 
 
 def non_expert_bytes(model: torch.nn.Module, batch: int, block_length: int = 32) -> int:
@@ -50,7 +54,8 @@ def non_expert_bytes(model: torch.nn.Module, batch: int, block_length: int = 32)
     total = 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         # shared_gate_up: the shared experts' gate/up, counted once via their module's views.
-        if name.endswith(("w_gate_up", "w_down", "shared_gate_up")) or "word_embeddings" in name:
+        if name.endswith(("w_gate_up", "w_down", "shared_gate_up", "w_gate_up_scale",
+                          "w_down_scale")) or "word_embeddings" in name:
             continue
         total += t.numel() * t.element_size()
     emb = model.model.word_embeddings.weight

@@ -15,8 +15,11 @@ import triton
 from .config import RouterConfig, RoutingPolicy
 from .launch import (ALIGN_MAX_SLOTS, DECODE_MAX_TOKENS, DEFAULT_COMBINE,  # noqa: F401 (re-exported)
                      DEFAULT_DECODE, DEFAULT_GROUPED, CombineLaunch, DecodeConfig, GroupedConfig,
-                     align_launch, dot_precision, moe_launch, persistent_grid, pipeline_stages)
+                     align_launch, dot_precision, fit_scale_blocks, fp8_bits, moe_launch,
+                     persistent_grid, pipeline_stages)
 from .modules import keep_fp32_router_state
+from .quant import (DEFAULT_BLOCK, FP8_DTYPE, Fp8Scales, check_block, dequantize_experts,
+                    quantize_experts)
 from .reference import moe_forward_reference
 from .router import route_hidden
 from .routing import resolve_backend
@@ -29,8 +32,9 @@ def _shape(t: torch.Tensor) -> tuple:
     return tuple(t.shape)
 
 
-def check_moe_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down) -> None:
-    """Shapes, dtypes and devices only: a ValueError/TypeError naming the argument."""
+def check_moe_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down, scales=None) -> None:
+    """Shapes, dtypes and devices only: a ValueError/TypeError naming the argument. Weights in
+    hidden's dtype, or float8_e4m3fn with `scales` (an Fp8Scales, checked by the caller)."""
     named = dict(hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights,
                  w_gate_up=w_gate_up, w_down=w_down)
     for name, t in named.items():
@@ -61,12 +65,24 @@ def check_moe_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down) -> None:
     if _shape(w_down) != (E, H, two_i // 2):
         raise ValueError(f"w_down must have shape [{E}, {H}, {two_i // 2}] (E, H, I from "
                          f"w_gate_up and hidden), got {_shape(w_down)}")
-    for name in ("w_gate_up", "w_down"):
-        if named[name].dtype != hidden.dtype:
-            raise TypeError(f"{name} must have hidden's dtype {hidden.dtype}, got {named[name].dtype}")
+    _check_weight_dtypes(hidden, w_gate_up, w_down, scales)
     for name, t in named.items():
         if t.device != hidden.device:
             raise TypeError(f"{name} is on {t.device} but hidden on {hidden.device}")
+
+
+def _check_weight_dtypes(hidden, w_gate_up, w_down, scales) -> None:
+    """hidden's dtype, or FP8 with scales (whose shapes Fp8Scales.check checks)."""
+    if scales is not None:
+        if not isinstance(scales, Fp8Scales):
+            raise TypeError(f"scales must be None or an Fp8Scales, got {type(scales).__name__}")
+        return
+    for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        if w.dtype == FP8_DTYPE:
+            raise ValueError(f"{name} is float8_e4m3fn: pass its block scales "
+                             f"(scales=Fp8Scales(gate_up, down, block))")
+        if w.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have hidden's dtype {hidden.dtype}, got {w.dtype}")
 
 
 def check_out(out, hidden) -> None:
@@ -95,9 +111,10 @@ def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
         )
 
 
-def check_shared(shared, w_gate_up, w_down) -> tuple:
-    """shared must be (gate_up [2I, H], down [H, I]) shaped and typed like one routed expert of
-    w_gate_up [E, 2I, H] / w_down [E, H, I]. Returns the pair with the routed experts' strides
+def check_shared(shared, w_gate_up, w_down, dtype: torch.dtype) -> tuple:
+    """shared must be (gate_up [2I, H], down [H, I]) shaped like one routed expert of
+    w_gate_up [E, 2I, H] / w_down [E, H, I], in `dtype` (hidden's: FP8 routed experts keep a
+    shared expert in the model's dtype) on their device. Returns the pair with the routed experts' strides
     (the kernels run it with them): the tensors themselves, or copies where a view's strides
     differ (a transposed or sliced shared expert still gives the right values)."""
     if not (isinstance(shared, (tuple, list)) and len(shared) == 2
@@ -109,8 +126,8 @@ def check_shared(shared, w_gate_up, w_down) -> tuple:
         if t.shape != like.shape:
             raise ValueError(f"{name} must have the routed experts' per-expert shape "
                              f"{_shape(like)}, got {_shape(t)}")
-        if t.dtype != like.dtype or t.device != like.device:
-            raise TypeError(f"{name} must be {like.dtype} on {like.device}, got {t.dtype} on "
+        if t.dtype != dtype or t.device != like.device:
+            raise TypeError(f"{name} must be {dtype} on {like.device}, got {t.dtype} on "
                             f"{t.device}")
         if t.stride() != like.stride():
             t = torch.empty_strided(like.shape, like.stride(), dtype=t.dtype,
@@ -122,12 +139,15 @@ def check_shared(shared, w_gate_up, w_down) -> tuple:
 def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 w_gate_up: torch.Tensor, w_down: torch.Tensor, backend: str = "auto",
                 check_ids: Optional[bool] = None,
-                out: Optional[torch.Tensor] = None, shared=None) -> torch.Tensor:
+                out: Optional[torch.Tensor] = None, shared=None,
+                scales: Optional[Fp8Scales] = None) -> torch.Tensor:
     """Routed experts of one MoE layer: y[t] = sum_j w[t, j] * down(silu(gate(x)) * up(x)).
 
     hidden [T, H] (fp32/fp16/bf16); topk_ids [T, k] int32/int64, -1 = empty slot; topk_weights
     [T, k] fp32; w_gate_up [E, 2I, H] (gate rows, then up rows) and w_down [E, H, I] in hidden's
-    dtype. Returns [T, H] in hidden's dtype, accumulated in fp32, contiguous. Every input may
+    dtype, or float8_e4m3fn with `scales` (FP8 experts: dmoe_triton/quant.py, an Fp8Scales of
+    fp32 block scales; the kernels dequantize in their k loop, the reference dequantizes
+    first; a missing or mis-shaped scale is a ValueError naming it). Returns [T, H] in hidden's dtype, accumulated in fp32, contiguous. Every input may
     be any strided view (transposed, sliced, offset, expanded): the values are the same.
 
     NaN rule (docs/routing.md, NaN): a token outputs a NaN row when a filled slot's weight is
@@ -135,21 +155,23 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     logits row), on every backend and path, with or without a shared expert: a row that route
     flags is NaN, never 0. Otherwise an empty slot's weight is never read (junk cannot leak).
 
-    check_ids: None (default) checks id values on the host only where that is free (CPU
-    tensors); True checks on CUDA too (a host sync: not allowed under CUDA-graph capture);
-    False never checks. Unchecked, the kernels skip any id outside [0, E) like an empty slot and
+    check_ids: None (default) checks id values (and FP8 scales for finiteness) on the host only
+    where that is free (CPU tensors); True checks on CUDA too (a host sync: not allowed under
+    CUDA-graph capture); False never checks. Unchecked, the kernels skip any id outside [0, E) like an empty slot and
     never read out of bounds.
     out: optional [T, H] tensor of hidden's dtype and device with unit stride along H and any
     row stride >= H (else a ValueError naming out), written in place and returned (a fixed
     buffer for CUDA graphs).
     shared: optional (gate_up [2I, H], down [H, I]) of a shared expert (copied to the routed
-    experts' per-expert strides where a view's differ, so pass them for no copy): every token adds it with weight 1, inside the same fp32 sum (on the
-    decode path, one more expert of the same two launches instead of three more kernels).
+    experts' per-expert strides where a view's differ, so pass them for no copy): every token
+    adds it with weight 1, inside the same fp32 sum (on the decode path, one more expert of the
+    same two launches instead of three more kernels). With FP8 routed experts the shared one
+    stays in hidden's dtype and runs as torch GEMMs added after, in fp32.
     Launch path and tile shapes: dmoe_triton.launch (moe_launch; `launch.override` forces them).
     """
-    check_moe_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down)
+    check_moe_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down, scales)
     if shared is not None:
-        shared = check_shared(shared, w_gate_up, w_down)
+        shared = check_shared(shared, w_gate_up, w_down, hidden.dtype)
     if out is not None:
         check_out(out, hidden)
     backend = resolve_backend(backend, hidden.device)
@@ -160,11 +182,16 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
             raise ValueError("check_ids=True needs a host sync; pass check_ids=None or False "
                              "under CUDA-graph capture")
         check_ids_in_range(topk_ids, w_gate_up.shape[0])
+    if scales is not None:
+        scales.check(w_gate_up, w_down, check_values=check_ids)
     if backend == "reference":
+        if scales is not None:  # the reference of FP8 experts: dequantize, then the same path
+            w_gate_up, w_down = dequantize_experts(w_gate_up, w_down, scales,
+                                                   torch.promote_types(hidden.dtype, torch.float32))
         y = moe_forward_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, shared)
         return y if out is None else out.copy_(y)
     return moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=out,
-                              shared=shared)
+                              shared=shared, scales=scales)
 
 
 def _lists_args(lists) -> dict:
@@ -217,10 +244,11 @@ def align_slots_torch(flat_ids: torch.Tensor, num_experts: int):
     return (sorted_slots, *used, is_used.sum().reshape(1).to(torch.int32))
 
 
-def expert_gate_up(hidden, w_gate_up, lists, top_k: int, config: GroupedConfig):
+def expert_gate_up(hidden, w_gate_up, lists, top_k: int, config: GroupedConfig, fp8=None):
     """act [T*top_k, I] in hidden's dtype: silu(x W_gate^T) * (x W_up^T) for every filled slot.
 
-    hidden [T, H]; w_gate_up [E, 2I, H] in hidden's dtype; lists: align_slots' outputs.
+    hidden [T, H]; w_gate_up [E, 2I, H] in hidden's dtype (or FP8 with fp8 = (scale, block,
+    bits): _weight_args); lists: align_slots' outputs.
     """
     from .kernels.moe_matmul import moe_gate_up_kernel
 
@@ -231,9 +259,8 @@ def expert_gate_up(hidden, w_gate_up, lists, top_k: int, config: GroupedConfig):
     grid = persistent_grid(hidden.device, cfg.programs_per_sm,
                            min(E, T * top_k) * triton.cdiv(inter, cfg.block_i))
     moe_gate_up_kernel[grid](
-        x_ptr=hidden, stride_xt=hidden.stride(0), stride_xh=hidden.stride(1), w_ptr=w_gate_up,
-        **_strides("stride_we", "stride_wn", "stride_wk", w=w_gate_up),
-        act_ptr=act, stride_as=act.stride(0), **_lists_args(lists), H=H, I=inter, TOP_K=top_k,
+        x_ptr=hidden, stride_xt=hidden.stride(0), stride_xh=hidden.stride(1),
+        **_weight_args(w_gate_up, ("stride_we", "stride_wn", "stride_wk"), fp8), act_ptr=act, stride_as=act.stride(0), **_lists_args(lists), H=H, I=inter, TOP_K=top_k,
         BLOCK_M=cfg.block_m, BLOCK_I=cfg.block_i, BLOCK_K=cfg.k_tile_gate_up,
         PRECISION=dot_precision(hidden.dtype), num_warps=cfg.warps_gate_up,
         num_stages=cfg.stages_gate_up)
@@ -245,10 +272,23 @@ def _strides(*names, w) -> dict:
     return dict(zip(names, w.stride()))
 
 
-def expert_down(act, w_down, lists, config: GroupedConfig):
+def _weight_args(w, names, fp8) -> dict:
+    """A weight's kernel arguments: w_ptr and its strides `names`; with fp8 = (scale fp32,
+    block (bn, bk), bits) also its block scales (s_ptr, strides, SCALE_N, SCALE_K) and FP8_BITS
+    (then w goes as its uint8 bytes: launch.fp8_bits)."""
+    if fp8 is None:
+        return dict(w_ptr=w, **_strides(*names, w=w))
+    scale, block, bits = fp8
+    return dict(w_ptr=w.view(torch.uint8) if bits else w, **_strides(*names, w=w), s_ptr=scale,
+                **_strides("stride_se", "stride_sn", "stride_sk", w=scale), SCALE_N=block[0],
+                SCALE_K=block[1], FP8_BITS=bits)
+
+
+def expert_down(act, w_down, lists, config: GroupedConfig, fp8=None):
     """partial [T*top_k, H] fp32: act W_down^T for every filled slot (other rows unwritten).
 
-    act [T*top_k, I]; w_down [E, H, I] in act's dtype; lists: align_slots' outputs.
+    act [T*top_k, I]; w_down [E, H, I] in act's dtype (or FP8 with fp8, as in expert_gate_up);
+    lists: align_slots' outputs.
     """
     from .kernels.moe_matmul import moe_down_kernel
 
@@ -259,8 +299,8 @@ def expert_down(act, w_down, lists, config: GroupedConfig):
     grid = persistent_grid(act.device, cfg.programs_per_sm,
                            min(E, slots) * triton.cdiv(H, cfg.block_h))
     moe_down_kernel[grid](
-        act_ptr=act, stride_as=act.stride(0), w_ptr=w_down,
-        **_strides("stride_we", "stride_wh", "stride_wi", w=w_down),
+        act_ptr=act, stride_as=act.stride(0),
+        **_weight_args(w_down, ("stride_we", "stride_wh", "stride_wi"), fp8),
         partial_ptr=partial, stride_ps=partial.stride(0), **_lists_args(lists), H=H, I=inter,
         BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down,
         PRECISION=dot_precision(act.dtype), num_warps=cfg.warps_down,
@@ -299,12 +339,14 @@ def down_arrivals(H: int, device, config: DecodeConfig):
     return torch.empty(triton.cdiv(H, config.block_h), dtype=torch.int32, device=device)
 
 
-def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, shared_gate_up=None):
+def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, shared_gate_up=None,
+                   fp8=None):
     """act [T*top_k (+ T with a shared expert), I] in hidden's dtype for the filled slots (then
     the shared expert's rows); also zeroes `arrivals` (if any).
 
     hidden [T, H]; ids int [T, top_k] contiguous; w_gate_up [E, 2I, H]; arrivals: down_arrivals'
-    counters or None; shared_gate_up: [2I, H] with a routed expert's strides, or None.
+    counters or None; shared_gate_up: [2I, H] with a routed expert's strides, or None; fp8:
+    FP8 w_gate_up's (scale, block, bits) (_weight_args; not with shared_gate_up), or None.
     """
     from .kernels.moe_matmul import moe_gate_up_decode_kernel
 
@@ -318,9 +360,8 @@ def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, share
     grid = persistent_grid(hidden.device, cfg.programs_per_sm,
                            experts * triton.cdiv(inter, cfg.block_i))
     moe_gate_up_decode_kernel[grid](
-        x_ptr=hidden, stride_xt=hidden.stride(0), stride_xh=hidden.stride(1), w_ptr=w_gate_up,
-        **_strides("stride_we", "stride_wn", "stride_wk", w=w_gate_up),
-        act_ptr=act, stride_as=act.stride(0), ids_ptr=ids, arrivals_ptr=arrivals,
+        x_ptr=hidden, stride_xt=hidden.stride(0), stride_xh=hidden.stride(1),
+        **_weight_args(w_gate_up, ("stride_we", "stride_wn", "stride_wk"), fp8), act_ptr=act, stride_as=act.stride(0), ids_ptr=ids, arrivals_ptr=arrivals,
         n_arrivals=0 if arrivals is None else arrivals.numel(), shared_ptr=shared_gate_up,
         T=T, H=H, I=inter, E=E, TOP_K=top_k, BLOCK_I=cfg.block_i, BLOCK_K=cfg.k_tile_gate_up,
         HAS_SHARED=has_shared, num_warps=cfg.warps_gate_up,
@@ -330,13 +371,14 @@ def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, share
 
 
 def decode_down_combine(act, ids, weights, w_down, out, arrivals, config: DecodeConfig,
-                        shared_down=None):
+                        shared_down=None, fp8=None):
     """out = sum over slots of weight * act W_down^T (+ the shared expert's rows of act times
     shared_down^T); `arrivals` must hold zeros (or be None with one split): decode_gate_up
     zeroes them, and the launch leaves them zeroed.
 
     act [T*top_k (+T), I]; ids int [T, top_k]; weights fp32 [T, top_k]; w_down [E, H, I];
-    out [T, H]; shared_down: [H, I] with a routed expert's strides, or None.
+    out [T, H]; shared_down: [H, I] with a routed expert's strides, or None; fp8: FP8
+    w_down's (scale, block, bits) or None (as in decode_gate_up).
     """
     from .kernels.moe_matmul import moe_down_combine_decode_kernel
 
@@ -348,8 +390,8 @@ def decode_down_combine(act, ids, weights, w_down, out, arrivals, config: Decode
     if cfg.down_splits > 1:
         partial = torch.empty(cfg.down_splits, T, H, dtype=torch.float32, device=out.device)
     moe_down_combine_decode_kernel[(triton.cdiv(H, cfg.block_h), cfg.down_splits)](
-        act_ptr=act, stride_as=act.stride(0), w_ptr=w_down,
-        **_strides("stride_we", "stride_wh", "stride_wi", w=w_down),
+        act_ptr=act, stride_as=act.stride(0),
+        **_weight_args(w_down, ("stride_we", "stride_wh", "stride_wi"), fp8),
         ids_ptr=ids, weights_ptr=weights, out_ptr=out, stride_ot=out.stride(0),
         partial_ptr=partial, arrivals_ptr=None if partial is None else arrivals,
         shared_ptr=shared_down, T=T, H=H, I=inter, E=E, TOP_K=top_k,
@@ -361,23 +403,28 @@ def decode_down_combine(act, ids, weights, w_down, out, arrivals, config: Decode
 
 
 def decode_forward(hidden, ids, weights, w_gate_up, w_down, out, config: DecodeConfig,
-                   shared=None):
+                   shared=None, fp8=None):
     """Two launches: gate/up into act [T*k (+T), I], then down + weighted sum straight into out
-    (the shared expert, if any, as one more expert that every token uses with weight 1)."""
+    (the shared expert, if any, as one more expert that every token uses with weight 1).
+    fp8: (gate_up's, down's) (scale, block, bits) of FP8 weights (_weight_args), or None."""
     shared_gate_up, shared_down = shared if shared is not None else (None, None)
+    fp8_gate_up, fp8_down = fp8 if fp8 is not None else (None, None)
     arrivals = down_arrivals(hidden.shape[1], hidden.device, config)
-    act = decode_gate_up(hidden, ids, w_gate_up, arrivals, config, shared_gate_up)
-    return decode_down_combine(act, ids, weights, w_down, out, arrivals, config, shared_down)
+    act = decode_gate_up(hidden, ids, w_gate_up, arrivals, config, shared_gate_up, fp8_gate_up)
+    return decode_down_combine(act, ids, weights, w_down, out, arrivals, config, shared_down,
+                               fp8_down)
 
 
 def grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, config: GroupedConfig,
-                    shared=None, combine: CombineLaunch = DEFAULT_COMBINE):
+                    shared=None, combine: CombineLaunch = DEFAULT_COMBINE, fp8=None):
     """Four launches: align, gate/up, down into per-slot partials, combine; a shared expert (many
-    tokens: prefill, not the decoding step) runs as torch GEMMs and is added after, in fp32."""
+    tokens: prefill, not the decoding step) runs as torch GEMMs and is added after, in fp32.
+    fp8 as in decode_forward."""
     E = w_gate_up.shape[0]
+    fp8_gate_up, fp8_down = fp8 if fp8 is not None else (None, None)
     lists = align_slots(ids.view(-1), E)
-    act = expert_gate_up(hidden, w_gate_up, lists, ids.shape[1], config)
-    partial = expert_down(act, w_down, lists, config)
+    act = expert_gate_up(hidden, w_gate_up, lists, ids.shape[1], config, fp8_gate_up)
+    partial = expert_down(act, w_down, lists, config, fp8_down)
     out = combine_slots(partial, ids, weights, out, E, combine)
     if shared is not None:
         out.copy_(out.float() + shared_expert_fp32(hidden, *shared))
@@ -397,12 +444,15 @@ def shared_expert_fp32(hidden, shared_gate_up, shared_down):
 
 def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=None,
                        path: str = "auto", decode: Optional[DecodeConfig] = None,
-                       grouped: Optional[GroupedConfig] = None, shared=None) -> torch.Tensor:
+                       grouped: Optional[GroupedConfig] = None, shared=None,
+                       scales: Optional[Fp8Scales] = None) -> torch.Tensor:
     """The Triton path of `moe_forward` (inputs already checked; same arguments).
 
     path "auto", decode and grouped None: launch.moe_launch's choice (the decode path for
     T <= DECODE_MAX_TOKENS, else the grouped one; a `launch.override` replaces it); given
-    values win over both.
+    values win over both. FP8 weights (scales given): k steps fitted to the scale blocks
+    (launch.fit_scale_blocks), weights read as launch.fp8_bits says, and a shared expert run
+    apart (torch GEMMs in hidden's dtype, added in fp32).
     """
     T, top_k = topk_ids.shape
     # Row-major whatever hidden's layout (empty_like would inherit a transposed hidden's
@@ -415,11 +465,20 @@ def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=No
     ids, weights = topk_ids.contiguous(), topk_weights.contiguous()
     plan = moe_launch(T, top_k, w_gate_up.shape[0], hidden.dtype, hidden.device)
     path = plan.path if path == "auto" else path
+    decode, grouped, fp8, apart = decode or plan.decode, grouped or plan.grouped, None, None
+    if scales is not None:
+        bits = fp8_bits(hidden.device)
+        fp8 = tuple((s, scales.block, bits) for s in (scales.gate_up, scales.down))
+        decode, grouped = (fit_scale_blocks(c, scales.block[1]) for c in (decode, grouped))
+        shared, apart = None, shared
     if path == "decode":
-        return decode_forward(hidden, ids, weights, w_gate_up, w_down, out,
-                              decode or plan.decode, shared)
-    return grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, grouped or plan.grouped,
-                           shared, plan.combine)
+        out = decode_forward(hidden, ids, weights, w_gate_up, w_down, out, decode, shared, fp8)
+    else:
+        out = grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, grouped, shared,
+                              plan.combine, fp8)
+    if apart is not None:
+        out.copy_(out.float() + shared_expert_fp32(hidden, *apart))
+    return out
 
 
 def _required(obj, path: str):
@@ -434,14 +493,17 @@ def _required(obj, path: str):
 class DMoEBlock(torch.nn.Module):
     """One LLaDA2 MoE MLP: fp32 router GEMM, `route`, routed experts, plus the shared expert.
 
-    Expert weights are stacked in transformers 5's layout (w_gate_up [E, 2I, H], w_down [E, H, I]).
+    Expert weights are stacked in transformers 5's layout (w_gate_up [E, 2I, H], w_down [E, H, I]),
+    in the model's dtype or, after `quantize_` (or built with `scales`), float8_e4m3fn with fp32
+    block scales in the buffers `w_gate_up_scale` / `w_down_scale` (dmoe_triton/quant.py).
     The routing policy can be switched at run time with `set_policy` (no repacking).
     After each forward, `self.last_route` holds the RouteResult (tensors only, no sync).
     """
 
     def __init__(self, router_cfg: RouterConfig, policy: RoutingPolicy, gate_weight: torch.Tensor,
                  expert_bias: Optional[torch.Tensor], w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                 shared_expert: Optional[torch.nn.Module] = None, backend: str = "auto"):
+                 shared_expert: Optional[torch.nn.Module] = None, backend: str = "auto",
+                 scales: Optional[Fp8Scales] = None):
         super().__init__()
         if not isinstance(router_cfg, RouterConfig):
             raise TypeError(f"router_cfg must be a RouterConfig, got {type(router_cfg).__name__}")
@@ -464,7 +526,46 @@ class DMoEBlock(torch.nn.Module):
         self.w_down = torch.nn.Parameter(w_down.detach(), requires_grad=False)
         self.shared_expert = shared_expert
         self.register_buffer("shared_gate_up", self._stack_shared(shared_expert), persistent=False)
+        self.register_buffer("w_gate_up_scale", None if scales is None else scales.gate_up)
+        self.register_buffer("w_down_scale", None if scales is None else scales.down)
+        self.weight_block = None if scales is None else scales.block
+        if scales is not None:
+            scales.check(w_gate_up, w_down, check_values=not w_gate_up.is_meta)
         self.last_route = None
+
+    def fp8_scales(self) -> Optional[Fp8Scales]:
+        """The FP8 experts' block scales for moe_forward, or None (experts in the model dtype)."""
+        if self.w_gate_up_scale is None:
+            return None
+        return Fp8Scales(self.w_gate_up_scale, self.w_down_scale, self.weight_block)
+
+    @torch.no_grad()
+    def quantize_(self, block=DEFAULT_BLOCK) -> "DMoEBlock":
+        """Routed experts to FP8 e4m3 in [bn, bk] = block scale blocks, in place (quant.py: amax /
+        448 per block; the model-dtype stacks are released). The shared expert stays in the
+        model's dtype and runs apart from the routed kernels. Meta weights (a model being
+        loaded) become meta FP8 tensors of the right shapes. Already FP8 in another block size:
+        ValueError."""
+        block = check_block(block)
+        if self.weight_block is not None:
+            if self.weight_block != block:
+                raise ValueError(f"experts are FP8 in weight_block_size {list(self.weight_block)}"
+                                 f", cannot requantize to {list(block)}")
+            return self
+        if self.w_gate_up.is_meta:
+            scales = Fp8Scales.empty(self.w_gate_up.shape, self.w_down.shape, block, device="meta")
+            w_gate_up, w_down = (torch.empty_like(w, dtype=FP8_DTYPE)
+                                 for w in (self.w_gate_up, self.w_down))
+        else:
+            w_gate_up, w_down, scales = quantize_experts(self.w_gate_up, self.w_down, block)
+        self.w_gate_up = torch.nn.Parameter(w_gate_up, requires_grad=False)
+        self.w_down = torch.nn.Parameter(w_down, requires_grad=False)
+        self.w_gate_up_scale, self.w_down_scale = scales.gate_up, scales.down
+        self.weight_block = block
+        # The module's own gate/up (views of the stack) stay valid; the kernels no longer take
+        # the shared expert beside FP8 experts, so the stack is dropped.
+        self.shared_gate_up = None
+        return self
 
     def _stack_shared(self, mlp) -> Optional[torch.Tensor]:
         """The shared expert's gate|up rows stacked like a routed expert's, with the module's
@@ -544,8 +645,16 @@ class DMoEBlock(torch.nn.Module):
 
     def _apply(self, fn, recurse=True):
         # The router's fp32 copies (gate_weight, expert_bias) keep their values through
-        # .to(bf16)/.half(): only their device moves (issue 11).
-        keep_fp32_router_state(self, super()._apply, fn, recurse, ("gate_weight", "expert_bias"))
+        # .to(bf16)/.half(): only their device moves (issue 11); so do FP8 experts and their
+        # fp32 scales (a cast would drop the scales' meaning).
+        fp8 = {n: getattr(self, n).data for n in ("w_gate_up", "w_down")
+               if getattr(self, n).dtype == FP8_DTYPE}
+        keep_fp32_router_state(self, super()._apply, fn, recurse,
+                               ("gate_weight", "expert_bias", "w_gate_up_scale", "w_down_scale"))
+        for name, before in fp8.items():
+            now = getattr(self, name)
+            if now.dtype != FP8_DTYPE and not before.is_meta:
+                now.data = before.to(now.device)
         return self
 
     def forward(self, hidden: torch.Tensor, first_position: Optional[torch.Tensor] = None,
@@ -569,14 +678,16 @@ class DMoEBlock(torch.nn.Module):
         shared = self.shared_weights()
         y = moe_forward(hidden.reshape(B * L, H), r.topk_ids.reshape(B * L, top_k),
                         r.topk_weights.reshape(B * L, top_k), self.w_gate_up, self.w_down,
-                        backend=self.backend, check_ids=False, shared=shared).view(B, L, H)
+                        backend=self.backend, check_ids=False, shared=shared,
+                        scales=self.fp8_scales()).view(B, L, H)
         if self.shared_expert is not None and shared is None:
             y = y + self.shared_expert(hidden)
         return y
 
     def extra_repr(self) -> str:
         E, two_i, H = self.w_gate_up.shape
-        return f"experts={E}, hidden={H}, intermediate={two_i // 2}, policy={self.policy}"
+        fp8 = "" if self.weight_block is None else f", fp8 blocks {list(self.weight_block)}"
+        return f"experts={E}, hidden={H}, intermediate={two_i // 2}, policy={self.policy}{fp8}"
 
 
 __all__ = ["moe_forward", "DMoEBlock", "DecodeConfig", "GroupedConfig", "check_moe_inputs"]

@@ -9,7 +9,10 @@ A patched model still speaks the published tensor names: its `state_dict()` (so
 `save_pretrained`) unpacks each DMoEBlock back into `mlp.gate.weight` (model dtype),
 `mlp.gate.expert_bias` (fp32), `mlp.experts.{e}.{gate,up,down}_proj.weight` and
 `mlp.shared_experts.*`, and `load_state_dict` takes those names, so a patched model saves a
-checkpoint that `from_pretrained` loads, bit-equal to the unpatched original.
+checkpoint that `from_pretrained` loads, bit-equal to the unpatched original. FP8 experts
+(`patch_model(..., expert_dtype="fp8")`, dmoe_triton/quant.py) save as the fine-grained FP8
+layout: `experts.{e}.{gate,up,down}_proj.weight` in float8_e4m3fn beside their fp32
+`weight_scale_inv`, with `quantization_config` in the config, and load back the same way.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import torch
 from torch import nn
 
 from .config import RoutingPolicy
+from .quant import (DEFAULT_BLOCK, EXPERT_DTYPES, FP8_DTYPE, Fp8Scales, check_scale,
+                    dequantize_experts, fp8_block, quantization_config)
 
 
 def _dmoe_block():
@@ -51,16 +56,21 @@ def _check_policy(policy) -> None:
 
 
 def patch_model(model: nn.Module, policy: Optional[RoutingPolicy] = None,
-                backend: str = "auto") -> nn.Module:
+                backend: str = "auto", expert_dtype: Optional[str] = None) -> nn.Module:
     """Swap every MoE MLP of `model` for a `DMoEBlock` routed by `policy`; returns `model`.
+
+    expert_dtype: None keeps the experts' dtype; "fp8" quantizes the routed experts to e4m3
+    with 128 x 128 block scales (layer by layer, as they are repacked; already FP8 blocks stay
+    as they are) and records `quantization_config` in model.config, so save_pretrained writes
+    a fine-grained FP8 checkpoint. Anything else is a ValueError naming it.
 
     policy None: the routing the checkpoint declares, RoutingPolicy.from_config(model.config)
     (LLaDA2.2's capacity, a dMoE checkpoint's dMoE, else token routing).
 
     Expert weights are repacked layer by layer (one layer's experts extra at most); the old
     per-expert modules are released. A module named `mlp` that is neither a dense MLP nor an
-    official MoE MLP is a ValueError naming its path. Already patched layers just take the
-    new policy.
+    official MoE MLP is a ValueError naming its path. Already patched layers (a model loaded
+    from an FP8 checkpoint comes patched) just take the new policy and backend.
     """
     config = getattr(model, "config", None)
     if config is None:
@@ -68,11 +78,14 @@ def patch_model(model: nn.Module, policy: Optional[RoutingPolicy] = None,
                          "(num_experts, num_experts_per_tok, n_group, ...)")
     policy = RoutingPolicy.from_config(config) if policy is None else policy
     _check_policy(policy)
+    if expert_dtype not in EXPERT_DTYPES:
+        raise ValueError(f"expert_dtype must be one of {EXPERT_DTYPES}, got {expert_dtype!r}")
     DMoEBlock = _dmoe_block()
     found = []
     for path, parent, mlp in list(_mlps(model)):
         if isinstance(mlp, DMoEBlock):
             mlp.set_policy(policy)
+            mlp.backend = backend
             found.append(path)
         elif _is_moe_mlp(mlp):
             gate = mlp.gate
@@ -89,10 +102,40 @@ def patch_model(model: nn.Module, policy: Optional[RoutingPolicy] = None,
             )
     if not found:
         raise ValueError("model has no MoE MLP to patch (no `mlp` module with gate and experts)")
+    if expert_dtype == "fp8":
+        block = fp8_block(config) or DEFAULT_BLOCK
+        for module in model.modules():
+            if isinstance(module, DMoEBlock):
+                module.quantize_(block)
+        config.quantization_config = quantization_config(block)
     return model
 
 
-_REPACKED = ("gate_weight", "expert_bias", "w_gate_up", "w_down")
+_REPACKED = ("gate_weight", "expert_bias", "w_gate_up", "w_down", "w_gate_up_scale",
+             "w_down_scale")
+_PROJECTIONS = ("gate", "up", "down")
+
+
+def _expert_parts(w_gate_up, w_down, scales):
+    """(e, projection, weight [N, K], its weight_scale_inv or None) of stacked experts: the
+    official per-expert tensors as views (quant.py's layout for the scales)."""
+    inter = w_gate_up.shape[1] // 2
+    n_gate = None if scales is None else -(-inter // scales.block[0])
+    for e in range(w_gate_up.shape[0]):
+        parts = ((w_gate_up[e, :inter], None if scales is None else scales.gate_up[e, :n_gate]),
+                 (w_gate_up[e, inter:], None if scales is None else scales.gate_up[e, n_gate:]),
+                 (w_down[e], None if scales is None else scales.down[e]))
+        for name, (weight, scale) in zip(_PROJECTIONS, parts):
+            yield e, name, weight, scale
+
+
+def _dense_dtype(expert_dtype: torch.dtype, shared) -> torch.dtype:
+    """The model's dtype seen from a block: its experts' dtype, or with FP8 experts the shared
+    expert's tensors' (`shared`, an iterable; fp32 without one: the router keeps every bit)."""
+    if expert_dtype != FP8_DTYPE:
+        return expert_dtype
+    first = next(iter(shared), None)
+    return torch.float32 if first is None else first.dtype
 
 
 def _published_state(block, state: dict, prefix: str) -> None:
@@ -102,15 +145,18 @@ def _published_state(block, state: dict, prefix: str) -> None:
         return  # not a whole block: leave it as it is
     rest = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
     copy = lambda t: t.detach().clone()  # noqa: E731
-    w_gate_up, w_down = rest["w_gate_up"], rest["w_down"]
-    state[prefix + "gate.weight"] = rest["gate_weight"].detach().to(w_gate_up.dtype).clone()
+    dense = _dense_dtype(rest["w_gate_up"].dtype,
+                         (v for k, v in rest.items() if k.startswith("shared_expert.")))
+    state[prefix + "gate.weight"] = rest["gate_weight"].detach().to(dense).clone()
     if rest.get("expert_bias") is not None:
         state[prefix + "gate.expert_bias"] = copy(rest["expert_bias"]).float()
-    inter = w_gate_up.shape[1] // 2
-    for e in range(w_gate_up.shape[0]):
-        state[f"{prefix}experts.{e}.gate_proj.weight"] = copy(w_gate_up[e, :inter])
-        state[f"{prefix}experts.{e}.up_proj.weight"] = copy(w_gate_up[e, inter:])
-        state[f"{prefix}experts.{e}.down_proj.weight"] = copy(w_down[e])
+    scales = None
+    if rest.get("w_gate_up_scale") is not None:
+        scales = Fp8Scales(rest["w_gate_up_scale"], rest["w_down_scale"], block.weight_block)
+    for e, name, weight, scale in _expert_parts(rest["w_gate_up"], rest["w_down"], scales):
+        state[f"{prefix}experts.{e}.{name}_proj.weight"] = copy(weight)
+        if scale is not None:
+            state[f"{prefix}experts.{e}.{name}_proj.weight_scale_inv"] = copy(scale)
     for name, value in rest.items():
         if name.startswith("shared_expert."):
             state[prefix + "shared_experts." + name[len("shared_expert."):]] = copy(value)
@@ -120,7 +166,9 @@ def _published_state(block, state: dict, prefix: str) -> None:
 
 def _load_published(block, state: dict, prefix: str, *args) -> None:
     """load_state_dict pre-hook: official names (as _published_state writes them) back into the
-    block's repacked tensors."""
+    block's repacked tensors. FP8 experts take their weight_scale_inv beside each weight; a
+    checkpoint whose experts are FP8 while the block's are not (or the reverse), or a missing,
+    mis-shaped or non-finite scale, is a ValueError naming the tensor."""
     if prefix + "gate.weight" not in state:
         return
     state[prefix + "gate_weight"] = state.pop(prefix + "gate.weight").float()
@@ -128,13 +176,43 @@ def _load_published(block, state: dict, prefix: str, *args) -> None:
         state[prefix + "expert_bias"] = state.pop(prefix + "gate.expert_bias").float()
     E = block.w_gate_up.shape[0]
     expert = lambda e, n: f"{prefix}experts.{e}.{n}_proj.weight"  # noqa: E731
-    if all(expert(e, n) in state for e in range(E) for n in ("gate", "up", "down")):
+    if all(expert(e, n) in state for e in range(E) for n in _PROJECTIONS):
+        if block.weight_block is not None:
+            _stack_fp8_scales(block, state, prefix, expert)
+        else:
+            _refuse_fp8(state, expert(0, "gate"))
         state[prefix + "w_gate_up"] = torch.stack([
             torch.cat((state.pop(expert(e, "gate")), state.pop(expert(e, "up"))))
             for e in range(E)])
         state[prefix + "w_down"] = torch.stack([state.pop(expert(e, "down")) for e in range(E)])
     for k in [k for k in state if k.startswith(prefix + "shared_experts.")]:
         state[prefix + "shared_expert." + k[len(prefix + "shared_experts."):]] = state.pop(k)
+
+
+def _refuse_fp8(state: dict, name: str) -> None:
+    if state[name].dtype == FP8_DTYPE or name + "_scale_inv" in state:
+        raise ValueError(f"{name} is an FP8 expert weight but this model's experts are not FP8: "
+                         f"load FP8 checkpoints with from_pretrained, or patch with "
+                         f"expert_dtype='fp8' before load_state_dict")
+
+
+def _stack_fp8_scales(block, state: dict, prefix: str, expert) -> None:
+    """Each expert weight of `state` FP8 with a valid weight_scale_inv (popped), stacked into
+    the block's w_gate_up_scale / w_down_scale entries."""
+    scales = {}
+    for e in range(block.w_gate_up.shape[0]):
+        for n in _PROJECTIONS:
+            name = expert(e, n)
+            if state[name].dtype != FP8_DTYPE:
+                raise ValueError(f"{name} is {state[name].dtype}, expected float8_e4m3fn (this "
+                                 f"model's experts are FP8 in blocks {list(block.weight_block)})")
+            scale = state.pop(name + "_scale_inv", None)
+            check_scale(name, state[name], scale, block.weight_block)
+            scales[e, n] = scale
+    E = block.w_gate_up.shape[0]
+    state[prefix + "w_gate_up_scale"] = torch.stack([
+        torch.cat((scales[e, "gate"], scales[e, "up"])) for e in range(E)])
+    state[prefix + "w_down_scale"] = torch.stack([scales[e, "down"] for e in range(E)])
 
 
 def _speak_published_names(block: nn.Module) -> None:
@@ -165,19 +243,21 @@ def is_patched(model: nn.Module) -> bool:
 def official_view(block: nn.Module, config) -> nn.Module:
     """The official per-expert-loop MoE MLP over the SAME weights as DMoEBlock `block` (views,
     no copy), so an unpatched forward runs the published code path on the patched model's
-    memory."""
+    memory. FP8 experts: dequantized copies in the model's dtype (a second copy of them)."""
     from .models.llada2 import LLaDA2MoeSparseMoeBlock
 
     with torch.device("meta"):
         mlp = LLaDA2MoeSparseMoeBlock(config)
-    I = block.w_gate_up.shape[1] // 2
     frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
     mlp.gate.weight = frozen(block.gate_weight)  # fp32, as the official gate computes
     mlp.gate.expert_bias = block.expert_bias      # shared: calibration applies to both
-    for e, expert in enumerate(mlp.experts):
-        expert.gate_proj.weight = frozen(block.w_gate_up[e, :I])
-        expert.up_proj.weight = frozen(block.w_gate_up[e, I:])
-        expert.down_proj.weight = frozen(block.w_down[e])
+    w_gate_up, w_down = block.w_gate_up, block.w_down
+    if block.fp8_scales() is not None:  # the official loop runs the model's dtype
+        shared = () if block.shared_expert is None else block.shared_expert.parameters()
+        w_gate_up, w_down = dequantize_experts(w_gate_up, w_down, block.fp8_scales(),
+                                               _dense_dtype(w_gate_up.dtype, shared))
+    for e, name, weight, _ in _expert_parts(w_gate_up, w_down, None):
+        getattr(mlp.experts[e], f"{name}_proj").weight = frozen(weight)
     mlp.shared_experts = block.shared_expert
     return mlp
 

@@ -95,3 +95,39 @@ def build_model(config, device, seed: int = 0) -> LLaDA2MoeModelLM:
         for name, b in model.named_buffers():
             b.zero_()
     return model.eval()
+
+
+def build_fp8_model(config, device, seed: int = 0) -> LLaDA2MoeModelLM:
+    """build_model's random model with FP8 routed experts, made on `device` without ever holding
+    the model-dtype experts (LLaDA2.0-flash: 206 GB in bf16, ~106 GB so): patched and quantized
+    on the meta device, then memory on the device, filled in place. Expert weights are e4m3
+    values of N(0, 64) (clamped to +-448) with block scales 0.02 / 64 (x a seeded factor in
+    [0.5, 1.5]), so they dequantize to std ~0.02 like build_model's; other weights std 0.02,
+    norms 1, router bias 0."""
+    from .patch import patch_model
+    from .quant import FP8_DTYPE, FP8_MAX
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = patch_model(LLaDA2MoeModelLM(config), expert_dtype="fp8")
+    finally:
+        torch.set_default_dtype(default)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.dtype == FP8_DTYPE:
+                for chunk in t:  # one expert at a time: no large temporary
+                    chunk.copy_(torch.randn(chunk.shape, generator=gen, device=device,
+                                            dtype=torch.bfloat16).mul_(64).clamp_(-FP8_MAX, FP8_MAX))
+            elif name.endswith("_scale"):
+                t.uniform_(0.5, 1.5, generator=gen).mul_(0.02 / 64)
+            elif name.endswith("norm.weight"):
+                t.fill_(1.0)
+            elif name.endswith("expert_bias"):
+                t.zero_()
+            else:
+                t.normal_(0.0, 0.02, generator=gen)
+    return model.eval()

@@ -17,6 +17,17 @@ experts only, so each used expert's weights are read once per launch (an expert'
 all in its tile loop) and an unused expert costs nothing, not even an empty program. Splitting
 each expert over I (or H) gives enough work items for few experts to keep every SM pulling
 bandwidth.
+
+FP8 experts (issue 16): every weight-reading kernel takes an optional `s_ptr`, the fp32 block
+scales of fine-grained FP8 checkpoints (`weight_scale_inv`: one per SCALE_N x SCALE_K block of
+an expert's [N, K] matrix, dequantized W = W_fp8 * scale). None (the default) compiles the
+plain path unchanged. Given, each k step loads the e4m3 tile (1 byte an element), converts it
+exactly to the activations' dtype (every e4m3 value is a bf16, fp16 and fp32 value), and
+scales the step's product by the tile's scales along N: the launch keeps BLOCK_K a divisor of
+SCALE_K (dmoe_triton/launch.py), so a whole k step lies in one scale block and the scale is a
+vector over N, applied to the [rows, N] product (cheaper than scaling the [K, N] tile when rows
+< K, and exact products: no bf16 rounding of W * scale). FP8_BITS reads the weights as uint8
+bytes and decodes them with integer ops, for GPUs whose Triton has no e4m3 type (< sm_89).
 """
 import triton
 import triton.language as tl
@@ -72,13 +83,57 @@ def _tile_slots(sorted_slots_ptr, start, count, m0, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _fp8_values(w, dtype, FP8_BITS: tl.constexpr):
+    """An FP8 weight tile as `dtype`, exactly. FP8_BITS: the tile holds e4m3 bytes (uint8);
+    moving sign and exponent|mantissa into fp16's bit positions gives value / 256 for every
+    finite e4m3 byte, subnormals included (the scales carry the 256: _block_scales)."""
+    if FP8_BITS:
+        b = w.to(tl.int16)
+        w = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
+    return w.to(dtype)
+
+
+@triton.jit
+def _block_scales(s_rows, n_ok, k0, stride_sk, SCALE_K: tl.constexpr, FP8_BITS: tl.constexpr):
+    """[1, N] fp32 scales of the k step starting at k0, for columns whose scale rows
+    s_rows [1, N] point at (masked outside n_ok)."""
+    s = tl.load(s_rows + (k0 // SCALE_K) * stride_sk, mask=n_ok, other=0.0)
+    if FP8_BITS:
+        s = s * 256.0
+    return s
+
+
+@triton.jit
+def _weight_dot(x, w_tile, w_mask, acc, s_rows, n_ok, k0, stride_sk, PRECISION: tl.constexpr,
+                SCALE_K: tl.constexpr, FP8_BITS: tl.constexpr):
+    """acc + x @ W for one k step of BLOCK_K rows of W (w_tile [BLOCK_K, N] pointers). With
+    scales (s_rows not None): FP8 W, converted exactly, its product scaled along N."""
+    w = tl.load(w_tile, mask=w_mask, other=0.0)
+    if s_rows is None:
+        return tl.dot(x, w, acc, input_precision=PRECISION)
+    s = _block_scales(s_rows, n_ok, k0, stride_sk, SCALE_K, FP8_BITS)
+    return acc + tl.dot(x, _fp8_values(w, x.dtype, FP8_BITS), input_precision=PRECISION) * s
+
+
+@triton.jit
+def _scale_rows(s_ptr, expert, offs_n, first_row, stride_se, stride_sn, SCALE_N: tl.constexpr):
+    """[1, N] pointers to the scale rows of an expert's weight rows offs_n, the scales' rows
+    starting at first_row (up rows: after the gate rows' cdiv(I, SCALE_N)); None: no scales."""
+    if s_ptr is None:
+        return None
+    return s_ptr + expert * stride_se + (first_row + offs_n // SCALE_N)[None, :] * stride_sn
+
+
+@triton.jit
 def _silu_gate_up(x_rows, rows_ok, stride_xh, w_gate, w_up, stride_wk, i_ok, H,
+                  s_gate, s_up, stride_sk,
                   ROWS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  PRECISION: tl.constexpr, SCALE_K: tl.constexpr, FP8_BITS: tl.constexpr):
     """silu(x W_gate^T) * (x W_up^T) in fp32 for ROWS token rows and BLOCK_I columns.
 
     x_rows [ROWS, 1] points at each row's first element; rows outside `rows_ok` are masked, so
-    they cost no memory traffic. w_gate / w_up [1, BLOCK_I] point at the columns' weight rows.
+    they cost no memory traffic. w_gate / w_up [1, BLOCK_I] point at the columns' weight rows;
+    s_gate / s_up [1, BLOCK_I] at their scale rows (FP8 weights) or None.
     """
     acc_gate = tl.zeros((ROWS, BLOCK_I), dtype=tl.float32)
     acc_up = tl.zeros((ROWS, BLOCK_I), dtype=tl.float32)
@@ -88,10 +143,10 @@ def _silu_gate_up(x_rows, rows_ok, stride_xh, w_gate, w_up, stride_wk, i_ok, H,
         x = tl.load(x_rows + offs_k[None, :] * stride_xh, mask=rows_ok[:, None] & k_ok[None, :],
                     other=0.0)
         w_mask = k_ok[:, None] & i_ok[None, :]
-        wg = tl.load(w_gate + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
-        wu = tl.load(w_up + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
-        acc_gate = tl.dot(x, wg, acc_gate, input_precision=PRECISION)
-        acc_up = tl.dot(x, wu, acc_up, input_precision=PRECISION)
+        acc_gate = _weight_dot(x, w_gate + offs_k[:, None] * stride_wk, w_mask, acc_gate, s_gate,
+                               i_ok[None, :], k0, stride_sk, PRECISION, SCALE_K, FP8_BITS)
+        acc_up = _weight_dot(x, w_up + offs_k[:, None] * stride_wk, w_mask, acc_up, s_up,
+                             i_ok[None, :], k0, stride_sk, PRECISION, SCALE_K, FP8_BITS)
     return acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
 
 
@@ -102,13 +157,18 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
                        sorted_slots_ptr, used_expert_ptr, used_start_ptr, used_count_ptr,
                        n_used_ptr, H, I, TOP_K,
                        BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       PRECISION: tl.constexpr,
+                       s_ptr=None, stride_se=0, stride_sn=0, stride_sk=0,
+                       SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
+                       FP8_BITS: tl.constexpr = False):
     """act[slot] = silu(x W_gate^T) * (x W_up^T) for the used experts' slots (persistent).
 
     x_ptr [T, H] (strides in elements); w_ptr [E, 2I, H] (gate rows, then up rows); act_ptr
     [T*TOP_K, I] out, x's dtype; the five lists from moe_align_kernel. H, I: sizes; TOP_K: slots
     per token (runtime). BLOCK_M: slots per tile; BLOCK_I: act columns per work item; BLOCK_K:
-    reduction step along H; PRECISION: tl.dot input_precision.
+    reduction step along H; PRECISION: tl.dot input_precision. s_ptr: fp32 [E, 2 * cdiv(I,
+    SCALE_N), cdiv(H, SCALE_K)] block scales of FP8 weights (gate blocks, then up blocks), or
+    None; FP8_BITS: w_ptr holds e4m3 bytes as uint8 (module docstring).
     """
     n_splits = tl.cdiv(I, BLOCK_I)
     n_items = tl.load(n_used_ptr) * n_splits
@@ -119,12 +179,16 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
         i_ok = offs_i < I
         w_gate = w_ptr + expert * stride_we + offs_i[None, :] * stride_wn
         w_up = w_gate + I * stride_wn
+        s_gate = _scale_rows(s_ptr, expert, offs_i, 0, stride_se, stride_sn, SCALE_N)
+        s_up = _scale_rows(s_ptr, expert, offs_i, tl.cdiv(I, SCALE_N), stride_se, stride_sn,
+                           SCALE_N)
         # An expert's tokens beyond the first tile re-read its weight slice from L2, not HBM.
         for m0 in range(0, count, BLOCK_M):
             slot, m_ok = _tile_slots(sorted_slots_ptr, start, count, m0, BLOCK_M)
             x_rows = x_ptr + (slot // TOP_K)[:, None] * stride_xt
             act = _silu_gate_up(x_rows, m_ok, stride_xh, w_gate, w_up, stride_wk, i_ok, H,
-                                BLOCK_M, BLOCK_I, BLOCK_K, PRECISION)
+                                s_gate, s_up, stride_sk, BLOCK_M, BLOCK_I, BLOCK_K, PRECISION,
+                                SCALE_K, FP8_BITS)
             tl.store(act_ptr + slot[:, None] * stride_as + offs_i[None, :],
                      act.to(act_ptr.dtype.element_ty), mask=m_ok[:, None] & i_ok[None, :])
 
@@ -136,12 +200,17 @@ def moe_down_kernel(act_ptr, stride_as,
                     sorted_slots_ptr, used_expert_ptr, used_start_ptr, used_count_ptr,
                     n_used_ptr, H, I,
                     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr,
+                    s_ptr=None, stride_se=0, stride_sn=0, stride_sk=0,
+                    SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
+                    FP8_BITS: tl.constexpr = False):
     """partial[slot] = act[slot] W_down^T in fp32 for the used experts' slots (persistent).
 
     act_ptr [T*TOP_K, I]; w_ptr [E, H, I] (strides in elements); partial_ptr fp32 [T*TOP_K, H]
     out; the five lists from moe_align_kernel. BLOCK_M: slots per tile; BLOCK_H: hidden columns
-    per work item; BLOCK_K: reduction step along I; PRECISION: tl.dot input_precision.
+    per work item; BLOCK_K: reduction step along I; PRECISION: tl.dot input_precision. s_ptr:
+    fp32 [E, cdiv(H, SCALE_N), cdiv(I, SCALE_K)] block scales of FP8 weights, or None;
+    FP8_BITS as in moe_gate_up_kernel.
     """
     n_splits = tl.cdiv(H, BLOCK_H)
     n_items = tl.load(n_used_ptr) * n_splits
@@ -151,6 +220,7 @@ def moe_down_kernel(act_ptr, stride_as,
         offs_h = split * BLOCK_H + tl.arange(0, BLOCK_H)
         h_ok = offs_h < H
         w_rows = w_ptr + expert * stride_we + offs_h[None, :] * stride_wh
+        s_rows = _scale_rows(s_ptr, expert, offs_h, 0, stride_se, stride_sn, SCALE_N)
         for m0 in range(0, count, BLOCK_M):
             slot, m_ok = _tile_slots(sorted_slots_ptr, start, count, m0, BLOCK_M)
             acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
@@ -159,9 +229,9 @@ def moe_down_kernel(act_ptr, stride_as,
                 k_ok = offs_k < I
                 a = tl.load(act_ptr + slot[:, None] * stride_as + offs_k[None, :],
                             mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_rows + offs_k[:, None] * stride_wi,
-                            mask=k_ok[:, None] & h_ok[None, :], other=0.0)
-                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+                acc = _weight_dot(a, w_rows + offs_k[:, None] * stride_wi,
+                                  k_ok[:, None] & h_ok[None, :], acc, s_rows, h_ok[None, :], k0,
+                                  stride_sk, PRECISION, SCALE_K, FP8_BITS)
             tl.store(partial_ptr + slot[:, None] * stride_ps + offs_h[None, :], acc,
                      mask=m_ok[:, None] & h_ok[None, :])
 
@@ -244,7 +314,10 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
                               T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr, S_PAD: tl.constexpr,
                               NUM_BINS: tl.constexpr, BLOCK_I: tl.constexpr,
                               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                              HAS_SHARED: tl.constexpr):
+                              HAS_SHARED: tl.constexpr,
+                              s_ptr=None, stride_se=0, stride_sn=0, stride_sk=0,
+                              SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
+                              FP8_BITS: tl.constexpr = False):
     """act[slot] = silu(x W_gate^T) * (x W_up^T); work item = (used expert, BLOCK_I columns).
 
     With HAS_SHARED, the shared expert (gate|up rows at shared_ptr, the routed experts' strides)
@@ -257,7 +330,9 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
     ids_ptr int [T, TOP_K] contiguous (-1 = empty); arrivals_ptr int32 [n_arrivals] or None;
     shared_ptr [2I, H] or None (without HAS_SHARED). T_PAD >= 16, TOP_K_PAD, S_PAD, NUM_BINS:
     powers of two >= T, TOP_K, T*TOP_K, E + 1. BLOCK_I: act columns per work item; BLOCK_K:
-    reduction step along H; PRECISION: tl.dot input_precision.
+    reduction step along H; PRECISION: tl.dot input_precision. s_ptr, SCALE_N/K, FP8_BITS: FP8
+    weights' block scales as in moe_gate_up_kernel (not with HAS_SHARED: the wrapper runs a
+    shared expert apart then).
     """
     if arrivals_ptr is not None:
         for i in range(tl.program_id(0), n_arrivals, tl.num_programs(0)):
@@ -280,9 +355,13 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
             uses, slot = _shared_rows(shared, uses, slot, T, TOP_K, T_PAD)
             w_gate = tl.where(shared, shared_ptr + offs_i[None, :] * stride_wn, w_gate)
         w_up = w_gate + I * stride_wn
+        s_gate = _scale_rows(s_ptr, expert.to(tl.int64), offs_i, 0, stride_se, stride_sn, SCALE_N)
+        s_up = _scale_rows(s_ptr, expert.to(tl.int64), offs_i, tl.cdiv(I, SCALE_N), stride_se,
+                           stride_sn, SCALE_N)
         # Every token row is in the tile; those that do not use the expert are masked.
-        act = _silu_gate_up(x_ptr + t.to(tl.int64)[:, None] * stride_xt, uses, stride_xh, w_gate, w_up,
-                            stride_wk, i_ok, H, T_PAD, BLOCK_I, BLOCK_K, PRECISION)
+        act = _silu_gate_up(x_ptr + t.to(tl.int64)[:, None] * stride_xt, uses, stride_xh, w_gate,
+                            w_up, stride_wk, i_ok, H, s_gate, s_up, stride_sk, T_PAD, BLOCK_I,
+                            BLOCK_K, PRECISION, SCALE_K, FP8_BITS)
         tl.store(act_ptr + slot[:, None] * stride_as + offs_i[None, :],
                  act.to(act_ptr.dtype.element_ty), mask=uses[:, None] & i_ok[None, :])
 
@@ -299,6 +378,24 @@ def _nan_rows(token_ids, id_mask, token_weights, E):
 
 
 @triton.jit
+def _sum_shares(y, partial_tile, out_tile, tile_ok, arrivals, share, share_stride,
+                T_PAD: tl.constexpr, BLOCK_H: tl.constexpr, EXPERT_SPLITS: tl.constexpr):
+    """Write this share's partial y; the last of the column block's EXPERT_SPLITS programs to
+    arrive adds every share's partial in share order into out_tile (deterministic whoever
+    arrives last) and rearms the arrival counter."""
+    tl.store(partial_tile + share * share_stride, y, mask=tile_ok)
+    tl.debug_barrier()  # all of this program's partial is written before it counts itself
+    if tl.atomic_add(arrivals, 1, sem="acq_rel") == EXPERT_SPLITS - 1:
+        total = tl.zeros((T_PAD, BLOCK_H), dtype=tl.float32)
+        for s in tl.static_range(EXPERT_SPLITS):
+            # .cg: read the other programs' partials from L2, never a stale L1 line.
+            total += tl.load(partial_tile + s * share_stride, mask=tile_ok, other=0.0,
+                             cache_modifier=".cg")
+        tl.store(out_tile, total.to(out_tile.dtype.element_ty), mask=tile_ok)
+        tl.atomic_xchg(arrivals, 0)  # ready for the next launch, even without a gate/up
+
+
+@triton.jit
 def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi,
                                    ids_ptr, weights_ptr, out_ptr, stride_ot,
                                    partial_ptr, arrivals_ptr, shared_ptr, T, H, I, E, TOP_K,
@@ -306,7 +403,10 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
                                    S_PAD: tl.constexpr, NUM_BINS: tl.constexpr,
                                    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                                    EXPERT_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-                                   HAS_SHARED: tl.constexpr):
+                                   HAS_SHARED: tl.constexpr,
+                                   s_ptr=None, stride_se=0, stride_sn=0, stride_sk=0,
+                                   SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
+                                   FP8_BITS: tl.constexpr = False):
     """out[:, BLOCK_H columns] = sum over used experts e of w[:, e] * act_e W_down[e]^T.
 
     Program (h, s) takes BLOCK_H columns of H and the s-th of EXPERT_SPLITS contiguous shares
@@ -320,7 +420,8 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     act_ptr [T*TOP_K (+T), I]; w_ptr [E, H, I]; ids_ptr int / weights_ptr fp32 [T, TOP_K];
     out_ptr [T, H]; partial_ptr fp32 [EXPERT_SPLITS, T, H] and arrivals_ptr int32 [cdiv(H,
     BLOCK_H)] (zeroed), both None with one split; shared_ptr [H, I] or None. BLOCK_K: reduction
-    step along I; the pads as in moe_gate_up_decode_kernel.
+    step along I; the pads as in moe_gate_up_decode_kernel. s_ptr, SCALE_N/K, FP8_BITS: FP8
+    weights' block scales as in moe_down_kernel (not with HAS_SHARED).
     """
     _, _, used, rank = _expert_buckets(ids_ptr, T * TOP_K, E, S_PAD, NUM_BINS)
     token_ids, id_mask = _token_ids(ids_ptr, T, TOP_K, T_PAD, TOP_K_PAD)
@@ -345,6 +446,7 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
         k_ok = offs_k < I
         w_tile = w_ptr + expert.to(tl.int64) * stride_we + offs_h[None, :] * stride_wh \
             + offs_k[:, None] * stride_wi
+        s_rows = _scale_rows(s_ptr, expert.to(tl.int64), offs_h, 0, stride_se, stride_sn, SCALE_N)
         # After an expert's last I step: add its rows times the routing weight (a token that
         # lists the expert twice gets both weights; other tokens get 0, even if a weight is NaN).
         weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)
@@ -356,8 +458,8 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
             weight = tl.where(shared, 1.0, weight)
         a = tl.load(act_ptr + slot[:, None] * stride_as + offs_k[None, :],
                     mask=uses[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_tile, mask=k_ok[:, None] & h_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        acc = _weight_dot(a, w_tile, k_ok[:, None] & h_ok[None, :], acc, s_rows, h_ok[None, :],
+                          (step % k_steps) * BLOCK_K, stride_sk, PRECISION, SCALE_K, FP8_BITS)
         last = (step % k_steps) == k_steps - 1
         y += tl.where(last, acc * weight[:, None], 0.0)
         acc = tl.where(last, 0.0, acc)
@@ -368,14 +470,5 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
         tl.store(out_tile, y.to(out_ptr.dtype.element_ty), mask=tile_ok)
     else:
         partial_tile = partial_ptr + t.to(tl.int64)[:, None] * H + offs_h[None, :]
-        tl.store(partial_tile + share * T * H, y, mask=tile_ok)
-        tl.debug_barrier()  # all of this program's partial is written before it counts itself
-        arrivals = arrivals_ptr + tl.program_id(0)
-        if tl.atomic_add(arrivals, 1, sem="acq_rel") == EXPERT_SPLITS - 1:
-            total = tl.zeros((T_PAD, BLOCK_H), dtype=tl.float32)
-            for s in tl.static_range(EXPERT_SPLITS):
-                # .cg: read the other programs' partials from L2, never a stale L1 line.
-                total += tl.load(partial_tile + s * T * H, mask=tile_ok, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(out_tile, total.to(out_ptr.dtype.element_ty), mask=tile_ok)
-            tl.atomic_xchg(arrivals, 0)  # ready for the next launch, even without a gate/up
+        _sum_shares(y, partial_tile, out_tile, tile_ok, arrivals_ptr + tl.program_id(0), share,
+                    T * H, T_PAD, BLOCK_H, EXPERT_SPLITS)

@@ -278,3 +278,17 @@ def test_bad_editing_knobs_are_named(llada22, tmp_path, capsys):
 def test_a_capacity_policy_needs_a_capacity(ckpt, capsys):
     fails(capsys, ["generate", "--model", str(ckpt), "--prompt", "1+2=", "--policy", "capacity",
                    *FAST], "expert_capacity", "--capacity")
+
+
+def test_quantize_fp8_and_an_fp8_checkpoint_run(ckpt, tmp_path, capsys):
+    """--quantize fp8 quantizes the experts at load; a saved FP8 checkpoint (quantization_config
+    in config.json, weight_scale_inv beside each expert weight) loads and runs as it is."""
+    assert cli.main(["generate", "--model", str(ckpt), "--prompt", "1+2=", "--quantize", "fp8",
+                     *FAST]) == 0
+    assert "FP8 experts" in capsys.readouterr().out
+    model = patch_model(LLaDA2MoeModelLM.from_pretrained(str(ckpt)), expert_dtype="fp8")
+    path = tmp_path / "fp8"
+    tt.save_checkpoint(model, str(path))
+    assert "quantization_config" in json.loads((path / "config.json").read_text())
+    assert cli.main(["generate", "--model", str(path), "--prompt", "1+2=", *FAST]) == 0
+    assert "FP8 experts" in capsys.readouterr().out

@@ -494,10 +494,20 @@ class LLaDA2MoePreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """transformers' loader, then a strict check: a missing, extra or mis-shaped tensor is an
-        error naming it (transformers alone would only warn and initialise it randomly)."""
+        error naming it (transformers alone would only warn and initialise it randomly). A
+        fine-grained FP8 checkpoint (quantization_config quant_method "fp8") loads through
+        quant.load_fp8_pretrained instead: FP8 routed experts in patched DMoEBlocks."""
+        from ..quant import fp8_checkpoint_config, load_fp8_pretrained
+
         want_info = kwargs.pop("output_loading_info", False)
-        kwargs["ignore_mismatched_sizes"] = True  # so that the check below can name the tensor
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        fp8_config = fp8_checkpoint_config(cls, args, kwargs)
+        if fp8_config is not None:  # our FP8 experts, not transformers' FP8Linear (quant.py)
+            path = args[0] if args else kwargs["pretrained_model_name_or_path"]
+            model, info = load_fp8_pretrained(cls, path, fp8_config, kwargs.get("dtype"),
+                                              kwargs.get("device_map") or "cpu")
+        else:
+            kwargs["ignore_mismatched_sizes"] = True  # so that the check below can name it
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         # A zero-width tensor (num_shared_experts: 0) has nothing to load: absent is fine.
         state = model.state_dict()
         info["missing_keys"] = [k for k in info.get("missing_keys") or []
@@ -515,8 +525,11 @@ def check_finite(model: nn.Module) -> None:
     bytes were corrupted would otherwise decode garbage (all-NaN logits give token 0
     everywhere) with exit code 0. One pass over the weights at load, never in a forward."""
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
+        if not t.is_floating_point() or t.is_meta:
+            continue
+        # e4m3fn has no infinity, and torch has no isfinite for it
+        bad = int(torch.isnan(t).sum()) if t.element_size() == 1 else int((~torch.isfinite(t)).sum())
+        if bad:
             raise ValueError(f"checkpoint tensor {name} holds {bad} non-finite values (NaN or "
                              f"inf): the file is corrupted or was saved from a diverged run")
 

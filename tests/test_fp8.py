@@ -1,0 +1,391 @@
+"""FP8 (e4m3) routed experts with block scales (issue 16): quantize/dequantize, the kernels
+(both paths, native e4m3 and byte-decoded reads) against the dequantize-then-reference oracle,
+bad scales, the capability rule, and fine-grained FP8 checkpoints (save, load, errors)."""
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from dmoe_triton import RoutingPolicy, launch, moe_forward
+from dmoe_triton.launch import DECODE_MAX_TOKENS, DecodeConfig, GroupedConfig
+from dmoe_triton.models import LLaDA2MoeModelLM
+from dmoe_triton.moe import DMoEBlock
+from dmoe_triton.patch import patch_model
+from dmoe_triton.quant import (FP8_DTYPE, Fp8Scales, dequantize_blocks, dequantize_experts,
+                               quantize_blocks, quantize_experts)
+from dmoe_triton.reference import moe_forward_reference
+from dmoe_triton.testing import small_model
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+BLOCKS = [(128, 128), (16, 16), (32, 48), (8, 32)]
+
+
+# ---------------------------------------------------------------------------------------------
+# quant.py
+
+
+@given(n=st.integers(1, 150), k=st.integers(1, 150), block=st.sampled_from(BLOCKS),
+       seed=st.integers(0, 2**31 - 1), spread=st.sampled_from([1e-3, 1.0, 300.0]))
+def test_quantize_dequantize_within_e4m3_rounding(n, k, block, seed, spread):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(2, n, k, generator=g) * spread * torch.rand(2, n, 1, generator=g)
+    q, s = quantize_blocks(w, block)
+    assert q.dtype == FP8_DTYPE and s.dtype == torch.float32
+    assert s.shape == (2, math.ceil(n / block[0]), math.ceil(k / block[1]))
+    back = dequantize_blocks(q, s, block, torch.float64)
+    # Half an e4m3 ulp: 2**-4 of the value (normal), 2**-10 of the block scale (subnormal).
+    scale = s.double().repeat_interleave(block[0], 1)[:, :n].repeat_interleave(block[1], 2)[..., :k]
+    bound = torch.maximum(w.double().abs() * 2**-4, scale * 2**-10) * (1 + 1e-6)
+    assert ((back - w.double()).abs() <= bound).all()
+    # No block saturates: its largest element maps to +-448 (within rounding), none beyond.
+    assert q.float().abs().max() <= 448
+
+
+def test_zero_block_has_unit_scale_and_zero_weights():
+    w = torch.zeros(4, 40)
+    w[:, 32:] = 1.0
+    q, s = quantize_blocks(w, (16, 16))
+    assert torch.equal(s[:, :2], torch.ones(1, 2)) and torch.equal(q.float()[:, :32], w[:, :32])
+
+
+def test_layout_matches_transformers_dequantize():
+    """Our weight_scale_inv convention is transformers' (W = W_fp8 * scale_inv per block)."""
+    fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    if not hasattr(fp8, "_dequantize_fp8_weight"):
+        pytest.skip("this transformers has no _dequantize_fp8_weight")
+    w = torch.randn(200, 300)
+    q, s = quantize_blocks(w, (128, 128))
+    theirs = fp8._dequantize_fp8_weight(q, s, [128, 128], torch.float32)
+    torch.testing.assert_close(dequantize_blocks(q, s, (128, 128)), theirs)
+
+
+def test_quantize_refuses_non_finite_and_bad_blocks():
+    with pytest.raises(ValueError, match="w_down holds non-finite"):
+        quantize_blocks(torch.tensor([[1.0, float("nan")]]), (16, 16), name="w_down")
+    with pytest.raises(ValueError, match="bk a multiple of 16"):
+        quantize_blocks(torch.ones(4, 4), (16, 8))
+    with pytest.raises(ValueError, match="two positive ints"):
+        quantize_blocks(torch.ones(4, 4), (0, 16))
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels against the oracle
+
+
+def make_fp8_layer(E, H, I, block, g):
+    w_gate_up = torch.randn(E, 2 * I, H, generator=g) / math.sqrt(H)
+    w_down = torch.randn(E, H, I, generator=g) / math.sqrt(I)
+    w_gate_up[0, :, : H // 2] *= 50  # blocks of very different ranges
+    return quantize_experts(w_gate_up, w_down, block)
+
+
+def fp8_oracle(hidden, ids, weights, w_gate_up, w_down, scales):
+    """Dequantize exactly (float64), then the reference in float64."""
+    gu, d = dequantize_experts(w_gate_up, w_down, scales, torch.float64)
+    return moe_forward_reference(hidden.double(), ids, weights.double(), gu, d)
+
+
+def rel_err(y, ref):
+    return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+@st.composite
+def fp8_cases(draw):
+    E = draw(st.integers(1, 8))
+    k = draw(st.integers(1, min(E, 3)))
+    path = draw(st.sampled_from(["decode", "grouped"]))
+    T = draw(st.integers(1, 20)) if path == "decode" else draw(st.integers(1, 80))
+    H = draw(st.sampled_from([16, 40, 64]))
+    I = draw(st.sampled_from([8, 20, 48]))
+    block = draw(st.sampled_from(BLOCKS))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    ids = torch.argsort(torch.rand(T, E, generator=g), dim=1)[:, :k].to(torch.int32)
+    ids[torch.rand(T, k, generator=g) < 0.2] = -1
+    weights = torch.where(ids >= 0, torch.rand(T, k, generator=g), 0.0)
+    bits = draw(st.booleans())
+    splits = draw(st.integers(1, 3))
+    return T, H, I, E, ids, weights, block, g, path, bits, splits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@given(case=fp8_cases())
+def test_fp8_kernels_match_the_dequantized_reference(dtype, case):
+    """Both paths, native e4m3 and byte-decoded reads, k steps larger than a scale block (the
+    decode down step 256 is fitted to the block), any I and H (partial blocks)."""
+    T, H, I, E, ids, weights, block, g, path, bits, splits = case
+    w_gate_up, w_down, scales = make_fp8_layer(E, H, I, block, g)
+    hidden = torch.randn(T, H, generator=g).to(dtype)
+    to = lambda t: t.to(DEV)  # noqa: E731
+    scales = Fp8Scales(to(scales.gate_up), to(scales.down), scales.block)
+    out = torch.full((T, H), float("nan"), dtype=dtype, device=DEV)
+    with launch.override(moe_path=path, fp8_bits=bits,
+                         decode=DecodeConfig(down_splits=splits, k_tile_down=256)):
+        y = moe_forward(to(hidden), to(ids), to(weights), to(w_gate_up), to(w_down),
+                        backend="triton", out=out, scales=scales)
+    assert torch.isfinite(y).all()
+    ref = fp8_oracle(hidden, ids, weights, w_gate_up, w_down, Fp8Scales(
+        scales.gate_up.cpu(), scales.down.cpu(), scales.block))
+    assert rel_err(y.cpu(), ref) <= (1e-4 if dtype == torch.float32 else 1e-2)
+
+
+def test_byte_decoding_equals_native_reads():
+    """FP8_BITS (GPUs below sm_89) gives the native path's values bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    w_gate_up, w_down, scales = make_fp8_layer(3, 32, 24, (16, 16), g)
+    hidden = torch.randn(6, 32, generator=g)
+    ids = torch.tensor([[0, 1], [2, -1], [1, 0], [2, 1], [0, 2], [1, -1]], dtype=torch.int32)
+    weights = torch.rand(6, 2, generator=g)
+    runs = []
+    for bits in (False, True):
+        with launch.override(fp8_bits=bits):
+            runs.append(moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton",
+                                    scales=scales))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_every_e4m3_byte_decodes_exactly():
+    """All 254 finite e4m3 bytes (subnormals, +-0, +-448) as weights of one expert with unit
+    scales: the byte-decoded and the native kernels give the exact products."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8_DTYPE)
+    codes = codes[~torch.isnan(codes)]
+    w_down = torch.zeros(1, 16, 16, dtype=FP8_DTYPE)
+    w_down.view(-1)[: codes.numel()] = codes
+    w_gate_up = torch.ones(1, 32, 16).to(FP8_DTYPE)
+    scales = Fp8Scales(torch.ones(1, 2, 1), torch.ones(1, 1, 1), (16, 16))
+    hidden = torch.ones(1, 16) / 16
+    ref = fp8_oracle(hidden, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1), w_gate_up,
+                     w_down, scales)
+    for bits in (False, True):
+        with launch.override(fp8_bits=bits, moe_path="decode"):
+            y = moe_forward(hidden.double().float(), torch.zeros(1, 1, dtype=torch.int32),
+                            torch.ones(1, 1), w_gate_up, w_down, backend="triton", scales=scales)
+        torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=0)
+
+
+def test_shared_expert_runs_beside_fp8_experts():
+    g = torch.Generator().manual_seed(2)
+    w_gate_up, w_down, scales = make_fp8_layer(4, 32, 16, (16, 16), g)
+    shared = (torch.randn(32, 32, generator=g) / 6, torch.randn(32, 16, generator=g) / 4)
+    hidden = torch.randn(5, 32, generator=g)
+    ids = torch.randint(0, 4, (5, 2), generator=g).to(torch.int32)
+    weights = torch.rand(5, 2, generator=g)
+    for path in ("decode", "grouped"):
+        with launch.override(moe_path=path):
+            y = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton",
+                            shared=shared, scales=scales)
+        gu, d = dequantize_experts(w_gate_up, w_down, scales, torch.float64)
+        ref = moe_forward_reference(hidden.double(), ids, weights.double(), gu, d,
+                                    tuple(t.double() for t in shared))
+        assert rel_err(y, ref) <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input and the capability rule
+
+
+def fp8_inputs():
+    g = torch.Generator().manual_seed(0)
+    w_gate_up, w_down, scales = make_fp8_layer(2, 32, 16, (16, 16), g)
+    return torch.randn(3, 32), torch.zeros(3, 1, dtype=torch.int32), torch.ones(3, 1), \
+        w_gate_up, w_down, scales
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_bad_scales_are_named(backend):
+    hidden, ids, weights, w_gate_up, w_down, scales = fp8_inputs()
+    run = lambda s: moe_forward(hidden, ids, weights, w_gate_up, w_down, backend=backend,  # noqa: E731
+                                scales=s)
+    with pytest.raises(ValueError, match="w_gate_up is float8_e4m3fn: pass its block scales"):
+        moe_forward(hidden, ids, weights, w_gate_up, w_down, backend=backend)
+    with pytest.raises(ValueError, match=r"w_down_scale_inv has shape \(2, 2, 1\), expected "
+                                         r"\(2, 1, 1\).*weight_block_size \[32, 16\]"):
+        run(Fp8Scales(scales.gate_up, scales.down, (32, 16)))  # another block size
+    with pytest.raises(ValueError, match="w_gate_up_scale_inv has shape"):
+        run(Fp8Scales(scales.gate_up[:, :1], scales.down, scales.block))
+    bad = scales.down.clone()
+    bad[1, 1, 0] = float("inf")
+    with pytest.raises(ValueError, match="w_down_scale_inv holds non-finite"):
+        run(Fp8Scales(scales.gate_up, bad, scales.block))
+    with pytest.raises(TypeError, match="w_gate_up_scale_inv must be a float32"):
+        run(Fp8Scales(scales.gate_up.half(), scales.down, scales.block))
+    with pytest.raises(TypeError, match="w_gate_up must be float8_e4m3fn"):
+        moe_forward(hidden, ids, weights, w_gate_up.float(), w_down.float(), backend=backend,
+                    scales=scales)
+
+
+def test_fp8_reads_follow_the_capability(monkeypatch):
+    """Below sm_89 (no e4m3 type in Triton) the kernels read bytes and decode them; from sm_89
+    on they read e4m3 natively; an override wins. (No GPU needed: the capability is faked.)"""
+    cuda = torch.device("cuda", 0)
+    for capability, bits in (((8, 0), True), ((8, 6), True), ((8, 9), False), ((9, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
+        assert launch.fp8_bits(cuda) is bits
+    with launch.override(fp8_bits=False):
+        assert launch.fp8_bits(cuda) is False
+    assert launch.fp8_bits(torch.device("cpu")) is False  # the interpreter reads e4m3
+
+
+def test_k_steps_fit_the_scale_blocks():
+    fitted = launch.fit_scale_blocks(DecodeConfig(k_tile_gate_up=128, k_tile_down=256), 128)
+    assert (fitted.k_tile_gate_up, fitted.k_tile_down) == (128, 128)
+    fitted = launch.fit_scale_blocks(GroupedConfig(), 48)
+    assert (fitted.k_tile_gate_up, fitted.k_tile_down) == (16, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model: patch, .to(), save, load
+
+
+def fp8_logits(model, ids):
+    for m in model.modules():
+        if isinstance(m, DMoEBlock):
+            m.backend = "reference"
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_patch_model_quantizes_and_to_keeps_fp8():
+    model = small_model()
+    ids = torch.randint(3, 90, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    patch_model(model, RoutingPolicy.token(), backend="reference", expert_dtype="fp8")
+    block = model.model.layers[1].mlp
+    assert block.w_gate_up.dtype == FP8_DTYPE and block.w_down_scale.dtype == torch.float32
+    assert model.config.quantization_config["weight_block_size"] == [128, 128]
+    y = fp8_logits(model, ids)
+    assert rel_err(y, ref.double()) < 0.05 and (y.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    model.to(torch.float16)
+    assert block.w_gate_up.dtype == FP8_DTYPE and block.w_gate_up_scale.dtype == torch.float32
+    with pytest.raises(ValueError, match="expert_dtype must be one of"):
+        patch_model(small_model(), expert_dtype="int4")
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tmp_path_factory):
+    """A small model quantized at load time and saved: (directory, its logits on `ids`, ids)."""
+    path = tmp_path_factory.mktemp("fp8") / "model"
+    model = patch_model(small_model(), RoutingPolicy.token(), expert_dtype="fp8")
+    ids = torch.randint(3, 90, (1, 12), generator=torch.Generator().manual_seed(1))
+    model.save_pretrained(str(path))
+    return path, fp8_logits(model, ids), ids, model.state_dict()
+
+
+def test_saved_fp8_checkpoint_has_the_published_layout(fp8_checkpoint):
+    path, _, _, _ = fp8_checkpoint
+    config = json.loads((path / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "fp8", "fmt": "e4m3",
+                                             "activation_scheme": "dynamic",
+                                             "weight_block_size": [128, 128]}
+    state = load_file(str(path / "model.safetensors"))
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    assert state[name].dtype == FP8_DTYPE and state[name].shape == (32, 64)
+    assert state[name + "_scale_inv"].dtype == torch.float32
+    assert state[name + "_scale_inv"].shape == (1, 1)
+    assert state["model.layers.1.mlp.gate.weight"].dtype == torch.float32
+
+
+def test_fp8_checkpoint_round_trip(fp8_checkpoint):
+    path, logits, ids, state = fp8_checkpoint
+    model = LLaDA2MoeModelLM.from_pretrained(str(path))
+    block = model.model.layers[1].mlp
+    assert isinstance(block, DMoEBlock) and block.w_gate_up.dtype == FP8_DTYPE
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    again = model.state_dict()
+    assert set(again) == set(state)
+    assert all(torch.equal(again[k].float(), state[k].float()) for k in state)
+    assert torch.equal(fp8_logits(model, ids), logits)
+
+
+def break_checkpoint(src, dst, edit_state=None, **config_fields):
+    dst.mkdir()
+    config = json.loads((src / "config.json").read_text())
+    config.update(config_fields)
+    (dst / "config.json").write_text(json.dumps(config))
+    state = load_file(str(src / "model.safetensors"))
+    if edit_state:
+        edit_state(state)
+    save_file(state, str(dst / "model.safetensors"))
+    return dst
+
+
+EXPERT = "model.layers.2.mlp.experts.5.down_proj.weight"
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda s: s.pop(EXPERT + "_scale_inv"),
+     "experts.5.down_proj.weight is float8_e4m3fn but its weight_scale_inv is missing"),
+    (lambda s: s.update({EXPERT + "_scale_inv": torch.ones(2, 1)}),
+     r"experts.5.down_proj.weight_scale_inv has shape \(2, 1\), expected \(1, 1\)"),
+    (lambda s: s[EXPERT + "_scale_inv"].fill_(float("nan")),
+     "experts.5.down_proj.weight_scale_inv holds non-finite"),
+    (lambda s: s.update({EXPERT: s[EXPERT].float()}),
+     "experts.5.down_proj.weight is torch.float32, expected float8_e4m3fn"),
+])
+def test_broken_fp8_checkpoints_are_named(fp8_checkpoint, tmp_path, edit, needle):
+    path = break_checkpoint(fp8_checkpoint[0], tmp_path / "bad", edit)
+    with pytest.raises(ValueError, match=needle):
+        LLaDA2MoeModelLM.from_pretrained(str(path))
+
+
+def test_block_size_other_than_the_scales_is_named(fp8_checkpoint, tmp_path):
+    qc = {"quant_method": "fp8", "weight_block_size": [16, 16]}
+    path = break_checkpoint(fp8_checkpoint[0], tmp_path / "bad", quantization_config=qc)
+    with pytest.raises(ValueError, match=r"gate_proj.weight_scale_inv has shape \(1, 1\), "
+                                         r"expected \(2, 4\).*weight_block_size \[16, 16\]"):
+        LLaDA2MoeModelLM.from_pretrained(str(path))
+    qc = {"quant_method": "fp8", "weight_block_size": [128]}
+    path = break_checkpoint(fp8_checkpoint[0], tmp_path / "bad2", quantization_config=qc)
+    with pytest.raises(ValueError, match="quantization_config.weight_block_size"):
+        LLaDA2MoeModelLM.from_pretrained(str(path))
+
+
+def test_other_fp8_weights_are_dequantized_at_load(fp8_checkpoint, tmp_path):
+    """A checkpoint that quantized attention and the shared expert too (as published FP8
+    builds do) loads them dequantized to the model's dtype; the routed experts stay FP8."""
+    names = ["model.layers.1.attention.query_key_value.weight",
+             "model.layers.1.mlp.shared_experts.down_proj.weight"]
+    kept = {}
+
+    def quantize_more(state):
+        for name in names:
+            state[name], state[name + "_scale_inv"] = quantize_blocks(state[name], (16, 16))
+            kept[name] = dequantize_blocks(state[name], state[name + "_scale_inv"], (16, 16))
+
+    # Experts in 16 x 16 blocks too, so that every scale matches the config's block size.
+    model = patch_model(small_model(), RoutingPolicy.token())
+    for block in model.modules():
+        if isinstance(block, DMoEBlock):
+            block.quantize_((16, 16))
+    model.config.quantization_config = {"quant_method": "fp8", "weight_block_size": [16, 16]}
+    model.save_pretrained(str(tmp_path / "base"))
+    path = break_checkpoint(tmp_path / "base", tmp_path / "more", quantize_more)
+    loaded = LLaDA2MoeModelLM.from_pretrained(str(path))
+    state = loaded.state_dict()
+    for name in names:
+        assert state[name].dtype == torch.float32 and torch.equal(state[name], kept[name])
+    assert loaded.model.layers[1].mlp.w_gate_up.dtype == FP8_DTYPE
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [32, DECODE_MAX_TOKENS + 64])
+def test_fp8_bf16_kernels_match_reference_on_gpu(T):
+    """bf16 activations, LLaDA2.0-mini's expert shape, 128 x 128 blocks, native and bytes."""
+    g = torch.Generator().manual_seed(0)
+    E, H, I, k = 32, 2048, 512, 8
+    w_gate_up, w_down, scales = make_fp8_layer(E, H, I, (128, 128), g)
+    hidden = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    ids = torch.argsort(torch.rand(T, E, generator=g), 1)[:, :k].to(torch.int32)
+    weights = torch.rand(T, k, generator=g)
+    ref = fp8_oracle(hidden, ids, weights, w_gate_up, w_down, scales)
+    cuda = Fp8Scales(scales.gate_up.cuda(), scales.down.cuda(), scales.block)
+    for bits in (False, True):
+        with launch.override(fp8_bits=bits):
+            y = moe_forward(hidden.cuda(), ids.cuda(), weights.cuda(), w_gate_up.cuda(),
+                            w_down.cuda(), backend="triton", scales=cuda)
+        assert rel_err(y.cpu(), ref) <= 1e-2
