@@ -79,15 +79,16 @@ def block_attention_kernel(
         v = tl.load(v_base + n[:, None] * stride_vn + d[None, :], mask=kv_ok, other=0.0)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         run_max = new_max
-    if part_out_ptr is not None:
+    if part_out_ptr is not None:  # (if / else on a constexpr, no early return: Triton 3.6)
         _store_partial(part_out_ptr, part_lse_ptr, acc, run_max, run_sum, rows, row_ok, d,
                        GROUP * L, BLOCK_D)
-        return
-    # A row that sees no key at all (never the model's: every row sees itself) divides 0 by 0:
-    # NaN, as SDPA gives, never a silent zero.
-    out = acc / tl.where(row_ok, run_sum, 1.0)[:, None]  # padding rows: no 0 / 0
-    tl.store(out_ptr + b * stride_ob + i[:, None] * stride_ol + head[:, None] * stride_oh
-             + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        # A row that sees no key at all (never the model's: every row sees itself) divides 0
+        # by 0: NaN, as SDPA gives, never a silent zero.
+        out = acc / tl.where(row_ok, run_sum, 1.0)[:, None]  # padding rows: no 0 / 0
+        tl.store(out_ptr + b * stride_ob + i[:, None] * stride_ol + head[:, None] * stride_oh
+                 + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit

@@ -109,18 +109,21 @@ def _weight_dot(x, w_tile, w_mask, acc, s_rows, n_ok, k0, stride_sk, PRECISION: 
     """acc + x @ W for one k step of BLOCK_K rows of W (w_tile [BLOCK_K, N] pointers). With
     scales (s_rows not None): FP8 W, converted exactly, its product scaled along N."""
     w = tl.load(w_tile, mask=w_mask, other=0.0)
+    # One return, branches on a constexpr (Triton 3.6 compiles neither an early return here
+    # nor a returned None).
     if s_rows is None:
-        return tl.dot(x, w, acc, input_precision=PRECISION)
-    s = _block_scales(s_rows, n_ok, k0, stride_sk, SCALE_K, FP8_BITS)
-    return acc + tl.dot(x, _fp8_values(w, x.dtype, FP8_BITS), input_precision=PRECISION) * s
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    else:
+        s = _block_scales(s_rows, n_ok, k0, stride_sk, SCALE_K, FP8_BITS)
+        acc = acc + tl.dot(x, _fp8_values(w, x.dtype, FP8_BITS), input_precision=PRECISION) * s
+    return acc
 
 
 @triton.jit
 def _scale_rows(s_ptr, expert, offs_n, first_row, stride_se, stride_sn, SCALE_N: tl.constexpr):
     """[1, N] pointers to the scale rows of an expert's weight rows offs_n, the scales' rows
-    starting at first_row (up rows: after the gate rows' cdiv(I, SCALE_N)); None: no scales."""
-    if s_ptr is None:
-        return None
+    starting at first_row (up rows: after the gate rows' cdiv(I, SCALE_N)). Callers without
+    scales skip the call (a jit function may not return None under Triton 3.6)."""
     return s_ptr + expert * stride_se + (first_row + offs_n // SCALE_N)[None, :] * stride_sn
 
 
@@ -179,9 +182,12 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
         i_ok = offs_i < I
         w_gate = w_ptr + expert * stride_we + offs_i[None, :] * stride_wn
         w_up = w_gate + I * stride_wn
-        s_gate = _scale_rows(s_ptr, expert, offs_i, 0, stride_se, stride_sn, SCALE_N)
-        s_up = _scale_rows(s_ptr, expert, offs_i, tl.cdiv(I, SCALE_N), stride_se, stride_sn,
-                           SCALE_N)
+        s_gate = None
+        s_up = None
+        if s_ptr is not None:
+            s_gate = _scale_rows(s_ptr, expert, offs_i, 0, stride_se, stride_sn, SCALE_N)
+            s_up = _scale_rows(s_ptr, expert, offs_i, tl.cdiv(I, SCALE_N), stride_se,
+                               stride_sn, SCALE_N)
         # An expert's tokens beyond the first tile re-read its weight slice from L2, not HBM.
         for m0 in range(0, count, BLOCK_M):
             slot, m_ok = _tile_slots(sorted_slots_ptr, start, count, m0, BLOCK_M)
@@ -220,7 +226,9 @@ def moe_down_kernel(act_ptr, stride_as,
         offs_h = split * BLOCK_H + tl.arange(0, BLOCK_H)
         h_ok = offs_h < H
         w_rows = w_ptr + expert * stride_we + offs_h[None, :] * stride_wh
-        s_rows = _scale_rows(s_ptr, expert, offs_h, 0, stride_se, stride_sn, SCALE_N)
+        s_rows = None
+        if s_ptr is not None:
+            s_rows = _scale_rows(s_ptr, expert, offs_h, 0, stride_se, stride_sn, SCALE_N)
         for m0 in range(0, count, BLOCK_M):
             slot, m_ok = _tile_slots(sorted_slots_ptr, start, count, m0, BLOCK_M)
             acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
@@ -355,9 +363,13 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
             uses, slot = _shared_rows(shared, uses, slot, T, TOP_K, T_PAD)
             w_gate = tl.where(shared, shared_ptr + offs_i[None, :] * stride_wn, w_gate)
         w_up = w_gate + I * stride_wn
-        s_gate = _scale_rows(s_ptr, expert.to(tl.int64), offs_i, 0, stride_se, stride_sn, SCALE_N)
-        s_up = _scale_rows(s_ptr, expert.to(tl.int64), offs_i, tl.cdiv(I, SCALE_N), stride_se,
-                           stride_sn, SCALE_N)
+        s_gate = None
+        s_up = None
+        if s_ptr is not None:
+            s_gate = _scale_rows(s_ptr, expert.to(tl.int64), offs_i, 0, stride_se, stride_sn,
+                                 SCALE_N)
+            s_up = _scale_rows(s_ptr, expert.to(tl.int64), offs_i, tl.cdiv(I, SCALE_N),
+                               stride_se, stride_sn, SCALE_N)
         # Every token row is in the tile; those that do not use the expert are masked.
         act = _silu_gate_up(x_ptr + t.to(tl.int64)[:, None] * stride_xt, uses, stride_xh, w_gate,
                             w_up, stride_wk, i_ok, H, s_gate, s_up, stride_sk, T_PAD, BLOCK_I,
@@ -446,7 +458,10 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
         k_ok = offs_k < I
         w_tile = w_ptr + expert.to(tl.int64) * stride_we + offs_h[None, :] * stride_wh \
             + offs_k[:, None] * stride_wi
-        s_rows = _scale_rows(s_ptr, expert.to(tl.int64), offs_h, 0, stride_se, stride_sn, SCALE_N)
+        s_rows = None
+        if s_ptr is not None:
+            s_rows = _scale_rows(s_ptr, expert.to(tl.int64), offs_h, 0, stride_se, stride_sn,
+                                 SCALE_N)
         # After an expert's last I step: add its rows times the routing weight (a token that
         # lists the expert twice gets both weights; other tokens get 0, even if a weight is NaN).
         weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)
