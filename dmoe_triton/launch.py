@@ -68,8 +68,10 @@ class RouteLaunch:
     coreset_warps: int = 8     # block_coreset_kernel (and window_route_kernel): warps per program
     # Block policies in one launch (kernels/router.py window_route_kernel: each program
     # computes its window's coreset, then routes its rows) instead of block_coreset_kernel +
-    # route_kernel. Same results; one launch and no sort in the chain (issue 13).
-    fused: bool = True
+    # route_kernel. Same results. Off: on the H200 (bench_routing --quick, 1 block, graphed,
+    # 2026-11-30) the one launch took 65.7 us for dMoE and 26.8 for capacity 48 against 20.9
+    # and 8.3 for the two launches (every chunk program recomputes its window's coreset).
+    fused: bool = False
     # expert_choice_kernel: warps per program (one window's rows x experts tile); not yet
     # measured: 4 holds a 32 x 256 tile of int64 keys in registers (64 per thread).
     expert_choice_warps: int = 4
@@ -292,8 +294,9 @@ def fit_scale_blocks(config, block_k: int):
 
 
 def pipeline_stages(stages: int, dtype: torch.dtype) -> int:
-    """The decode configs are tuned for 2-byte weights; fp32 tiles are twice as large, and the
-    tuned pipeline depth would not fit an H100's shared memory (228 KB per SM)."""
+    """The decode and grouped configs are tuned for 2-byte weights; fp32 tiles are twice as
+    large, and the tuned pipeline depth would not fit an H100's or H200's shared memory (228 KB
+    per SM: the grouped gate/up's 4 stages of fp32 tiles asked for 240 KB on the H200)."""
     return stages if dtype != torch.float32 else max(2, stages // 2)
 
 

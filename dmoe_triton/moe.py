@@ -263,7 +263,7 @@ def expert_gate_up(hidden, w_gate_up, lists, top_k: int, config: GroupedConfig, 
         **_weight_args(w_gate_up, ("stride_we", "stride_wn", "stride_wk"), fp8), act_ptr=act, stride_as=act.stride(0), **_lists_args(lists), H=H, I=inter, TOP_K=top_k,
         BLOCK_M=cfg.block_m, BLOCK_I=cfg.block_i, BLOCK_K=cfg.k_tile_gate_up,
         PRECISION=dot_precision(hidden.dtype), num_warps=cfg.warps_gate_up,
-        num_stages=cfg.stages_gate_up)
+        num_stages=pipeline_stages(cfg.stages_gate_up, hidden.dtype))
     return act
 
 
@@ -304,7 +304,7 @@ def expert_down(act, w_down, lists, config: GroupedConfig, fp8=None):
         partial_ptr=partial, stride_ps=partial.stride(0), **_lists_args(lists), H=H, I=inter,
         BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down,
         PRECISION=dot_precision(act.dtype), num_warps=cfg.warps_down,
-        num_stages=cfg.stages_down)
+        num_stages=pipeline_stages(cfg.stages_down, act.dtype))
     return partial
 
 
