@@ -105,12 +105,18 @@ def route_launch(num_experts: int, device: torch.device, windows: int = 1) -> Ro
 
 @dataclass(frozen=True)
 class RouterLaunch:
-    """router_logits_kernel (kernels/router.py): rows x experts per program, reduction step."""
+    """router_logits_kernel (kernels/router.py): rows x experts per program, reduction step;
+    use_kernel False: the router GEMM is torch's fp32 matmul of hidden.float() instead."""
 
     block_t: int = 32
     block_e: int = 4
     block_k: int = 64
     warps: int = 4
+    # Off by default: with the kernel on, the H200's 4-layer step (bench_e2e --quick --layers 4,
+    # run 5 of 2026-11-30) took 1.005 / 0.781 ms (token / dMoE, 1 sequence) and 4.13 / 3.90 ms
+    # (16 sequences) against 0.882 / 0.662 and 3.94 / 3.39 with the torch GEMM earlier that day;
+    # no device time was left to time this part alone, so the kernel is the suspect, not proven.
+    use_kernel: bool = False
 
     def __post_init__(self):
         _check_shape(self, powers_of_two=("block_t", "block_e", "block_k", "warps"))
@@ -121,6 +127,7 @@ class RouterLaunch:
 # rows so that the hidden rows are re-read fewer times. Broadcast tiles stay <= 8192 elements.
 ROUTER_TILE = 8192
 ROUTER_PROGRAMS = 128
+DEFAULT_ROUTER_KERNEL = False  # RouterLaunch.use_kernel says why
 
 
 def router_launch(tokens: int, num_experts: int) -> RouterLaunch:
@@ -136,7 +143,8 @@ def router_launch(tokens: int, num_experts: int) -> RouterLaunch:
         block_e *= 2
     block_e = min(block_e, triton.next_power_of_2(num_experts))
     block_k = max(4, min(64, ROUTER_TILE // (block_t * block_e)))
-    return RouterLaunch(block_t=block_t, block_e=block_e, block_k=block_k)
+    return RouterLaunch(block_t=block_t, block_e=block_e, block_k=block_k,
+                        use_kernel=DEFAULT_ROUTER_KERNEL)
 
 
 # ---------------------------------------------------------------------------------------------

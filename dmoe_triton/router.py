@@ -1,7 +1,8 @@
 """`route_hidden()`: a MoE layer's router from its hidden states, the fp32 GEMM included.
 
 The model's MoE layers route `hidden @ gate_weight^T` (fp32 logits, docs/routing.md). On the
-Triton path the GEMM is kernels/router.py's `router_logits_kernel` (reads the bf16 hidden and
+Triton path the GEMM is torch's fp32 matmul by default, or (RouterLaunch.use_kernel, off until
+it is measured faster) kernels/router.py's `router_logits_kernel` (reads the bf16 hidden and
 the fp32 weights as they are: no hidden.float() copy, no cuBLAS fp32 GEMM) and the routing is
 `route_triton` (one launch for block policies, launch.RouteLaunch.fused). The reference path
 is the published order of operations: `hidden.float() @ gate_weight.T`, then route_reference.
@@ -86,12 +87,13 @@ def route_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor,
     # route's own checks, before the GEMM launches (route repeats them: host work only)
     check_route_inputs(logits, expert_bias, cfg, policy)
     check_windows(logits, first_position, row_valid, row_masked)
-    if backend == "reference":
+    shapes = router_launch(logits[..., 0].numel(), cfg.num_experts)
+    if backend == "reference" or not shapes.use_kernel:  # torch's fp32 GEMM (RouterLaunch)
         with torch.autocast(hidden.device.type, enabled=False):
             logits = hidden.float() @ gate_weight.T
     else:
         router_logits(hidden.reshape(-1, hidden.shape[-1]), gate_weight,
-                      logits.view(-1, cfg.num_experts))
+                      logits.view(-1, cfg.num_experts), shapes)
     return route(logits, expert_bias, cfg, policy, backend, first_position=first_position,
                  row_valid=row_valid, row_masked=row_masked)
 

@@ -74,8 +74,8 @@ POLICIES = [RoutingPolicy.token(), RoutingPolicy.dmoe(0.6, 4, 8), RoutingPolicy.
 
 
 @given(policy=st.sampled_from(POLICIES), S=st.integers(1, 2), L=st.sampled_from([1, 9, 20]),
-       windows=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_exact_sums_route_exactly_as_the_reference(policy, S, L, windows, seed):
+       windows=st.booleans(), use_kernel=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_exact_sums_route_exactly_as_the_reference(policy, S, L, windows, use_kernel, seed):
     gen = torch.Generator().manual_seed(seed)
     cfg = RouterConfig(32, 4, n_group=4, topk_group=2, routed_scaling_factor=2.5)
     hidden = dyadic(gen, (S, L, 24), 4, torch.float16)
@@ -84,8 +84,9 @@ def test_exact_sums_route_exactly_as_the_reference(policy, S, L, windows, seed):
     first_position = torch.randint(-5, 40, (S,), generator=gen) if windows else None
     row_valid = torch.rand(S, L, generator=gen) > 0.2 if windows else None
     on = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
-    got = route_hidden(on(hidden), on(weight), on(bias), cfg, policy, "triton",
-                       first_position=on(first_position), row_valid=on(row_valid))
+    with launch.override(router=RouterLaunch(use_kernel=use_kernel)):  # the GEMM: ours or torch's
+        got = route_hidden(on(hidden), on(weight), on(bias), cfg, policy, "triton",
+                           first_position=on(first_position), row_valid=on(row_valid))
     ref = route_hidden(hidden, weight, bias, cfg, policy, "reference",
                        first_position=first_position, row_valid=row_valid)
     ok = torch.ones(S, L, dtype=torch.bool)
@@ -135,10 +136,11 @@ def test_gpu_llada_router_replays_in_a_graph_and_matches_its_logits(policy):
     hidden = torch.randn(1, 32, 2048, device="cuda").bfloat16()
     weight = torch.randn(256, 2048, device="cuda").bfloat16().float() * 0.02
     bias = torch.randn(256, device="cuda") * 0.01
-    eager = route_hidden(hidden, weight, bias, cfg, policy, "triton")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = route_hidden(hidden, weight, bias, cfg, policy, "triton")
+    with launch.override(router=RouterLaunch(use_kernel=True)):
+        eager = route_hidden(hidden, weight, bias, cfg, policy, "triton")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = route_hidden(hidden, weight, bias, cfg, policy, "triton")
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured.topk_ids, eager.topk_ids)
