@@ -98,7 +98,7 @@ def route_launch(num_experts: int, device: torch.device, windows: int = 1) -> Ro
         return forced
     if device.type != "cuda":  # the interpreter runs programs one by one: one per window
         return dataclasses.replace(DEFAULT_ROUTE, route_rows=32)
-    if windows > FUSED_MANY_WINDOWS:
+    if DEFAULT_ROUTE.fused and windows > FUSED_MANY_WINDOWS:  # (route_kernel: 1 row, measured)
         return dataclasses.replace(DEFAULT_ROUTE, route_rows=FUSED_MANY_ROWS)
     return DEFAULT_ROUTE
 
