@@ -172,7 +172,11 @@ def route_summary(model: torch.nn.Module, rows: int = 32) -> RouteSummary:
         unique.append(hit.sum(-1))
         union.append(hit.any(0).sum())
         if route.coreset is not None:
-            last = route.coreset[:, -1]
+            # The last window that holds a row: with windows by absolute position a forward
+            # has one more window slot than it fills (empty when its rows end on a boundary).
+            held = route.coreset.any(-1)  # [B, windows]
+            at = held.shape[1] - 1 - held.flip(-1).int().argmax(-1)
+            last = route.coreset[torch.arange(len(at), device=at.device), at]
             core.append(last.sum(-1))
             core_union.append(last.any(0).sum())
     stack = lambda xs: torch.stack(xs) if xs else None  # noqa: E731

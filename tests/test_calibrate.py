@@ -180,3 +180,19 @@ def test_static_cache_attends_through_scratch_rows():
         model(ids[:, :32], past_key_values=cache, write_cache=True, return_logits=False)
         step = model(ids[:, 32:], past_key_values=cache).logits
     torch.testing.assert_close(step, full[:, 32:], rtol=1e-5, atol=1e-5)
+
+
+def test_summary_coreset_is_the_window_that_holds_the_block():
+    """A block starting on a window boundary has one more (empty) window slot after it: the
+    summary's coreset is the held window's, not that empty slot (bench_e2e printed 0)."""
+    model = build_model(LLaDA2MoeConfig(**CONFIG), torch.device("cpu"))
+    patch_model(model.float(), RoutingPolicy.dmoe(0.6, 2, 8), backend="reference")
+    ids = torch.randint(3, CONFIG["vocab_size"] - 8, (2, 8))
+    positions = torch.arange(16, 24).expand(2, 8)
+    with torch.no_grad():
+        model(ids, positions)
+    summary = route_summary(model, rows=8)
+    coresets = [m.last_route.coreset for m in moe_layers(model)]
+    assert all(c.shape[1] == 2 and not c[:, 1].any() for c in coresets)
+    want = torch.stack([c[:, 0].sum(-1) for c in coresets])
+    assert torch.equal(summary.coreset, want) and bool((want > 0).all())
