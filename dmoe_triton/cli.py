@@ -110,7 +110,7 @@ def _explicit_policy(args, config, scaled_guard, scaled_size):
     if args.policy == "capacity":
         capacity = args.capacity if args.capacity is not None else \
             getattr(config, "expert_capacity", None)
-        if not capacity:
+        if args.capacity is None and not capacity:  # an explicit --capacity 0 is range-checked
             raise ValueError("--policy capacity on a config without expert_capacity (not a "
                              "LLaDA2.2 checkpoint): pass --capacity N, top_k <= N <= "
                              "num_experts")

@@ -201,7 +201,7 @@ class RoutingPolicy:
         return cls("capacity", expert_capacity=expert_capacity, block_size=block_size)
 
     @classmethod
-    def expert_choice(cls, k: Optional[int] = 8, schedule: str = "fixed",
+    def expert_choice(cls, k: Optional[int] = None, schedule: str = "fixed",
                       k_min: Optional[int] = None, k_max: Optional[int] = None,
                       block_size: int = 32, coreset_top_p: Optional[float] = None,
                       guard: int = 16) -> "RoutingPolicy":
@@ -209,13 +209,15 @@ class RoutingPolicy:
         affinity, c = min(rows, cdiv(rows * k, eligible experts)) with k from the schedule at
         the window's mask ratio (docs/routing.md, Expert choice).
 
-        schedule "fixed" uses k; "linear" (k_min at no mask to k_max all masked) and
-        "linear_reverse" (k_max at no mask to k_min all masked) use k_min and k_max.
+        schedule "fixed" uses k (default 8); "linear" (k_min at no mask to k_max all masked)
+        and "linear_reverse" (k_max at no mask to k_min all masked) use k_min and k_max, and
+        a k given with them is an error (it would be ignored).
         coreset_top_p None: every expert is eligible (kind "expert_choice"); a float: only the
         window's dMoE coreset (top_p, guard) is, kind "ec_coreset".
         ValueError (naming it) for an unknown schedule, k / k_min / k_max outside [1, E]
         (checked against E when routed), k_min > k_max, a missing k_min / k_max."""
         if schedule == "fixed":
+            k = 8 if k is None else k  # LLaDA2's top-k
             _check_int("k", k, 1)
             if k_min is not None or k_max is not None:
                 raise ValueError("k_min / k_max are for the linear schedules; schedule 'fixed' "
@@ -224,6 +226,9 @@ class RoutingPolicy:
         elif k_min is None or k_max is None:
             raise ValueError(f"schedule {schedule!r} needs k_min and k_max, got k_min={k_min!r}, "
                              f"k_max={k_max!r}")
+        elif k is not None:
+            raise ValueError(f"k is for schedule 'fixed'; schedule {schedule!r} takes k_min and "
+                             f"k_max, got k={k!r}")
         if coreset_top_p is None:
             return cls("expert_choice", schedule=schedule, k_min=k_min, k_max=k_max,
                        block_size=block_size)

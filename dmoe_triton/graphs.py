@@ -81,6 +81,8 @@ class GraphCache:
         return len(self._entries)
 
     def get(self, key: tuple, model) -> Optional[object]:
+        if self.max_entries <= 0:  # reuse off, even for entries kept before it was turned off
+            return None
         kept = self._entries.get(key)
         if kept is None:
             return None

@@ -115,6 +115,12 @@ def check_scale(name: str, weight: torch.Tensor, scale: Optional[torch.Tensor], 
     if check_values and not bool(torch.isfinite(scale).all()):
         raise ValueError(f"{name}_scale_inv holds non-finite values (NaN or inf): the weight "
                          f"would dequantize to garbage")
+    # A negative scale flips a block's signs; one above fp32 max / 448 dequantizes to inf. (0 is
+    # kept: a checkpoint may store it for an all-zero block.)
+    limit = torch.finfo(torch.float32).max / FP8_MAX
+    if check_values and not bool(((scale >= 0) & (scale <= limit)).all()):
+        raise ValueError(f"{name}_scale_inv holds values outside [0, {limit:.3g}]: a block would "
+                         f"dequantize with flipped signs or to inf")
 
 
 @dataclass(frozen=True)

@@ -341,3 +341,9 @@ def test_expert_choice_replays_in_a_cuda_graph_at_llada_shape():
         ref = route(x, None, cfg, policy, "reference", row_masked=masked)
         if torch.equal(ref.coreset, res.coreset):  # the top-p edge may round apart
             assert_same(ref, res)
+
+
+def test_k_with_a_linear_schedule_is_refused_not_ignored():
+    with pytest.raises(ValueError, match="k is for schedule 'fixed'"):
+        RoutingPolicy.expert_choice(4, "linear", 2, 6)
+    assert RoutingPolicy.expert_choice().k_min == 8  # fixed, LLaDA2's top-k by default

@@ -324,6 +324,10 @@ EXPERT = "model.layers.2.mlp.experts.5.down_proj.weight"
      r"experts.5.down_proj.weight_scale_inv has shape \(2, 1\), expected \(1, 1\)"),
     (lambda s: s[EXPERT + "_scale_inv"].fill_(float("nan")),
      "experts.5.down_proj.weight_scale_inv holds non-finite"),
+    (lambda s: s[EXPERT + "_scale_inv"].fill_(-1.0),
+     r"experts.5.down_proj.weight_scale_inv holds values outside \[0, "),
+    (lambda s: s[EXPERT + "_scale_inv"].fill_(1e38),
+     r"experts.5.down_proj.weight_scale_inv holds values outside \[0, "),
     (lambda s: s.update({EXPERT: s[EXPERT].float()}),
      "experts.5.down_proj.weight is torch.float32, expected float8_e4m3fn"),
 ])

@@ -226,3 +226,12 @@ def test_kept_graphs_serve_later_calls_on_the_cpu(monkeypatch):
     assert captured == [1, 0] and kept.captures == 1 and kept.hits == 1
     set_policy(model, RoutingPolicy.token())
     assert generate(model, [[20, 21, 22], [30, 31, 32]], **kw).stats.graphs_captured == 1
+
+
+def test_max_entries_zero_turns_reuse_off_even_for_kept_entries():
+    from dmoe_triton.graphs import GraphCache
+    model = torch.nn.Linear(2, 2)
+    cache = GraphCache(max_entries=4)
+    cache.put(("k",), model, "kept")
+    cache.max_entries = 0
+    assert cache.get(("k",), model) is None
