@@ -42,16 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--capacity", type=int, default=None,
                    help="capacity: experts a routing window keeps (default: config.json's "
                         "expert_capacity; LLaDA2.2 ships 48)")
-    g.add_argument("--top-p", type=float, default=0.6, help="dmoe: coreset vote mass")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="dmoe, ec_coreset: coreset vote mass (default 0.6)")
     g.add_argument("--guard", type=int, default=None,
                    help="dmoe: minimum coreset size (default 16 of 256 experts, scaled to the model)")
-    g.add_argument("--block-size", type=int, default=32, help="routing block (dmoe, des_vote)")
+    g.add_argument("--block-size", type=int, default=None,
+                   help="routing window of the block policies (default 32)")
     g.add_argument("--size", type=int, default=None,
                    help="des_vote: coreset size (default 15%% of the experts: 38 of 256)")
-    g.add_argument("--k", type=int, default=4, help="topk_cap: experts per token")
-    g.add_argument("--schedule", choices=SCHEDULES, default="fixed",
+    g.add_argument("--k", type=int, default=None, help="topk_cap: experts per token (default 4)")
+    g.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="expert_choice, ec_coreset: capacity schedule over the window's mask "
-                        "ratio (fixed: k = the model's top-k)")
+                        "ratio (default fixed: k = the model's top-k)")
     g.add_argument("--k-min", type=int, default=None,
                    help="expert_choice, ec_coreset (linear schedules): k at one end "
                         "(default top-k / 4)")
@@ -98,9 +100,38 @@ def make_policy(args, config) -> tuple:
         keys = [f"{k}={getattr(config, k)}" for k in ("expert_capacity", "expert_choice_schedule",
                                                        "core_threshold", "mode")
                 if getattr(config, k, None) not in (None, 0)]
-        return policy, "auto: config.json " + (", ".join(keys) if keys else
-                                                "declares no block routing")
-    return _explicit_policy(args, config, scaled_guard, scaled_size), "--policy"
+        why = "auto: config.json " + (", ".join(keys) if keys else "declares no block routing")
+    else:
+        policy, why = _explicit_policy(args, config, scaled_guard, scaled_size), "--policy"
+    # "auto" runs the checkpoint's own settings: any routing option given would be ignored.
+    _check_policy_options(args, policy.kind, None if args.policy == "auto" else policy.kind, why)
+    return policy, why
+
+
+def _or(value, default):
+    """An option's value, or its default when it was not given (0 stays 0: range-checked)."""
+    return default if value is None else value
+
+
+# The routing options each policy reads; one given for another policy is an error, never
+# silently ignored.
+POLICY_OPTIONS = {
+    "token": (), "topk_cap": ("k",), "capacity": ("capacity", "block_size"),
+    "dmoe": ("top_p", "guard", "block_size"), "des_vote": ("size", "block_size"),
+    "expert_choice": ("schedule", "k_min", "k_max", "block_size"),
+    "ec_coreset": ("top_p", "guard", "schedule", "k_min", "k_max", "block_size"),
+}
+
+
+def _check_policy_options(args, kind: str, reads, why: str) -> None:
+    """A ValueError naming a routing option that the policy which runs (`kind`, its options
+    read from POLICY_OPTIONS[reads]; reads None: none, the checkpoint's own) would ignore."""
+    allowed = POLICY_OPTIONS[reads] if reads is not None else ()
+    for option in sorted({o for used in POLICY_OPTIONS.values() for o in used}):
+        if getattr(args, option) is not None and option not in allowed:
+            users = ", ".join(k for k, used in POLICY_OPTIONS.items() if option in used)
+            raise ValueError(f"--{option.replace('_', '-')} is an option of {users}, but the "
+                             f"routing that runs is {kind} ({why}): pass --policy to choose one")
 
 
 def _explicit_policy(args, config, scaled_guard, scaled_size):
@@ -114,15 +145,16 @@ def _explicit_policy(args, config, scaled_guard, scaled_size):
             raise ValueError("--policy capacity on a config without expert_capacity (not a "
                              "LLaDA2.2 checkpoint): pass --capacity N, top_k <= N <= "
                              "num_experts")
-        return RoutingPolicy.capacity(capacity, block_size=args.block_size)
+        return RoutingPolicy.capacity(capacity, block_size=_or(args.block_size, 32))
     if args.policy == "dmoe":
         guard = args.guard if args.guard is not None else scaled_guard(num_experts)
-        return RoutingPolicy.dmoe(top_p=args.top_p, guard=guard, block_size=args.block_size)
+        return RoutingPolicy.dmoe(top_p=0.6 if args.top_p is None else args.top_p, guard=guard,
+                                  block_size=_or(args.block_size, 32))
     if args.policy == "des_vote":
         size = args.size if args.size is not None else scaled_size(num_experts)
-        return RoutingPolicy.des_vote(size=size, block_size=args.block_size)
+        return RoutingPolicy.des_vote(size=size, block_size=_or(args.block_size, 32))
     if args.policy == "topk_cap":
-        return RoutingPolicy.topk_cap(k=args.k)
+        return RoutingPolicy.topk_cap(k=4 if args.k is None else args.k)
     if args.policy in ("expert_choice", "ec_coreset"):
         return _expert_choice_policy(args, config, scaled_guard)
     return RoutingPolicy.token()
@@ -135,14 +167,15 @@ def _expert_choice_policy(args, config, scaled_guard):
     from .config import RoutingPolicy
 
     k = config.num_experts_per_tok
-    core = args.top_p if args.policy == "ec_coreset" else None
+    core = (0.6 if args.top_p is None else args.top_p) if args.policy == "ec_coreset" else None
     guard = args.guard if args.guard is not None else scaled_guard(config.num_experts)
-    if args.schedule == "fixed":
-        return RoutingPolicy.expert_choice(k, block_size=args.block_size, coreset_top_p=core,
+    block_size, schedule = _or(args.block_size, 32), _or(args.schedule, "fixed")
+    if schedule == "fixed":
+        return RoutingPolicy.expert_choice(k, block_size=block_size, coreset_top_p=core,
                                            guard=guard)
     k_min = args.k_min if args.k_min is not None else max(1, k // 4)
     k_max = args.k_max if args.k_max is not None else k + k // 4
-    return RoutingPolicy.expert_choice(None, args.schedule, k_min, k_max, args.block_size,
+    return RoutingPolicy.expert_choice(None, schedule, k_min, k_max, block_size,
                                        coreset_top_p=core, guard=guard)
 
 
