@@ -127,7 +127,6 @@ class RouterLaunch:
 # rows so that the hidden rows are re-read fewer times. Broadcast tiles stay <= 8192 elements.
 ROUTER_TILE = 8192
 ROUTER_PROGRAMS = 128
-DEFAULT_ROUTER_KERNEL = False  # RouterLaunch.use_kernel says why
 
 
 def router_launch(tokens: int, num_experts: int) -> RouterLaunch:
@@ -143,8 +142,7 @@ def router_launch(tokens: int, num_experts: int) -> RouterLaunch:
         block_e *= 2
     block_e = min(block_e, triton.next_power_of_2(num_experts))
     block_k = max(4, min(64, ROUTER_TILE // (block_t * block_e)))
-    return RouterLaunch(block_t=block_t, block_e=block_e, block_k=block_k,
-                        use_kernel=DEFAULT_ROUTER_KERNEL)
+    return RouterLaunch(block_t=block_t, block_e=block_e, block_k=block_k)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def route_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor,
     # route's own checks, before the GEMM launches (route repeats them: host work only)
     check_route_inputs(logits, expert_bias, cfg, policy)
     check_windows(logits, first_position, row_valid, row_masked)
-    shapes = router_launch(logits[..., 0].numel(), cfg.num_experts)
+    shapes = router_launch(logits.numel() // cfg.num_experts, cfg.num_experts)
     if backend == "reference" or not shapes.use_kernel:  # torch's fp32 GEMM (RouterLaunch)
         with torch.autocast(hidden.device.type, enabled=False):
             logits = hidden.float() @ gate_weight.T
