@@ -86,6 +86,7 @@ class Setup:
     gen_prompt: int
     deadline: float         # time.time() after which remaining rows are skipped
     notes: List[str] = field(default_factory=list)
+    only: Optional[tuple] = None  # --policies: the row names to run (None: every policy)
 
     def left(self) -> bool:
         return time.time() < self.deadline
@@ -231,6 +232,8 @@ def run_rows(model, setup: Setup, routing: str, bandwidth: float, rows: list, lo
             set_policy(model, RoutingPolicy.token())
             step = prepare_step(model, batch, prefix)
             for name, policy in policies(setup.config):
+                if setup.only is not None and name not in setup.only:
+                    continue
                 set_policy(model, policy)
                 rows.append(measure_row(model, step, setup, routing, name, bandwidth))
             if batch in loop_batches and setup.left():
@@ -692,6 +695,9 @@ def main(argv=None):
     ap.add_argument("--llada22", action="store_true",
                     help="the LLaDA2.2-mini layout (expert_capacity 48, window 32): rows gain "
                          "'capacity 48', its own routing, beside dMoE (e2e*_llada22.*)")
+    ap.add_argument("--policies", default=None,
+                    help="comma-separated row names to run, e.g. 'token,dmoe p=0.6' (default: "
+                         "every policy; the GPU smoke run takes three)")
     args = ap.parse_args(argv)
     if args.budget_s is None:
         args.budget_s = 130.0 if args.quick else 480.0
@@ -703,6 +709,12 @@ def main(argv=None):
             ap.error("--fp8 and --flash are separate runs")
     start = time.time()
     setup = make_setup(args)
+    if args.policies is not None:
+        setup.only = tuple(name.strip() for name in args.policies.split(","))
+        known = [name for name, _ in policies(setup.config)]
+        unknown = [name for name in setup.only if name not in known]
+        if unknown:
+            ap.error(f"--policies: unknown row name(s) {unknown}; expected some of {known}")
     os.makedirs(args.out, exist_ok=True)
     suffix = "_quick" if args.quick else ("" if args.part == "all" else f"_{args.part}")
     suffix += "_llada22" if args.llada22 else ""
