@@ -452,6 +452,10 @@ def run_gpu(args):
     if args.quick:  # smoke size (bench/smoke_gpu.sh): the sweep's two cases and one multi-block
         keep = QUICK_CASES + (GROUPED_SWEEP_CASES if args.sweep_grouped else ())
         routed = [r for r in routed if r["case"] in keep]
+    if args.cases is not None:  # e.g. --cases EC: the expert-choice shapes alone (issue 15)
+        routed = [r for r in routed if any(w in r["case"] for w in args.cases)]
+        if not routed:
+            raise SystemExit(f"--cases {args.cases!r} matches no case name")
     check_routings(routed, layers[0], [DEFAULT_DECODE, dataclasses.replace(
         DEFAULT_DECODE, down_splits=1)], MAX_REL_ERR)
     config = DEFAULT_DECODE
@@ -711,6 +715,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="GPU smoke size: 3 cases, 2 sweep "
                         "variants per launch (bench/smoke_gpu.sh)")
     parser.add_argument("--fp8", action="store_true", help="the FP8-experts table instead")
+    parser.add_argument("--cases", nargs="+", default=None, help="parts of case names to keep, "
+                        "e.g. --cases EC '32 tok, exact 15' (default: every case)")
     parser.add_argument("--out", default=None, help="output folder (default $OUT or "
                         "bench/results; a temporary folder with --smoke)")
     args = parser.parse_args()

@@ -46,9 +46,9 @@ step() {  # step NAME COMMAND...: run it, log it, append its rc and seconds to t
 
 step gpu_tests python3 -m pytest -q -m gpu tests
 step cli python3 -m dmoe_triton generate
-step routing python3 bench/bench_routing.py --sweep --quick --out "$out/routing.md"
-step moe python3 bench/bench_moe.py --sweep --quick --out "$out/moe"
-step attention python3 bench/bench_attention.py --sweep --quick --out "$out/attention.md"
+step routing python3 bench/bench_routing.py --quick --out "$out/routing.md"
+step moe python3 bench/bench_moe.py --quick --out "$out/moe"
+step attention python3 bench/bench_attention.py --quick --out "$out/attention.md"
 # three rows of the ten: token, dMoE and expert choice inside the coreset (their kernels differ)
 step e2e python3 bench/bench_e2e.py --quick --layers 4 --budget-s 60 --out "$out/e2e" \
   --policies "token,dmoe p=0.6,ec-core p=0.6"

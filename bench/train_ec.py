@@ -53,8 +53,9 @@ def variants(config, lr_range):
             kw = dict(k=k) if schedule == "fixed" else dict(
                 k=None, schedule=schedule, k_min=k_min, k_max=k_max)
             name = ("ec" if core is None else "ec-core") + ("" if schedule == "fixed" else "-lr")
-            pols = [RoutingPolicy.expert_choice(**kw, coreset_top_p=core, guard=scaled_guard(
-                config.num_experts, g)) for g in (12, 16)]
+            pols = [RoutingPolicy.expert_choice(**kw, coreset_top_p=core, guard=None if core is None
+                                                else scaled_guard(config.num_experts, g))
+                    for g in (12, 16)]
             out.append((name, *pols))
     return out
 

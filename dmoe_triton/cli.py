@@ -168,7 +168,9 @@ def _expert_choice_policy(args, config, scaled_guard):
 
     k = config.num_experts_per_tok
     core = (0.6 if args.top_p is None else args.top_p) if args.policy == "ec_coreset" else None
-    guard = args.guard if args.guard is not None else scaled_guard(config.num_experts)
+    guard = None  # plain expert choice has no coreset, so no guard
+    if core is not None:
+        guard = args.guard if args.guard is not None else scaled_guard(config.num_experts)
     block_size, schedule = _or(args.block_size, 32), _or(args.schedule, "fixed")
     if schedule == "fixed":
         return RoutingPolicy.expert_choice(k, block_size=block_size, coreset_top_p=core,

@@ -88,8 +88,9 @@ class PolicyParam:
         if self.kind is int:
             _check_int(self.name, value, int(lo), None if hi is None else int(hi))
             return
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        ok = ok and (value > self.lo if self.lo_open else value >= self.lo)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{self.name} must be a float, got {type(value).__name__}")
+        ok = value > self.lo if self.lo_open else value >= self.lo
         if not ok or (hi is not None and value > hi):
             interval = f"{'(' if self.lo_open else '['}{self.lo:g}, {hi:g}]"
             raise ValueError(f"{self.name} must be in {interval}, got {value!r}")
@@ -204,7 +205,7 @@ class RoutingPolicy:
     def expert_choice(cls, k: Optional[int] = None, schedule: str = "fixed",
                       k_min: Optional[int] = None, k_max: Optional[int] = None,
                       block_size: int = 32, coreset_top_p: Optional[float] = None,
-                      guard: int = 16) -> "RoutingPolicy":
+                      guard: Optional[int] = None) -> "RoutingPolicy":
         """Expert choice (EC-DLM): each eligible expert takes its top-c rows of the window by
         affinity, c = min(rows, cdiv(rows * k, eligible experts)) with k from the schedule at
         the window's mask ratio (docs/routing.md, Expert choice).
@@ -213,9 +214,10 @@ class RoutingPolicy:
         and "linear_reverse" (k_max at no mask to k_min all masked) use k_min and k_max, and
         a k given with them is an error (it would be ignored).
         coreset_top_p None: every expert is eligible (kind "expert_choice"); a float: only the
-        window's dMoE coreset (top_p, guard) is, kind "ec_coreset".
+        window's dMoE coreset (top_p, guard; guard defaults to 16) is, kind "ec_coreset".
         ValueError (naming it) for an unknown schedule, k / k_min / k_max outside [1, E]
-        (checked against E when routed), k_min > k_max, a missing k_min / k_max."""
+        (checked against E when routed), k_min > k_max, a missing k_min / k_max, a guard
+        without coreset_top_p (it would be ignored)."""
         if schedule == "fixed":
             k = 8 if k is None else k  # LLaDA2's top-k
             _check_int("k", k, 1)
@@ -230,8 +232,12 @@ class RoutingPolicy:
             raise ValueError(f"k is for schedule 'fixed'; schedule {schedule!r} takes k_min and "
                              f"k_max, got k={k!r}")
         if coreset_top_p is None:
+            if guard is not None:
+                raise ValueError(f"guard is for expert choice inside the coreset; pass "
+                                 f"coreset_top_p with it, got guard={guard!r} alone")
             return cls("expert_choice", schedule=schedule, k_min=k_min, k_max=k_max,
                        block_size=block_size)
+        guard = 16 if guard is None else guard  # dMoE's guard
         return cls("ec_coreset", top_p=coreset_top_p, guard=guard, schedule=schedule,
                    k_min=k_min, k_max=k_max, block_size=block_size)
 
@@ -323,4 +329,4 @@ def _expert_choice_from_config(get) -> RoutingPolicy:
         k=k_min if fixed else None, schedule=schedule, k_min=None if fixed else k_min,
         k_max=None if fixed else k_max, block_size=get("block_size") or 32,
         coreset_top_p=None if top_p is None else float(top_p),
-        guard=scaled_guard(get("num_experts")))
+        guard=None if top_p is None else scaled_guard(get("num_experts")))

@@ -17,6 +17,7 @@ def on(t):
 
 
 def ec(schedule="fixed", k=4, k_min=2, k_max=8, block_size=8, top_p=None, guard=2):
+    guard = None if top_p is None else guard  # plain expert choice takes no guard
     if schedule == "fixed":
         return RoutingPolicy.expert_choice(k, block_size=block_size, coreset_top_p=top_p,
                                            guard=guard)
@@ -252,6 +253,7 @@ def test_moe_forward_consumes_the_expert_slots(backend):
     (lambda: RoutingPolicy.expert_choice(8, k_min=2), "k_min / k_max are for the linear"),
     (lambda: RoutingPolicy.expert_choice(None, "linear", 0, 4), "k_min must be >= 1"),
     (lambda: RoutingPolicy.expert_choice(8, coreset_top_p=0.0), "top_p"),
+    (lambda: RoutingPolicy.expert_choice(8, guard=4), "guard is for expert choice inside"),
 ])
 def test_bad_policy(make, match):
     with pytest.raises(ValueError, match=match):

@@ -361,6 +361,16 @@ def test_bad_policy(make, match):
         make()
 
 
+@pytest.mark.parametrize("make, match", [
+    (lambda: RoutingPolicy.dmoe(top_p="0.6"), "top_p must be a float, got str"),
+    (lambda: RoutingPolicy.dmoe(top_p=True), "top_p must be a float, got bool"),
+    (lambda: RoutingPolicy.dmoe(guard=16.0), "guard must be an int, got float"),
+])
+def test_policy_parameter_of_the_wrong_type(make, match):
+    with pytest.raises(TypeError, match=match):
+        make()
+
+
 @pytest.mark.parametrize("policy, match", [
     (RoutingPolicy.dmoe(guard=17), "guard"),
     (RoutingPolicy.des_vote(size=17), "size"),
