@@ -1,5 +1,6 @@
 """generate()'s inputs (issue 11): padded tensors with an attention_mask, eos_token_id as a list,
-the position limit, and the honest token count of GenerationStats."""
+the position limit, and the honest token count of GenerationStats; its time split (issue 18:
+prefill and cache-write times)."""
 import pytest
 import torch
 
@@ -108,3 +109,19 @@ def test_tokens_are_counted_up_to_the_first_eos(model):
     assert st.committed_tokens >= st.generated_tokens  # commits include the fill after EOS
     assert st.tokens_per_s == pytest.approx(st.generated_tokens / st.wall_time_s)
     assert st.tokens_per_forward == pytest.approx(st.generated_tokens / st.forwards)
+
+
+def test_prefill_and_cache_write_times_are_those_of_work_that_ran(model):
+    st = generate(model, [PROMPTS[0]], **KW).stats  # 5 prompt tokens: block 0 is prefilled
+    assert st.cache_writes >= 2  # the prefill and at least one finished span
+    assert st.prefill_time_s > 0 and st.cache_write_time_s > 0
+    parts = st.forwards * st.time_per_forward_s + st.prefill_time_s + st.cache_write_time_s
+    assert parts < st.wall_time_s
+    # A prompt inside the only block: nothing to prefill, no span written after it.
+    st = generate(model, [[5, 9]], gen_length=2, block_length=4, steps=4).stats
+    assert st.cache_writes == 0 and st.forwards > 0
+    assert st.prefill_time_s == 0.0 and st.cache_write_time_s == 0.0
+    # No cache at all.
+    st = generate(model, [PROMPTS[0]], use_cache=False, **KW).stats
+    assert st.cache_writes == 0 and st.prefill_time_s == 0.0 == st.cache_write_time_s
+
