@@ -19,7 +19,8 @@ are kept in `graphs.graph_cache` for the next call of the same layout (graphs.py
 key holds, when a graph is not reused, and how much memory is kept). The host syncs: one per
 step (reading the "still masked?" flag the step computed, which a step must know before the
 next is launched: checking later would run forwards that published decoding does not run) and
-two per block (the running flags up, EOS down).
+one per block (the "done" flags after the EOS check; the next block's running flags are
+computed from them on the device).
 
 LLaDA2.1 token editing (`editing_threshold`, ../shared/docs/llada2-family.md): each step also
 overwrites written tokens of the block being decoded, and once the block has no mask, up to
@@ -503,9 +504,15 @@ class _Canvas:
     positions: torch.Tensor    # [B, total * block_length] own positions (< 0 on padding)
     valid: torch.Tensor        # positions >= 0
     gen_start: torch.Tensor    # starts, on the device
+    # on the device as well, made once per call: a tensor built from a Python list is a
+    # blocking copy on CUDA (a host sync), once per block if the loop made them
+    last: torch.Tensor         # [B] last_block
+    columns: torch.Tensor      # [total * block_length] column indices
+    eos: torch.Tensor          # [n] every id that ends a sequence (the first is the fill)
 
 
-def _canvas(prompts, bl: int, span: int, G: int, mask_id: int, eos_id: int, device) -> _Canvas:
+def _canvas(prompts, bl: int, span: int, G: int, mask_id: int, eos_ids: tuple,
+            device) -> _Canvas:
     own_first = [len(p) // bl * bl for p in prompts]  # position of each one's first block
     latest = max(own_first)
     # Padding in whole spans keeps every sequence's windows and blocks on shared columns; with
@@ -517,12 +524,14 @@ def _canvas(prompts, bl: int, span: int, G: int, mask_id: int, eos_id: int, devi
     total = -(-max(ends) * bl // span) * span // bl
     x = torch.full((len(prompts), total * bl), mask_id, dtype=torch.long)
     for i, (p, o) in enumerate(zip(prompts, offsets)):
-        x[i, :o] = eos_id
+        x[i, :o] = eos_ids[0]
         x[i, o: o + len(p)] = torch.tensor(p)
     positions = (torch.arange(total * bl)[None] - torch.tensor(offsets)[:, None]).to(device)
     starts = [o + len(p) for o, p in zip(offsets, prompts)]
     return _Canvas(bl, span, G, starts, last_block, first, total, x.to(device), positions,
-                   positions >= 0, torch.tensor(starts, device=device))
+                   positions >= 0, torch.tensor(starts, device=device),
+                   torch.tensor(last_block, device=device),
+                   torch.arange(total * bl, device=device), torch.tensor(eos_ids, device=device))
 
 
 def _routing_span(model, bl: int) -> int:
@@ -634,9 +643,7 @@ class _Decode:
     cache: object                      # None: recompute every earlier block (use_cache=False)
     recorder: Optional[RouteRecorder]  # None: no routing statistics
     mask_id: int
-    eos_id: int                        # the fill token (the first of eos_ids)
     steps: int
-    eos_ids: tuple = ()                # every id that ends a sequence
 
 
 # ---------------------------------------------------------------------------------------------
@@ -739,17 +746,18 @@ class _Graphs:
         return _Runner(self.step, write_span)
 
 
-def _denoise_block(d: _Decode, b: int, is_running: List[bool], step, timer, st) -> None:
-    """Up to `steps` denoising steps on global block b, until nothing in it is masked."""
+def _denoise_block(d: _Decode, b: int, running, step, timer, st) -> None:
+    """Up to `steps` denoising steps on global block b, until nothing in it is masked.
+    running: [B] bool on the device, the sequences decoding it."""
     buf, c, bl = d.buffers, d.canvas, d.canvas.block_length
     lo = b * bl // c.span * c.span  # the span that holds block b
     hi = lo + c.span
-    columns = torch.arange(lo, hi, device=c.x.device)[None]
+    columns = c.columns[lo:hi][None]
     buf.block.copy_(c.x[:, lo:hi])
     buf.block_pos.copy_(c.positions[:, lo:hi])
     buf.held.copy_(c.valid[:, lo:hi] & (columns < (b + 1) * bl))
     buf.current.copy_((columns >= b * bl) & (columns < (b + 1) * bl))
-    buf.running.copy_(torch.tensor(is_running, device=buf.block.device)[:, None])
+    buf.running.copy_(running[:, None])
     buf.end = hi
     if d.sampling.editing_threshold is not None:
         _start_editing(d, columns)
@@ -783,31 +791,31 @@ def _cache_span(d: _Decode, b: int, write_span, st, timer: "_Timer") -> None:
     st.cache_writes += 1
 
 
-def _finished(d: _Decode, b: int, done: List[bool], columns) -> None:
-    """Mark sequences done after block b: EOS among their generated tokens (checked once the
-    block is done, as published) or their last block reached. One host sync."""
+def _finished(d: _Decode, b: int, done) -> List[bool]:
+    """Mark sequences done after block b (done: [B] bool on the device, updated in place): EOS
+    among their generated tokens (checked once the block is done, as published) or their last
+    block reached. Returns done as a list: one host sync."""
     c = d.canvas
     hi = (b + 1) * c.block_length
-    eos = torch.tensor(d.eos_ids or (d.eos_id,), device=c.x.device)
-    seen = torch.isin(c.x, eos) & (columns >= c.gen_start[:, None]) & (columns < hi)
-    for i, hit in enumerate(seen.any(1).tolist()):
-        done[i] = done[i] or hit or b >= c.last_block[i]
+    seen = torch.isin(c.x, c.eos) & (c.columns >= c.gen_start[:, None]) & (c.columns < hi)
+    done.logical_or_(seen.any(1) | (c.last <= b))
+    return done.tolist()
 
 
 def _run_blocks(d: _Decode, run: _Runner, st, on_block, timers: "_Timers") -> None:
-    """Decode block by block from `first` until every sequence is done."""
+    """Decode block by block from `first` until every sequence is done. `done` lives on the
+    device (the next block's running flags are computed there) and is read once per block."""
     c = d.canvas
-    done = [False] * c.x.shape[0]
-    columns = torch.arange(c.total * c.block_length, device=c.x.device)
+    done = torch.zeros(c.x.shape[0], dtype=torch.bool, device=c.x.device)
+    done_now = [False] * c.x.shape[0]
     for b in range(c.first, c.total):
-        is_running = [not done[i] and b <= c.last_block[i] for i in range(len(done))]
-        if not any(is_running):
+        if all(done_now[i] or b > c.last_block[i] for i in range(len(done_now))):
             break
-        _denoise_block(d, b, is_running, run.step, timers.step, st)
-        _finished(d, b, done, columns)
+        _denoise_block(d, b, ~done & (c.last >= b), run.step, timers.step, st)
+        done_now = _finished(d, b, done)
         if on_block is not None:
             on_block(b - c.first + 1, c.total - c.first)
-        if d.cache is not None and not all(done):
+        if d.cache is not None and not all(done_now):
             _cache_span(d, b, run.write_span, st, timers.cache_write)
 
 
@@ -815,8 +823,9 @@ def _tokens(c: _Canvas, eos_ids) -> List[List[int]]:
     """Each sequence's generated tokens, cut after the first EOS (any of eos_ids)."""
     eos_ids = set(eos_ids)
     tokens = []
+    x = c.x.cpu()  # one copy: a .tolist() per sequence of a CUDA tensor is a host sync each
     for i, start in enumerate(c.starts):
-        out = c.x[i, start: start + c.gen_length].tolist()
+        out = x[i, start: start + c.gen_length].tolist()
         cut = next((j for j, t in enumerate(out) if t in eos_ids), None)
         tokens.append(out if cut is None else out[: cut + 1])
     return tokens
@@ -834,7 +843,7 @@ def _setup(model, prompts, *, gen_length, block_length, steps, sampling, mask_id
     captured and kept."""
     device = next(model.parameters()).device
     span = _routing_span(model, block_length)
-    canvas = _canvas(prompts, block_length, span, gen_length, mask_id, eos_ids[0], device)
+    canvas = _canvas(prompts, block_length, span, gen_length, mask_id, eos_ids, device)
     B = len(prompts)
     moe = moe_layers(model) if stats else []
     key = graph_key(model, batch=B, span=span, capacity=canvas.total * block_length,
@@ -854,8 +863,7 @@ def _setup(model, prompts, *, gen_length, block_length, steps, sampling, mask_id
         recorder = RouteRecorder(moe, canvas.total * steps, B, device) if moe else None
     if cache is not None:
         _prefill(model, canvas, cache, st, timers.prefill)
-    d = _Decode(model, canvas, buffers, sampling, cache, recorder, mask_id, eos_ids[0], steps,
-                eos_ids)
+    d = _Decode(model, canvas, buffers, sampling, cache, recorder, mask_id, steps)
     if not graph:
         return d, _Runner(functools.partial(denoise_step, d), functools.partial(_write_span, d))
     if kept is None:
