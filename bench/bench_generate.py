@@ -10,15 +10,26 @@ all the same), then `generate(model, prompts, gen_length=G)` with everything els
 (stats on), and a second timed call with stats=False. Reported per row:
 
 - ms per forward from the call's stats (mean CUDA-event time of a denoising step), stats on/off;
-- the bare forward of the same shape (one 32-token block per sequence, half MASK, against a
-  static cache of the call's capacity), captured in a CUDA graph and replayed (median);
-- step / forward, wall time / forwards, wall / step (prefill, cache writes, host loop included);
+- the bare forward of the same shape and the same content: each sequence's prompt in a static
+  cache of the call's capacity, then the block the call itself decoded (its first 32 generated
+  tokens, MASK past an early EOS, half of them masked, seeded), captured in a CUDA graph and
+  replayed (median), with its unique experts per block (route_summary of the last replay). Why
+  the same content: the experts a block reads depend on its tokens. Under token routing a block
+  of random tokens (what the router is calibrated on) reads ~70 experts per layer, generate's
+  own blocks ~37 (a random model's blocks are mostly MASK, then repetitive argmax tokens), so
+  a bare forward on random blocks timed about twice the expert reads of generate's steps, and
+  "speed-up via generate / via the bare forward" compared unlike work. The random block stays
+  as a second column (same prompt), with its unique experts;
+- step / bare forward; wall time per forward split into step, prefill, cache writes and the
+  rest (the host: checks, launches, syncs), from GenerationStats' prefill_time_s and
+  cache_write_time_s (CUDA events, no extra sync), and wall / step;
 - tokens/s per sequence and aggregate (generated tokens up to EOS / wall time), and what the bare
   forward predicts (the call's tokens per forward / the bare forward's time);
 - whether the timed call captured a graph (it should not: graphs are kept between calls).
-Then dMoE's speed-up over token routing through generate and through the bare forward, beside
-the paper's 1.14x-1.66x. Random weights commit about one token per step per sequence (nothing
-passes the 0.95 threshold), so a call runs about gen_length steps.
+Then dMoE's speed-up over token routing through generate and through the bare forward (same
+content; the random block beside it), beside the paper's 1.14x-1.66x. Random weights commit
+about one token per step per sequence (nothing passes the 0.95 threshold), so a call runs about
+gen_length steps.
 
     python bench/bench_generate.py --out $OUT            # H200: 1, 16, 64 sequences, G = 256
     python bench/bench_generate.py --quick --out $OUT    # 1 and 16 sequences, G = 64
@@ -37,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from dmoe_triton import RoutingPolicy, patch_model, set_policy
-from dmoe_triton.calibrate import calibrate_router
+from dmoe_triton.calibrate import calibrate_router, route_summary
 from dmoe_triton import decoding
 from dmoe_triton.decoding import generate
 from dmoe_triton.defaults import scaled_guard
@@ -66,8 +77,9 @@ class Setup:
 
 def make_setup(args) -> Setup:
     if args.smoke:
+        # 32 + 64 tokens: a prefill and a span cache write, so their columns are exercised
         return Setup("generate_smoke", torch.device("cpu"), LLaDA2MoeConfig(**SMALL), (1, 2),
-                     16, 16, 1, 1)
+                     32, 64, 1, 1)
     config = LLaDA2MoeConfig() if args.layers is None else LLaDA2MoeConfig(
         num_hidden_layers=args.layers)
     if args.quick:
@@ -85,35 +97,53 @@ def policies(config) -> list:
 # The bare forward of a decoding step's shape
 
 
-def bare_forward_ms(model, setup: Setup, batch: int, capacity: int) -> float:
-    """ms of one forward of a half-masked block per sequence against a static cache of
-    `capacity` rows holding a `setup.prompt`-token prefix: a CUDA graph replayed (median)."""
-    c, dev = model.config, setup.device
-    gen = torch.Generator().manual_seed(SEED + batch)
+def generated_blocks(result, batch: int, mask_id: int, seed: int) -> torch.Tensor:
+    """[batch, BLOCK] (CPU): each sequence's first BLOCK generated tokens (MASK after an early
+    EOS), half of them masked (seeded): the content generate's steps decode."""
+    block = torch.full((batch, BLOCK), mask_id, dtype=torch.long)
+    for i, tokens in enumerate(result.tokens):
+        head = tokens[:BLOCK]
+        block[i, :len(head)] = torch.tensor(head, dtype=torch.long)
+    masked = torch.rand(batch, BLOCK, generator=torch.Generator().manual_seed(seed)) < 0.5
+    return torch.where(masked, mask_id, block)
+
+
+def random_blocks(config, batch: int, seed: int) -> torch.Tensor:
+    """[batch, BLOCK] (CPU): random tokens, half masked (the calibration's kind of block)."""
+    gen = torch.Generator().manual_seed(seed)
+    block = random_tokens(config, (batch, BLOCK), gen)
+    return torch.where(torch.rand(batch, BLOCK, generator=gen) < 0.5, config.mask_token_id, block)
+
+
+def bare_forward(model, setup: Setup, prompts: torch.Tensor, block: torch.Tensor,
+                 capacity: int) -> tuple:
+    """(ms, unique experts per block) of one forward of `block` [B, BLOCK] after `prompts`
+    [B, P] held in a static cache of `capacity` rows: a CUDA graph replayed (median; eager on
+    the CPU); the unique experts are the last replay's routes (route_summary)."""
+    dev = setup.device
+    batch, P = prompts.shape
     cache = model.new_cache(batch, capacity, static=True, scratch=max(64, BLOCK))
-    prompt = random_tokens(c, (batch, setup.prompt), gen).to(dev)
-    block = random_tokens(c, (batch, BLOCK), gen)
-    block = torch.where(torch.rand(batch, BLOCK, generator=gen) < 0.5, c.mask_token_id, block)
-    block = block.to(dev)
-    positions = torch.arange(setup.prompt, setup.prompt + BLOCK, device=dev).expand(batch, BLOCK)
-    positions = positions.contiguous()
+    prompts, block = prompts.to(dev), block.to(dev)
+    positions = torch.arange(P, P + BLOCK, device=dev).expand(batch, BLOCK).contiguous()
     held = torch.ones(batch, BLOCK, dtype=torch.bool, device=dev)
     with torch.no_grad():
-        model(prompt, past_key_values=cache, write_cache=True, return_logits=False,
+        model(prompts, past_key_values=cache, write_cache=True, return_logits=False,
               block_length=BLOCK)
 
         def forward():
             return model(block, positions, past_key_values=cache, attention_mask=held,
                          block_length=BLOCK).logits
         if dev.type != "cuda":
-            return time_ms(forward, 1, 1, dev)
-        graph = capture(forward, warmup=2)
+            ms = time_ms(forward, 1, 1, dev)
+        else:
+            graph = capture(forward, warmup=2)
 
-        def replay():
-            for _ in range(setup.replays):
-                graph.replay()
-        replay()
-        return time_ms(replay, setup.replays, setup.trials, dev)
+            def replay():
+                for _ in range(setup.replays):
+                    graph.replay()
+            replay()
+            ms = time_ms(replay, setup.replays, setup.trials, dev)
+    return ms, route_summary(model, BLOCK).mean_unique
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,33 +157,52 @@ def warm_up(model, prompts, setup: Setup, stats: bool) -> None:
 
 
 def timed_call(model, prompts, setup: Setup, stats: bool):
+    """The GenerationResult of a call after its warm-up."""
     warm_up(model, prompts, setup, stats)
     if setup.device.type == "cuda":
         torch.cuda.synchronize()
-    return generate(model, prompts, gen_length=setup.gen_length, stats=stats).stats
+    return generate(model, prompts, gen_length=setup.gen_length, stats=stats)
+
+
+def wall_split(st) -> dict:
+    """ms per forward of the call's wall time, step time, prefill, cache writes and the rest
+    (the host: checks, the loop's launches and syncs, reading results back)."""
+    n = max(st.forwards, 1)
+    wall, step = st.wall_time_s * 1e3 / n, st.time_per_forward_s * 1e3
+    prefill, writes = st.prefill_time_s * 1e3 / n, st.cache_write_time_s * 1e3 / n
+    return dict(wall_ms=wall, step_ms=step, prefill_pf_ms=prefill, writes_pf_ms=writes,
+                rest_pf_ms=wall - step - prefill - writes, prefill_ms=st.prefill_time_s * 1e3,
+                cache_writes=st.cache_writes,
+                wall_over_step=wall / step if step > 0 else float("nan"))
 
 
 def measure_row(model, setup: Setup, batch: int, name: str, policy) -> dict:
     set_policy(model, policy)
     gen = torch.Generator().manual_seed(SEED + 7 * batch)
-    prompts = random_tokens(model.config, (batch, setup.prompt), gen).tolist()
-    on = timed_call(model, prompts, setup, stats=True)
-    off = timed_call(model, prompts, setup, stats=False)
+    prompt_ids = random_tokens(model.config, (batch, setup.prompt), gen)
+    result = timed_call(model, prompt_ids.tolist(), setup, stats=True)
+    on, off = result.stats, timed_call(model, prompt_ids.tolist(), setup, stats=False).stats
     capacity = -(-(setup.prompt + setup.gen_length) // BLOCK) * BLOCK
-    bare = bare_forward_ms(model, setup, batch, capacity)
-    step, step_off = on.time_per_forward_s * 1e3, off.time_per_forward_s * 1e3
-    wall = on.wall_time_s * 1e3 / max(on.forwards, 1)
+    mask_id = model.config.mask_token_id
+    bare, bare_unique = bare_forward(model, setup, prompt_ids, generated_blocks(
+        result, batch, mask_id, SEED + batch), capacity)
+    rand, rand_unique = bare_forward(model, setup, prompt_ids, random_blocks(
+        model.config, batch, SEED + batch), capacity)
     row = dict(batch=batch, policy=name, forwards=on.forwards, tokens=on.generated_tokens,
-               step_ms=step, step_off_ms=step_off, bare_ms=bare, wall_ms=wall,
-               step_over_bare=step / bare, wall_over_step=wall / step,
+               **wall_split(on), step_off_ms=off.time_per_forward_s * 1e3, bare_ms=bare,
+               bare_unique=bare_unique, bare_random_ms=rand, bare_random_unique=rand_unique,
                tok_s=on.tokens_per_s, tok_s_seq=on.tokens_per_s / batch,
                tok_s_predicted=on.tokens_per_forward / bare * 1e3,
                unique=on.mean_unique_experts, coreset=on.mean_coreset_size,
                captured=on.graphs_captured + off.graphs_captured, graph=on.cuda_graph,
                peak_gb=(on.peak_memory_bytes or 0) / 1e9)
-    print(f"  B={batch:2d} {name:11s} step {step:7.3f} ms (stats off {step_off:7.3f}) bare "
-          f"{bare:7.3f} x{row['step_over_bare']:.3f}  wall/forward {wall:7.3f} "
-          f"x{row['wall_over_step']:.3f}  {row['tok_s']:8.1f} tok/s  captured {row['captured']}",
+    row["step_over_bare"] = row["step_ms"] / bare
+    print(f"  B={batch:2d} {name:11s} step {row['step_ms']:7.3f} ms (stats off "
+          f"{row['step_off_ms']:7.3f}) bare {bare:7.3f} x{row['step_over_bare']:.3f} unique "
+          f"{fmt(row['unique'], '.1f')}/{bare_unique:.1f} (random block {rand:7.3f} ms, "
+          f"{rand_unique:.1f})  wall/forward {row['wall_ms']:7.3f} = step + prefill "
+          f"{row['prefill_pf_ms']:.3f} + writes {row['writes_pf_ms']:.3f} + rest "
+          f"{row['rest_pf_ms']:.3f}  {row['tok_s']:8.1f} tok/s  captured {row['captured']}",
           flush=True)
     return row
 
@@ -164,31 +213,54 @@ def measure_row(model, setup: Setup, batch: int, name: str, policy) -> dict:
 
 def table(rows) -> list:
     lines = ["| seqs | policy | forwards | ms/forward (stats) | ms/forward (stats off) "
-             "| bare forward ms | step / forward | wall ms / forward | wall / step "
-             "| tok/s per seq | tok/s aggregate | tok/s predicted by the bare forward "
-             "| unique/block | captured in timed calls | peak GB |", "|" + "---|" * 15]
+             "| bare forward ms | step / bare | unique/block: generate | unique: bare "
+             "| bare forward ms, random block | unique: random block | tok/s per seq "
+             "| tok/s aggregate | tok/s predicted by the bare forward | captured in timed calls "
+             "| peak GB |", "|" + "---|" * 16]
     for r in rows:
         lines.append(
             f"| {r['batch']} | {r['policy']}{'' if r['graph'] else ' (eager)'} | {r['forwards']} "
             f"| {fmt(r['step_ms'], '.3f')} | {fmt(r['step_off_ms'], '.3f')} "
             f"| {fmt(r['bare_ms'], '.3f')} | {fmt(r['step_over_bare'], '.3f')} "
-            f"| {fmt(r['wall_ms'], '.3f')} | {fmt(r['wall_over_step'], '.3f')} "
+            f"| {fmt(r['unique'], '.1f')} | {fmt(r['bare_unique'], '.1f')} "
+            f"| {fmt(r['bare_random_ms'], '.3f')} | {fmt(r['bare_random_unique'], '.1f')} "
             f"| {fmt(r['tok_s_seq'], '.1f')} | {fmt(r['tok_s'], '.1f')} "
-            f"| {fmt(r['tok_s_predicted'], '.1f')} | {fmt(r['unique'], '.1f')} "
-            f"| {r['captured']} | {fmt(r['peak_gb'], '.1f')} |")
+            f"| {fmt(r['tok_s_predicted'], '.1f')} | {r['captured']} "
+            f"| {fmt(r['peak_gb'], '.1f')} |")
     return lines
+
+
+def wall_table(rows) -> list:
+    lines = ["| seqs | policy | wall ms / forward | step | prefill | cache writes | rest (host) "
+             "| wall / step | prefill ms (once) | cache writes (prefill + spans) |",
+             "|" + "---|" * 10]
+    for r in rows:
+        lines.append(
+            f"| {r['batch']} | {r['policy']} | {fmt(r['wall_ms'], '.3f')} "
+            f"| {fmt(r['step_ms'], '.3f')} | {fmt(r['prefill_pf_ms'], '.3f')} "
+            f"| {fmt(r['writes_pf_ms'], '.3f')} | {fmt(r['rest_pf_ms'], '.3f')} "
+            f"| {fmt(r['wall_over_step'], '.3f')} | {fmt(r['prefill_ms'], '.1f')} "
+            f"| {r['cache_writes']} |")
+    return lines
+
+
+def pairs(rows):
+    """(batch, token row, dMoE row) for every batch that has both."""
+    for batch in sorted({r["batch"] for r in rows}):
+        tok = next((r for r in rows if r["batch"] == batch and r["policy"] == "token"), None)
+        dm = next((r for r in rows if r["batch"] == batch and r["policy"] != "token"), None)
+        if tok is not None and dm is not None:
+            yield batch, tok, dm
 
 
 def speedups(rows) -> list:
     lines = ["| seqs | dMoE speed-up via generate (step) | via the bare forward "
-             "| generate / bare | via tok/s (wall) | paper |", "|---|---|---|---|---|---|"]
-    for batch in sorted({r["batch"] for r in rows}):
-        tok = next((r for r in rows if r["batch"] == batch and r["policy"] == "token"), None)
-        dm = next((r for r in rows if r["batch"] == batch and r["policy"] != "token"), None)
-        if tok is None or dm is None:
-            continue
+             "| generate / bare | via the bare forward, random block | via tok/s (wall) "
+             "| paper |", "|---|---|---|---|---|---|---|"]
+    for batch, tok, dm in pairs(rows):
         via_gen, via_bare = tok["step_ms"] / dm["step_ms"], tok["bare_ms"] / dm["bare_ms"]
         lines.append(f"| {batch} | {via_gen:.3f}x | {via_bare:.3f}x | {via_gen / via_bare:.3f} "
+                     f"| {tok['bare_random_ms'] / dm['bare_random_ms']:.3f}x "
                      f"| {dm['tok_s'] / tok['tok_s']:.3f}x "
                      f"| {PAPER_SPEEDUP[0]}x-{PAPER_SPEEDUP[1]}x |")
     return lines
@@ -208,10 +280,8 @@ def targets(rows) -> list:
              r["wall_over_step"] <= 1.15)
         line(f"{r['batch']} seq, {r['policy']}: timed calls captured {r['captured']} (0)",
              r["captured"] == 0)
-    for batch in (1, 16):
-        tok = next((r for r in rows if r["batch"] == batch and r["policy"] == "token"), None)
-        dm = next((r for r in rows if r["batch"] == batch and r["policy"] != "token"), None)
-        if tok and dm and tok["graph"]:
+    for batch, tok, dm in pairs(rows):
+        if batch in (1, 16) and tok["graph"]:
             ratio = (tok["step_ms"] / dm["step_ms"]) / (tok["bare_ms"] / dm["bare_ms"])
             line(f"{batch} seq: dMoE speed-up via generate / via the bare forward {ratio:.3f} "
                  "(within 5%)", abs(ratio - 1) <= 0.05)
@@ -228,8 +298,16 @@ def write_report(setup: Setup, args, rows, calib, device_name, seconds) -> str:
              "after a warm-up call of its layout. ms/forward: the call's stats (mean CUDA-event "
              "time of a denoising step: forward, decision, statistics); bare forward: the "
              "model's forward of the same shape replayed from a CUDA graph (median of "
-             f"{setup.trials} trials of {setup.replays}); wall: the whole call / its forwards. "
+             f"{setup.trials} trials of {setup.replays}) on the block the call decoded (each "
+             "sequence's first 32 generated tokens, half masked, after its prompt); random "
+             "block: the same on random tokens, half masked. unique: experts per block per layer "
+             "(generate: mean over its steps; bare: the last replay's routes). "
              f"Done in {seconds:.0f} s.", "", *table(rows), "",
+             "## Wall time per forward, split", "",
+             "The call's stats: the steps (mean), the prefill and the span cache writes "
+             "(CUDA-event totals / forwards), and the rest (wall - the three: argument checks, "
+             "the loop's launches and one sync per step and per block, reading results back).",
+             "", *wall_table(rows), "",
              "## dMoE over token routing", "", *speedups(rows), "",
              "## Targets of issue 18", "", *targets(rows), ""]
     text = "\n".join(lines)

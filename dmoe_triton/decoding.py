@@ -19,7 +19,8 @@ are kept in `graphs.graph_cache` for the next call of the same layout (graphs.py
 key holds, when a graph is not reused, and how much memory is kept). The host syncs: one per
 step (reading the "still masked?" flag the step computed, which a step must know before the
 next is launched: checking later would run forwards that published decoding does not run) and
-two per block (the running flags up, EOS down).
+one per block (the "done" flags after the EOS check; the next block's running flags are
+computed from them on the device).
 
 LLaDA2.1 token editing (`editing_threshold`, ../shared/docs/llada2-family.md): each step also
 overwrites written tokens of the block being decoded, and once the block has no mask, up to
@@ -46,6 +47,19 @@ DEFAULT_MASK_ID = 156895
 
 @dataclass
 class GenerationStats:
+    """What one generate() call did and how long it took (times in seconds).
+
+    The time fields split the call: `wall_time_s` (the whole call, perf_counter) holds
+    `forwards * time_per_forward_s` (the denoising steps), `prefill_time_s` (the prompts'
+    forward into the KV cache, 0 when nothing was prefilled: a prompt shorter than a block, or
+    use_cache=False) and `cache_write_time_s` (every finished span's forward writing its K/V,
+    summed; 0 when no span was written: a single block, or use_cache=False); the rest is the
+    host's (argument checks, the block loop's launches and syncs, graph capture on a first
+    call, reading the results back). On CUDA the three are CUDA-event times on the device's
+    timeline, read once at the end of the call (recording an event adds no host sync); on the
+    CPU, perf_counter around the work. Issue 18 (bench/bench_generate.py's wall split).
+    """
+
     forwards: int = 0                 # denoising forwards (one block per sequence each)
     cache_writes: int = 0             # forwards that wrote K/V (prefill + finished blocks)
     committed_tokens: int = 0         # tokens committed over the batch, EOS fill included
@@ -54,6 +68,10 @@ class GenerationStats:
     # tokens_per_s and tokens_per_forward count; the fill after an EOS is not an answer)
     generated_tokens: int = 0
     time_per_forward_s: float = 0.0   # mean time of one denoising step (forward + decision)
+    prefill_time_s: float = 0.0       # the prefill forward (0: none ran)
+    # the finished spans' cache writes, summed (0: none ran); the prefill, which cache_writes
+    # counts too, is not in it
+    cache_write_time_s: float = 0.0
     wall_time_s: float = 0.0          # the whole call
     peak_memory_bytes: Optional[int] = None  # CUDA only
     cuda_graph: bool = False
@@ -486,9 +504,15 @@ class _Canvas:
     positions: torch.Tensor    # [B, total * block_length] own positions (< 0 on padding)
     valid: torch.Tensor        # positions >= 0
     gen_start: torch.Tensor    # starts, on the device
+    # on the device as well, made once per call: a tensor built from a Python list is a
+    # blocking copy on CUDA (a host sync), once per block if the loop made them
+    last: torch.Tensor         # [B] last_block
+    columns: torch.Tensor      # [total * block_length] column indices
+    eos: torch.Tensor          # [n] every id that ends a sequence (the first is the fill)
 
 
-def _canvas(prompts, bl: int, span: int, G: int, mask_id: int, eos_id: int, device) -> _Canvas:
+def _canvas(prompts, bl: int, span: int, G: int, mask_id: int, eos_ids: tuple,
+            device) -> _Canvas:
     own_first = [len(p) // bl * bl for p in prompts]  # position of each one's first block
     latest = max(own_first)
     # Padding in whole spans keeps every sequence's windows and blocks on shared columns; with
@@ -500,12 +524,14 @@ def _canvas(prompts, bl: int, span: int, G: int, mask_id: int, eos_id: int, devi
     total = -(-max(ends) * bl // span) * span // bl
     x = torch.full((len(prompts), total * bl), mask_id, dtype=torch.long)
     for i, (p, o) in enumerate(zip(prompts, offsets)):
-        x[i, :o] = eos_id
+        x[i, :o] = eos_ids[0]
         x[i, o: o + len(p)] = torch.tensor(p)
     positions = (torch.arange(total * bl)[None] - torch.tensor(offsets)[:, None]).to(device)
     starts = [o + len(p) for o, p in zip(offsets, prompts)]
     return _Canvas(bl, span, G, starts, last_block, first, total, x.to(device), positions,
-                   positions >= 0, torch.tensor(starts, device=device))
+                   positions >= 0, torch.tensor(starts, device=device),
+                   torch.tensor(last_block, device=device),
+                   torch.arange(total * bl, device=device), torch.tensor(eos_ids, device=device))
 
 
 def _routing_span(model, bl: int) -> int:
@@ -532,15 +558,16 @@ def _new_cache(model, canvas: _Canvas, static: bool):
                            scratch=max(64, canvas.span))
 
 
-def _prefill(model, canvas: _Canvas, cache, st: "GenerationStats") -> None:
+def _prefill(model, canvas: _Canvas, cache, st: "GenerationStats", timer: "_Timer") -> None:
     """Fill the empty `cache` with the prompts' whole spans before block `first` (closed
     windows only: the open one is recomputed by every step until its last block is decoded)."""
     bl = canvas.block_length
     end = canvas.first * bl // canvas.span * canvas.span
     if end > 0:
-        model(canvas.x[:, :end], canvas.positions[:, :end], past_key_values=cache,
-              attention_mask=canvas.valid[:, :end], block_length=bl, write_cache=True,
-              return_logits=False)
+        with timer:
+            model(canvas.x[:, :end], canvas.positions[:, :end], past_key_values=cache,
+                  attention_mask=canvas.valid[:, :end], block_length=bl, write_cache=True,
+                  return_logits=False)
         st.cache_writes += 1
 
 
@@ -616,9 +643,7 @@ class _Decode:
     cache: object                      # None: recompute every earlier block (use_cache=False)
     recorder: Optional[RouteRecorder]  # None: no routing statistics
     mask_id: int
-    eos_id: int                        # the fill token (the first of eos_ids)
     steps: int
-    eos_ids: tuple = ()                # every id that ends a sequence
 
 
 # ---------------------------------------------------------------------------------------------
@@ -721,17 +746,18 @@ class _Graphs:
         return _Runner(self.step, write_span)
 
 
-def _denoise_block(d: _Decode, b: int, is_running: List[bool], step, timer, st) -> None:
-    """Up to `steps` denoising steps on global block b, until nothing in it is masked."""
+def _denoise_block(d: _Decode, b: int, running, step, timer, st) -> None:
+    """Up to `steps` denoising steps on global block b, until nothing in it is masked.
+    running: [B] bool on the device, the sequences decoding it."""
     buf, c, bl = d.buffers, d.canvas, d.canvas.block_length
     lo = b * bl // c.span * c.span  # the span that holds block b
     hi = lo + c.span
-    columns = torch.arange(lo, hi, device=c.x.device)[None]
+    columns = c.columns[lo:hi][None]
     buf.block.copy_(c.x[:, lo:hi])
     buf.block_pos.copy_(c.positions[:, lo:hi])
     buf.held.copy_(c.valid[:, lo:hi] & (columns < (b + 1) * bl))
     buf.current.copy_((columns >= b * bl) & (columns < (b + 1) * bl))
-    buf.running.copy_(torch.tensor(is_running, device=buf.block.device)[:, None])
+    buf.running.copy_(running[:, None])
     buf.end = hi
     if d.sampling.editing_threshold is not None:
         _start_editing(d, columns)
@@ -740,9 +766,8 @@ def _denoise_block(d: _Decode, b: int, is_running: List[bool], step, timer, st) 
         if not bool(buf.left):  # the one host sync of a step (the step before computed it)
             break
         buf.quota.fill_(quota)
-        timer.start()
-        step()
-        timer.stop()
+        with timer:
+            step()
         st.forwards += 1
     c.x[:, lo:hi] = buf.block
 
@@ -757,50 +782,50 @@ def _start_editing(d: _Decode, columns) -> None:
     buf.settled.copy_(~(masked & buf.running))
 
 
-def _cache_span(d: _Decode, b: int, write_span, st) -> None:
+def _cache_span(d: _Decode, b: int, write_span, st, timer: "_Timer") -> None:
     """After block b: once it closes its span, the span's K/V into the cache (whole windows)."""
     if (b + 1) * d.canvas.block_length % d.canvas.span:
         return
-    write_span()
+    with timer:
+        write_span()
     st.cache_writes += 1
 
 
-def _finished(d: _Decode, b: int, done: List[bool], columns) -> None:
-    """Mark sequences done after block b: EOS among their generated tokens (checked once the
-    block is done, as published) or their last block reached. One host sync."""
+def _finished(d: _Decode, b: int, done) -> List[bool]:
+    """Mark sequences done after block b (done: [B] bool on the device, updated in place): EOS
+    among their generated tokens (checked once the block is done, as published) or their last
+    block reached. Returns done as a list: one host sync."""
     c = d.canvas
     hi = (b + 1) * c.block_length
-    eos = torch.tensor(d.eos_ids or (d.eos_id,), device=c.x.device)
-    seen = torch.isin(c.x, eos) & (columns >= c.gen_start[:, None]) & (columns < hi)
-    for i, hit in enumerate(seen.any(1).tolist()):
-        done[i] = done[i] or hit or b >= c.last_block[i]
+    seen = torch.isin(c.x, c.eos) & (c.columns >= c.gen_start[:, None]) & (c.columns < hi)
+    done.logical_or_(seen.any(1) | (c.last <= b))
+    return done.tolist()
 
 
-def _run_blocks(d: _Decode, run: _Runner, st, on_block) -> "_StepTimer":
-    """Decode block by block from `first` until every sequence is done; returns the step timer."""
-    c, buf = d.canvas, d.buffers
-    timer = _StepTimer(c.x.device)
-    done = [False] * c.x.shape[0]
-    columns = torch.arange(c.total * c.block_length, device=c.x.device)
+def _run_blocks(d: _Decode, run: _Runner, st, on_block, timers: "_Timers") -> None:
+    """Decode block by block from `first` until every sequence is done. `done` lives on the
+    device (the next block's running flags are computed there) and is read once per block."""
+    c = d.canvas
+    done = torch.zeros(c.x.shape[0], dtype=torch.bool, device=c.x.device)
+    done_now = [False] * c.x.shape[0]
     for b in range(c.first, c.total):
-        is_running = [not done[i] and b <= c.last_block[i] for i in range(len(done))]
-        if not any(is_running):
+        if all(done_now[i] or b > c.last_block[i] for i in range(len(done_now))):
             break
-        _denoise_block(d, b, is_running, run.step, timer, st)
-        _finished(d, b, done, columns)
+        _denoise_block(d, b, ~done & (c.last >= b), run.step, timers.step, st)
+        done_now = _finished(d, b, done)
         if on_block is not None:
             on_block(b - c.first + 1, c.total - c.first)
-        if d.cache is not None and not all(done):
-            _cache_span(d, b, run.write_span, st)
-    return timer
+        if d.cache is not None and not all(done_now):
+            _cache_span(d, b, run.write_span, st, timers.cache_write)
 
 
 def _tokens(c: _Canvas, eos_ids) -> List[List[int]]:
     """Each sequence's generated tokens, cut after the first EOS (any of eos_ids)."""
     eos_ids = set(eos_ids)
     tokens = []
+    x = c.x.cpu()  # one copy: a .tolist() per sequence of a CUDA tensor is a host sync each
     for i, start in enumerate(c.starts):
-        out = c.x[i, start: start + c.gen_length].tolist()
+        out = x[i, start: start + c.gen_length].tolist()
         cut = next((j for j, t in enumerate(out) if t in eos_ids), None)
         tokens.append(out if cut is None else out[: cut + 1])
     return tokens
@@ -811,13 +836,14 @@ def _tokens(c: _Canvas, eos_ids) -> List[List[int]]:
 
 
 def _setup(model, prompts, *, gen_length, block_length, steps, sampling, mask_id, eos_ids,
-           use_cache, stats, graph, st) -> tuple:
-    """(_Decode, _Runner) of one generate() call: canvas, prefilled cache, step buffers and
-    routing recorder, and how to run a step. With `graph`, the tensors and graphs graph_cache
-    kept for this layout are refilled and replayed, or captured and kept."""
+           use_cache, stats, graph, st, timers) -> tuple:
+    """(_Decode, _Runner) of one generate() call: canvas, prefilled cache (timed by
+    timers.prefill), step buffers and routing recorder, and how to run a step. With `graph`,
+    the tensors and graphs graph_cache kept for this layout are refilled and replayed, or
+    captured and kept."""
     device = next(model.parameters()).device
     span = _routing_span(model, block_length)
-    canvas = _canvas(prompts, block_length, span, gen_length, mask_id, eos_ids[0], device)
+    canvas = _canvas(prompts, block_length, span, gen_length, mask_id, eos_ids, device)
     B = len(prompts)
     moe = moe_layers(model) if stats else []
     key = graph_key(model, batch=B, span=span, capacity=canvas.total * block_length,
@@ -836,9 +862,8 @@ def _setup(model, prompts, *, gen_length, block_length, steps, sampling, mask_id
         # serves any prompt lengths of that layout.
         recorder = RouteRecorder(moe, canvas.total * steps, B, device) if moe else None
     if cache is not None:
-        _prefill(model, canvas, cache, st)
-    d = _Decode(model, canvas, buffers, sampling, cache, recorder, mask_id, eos_ids[0], steps,
-                eos_ids)
+        _prefill(model, canvas, cache, st, timers.prefill)
+    d = _Decode(model, canvas, buffers, sampling, cache, recorder, mask_id, steps)
     if not graph:
         return d, _Runner(functools.partial(denoise_step, d), functools.partial(_write_span, d))
     if kept is None:
@@ -904,6 +929,7 @@ def generate(model, input_ids: Union[torch.Tensor, List[List[int]], List[int]],
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     st = GenerationStats(cuda_graph=graph)
+    timers = _Timers.on(device)
     d, run = _setup(model, prompts, gen_length=gen_length, block_length=block_length,
                     # as published (minimal_topk = 1); editing: every mask step commits at
                     # least one of the block's masks, then at most max_post_steps edit-only steps
@@ -912,18 +938,18 @@ def generate(model, input_ids: Union[torch.Tensor, List[List[int]], List[int]],
                     sampling=_Sampling(threshold, temperature, top_k, top_p, generator,
                                        editing_threshold, max_post_steps),
                     mask_id=mask_id, eos_ids=eos_ids, use_cache=use_cache, stats=stats,
-                    graph=graph, st=st)
-    timer = _run_blocks(d, run, st, on_block)
+                    graph=graph, st=st, timers=timers)
+    _run_blocks(d, run, st, on_block, timers)
     tokens = _tokens(d.canvas, eos_ids)
     st.generated_tokens = sum(map(len, tokens))
-    _finish_stats(st, d, timer, start_time)
+    _finish_stats(st, d, timers, start_time)
     return GenerationResult(tokens, st)
 
 
-def _finish_stats(st: GenerationStats, d: _Decode, timer, start_time: float) -> None:
+def _finish_stats(st: GenerationStats, d: _Decode, timers: "_Timers", start_time: float) -> None:
     st.committed_tokens = int(d.buffers.committed)
     st.edits = int(d.buffers.edits)
-    st.time_per_forward_s = timer.mean()
+    timers.fill(st)
     if d.recorder is not None:
         d.recorder.fill(st)
     device = d.buffers.block.device
@@ -932,36 +958,55 @@ def _finish_stats(st: GenerationStats, d: _Decode, timer, start_time: float) -> 
     st.wall_time_s = time.perf_counter() - start_time
 
 
-class _StepTimer:
-    """Mean step time: CUDA events on the GPU (read once at the end), perf_counter elsewhere."""
+class _Timer:
+    """Times of the work run inside `with timer:`, in seconds: CUDA events on the GPU (recording
+    one adds no host sync; read after _Timers.fill's one synchronize), perf_counter elsewhere."""
 
     def __init__(self, device):
         self.cuda = device.type == "cuda"
         self.marks = []
 
-    def start(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append([event, None])
-        else:
-            self.marks.append([time.perf_counter(), None])
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
-    def stop(self):
+    def __enter__(self):
+        self.marks.append([self._now(), None])
+
+    def __exit__(self, *exc):
+        self.marks[-1][1] = self._now()
+
+    def total(self) -> float:
         if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks[-1][1] = event
-        else:
-            self.marks[-1][1] = time.perf_counter()
+            return sum(a.elapsed_time(b) for a, b in self.marks) / 1e3
+        return sum(b - a for a, b in self.marks)
 
     def mean(self) -> float:
-        if not self.marks:
-            return 0.0
-        if self.cuda:
+        return self.total() / len(self.marks) if self.marks else 0.0
+
+
+@dataclass
+class _Timers:
+    """One generate() call's timers: the denoising steps, the prefill, the span cache writes."""
+
+    step: _Timer
+    prefill: _Timer
+    cache_write: _Timer
+
+    @classmethod
+    def on(cls, device) -> "_Timers":
+        return cls(_Timer(device), _Timer(device), _Timer(device))
+
+    def fill(self, st: GenerationStats) -> None:
+        """time_per_forward_s, prefill_time_s, cache_write_time_s into st (one host sync)."""
+        if self.step.cuda:
             torch.cuda.synchronize()
-            return sum(a.elapsed_time(b) for a, b in self.marks) / 1e3 / len(self.marks)
-        return sum(b - a for a, b in self.marks) / len(self.marks)
+        st.time_per_forward_s = self.step.mean()
+        st.prefill_time_s = self.prefill.total()
+        st.cache_write_time_s = self.cache_write.total()
 
 
 class _WarmedUp(Exception):

@@ -1,5 +1,6 @@
 """generate()'s inputs (issue 11): padded tensors with an attention_mask, eos_token_id as a list,
-the position limit, and the honest token count of GenerationStats."""
+the position limit, and the honest token count of GenerationStats; its time split (issue 18:
+prefill and cache-write times) and sequences that end at different blocks."""
 import pytest
 import torch
 
@@ -108,3 +109,34 @@ def test_tokens_are_counted_up_to_the_first_eos(model):
     assert st.committed_tokens >= st.generated_tokens  # commits include the fill after EOS
     assert st.tokens_per_s == pytest.approx(st.generated_tokens / st.wall_time_s)
     assert st.tokens_per_forward == pytest.approx(st.generated_tokens / st.forwards)
+
+
+def test_prefill_and_cache_write_times_are_those_of_work_that_ran(model):
+    st = generate(model, [PROMPTS[0]], **KW).stats  # 5 prompt tokens: block 0 is prefilled
+    assert st.cache_writes >= 2  # the prefill and at least one finished span
+    assert st.prefill_time_s > 0 and st.cache_write_time_s > 0
+    parts = st.forwards * st.time_per_forward_s + st.prefill_time_s + st.cache_write_time_s
+    assert parts < st.wall_time_s
+    # A prompt inside the only block: nothing to prefill, no span written after it.
+    st = generate(model, [[5, 9]], gen_length=2, block_length=4, steps=4).stats
+    assert st.cache_writes == 0 and st.forwards > 0
+    assert st.prefill_time_s == 0.0 and st.cache_write_time_s == 0.0
+    # No cache at all.
+    st = generate(model, [PROMPTS[0]], use_cache=False, **KW).stats
+    assert st.cache_writes == 0 and st.prefill_time_s == 0.0 == st.cache_write_time_s
+
+
+def test_sequences_ending_at_other_blocks_decode_and_commit_as_alone(model):
+    """Own last blocks 3, 4, 4 (prompts of 4, 7, 2 tokens), and an EOS ending the first in an
+    earlier block: batched, each decodes as alone and commits no token more (the done flags
+    live on the device; a sequence still running after its end would commit its fill)."""
+    prompts = [[5, 9, 11, 7], [40, 12, 8, 3, 17, 22, 6], [30, 31]]
+    base = [generate(model, [p], eos_id=90, **KW).tokens[0] for p in prompts]
+    stop = base[0][7]
+    assert stop not in base[0][:7] and all(stop not in t for t in base[1:])
+    for eos in (90, stop):
+        alone = [generate(model, [p], eos_id=eos, **KW) for p in prompts]
+        batched = generate(model, prompts, eos_id=eos, **KW)
+        assert batched.tokens == [a.tokens[0] for a in alone]
+        assert batched.stats.committed_tokens == sum(a.stats.committed_tokens for a in alone)
+    assert len(batched.tokens[0]) == 8 < len(batched.tokens[1])
