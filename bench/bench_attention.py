@@ -10,8 +10,9 @@ this process.
 
     python bench/bench_attention.py [--sweep] [--out bench/results/attention.md]
 
---sweep first times launch shapes on 1 and on 16 sequences at prefix 512 and prints them
-(launch.attention_launch holds the fastest of each).
+--sweep first times launch shapes on 1 and on 16 sequences at prefix 512, then the split over
+keys (1-8 splits) at prefixes 512 and 2048, and prints them (launch.attention_launch holds the
+fastest of each).
 """
 import argparse
 import sys
@@ -80,6 +81,26 @@ def sweep(dev, batch, quick=False):
     return timings[0][1]
 
 
+def sweep_key_splits(dev, quick=False):
+    """The split over keys (flash-decoding) at each batch and prefix: the default tile with
+    1, 2, 4, 8 splits (launch.SPLIT_FROM_KEYS / SPLIT_KEYS come from these); prints us each."""
+    import dataclasses
+
+    for batch in (1,) if quick else (1, 16):
+        for prefix in (512, 2048):
+            q, keys, values, mask = inputs(batch, prefix, dev)
+            base = dataclasses.replace(attention_launch(batch, keys.shape[2]), key_splits=1)
+            timings = []
+            for splits in (1, 2) if quick else (1, 2, 4, 8):
+                launch = dataclasses.replace(base, key_splits=splits)
+                check(q, keys, values, mask, launch)
+                timings.append(time_us(lambda: block_attention(q, keys, values, mask, HD ** -0.5,
+                                                               launch=launch)))
+            print(f"key splits ({batch} sequences, prefix {prefix}, default "
+                  f"{attention_launch(batch, keys.shape[2]).key_splits}): " + ", ".join(
+                      f"{s}: {us:.1f}us" for s, us in zip((1, 2, 4, 8), timings)))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/attention.md")
@@ -92,6 +113,7 @@ def main():
         sweep(dev, 1, args.quick)
         if not args.quick:
             sweep(dev, 16)
+        sweep_key_splits(dev, args.quick)
     bandwidth = copy_bandwidth(dev)
     lines = ["| sequences | prefix | kernel (us) | SDPA + transpose (us) | speedup | floor (us) "
              "| kernel / floor |", "|" + "---|" * 7]
