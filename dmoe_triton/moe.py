@@ -244,8 +244,37 @@ def align_slots_torch(flat_ids: torch.Tensor, num_experts: int):
     return (sorted_slots, *used, is_used.sum().reshape(1).to(torch.int32))
 
 
+def act_buffers(rows: int, inter: int, hidden, config, fp8):
+    """The act rows that gate/up writes and down reads: (act [rows, I], act_scale).
+
+    act in hidden's dtype and act_scale None; or, with FP8 weights (fp8 given), bf16 hidden and
+    config.fp16_dot (the fp16 dot, kernels/moe_fp8.py), act in fp16 scaled per (row, block_i
+    columns) by a power of two and act_scale fp32 [rows, cdiv(I, block_i)] its inverses.
+    """
+    dot16 = fp8 is not None and hidden.dtype == torch.bfloat16 and config.fp16_dot
+    act = torch.empty(rows, inter, dtype=torch.float16 if dot16 else hidden.dtype,
+                      device=hidden.device)
+    act_scale = None
+    if dot16:
+        act_scale = torch.empty(rows, triton.cdiv(inter, config.block_i), dtype=torch.float32,
+                                device=hidden.device)
+    return act, act_scale
+
+
+def _act_args(act_scale, config, down: bool) -> dict:
+    """The kernels' keyword arguments for act_buffers' act_scale (none without it); the down
+    kernels also take the gate/up's column chunk a scale covers."""
+    if act_scale is None:
+        return {}
+    args = dict(act_scale_ptr=act_scale, stride_ss=act_scale.stride(0), DOT16=True)
+    if down:
+        args["ACT_CHUNK"] = config.block_i
+    return args
+
+
 def expert_gate_up(hidden, w_gate_up, lists, top_k: int, config: GroupedConfig, fp8=None):
-    """act [T*top_k, I] in hidden's dtype: silu(x W_gate^T) * (x W_up^T) for every filled slot.
+    """(act [T*top_k, I], act_scale): silu(x W_gate^T) * (x W_up^T) for every filled slot, in
+    act_buffers' layout (hidden's dtype and None but with FP8's fp16 dot).
 
     hidden [T, H]; w_gate_up [E, 2I, H] in hidden's dtype (or FP8 with fp8 = (scale, block,
     bits): _weight_args); lists: align_slots' outputs.
@@ -254,17 +283,18 @@ def expert_gate_up(hidden, w_gate_up, lists, top_k: int, config: GroupedConfig, 
 
     T, H = hidden.shape
     E, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
-    act = torch.empty(T * top_k, inter, dtype=hidden.dtype, device=hidden.device)
     cfg = config
+    act, act_scale = act_buffers(T * top_k, inter, hidden, cfg, fp8)
     grid = persistent_grid(hidden.device, cfg.programs_per_sm,
                            min(E, T * top_k) * triton.cdiv(inter, cfg.block_i))
     moe_gate_up_kernel[grid](
         x_ptr=hidden, stride_xt=hidden.stride(0), stride_xh=hidden.stride(1),
-        **_weight_args(w_gate_up, ("stride_we", "stride_wn", "stride_wk"), fp8), act_ptr=act, stride_as=act.stride(0), **_lists_args(lists), H=H, I=inter, TOP_K=top_k,
-        BLOCK_M=cfg.block_m, BLOCK_I=cfg.block_i, BLOCK_K=cfg.k_tile_gate_up,
-        PRECISION=dot_precision(hidden.dtype), num_warps=cfg.warps_gate_up,
-        num_stages=pipeline_stages(cfg.stages_gate_up, hidden.dtype))
-    return act
+        **_weight_args(w_gate_up, ("stride_we", "stride_wn", "stride_wk"), fp8), act_ptr=act,
+        stride_as=act.stride(0), **_act_args(act_scale, cfg, down=False), **_lists_args(lists),
+        H=H, I=inter, TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_I=cfg.block_i,
+        BLOCK_K=cfg.k_tile_gate_up, PRECISION=dot_precision(hidden.dtype),
+        num_warps=cfg.warps_gate_up, num_stages=pipeline_stages(cfg.stages_gate_up, hidden.dtype))
+    return act, act_scale
 
 
 def _strides(*names, w) -> dict:
@@ -284,11 +314,11 @@ def _weight_args(w, names, fp8) -> dict:
                 SCALE_K=block[1], FP8_BITS=bits)
 
 
-def expert_down(act, w_down, lists, config: GroupedConfig, fp8=None):
+def expert_down(act, w_down, lists, config: GroupedConfig, fp8=None, act_scale=None):
     """partial [T*top_k, H] fp32: act W_down^T for every filled slot (other rows unwritten).
 
-    act [T*top_k, I]; w_down [E, H, I] in act's dtype (or FP8 with fp8, as in expert_gate_up);
-    lists: align_slots' outputs.
+    act [T*top_k, I] and act_scale: expert_gate_up's; w_down [E, H, I] in act's dtype (or FP8
+    with fp8, as in expert_gate_up); lists: align_slots' outputs.
     """
     from .kernels.moe_matmul import moe_down_kernel
 
@@ -301,6 +331,7 @@ def expert_down(act, w_down, lists, config: GroupedConfig, fp8=None):
     moe_down_kernel[grid](
         act_ptr=act, stride_as=act.stride(0),
         **_weight_args(w_down, ("stride_we", "stride_wh", "stride_wi"), fp8),
+        **_act_args(act_scale, cfg, down=True),
         partial_ptr=partial, stride_ps=partial.stride(0), **_lists_args(lists), H=H, I=inter,
         BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down,
         PRECISION=dot_precision(act.dtype), num_warps=cfg.warps_down,
@@ -341,8 +372,8 @@ def down_arrivals(H: int, device, config: DecodeConfig):
 
 def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, shared_gate_up=None,
                    fp8=None):
-    """act [T*top_k (+ T with a shared expert), I] in hidden's dtype for the filled slots (then
-    the shared expert's rows); also zeroes `arrivals` (if any).
+    """(act [T*top_k (+ T with a shared expert), I], act_scale) for the filled slots (then the
+    shared expert's rows), in act_buffers' layout; also zeroes `arrivals` (if any).
 
     hidden [T, H]; ids int [T, top_k] contiguous; w_gate_up [E, 2I, H]; arrivals: down_arrivals'
     counters or None; shared_gate_up: [2I, H] with a routed expert's strides, or None; fp8:
@@ -354,31 +385,32 @@ def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, share
     top_k = ids.shape[1]
     E, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
     has_shared = shared_gate_up is not None
-    act = torch.empty(T * top_k + T * has_shared, inter, dtype=hidden.dtype, device=hidden.device)
     cfg = config
+    act, act_scale = act_buffers(T * top_k + T * has_shared, inter, hidden, cfg, fp8)
     experts = min(E, T * top_k) + has_shared
     grid = persistent_grid(hidden.device, cfg.programs_per_sm,
                            experts * triton.cdiv(inter, cfg.block_i))
     moe_gate_up_decode_kernel[grid](
         x_ptr=hidden, stride_xt=hidden.stride(0), stride_xh=hidden.stride(1),
-        **_weight_args(w_gate_up, ("stride_we", "stride_wn", "stride_wk"), fp8), act_ptr=act, stride_as=act.stride(0), ids_ptr=ids, arrivals_ptr=arrivals,
-        n_arrivals=0 if arrivals is None else arrivals.numel(), shared_ptr=shared_gate_up,
-        T=T, H=H, I=inter, E=E, TOP_K=top_k, BLOCK_I=cfg.block_i, BLOCK_K=cfg.k_tile_gate_up,
-        HAS_SHARED=has_shared, num_warps=cfg.warps_gate_up,
+        **_weight_args(w_gate_up, ("stride_we", "stride_wn", "stride_wk"), fp8), act_ptr=act,
+        stride_as=act.stride(0), **_act_args(act_scale, cfg, down=False), ids_ptr=ids,
+        arrivals_ptr=arrivals, n_arrivals=0 if arrivals is None else arrivals.numel(),
+        shared_ptr=shared_gate_up, T=T, H=H, I=inter, E=E, TOP_K=top_k, BLOCK_I=cfg.block_i,
+        BLOCK_K=cfg.k_tile_gate_up, HAS_SHARED=has_shared, num_warps=cfg.warps_gate_up,
         num_stages=pipeline_stages(cfg.stages_gate_up, hidden.dtype),
         **_decode_pads(T, top_k, E, hidden.dtype))
-    return act
+    return act, act_scale
 
 
 def decode_down_combine(act, ids, weights, w_down, out, arrivals, config: DecodeConfig,
-                        shared_down=None, fp8=None):
+                        shared_down=None, fp8=None, act_scale=None):
     """out = sum over slots of weight * act W_down^T (+ the shared expert's rows of act times
     shared_down^T); `arrivals` must hold zeros (or be None with one split): decode_gate_up
     zeroes them, and the launch leaves them zeroed.
 
-    act [T*top_k (+T), I]; ids int [T, top_k]; weights fp32 [T, top_k]; w_down [E, H, I];
-    out [T, H]; shared_down: [H, I] with a routed expert's strides, or None; fp8: FP8
-    w_down's (scale, block, bits) or None (as in decode_gate_up).
+    act [T*top_k (+T), I] and act_scale: decode_gate_up's; ids int [T, top_k]; weights fp32
+    [T, top_k]; w_down [E, H, I]; out [T, H]; shared_down: [H, I] with a routed expert's
+    strides, or None; fp8: FP8 w_down's (scale, block, bits) or None (as in decode_gate_up).
     """
     from .kernels.moe_matmul import moe_down_combine_decode_kernel
 
@@ -392,7 +424,7 @@ def decode_down_combine(act, ids, weights, w_down, out, arrivals, config: Decode
     moe_down_combine_decode_kernel[(triton.cdiv(H, cfg.block_h), cfg.down_splits)](
         act_ptr=act, stride_as=act.stride(0),
         **_weight_args(w_down, ("stride_we", "stride_wh", "stride_wi"), fp8),
-        ids_ptr=ids, weights_ptr=weights, out_ptr=out, stride_ot=out.stride(0),
+        **_act_args(act_scale, cfg, down=True), ids_ptr=ids, weights_ptr=weights, out_ptr=out, stride_ot=out.stride(0),
         partial_ptr=partial, arrivals_ptr=None if partial is None else arrivals,
         shared_ptr=shared_down, T=T, H=H, I=inter, E=E, TOP_K=top_k,
         BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down, EXPERT_SPLITS=cfg.down_splits,
@@ -410,9 +442,10 @@ def decode_forward(hidden, ids, weights, w_gate_up, w_down, out, config: DecodeC
     shared_gate_up, shared_down = shared if shared is not None else (None, None)
     fp8_gate_up, fp8_down = fp8 if fp8 is not None else (None, None)
     arrivals = down_arrivals(hidden.shape[1], hidden.device, config)
-    act = decode_gate_up(hidden, ids, w_gate_up, arrivals, config, shared_gate_up, fp8_gate_up)
+    act, act_scale = decode_gate_up(hidden, ids, w_gate_up, arrivals, config, shared_gate_up,
+                                    fp8_gate_up)
     return decode_down_combine(act, ids, weights, w_down, out, arrivals, config, shared_down,
-                               fp8_down)
+                               fp8_down, act_scale)
 
 
 def grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, config: GroupedConfig,
@@ -423,8 +456,8 @@ def grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, config: Groupe
     E = w_gate_up.shape[0]
     fp8_gate_up, fp8_down = fp8 if fp8 is not None else (None, None)
     lists = align_slots(ids.view(-1), E)
-    act = expert_gate_up(hidden, w_gate_up, lists, ids.shape[1], config, fp8_gate_up)
-    partial = expert_down(act, w_down, lists, config, fp8_down)
+    act, act_scale = expert_gate_up(hidden, w_gate_up, lists, ids.shape[1], config, fp8_gate_up)
+    partial = expert_down(act, w_down, lists, config, fp8_down, act_scale)
     out = combine_slots(partial, ids, weights, out, E, combine)
     if shared is not None:
         out.copy_(out.float() + shared_expert_fp32(hidden, *shared))
@@ -449,10 +482,11 @@ def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=No
     """The Triton path of `moe_forward` (inputs already checked; same arguments).
 
     path "auto", decode and grouped None: launch.moe_launch's choice (the decode path for
-    T <= DECODE_MAX_TOKENS, else the grouped one; a `launch.override` replaces it); given
-    values win over both. FP8 weights (scales given): k steps fitted to the scale blocks
-    (launch.fit_scale_blocks), weights read as launch.fp8_bits says, and a shared expert run
-    apart (torch GEMMs in hidden's dtype, added in fp32).
+    T <= DECODE_MAX_TOKENS, else the grouped one, with FP8 weights' own tile shapes; a
+    `launch.override` replaces it); given values win over both. FP8 weights (scales given):
+    k steps fitted to the scale blocks and the act chunks (launch.fit_scale_blocks), weights
+    read as launch.fp8_bits says, and a shared expert run apart (torch GEMMs in hidden's
+    dtype, added in fp32).
     """
     T, top_k = topk_ids.shape
     # Row-major whatever hidden's layout (empty_like would inherit a transposed hidden's
@@ -463,7 +497,8 @@ def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=No
     if top_k == 0:  # no routed slot: zeros, or the shared expert alone
         return out.zero_() if shared is None else out.copy_(shared_expert_fp32(hidden, *shared))
     ids, weights = topk_ids.contiguous(), topk_weights.contiguous()
-    plan = moe_launch(T, top_k, w_gate_up.shape[0], hidden.dtype, hidden.device)
+    plan = moe_launch(T, top_k, w_gate_up.shape[0], hidden.dtype, hidden.device,
+                      fp8=scales is not None)
     path = plan.path if path == "auto" else path
     decode, grouped, fp8, apart = decode or plan.decode, grouped or plan.grouped, None, None
     if scales is not None:
