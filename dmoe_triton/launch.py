@@ -173,6 +173,9 @@ class DecodeConfig:
     # FP8 weights with bf16 activations only (ignored otherwise): the dot in fp16, activations
     # scaled exactly into its range (kernels/moe_fp8.py); False: weights converted to bf16.
     fp16_dot: bool = True
+    # With the fp16 dot: the activations scaled and converted once, by one more launch
+    # (fp16_rows_kernel), instead of in every gate/up program's every k step.
+    x_prepass: bool = True
 
     def __post_init__(self):
         _check_shape(self, powers_of_two=("block_i", "k_tile_gate_up", "warps_gate_up",
@@ -203,6 +206,7 @@ class GroupedConfig:
     stages_down: int = 6
     programs_per_sm: int = 3   # persistent grids = SMs x this (at most what fits on an SM)
     fp16_dot: bool = True      # as DecodeConfig.fp16_dot
+    x_prepass: bool = True     # as DecodeConfig.x_prepass
 
     def __post_init__(self):
         _check_shape(self, powers_of_two=("block_m", "block_i", "k_tile_gate_up",
@@ -254,15 +258,15 @@ DEFAULT_COMBINE = CombineLaunch()
 # Not yet measured: `bench_moe.py --fp8 --sweep` times them against variants on the H200 (the
 # bf16 shapes ran FP8 at 17.6 / 27.8% of copy bandwidth at 15 / 70 unique experts, 32 tokens,
 # and 20.8% at 16 x 32 tokens, slower than bf16: 2026-11-30). Chosen from the instructions
-# per weight byte of their k loops compiled for sm_90 (the converted weight tile is the wgmma's
-# left operand: block_i, block_h >= 64 at 4 warps; the down's per-step work is amortized over
-# 128 columns and 8 warps), the down k step within the gate/up's act chunk (k_tile_down <=
-# block_i: fit_scale_blocks), and two programs an SM in shared memory.
+# per weight byte of their k loops compiled for sm_90: the converted weight tile is the
+# wgmma's left operand (block_i, block_h >= 64 at 4 warps), the down's per-step work is
+# amortized over 128 x 128 weights and 8 warps, gate/up keeps 64-column items (twice the
+# programs of 128 when few experts are used), and two programs fit an SM's shared memory.
 DEFAULT_DECODE_FP8 = DecodeConfig(block_i=64, k_tile_gate_up=128, warps_gate_up=4,
                                   stages_gate_up=4, programs_per_sm=2, block_h=128,
-                                  k_tile_down=64, warps_down=8, stages_down=4, down_splits=8)
+                                  k_tile_down=128, warps_down=8, stages_down=4, down_splits=8)
 DEFAULT_GROUPED_FP8 = GroupedConfig(block_m=32, block_i=64, k_tile_gate_up=128, warps_gate_up=4,
-                                    stages_gate_up=4, block_h=128, k_tile_down=64, warps_down=8,
+                                    stages_gate_up=4, block_h=128, k_tile_down=128, warps_down=8,
                                     stages_down=4, programs_per_sm=2)
 
 
@@ -309,18 +313,17 @@ def fp8_bits(device: torch.device) -> bool:
 
 
 def fit_scale_blocks(config, block_k: int):
-    """`config` (DecodeConfig / GroupedConfig) for FP8 weights: each k step shrunk to a divisor
-    of block_k (the largest power of two <= the step that divides it), so a k step lies in one
-    scale block, and the down's k step to at most block_i, so it lies in one of the act rows'
-    scale chunks (kernels/moe_fp8.py). Correctness rules, not speed choices: they apply to
-    forced configs too."""
+    """`config` (DecodeConfig / GroupedConfig) with each k step shrunk to a divisor of block_k
+    (the largest power of two <= the step that divides it), so a k step lies in one scale
+    block (kernels/moe_fp8.py). A correctness rule, not a speed choice: it applies to forced
+    configs too."""
     def fit(step: int) -> int:
         while block_k % step:
             step //= 2
         return step
 
     return dataclasses.replace(config, k_tile_gate_up=fit(config.k_tile_gate_up),
-                               k_tile_down=fit(min(config.k_tile_down, config.block_i)))
+                               k_tile_down=fit(config.k_tile_down))
 
 
 def pipeline_stages(stages: int, dtype: torch.dtype) -> int:

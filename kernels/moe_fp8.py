@@ -27,8 +27,8 @@ weights are converted to the activations' dtype (exact for bf16, fp16 and fp32).
 
 The act rows between gate/up and down are written the same way with DOT16: fp16, scaled per
 (row, gate/up work item's ACT_CHUNK columns) by a power of two whose inverse goes to an fp32
-[rows, cdiv(I, ACT_CHUNK)] buffer (the launch keeps the down's BLOCK_K <= ACT_CHUNK, so a down k
-step reads one scale per row). fp16's 11 significant bits hold the fp32 act more closely than
+[rows, cdiv(I, ACT_CHUNK)] buffer (a down k step wider than ACT_CHUNK is that many dots, each with
+its chunk's scales). fp16's 11 significant bits hold the fp32 act more closely than
 the model path's bf16 act (8 bits).
 """
 import triton
@@ -65,10 +65,32 @@ def _fp16_scaled(x, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _dot_operand(x_t, DOT16: tl.constexpr):
+def fp16_rows_kernel(x_ptr, stride_xt, stride_xh, x16_ptr, inverse_ptr, H,
+                     CHUNK: tl.constexpr):
+    """Activations prepared once for the fp16 dot: x [T, H] (bf16, strides in elements) ->
+    x16_ptr fp16 [T, H] contiguous and inverse_ptr fp32 [T, cdiv(H, CHUNK)], each row's CHUNK
+    columns scaled by one power of two (_fp16_scaled), so a gate/up k step of CHUNK columns
+    reads its tile as it is, with no conversion in the loop. Grid (T, cdiv(H, CHUNK))."""
+    t = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    ok = offs < H
+    x = tl.load(x_ptr + t * stride_xt + offs[None, :] * stride_xh, mask=ok[None, :], other=0.0)
+    x16, inverse = _fp16_scaled(x, 1)
+    tl.store(x16_ptr + t * H + offs[None, :], x16, mask=ok[None, :])
+    tl.store(inverse_ptr + t * tl.cdiv(H, CHUNK) + chunk + tl.zeros((1, 1), tl.int32), inverse)
+
+
+@triton.jit
+def _x_operand(x_t, x_inverse_cols, rows_ok, k0, BLOCK_K: tl.constexpr, DOT16: tl.constexpr):
     """A loaded activation tile x^T [BLOCK_K, ROWS] as the dot's right operand and the factor
-    [1, ROWS] that undoes its scaling (1 without DOT16)."""
-    if DOT16:
+    [1, ROWS] that undoes its scaling: x_inverse_cols [1, ROWS] given, the tile is
+    fp16_rows_kernel's (chunk = BLOCK_K) and its factors are loaded; else with DOT16 it is
+    scaled here; else taken as it is (factor 1)."""
+    if x_inverse_cols is not None:
+        x_op = x_t
+        inverse = tl.load(x_inverse_cols + k0 // BLOCK_K, mask=rows_ok[None, :], other=0.0)
+    elif DOT16:
         x_op, inverse = _fp16_scaled(x_t, 0)
     else:
         x_op = x_t
@@ -108,15 +130,15 @@ def _fp8_dot(w_tile, w_mask, acc_t, x_op, x_inverse, s_rows, n_ok, k0, stride_sk
              PRECISION: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
              BLOCK_N: tl.constexpr, FP8_BITS: tl.constexpr):
     """acc^T + (W @ x^T) * scale * x_inverse for one k step: w_tile [BLOCK_N, BLOCK_K] pointers
-    to e4m3 weights (masked by w_mask), x_op [BLOCK_K, ROWS] from _dot_operand."""
+    to e4m3 weights (masked by w_mask), x_op [BLOCK_K, ROWS] from _x_operand."""
     w = _fp8_values(tl.load(w_tile, mask=w_mask, other=0.0), x_op.dtype, FP8_BITS)
     s = _tile_scale(s_rows, n_ok, k0, stride_sk, SCALE_N, SCALE_K, BLOCK_N, FP8_BITS)
     return acc_t + tl.dot(w, x_op, input_precision=PRECISION) * (s * x_inverse)
 
 
 @triton.jit
-def fp8_silu_gate_up(x_cols, rows_ok, stride_xh, w_gate, w_up, stride_wk, i0, offs_i, H,
-                     s_ptr, expert, I, stride_se, stride_sn, stride_sk,
+def fp8_silu_gate_up(x_cols, x_inverse_cols, rows_ok, stride_xh, w_gate, w_up, stride_wk, i0,
+                     offs_i, H, s_ptr, expert, I, stride_se, stride_sn, stride_sk,
                      ROWS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
                      PRECISION: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
                      FP8_BITS: tl.constexpr, DOT16: tl.constexpr):
@@ -124,8 +146,9 @@ def fp8_silu_gate_up(x_cols, rows_ok, stride_xh, w_gate, w_up, stride_wk, i0, of
     arange(BLOCK_I)) of one expert.
 
     x_cols [1, ROWS] points at each token row's first element (rows outside rows_ok masked: no
-    memory traffic); w_gate / w_up [BLOCK_I, 1] at the columns' e4m3 weight rows; s_ptr: the
-    expert stack's scales [E, 2 * cdiv(I, SCALE_N), cdiv(H, SCALE_K)] (gate blocks, then up).
+    memory traffic); x_inverse_cols [1, ROWS] at its fp16_rows_kernel factors, or None; w_gate /
+    w_up [BLOCK_I, 1] at the columns' e4m3 weight rows; s_ptr: the expert stack's scales [E,
+    2 * cdiv(I, SCALE_N), cdiv(H, SCALE_K)] (gate blocks, then up).
     """
     i_ok = offs_i < I
     s_gate = _scale_rows(s_ptr, expert, i0, offs_i, 0, stride_se, stride_sn, SCALE_N, BLOCK_I)
@@ -138,7 +161,7 @@ def fp8_silu_gate_up(x_cols, rows_ok, stride_xh, w_gate, w_up, stride_wk, i0, of
         k_ok = offs_k < H
         x_t = tl.load(x_cols + offs_k[:, None] * stride_xh,
                       mask=k_ok[:, None] & rows_ok[None, :], other=0.0)
-        x_op, x_inverse = _dot_operand(x_t, DOT16)  # once for both projections
+        x_op, x_inverse = _x_operand(x_t, x_inverse_cols, rows_ok, k0, BLOCK_K, DOT16)
         w_mask = i_ok[:, None] & k_ok[None, :]
         acc_gate = _fp8_dot(w_gate + offs_k[None, :] * stride_wk, w_mask, acc_gate, x_op,
                             x_inverse, s_gate, i_ok[:, None], k0, stride_sk, PRECISION, SCALE_N,
@@ -169,8 +192,9 @@ def fp8_store_act(act_t, act_ptr, stride_as, act_scale_ptr, stride_ss, slot, row
 @triton.jit
 def fp8_act_operand(act_ptr, stride_as, act_scale_ptr, stride_ss, slot, rows_ok, offs_k, k_ok, k0,
                     ACT_CHUNK: tl.constexpr, DOT16: tl.constexpr):
-    """act^T [BLOCK_K, ROWS] of rows `slot` as the down dot's right operand, and the factor
-    [1, ROWS] that undoes its scaling (fp8_store_act's inverse; 1 without DOT16)."""
+    """act^T [PART, ROWS] (offs_k: k0 + arange(PART), within one ACT_CHUNK) of rows `slot` as
+    the down dot's right operand, and the factor [1, ROWS] that undoes its scaling
+    (fp8_store_act's inverse; 1 without DOT16)."""
     a_t = tl.load(act_ptr + slot[None, :] * stride_as + offs_k[:, None],
                   mask=k_ok[:, None] & rows_ok[None, :], other=0.0)
     if DOT16:
@@ -183,20 +207,28 @@ def fp8_act_operand(act_ptr, stride_as, act_scale_ptr, stride_ss, slot, rows_ok,
 
 @triton.jit
 def fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss, slot, rows_ok, row_factor, k0, I,
-                  acc_t,
-                  w_rows, stride_wi, h0, offs_h, s_ptr, expert, stride_se, stride_sn, stride_sk,
-                  H, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SCALE_N: tl.constexpr,
-                  SCALE_K: tl.constexpr, BLOCK_H: tl.constexpr, ACT_CHUNK: tl.constexpr,
-                  FP8_BITS: tl.constexpr, DOT16: tl.constexpr):
+                  acc_t, w_rows, stride_wi, h0, offs_h, s_ptr, expert, stride_se, stride_sn,
+                  stride_sk, H, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                  SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, BLOCK_H: tl.constexpr,
+                  ACT_CHUNK: tl.constexpr, FP8_BITS: tl.constexpr, DOT16: tl.constexpr):
     """acc^T [BLOCK_H, ROWS] + (W_down[offs_h, k0 : k0 + BLOCK_K] @ act^T) * row_factor for one
     k step of one expert: w_rows [BLOCK_H, 1] point at its e4m3 weight rows offs_h (= h0 +
-    arange); row_factor [1, ROWS] fp32 multiplies each row's product (1.0: none)."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    k_ok = offs_k < I
+    arange); row_factor [1, ROWS] fp32 multiplies each row's product (1.0: none).
+
+    A step wider than the act rows' scale chunks (ACT_CHUNK: the gate/up's BLOCK_I; powers of
+    two) is its chunks' dots, each with its own factors: one loop iteration, so the pipeline's
+    per-iteration work is paid once for the whole step.
+    """
+    PART: tl.constexpr = BLOCK_K if BLOCK_K < ACT_CHUNK else ACT_CHUNK
     h_ok = offs_h < H
-    a_op, a_inverse = fp8_act_operand(act_ptr, stride_as, act_scale_ptr, stride_ss, slot,
-                                      rows_ok, offs_k, k_ok, k0, ACT_CHUNK, DOT16)
     s_rows = _scale_rows(s_ptr, expert, h0, offs_h, 0, stride_se, stride_sn, SCALE_N, BLOCK_H)
-    return _fp8_dot(w_rows + offs_k[None, :] * stride_wi, h_ok[:, None] & k_ok[None, :], acc_t,
-                    a_op, a_inverse * row_factor, s_rows, h_ok[:, None], k0, stride_sk, PRECISION, SCALE_N,
-                    SCALE_K, BLOCK_H, FP8_BITS)
+    for part in tl.static_range(BLOCK_K // PART):
+        k = k0 + part * PART  # in the step's scale block along K (PART divides BLOCK_K)
+        offs_k = k + tl.arange(0, PART)
+        k_ok = offs_k < I
+        a_op, a_inverse = fp8_act_operand(act_ptr, stride_as, act_scale_ptr, stride_ss, slot,
+                                          rows_ok, offs_k, k_ok, k, ACT_CHUNK, DOT16)
+        acc_t = _fp8_dot(w_rows + offs_k[None, :] * stride_wi, h_ok[:, None] & k_ok[None, :],
+                         acc_t, a_op, a_inverse * row_factor, s_rows, h_ok[:, None], k,
+                         stride_sk, PRECISION, SCALE_N, SCALE_K, BLOCK_H, FP8_BITS)
+    return acc_t

@@ -123,7 +123,7 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
                        s_ptr=None, stride_se=0, stride_sn=0, stride_sk=0,
                        SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
                        FP8_BITS: tl.constexpr = False, act_scale_ptr=None, stride_ss=0,
-                       DOT16: tl.constexpr = False):
+                       DOT16: tl.constexpr = False, x_inverse_ptr=None, stride_xi=0):
     """act[slot] = silu(x W_gate^T) * (x W_up^T) for the used experts' slots (persistent).
 
     x_ptr [T, H] (strides in elements); w_ptr [E, 2I, H] (gate rows, then up rows); act_ptr
@@ -132,7 +132,8 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
     reduction step along H; PRECISION: tl.dot input_precision. s_ptr: fp32 [E, 2 * cdiv(I,
     SCALE_N), cdiv(H, SCALE_K)] block scales of FP8 weights (gate blocks, then up blocks), or
     None; FP8_BITS: w_ptr holds e4m3 bytes as uint8; DOT16: fp16 dot, act_ptr fp16 and
-    act_scale_ptr fp32 [T*TOP_K, cdiv(I, BLOCK_I)] its per-row inverse scales (moe_fp8.py).
+    act_scale_ptr fp32 [T*TOP_K, cdiv(I, BLOCK_I)] its per-row inverse scales (moe_fp8.py);
+    x_inverse_ptr: fp32 [T, cdiv(H, BLOCK_K)] when x_ptr holds fp16_rows_kernel's rows, or None.
     """
     n_splits = tl.cdiv(I, BLOCK_I)
     n_items = tl.load(n_used_ptr) * n_splits
@@ -155,8 +156,11 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
                          mask=m_ok[:, None] & (offs_i < I)[None, :])
             else:
                 w_gate = w_rows + offs_i[:, None] * stride_wn
-                act_t = fp8_silu_gate_up(x_ptr + token[None, :] * stride_xt, m_ok, stride_xh,
-                                         w_gate, w_gate + I * stride_wn, stride_wk,
+                x_inverse = None
+                if x_inverse_ptr is not None:
+                    x_inverse = x_inverse_ptr + token[None, :] * stride_xi
+                act_t = fp8_silu_gate_up(x_ptr + token[None, :] * stride_xt, x_inverse, m_ok,
+                                         stride_xh, w_gate, w_gate + I * stride_wn, stride_wk,
                                          split * BLOCK_I, offs_i, H, s_ptr, expert, I,
                                          stride_se, stride_sn, stride_sk, BLOCK_M, BLOCK_I,
                                          BLOCK_K, PRECISION, SCALE_N, SCALE_K, FP8_BITS, DOT16)
@@ -301,6 +305,37 @@ def _shared_rows(shared, uses, slot, T, TOP_K, T_PAD: tl.constexpr):
 
 
 @triton.jit
+def _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_rows, stride_wn,
+                     stride_wk, act_ptr, stride_as, act_scale_ptr, stride_ss, used_ptr,
+                     row_weight_ptr, s_ptr, stride_se, stride_sn, stride_sk, expert, hit, uses,
+                     token_weights, u, i0, H, I, T_PAD: tl.constexpr, BLOCK_I: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SCALE_N: tl.constexpr,
+                     SCALE_K: tl.constexpr, FP8_BITS: tl.constexpr, DOT16: tl.constexpr):
+    """One FP8 work item of moe_gate_up_decode_kernel (the u-th used expert, columns i0 ..).
+
+    Its act rows are u * T_PAD + t, every token row (zeros where t does not use the expert),
+    so that the down launch reads them at addresses that follow from u alone; its first column
+    block also lists the expert (used_ptr[u]) and each token's routing weight for it, summed
+    over the token's slots that hold it (row_weight_ptr[u, t], 0 for other tokens).
+    """
+    t = tl.arange(0, T_PAD)
+    if i0 == 0:
+        tl.store(used_ptr + u, expert)
+        tl.store(row_weight_ptr + u * T_PAD + t, tl.sum(tl.where(hit, token_weights, 0.0), 1))
+    offs_i = i0 + tl.arange(0, BLOCK_I)
+    w_gate = w_rows + offs_i[:, None] * stride_wn
+    x_inverse = None
+    if x_inverse_ptr is not None:
+        x_inverse = x_inverse_ptr + t.to(tl.int64)[None, :] * stride_xi
+    act_t = fp8_silu_gate_up(x_ptr + t.to(tl.int64)[None, :] * stride_xt, x_inverse, uses,
+                             stride_xh, w_gate, w_gate + I * stride_wn, stride_wk, i0, offs_i, H,
+                             s_ptr, expert.to(tl.int64), I, stride_se, stride_sn, stride_sk,
+                             T_PAD, BLOCK_I, BLOCK_K, PRECISION, SCALE_N, SCALE_K, FP8_BITS, DOT16)
+    fp8_store_act(act_t, act_ptr, stride_as, act_scale_ptr, stride_ss,
+                  (u * T_PAD + t).to(tl.int64), t >= 0, i0, offs_i, I, BLOCK_I, DOT16)
+
+
+@triton.jit
 def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
                               w_ptr, stride_we, stride_wn, stride_wk,
                               act_ptr, stride_as, ids_ptr, arrivals_ptr, n_arrivals,
@@ -312,7 +347,8 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
                               s_ptr=None, stride_se=0, stride_sn=0, stride_sk=0,
                               SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
                               FP8_BITS: tl.constexpr = False, act_scale_ptr=None, stride_ss=0,
-                              DOT16: tl.constexpr = False):
+                              DOT16: tl.constexpr = False, x_inverse_ptr=None, stride_xi=0,
+                              weights_ptr=None, used_ptr=None, row_weight_ptr=None):
     """act[slot] = silu(x W_gate^T) * (x W_up^T); work item = (used expert, BLOCK_I columns).
 
     With HAS_SHARED, the shared expert (gate|up rows at shared_ptr, the routed experts' strides)
@@ -326,22 +362,29 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
     shared_ptr [2I, H] or None (without HAS_SHARED). T_PAD >= 16, TOP_K_PAD, S_PAD, NUM_BINS:
     powers of two >= T, TOP_K, T*TOP_K, E + 1. BLOCK_I: act columns per work item; BLOCK_K:
     reduction step along H; PRECISION: tl.dot input_precision. s_ptr, SCALE_N/K, FP8_BITS,
-    act_scale_ptr, DOT16: FP8 weights as in moe_gate_up_kernel (not with HAS_SHARED: the
-    wrapper runs a shared expert apart then).
+    act_scale_ptr, DOT16, x_inverse_ptr: FP8 weights as in moe_gate_up_kernel (not with
+    HAS_SHARED: the wrapper runs a shared expert apart then); FP8 weights write act by expert
+    instead (_fp8_decode_item): act_ptr [U * T_PAD, I], U = min(E, T*TOP_K), and also take
+    weights_ptr fp32 [T, TOP_K] and write used_ptr int32 [U], row_weight_ptr fp32 [U, T_PAD].
     """
     if arrivals_ptr is not None:
         for i in range(tl.program_id(0), n_arrivals, tl.num_programs(0)):
             tl.store(arrivals_ptr + i, 0)
     _, _, used, rank = _expert_buckets(ids_ptr, T * TOP_K, E, S_PAD, NUM_BINS)
-    token_ids, _ = _token_ids(ids_ptr, T, TOP_K, T_PAD, TOP_K_PAD)
+    token_ids, id_mask = _token_ids(ids_ptr, T, TOP_K, T_PAD, TOP_K_PAD)
     t = tl.arange(0, T_PAD)
+    token_weights = None
+    if weights_ptr is not None:
+        j = tl.arange(0, TOP_K_PAD)
+        token_weights = tl.load(weights_ptr + t[:, None] * TOP_K + j[None, :], mask=id_mask,
+                                other=0.0)
     n_splits = tl.cdiv(I, BLOCK_I)
     n_used = tl.sum(used.to(tl.int32), 0)
     n_items = (n_used + HAS_SHARED) * n_splits
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
         u = item // n_splits
         expert = _nth_used_expert(used, rank, u, NUM_BINS)
-        _, uses, slot = _expert_rows(token_ids, expert, TOP_K, T_PAD, TOP_K_PAD)
+        hit, uses, slot = _expert_rows(token_ids, expert, TOP_K, T_PAD, TOP_K_PAD)
         i0 = (item % n_splits) * BLOCK_I
         offs_i = i0 + tl.arange(0, BLOCK_I)
         w_rows = w_ptr + expert.to(tl.int64) * stride_we
@@ -358,14 +401,11 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
             tl.store(act_ptr + slot[:, None] * stride_as + offs_i[None, :],
                      act.to(act_ptr.dtype.element_ty), mask=uses[:, None] & (offs_i < I)[None, :])
         else:
-            w_gate = w_rows + offs_i[:, None] * stride_wn
-            act_t = fp8_silu_gate_up(x_ptr + t.to(tl.int64)[None, :] * stride_xt, uses,
-                                     stride_xh, w_gate, w_gate + I * stride_wn, stride_wk, i0,
-                                     offs_i, H, s_ptr, expert.to(tl.int64), I, stride_se,
-                                     stride_sn, stride_sk, T_PAD, BLOCK_I, BLOCK_K, PRECISION,
-                                     SCALE_N, SCALE_K, FP8_BITS, DOT16)
-            fp8_store_act(act_t, act_ptr, stride_as, act_scale_ptr, stride_ss, slot, uses, i0,
-                          offs_i, I, BLOCK_I, DOT16)
+            _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_rows,
+                             stride_wn, stride_wk, act_ptr, stride_as, act_scale_ptr, stride_ss,
+                             used_ptr, row_weight_ptr, s_ptr, stride_se, stride_sn, stride_sk,
+                             expert, hit, uses, token_weights, u, i0, H, I, T_PAD, BLOCK_I,
+                             BLOCK_K, PRECISION, SCALE_N, SCALE_K, FP8_BITS, DOT16)
 
 
 @triton.jit
@@ -437,31 +477,31 @@ def _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, sha
 
 @triton.jit
 def _fp8_down_shares(act_ptr, stride_as, act_scale_ptr, stride_ss, w_ptr, stride_we, stride_wh,
-                     stride_wi, s_ptr, stride_se, stride_sn, stride_sk, token_ids, token_weights,
-                     used, rank, h0, first, end, H, I, TOP_K,
-                     T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr, NUM_BINS: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                     SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, ACT_CHUNK: tl.constexpr,
-                     FP8_BITS: tl.constexpr, DOT16: tl.constexpr):
-    """_down_shares for FP8 weights (no shared expert): the products transposed, [BLOCK_H,
-    T_PAD], as kernels/moe_fp8.py makes them, with each token's routing weight folded into the
-    per-token factor that scales every k step's product (a token that lists the expert twice
-    gets both weights; other tokens get 0, even if a weight is NaN); y returned [T_PAD,
-    BLOCK_H]."""
+                     stride_wi, s_ptr, stride_se, stride_sn, stride_sk, used_ptr, row_weight_ptr,
+                     h0, first, end, H, I, T_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SCALE_N: tl.constexpr,
+                     SCALE_K: tl.constexpr, ACT_CHUNK: tl.constexpr, FP8_BITS: tl.constexpr,
+                     DOT16: tl.constexpr):
+    """_down_shares for FP8 weights (no shared expert) over used experts first .. end, from
+    what _fp8_decode_item wrote: act rows u * T_PAD + t, the expert used_ptr[u], the tokens'
+    routing weights row_weight_ptr[u, :] (folded into the per-token factor that scales every k
+    step's product). The products are transposed, [BLOCK_H, T_PAD], as kernels/moe_fp8.py
+    makes them; y returned [T_PAD, BLOCK_H]."""
     offs_h = h0 + tl.arange(0, BLOCK_H)
+    t = tl.arange(0, T_PAD)
     y_t = tl.zeros((BLOCK_H, T_PAD), dtype=tl.float32)
-    # One loop nest, flattened by the compiler into one pipelined loop (weight tiles stay in
-    # flight across experts), with each expert's rows looked up once, not every k step.
+    # One loop nest, flattened by the compiler into one pipelined loop: weight tiles stay in
+    # flight across experts.
     for u in tl.range(first, end, flatten=True):
-        expert = _nth_used_expert(used, rank, u, NUM_BINS)
-        hit, uses, slot = _expert_rows(token_ids, expert, TOP_K, T_PAD, TOP_K_PAD)
-        weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)[None, :]
-        w_rows = w_ptr + expert.to(tl.int64) * stride_we + offs_h[:, None] * stride_wh
+        expert = tl.load(used_ptr + u).to(tl.int64)
+        weight = tl.load(row_weight_ptr + u * T_PAD + t)[None, :]
         for k0 in range(0, I, BLOCK_K):
-            y_t = fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss, slot, uses, weight,
-                                k0, I, y_t, w_rows, stride_wi, h0, offs_h, s_ptr,
-                                expert.to(tl.int64), stride_se, stride_sn, stride_sk, H, BLOCK_K,
-                                PRECISION, SCALE_N, SCALE_K, BLOCK_H, ACT_CHUNK, FP8_BITS, DOT16)
+            y_t = fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss,
+                                (u * T_PAD + t).to(tl.int64), t >= 0, weight, k0, I, y_t,
+                                w_ptr + expert * stride_we + offs_h[:, None] * stride_wh,
+                                stride_wi, h0, offs_h, s_ptr, expert, stride_se, stride_sn,
+                                stride_sk, H, BLOCK_K, PRECISION, SCALE_N, SCALE_K, BLOCK_H,
+                                ACT_CHUNK, FP8_BITS, DOT16)
     return tl.trans(y_t)
 
 
@@ -478,7 +518,8 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
                                    SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
                                    FP8_BITS: tl.constexpr = False, act_scale_ptr=None,
                                    stride_ss=0, ACT_CHUNK: tl.constexpr = 128,
-                                   DOT16: tl.constexpr = False):
+                                   DOT16: tl.constexpr = False, used_ptr=None,
+                                   row_weight_ptr=None):
     """out[:, BLOCK_H columns] = sum over used experts e of w[:, e] * act_e W_down[e]^T.
 
     Program (h, s) takes BLOCK_H columns of H and the s-th of EXPERT_SPLITS contiguous shares
@@ -493,7 +534,8 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     out_ptr [T, H]; partial_ptr fp32 [EXPERT_SPLITS, T, H] and arrivals_ptr int32 [cdiv(H,
     BLOCK_H)] (zeroed), both None with one split; shared_ptr [H, I] or None. BLOCK_K: reduction
     step along I; the pads as in moe_gate_up_decode_kernel. s_ptr, SCALE_N/K, FP8_BITS,
-    act_scale_ptr, ACT_CHUNK, DOT16: FP8 weights as in moe_down_kernel (not with HAS_SHARED).
+    act_scale_ptr, ACT_CHUNK, DOT16: FP8 weights as in moe_down_kernel (not with HAS_SHARED),
+    their act rows, used_ptr and row_weight_ptr as moe_gate_up_decode_kernel wrote them.
     """
     _, _, used, rank = _expert_buckets(ids_ptr, T * TOP_K, E, S_PAD, NUM_BINS)
     token_ids, id_mask = _token_ids(ids_ptr, T, TOP_K, T_PAD, TOP_K_PAD)
@@ -518,9 +560,8 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     else:
         y = _fp8_down_shares(act_ptr, stride_as, act_scale_ptr, stride_ss, w_ptr, stride_we,
                              stride_wh, stride_wi, s_ptr, stride_se, stride_sn, stride_sk,
-                             token_ids, token_weights, used, rank, h0, first, end, H, I, TOP_K,
-                             T_PAD, TOP_K_PAD, NUM_BINS, BLOCK_H, BLOCK_K, PRECISION, SCALE_N,
-                             SCALE_K, ACT_CHUNK, FP8_BITS, DOT16)
+                             used_ptr, row_weight_ptr, h0, first, end, H, I, T_PAD, BLOCK_H,
+                             BLOCK_K, PRECISION, SCALE_N, SCALE_K, ACT_CHUNK, FP8_BITS, DOT16)
     y = tl.where(nan_row[:, None], float("nan"), y)
     tile_ok = (t < T)[:, None] & h_ok[None, :]
     out_tile = out_ptr + t.to(tl.int64)[:, None] * stride_ot + offs_h[None, :]

@@ -113,7 +113,8 @@ def fp8_cases(draw):
     # None: the FP8 default launches (launch.DEFAULT_*_FP8); else a forced decode config
     # (the bf16 default's shapes, so tiles narrower than the wgmma's 64 rows too).
     forced = draw(st.sampled_from([None, DecodeConfig(down_splits=draw(st.integers(1, 3)),
-                                                      k_tile_down=256)]))
+                                                      k_tile_down=256,
+                                                      x_prepass=draw(st.booleans()))]))
     return T, H, I, E, ids, weights, block, g, path, bits, forced
 
 
@@ -144,27 +145,36 @@ def random_routing(T, E, k, g):
     return ids, torch.rand(T, k, generator=g)
 
 
+def fp8_defaults(**change):
+    """launch.override's arguments: both FP8 default configs with `change`."""
+    return {name: dataclasses.replace(config, **change) for name, config in
+            (("decode", launch.DEFAULT_DECODE_FP8), ("grouped", launch.DEFAULT_GROUPED_FP8))}
+
+
+@pytest.mark.parametrize("prepass", [True, False])
 @pytest.mark.parametrize("path", ["decode", "grouped"])
-def test_fp16_dot_keeps_activations_outside_fp16_range(path):
+def test_fp16_dot_keeps_activations_outside_fp16_range(path, prepass):
     """bf16 activations whose rows lie far outside fp16's range (1e8 and 1e12: fp16 overflows
     at 65504; 1e-8: under fp16's smallest subnormal) still run the fp16 dot exactly: each row
-    is scaled by a power of two first (kernels/moe_fp8.py). Every token matches the reference
-    to bf16's rounding, relative to its own size; a plain fp16 conversion gives inf or 0."""
+    is scaled by a power of two first (kernels/moe_fp8.py; in the k loop or by the prepass
+    launch). Every token matches the reference to bf16's rounding, relative to its own size;
+    a plain fp16 conversion gives inf or 0."""
     g = torch.Generator().manual_seed(7)
     E, H, I, T = 4, 200, 72, 12
     w_gate_up, w_down, scales = make_fp8_layer(E, H, I, (128, 128), g)
     size = torch.tensor([1e8, 1e-8, 1.0, 3e4, 1e-5, 1e12] * 2)[:, None]
     hidden = (torch.randn(T, H, generator=g) * size).to(torch.bfloat16)
     ids, weights = random_routing(T, E, 2, g)
-    with launch.override(moe_path=path):
+    with launch.override(moe_path=path, **fp8_defaults(x_prepass=prepass)):
         y = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton", scales=scales)
     ref = fp8_oracle(hidden, ids, weights, w_gate_up, w_down, scales)
     row_err = (y.double() - ref).norm(dim=1) / ref.norm(dim=1)
     assert (row_err <= 1e-2).all(), row_err
 
 
+@pytest.mark.parametrize("prepass", [True, False])
 @pytest.mark.parametrize("path", ["decode", "grouped"])
-def test_fp16_dot_rows_stay_apart(path):
+def test_fp16_dot_rows_stay_apart(path, prepass):
     """A NaN in one token's activations makes that token's output NaN and no other's; a token
     of zeros outputs zeros."""
     g = torch.Generator().manual_seed(8)
@@ -174,7 +184,7 @@ def test_fp16_dot_rows_stay_apart(path):
     hidden[1, 5] = float("nan")
     hidden[2] = 0.0
     ids, weights = random_routing(T, E, 2, g)
-    with launch.override(moe_path=path):
+    with launch.override(moe_path=path, **fp8_defaults(x_prepass=prepass)):
         y = moe_forward(hidden.to(torch.bfloat16), ids, weights, w_gate_up, w_down,
                         backend="triton", scales=scales)
     assert torch.isnan(y[1]).all() and torch.equal(y[2], torch.zeros_like(y[2]))
@@ -297,13 +307,8 @@ def test_fp8_reads_follow_the_capability(monkeypatch):
 
 
 def test_k_steps_fit_the_scale_blocks():
-    """k steps divide the scale blocks' bk; the down's k step also stays within block_i (the
-    act rows' scale chunks, kernels/moe_fp8.py)."""
-    fitted = launch.fit_scale_blocks(DecodeConfig(k_tile_gate_up=128, k_tile_down=256,
-                                                  block_i=128), 128)
+    fitted = launch.fit_scale_blocks(DecodeConfig(k_tile_gate_up=128, k_tile_down=256), 128)
     assert (fitted.k_tile_gate_up, fitted.k_tile_down) == (128, 128)
-    fitted = launch.fit_scale_blocks(DecodeConfig(k_tile_down=256, block_i=64), 128)
-    assert fitted.k_tile_down == 64
     fitted = launch.fit_scale_blocks(GroupedConfig(), 48)
     assert (fitted.k_tile_gate_up, fitted.k_tile_down) == (16, 16)
 
@@ -451,7 +456,8 @@ def test_other_fp8_weights_are_dequantized_at_load(fp8_checkpoint, tmp_path):
 @pytest.mark.parametrize("T", [32, DECODE_MAX_TOKENS + 64])
 def test_fp8_bf16_kernels_match_reference_on_gpu(T):
     """bf16 activations, LLaDA2.0-mini's expert shape, 128 x 128 blocks, native and bytes, the
-    FP8 default launches with the fp16 dot and without (weights converted to bf16)."""
+    FP8 default launches (fp16 dot, activations prepared by one more launch), the fp16 dot
+    with the activations scaled in the k loop, and without it (weights converted to bf16)."""
     g = torch.Generator().manual_seed(0)
     E, H, I, k = 32, 2048, 512, 8
     w_gate_up, w_down, scales = make_fp8_layer(E, H, I, (128, 128), g)
@@ -461,11 +467,8 @@ def test_fp8_bf16_kernels_match_reference_on_gpu(T):
     ref = fp8_oracle(hidden, ids, weights, w_gate_up, w_down, scales)
     cuda = Fp8Scales(scales.gate_up.cuda(), scales.down.cuda(), scales.block)
     for bits in (False, True):
-        for fp16_dot in (True, False):
-            configs = {name: dataclasses.replace(config, fp16_dot=fp16_dot) for name, config in
-                       (("decode", launch.DEFAULT_DECODE_FP8),
-                        ("grouped", launch.DEFAULT_GROUPED_FP8))}
-            with launch.override(fp8_bits=bits, **configs):
+        for change in (dict(), dict(x_prepass=False), dict(fp16_dot=False)):
+            with launch.override(fp8_bits=bits, **fp8_defaults(**change)):
                 y = moe_forward(hidden.cuda(), ids.cuda(), weights.cuda(), w_gate_up.cuda(),
                                 w_down.cuda(), backend="triton", scales=cuda)
-            assert rel_err(y.cpu(), ref) <= 1e-2, (bits, fp16_dot)
+            assert rel_err(y.cpu(), ref) <= 1e-2, (bits, change)

@@ -166,7 +166,7 @@ def test_decode_down_splits_agree_and_leave_counters_zeroed(splits):
     w_gate_up, w_down = w_gate_up.to(DEV), w_down.to(DEV)
     config = DecodeConfig(block_h=16, down_splits=splits)
     arrivals = torch.full((H // 16,), -7, dtype=torch.int32, device=DEV)  # poison: gate/up zeroes
-    act, _ = decode_gate_up(hidden, ids, w_gate_up, None if splits == 1 else arrivals, config)
+    act = decode_gate_up(hidden, ids, w_gate_up, None if splits == 1 else arrivals, config)
     ref = oracle(hidden, ids, weights, w_gate_up, w_down)
     for _ in range(2):
         out = torch.full_like(hidden, float("nan"))
