@@ -23,7 +23,9 @@ puts its largest |value| in [2**14, 2**15), and the product is multiplied back b
 power of two in fp32. A bf16 value is then an fp16 value (8 significant bits in fp16's 11)
 unless it is more than 2**28 below its row's largest, where it rounds to fp16's subnormal step
 (an absolute error under 2**-39 of the row's largest value per element). Without DOT16 the
-weights are converted to the activations' dtype (exact for bf16, fp16 and fp32).
+weights are converted to the activations' dtype (exact for bf16, fp16 and fp32). The gate/up's
+activations may also arrive prepared so, for the whole call, by fp16_rows_kernel (one more
+launch), and its k loop then reads each fp16 tile as it is.
 
 The act rows between gate/up and down are written the same way with DOT16: fp16, scaled per
 (row, gate/up work item's ACT_CHUNK columns) by a power of two whose inverse goes to an fp32
