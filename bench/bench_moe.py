@@ -3,7 +3,8 @@
     PYTHONUNBUFFERED=1 python bench/bench_moe.py --sweep --out $OUT    # GPU, ~3 min on an H100
     python bench/bench_moe.py --smoke                                   # CPU, interpreter, ~1 min
     PYTHONUNBUFFERED=1 python bench/bench_moe.py --fp8 --out $OUT       # GPU, FP8 rows, ~1 min
-    python bench/bench_moe.py --smoke --fp8                             # CPU check of those
+    PYTHONUNBUFFERED=1 python bench/bench_moe.py --fp8 --sweep --out $OUT   # + FP8 variants, ~90 s
+    python bench/bench_moe.py --smoke --fp8 [--sweep]                   # CPU check of those
 
 One process: measure the device-to-device copy bandwidth; build 4 copies of one MoE layer's
 experts (E=256, H=2048, I=512, bf16: 1.61 GB each) so L2 (50 MB) cannot hold what a call reads;
@@ -25,9 +26,14 @@ choice's balanced shapes (issue 15): plain EC (256 experts x 1 token) and EC ins
 15 and 70 unique experts, and benchmarks with the best of each launch.
 Writes moe.md, moe.png and moe.json under --out (default $OUT, else bench/results).
 --fp8 (issue 16) times FP8 e4m3 experts with 128 x 128 block scales instead (bf16 activations,
-dequantized in the k loop) at 32 tokens with 15 / 70 unique experts and 16 x 32 tokens, beside
-bf16 on the same routing, both e4m3 reads (native, sm_89+; byte-decoded, the pre-sm_89 path);
-bytes = unique x (3.15 MB of e4m3 + 768 B of fp32 scales); writes moe_fp8.md / moe_fp8.json.
+dequantized in the k loop, launch.DEFAULT_DECODE_FP8 / DEFAULT_GROUPED_FP8) at 32 tokens with
+15 / 70 unique experts and 16 x 32 tokens, beside bf16 (its defaults) on the same routing, both
+e4m3 reads (native, sm_89+; byte-decoded, the pre-sm_89 path); bytes = unique x (3.15 MB of
+e4m3 + 768 B of fp32 scales); writes moe_fp8.md / moe_fp8.json. With --sweep it first times
+FP8_DECODE_VARIANTS at 15 and 70 unique and FP8_GROUPED_VARIANTS at 16 x 32 tokens (each
+checked against the reference before it is timed), prints each with its % of copy bandwidth
+counting FP8 bytes and the best config of each path, then writes the table with those (native
+reads only).
 --smoke runs everything but the timing on the CPU under TRITON_INTERPRET=1 (routings, unique
 counts, moe_forward vs the reference on a small layer, the peers, the md and png from made-up
 times) so this script can be checked without a GPU.
@@ -50,12 +56,13 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from dmoe_triton import RouterConfig, RoutingPolicy, launch, route  # noqa: E402
-from dmoe_triton.launch import DEFAULT_DECODE, DEFAULT_GROUPED, DecodeConfig  # noqa: E402
+from dmoe_triton.launch import (DEFAULT_DECODE, DEFAULT_DECODE_FP8, DEFAULT_GROUPED,  # noqa: E402
+                                DEFAULT_GROUPED_FP8, DecodeConfig, fit_scale_blocks)
 from dmoe_triton.moe import (decode_down_combine, decode_gate_up, down_arrivals,  # noqa: E402
                              moe_forward_triton)
 from dmoe_triton.quant import dequantize_experts, quantize_experts  # noqa: E402
 from dmoe_triton.reference import moe_forward_reference  # noqa: E402
-from common import capture, copy_bandwidth, time_ms  # noqa: E402  (bench/common.py: bench/ is on sys.path as a script)
+from common import capture, copy_bandwidth, fmt, time_ms  # noqa: E402  (bench/common.py: bench/ is on sys.path as a script)
 
 E, H, I, TOP_K, BLOCK = 256, 2048, 512, 8, 32
 CFG = RouterConfig(num_experts=E, top_k=TOP_K, n_group=8, topk_group=4, routed_scaling_factor=2.5)
@@ -492,8 +499,9 @@ def fp8_expert_bytes(scales) -> int:
     return 3 * H * I + (scales.gate_up[0].numel() + scales.down[0].numel()) * 4
 
 
-def check_fp8(routed, layer8, max_err):
-    """FP8 kernels (native and byte-decoded reads) vs the dequantize-then-fp32 reference."""
+def check_fp8(routed, layer8, max_err, decode=None, grouped=None, bits=(False, True)):
+    """FP8 kernels (native and, in `bits`, byte-decoded reads; `decode` / `grouped` FP8 configs,
+    None: the defaults) vs the dequantize-then-fp32 reference."""
     wg, wd, scales = layer8
     dg, dd = dequantize_experts(wg, wd, scales)
     gen = torch.Generator().manual_seed(2)
@@ -501,53 +509,129 @@ def check_fp8(routed, layer8, max_err):
     for row in routed:
         hidden = torch.randn(row["tokens"], wg.shape[2], generator=gen).to(wg.device, dtype)
         ref = moe_forward_reference(hidden.float(), row["ids"], row["weights"], dg, dd)
-        for bits in (False, True):
-            with launch.override(fp8_bits=bits):
+        for read_bits in bits:
+            with launch.override(fp8_bits=read_bits):
                 y = moe_forward_triton(hidden, row["ids"], row["weights"], wg, wd,
-                                       out=torch.full_like(hidden, float("nan")), scales=scales)
+                                       out=torch.full_like(hidden, float("nan")), scales=scales,
+                                       decode=decode, grouped=grouped)
             err = rel_err(y, ref) if bool(torch.isfinite(y).all()) else float("inf")
             row["fp8_err"] = max(row.get("fp8_err", 0.0), err)
             if not err <= max_err:
-                raise SystemExit(f"FP8 moe_forward is off on {row['case']!r} (fp8_bits={bits}): "
-                                 f"relative error {err:.2e} > {max_err:.0e}")
+                raise SystemExit(f"FP8 moe_forward is off on {row['case']!r} (fp8_bits="
+                                 f"{read_bits}): relative error {err:.2e} > {max_err:.0e}")
     print(f"FP8 moe_forward vs the dequantized fp32 reference on {len(routed)} routings: max "
           f"relative error {max(r['fp8_err'] for r in routed):.2e} (bound {max_err:.0e})")
 
 
-def time_fp8_row(row, layers, layers8, config, bw):
+# FP8 launch variants (issue 16), each a change to launch.DEFAULT_DECODE_FP8 /
+# DEFAULT_GROUPED_FP8 timed as a whole forward (the gate/up's block_i is the down's act scale
+# chunk, and the prepass feeds the gate/up), so a short list: one knob group each.
+FP8_DECODE_VARIANTS = [
+    dict(),
+    dict(fp16_dot=False),                                  # e4m3 -> bf16, bf16 dot
+    dict(x_prepass=False),                                 # activations scaled in the k loop
+    dict(block_i=128, warps_gate_up=8, stages_gate_up=3),  # half the gate/up programs
+    dict(block_h=64, warps_down=4, stages_down=6),
+    dict(k_tile_down=64, stages_down=6),
+    dict(down_splits=16),
+    dict(stages_gate_up=6, programs_per_sm=1),
+]
+FP8_GROUPED_VARIANTS = [
+    dict(),
+    dict(fp16_dot=False),
+    dict(x_prepass=False),
+    dict(block_i=128, warps_gate_up=8, stages_gate_up=3),
+    dict(block_m=16),
+    dict(block_h=64, warps_down=4, stages_down=6),
+    dict(k_tile_down=64, stages_down=6),
+    dict(programs_per_sm=1, stages_gate_up=6, stages_down=6),
+]
+FP8_SWEEP_CASES = {"decode": ("32 tok, exact 15", "32 tok, exact 70"),
+                   "grouped": ("16x32 tok, exact 15",)}
+
+
+def sweep_fp8(routed, layers8, bw, path, timer=None, variants=None):
+    """Time the FP8 variants of `path` ("decode" or "grouped") at FP8_SWEEP_CASES[path], each
+    checked against the dequantized fp32 reference first (one off by more than MAX_REL_ERR is
+    reported and never timed); return the best config, fitted to the scale blocks. timer and
+    variants as in sweep()."""
+    timer = timer or graph_us
+    base = DEFAULT_DECODE_FP8 if path == "decode" else DEFAULT_GROUPED_FP8
+    changes = FP8_DECODE_VARIANTS if path == "decode" else FP8_GROUPED_VARIANTS
+    picked = [r for r in routed if r["case"] in FP8_SWEEP_CASES[path]]
+    wg, wd, scales = layers8[0]
+    dg, dd = dequantize_experts(wg, wd, scales)
+    gen = torch.Generator().manual_seed(3)
+    dtype = DTYPE if wg.is_cuda else torch.float32
+    hiddens = [torch.randn(r["tokens"], wg.shape[2], generator=gen).to(wg.device, dtype)
+               for r in picked]
+    refs = [moe_forward_reference(h.float(), r["ids"], r["weights"], dg, dd)
+            for h, r in zip(hiddens, picked)]
+    floors = [r["unique_layer"] * fp8_expert_bytes(scales) / bw / 1e3 for r in picked]
+    print(f"FP8 {path} sweep: us per layer call (% of copy bandwidth counting FP8 bytes) at "
+          + ", ".join(r["case"] for r in picked), flush=True)
+
+    def measure(change):
+        kw = {path: dataclasses.replace(base, **change)}
+        times, err = [], 0.0
+        for row, hidden, ref in zip(picked, hiddens, refs):
+            y = moe_forward_triton(hidden, row["ids"], row["weights"], wg, wd, path=path,
+                                   out=torch.full_like(hidden, float("nan")), scales=scales, **kw)
+            err = max(err, rel_err(y, ref) if bool(torch.isfinite(y).all()) else float("inf"))
+            if not err <= MAX_REL_ERR:
+                raise ValueError(f"off the reference on {row['case']!r}: relative error {err:.1e}")
+            outs = [torch.empty_like(hidden) for _ in layers8]
+            times.append(timer(lambda: [moe_forward_triton(
+                hidden, row["ids"], row["weights"], g, d, out=o, path=path, scales=s, **kw)
+                for (g, d, s), o in zip(layers8, outs)]))
+        return times, err
+
+    best = best_change(f"fp8 {path}", changes[:variants] if variants else changes, measure,
+                       lambda ts: [100 * f / t for f, t in zip(floors, ts)])
+    config = fit_scale_blocks(dataclasses.replace(base, **best), scales.block[1])
+    print(f"  fp8 {path} best config (paste as launch.DEFAULT_{path.upper()}_FP8): {config}")
+    return config
+
+
+def time_fp8_row(row, layers, layers8, bw, decode, grouped, bits=True):
+    """bf16 (its defaults) and FP8 (the `decode` / `grouped` FP8 configs; with `bits` also the
+    byte-decoded reads) on one routing, us per layer call."""
     T, ids, weights = row["tokens"], row["ids"], row["weights"]
     hidden = torch.randn(T, H, device="cuda", dtype=DTYPE)
     outs = [torch.empty_like(hidden) for _ in layers]
 
     def bf16():
         for (wg, wd), o in zip(layers, outs):
-            moe_forward_triton(hidden, ids, weights, wg, wd, out=o, decode=config)
+            moe_forward_triton(hidden, ids, weights, wg, wd, out=o)
 
     def fp8():
         for (wg, wd, sc), o in zip(layers8, outs):
-            moe_forward_triton(hidden, ids, weights, wg, wd, out=o, decode=config, scales=sc)
+            moe_forward_triton(hidden, ids, weights, wg, wd, out=o, scales=sc, decode=decode,
+                               grouped=grouped)
 
     row["bf16_us"] = graph_us(bf16)
-    for bits, key in ((False, "fp8_us"), (True, "fp8_bits_us")):
-        with launch.override(fp8_bits=bits):  # the launch choice is made at capture
+    for read_bits, key in ((False, "fp8_us"), (True, "fp8_bits_us"))[:1 + bits]:
+        with launch.override(fp8_bits=read_bits):  # the launch choice is made at capture
             row[key] = graph_us(fp8)
     row["fp8_bytes"] = row["unique_layer"] * fp8_expert_bytes(layers8[0][2])
     row["fp8_floor_us"] = row["fp8_bytes"] / bw / 1e3
 
 
-def write_fp8(out, device, bw, rows):
+def write_fp8(out, device, bw, rows, decode, grouped):
     lines = [f"# FP8 e4m3 experts (128 x 128 block scales, bf16 activations): {device}", "",
              f"Copy bandwidth {bw:.0f} GB/s. Bytes = unique experts x (3 H I e4m3 + fp32 "
              "scales); floor = bytes / copy bandwidth; % copy bw = floor / time. `bytes` "
-             "column: the pre-sm_89 path (e4m3 decoded from uint8 with integer ops). Times per "
-             "layer call, CUDA graph of 4 calls on 4 weight copies.", "",
+             "column: the pre-sm_89 path (e4m3 decoded from uint8 with integer ops; n/a after "
+             "a sweep). Times per layer call, CUDA graph of 4 calls on 4 weight copies. bf16: "
+             "the bf16 defaults.", "", f"- FP8 decode config: `{decode}`",
+             f"- FP8 grouped config: `{grouped}`", "",
              "| routing | tokens | unique | FP8 MB | floor us | FP8 us | % copy bw | FP8 bytes "
              "us | bf16 us | FP8 / bf16 | err |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['tokens']} | {r['unique_layer']} | {r['fp8_bytes'] / 1e6:.0f} | "
             f"{r['fp8_floor_us']:.1f} | {r['fp8_us']:.1f} | "
-            f"{100 * r['fp8_floor_us'] / r['fp8_us']:.1f} | {r['fp8_bits_us']:.1f} | "
+            f"{100 * r['fp8_floor_us'] / r['fp8_us']:.1f} | {fmt(r.get('fp8_bits_us'), '.1f')} | "
             f"{r['bf16_us']:.1f} | {r['fp8_us'] / r['bf16_us']:.2f} | {r['fp8_err']:.1e} |")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "moe_fp8.md"), "w") as f:
@@ -555,32 +639,54 @@ def write_fp8(out, device, bw, rows):
     keep = ("case", "tokens", "unique_layer", "fp8_bytes", "fp8_floor_us", "fp8_us",
             "fp8_bits_us", "bf16_us", "fp8_err")
     with open(os.path.join(out, "moe_fp8.json"), "w") as f:
-        json.dump(dict(device=device, copy_gbps=bw, rows=[{k: r[k] for k in keep} for r in rows]),
-                  f, indent=1)
+        json.dump(dict(device=device, copy_gbps=bw, decode=dataclasses.asdict(decode),
+                       grouped=dataclasses.asdict(grouped),
+                       rows=[{k: r.get(k) for k in keep} for r in rows]), f, indent=1)
     print("\n".join(lines))
 
 
+def run_fp8_smoke(args, routed):
+    """--smoke --fp8 [--sweep]: the checks on a small CPU layer (and the sweep code with CPU
+    times, two variants a path), the table from made-up times."""
+    small = make_layers(1, E, 32, 32, torch.float32, "cpu")
+    layer8 = quantize_experts(*small[0], (16, 16))
+    check_fp8(routed, layer8, 1e-4)
+    decode, grouped = DEFAULT_DECODE_FP8, DEFAULT_GROUPED_FP8
+    if args.sweep:
+        print("FP8 sweep code on the small layer (CPU times, meaningless):")
+        decode, grouped = (sweep_fp8(routed, [layer8], 3000.0, path, timer=cpu_us, variants=2)
+                           for path in ("decode", "grouped"))
+    for row in routed:
+        row.update(fp8_bytes=row["unique_layer"] * 3 * H * I, bf16_us=9.0, fp8_us=5.0,
+                   fp8_bits_us=7.0)
+        row["fp8_floor_us"] = row["fp8_bytes"] / 3000.0 / 1e3
+    return write_fp8(args.out, "smoke test (made-up times)", 3000.0, routed, decode, grouped)
+
+
 def run_fp8(args):
-    """The FP8 table: GPU timing, or (--smoke) the checks on a small CPU layer and made-up times."""
+    """The FP8 table: GPU timing (after --sweep, with the best FP8 configs), or (--smoke) the
+    checks on a small CPU layer and made-up times."""
+    start = time.perf_counter()
     routed = [r for r in build_routings("cuda" if not args.smoke else "cpu",
                                         "reference" if args.smoke else "triton")
               if r["case"] in FP8_CASES]
     if args.smoke:
-        small = make_layers(1, E, 32, 32, torch.float32, "cpu")
-        check_fp8(routed, quantize_experts(*small[0], (16, 16)), 1e-4)
-        for row in routed:
-            row.update(fp8_bytes=row["unique_layer"] * 3 * H * I, bf16_us=9.0, fp8_us=5.0,
-                       fp8_bits_us=7.0)
-            row["fp8_floor_us"] = row["fp8_bytes"] / 3000.0 / 1e3
-        return write_fp8(args.out, "smoke test (made-up times)", 3000.0, routed)
+        return run_fp8_smoke(args, routed)
     props = torch.cuda.get_device_properties(0)
     bw = copy_bandwidth(torch.device("cuda")) / 1e9
     layers = make_layers(COPIES, E, H, I, DTYPE, "cuda")
     layers8 = [quantize_experts(wg, wd) for wg, wd in layers]
-    check_fp8(routed, layers8[0], MAX_REL_ERR)
+    decode, grouped = DEFAULT_DECODE_FP8, DEFAULT_GROUPED_FP8
+    if args.sweep:
+        decode, grouped = (sweep_fp8(routed, layers8, bw, path) for path in ("decode", "grouped"))
+    # After a sweep the byte-decoded reads (GPUs below sm_89) are neither checked nor timed.
+    check_fp8(routed, layers8[0], MAX_REL_ERR, decode, grouped, (False,) if args.sweep else
+              (False, True))
     for row in routed:
-        time_fp8_row(row, layers, layers8, DEFAULT_DECODE, bw)
-    write_fp8(args.out, f"{props.name} ({props.multi_processor_count} SMs)", bw, routed)
+        time_fp8_row(row, layers, layers8, bw, decode, grouped, bits=not args.sweep)
+    write_fp8(args.out, f"{props.name} ({props.multi_processor_count} SMs)", bw, routed, decode,
+              grouped)
+    print(f"bench_moe --fp8 took {time.perf_counter() - start:.0f} s")
 
 
 def run_smoke(args):

@@ -170,6 +170,12 @@ class DecodeConfig:
     # n > 1: n times the programs (n times the weight bytes in flight, 1/n of the steps each)
     # for an fp32 partial per share, summed in share order by the last program to finish.
     down_splits: int = 4
+    # FP8 weights with bf16 activations only (ignored otherwise): the dot in fp16, activations
+    # scaled exactly into its range (kernels/moe_fp8.py); False: weights converted to bf16.
+    fp16_dot: bool = True
+    # With the fp16 dot: the activations scaled and converted once, by one more launch
+    # (fp16_rows_kernel), instead of in every gate/up program's every k step.
+    x_prepass: bool = True
 
     def __post_init__(self):
         _check_shape(self, powers_of_two=("block_i", "k_tile_gate_up", "warps_gate_up",
@@ -199,6 +205,8 @@ class GroupedConfig:
     warps_down: int = 4
     stages_down: int = 6
     programs_per_sm: int = 3   # persistent grids = SMs x this (at most what fits on an SM)
+    fp16_dot: bool = True      # as DecodeConfig.fp16_dot
+    x_prepass: bool = True     # as DecodeConfig.x_prepass
 
     def __post_init__(self):
         _check_shape(self, powers_of_two=("block_m", "block_i", "k_tile_gate_up",
@@ -245,14 +253,33 @@ DEFAULT_DECODE = DecodeConfig()
 DEFAULT_GROUPED = GroupedConfig()
 DEFAULT_COMBINE = CombineLaunch()
 
+# FP8 e4m3 weights (issue 16): half the bytes of a bf16 tile per element, a conversion per
+# weight in the k loop and a transposed product (kernels/moe_fp8.py), so their own shapes.
+# Not yet measured: `bench_moe.py --fp8 --sweep` times them against variants on the H200 (the
+# bf16 shapes ran FP8 at 17.6 / 27.8% of copy bandwidth at 15 / 70 unique experts, 32 tokens,
+# and 20.8% at 16 x 32 tokens, slower than bf16: 2026-11-30). Chosen from the instructions
+# per weight byte of their k loops compiled for sm_90: the converted weight tile is the
+# wgmma's left operand (block_i, block_h >= 64 at 4 warps), the down's per-step work is
+# amortized over 128 x 128 weights and 8 warps, gate/up keeps 64-column items (twice the
+# programs of 128 when few experts are used), and two programs fit an SM's shared memory.
+DEFAULT_DECODE_FP8 = DecodeConfig(block_i=64, k_tile_gate_up=128, warps_gate_up=4,
+                                  stages_gate_up=4, programs_per_sm=2, block_h=128,
+                                  k_tile_down=128, warps_down=8, stages_down=4, down_splits=8)
+DEFAULT_GROUPED_FP8 = GroupedConfig(block_m=32, block_i=64, k_tile_gate_up=128, warps_gate_up=4,
+                                    stages_gate_up=4, block_h=128, k_tile_down=128, warps_down=8,
+                                    stages_down=4, programs_per_sm=2)
+
 
 def moe_launch(tokens: int, top_k: int, num_experts: int, dtype: torch.dtype,
-               device: torch.device) -> MoeLaunch:
+               device: torch.device, fp8: bool = False) -> MoeLaunch:
     """moe_forward's launches for T = tokens rows of top_k slots over num_experts experts:
-    the decode path for T <= DECODE_MAX_TOKENS, else the grouped one."""
+    the decode path for T <= DECODE_MAX_TOKENS, else the grouped one; fp8: the experts' weights
+    are FP8 (their own default shapes; an override applies to both kinds)."""
     path = _current("moe_path") or ("decode" if tokens <= DECODE_MAX_TOKENS else "grouped")
-    return MoeLaunch(path=path, decode=_current("decode") or DEFAULT_DECODE,
-                     grouped=_current("grouped") or DEFAULT_GROUPED,
+    decode, grouped = (DEFAULT_DECODE_FP8, DEFAULT_GROUPED_FP8) if fp8 else (DEFAULT_DECODE,
+                                                                             DEFAULT_GROUPED)
+    return MoeLaunch(path=path, decode=_current("decode") or decode,
+                     grouped=_current("grouped") or grouped,
                      combine=_current("combine") or DEFAULT_COMBINE)
 
 
@@ -288,8 +315,8 @@ def fp8_bits(device: torch.device) -> bool:
 def fit_scale_blocks(config, block_k: int):
     """`config` (DecodeConfig / GroupedConfig) with each k step shrunk to a divisor of block_k
     (the largest power of two <= the step that divides it), so a k step lies in one scale
-    block (kernels/moe_matmul.py). A correctness rule, not a speed choice: it applies to
-    forced configs too."""
+    block (kernels/moe_fp8.py). A correctness rule, not a speed choice: it applies to forced
+    configs too."""
     def fit(step: int) -> int:
         while block_k % step:
             step //= 2
@@ -471,4 +498,5 @@ __all__ = ["RouteLaunch", "RouterLaunch", "router_launch", "NormLaunch", "norm_l
            "MoeLaunch", "AttentionLaunch", "PrepLaunch", "route_launch", "moe_launch",
            "align_launch", "attention_launch", "prep_launch", "override", "override_key",
            "persistent_grid", "pipeline_stages", "dot_precision", "fp8_bits", "fit_scale_blocks",
+           "DEFAULT_DECODE_FP8", "DEFAULT_GROUPED_FP8",
            "DECODE_MAX_TOKENS", "ALIGN_MAX_SLOTS", "FEW_SEQUENCES", "MANY_SEQUENCES", "MANY_FROM"]

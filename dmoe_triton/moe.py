@@ -7,7 +7,7 @@ shared expert.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -244,8 +244,77 @@ def align_slots_torch(flat_ids: torch.Tensor, num_experts: int):
     return (sorted_slots, *used, is_used.sum().reshape(1).to(torch.int32))
 
 
-def expert_gate_up(hidden, w_gate_up, lists, top_k: int, config: GroupedConfig, fp8=None):
-    """act [T*top_k, I] in hidden's dtype: silu(x W_gate^T) * (x W_up^T) for every filled slot.
+def _dot16(hidden, config, fp8) -> bool:
+    """FP8 weights' fp16 dot (kernels/moe_fp8.py): bf16 activations and config.fp16_dot."""
+    return fp8 is not None and hidden.dtype == torch.bfloat16 and config.fp16_dot
+
+
+class ActRows(NamedTuple):
+    """What a gate/up launch hands to its down launch (act_buffers).
+
+    act [rows, I]: hidden's dtype, or fp16 with FP8 weights' fp16 dot; scale: None, or with the
+    fp16 dot fp32 [rows, cdiv(I, block_i)] the act rows' inverse scales (kernels/moe_fp8.py);
+    used / row_weight: None, or on the decode path with FP8 weights int32 [U] and fp32 [U,
+    T_PAD] (U = min(E, T * top_k)): act row u * T_PAD + t is token t's for expert used[u],
+    row_weight[u, t] its routing weight (moe_gate_up_decode_kernel).
+    """
+    act: torch.Tensor
+    scale: Optional[torch.Tensor] = None
+    used: Optional[torch.Tensor] = None
+    row_weight: Optional[torch.Tensor] = None
+
+
+def act_buffers(rows: int, inter: int, hidden, config, fp8, by_expert=None) -> ActRows:
+    """Uninitialised ActRows for `rows` act rows of I = inter columns; the scales with the fp16
+    dot (_dot16); by_expert = (U, T_PAD): the decode path's FP8 lists too (rows = U * T_PAD)."""
+    dot16 = _dot16(hidden, config, fp8)
+    dev = hidden.device
+    act = torch.empty(rows, inter, dtype=torch.float16 if dot16 else hidden.dtype, device=dev)
+    scale = None
+    if dot16:
+        scale = torch.empty(rows, triton.cdiv(inter, config.block_i), dtype=torch.float32,
+                            device=dev)
+    if by_expert is None:
+        return ActRows(act, scale)
+    return ActRows(act, scale, torch.empty(by_expert[0], dtype=torch.int32, device=dev),
+                   torch.empty(by_expert, dtype=torch.float32, device=dev))
+
+
+def _act_args(acts: ActRows, config, down: bool) -> dict:
+    """The kernels' keyword arguments for ActRows (the scales', the decode lists' where there
+    are); the down kernels also take the gate/up's column chunk a scale covers."""
+    args = dict(act_ptr=acts.act, stride_as=acts.act.stride(0))
+    if acts.scale is not None:
+        args.update(act_scale_ptr=acts.scale, stride_ss=acts.scale.stride(0), DOT16=True)
+        if down:
+            args["ACT_CHUNK"] = config.block_i
+    if acts.used is not None:
+        args.update(used_ptr=acts.used, row_weight_ptr=acts.row_weight)
+    return args
+
+
+def _x_args(hidden, config, fp8) -> dict:
+    """The gate/up kernels' activation arguments: hidden itself, or with the fp16 dot and
+    config.x_prepass its rows in fp16 and their inverse scales per k step (fp16_rows_kernel,
+    one more launch)."""
+    if not (_dot16(hidden, config, fp8) and config.x_prepass):
+        return dict(x_ptr=hidden, stride_xt=hidden.stride(0), stride_xh=hidden.stride(1))
+    from .kernels.moe_fp8 import fp16_rows_kernel
+
+    T, H = hidden.shape
+    chunk = config.k_tile_gate_up
+    x16 = torch.empty(T, H, dtype=torch.float16, device=hidden.device)
+    inverse = torch.empty(T, triton.cdiv(H, chunk), dtype=torch.float32, device=hidden.device)
+    fp16_rows_kernel[(T, triton.cdiv(H, chunk))](
+        x_ptr=hidden, stride_xt=hidden.stride(0), stride_xh=hidden.stride(1), x16_ptr=x16,
+        inverse_ptr=inverse, H=H, CHUNK=chunk, num_warps=1)
+    return dict(x_ptr=x16, stride_xt=H, stride_xh=1, x_inverse_ptr=inverse,
+                stride_xi=inverse.stride(0))
+
+
+def expert_gate_up(hidden, w_gate_up, lists, top_k: int, config: GroupedConfig,
+                   fp8=None) -> ActRows:
+    """ActRows of T*top_k rows: silu(x W_gate^T) * (x W_up^T) for every filled slot.
 
     hidden [T, H]; w_gate_up [E, 2I, H] in hidden's dtype (or FP8 with fp8 = (scale, block,
     bits): _weight_args); lists: align_slots' outputs.
@@ -254,17 +323,18 @@ def expert_gate_up(hidden, w_gate_up, lists, top_k: int, config: GroupedConfig, 
 
     T, H = hidden.shape
     E, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
-    act = torch.empty(T * top_k, inter, dtype=hidden.dtype, device=hidden.device)
     cfg = config
+    acts = act_buffers(T * top_k, inter, hidden, cfg, fp8)
     grid = persistent_grid(hidden.device, cfg.programs_per_sm,
                            min(E, T * top_k) * triton.cdiv(inter, cfg.block_i))
     moe_gate_up_kernel[grid](
-        x_ptr=hidden, stride_xt=hidden.stride(0), stride_xh=hidden.stride(1),
-        **_weight_args(w_gate_up, ("stride_we", "stride_wn", "stride_wk"), fp8), act_ptr=act, stride_as=act.stride(0), **_lists_args(lists), H=H, I=inter, TOP_K=top_k,
-        BLOCK_M=cfg.block_m, BLOCK_I=cfg.block_i, BLOCK_K=cfg.k_tile_gate_up,
-        PRECISION=dot_precision(hidden.dtype), num_warps=cfg.warps_gate_up,
-        num_stages=pipeline_stages(cfg.stages_gate_up, hidden.dtype))
-    return act
+        **_x_args(hidden, cfg, fp8),
+        **_weight_args(w_gate_up, ("stride_we", "stride_wn", "stride_wk"), fp8),
+        **_act_args(acts, cfg, down=False), **_lists_args(lists),
+        H=H, I=inter, TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_I=cfg.block_i,
+        BLOCK_K=cfg.k_tile_gate_up, PRECISION=dot_precision(hidden.dtype),
+        num_warps=cfg.warps_gate_up, num_stages=pipeline_stages(cfg.stages_gate_up, hidden.dtype))
+    return acts
 
 
 def _strides(*names, w) -> dict:
@@ -284,14 +354,15 @@ def _weight_args(w, names, fp8) -> dict:
                 SCALE_K=block[1], FP8_BITS=bits)
 
 
-def expert_down(act, w_down, lists, config: GroupedConfig, fp8=None):
+def expert_down(acts: ActRows, w_down, lists, config: GroupedConfig, fp8=None):
     """partial [T*top_k, H] fp32: act W_down^T for every filled slot (other rows unwritten).
 
-    act [T*top_k, I]; w_down [E, H, I] in act's dtype (or FP8 with fp8, as in expert_gate_up);
-    lists: align_slots' outputs.
+    acts: expert_gate_up's; w_down [E, H, I] in the act rows' model dtype (or FP8 with fp8, as
+    in expert_gate_up); lists: align_slots' outputs.
     """
     from .kernels.moe_matmul import moe_down_kernel
 
+    act = acts.act
     slots, inter = act.shape
     E, H = w_down.shape[:2]
     partial = torch.empty(slots, H, dtype=torch.float32, device=act.device)
@@ -299,7 +370,7 @@ def expert_down(act, w_down, lists, config: GroupedConfig, fp8=None):
     grid = persistent_grid(act.device, cfg.programs_per_sm,
                            min(E, slots) * triton.cdiv(H, cfg.block_h))
     moe_down_kernel[grid](
-        act_ptr=act, stride_as=act.stride(0),
+        **_act_args(acts, cfg, down=True),
         **_weight_args(w_down, ("stride_we", "stride_wh", "stride_wi"), fp8),
         partial_ptr=partial, stride_ps=partial.stride(0), **_lists_args(lists), H=H, I=inter,
         BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down,
@@ -340,13 +411,14 @@ def down_arrivals(H: int, device, config: DecodeConfig):
 
 
 def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, shared_gate_up=None,
-                   fp8=None):
-    """act [T*top_k (+ T with a shared expert), I] in hidden's dtype for the filled slots (then
-    the shared expert's rows); also zeroes `arrivals` (if any).
+                   fp8=None, weights=None) -> ActRows:
+    """ActRows for the filled slots: act rows T*top_k (+ T, the shared expert's) by slot; with
+    FP8 weights by expert instead (ActRows.used); also zeroes `arrivals` (if any).
 
     hidden [T, H]; ids int [T, top_k] contiguous; w_gate_up [E, 2I, H]; arrivals: down_arrivals'
     counters or None; shared_gate_up: [2I, H] with a routed expert's strides, or None; fp8:
-    FP8 w_gate_up's (scale, block, bits) (_weight_args; not with shared_gate_up), or None.
+    FP8 w_gate_up's (scale, block, bits) (_weight_args; not with shared_gate_up), or None;
+    weights: fp32 [T, top_k] routing weights, needed with fp8 (ActRows.row_weight).
     """
     from .kernels.moe_matmul import moe_gate_up_decode_kernel
 
@@ -354,29 +426,35 @@ def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, share
     top_k = ids.shape[1]
     E, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
     has_shared = shared_gate_up is not None
-    act = torch.empty(T * top_k + T * has_shared, inter, dtype=hidden.dtype, device=hidden.device)
     cfg = config
+    pads = _decode_pads(T, top_k, E, hidden.dtype)
     experts = min(E, T * top_k) + has_shared
+    if fp8 is None:
+        acts = act_buffers(T * top_k + T * has_shared, inter, hidden, cfg, fp8)
+    else:
+        acts = act_buffers(experts * pads["T_PAD"], inter, hidden, cfg, fp8,
+                           by_expert=(experts, pads["T_PAD"]))
     grid = persistent_grid(hidden.device, cfg.programs_per_sm,
                            experts * triton.cdiv(inter, cfg.block_i))
     moe_gate_up_decode_kernel[grid](
-        x_ptr=hidden, stride_xt=hidden.stride(0), stride_xh=hidden.stride(1),
-        **_weight_args(w_gate_up, ("stride_we", "stride_wn", "stride_wk"), fp8), act_ptr=act, stride_as=act.stride(0), ids_ptr=ids, arrivals_ptr=arrivals,
-        n_arrivals=0 if arrivals is None else arrivals.numel(), shared_ptr=shared_gate_up,
-        T=T, H=H, I=inter, E=E, TOP_K=top_k, BLOCK_I=cfg.block_i, BLOCK_K=cfg.k_tile_gate_up,
+        **_x_args(hidden, cfg, fp8),
+        **_weight_args(w_gate_up, ("stride_we", "stride_wn", "stride_wk"), fp8),
+        **_act_args(acts, cfg, down=False), ids_ptr=ids,
+        weights_ptr=None if fp8 is None else weights, arrivals_ptr=arrivals,
+        n_arrivals=0 if arrivals is None else arrivals.numel(), shared_ptr=shared_gate_up, T=T,
+        H=H, I=inter, E=E, TOP_K=top_k, BLOCK_I=cfg.block_i, BLOCK_K=cfg.k_tile_gate_up,
         HAS_SHARED=has_shared, num_warps=cfg.warps_gate_up,
-        num_stages=pipeline_stages(cfg.stages_gate_up, hidden.dtype),
-        **_decode_pads(T, top_k, E, hidden.dtype))
-    return act
+        num_stages=pipeline_stages(cfg.stages_gate_up, hidden.dtype), **pads)
+    return acts
 
 
-def decode_down_combine(act, ids, weights, w_down, out, arrivals, config: DecodeConfig,
-                        shared_down=None, fp8=None):
+def decode_down_combine(acts: ActRows, ids, weights, w_down, out, arrivals,
+                        config: DecodeConfig, shared_down=None, fp8=None):
     """out = sum over slots of weight * act W_down^T (+ the shared expert's rows of act times
     shared_down^T); `arrivals` must hold zeros (or be None with one split): decode_gate_up
     zeroes them, and the launch leaves them zeroed.
 
-    act [T*top_k (+T), I]; ids int [T, top_k]; weights fp32 [T, top_k]; w_down [E, H, I];
+    acts: decode_gate_up's; ids int [T, top_k]; weights fp32 [T, top_k]; w_down [E, H, I];
     out [T, H]; shared_down: [H, I] with a routed expert's strides, or None; fp8: FP8
     w_down's (scale, block, bits) or None (as in decode_gate_up).
     """
@@ -390,15 +468,15 @@ def decode_down_combine(act, ids, weights, w_down, out, arrivals, config: Decode
     if cfg.down_splits > 1:
         partial = torch.empty(cfg.down_splits, T, H, dtype=torch.float32, device=out.device)
     moe_down_combine_decode_kernel[(triton.cdiv(H, cfg.block_h), cfg.down_splits)](
-        act_ptr=act, stride_as=act.stride(0),
+        **_act_args(acts, cfg, down=True),
         **_weight_args(w_down, ("stride_we", "stride_wh", "stride_wi"), fp8),
         ids_ptr=ids, weights_ptr=weights, out_ptr=out, stride_ot=out.stride(0),
         partial_ptr=partial, arrivals_ptr=None if partial is None else arrivals,
         shared_ptr=shared_down, T=T, H=H, I=inter, E=E, TOP_K=top_k,
         BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down, EXPERT_SPLITS=cfg.down_splits,
         HAS_SHARED=shared_down is not None, num_warps=cfg.warps_down,
-        num_stages=pipeline_stages(cfg.stages_down, act.dtype),
-        **_decode_pads(T, top_k, E, act.dtype))
+        num_stages=pipeline_stages(cfg.stages_down, acts.act.dtype),
+        **_decode_pads(T, top_k, E, acts.act.dtype))
     return out
 
 
@@ -410,8 +488,9 @@ def decode_forward(hidden, ids, weights, w_gate_up, w_down, out, config: DecodeC
     shared_gate_up, shared_down = shared if shared is not None else (None, None)
     fp8_gate_up, fp8_down = fp8 if fp8 is not None else (None, None)
     arrivals = down_arrivals(hidden.shape[1], hidden.device, config)
-    act = decode_gate_up(hidden, ids, w_gate_up, arrivals, config, shared_gate_up, fp8_gate_up)
-    return decode_down_combine(act, ids, weights, w_down, out, arrivals, config, shared_down,
+    acts = decode_gate_up(hidden, ids, w_gate_up, arrivals, config, shared_gate_up, fp8_gate_up,
+                          weights)
+    return decode_down_combine(acts, ids, weights, w_down, out, arrivals, config, shared_down,
                                fp8_down)
 
 
@@ -423,8 +502,8 @@ def grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, config: Groupe
     E = w_gate_up.shape[0]
     fp8_gate_up, fp8_down = fp8 if fp8 is not None else (None, None)
     lists = align_slots(ids.view(-1), E)
-    act = expert_gate_up(hidden, w_gate_up, lists, ids.shape[1], config, fp8_gate_up)
-    partial = expert_down(act, w_down, lists, config, fp8_down)
+    acts = expert_gate_up(hidden, w_gate_up, lists, ids.shape[1], config, fp8_gate_up)
+    partial = expert_down(acts, w_down, lists, config, fp8_down)
     out = combine_slots(partial, ids, weights, out, E, combine)
     if shared is not None:
         out.copy_(out.float() + shared_expert_fp32(hidden, *shared))
@@ -449,10 +528,11 @@ def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=No
     """The Triton path of `moe_forward` (inputs already checked; same arguments).
 
     path "auto", decode and grouped None: launch.moe_launch's choice (the decode path for
-    T <= DECODE_MAX_TOKENS, else the grouped one; a `launch.override` replaces it); given
-    values win over both. FP8 weights (scales given): k steps fitted to the scale blocks
-    (launch.fit_scale_blocks), weights read as launch.fp8_bits says, and a shared expert run
-    apart (torch GEMMs in hidden's dtype, added in fp32).
+    T <= DECODE_MAX_TOKENS, else the grouped one, with FP8 weights' own tile shapes; a
+    `launch.override` replaces it); given values win over both. FP8 weights (scales given):
+    k steps fitted to the scale blocks and the act chunks (launch.fit_scale_blocks), weights
+    read as launch.fp8_bits says, and a shared expert run apart (torch GEMMs in hidden's
+    dtype, added in fp32).
     """
     T, top_k = topk_ids.shape
     # Row-major whatever hidden's layout (empty_like would inherit a transposed hidden's
@@ -463,7 +543,8 @@ def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=No
     if top_k == 0:  # no routed slot: zeros, or the shared expert alone
         return out.zero_() if shared is None else out.copy_(shared_expert_fp32(hidden, *shared))
     ids, weights = topk_ids.contiguous(), topk_weights.contiguous()
-    plan = moe_launch(T, top_k, w_gate_up.shape[0], hidden.dtype, hidden.device)
+    plan = moe_launch(T, top_k, w_gate_up.shape[0], hidden.dtype, hidden.device,
+                      fp8=scales is not None)
     path = plan.path if path == "auto" else path
     decode, grouped, fp8, apart = decode or plan.decode, grouped or plan.grouped, None, None
     if scales is not None:

@@ -21,16 +21,17 @@ bandwidth.
 FP8 experts (issue 16): every weight-reading kernel takes an optional `s_ptr`, the fp32 block
 scales of fine-grained FP8 checkpoints (`weight_scale_inv`: one per SCALE_N x SCALE_K block of
 an expert's [N, K] matrix, dequantized W = W_fp8 * scale). None (the default) compiles the
-plain path unchanged. Given, each k step loads the e4m3 tile (1 byte an element), converts it
-exactly to the activations' dtype (every e4m3 value is a bf16, fp16 and fp32 value), and
-scales the step's product by the tile's scales along N: the launch keeps BLOCK_K a divisor of
-SCALE_K (dmoe_triton/launch.py), so a whole k step lies in one scale block and the scale is a
-vector over N, applied to the [rows, N] product (cheaper than scaling the [K, N] tile when rows
-< K, and exact products: no bf16 rounding of W * scale). FP8_BITS reads the weights as uint8
-bytes and decodes them with integer ops, for GPUs whose Triton has no e4m3 type (< sm_89).
+plain path unchanged. Given, the k loops are kernels/moe_fp8.py's: e4m3 tiles (1 byte an
+element) as the left operand of a transposed product, each k step's product scaled in fp32, and
+with DOT16 an fp16 dot (activations scaled per row by a power of two, exactly), the act rows
+between gate/up and down in fp16 with per-row scales in `act_scale_ptr`. FP8_BITS reads the
+weights as uint8 bytes and decodes them with integer ops, for GPUs whose Triton has no e4m3
+type (< sm_89).
 """
 import triton
 import triton.language as tl
+
+from .moe_fp8 import fp8_down_step, fp8_silu_gate_up, fp8_store_act
 
 
 @triton.jit
@@ -83,60 +84,19 @@ def _tile_slots(sorted_slots_ptr, start, count, m0, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _fp8_values(w, dtype, FP8_BITS: tl.constexpr):
-    """An FP8 weight tile as `dtype`, exactly. FP8_BITS: the tile holds e4m3 bytes (uint8);
-    moving sign and exponent|mantissa into fp16's bit positions gives value / 256 for every
-    finite e4m3 byte, subnormals included (the scales carry the 256: _block_scales)."""
-    if FP8_BITS:
-        b = w.to(tl.int16)
-        w = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
-    return w.to(dtype)
-
-
-@triton.jit
-def _block_scales(s_rows, n_ok, k0, stride_sk, SCALE_K: tl.constexpr, FP8_BITS: tl.constexpr):
-    """[1, N] fp32 scales of the k step starting at k0, for columns whose scale rows
-    s_rows [1, N] point at (masked outside n_ok)."""
-    s = tl.load(s_rows + (k0 // SCALE_K) * stride_sk, mask=n_ok, other=0.0)
-    if FP8_BITS:
-        s = s * 256.0
-    return s
-
-
-@triton.jit
-def _weight_dot(x, w_tile, w_mask, acc, s_rows, n_ok, k0, stride_sk, PRECISION: tl.constexpr,
-                SCALE_K: tl.constexpr, FP8_BITS: tl.constexpr):
-    """acc + x @ W for one k step of BLOCK_K rows of W (w_tile [BLOCK_K, N] pointers). With
-    scales (s_rows not None): FP8 W, converted exactly, its product scaled along N."""
-    w = tl.load(w_tile, mask=w_mask, other=0.0)
-    # One return, branches on a constexpr (Triton 3.6 compiles neither an early return here
-    # nor a returned None).
-    if s_rows is None:
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-    else:
-        s = _block_scales(s_rows, n_ok, k0, stride_sk, SCALE_K, FP8_BITS)
-        acc = acc + tl.dot(x, _fp8_values(w, x.dtype, FP8_BITS), input_precision=PRECISION) * s
-    return acc
-
-
-@triton.jit
-def _scale_rows(s_ptr, expert, offs_n, first_row, stride_se, stride_sn, SCALE_N: tl.constexpr):
-    """[1, N] pointers to the scale rows of an expert's weight rows offs_n, the scales' rows
-    starting at first_row (up rows: after the gate rows' cdiv(I, SCALE_N)). Callers without
-    scales skip the call (a jit function may not return None under Triton 3.6)."""
-    return s_ptr + expert * stride_se + (first_row + offs_n // SCALE_N)[None, :] * stride_sn
+def _weight_dot(x, w_tile, w_mask, acc, PRECISION: tl.constexpr):
+    """acc + x @ W for one k step of BLOCK_K rows of W (w_tile [BLOCK_K, N] pointers)."""
+    return tl.dot(x, tl.load(w_tile, mask=w_mask, other=0.0), acc, input_precision=PRECISION)
 
 
 @triton.jit
 def _silu_gate_up(x_rows, rows_ok, stride_xh, w_gate, w_up, stride_wk, i_ok, H,
-                  s_gate, s_up, stride_sk,
                   ROWS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-                  PRECISION: tl.constexpr, SCALE_K: tl.constexpr, FP8_BITS: tl.constexpr):
+                  PRECISION: tl.constexpr):
     """silu(x W_gate^T) * (x W_up^T) in fp32 for ROWS token rows and BLOCK_I columns.
 
     x_rows [ROWS, 1] points at each row's first element; rows outside `rows_ok` are masked, so
-    they cost no memory traffic. w_gate / w_up [1, BLOCK_I] point at the columns' weight rows;
-    s_gate / s_up [1, BLOCK_I] at their scale rows (FP8 weights) or None.
+    they cost no memory traffic. w_gate / w_up [1, BLOCK_I] point at the columns' weight rows.
     """
     acc_gate = tl.zeros((ROWS, BLOCK_I), dtype=tl.float32)
     acc_up = tl.zeros((ROWS, BLOCK_I), dtype=tl.float32)
@@ -146,10 +106,9 @@ def _silu_gate_up(x_rows, rows_ok, stride_xh, w_gate, w_up, stride_wk, i_ok, H,
         x = tl.load(x_rows + offs_k[None, :] * stride_xh, mask=rows_ok[:, None] & k_ok[None, :],
                     other=0.0)
         w_mask = k_ok[:, None] & i_ok[None, :]
-        acc_gate = _weight_dot(x, w_gate + offs_k[:, None] * stride_wk, w_mask, acc_gate, s_gate,
-                               i_ok[None, :], k0, stride_sk, PRECISION, SCALE_K, FP8_BITS)
-        acc_up = _weight_dot(x, w_up + offs_k[:, None] * stride_wk, w_mask, acc_up, s_up,
-                             i_ok[None, :], k0, stride_sk, PRECISION, SCALE_K, FP8_BITS)
+        acc_gate = _weight_dot(x, w_gate + offs_k[:, None] * stride_wk, w_mask, acc_gate,
+                               PRECISION)
+        acc_up = _weight_dot(x, w_up + offs_k[:, None] * stride_wk, w_mask, acc_up, PRECISION)
     return acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
 
 
@@ -163,7 +122,8 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
                        PRECISION: tl.constexpr,
                        s_ptr=None, stride_se=0, stride_sn=0, stride_sk=0,
                        SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
-                       FP8_BITS: tl.constexpr = False):
+                       FP8_BITS: tl.constexpr = False, act_scale_ptr=None, stride_ss=0,
+                       DOT16: tl.constexpr = False, x_inverse_ptr=None, stride_xi=0):
     """act[slot] = silu(x W_gate^T) * (x W_up^T) for the used experts' slots (persistent).
 
     x_ptr [T, H] (strides in elements); w_ptr [E, 2I, H] (gate rows, then up rows); act_ptr
@@ -171,7 +131,9 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
     per token (runtime). BLOCK_M: slots per tile; BLOCK_I: act columns per work item; BLOCK_K:
     reduction step along H; PRECISION: tl.dot input_precision. s_ptr: fp32 [E, 2 * cdiv(I,
     SCALE_N), cdiv(H, SCALE_K)] block scales of FP8 weights (gate blocks, then up blocks), or
-    None; FP8_BITS: w_ptr holds e4m3 bytes as uint8 (module docstring).
+    None; FP8_BITS: w_ptr holds e4m3 bytes as uint8; DOT16: fp16 dot, act_ptr fp16 and
+    act_scale_ptr fp32 [T*TOP_K, cdiv(I, BLOCK_I)] its per-row inverse scales (moe_fp8.py);
+    x_inverse_ptr: fp32 [T, cdiv(H, BLOCK_K)] when x_ptr holds fp16_rows_kernel's rows, or None.
     """
     n_splits = tl.cdiv(I, BLOCK_I)
     n_items = tl.load(n_used_ptr) * n_splits
@@ -179,24 +141,48 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
         expert, start, count, split = _work_item(item, n_splits, used_expert_ptr, used_start_ptr,
                                                  used_count_ptr)
         offs_i = split * BLOCK_I + tl.arange(0, BLOCK_I)
-        i_ok = offs_i < I
-        w_gate = w_ptr + expert * stride_we + offs_i[None, :] * stride_wn
-        w_up = w_gate + I * stride_wn
-        s_gate = None
-        s_up = None
-        if s_ptr is not None:
-            s_gate = _scale_rows(s_ptr, expert, offs_i, 0, stride_se, stride_sn, SCALE_N)
-            s_up = _scale_rows(s_ptr, expert, offs_i, tl.cdiv(I, SCALE_N), stride_se,
-                               stride_sn, SCALE_N)
+        w_rows = w_ptr + expert * stride_we
         # An expert's tokens beyond the first tile re-read its weight slice from L2, not HBM.
         for m0 in range(0, count, BLOCK_M):
             slot, m_ok = _tile_slots(sorted_slots_ptr, start, count, m0, BLOCK_M)
-            x_rows = x_ptr + (slot // TOP_K)[:, None] * stride_xt
-            act = _silu_gate_up(x_rows, m_ok, stride_xh, w_gate, w_up, stride_wk, i_ok, H,
-                                s_gate, s_up, stride_sk, BLOCK_M, BLOCK_I, BLOCK_K, PRECISION,
-                                SCALE_K, FP8_BITS)
-            tl.store(act_ptr + slot[:, None] * stride_as + offs_i[None, :],
-                     act.to(act_ptr.dtype.element_ty), mask=m_ok[:, None] & i_ok[None, :])
+            token = slot // TOP_K
+            if s_ptr is None:
+                w_gate = w_rows + offs_i[None, :] * stride_wn
+                act = _silu_gate_up(x_ptr + token[:, None] * stride_xt, m_ok, stride_xh, w_gate,
+                                    w_gate + I * stride_wn, stride_wk, offs_i < I, H, BLOCK_M,
+                                    BLOCK_I, BLOCK_K, PRECISION)
+                tl.store(act_ptr + slot[:, None] * stride_as + offs_i[None, :],
+                         act.to(act_ptr.dtype.element_ty),
+                         mask=m_ok[:, None] & (offs_i < I)[None, :])
+            else:
+                w_gate = w_rows + offs_i[:, None] * stride_wn
+                x_inverse = None
+                if x_inverse_ptr is not None:
+                    x_inverse = x_inverse_ptr + token[None, :] * stride_xi
+                act_t = fp8_silu_gate_up(x_ptr + token[None, :] * stride_xt, x_inverse, m_ok,
+                                         stride_xh, w_gate, w_gate + I * stride_wn, stride_wk,
+                                         split * BLOCK_I, offs_i, H, s_ptr, expert, I,
+                                         stride_se, stride_sn, stride_sk, BLOCK_M, BLOCK_I,
+                                         BLOCK_K, PRECISION, SCALE_N, SCALE_K, FP8_BITS, DOT16)
+                fp8_store_act(act_t, act_ptr, stride_as, act_scale_ptr, stride_ss, slot, m_ok,
+                              split * BLOCK_I, offs_i, I, BLOCK_I, DOT16)
+
+
+@triton.jit
+def _down_tile(act_ptr, stride_as, slot, m_ok, w_rows, stride_wi, h_ok, I,
+               BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """act[slot] W^T [BLOCK_M, BLOCK_H] fp32 for one tile of slots; w_rows [1, BLOCK_H] point
+    at the columns' weight rows."""
+    acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < I
+        a = tl.load(act_ptr + slot[:, None] * stride_as + offs_k[None, :],
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = _weight_dot(a, w_rows + offs_k[:, None] * stride_wi,
+                          k_ok[:, None] & h_ok[None, :], acc, PRECISION)
+    return acc
 
 
 @triton.jit
@@ -209,14 +195,16 @@ def moe_down_kernel(act_ptr, stride_as,
                     PRECISION: tl.constexpr,
                     s_ptr=None, stride_se=0, stride_sn=0, stride_sk=0,
                     SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
-                    FP8_BITS: tl.constexpr = False):
+                    FP8_BITS: tl.constexpr = False, act_scale_ptr=None, stride_ss=0,
+                    ACT_CHUNK: tl.constexpr = 128, DOT16: tl.constexpr = False):
     """partial[slot] = act[slot] W_down^T in fp32 for the used experts' slots (persistent).
 
     act_ptr [T*TOP_K, I]; w_ptr [E, H, I] (strides in elements); partial_ptr fp32 [T*TOP_K, H]
     out; the five lists from moe_align_kernel. BLOCK_M: slots per tile; BLOCK_H: hidden columns
     per work item; BLOCK_K: reduction step along I; PRECISION: tl.dot input_precision. s_ptr:
     fp32 [E, cdiv(H, SCALE_N), cdiv(I, SCALE_K)] block scales of FP8 weights, or None;
-    FP8_BITS as in moe_gate_up_kernel.
+    FP8_BITS, DOT16 as in moe_gate_up_kernel; act_scale_ptr [T*TOP_K, cdiv(I, ACT_CHUNK)]: its
+    act scales (ACT_CHUNK: the gate/up's BLOCK_I, a multiple of BLOCK_K).
     """
     n_splits = tl.cdiv(H, BLOCK_H)
     n_items = tl.load(n_used_ptr) * n_splits
@@ -225,23 +213,25 @@ def moe_down_kernel(act_ptr, stride_as,
                                                  used_count_ptr)
         offs_h = split * BLOCK_H + tl.arange(0, BLOCK_H)
         h_ok = offs_h < H
-        w_rows = w_ptr + expert * stride_we + offs_h[None, :] * stride_wh
-        s_rows = None
-        if s_ptr is not None:
-            s_rows = _scale_rows(s_ptr, expert, offs_h, 0, stride_se, stride_sn, SCALE_N)
         for m0 in range(0, count, BLOCK_M):
             slot, m_ok = _tile_slots(sorted_slots_ptr, start, count, m0, BLOCK_M)
-            acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-            for k0 in range(0, I, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_ok = offs_k < I
-                a = tl.load(act_ptr + slot[:, None] * stride_as + offs_k[None, :],
-                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                acc = _weight_dot(a, w_rows + offs_k[:, None] * stride_wi,
-                                  k_ok[:, None] & h_ok[None, :], acc, s_rows, h_ok[None, :], k0,
-                                  stride_sk, PRECISION, SCALE_K, FP8_BITS)
-            tl.store(partial_ptr + slot[:, None] * stride_ps + offs_h[None, :], acc,
-                     mask=m_ok[:, None] & h_ok[None, :])
+            if s_ptr is None:
+                acc = _down_tile(act_ptr, stride_as, slot, m_ok, w_ptr + expert * stride_we
+                                 + offs_h[None, :] * stride_wh, stride_wi, h_ok, I, BLOCK_M,
+                                 BLOCK_H, BLOCK_K, PRECISION)
+                tl.store(partial_ptr + slot[:, None] * stride_ps + offs_h[None, :], acc,
+                         mask=m_ok[:, None] & h_ok[None, :])
+            else:
+                acc_t = tl.zeros((BLOCK_H, BLOCK_M), dtype=tl.float32)
+                for k0 in range(0, I, BLOCK_K):
+                    acc_t = fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss, slot,
+                                          m_ok, 1.0, k0, I, acc_t, w_ptr + expert * stride_we
+                                          + offs_h[:, None] * stride_wh, stride_wi,
+                                          split * BLOCK_H, offs_h, s_ptr, expert, stride_se,
+                                          stride_sn, stride_sk, H, BLOCK_K, PRECISION, SCALE_N,
+                                          SCALE_K, BLOCK_H, ACT_CHUNK, FP8_BITS, DOT16)
+                tl.store(partial_ptr + slot[None, :] * stride_ps + offs_h[:, None], acc_t,
+                         mask=m_ok[None, :] & h_ok[:, None])
 
 
 @triton.jit
@@ -315,6 +305,37 @@ def _shared_rows(shared, uses, slot, T, TOP_K, T_PAD: tl.constexpr):
 
 
 @triton.jit
+def _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_rows, stride_wn,
+                     stride_wk, act_ptr, stride_as, act_scale_ptr, stride_ss, used_ptr,
+                     row_weight_ptr, s_ptr, stride_se, stride_sn, stride_sk, expert, hit, uses,
+                     token_weights, u, i0, H, I, T_PAD: tl.constexpr, BLOCK_I: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SCALE_N: tl.constexpr,
+                     SCALE_K: tl.constexpr, FP8_BITS: tl.constexpr, DOT16: tl.constexpr):
+    """One FP8 work item of moe_gate_up_decode_kernel (the u-th used expert, columns i0 ..).
+
+    Its act rows are u * T_PAD + t, every token row (zeros where t does not use the expert),
+    so that the down launch reads them at addresses that follow from u alone; its first column
+    block also lists the expert (used_ptr[u]) and each token's routing weight for it, summed
+    over the token's slots that hold it (row_weight_ptr[u, t], 0 for other tokens).
+    """
+    t = tl.arange(0, T_PAD)
+    if i0 == 0:
+        tl.store(used_ptr + u, expert)
+        tl.store(row_weight_ptr + u * T_PAD + t, tl.sum(tl.where(hit, token_weights, 0.0), 1))
+    offs_i = i0 + tl.arange(0, BLOCK_I)
+    w_gate = w_rows + offs_i[:, None] * stride_wn
+    x_inverse = None
+    if x_inverse_ptr is not None:
+        x_inverse = x_inverse_ptr + t.to(tl.int64)[None, :] * stride_xi
+    act_t = fp8_silu_gate_up(x_ptr + t.to(tl.int64)[None, :] * stride_xt, x_inverse, uses,
+                             stride_xh, w_gate, w_gate + I * stride_wn, stride_wk, i0, offs_i, H,
+                             s_ptr, expert.to(tl.int64), I, stride_se, stride_sn, stride_sk,
+                             T_PAD, BLOCK_I, BLOCK_K, PRECISION, SCALE_N, SCALE_K, FP8_BITS, DOT16)
+    fp8_store_act(act_t, act_ptr, stride_as, act_scale_ptr, stride_ss,
+                  (u * T_PAD + t).to(tl.int64), t >= 0, i0, offs_i, I, BLOCK_I, DOT16)
+
+
+@triton.jit
 def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
                               w_ptr, stride_we, stride_wn, stride_wk,
                               act_ptr, stride_as, ids_ptr, arrivals_ptr, n_arrivals,
@@ -325,7 +346,9 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
                               HAS_SHARED: tl.constexpr,
                               s_ptr=None, stride_se=0, stride_sn=0, stride_sk=0,
                               SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
-                              FP8_BITS: tl.constexpr = False):
+                              FP8_BITS: tl.constexpr = False, act_scale_ptr=None, stride_ss=0,
+                              DOT16: tl.constexpr = False, x_inverse_ptr=None, stride_xi=0,
+                              weights_ptr=None, used_ptr=None, row_weight_ptr=None):
     """act[slot] = silu(x W_gate^T) * (x W_up^T); work item = (used expert, BLOCK_I columns).
 
     With HAS_SHARED, the shared expert (gate|up rows at shared_ptr, the routed experts' strides)
@@ -338,44 +361,51 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
     ids_ptr int [T, TOP_K] contiguous (-1 = empty); arrivals_ptr int32 [n_arrivals] or None;
     shared_ptr [2I, H] or None (without HAS_SHARED). T_PAD >= 16, TOP_K_PAD, S_PAD, NUM_BINS:
     powers of two >= T, TOP_K, T*TOP_K, E + 1. BLOCK_I: act columns per work item; BLOCK_K:
-    reduction step along H; PRECISION: tl.dot input_precision. s_ptr, SCALE_N/K, FP8_BITS: FP8
-    weights' block scales as in moe_gate_up_kernel (not with HAS_SHARED: the wrapper runs a
-    shared expert apart then).
+    reduction step along H; PRECISION: tl.dot input_precision. s_ptr, SCALE_N/K, FP8_BITS,
+    act_scale_ptr, DOT16, x_inverse_ptr: FP8 weights as in moe_gate_up_kernel (not with
+    HAS_SHARED: the wrapper runs a shared expert apart then); FP8 weights write act by expert
+    instead (_fp8_decode_item): act_ptr [U * T_PAD, I], U = min(E, T*TOP_K), and also take
+    weights_ptr fp32 [T, TOP_K] and write used_ptr int32 [U], row_weight_ptr fp32 [U, T_PAD].
     """
     if arrivals_ptr is not None:
         for i in range(tl.program_id(0), n_arrivals, tl.num_programs(0)):
             tl.store(arrivals_ptr + i, 0)
     _, _, used, rank = _expert_buckets(ids_ptr, T * TOP_K, E, S_PAD, NUM_BINS)
-    token_ids, _ = _token_ids(ids_ptr, T, TOP_K, T_PAD, TOP_K_PAD)
+    token_ids, id_mask = _token_ids(ids_ptr, T, TOP_K, T_PAD, TOP_K_PAD)
     t = tl.arange(0, T_PAD)
+    token_weights = None
+    if weights_ptr is not None:
+        j = tl.arange(0, TOP_K_PAD)
+        token_weights = tl.load(weights_ptr + t[:, None] * TOP_K + j[None, :], mask=id_mask,
+                                other=0.0)
     n_splits = tl.cdiv(I, BLOCK_I)
     n_used = tl.sum(used.to(tl.int32), 0)
     n_items = (n_used + HAS_SHARED) * n_splits
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
         u = item // n_splits
         expert = _nth_used_expert(used, rank, u, NUM_BINS)
-        _, uses, slot = _expert_rows(token_ids, expert, TOP_K, T_PAD, TOP_K_PAD)
-        offs_i = (item % n_splits) * BLOCK_I + tl.arange(0, BLOCK_I)
-        i_ok = offs_i < I
-        w_gate = w_ptr + expert.to(tl.int64) * stride_we + offs_i[None, :] * stride_wn
-        if HAS_SHARED:
-            shared = u == n_used
-            uses, slot = _shared_rows(shared, uses, slot, T, TOP_K, T_PAD)
-            w_gate = tl.where(shared, shared_ptr + offs_i[None, :] * stride_wn, w_gate)
-        w_up = w_gate + I * stride_wn
-        s_gate = None
-        s_up = None
-        if s_ptr is not None:
-            s_gate = _scale_rows(s_ptr, expert.to(tl.int64), offs_i, 0, stride_se, stride_sn,
-                                 SCALE_N)
-            s_up = _scale_rows(s_ptr, expert.to(tl.int64), offs_i, tl.cdiv(I, SCALE_N),
-                               stride_se, stride_sn, SCALE_N)
+        hit, uses, slot = _expert_rows(token_ids, expert, TOP_K, T_PAD, TOP_K_PAD)
+        i0 = (item % n_splits) * BLOCK_I
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        w_rows = w_ptr + expert.to(tl.int64) * stride_we
         # Every token row is in the tile; those that do not use the expert are masked.
-        act = _silu_gate_up(x_ptr + t.to(tl.int64)[:, None] * stride_xt, uses, stride_xh, w_gate,
-                            w_up, stride_wk, i_ok, H, s_gate, s_up, stride_sk, T_PAD, BLOCK_I,
-                            BLOCK_K, PRECISION, SCALE_K, FP8_BITS)
-        tl.store(act_ptr + slot[:, None] * stride_as + offs_i[None, :],
-                 act.to(act_ptr.dtype.element_ty), mask=uses[:, None] & i_ok[None, :])
+        if s_ptr is None:
+            w_gate = w_rows + offs_i[None, :] * stride_wn
+            if HAS_SHARED:
+                shared = u == n_used
+                uses, slot = _shared_rows(shared, uses, slot, T, TOP_K, T_PAD)
+                w_gate = tl.where(shared, shared_ptr + offs_i[None, :] * stride_wn, w_gate)
+            act = _silu_gate_up(x_ptr + t.to(tl.int64)[:, None] * stride_xt, uses, stride_xh,
+                                w_gate, w_gate + I * stride_wn, stride_wk, offs_i < I, H, T_PAD,
+                                BLOCK_I, BLOCK_K, PRECISION)
+            tl.store(act_ptr + slot[:, None] * stride_as + offs_i[None, :],
+                     act.to(act_ptr.dtype.element_ty), mask=uses[:, None] & (offs_i < I)[None, :])
+        else:
+            _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_rows,
+                             stride_wn, stride_wk, act_ptr, stride_as, act_scale_ptr, stride_ss,
+                             used_ptr, row_weight_ptr, s_ptr, stride_se, stride_sn, stride_sk,
+                             expert, hit, uses, token_weights, u, i0, H, I, T_PAD, BLOCK_I,
+                             BLOCK_K, PRECISION, SCALE_N, SCALE_K, FP8_BITS, DOT16)
 
 
 @triton.jit
@@ -408,6 +438,74 @@ def _sum_shares(y, partial_tile, out_tile, tile_ok, arrivals, share, share_strid
 
 
 @triton.jit
+def _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, shared_ptr,
+                 token_ids, token_weights, used, rank, n_used, offs_h, first, end, T, H, I, TOP_K,
+                 T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr, NUM_BINS: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                 HAS_SHARED: tl.constexpr):
+    """y [T_PAD, BLOCK_H] fp32: the routing-weighted sum of act_e W_down[e]^T over the flat
+    (expert, I step) steps first .. end (model-dtype weights)."""
+    h_ok = offs_h < H
+    k_steps = tl.cdiv(I, BLOCK_K)
+    y = tl.zeros((T_PAD, BLOCK_H), dtype=tl.float32)
+    acc = tl.zeros((T_PAD, BLOCK_H), dtype=tl.float32)
+    for step in range(first, end):
+        u = step // k_steps
+        expert = _nth_used_expert(used, rank, u, NUM_BINS)
+        hit, uses, slot = _expert_rows(token_ids, expert, TOP_K, T_PAD, TOP_K_PAD)
+        offs_k = (step % k_steps) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < I
+        w_tile = w_ptr + expert.to(tl.int64) * stride_we + offs_h[None, :] * stride_wh \
+            + offs_k[:, None] * stride_wi
+        # After an expert's last I step: add its rows times the routing weight (a token that
+        # lists the expert twice gets both weights; other tokens get 0, even if a weight is NaN).
+        weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)
+        if HAS_SHARED:
+            shared = u == n_used
+            uses, slot = _shared_rows(shared, uses, slot, T, TOP_K, T_PAD)
+            w_tile = tl.where(shared, shared_ptr + offs_h[None, :] * stride_wh
+                              + offs_k[:, None] * stride_wi, w_tile)
+            weight = tl.where(shared, 1.0, weight)
+        a = tl.load(act_ptr + slot[:, None] * stride_as + offs_k[None, :],
+                    mask=uses[:, None] & k_ok[None, :], other=0.0)
+        acc = _weight_dot(a, w_tile, k_ok[:, None] & h_ok[None, :], acc, PRECISION)
+        last = (step % k_steps) == k_steps - 1
+        y += tl.where(last, acc * weight[:, None], 0.0)
+        acc = tl.where(last, 0.0, acc)
+    return y
+
+
+@triton.jit
+def _fp8_down_shares(act_ptr, stride_as, act_scale_ptr, stride_ss, w_ptr, stride_we, stride_wh,
+                     stride_wi, s_ptr, stride_se, stride_sn, stride_sk, used_ptr, row_weight_ptr,
+                     h0, first, end, H, I, T_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SCALE_N: tl.constexpr,
+                     SCALE_K: tl.constexpr, ACT_CHUNK: tl.constexpr, FP8_BITS: tl.constexpr,
+                     DOT16: tl.constexpr):
+    """_down_shares for FP8 weights (no shared expert) over used experts first .. end, from
+    what _fp8_decode_item wrote: act rows u * T_PAD + t, the expert used_ptr[u], the tokens'
+    routing weights row_weight_ptr[u, :] (folded into the per-token factor that scales every k
+    step's product). The products are transposed, [BLOCK_H, T_PAD], as kernels/moe_fp8.py
+    makes them; y returned [T_PAD, BLOCK_H]."""
+    offs_h = h0 + tl.arange(0, BLOCK_H)
+    t = tl.arange(0, T_PAD)
+    y_t = tl.zeros((BLOCK_H, T_PAD), dtype=tl.float32)
+    # One loop nest, flattened by the compiler into one pipelined loop: weight tiles stay in
+    # flight across experts.
+    for u in tl.range(first, end, flatten=True):
+        expert = tl.load(used_ptr + u).to(tl.int64)
+        weight = tl.load(row_weight_ptr + u * T_PAD + t)[None, :]
+        for k0 in range(0, I, BLOCK_K):
+            y_t = fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss,
+                                (u * T_PAD + t).to(tl.int64), t >= 0, weight, k0, I, y_t,
+                                w_ptr + expert * stride_we + offs_h[:, None] * stride_wh,
+                                stride_wi, h0, offs_h, s_ptr, expert, stride_se, stride_sn,
+                                stride_sk, H, BLOCK_K, PRECISION, SCALE_N, SCALE_K, BLOCK_H,
+                                ACT_CHUNK, FP8_BITS, DOT16)
+    return tl.trans(y_t)
+
+
+@triton.jit
 def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi,
                                    ids_ptr, weights_ptr, out_ptr, stride_ot,
                                    partial_ptr, arrivals_ptr, shared_ptr, T, H, I, E, TOP_K,
@@ -418,7 +516,10 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
                                    HAS_SHARED: tl.constexpr,
                                    s_ptr=None, stride_se=0, stride_sn=0, stride_sk=0,
                                    SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
-                                   FP8_BITS: tl.constexpr = False):
+                                   FP8_BITS: tl.constexpr = False, act_scale_ptr=None,
+                                   stride_ss=0, ACT_CHUNK: tl.constexpr = 128,
+                                   DOT16: tl.constexpr = False, used_ptr=None,
+                                   row_weight_ptr=None):
     """out[:, BLOCK_H columns] = sum over used experts e of w[:, e] * act_e W_down[e]^T.
 
     Program (h, s) takes BLOCK_H columns of H and the s-th of EXPERT_SPLITS contiguous shares
@@ -432,8 +533,9 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     act_ptr [T*TOP_K (+T), I]; w_ptr [E, H, I]; ids_ptr int / weights_ptr fp32 [T, TOP_K];
     out_ptr [T, H]; partial_ptr fp32 [EXPERT_SPLITS, T, H] and arrivals_ptr int32 [cdiv(H,
     BLOCK_H)] (zeroed), both None with one split; shared_ptr [H, I] or None. BLOCK_K: reduction
-    step along I; the pads as in moe_gate_up_decode_kernel. s_ptr, SCALE_N/K, FP8_BITS: FP8
-    weights' block scales as in moe_down_kernel (not with HAS_SHARED).
+    step along I; the pads as in moe_gate_up_decode_kernel. s_ptr, SCALE_N/K, FP8_BITS,
+    act_scale_ptr, ACT_CHUNK, DOT16: FP8 weights as in moe_down_kernel (not with HAS_SHARED),
+    their act rows, used_ptr and row_weight_ptr as moe_gate_up_decode_kernel wrote them.
     """
     _, _, used, rank = _expert_buckets(ids_ptr, T * TOP_K, E, S_PAD, NUM_BINS)
     token_ids, id_mask = _token_ids(ids_ptr, T, TOP_K, T_PAD, TOP_K_PAD)
@@ -441,43 +543,25 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     j = tl.arange(0, TOP_K_PAD)
     token_weights = tl.load(weights_ptr + t[:, None] * TOP_K + j[None, :], mask=id_mask, other=0.0)
     nan_row = _nan_rows(token_ids, id_mask, token_weights, E)
-    offs_h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h0 = tl.program_id(0) * BLOCK_H
+    offs_h = h0 + tl.arange(0, BLOCK_H)
     h_ok = offs_h < H
     k_steps = tl.cdiv(I, BLOCK_K)
-    y = tl.zeros((T_PAD, BLOCK_H), dtype=tl.float32)
-    acc = tl.zeros((T_PAD, BLOCK_H), dtype=tl.float32)
     n_used = tl.sum(used.to(tl.int32), 0)
     n_experts = n_used + HAS_SHARED
-    share = tl.program_id(1)
-    for step in range(share * n_experts // EXPERT_SPLITS * k_steps,
-                      (share + 1) * n_experts // EXPERT_SPLITS * k_steps):
-        u = step // k_steps
-        expert = _nth_used_expert(used, rank, u, NUM_BINS)
-        hit, uses, slot = _expert_rows(token_ids, expert, TOP_K, T_PAD, TOP_K_PAD)
-        offs_k = (step % k_steps) * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < I
-        w_tile = w_ptr + expert.to(tl.int64) * stride_we + offs_h[None, :] * stride_wh \
-            + offs_k[:, None] * stride_wi
-        s_rows = None
-        if s_ptr is not None:
-            s_rows = _scale_rows(s_ptr, expert.to(tl.int64), offs_h, 0, stride_se, stride_sn,
-                                 SCALE_N)
-        # After an expert's last I step: add its rows times the routing weight (a token that
-        # lists the expert twice gets both weights; other tokens get 0, even if a weight is NaN).
-        weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)
-        if HAS_SHARED:
-            shared = u == n_used
-            uses, slot = _shared_rows(shared, uses, slot, T, TOP_K, T_PAD)
-            w_tile = tl.where(shared, shared_ptr + offs_h[None, :] * stride_wh
-                              + offs_k[:, None] * stride_wi, w_tile)
-            weight = tl.where(shared, 1.0, weight)
-        a = tl.load(act_ptr + slot[:, None] * stride_as + offs_k[None, :],
-                    mask=uses[:, None] & k_ok[None, :], other=0.0)
-        acc = _weight_dot(a, w_tile, k_ok[:, None] & h_ok[None, :], acc, s_rows, h_ok[None, :],
-                          (step % k_steps) * BLOCK_K, stride_sk, PRECISION, SCALE_K, FP8_BITS)
-        last = (step % k_steps) == k_steps - 1
-        y += tl.where(last, acc * weight[:, None], 0.0)
-        acc = tl.where(last, 0.0, acc)
+    share = tl.program_id(1)  # experts first .. end
+    first = share * n_experts // EXPERT_SPLITS
+    end = (share + 1) * n_experts // EXPERT_SPLITS
+    if s_ptr is None:
+        y = _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, shared_ptr,
+                         token_ids, token_weights, used, rank, n_used, offs_h, first * k_steps,
+                         end * k_steps, T, H, I, TOP_K, T_PAD, TOP_K_PAD, NUM_BINS, BLOCK_H,
+                         BLOCK_K, PRECISION, HAS_SHARED)
+    else:
+        y = _fp8_down_shares(act_ptr, stride_as, act_scale_ptr, stride_ss, w_ptr, stride_we,
+                             stride_wh, stride_wi, s_ptr, stride_se, stride_sn, stride_sk,
+                             used_ptr, row_weight_ptr, h0, first, end, H, I, T_PAD, BLOCK_H,
+                             BLOCK_K, PRECISION, SCALE_N, SCALE_K, ACT_CHUNK, FP8_BITS, DOT16)
     y = tl.where(nan_row[:, None], float("nan"), y)
     tile_ok = (t < T)[:, None] & h_ok[None, :]
     out_tile = out_ptr + t.to(tl.int64)[:, None] * stride_ot + offs_h[None, :]

@@ -1,6 +1,7 @@
 """FP8 (e4m3) routed experts with block scales (issue 16): quantize/dequantize, the kernels
 (both paths, native e4m3 and byte-decoded reads) against the dequantize-then-reference oracle,
 bad scales, the capability rule, and fine-grained FP8 checkpoints (save, load, errors)."""
+import dataclasses
 import json
 import math
 
@@ -100,37 +101,112 @@ def fp8_cases(draw):
     k = draw(st.integers(1, min(E, 3)))
     path = draw(st.sampled_from(["decode", "grouped"]))
     T = draw(st.integers(1, 20)) if path == "decode" else draw(st.integers(1, 80))
-    H = draw(st.sampled_from([16, 40, 64]))
-    I = draw(st.sampled_from([8, 20, 48]))
+    # 200 and 72: K and N tails past the FP8 defaults' 128- and 64-wide tiles.
+    H = draw(st.sampled_from([16, 40, 64, 200]))
+    I = draw(st.sampled_from([8, 20, 48, 72]))
     block = draw(st.sampled_from(BLOCKS))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     ids = torch.argsort(torch.rand(T, E, generator=g), dim=1)[:, :k].to(torch.int32)
     ids[torch.rand(T, k, generator=g) < 0.2] = -1
     weights = torch.where(ids >= 0, torch.rand(T, k, generator=g), 0.0)
     bits = draw(st.booleans())
-    splits = draw(st.integers(1, 3))
-    return T, H, I, E, ids, weights, block, g, path, bits, splits
+    # None: the FP8 default launches (launch.DEFAULT_*_FP8); else a forced decode config
+    # (the bf16 default's shapes, so tiles narrower than the wgmma's 64 rows too).
+    forced = draw(st.sampled_from([None, DecodeConfig(down_splits=draw(st.integers(1, 3)),
+                                                      k_tile_down=256,
+                                                      x_prepass=draw(st.booleans()))]))
+    return T, H, I, E, ids, weights, block, g, path, bits, forced
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+# bf16 activations take the fp16 dot (kernels/moe_fp8.py), which the interpreter runs right.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @given(case=fp8_cases())
 def test_fp8_kernels_match_the_dequantized_reference(dtype, case):
-    """Both paths, native e4m3 and byte-decoded reads, k steps larger than a scale block (the
-    decode down step 256 is fitted to the block), any I and H (partial blocks)."""
-    T, H, I, E, ids, weights, block, g, path, bits, splits = case
+    """Both paths, native e4m3 and byte-decoded reads, the FP8 default launches and a forced
+    one, k steps larger than a scale block (the decode down step 256 is fitted to the block),
+    any I and H (partial blocks and tiles), scales one per tile or a vector over its rows."""
+    T, H, I, E, ids, weights, block, g, path, bits, forced = case
     w_gate_up, w_down, scales = make_fp8_layer(E, H, I, block, g)
     hidden = torch.randn(T, H, generator=g).to(dtype)
     to = lambda t: t.to(DEV)  # noqa: E731
     scales = Fp8Scales(to(scales.gate_up), to(scales.down), scales.block)
     out = torch.full((T, H), float("nan"), dtype=dtype, device=DEV)
-    with launch.override(moe_path=path, fp8_bits=bits,
-                         decode=DecodeConfig(down_splits=splits, k_tile_down=256)):
+    with launch.override(moe_path=path, fp8_bits=bits, decode=forced):
         y = moe_forward(to(hidden), to(ids), to(weights), to(w_gate_up), to(w_down),
                         backend="triton", out=out, scales=scales)
     assert torch.isfinite(y).all()
     ref = fp8_oracle(hidden, ids, weights, w_gate_up, w_down, Fp8Scales(
         scales.gate_up.cpu(), scales.down.cpu(), scales.block))
     assert rel_err(y.cpu(), ref) <= (1e-4 if dtype == torch.float32 else 1e-2)
+
+
+def random_routing(T, E, k, g):
+    ids = torch.argsort(torch.rand(T, E, generator=g), dim=1)[:, :k].to(torch.int32)
+    return ids, torch.rand(T, k, generator=g)
+
+
+def fp8_defaults(**change):
+    """launch.override's arguments: both FP8 default configs with `change`."""
+    return {name: dataclasses.replace(config, **change) for name, config in
+            (("decode", launch.DEFAULT_DECODE_FP8), ("grouped", launch.DEFAULT_GROUPED_FP8))}
+
+
+@pytest.mark.parametrize("prepass", [True, False])
+@pytest.mark.parametrize("path", ["decode", "grouped"])
+def test_fp16_dot_keeps_activations_outside_fp16_range(path, prepass):
+    """bf16 activations whose rows lie far outside fp16's range (1e8 and 1e12: fp16 overflows
+    at 65504; 1e-8: under fp16's smallest subnormal) still run the fp16 dot exactly: each row
+    is scaled by a power of two first (kernels/moe_fp8.py; in the k loop or by the prepass
+    launch). Every token matches the reference to bf16's rounding, relative to its own size;
+    a plain fp16 conversion gives inf or 0."""
+    g = torch.Generator().manual_seed(7)
+    E, H, I, T = 4, 200, 72, 12
+    w_gate_up, w_down, scales = make_fp8_layer(E, H, I, (128, 128), g)
+    size = torch.tensor([1e8, 1e-8, 1.0, 3e4, 1e-5, 1e12] * 2)[:, None]
+    hidden = (torch.randn(T, H, generator=g) * size).to(torch.bfloat16)
+    ids, weights = random_routing(T, E, 2, g)
+    with launch.override(moe_path=path, **fp8_defaults(x_prepass=prepass)):
+        y = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton", scales=scales)
+    ref = fp8_oracle(hidden, ids, weights, w_gate_up, w_down, scales)
+    row_err = (y.double() - ref).norm(dim=1) / ref.norm(dim=1)
+    assert (row_err <= 1e-2).all(), row_err
+
+
+@pytest.mark.parametrize("prepass", [True, False])
+@pytest.mark.parametrize("path", ["decode", "grouped"])
+def test_fp16_dot_rows_stay_apart(path, prepass):
+    """A NaN in one token's activations makes that token's output NaN and no other's; a token
+    of zeros outputs zeros."""
+    g = torch.Generator().manual_seed(8)
+    E, H, I, T = 3, 64, 40, 6
+    w_gate_up, w_down, scales = make_fp8_layer(E, H, I, (16, 16), g)
+    hidden = torch.randn(T, H, generator=g)
+    hidden[1, 5] = float("nan")
+    hidden[2] = 0.0
+    ids, weights = random_routing(T, E, 2, g)
+    with launch.override(moe_path=path, **fp8_defaults(x_prepass=prepass)):
+        y = moe_forward(hidden.to(torch.bfloat16), ids, weights, w_gate_up, w_down,
+                        backend="triton", scales=scales)
+    assert torch.isnan(y[1]).all() and torch.equal(y[2], torch.zeros_like(y[2]))
+    keep = [0, 3, 4, 5]
+    ref = fp8_oracle(hidden.to(torch.bfloat16)[keep], ids[keep], weights[keep], w_gate_up,
+                     w_down, scales)
+    assert rel_err(y[keep], ref) <= 1e-2
+
+
+def test_fp8_weights_get_their_own_launch_defaults():
+    """moe_launch gives FP8 weights DEFAULT_*_FP8 (an override still wins, for both kinds), and
+    those already satisfy the FP8 fit rules at 128-wide scale blocks."""
+    cpu = torch.device("cpu")
+    plan = launch.moe_launch(32, 8, 256, torch.bfloat16, cpu, fp8=True)
+    assert (plan.decode, plan.grouped) == (launch.DEFAULT_DECODE_FP8, launch.DEFAULT_GROUPED_FP8)
+    plan = launch.moe_launch(32, 8, 256, torch.bfloat16, cpu)
+    assert (plan.decode, plan.grouped) == (launch.DEFAULT_DECODE, launch.DEFAULT_GROUPED)
+    forced = DecodeConfig(block_i=16)
+    with launch.override(decode=forced):
+        assert launch.moe_launch(32, 8, 256, torch.bfloat16, cpu, fp8=True).decode == forced
+    for config in (launch.DEFAULT_DECODE_FP8, launch.DEFAULT_GROUPED_FP8):
+        assert launch.fit_scale_blocks(config, 128) == config
 
 
 def test_byte_decoding_equals_native_reads():
@@ -379,7 +455,9 @@ def test_other_fp8_weights_are_dequantized_at_load(fp8_checkpoint, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [32, DECODE_MAX_TOKENS + 64])
 def test_fp8_bf16_kernels_match_reference_on_gpu(T):
-    """bf16 activations, LLaDA2.0-mini's expert shape, 128 x 128 blocks, native and bytes."""
+    """bf16 activations, LLaDA2.0-mini's expert shape, 128 x 128 blocks, native and bytes, the
+    FP8 default launches (fp16 dot, activations prepared by one more launch), the fp16 dot
+    with the activations scaled in the k loop, and without it (weights converted to bf16)."""
     g = torch.Generator().manual_seed(0)
     E, H, I, k = 32, 2048, 512, 8
     w_gate_up, w_down, scales = make_fp8_layer(E, H, I, (128, 128), g)
@@ -389,7 +467,8 @@ def test_fp8_bf16_kernels_match_reference_on_gpu(T):
     ref = fp8_oracle(hidden, ids, weights, w_gate_up, w_down, scales)
     cuda = Fp8Scales(scales.gate_up.cuda(), scales.down.cuda(), scales.block)
     for bits in (False, True):
-        with launch.override(fp8_bits=bits):
-            y = moe_forward(hidden.cuda(), ids.cuda(), weights.cuda(), w_gate_up.cuda(),
-                            w_down.cuda(), backend="triton", scales=cuda)
-        assert rel_err(y.cpu(), ref) <= 1e-2
+        for change in (dict(), dict(x_prepass=False), dict(fp16_dot=False)):
+            with launch.override(fp8_bits=bits, **fp8_defaults(**change)):
+                y = moe_forward(hidden.cuda(), ids.cuda(), weights.cuda(), w_gate_up.cuda(),
+                                w_down.cuda(), backend="triton", scales=cuda)
+            assert rel_err(y.cpu(), ref) <= 1e-2, (bits, change)

@@ -1,0 +1,236 @@
+"""FP8 (e4m3) expert weights in the expert matmuls of moe_matmul.py (issue 16): the k-loop pieces.
+
+Weights are fine-grained FP8 checkpoints' (dmoe_triton/quant.py): e4m3 W with one fp32 scale per
+SCALE_N x SCALE_K block, W = W_fp8 * scale. Every FP8 tile product here is transposed against the
+model-dtype path: acc^T [BLOCK_N, ROWS] = W [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, ROWS], weights as
+the left operand. Why: the e4m3 tile must be converted before the tensor cores take it, and on
+Hopper the left operand of wgmma may come from registers (the right one only from shared
+memory), so the converted weights go to the MMA directly; and the weight tile fills the MMA's
+64-row side that a 32-token block cannot.
+
+Each k step lies in one scale block along K (the launch keeps BLOCK_K a divisor of SCALE_K:
+dmoe_triton/launch.py), so its product is scaled once, after the dot, in fp32: exact products,
+no rounding of W * scale. When the tile's BLOCK_N rows lie in one scale block too (SCALE_N a
+multiple of BLOCK_N: tiles start at multiples of BLOCK_N), that is one scalar per k step;
+otherwise a vector over the rows.
+
+The dot's operand type (DOT16): with bf16 activations, e4m3 -> bf16 costs a conversion per
+value on sm_89/sm_90 (there is no direct one: e4m3x2 -> f16x2 is one instruction, then f16 ->
+bf16 one per value, in the slower conversion unit), while e4m3 -> fp16 is exact and is the one
+instruction per two values. So with DOT16 the dot runs in fp16, and the activations are brought
+into fp16 range exactly: each row (token) of a k-step tile is multiplied by a power of two that
+puts its largest |value| in [2**14, 2**15), and the product is multiplied back by the inverse
+power of two in fp32. A bf16 value is then an fp16 value (8 significant bits in fp16's 11)
+unless it is more than 2**28 below its row's largest, where it rounds to fp16's subnormal step
+(an absolute error under 2**-39 of the row's largest value per element). Without DOT16 the
+weights are converted to the activations' dtype (exact for bf16, fp16 and fp32). The gate/up's
+activations may also arrive prepared so, for the whole call, by fp16_rows_kernel (one more
+launch), and its k loop then reads each fp16 tile as it is.
+
+The act rows between gate/up and down are written the same way with DOT16: fp16, scaled per
+(row, gate/up work item's ACT_CHUNK columns) by a power of two whose inverse goes to an fp32
+[rows, cdiv(I, ACT_CHUNK)] buffer (a down k step wider than ACT_CHUNK is that many dots, each with
+its chunk's scales). fp16's 11 significant bits hold the fp32 act more closely than
+the model path's bf16 act (8 bits).
+"""
+import triton
+import triton.language as tl
+
+# The power of two puts |x|'s largest exponent e (biased, fp32) at 2**14: scale = 2**(141 - e),
+# as an fp32 bit pattern (141 - e + 127) << 23; capped at 2**126 (an inverse must stay normal).
+_FP16_FIELD = tl.constexpr(268)
+_MAX_FIELD = tl.constexpr(253)
+
+
+@triton.jit
+def _fp8_values(w, dtype, FP8_BITS: tl.constexpr):
+    """An FP8 weight tile as `dtype`, exactly. FP8_BITS: the tile holds e4m3 bytes (uint8);
+    moving sign and exponent|mantissa into fp16's bit positions gives value / 256 for every
+    finite e4m3 byte, subnormals included (the scales carry the 256: _tile_scale)."""
+    if FP8_BITS:
+        b = w.to(tl.int16)
+        w = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
+    return w.to(dtype)
+
+
+@triton.jit
+def _fp16_scaled(x, AXIS: tl.constexpr):
+    """x (bf16 or fp32) -> (x * 2**p as fp16, 2**-p fp32) with one power of two per slice along
+    AXIS (keep_dims: the inverse broadcasts back), chosen from the slice's largest |x| (module
+    docstring). NaN stays NaN, +-inf stays +-inf, zeros stay zeros."""
+    xf = x.to(tl.float32)
+    amax = tl.max(tl.abs(xf), AXIS, keep_dims=True)
+    field = tl.minimum(_FP16_FIELD - ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF), _MAX_FIELD)
+    scale = (field << 23).to(tl.float32, bitcast=True)
+    inverse = ((254 - field) << 23).to(tl.float32, bitcast=True)
+    return (xf * scale).to(tl.float16), inverse
+
+
+@triton.jit
+def fp16_rows_kernel(x_ptr, stride_xt, stride_xh, x16_ptr, inverse_ptr, H,
+                     CHUNK: tl.constexpr):
+    """Activations prepared once for the fp16 dot: x [T, H] (bf16, strides in elements) ->
+    x16_ptr fp16 [T, H] contiguous and inverse_ptr fp32 [T, cdiv(H, CHUNK)], each row's CHUNK
+    columns scaled by one power of two (_fp16_scaled), so a gate/up k step of CHUNK columns
+    reads its tile as it is, with no conversion in the loop. Grid (T, cdiv(H, CHUNK))."""
+    t = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    ok = offs < H
+    x = tl.load(x_ptr + t * stride_xt + offs[None, :] * stride_xh, mask=ok[None, :], other=0.0)
+    x16, inverse = _fp16_scaled(x, 1)
+    tl.store(x16_ptr + t * H + offs[None, :], x16, mask=ok[None, :])
+    tl.store(inverse_ptr + t * tl.cdiv(H, CHUNK) + chunk + tl.zeros((1, 1), tl.int32), inverse)
+
+
+@triton.jit
+def _x_operand(x_t, x_inverse_cols, rows_ok, k0, BLOCK_K: tl.constexpr, DOT16: tl.constexpr):
+    """A loaded activation tile x^T [BLOCK_K, ROWS] as the dot's right operand and the factor
+    [1, ROWS] that undoes its scaling: x_inverse_cols [1, ROWS] given, the tile is
+    fp16_rows_kernel's (chunk = BLOCK_K) and its factors are loaded; else with DOT16 it is
+    scaled here; else taken as it is (factor 1)."""
+    if x_inverse_cols is not None:
+        x_op = x_t
+        inverse = tl.load(x_inverse_cols + k0 // BLOCK_K, mask=rows_ok[None, :], other=0.0)
+    elif DOT16:
+        x_op, inverse = _fp16_scaled(x_t, 0)
+    else:
+        x_op = x_t
+        inverse = 1.0
+    return x_op, inverse
+
+
+@triton.jit
+def _scale_rows(s_ptr, expert, n0, offs_n, first_row, stride_se, stride_sn,
+                SCALE_N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pointers to the scale row(s) of an expert's weight rows offs_n (= n0 + arange(BLOCK_N)),
+    the scales' rows starting at first_row (up rows: after the gate rows' cdiv(I, SCALE_N)):
+    a scalar when the tile lies in one scale block, else [BLOCK_N, 1]."""
+    base = s_ptr + expert * stride_se
+    if SCALE_N % BLOCK_N == 0:
+        rows = base + (first_row + n0 // SCALE_N) * stride_sn
+    else:
+        rows = base + (first_row + offs_n // SCALE_N)[:, None] * stride_sn
+    return rows
+
+
+@triton.jit
+def _tile_scale(s_rows, n_ok, k0, stride_sk, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
+                BLOCK_N: tl.constexpr, FP8_BITS: tl.constexpr):
+    """The fp32 scale(s) of the k step starting at k0 (scalar or [BLOCK_N, 1], as s_rows)."""
+    if SCALE_N % BLOCK_N == 0:
+        s = tl.load(s_rows + (k0 // SCALE_K) * stride_sk)
+    else:
+        s = tl.load(s_rows + (k0 // SCALE_K) * stride_sk, mask=n_ok, other=0.0)
+    if FP8_BITS:
+        s = s * 256.0
+    return s
+
+
+@triton.jit
+def _fp8_dot(w_tile, w_mask, acc_t, x_op, x_inverse, s_rows, n_ok, k0, stride_sk,
+             PRECISION: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
+             BLOCK_N: tl.constexpr, FP8_BITS: tl.constexpr):
+    """acc^T + (W @ x^T) * scale * x_inverse for one k step: w_tile [BLOCK_N, BLOCK_K] pointers
+    to e4m3 weights (masked by w_mask), x_op [BLOCK_K, ROWS] from _x_operand."""
+    w = _fp8_values(tl.load(w_tile, mask=w_mask, other=0.0), x_op.dtype, FP8_BITS)
+    s = _tile_scale(s_rows, n_ok, k0, stride_sk, SCALE_N, SCALE_K, BLOCK_N, FP8_BITS)
+    return acc_t + tl.dot(w, x_op, input_precision=PRECISION) * (s * x_inverse)
+
+
+@triton.jit
+def fp8_silu_gate_up(x_cols, x_inverse_cols, rows_ok, stride_xh, w_gate, w_up, stride_wk, i0,
+                     offs_i, H, s_ptr, expert, I, stride_se, stride_sn, stride_sk,
+                     ROWS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PRECISION: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
+                     FP8_BITS: tl.constexpr, DOT16: tl.constexpr):
+    """act^T [BLOCK_I, ROWS] fp32 = silu(W_gate x^T) * (W_up x^T) for the columns offs_i (= i0 +
+    arange(BLOCK_I)) of one expert.
+
+    x_cols [1, ROWS] points at each token row's first element (rows outside rows_ok masked: no
+    memory traffic); x_inverse_cols [1, ROWS] at its fp16_rows_kernel factors, or None; w_gate /
+    w_up [BLOCK_I, 1] at the columns' e4m3 weight rows; s_ptr: the expert stack's scales [E,
+    2 * cdiv(I, SCALE_N), cdiv(H, SCALE_K)] (gate blocks, then up).
+    """
+    i_ok = offs_i < I
+    s_gate = _scale_rows(s_ptr, expert, i0, offs_i, 0, stride_se, stride_sn, SCALE_N, BLOCK_I)
+    s_up = _scale_rows(s_ptr, expert, i0, offs_i, tl.cdiv(I, SCALE_N), stride_se, stride_sn,
+                       SCALE_N, BLOCK_I)
+    acc_gate = tl.zeros((BLOCK_I, ROWS), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_I, ROWS), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < H
+        x_t = tl.load(x_cols + offs_k[:, None] * stride_xh,
+                      mask=k_ok[:, None] & rows_ok[None, :], other=0.0)
+        x_op, x_inverse = _x_operand(x_t, x_inverse_cols, rows_ok, k0, BLOCK_K, DOT16)
+        w_mask = i_ok[:, None] & k_ok[None, :]
+        acc_gate = _fp8_dot(w_gate + offs_k[None, :] * stride_wk, w_mask, acc_gate, x_op,
+                            x_inverse, s_gate, i_ok[:, None], k0, stride_sk, PRECISION, SCALE_N,
+                            SCALE_K, BLOCK_I, FP8_BITS)
+        acc_up = _fp8_dot(w_up + offs_k[None, :] * stride_wk, w_mask, acc_up, x_op, x_inverse,
+                          s_up, i_ok[:, None], k0, stride_sk, PRECISION, SCALE_N, SCALE_K,
+                          BLOCK_I, FP8_BITS)
+    return acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
+
+
+@triton.jit
+def fp8_store_act(act_t, act_ptr, stride_as, act_scale_ptr, stride_ss, slot, rows_ok, i0, offs_i,
+                  I, ACT_CHUNK: tl.constexpr, DOT16: tl.constexpr):
+    """Write act^T [BLOCK_I, ROWS] into act rows `slot` [ROWS], columns offs_i (= i0 + arange):
+    with DOT16 as fp16 scaled per row by a power of two, its inverse into act_scale_ptr [rows,
+    cdiv(I, ACT_CHUNK)] at column i0 // ACT_CHUNK (module docstring); else in act's dtype."""
+    mask = (offs_i < I)[:, None] & rows_ok[None, :]
+    rows = act_ptr + slot[None, :] * stride_as + offs_i[:, None]
+    if DOT16:
+        act16, inverse = _fp16_scaled(act_t, 0)
+        tl.store(act_scale_ptr + slot[None, :] * stride_ss + i0 // ACT_CHUNK, inverse,
+                 mask=rows_ok[None, :])
+        tl.store(rows, act16, mask=mask)
+    else:
+        tl.store(rows, act_t.to(act_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def fp8_act_operand(act_ptr, stride_as, act_scale_ptr, stride_ss, slot, rows_ok, offs_k, k_ok, k0,
+                    ACT_CHUNK: tl.constexpr, DOT16: tl.constexpr):
+    """act^T [PART, ROWS] (offs_k: k0 + arange(PART), within one ACT_CHUNK) of rows `slot` as
+    the down dot's right operand, and the factor [1, ROWS] that undoes its scaling
+    (fp8_store_act's inverse; 1 without DOT16)."""
+    a_t = tl.load(act_ptr + slot[None, :] * stride_as + offs_k[:, None],
+                  mask=k_ok[:, None] & rows_ok[None, :], other=0.0)
+    if DOT16:
+        inverse = tl.load(act_scale_ptr + slot[None, :] * stride_ss + k0 // ACT_CHUNK,
+                          mask=rows_ok[None, :], other=0.0)
+    else:
+        inverse = 1.0
+    return a_t, inverse
+
+
+@triton.jit
+def fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss, slot, rows_ok, row_factor, k0, I,
+                  acc_t, w_rows, stride_wi, h0, offs_h, s_ptr, expert, stride_se, stride_sn,
+                  stride_sk, H, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                  SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, BLOCK_H: tl.constexpr,
+                  ACT_CHUNK: tl.constexpr, FP8_BITS: tl.constexpr, DOT16: tl.constexpr):
+    """acc^T [BLOCK_H, ROWS] + (W_down[offs_h, k0 : k0 + BLOCK_K] @ act^T) * row_factor for one
+    k step of one expert: w_rows [BLOCK_H, 1] point at its e4m3 weight rows offs_h (= h0 +
+    arange); row_factor [1, ROWS] fp32 multiplies each row's product (1.0: none).
+
+    A step wider than the act rows' scale chunks (ACT_CHUNK: the gate/up's BLOCK_I; powers of
+    two) is its chunks' dots, each with its own factors: one loop iteration, so the pipeline's
+    per-iteration work is paid once for the whole step.
+    """
+    PART: tl.constexpr = BLOCK_K if BLOCK_K < ACT_CHUNK else ACT_CHUNK
+    h_ok = offs_h < H
+    s_rows = _scale_rows(s_ptr, expert, h0, offs_h, 0, stride_se, stride_sn, SCALE_N, BLOCK_H)
+    for part in tl.static_range(BLOCK_K // PART):
+        k = k0 + part * PART  # in the step's scale block along K (PART divides BLOCK_K)
+        offs_k = k + tl.arange(0, PART)
+        k_ok = offs_k < I
+        a_op, a_inverse = fp8_act_operand(act_ptr, stride_as, act_scale_ptr, stride_ss, slot,
+                                          rows_ok, offs_k, k_ok, k, ACT_CHUNK, DOT16)
+        acc_t = _fp8_dot(w_rows + offs_k[None, :] * stride_wi, h_ok[:, None] & k_ok[None, :],
+                         acc_t, a_op, a_inverse * row_factor, s_rows, h_ok[:, None], k,
+                         stride_sk, PRECISION, SCALE_N, SCALE_K, BLOCK_H, FP8_BITS)
+    return acc_t
