@@ -255,7 +255,7 @@ DEFAULT_COMBINE = CombineLaunch()
 
 # FP8 e4m3 weights (issue 16): half the bytes of a bf16 tile per element, a conversion per
 # weight in the k loop and a transposed product (kernels/moe_fp8.py), so their own shapes.
-# Not yet measured: `bench_moe.py --fp8 --sweep` times them against variants on the H200 (the
+# `bench_moe.py --fp8 --sweep` times them against variants on the H200 (the
 # bf16 shapes ran FP8 at 17.6 / 27.8% of copy bandwidth at 15 / 70 unique experts, 32 tokens,
 # and 20.8% at 16 x 32 tokens, slower than bf16: 2026-11-30). Chosen from the instructions
 # per weight byte of their k loops compiled for sm_90: the converted weight tile is the
@@ -265,9 +265,13 @@ DEFAULT_COMBINE = CombineLaunch()
 DEFAULT_DECODE_FP8 = DecodeConfig(block_i=64, k_tile_gate_up=128, warps_gate_up=4,
                                   stages_gate_up=4, programs_per_sm=2, block_h=128,
                                   k_tile_down=128, warps_down=8, stages_down=4, down_splits=8)
+# Measured (bench_moe.py --fp8 --sweep, H200, 2026-11-30, third session): the decode default
+# was the sweep's best: 50.5 / 132.4 us at 15 / 70 unique experts (22% / 40% of copy bandwidth
+# counting FP8 bytes; 65.0 / 191.6 us before the rework). For the grouped path the down with
+# 64-row tiles, 4 warps and 6 stages won: 528 us at 16 x 32 tokens against 548 us (21-22%).
 DEFAULT_GROUPED_FP8 = GroupedConfig(block_m=32, block_i=64, k_tile_gate_up=128, warps_gate_up=4,
-                                    stages_gate_up=4, block_h=128, k_tile_down=128, warps_down=8,
-                                    stages_down=4, programs_per_sm=2)
+                                    stages_gate_up=4, block_h=64, k_tile_down=128, warps_down=4,
+                                    stages_down=6, programs_per_sm=2)
 
 
 def moe_launch(tokens: int, top_k: int, num_experts: int, dtype: torch.dtype,
