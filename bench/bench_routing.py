@@ -8,8 +8,9 @@ graph holding REPS calls). Prints a table and writes bench/results/routing.md.
 
     python bench/bench_routing.py [--sweep] [--out bench/results/routing.md]
 
---sweep first times launch shapes of the kernel (rows per program or chunk, warps)
-on one block, checks each against the reference, and uses the fastest for the table.
+--sweep first times launch shapes of the kernel (rows per program or chunk, warps, the vote
+tile's experts per slice) on one block, checks each against the reference, prints the fastest
+six and today's default, and uses the fastest for the table.
 """
 import argparse
 import dataclasses
@@ -89,8 +90,10 @@ def check_same(a, b):
 def sweep(logits, bias, quick=False):
     """Fastest launch shape for one block, per policy family; prints the timings.
     quick: two variants per family (the GPU smoke run checks the code path, not the choice)."""
-    block_variants = [dict(vote_rows=vr, coreset_warps=w) for vr in (8, 16, 32)
-                      for w in (2, 4, 8, 16)]
+    # vote_cols: experts per slice of a row in the vote tile; a row stays inside one warp when
+    # vote_rows * vote_cols >= 128 * coreset_warps (Triton 3.6, sm_90: kernels/routing.py).
+    block_variants = [dict(vote_rows=vr, coreset_warps=w, vote_cols=vc) for vr in (8, 16, 32)
+                      for w in (4, 8, 16) for vc in (16, 32, 64)]
     token_variants = [dict(route_rows=rr, route_warps=w) for rr in (1, 2, 4) for w in (1, 2, 4)]
     if quick:
         block_variants, token_variants = block_variants[:2], token_variants[:2]
@@ -106,8 +109,11 @@ def sweep(logits, bias, quick=False):
             got = fn()
             check_same(type(want)(got.topk_ids.cpu(), got.topk_weights.cpu(), None), want)
             timings.append((time_us(fn, True), v))
+        default = [us for us, v in timings
+                   if all(getattr(DEFAULT_ROUTE, k) == value for k, value in v.items())]
         timings.sort(key=lambda x: x[0])
-        print(f"sweep ({family}, 1 block): " + ", ".join(f"{us:.1f}us {v}" for us, v in timings[:6]))
+        print(f"sweep ({family}, 1 block): " + ", ".join(f"{us:.1f}us {v}" for us, v in timings[:6])
+              + (f"; today's default {default[0]:.1f}us" if default else ""))
         best[family] = timings[0][1]
     return dataclasses.replace(DEFAULT_ROUTE, **best["block"], **best["token"]), best
 

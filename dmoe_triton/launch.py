@@ -66,6 +66,12 @@ class RouteLaunch:
     route_warps: int = 1       # route_kernel: warps per program
     vote_rows: int = 16        # block_coreset_kernel: rows per chunk of the block's votes
     coreset_warps: int = 8     # block_coreset_kernel (and window_route_kernel): warps per program
+    # block_coreset_kernel (and window_route_kernel): experts per slice of a row in the vote
+    # tile [vote_rows, E / vote_cols, vote_cols] (kernels/routing.py _window_scores). Triton
+    # 3.6 (sm_90) keeps each row inside one warp when vote_rows * vote_cols >= 128 * warps
+    # (fp32 loads of 4 per thread): 64 at 16 rows and 8 warps (offline compile: 39 barriers
+    # in the kernel against 87 at 32). Not yet timed: bench_routing.py --sweep on the H200.
+    vote_cols: int = 64
     # Block policies in one launch (kernels/router.py window_route_kernel: each program
     # computes its window's coreset, then routes its rows) instead of block_coreset_kernel +
     # route_kernel. Same results. Off: on the H200 (bench_routing --quick, 1 block, graphed,
@@ -78,7 +84,11 @@ class RouteLaunch:
 
     def __post_init__(self):
         _check_shape(self, powers_of_two=("route_rows", "vote_rows", "route_warps",
-                                          "coreset_warps", "expert_choice_warps"))
+                                          "coreset_warps", "expert_choice_warps", "vote_cols"))
+
+    def vote_cols_for(self, num_experts: int) -> int:
+        """vote_cols for E = num_experts (at most E padded to a power of two)."""
+        return min(self.vote_cols, triton.next_power_of_2(num_experts))
 
 
 DEFAULT_ROUTE = RouteLaunch()

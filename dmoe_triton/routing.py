@@ -189,7 +189,8 @@ def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
             coreset_size=policy.expert_capacity if policy.kind == "capacity" else policy.size,
             E=E, VOTE_K=cfg.top_k, POLICY=policy.code,
             BLOCK_T=min(shapes.vote_rows, triton.next_power_of_2(block_size)),
-            E_PAD=triton.next_power_of_2(E), num_warps=shapes.coreset_warps,
+            E_PAD=triton.next_power_of_2(E), VOTE_COLS=shapes.vote_cols_for(E),
+            num_warps=shapes.coreset_warps,
         )
     if not (policy.is_block and shapes.fused):
         _route_rows(x, expert_bias, ids, weights, coreset, first_position, cfg, policy, shapes,
@@ -261,7 +262,7 @@ def expert_choice_triton(logits, expert_bias, cfg: RouterConfig, policy: Routing
             **window, top_p=float(policy.top_p), guard=policy.guard, coreset_size=0,
             VOTE_K=cfg.top_k, POLICY=policy_codes.DMOE,
             BLOCK_T=min(shapes.vote_rows, triton.next_power_of_2(bs)),
-            num_warps=shapes.coreset_warps)
+            VOTE_COLS=shapes.vote_cols_for(E), num_warps=shapes.coreset_warps)
     ids = torch.empty(S, L, E, dtype=torch.int32, device=x.device)
     weights = torch.empty(S, L, E, dtype=torch.float32, device=x.device)
     expert_choice_kernel[(S * n_blocks,)](
@@ -295,7 +296,7 @@ def window_route(x, expert_bias, ids, weights, coreset, first_position, row_vali
         N_GROUP=pick.n_group, GROUP_SIZE=pick.group_size, TOPK_GROUP=pick.topk_group,
         TOP_K=ids.shape[-1], BLOCK_T=rows,
         VOTE_T=min(shapes.vote_rows, triton.next_power_of_2(block_size)), E_PAD=e_pad,
-        CW=min(32, e_pad), G_PAD=triton.next_power_of_2(pick.n_group),
+        CW=min(32, e_pad), VOTE_COLS=shapes.vote_cols_for(E), G_PAD=triton.next_power_of_2(pick.n_group),
         GS_PAD=triton.next_power_of_2(pick.group_size),
         TOP_K_PAD=triton.next_power_of_2(ids.shape[-1]), num_warps=shapes.coreset_warps,
     )

@@ -77,7 +77,8 @@ def _ranks(score, e, e_ok, E_PAD: tl.constexpr, CW: tl.constexpr):
 @triton.jit
 def _window_keep(logits_ptr, bias_ptr, row_valid_ptr, base, row_start, row_end, top_p, guard,
                  coreset_size, E: tl.constexpr, VOTE_K: tl.constexpr, POLICY: tl.constexpr,
-                 VOTE_T: tl.constexpr, E_PAD: tl.constexpr, CW: tl.constexpr):
+                 VOTE_T: tl.constexpr, E_PAD: tl.constexpr, CW: tl.constexpr,
+                 VOTE_COLS: tl.constexpr):
     """bool [E_PAD]: the coreset of the window of real rows [row_start, row_end) (rules of
     block_coreset_kernel, docs/routing.md): dMoE keeps every expert whose inclusive cumulative
     mass in rank order is <= top_p, the first past it and the first, else the top-guard;
@@ -85,7 +86,8 @@ def _window_keep(logits_ptr, bias_ptr, row_valid_ptr, base, row_start, row_end, 
     e = tl.arange(0, E_PAD)
     e_ok = e < E
     score, real_rows = _window_scores(logits_ptr, bias_ptr, row_valid_ptr, base, row_start,
-                                      row_end, E, VOTE_K, POLICY == CAPACITY, VOTE_T, E_PAD)
+                                      row_end, E, VOTE_K, POLICY == CAPACITY, VOTE_T, E_PAD,
+                                      VOTE_COLS)
     rank, mass_above = _ranks(score, e, e_ok, E_PAD, CW)
     keep = _keep(mass_above + score, rank, e_ok, top_p, guard, coreset_size, POLICY, E_PAD)
     return keep & (real_rows > 0)  # a window of padding (or of no row here) keeps none
@@ -98,14 +100,15 @@ def window_route_kernel(
     E: tl.constexpr, VOTE_K: tl.constexpr, POLICY: tl.constexpr, N_GROUP: tl.constexpr,
     GROUP_SIZE: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_T: tl.constexpr, VOTE_T: tl.constexpr, E_PAD: tl.constexpr, CW: tl.constexpr,
-    G_PAD: tl.constexpr, GS_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr,
+    VOTE_COLS: tl.constexpr, G_PAD: tl.constexpr, GS_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr,
 ):
     """A block policy in one launch; grid (S * n_blocks * chunks_per_block,): program = (window
     slot, chunk of BLOCK_T rows), as route_kernel's.
 
     Arguments: block_coreset_kernel's (coreset_ptr is written: uint8 [S, n_blocks, E]; VOTE_T
-    is its BLOCK_T, the rows of one vote chunk) and route_kernel's (ids, weights, scaling, the
-    pick config N_GROUP / GROUP_SIZE / TOPK_GROUP, TOP_K, BLOCK_T rows routed per program).
+    is its BLOCK_T, the rows of one vote chunk; VOTE_COLS as there) and route_kernel's (ids,
+    weights, scaling, the pick config N_GROUP / GROUP_SIZE / TOPK_GROUP, TOP_K, BLOCK_T rows
+    routed per program).
     CW: rivals per ranking step (a power of two dividing E_PAD).
     """
     pid = tl.program_id(0).to(tl.int64)  # int64: (seq * L + row) * E passes 2**31 (issue 11)
@@ -115,7 +118,8 @@ def window_route_kernel(
                                                                      block_size)
     row_end = tl.minimum(block_start + block_size, L)
     keep = _window_keep(logits_ptr, bias_ptr, row_valid_ptr, seq * L, tl.maximum(block_start, 0),
-                        row_end, top_p, guard, coreset_size, E, VOTE_K, POLICY, VOTE_T, E_PAD, CW)
+                        row_end, top_p, guard, coreset_size, E, VOTE_K, POLICY, VOTE_T, E_PAD, CW,
+                        VOTE_COLS)
     e = tl.arange(0, E_PAD)
     tl.store(coreset_ptr + block_id * E + e, keep.to(tl.uint8), mask=e < E)
     tl.debug_barrier()  # the coreset is read back below by other threads of this program

@@ -15,6 +15,12 @@ Speed: the routing of a block is a chain of small reductions, so its time is the
 Every pick is one max over int64 keys that pack (score, expert): the high 32 bits order the
 fp32 score, the low bits order experts so that ties go to the lower index. One reduction thus
 yields the value and the index together, and a chosen expert is struck out by its unique key.
+The window's votes (_window_scores) use fp32 reductions instead: each row's top_k-th largest
+value, found by walking its distinct values down with one fp32 max and count per step, then
+every value above it and the lowest-index values equal to it; the rows lie in a tile where a
+row's reductions stay inside one warp (shuffles, no barrier). The int64 picks they replace,
+over a tile whose rows spanned two warps, cost 12.5 us more than capacity routing's max per
+expert on the H200 (one 32-row window, E = 256, bench_routing --quick).
 The contract (docs/routing.md) and its reference (dmoe_triton/reference.py) define every tie rule.
 """
 import triton
@@ -95,20 +101,91 @@ def _window_shift(first_position_ptr, seq, block_size):
 
 
 @triton.jit
+def _row_max(x):
+    """Max of each row of a [rows, slices, cols] tile (a row's experts on axes 1 and 2): [rows].
+    Slices first: they lie inside each thread, so one value per row and thread crosses lanes."""
+    return tl.max(tl.max(x, axis=1), axis=1)
+
+
+@triton.jit
+def _row_count(flags):
+    """How many of each row's flags [rows, slices, cols] are set: int32 [rows]."""
+    return tl.sum(tl.sum(flags.to(tl.int32), axis=1), axis=1)
+
+
+@triton.jit
+def _vote_threshold(r, VOTE_K: tl.constexpr):
+    """Each row's VOTE_K-th largest value of r (fp32 [rows, slices, cols], no NaN; counted with
+    multiplicity) and how many of the row's values lie strictly above it: fp32 and int32 [rows].
+
+    Walks each row's distinct values downwards, one fp32 max per step: the i-th distinct value
+    has at least i values at or above it, so the first one with VOTE_K comes within VOTE_K
+    steps. The count of a step does not feed the next max, so the two reductions overlap."""
+    m = _row_max(r)  # the row's largest distinct value
+    threshold = tl.full(m.shape, NEG_INF, dtype=tl.float32)
+    above = tl.zeros(m.shape, dtype=tl.int32)
+    for i in tl.static_range(VOTE_K):
+        at_or_above = r >= m[:, None, None]
+        n = _row_count(at_or_above)  # nondecreasing in i, >= VOTE_K by the last step
+        # The threshold is the largest m with VOTE_K values at or above it; strictly above it
+        # lie the most values that fall short of VOTE_K.
+        threshold = tl.maximum(threshold, tl.where(n >= VOTE_K, m, NEG_INF))
+        above = tl.maximum(above, tl.where(n < VOTE_K, n, 0))
+        if i + 1 < VOTE_K:
+            m = _row_max(tl.where(at_or_above, NEG_INF, r))  # the next distinct value
+    return threshold, above
+
+
+@triton.jit
+def _tie_rank(tied):
+    """Exclusive prefix count of tied (int32 0/1 [rows, slices, cols]) along each row in expert
+    order (expert = slice * cols + col): how many tied values of the row come before each.
+    The slices' prefix is a scan of the 2-D per-slice counts: Triton 3.6 fails to lower a scan
+    along the slices of the 3-D tile (ScanOpToLLVM assertion, sm_90)."""
+    per_slice = tl.sum(tied, axis=2)
+    before = tl.cumsum(per_slice, axis=1) - per_slice
+    return tl.cumsum(tied, axis=2) - tied + before[:, :, None]
+
+
+@triton.jit
+def _row_votes(r, VOTE_K: tl.constexpr):
+    """What each row of r (fp32 [rows, slices, cols], expert = slice * cols + col, no NaN)
+    votes, fp32 of r's shape: r at the row's plain top-VOTE_K (ties to the lower expert), 0
+    elsewhere; a -inf pick casts no vote (docs/routing.md, dMoE coreset step 1).
+
+    Every value above the row's threshold is a pick, and the lowest-index values equal to it
+    fill the remaining slots."""
+    threshold, above = _vote_threshold(r, VOTE_K)
+    threshold = threshold[:, None, None]
+    tied = (r == threshold).to(tl.int32)
+    fill = _tie_rank(tied) < VOTE_K - above[:, None, None]
+    picked = (r > threshold) | ((tied != 0) & fill)
+    return tl.where(picked & (r > NEG_INF), r, 0.0)
+
+
+@triton.jit
 def _window_scores(logits_ptr, bias_ptr, row_valid_ptr, base, row_start, row_end,
                    E: tl.constexpr, VOTE_K: tl.constexpr, MAX_SCORE: tl.constexpr,
-                   BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
+                   BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, VOTE_COLS: tl.constexpr):
     """What a window ranks its experts by, over its real rows [row_start, row_end): each real
     row's plain top-VOTE_K values of r summed and normalised (the votes of dMoE and DES-vote),
     or with MAX_SCORE each expert's maximum r (LLaDA2.2 capacity routing). Returns
-    (score fp32 [E_PAD], real rows int32 [1])."""
-    t = tl.arange(0, BLOCK_T)[:, None]
-    e = tl.arange(0, E_PAD)
-    e_ok = e < E
+    (score fp32 [E_PAD], real rows int32 [1]).
+
+    A chunk of BLOCK_T rows is held as [BLOCK_T, SLICES, VOTE_COLS] (expert
+    e = slice * VOTE_COLS + col, SLICES = E_PAD / VOTE_COLS). Triton 3.6 lays lanes along the
+    columns, then lanes and warps along the rows (the first axis of equal contiguity), and the
+    slices inside each thread: with VOTE_COLS at most 32 a row's reductions stay inside one
+    warp (shuffles, no shared memory or barrier), where a [rows, E] tile spreads a row over
+    warps. (Triton 3.9 breaks that tie the other way: re-check the layout on an upgrade.)"""
+    SLICES: tl.constexpr = E_PAD // VOTE_COLS
+    t = tl.arange(0, BLOCK_T)[:, None, None]
+    col = tl.arange(0, SLICES)[None, :, None] * VOTE_COLS + tl.arange(0, VOTE_COLS)[None, None, :]
+    col_ok = col < E
     if MAX_SCORE:
-        score = tl.full([E_PAD], NEG_INF, dtype=tl.float32)
+        score = tl.full([SLICES, VOTE_COLS], NEG_INF, dtype=tl.float32)
     else:
-        score = tl.zeros([E_PAD], dtype=tl.float32)
+        score = tl.zeros([SLICES, VOTE_COLS], dtype=tl.float32)
     real_rows = tl.zeros([1], dtype=tl.int32)
     for chunk_start in range(row_start, row_end, BLOCK_T):
         rows = chunk_start + t
@@ -116,16 +193,17 @@ def _window_scores(logits_ptr, bias_ptr, row_valid_ptr, base, row_start, row_end
         if row_valid_ptr is not None:
             voting &= tl.load(row_valid_ptr + base + rows, mask=voting, other=0) != 0
         real_rows += tl.sum(voting.to(tl.int32))
-        r, keys, _ = _load_scores(logits_ptr, bias_ptr, base + rows, voting,
-                                  e[None, :], e_ok[None, :], E)
+        r, _, _ = _load_scores(logits_ptr, bias_ptr, base + rows, voting, col, col_ok, E)
+        r = tl.where(voting & col_ok, r, NEG_INF)  # padding never votes, nor reaches a max
         if MAX_SCORE:
-            score = tl.maximum(score, tl.max(tl.where(voting & e_ok[None, :], r, NEG_INF), axis=0))
+            score = tl.maximum(score, tl.max(r, axis=0))
         else:
-            work = keys
-            for _ in tl.static_range(VOTE_K):
-                work = tl.where(work == tl.max(work, axis=1)[:, None], NO_KEY, work)
-            # Struck-out real slots are the picks; a -inf pick casts no vote.
-            score += tl.sum(tl.where((work != keys) & (r > NEG_INF), r, 0.0), axis=0)
+            score += tl.sum(_row_votes(r, VOTE_K), axis=0)
+    # Expert order (slice * VOTE_COLS + col), then one expert per thread again: the gather
+    # moves the scores out of the slices' layout (each thread holds SLICES of them, the same
+    # in every warp), where the sort that follows would do SLICES times the work per thread.
+    e = tl.arange(0, E_PAD)
+    score = tl.gather(tl.reshape(score, [E_PAD]), e, 0)
     if not MAX_SCORE:
         score = score / (tl.sum(score, axis=0) + 1e-20) + 0.0  # + 0.0: -0.0 keys like +0.0
     return score, real_rows
@@ -136,7 +214,7 @@ def block_coreset_kernel(
     logits_ptr, bias_ptr, coreset_ptr, first_position_ptr, row_valid_ptr,
     L, n_blocks, block_size, top_p, guard, coreset_size,
     E: tl.constexpr, VOTE_K: tl.constexpr, POLICY: tl.constexpr,
-    BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, VOTE_COLS: tl.constexpr,
 ):
     """One routing window's coreset; grid (S * n_blocks,), program = sequence * n_blocks + slot.
 
@@ -152,7 +230,8 @@ def block_coreset_kernel(
     the capacity policy's expert_capacity.
     E: experts; VOTE_K: experts each row votes for (the model's top-k); POLICY: a code of
     kernels/policy_codes.py (DMOE, DES_VOTE or CAPACITY); BLOCK_T: rows per vote chunk (power of two);
-    E_PAD: next power of two >= E.
+    E_PAD: next power of two >= E; VOTE_COLS: experts per slice of a row in the vote tile (a
+    power of two <= E_PAD, see _window_scores).
     """
     pid = tl.program_id(0).to(tl.int64)  # int64: (seq * L + row) * E passes 2**31 (issue 11)
     seq = pid // n_blocks
@@ -164,7 +243,8 @@ def block_coreset_kernel(
     e_ok = e < E
 
     score, real_rows = _window_scores(logits_ptr, bias_ptr, row_valid_ptr, base, row_start,
-                                      row_end, E, VOTE_K, POLICY == CAPACITY, BLOCK_T, E_PAD)
+                                      row_end, E, VOTE_K, POLICY == CAPACITY, BLOCK_T, E_PAD,
+                                      VOTE_COLS)
 
     # --- sort the votes (desc, ties to the lower index: the keys are unique) ----------------
     # A bitonic sort of the packed keys, then a scan: O(E log^2 E) steps instead of ranking

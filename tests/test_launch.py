@@ -21,7 +21,8 @@ def moe_path(tokens):
 
 def test_defaults_are_todays_measured_values():
     assert launch.route_launch(256, GPU) == RouteLaunch(route_rows=1, route_warps=1, vote_rows=16,
-                                                        coreset_warps=8)
+                                                        coreset_warps=8, vote_cols=64)
+    assert RouteLaunch(vote_cols=64).vote_cols_for(40) == 64 and RouteLaunch().vote_cols_for(12) == 16
     plan = launch.moe_launch(32, 8, 256, torch.bfloat16, CPU)
     assert plan.decode == DecodeConfig() and plan.decode.down_splits == 4
     assert plan.grouped == GroupedConfig() and plan.grouped.block_m == 32
@@ -158,6 +159,7 @@ def test_policy_table_is_the_one_source_of_codes_and_names():
     (lambda: launch.RouteLaunch(route_rows=0), "route_rows"),
     (lambda: launch.RouteLaunch(route_rows=3), "route_rows"),
     (lambda: launch.RouteLaunch(vote_rows=5), "vote_rows"),
+    (lambda: launch.RouteLaunch(vote_cols=48), "vote_cols"),
     (lambda: launch.DecodeConfig(block_i=0), "block_i"),
     (lambda: launch.DecodeConfig(block_i=48), "block_i"),
     (lambda: launch.DecodeConfig(down_splits=0), "down_splits"),
