@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The GPU smoke run: every command the README gives, at reduced size, plus the GPU tests, in
-# one call (about 6 minutes on an H200; give the call 9). Run it on the device before resolving any change to a
-# kernel, the model, the decoding or a bench script:
+# The GPU smoke run: every command the README gives, at reduced size, plus the GPU tests.
+# Run it on the device before resolving any change to a kernel, the model, the decoding or a
+# bench script. Whole it takes more than the device's 10-minute call on an H200 (2026-11-30:
+# the first five steps alone took about 7 minutes, most of it compiling), so it runs in two
+# parts, one call each:
 #
-#   bash bench/smoke_gpu.sh OUT_DIR
+#   bash bench/smoke_gpu.sh OUT_DIR 1   # GPU tests, CLI, routing, expert and attention benches
+#   bash bench/smoke_gpu.sh OUT_DIR 2   # e2e, generate, profile, train-and-eval (4 layers)
+#   bash bench/smoke_gpu.sh OUT_DIR     # both, one after the other
 #
 # Each step's output goes to OUT_DIR/<step>.log (its results under OUT_DIR/<step>/); a table of
 # steps, exit codes and seconds grows in OUT_DIR/summary.md as steps end (so a run cut short
@@ -13,7 +17,9 @@
 # training steps per stage and a handful of evaluation problems.
 set -uo pipefail
 
-out=${1:?usage: bash bench/smoke_gpu.sh OUT_DIR}
+out=${1:?usage: bash bench/smoke_gpu.sh OUT_DIR [1|2]}
+part=${2:-all}
+case "$part" in 1|2|all) ;; *) echo "part must be 1, 2 or omitted (both), got '$part'"; exit 2;; esac
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # absolute: the steps run from the repository root
 cd "$(dirname "$0")/.."
@@ -29,7 +35,7 @@ python3 -c "import dmoe_triton.kernels" 2>/dev/null \
 
 failed=0
 {
-  echo "# GPU smoke run ($(python3 -c 'import torch; print(torch.cuda.get_device_name())'), $(date -u +%F), $(git rev-parse --short HEAD 2>/dev/null))"
+  echo "# GPU smoke run, part $part ($(python3 -c 'import torch; print(torch.cuda.get_device_name())'), $(date -u +%F), $(git rev-parse --short HEAD 2>/dev/null))"
   echo
   echo "| step | exit | seconds | command |"
   echo "|---|---|---|---|"
@@ -44,17 +50,21 @@ step() {  # step NAME COMMAND...: run it, log it, append its rc and seconds to t
   [ "$rc" -eq 0 ] || { failed=1; echo "!! $name failed (exit $rc); last lines:"; tail -n 15 "$out/$name.log"; }
 }
 
+if [ "$part" != 2 ]; then
 step gpu_tests python3 -m pytest -q -m gpu tests
 step cli python3 -m dmoe_triton generate
 step routing python3 bench/bench_routing.py --quick --out "$out/routing.md"
 step moe python3 bench/bench_moe.py --quick --out "$out/moe"
 step attention python3 bench/bench_attention.py --quick --out "$out/attention.md"
+fi
+if [ "$part" != 1 ]; then
 # three rows of the ten: token, dMoE and expert choice inside the coreset (their kernels differ)
 step e2e python3 bench/bench_e2e.py --quick --layers 4 --budget-s 60 --out "$out/e2e" \
   --policies "token,dmoe p=0.6,ec-core p=0.6"
 step generate python3 bench/bench_generate.py --quick --layers 4 --out "$out/generate"
 step profile python3 bench/profile_e2e.py --layers 2
 step train_and_eval env DMOE_SMOKE=1 bash bench/train_and_eval.sh "$out/train_and_eval"
+fi
 
 cat "$out/summary.md"
 exit "$failed"
