@@ -129,9 +129,14 @@ def _check_policy_options(args, kind: str, reads, why: str) -> None:
     allowed = POLICY_OPTIONS[reads] if reads is not None else ()
     for option in sorted({o for used in POLICY_OPTIONS.values() for o in used}):
         if getattr(args, option) is not None and option not in allowed:
+            flag = f"--{option.replace('_', '-')}"
             users = ", ".join(k for k, used in POLICY_OPTIONS.items() if option in used)
-            raise ValueError(f"--{option.replace('_', '-')} is an option of {users}, but the "
-                             f"routing that runs is {kind} ({why}): pass --policy to choose one")
+            if reads is None:  # auto: the checkpoint's routing runs with its own parameters
+                raise ValueError(f"{flag} sets a routing parameter, but --policy auto runs the "
+                                 f"checkpoint's own routing with its own parameters ({why}): "
+                                 f"pass --policy (one of {users}) to set {flag}")
+            raise ValueError(f"{flag} is an option of {users}, but the routing that runs is "
+                             f"{kind} ({why}): pass --policy to choose one")
 
 
 def _explicit_policy(args, config, scaled_guard, scaled_size):
@@ -387,6 +392,12 @@ def _decoding_args(args, model_dir: str) -> str:
     for key, default in GENERATION_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, found.get(key, default))
+    # Named here, before the model loads and before the run says what it will do.
+    from .decoding import _check_editing
+
+    _check_editing(args.editing_threshold, args.max_post_steps)
+    if not 0 <= args.threshold <= 1:
+        raise ValueError(f"--threshold must be in [0, 1] (a confidence), got {args.threshold}")
     if args.editing_threshold is None:
         return "LLaDA2.0 decoding (no token editing)"
     where = " (generation_config.json)" if "editing_threshold" in found else ""
@@ -461,11 +472,11 @@ def run_generate(args) -> int:
         encode(args.prompt)  # a character outside the task's alphabet is a ValueError, not unk
     text = args.prompt if raw else chat_prompt(args.prompt, tok_config)
     prompt_ids = tokenizer.encode(text, add_special_tokens=False).ids
+    decoding = _decoding_args(args, model_dir)
     model = load_model(model_dir, device, dtype)
     args.gen_length = gen_length(args.gen_length, len(prompt_ids),
                                  getattr(model.config, "max_position_embeddings", None))
     policy, why = make_policy(args, model.config)
-    decoding = _decoding_args(args, model_dir)
     expert_dtype = None if args.quantize == "none" else args.quantize
     patch_model(model, policy, backend=args.backend, expert_dtype=expert_dtype)
     fp8 = ", FP8 experts" if getattr(model.config, "quantization_config", None) else ""

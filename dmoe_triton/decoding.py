@@ -196,8 +196,11 @@ def _check_args(prompts, vocab_size, gen_length, block_length, steps, threshold,
     for name, value in (("gen_length", gen_length), ("block_length", block_length), ("steps", steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if not isinstance(threshold, (int, float)) or threshold != threshold:
-        raise ValueError(f"threshold must be a number, got {threshold!r}")
+    # A confidence is a probability: a threshold above 1 would silently commit only the
+    # quota, one below 0 everything (threshold 1.0 is the way to ask for the quota alone).
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+            or not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
     if not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):

@@ -296,9 +296,10 @@ def test_quantize_fp8_and_an_fp8_checkpoint_run(ckpt, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--top-p", "0.3"], r"--top-p is an option of dmoe, ec_coreset, but the routing that runs "
-                         r"is token \(auto: config.json"),
-    (["--block-size", "0"], "--block-size is an option of"),
+    (["--top-p", "0.3"], r"--top-p sets a routing parameter, but --policy auto runs the "
+                         r"checkpoint's own routing with its own parameters \(auto: config.json"
+                         r".*pass --policy \(one of dmoe, ec_coreset\) to set --top-p"),
+    (["--block-size", "0"], "--block-size sets a routing parameter, but --policy auto"),
     (["--policy", "token", "--k", "3"], r"--k is an option of topk_cap, but the routing that "
                                         r"runs is token \(--policy\)"),
     (["--policy", "dmoe", "--capacity", "4"], "--capacity is an option of capacity"),
@@ -316,3 +317,16 @@ def test_the_options_of_the_policy_that_runs_are_taken(ckpt, capsys):
                      "--policy", "dmoe", "--top-p", "0.3", "--guard", "2",
                      "--block-size", "8"]) == 0
     assert "top_p=0.3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--editing-threshold", "1.5"], "editing_threshold"),
+    (["--threshold", "1.5"], r"--threshold must be in \[0, 1\]"),
+])
+def test_bad_decoding_options_are_named_before_the_run_starts(ckpt, capsys, argv, needle):
+    """A break test found --editing-threshold 1.5 printed as the run's decoding (the model
+    loaded) before the error."""
+    assert cli.main(["generate", "--model", str(ckpt), "--prompt", "1+2=", *FAST, *argv]) == 2
+    out = capsys.readouterr()
+    assert re.search(needle, out.err)
+    assert "decoding:" not in out.out and "model:" not in out.out

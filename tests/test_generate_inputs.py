@@ -140,3 +140,12 @@ def test_sequences_ending_at_other_blocks_decode_and_commit_as_alone(model):
         assert batched.tokens == [a.tokens[0] for a in alone]
         assert batched.stats.committed_tokens == sum(a.stats.committed_tokens for a in alone)
     assert len(batched.tokens[0]) == 8 < len(batched.tokens[1])
+
+
+@pytest.mark.parametrize("threshold", [1.5, -0.1, float("nan"), True, "0.9"])
+def test_a_threshold_outside_0_1_is_an_error(model, threshold):
+    """A break test found threshold=1.5 accepted: confidences are probabilities, so it only
+    ever committed the quota, without a word."""
+    kw = {**KW, "threshold": threshold}
+    with pytest.raises(ValueError, match=r"threshold must be a number in \[0, 1\]"):
+        generate(model, PROMPTS, **kw)
