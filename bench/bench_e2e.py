@@ -446,7 +446,8 @@ def targets(rows, prefix) -> List[str]:
 def write_report(path_md, setup, args, bandwidth, calib, rows, parts, gens, device_name):
     cmd = "python bench/bench_e2e.py " + " ".join(sys.argv[1:])
     lines = [
-        "# End to end: one LLaDA2.0-mini denoising forward (random weights)", "",
+        f"# End to end: one {'LLaDA2.2-mini' if args.llada22 else 'LLaDA2.0-mini'} denoising "
+        "forward (random weights)", "",
         f"Device: {device_name}; torch {torch.__version__}; command: `{cmd}`.",
         f"Copy bandwidth (device-to-device, read + write): {fmt(bandwidth / 1e12, '.3f')} TB/s.",
         "", "Every row: one forward of one 32-token block per sequence (half MASK) against a KV "
@@ -478,8 +479,9 @@ def write_report(path_md, setup, args, bandwidth, calib, rows, parts, gens, devi
                       "unfused' are not in the sum: a share of the row above, comparisons).", "",
                       "| part | ms once | x | ms per forward | byte floor ms per forward "
                       "| x floor |", "|---|---|---|---|---|---|"]
+            # A comparison row has no byte floor of its own: n/a, not nan.
             lines += [f"| {label} | {ms:.4f} | {n} | {t:.3f} | {f:.4f} | "
-                      f"{t / f if f else float('nan'):.1f} |"
+                      f"{f'{t / f:.1f}' if f else 'n/a'} |"
                       for label, ms, n, t, f in p["parts"]]
             lines.append("")
     if gens:
