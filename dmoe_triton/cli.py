@@ -63,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gen-length", type=int, default=None,
                    help="tokens to generate (default: 128, or what fits in the model's "
                         "max_position_embeddings after the prompt)")
-    g.add_argument("--block-length", type=int, default=32, help="diffusion block")
-    g.add_argument("--steps", type=int, default=32, help="denoising steps per block at most")
+    g.add_argument("--block-length", type=int, default=32,
+                   help="diffusion block (default %(default)s)")
+    g.add_argument("--steps", type=int, default=32,
+                   help="denoising steps per block at most (default %(default)s)")
     g.add_argument("--threshold", type=float, default=None,
                    help="commit confidence (default: generation_config.json's threshold, "
                         "else 0.95)")
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-post-steps", type=int, default=None,
                    help="editing: edit-only steps after a block has no mask (default: "
                         "generation_config.json's max_post_steps, else 16)")
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0: argmax; above 0: sample (default %(default)s)")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="auto: bfloat16 on CUDA, float32 on CPU")
