@@ -5,7 +5,7 @@
 # the first five steps alone took about 7 minutes, most of it compiling), so it runs in two
 # parts, one call each:
 #
-#   bash bench/smoke_gpu.sh OUT_DIR 1   # GPU tests, CLI, routing, expert and attention benches
+#   bash bench/smoke_gpu.sh OUT_DIR 1   # GPU tests, routing kernel tests, CLI, kernel benches
 #   bash bench/smoke_gpu.sh OUT_DIR 2   # e2e, generate, profile, train-and-eval (4 layers)
 #   bash bench/smoke_gpu.sh OUT_DIR     # both, one after the other
 #
@@ -52,6 +52,9 @@ step() {  # step NAME COMMAND...: run it, log it, append its rc and seconds to t
 
 if [ "$part" != 2 ]; then
 step gpu_tests python3 -m pytest -q -m gpu tests
+# The routing kernels against the reference on CUDA (these files run on the GPU when there is
+# one, unmarked: CI runs them under the interpreter): coresets, capacity, windows, exact ties.
+step routing_tests python3 -m pytest -q tests/test_capacity.py tests/test_windows.py tests/test_votes.py
 step cli python3 -m dmoe_triton generate
 step routing python3 bench/bench_routing.py --quick --out "$out/routing.md"
 step moe python3 bench/bench_moe.py --quick --out "$out/moe"
