@@ -15,6 +15,7 @@ keys (1-8 splits) at prefixes 512 and 2048, and prints them (launch.attention_la
 fastest of each).
 """
 import argparse
+import dataclasses
 import sys
 
 import torch
@@ -84,8 +85,6 @@ def sweep(dev, batch, quick=False):
 def sweep_key_splits(dev, quick=False):
     """The split over keys (flash-decoding) at each batch and prefix: the default tile with
     1, 2, 4, 8 splits (launch.SPLIT_FROM_KEYS / SPLIT_KEYS come from these); prints us each."""
-    import dataclasses
-
     for batch in (1,) if quick else (1, 16):
         for prefix in (512, 2048):
             q, keys, values, mask = inputs(batch, prefix, dev)

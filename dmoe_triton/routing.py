@@ -296,7 +296,8 @@ def window_route(x, expert_bias, ids, weights, coreset, first_position, row_vali
         N_GROUP=pick.n_group, GROUP_SIZE=pick.group_size, TOPK_GROUP=pick.topk_group,
         TOP_K=ids.shape[-1], BLOCK_T=rows,
         VOTE_T=min(shapes.vote_rows, triton.next_power_of_2(block_size)), E_PAD=e_pad,
-        CW=min(32, e_pad), VOTE_COLS=shapes.vote_cols_for(E), G_PAD=triton.next_power_of_2(pick.n_group),
+        CW=min(32, e_pad), VOTE_COLS=shapes.vote_cols_for(E),
+        G_PAD=triton.next_power_of_2(pick.n_group),
         GS_PAD=triton.next_power_of_2(pick.group_size),
         TOP_K_PAD=triton.next_power_of_2(ids.shape[-1]), num_warps=shapes.coreset_warps,
     )
