@@ -641,10 +641,14 @@ def write_fp8_report(args, rows, device_name) -> str:
                      f"{fmt(r.get('unique'), '.1f')} | {fmt(r.get('floor_ms'), '.3f')} | "
                      f"{fmt(r.get('ratio'))} | {fmt(r.get('peak_gb'))} | "
                      f"{fmt(r.get('logits_rel_err'), '.2e')} | {fmt(r.get('argmax_agree'), '.3f')} |")
-    pair = {r["policy"]: r["ms"] for r in rows if "ms" in r}
-    if "dmoe p=0.6 fp8" in pair and "dmoe p=0.6 bf16" in pair:
-        lines += ["", f"dMoE p=0.6: FP8 / bf16 time = "
-                      f"{pair['dmoe p=0.6 fp8'] / pair['dmoe p=0.6 bf16']:.2f} (target <= 0.65)"]
+    pair = {r["policy"]: r for r in rows if "ms" in r}
+    fp8, bf16 = pair.get("dmoe p=0.6 fp8"), pair.get("dmoe p=0.6 bf16")
+    if fp8 and bf16:
+        # The floors' ratio bounds what any kernel can reach: only the routed experts are FP8,
+        # the rest of the forward's bytes (attention, shared experts, lm_head, cache) are not.
+        lines += ["", f"dMoE p=0.6: FP8 / bf16 time = {fp8['ms'] / bf16['ms']:.2f} (target <= "
+                      f"0.65); FP8 / bf16 byte floor = {fp8['floor_ms'] / bf16['floor_ms']:.2f} "
+                      "(the ratio at which both run at their floors)"]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, f"e2e_{kind}.md"), "w") as f:
         f.write(text)

@@ -11,6 +11,12 @@ graph holding REPS calls). Prints a table and writes bench/results/routing.md.
 --sweep first times launch shapes of the kernel (rows per program or chunk, warps, the vote
 tile's experts per slice) on one block, checks each against the reference, prints the fastest
 six and today's default, and uses the fastest for the table.
+
+--router adds the router GEMM (issue 13: it was ~12 us of the 15.4 us a token-routed layer spent
+routing in bench_e2e's breakdown): logits [T, 256] = hidden [T, 2048] bf16 @ W [256, 2048] fp32,
+torch's fp32 matmul of hidden.float() (today's path) against router_logits_kernel at the
+launch rule's shape and at a few other tiles, for 1, 4 and 16 blocks. Each graph holds one call
+per layer on ROUTER_COPIES weight copies (96 MB: L2 holds none), as in a forward.
 """
 import argparse
 import dataclasses
@@ -19,7 +25,8 @@ import sys
 import torch
 
 from dmoe_triton import RouterConfig, RoutingPolicy, route
-from dmoe_triton.launch import DEFAULT_ROUTE
+from dmoe_triton.launch import DEFAULT_ROUTE, RouterLaunch, router_launch
+from dmoe_triton.router import router_logits
 from dmoe_triton.routing import route_triton
 
 from common import capture, time_ms  # bench/common.py (bench/ is on sys.path as a script)
@@ -118,12 +125,67 @@ def sweep(logits, bias, quick=False):
     return dataclasses.replace(DEFAULT_ROUTE, **best["block"], **best["token"]), best
 
 
+ROUTER_COPIES = 48  # 2 MB of fp32 router weights each
+# (block_e, block_k, warps) at block_t = min(32, T): few experts per program spread the 2 MB
+# over many SMs; larger k steps keep more loads in flight per program.
+ROUTER_TILES = [(1, 256, 2), (1, 512, 4), (2, 128, 2), (2, 256, 4), (4, 64, 4), (4, 128, 4),
+                (4, 256, 8), (8, 64, 4), (8, 128, 8), (16, 32, 4), (16, 64, 8)]
+
+
+def router_rows(dev):
+    """[(tokens, path, us per call, max relative error vs fp64)] for the router GEMM."""
+    gen = torch.Generator(device=dev).manual_seed(0)
+    weights = [torch.randn(256, 2048, device=dev, generator=gen) * 0.02
+               for _ in range(ROUTER_COPIES)]
+    rows = []
+    for tokens in (32, 128, 512):
+        hidden = torch.randn(tokens, 2048, device=dev, generator=gen).bfloat16()
+        want = hidden.double() @ weights[0].double().T
+        out = torch.empty(tokens, 256, device=dev)
+        rule = router_launch(tokens, 256)
+        paths = [("torch fp32 (hidden.float() @ W.T)", None), (f"kernel, rule {rule}", rule)]
+        paths += [(f"kernel {RouterLaunch(min(32, tokens), e, k, w)}",
+                   RouterLaunch(min(32, tokens), e, k, w)) for e, k, w in ROUTER_TILES]
+        for name, shape in paths:
+            if shape is None:
+                one = lambda w: hidden.float() @ w.T  # noqa: E731
+            else:
+                one = lambda w, shape=shape: router_logits(hidden, w, out, shape)  # noqa: E731
+            got = one(weights[0])
+            err = float(((got.double() - want).abs().max() / want.abs().max()))
+            fn = lambda: [one(w) for w in weights]  # noqa: E731
+            fn()
+            torch.cuda.synchronize()
+            graph = capture(fn, 1)
+            us = 1e3 * time_ms(graph.replay, ROUTER_COPIES, 30, torch.device("cuda"))
+            rows.append((tokens, name, us, err))
+            print(f"router GEMM T={tokens}: {us:6.1f} us  err {err:.1e}  {name}", flush=True)
+    return rows
+
+
+def router_table(rows) -> str:
+    lines = ["", "## Router GEMM (fp32 logits, E=256, H=2048)", "",
+             f"One call per layer on {ROUTER_COPIES} weight copies in one graph (L2 holds none); "
+             "err: max |logit - fp64| / max |fp64 logit|.", "",
+             "| tokens | path | us per call | err |", "|---|---|---|---|"]
+    best = {}
+    for tokens, name, us, err in rows:
+        lines.append(f"| {tokens} | {name} | {us:.1f} | {err:.1e} |")
+        if name.startswith("kernel") and us < best.get(tokens, (1e9, ""))[0]:
+            best[tokens] = (us, name)
+    lines += [""] + [f"- T={t}: fastest kernel {name}: {us:.1f} us"
+                     for t, (us, name) in best.items()]
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/routing.md")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="smoke size: 2 sweep variants per family, one block (bench/smoke_gpu.sh)")
+    ap.add_argument("--router", action="store_true",
+                    help="also time the router GEMM: torch fp32 vs router_logits_kernel tiles")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -158,6 +220,8 @@ def main():
             f"per-expert offset. "
             f"Kernel launch: {launch}.\n\n"
             + "\n".join(lines) + "\n")
+    if args.router:
+        text += router_table(router_rows(dev))
     with open(args.out, "w") as f:
         f.write(text)
     print(text)

@@ -59,19 +59,21 @@ def _check_shape(launch, powers_of_two=(), at_least=None) -> None:
 class RouteLaunch:
     """Launch shapes of the routing kernels (bench/bench_routing.py --sweep times variants).
 
-    Defaults: the fastest shapes of `bench_routing.py --sweep` on an H100 (E=256, 1 block).
+    Defaults: the fastest shapes of `bench_routing.py --sweep` (E=256, 1 block): route_* on an
+    H100; vote_rows, coreset_warps, vote_cols on the H200 (2026-11-30, fourth session: dMoE
+    coreset + route 15.0 us, against 18.6 at the earlier 16 rows / 64 columns).
     """
 
     route_rows: int = 1        # route_kernel: rows per program
     route_warps: int = 1       # route_kernel: warps per program
-    vote_rows: int = 16        # block_coreset_kernel: rows per chunk of the block's votes
+    vote_rows: int = 32        # block_coreset_kernel: rows per chunk of the block's votes
     coreset_warps: int = 8     # block_coreset_kernel (and window_route_kernel): warps per program
     # block_coreset_kernel (and window_route_kernel): experts per slice of a row in the vote
     # tile [vote_rows, E / vote_cols, vote_cols] (kernels/routing.py _window_scores). Triton
     # 3.6 (sm_90) keeps each row inside one warp when vote_rows * vote_cols >= 128 * warps
-    # (fp32 loads of 4 per thread): 64 at 16 rows and 8 warps (offline compile: 39 barriers
-    # in the kernel against 87 at 32). Not yet timed: bench_routing.py --sweep on the H200.
-    vote_cols: int = 64
+    # (fp32 loads of 4 per thread). Timed (H200, bench_routing --sweep, 1 block, graphed):
+    # 32 rows x 32 columns 15.0 us, 32 x 64 17.1, 16 x 64 18.6 (dMoE coreset + route).
+    vote_cols: int = 32
     # Block policies in one launch (kernels/router.py window_route_kernel: each program
     # computes its window's coreset, then routes its rows) instead of block_coreset_kernel +
     # route_kernel. Same results. Off: on the H200 (bench_routing --quick, 1 block, graphed,

@@ -20,9 +20,12 @@ def moe_path(tokens):
 
 
 def test_defaults_are_todays_measured_values():
-    assert launch.route_launch(256, GPU) == RouteLaunch(route_rows=1, route_warps=1, vote_rows=16,
-                                                        coreset_warps=8, vote_cols=64)
-    assert RouteLaunch(vote_cols=64).vote_cols_for(40) == 64 and RouteLaunch().vote_cols_for(12) == 16
+    assert launch.route_launch(256, GPU) == RouteLaunch(route_rows=1, route_warps=1, vote_rows=32,
+                                                        coreset_warps=8, vote_cols=32)
+    assert RouteLaunch(vote_cols=64).vote_cols_for(40) == 64
+    assert RouteLaunch().vote_cols_for(12) == 16
+    # a row's votes stay inside one warp (launch.py, RouteLaunch.vote_cols)
+    assert RouteLaunch().vote_rows * RouteLaunch().vote_cols >= 128 * RouteLaunch().coreset_warps
     plan = launch.moe_launch(32, 8, 256, torch.bfloat16, CPU)
     assert plan.decode == DecodeConfig() and plan.decode.down_splits == 4
     assert plan.grouped == GroupedConfig() and plan.grouped.block_m == 32
