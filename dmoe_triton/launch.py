@@ -243,6 +243,11 @@ class CombineLaunch:
     block_t: int = 8
     block_h: int = 256
     warps: int = 4
+    # Slots per token unrolled in one step of the kernel's loop; a token with at most this many
+    # slots is unrolled whole (its k partial loads in flight together). Expert choice's [T, E]
+    # layout has 256 slots: unrolled whole, Triton 3.6 took minutes to compile it on the H200
+    # (bench_moe --cases EC, 2026-11-30). The sum's order (slot order) does not depend on it.
+    unroll: int = 16
 
     def __post_init__(self):
         _check_shape(self, powers_of_two=("block_t", "block_h", "warps"))

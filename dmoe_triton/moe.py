@@ -391,7 +391,8 @@ def combine_slots(partial, ids, weights, out, num_experts: int,
     moe_combine_kernel[(triton.cdiv(T, launch.block_t), triton.cdiv(H, launch.block_h))](
         partial_ptr=partial, stride_ps=partial.stride(0), ids_ptr=ids, weights_ptr=weights,
         out_ptr=out, stride_ot=out.stride(0), T=T, H=H, E=num_experts, TOP_K=ids.shape[1],
-        BLOCK_T=launch.block_t, BLOCK_H=launch.block_h, num_warps=launch.warps)
+        BLOCK_T=launch.block_t, BLOCK_H=launch.block_h, UNROLL=launch.unroll,
+        num_warps=launch.warps)
     return out
 
 

@@ -235,13 +235,33 @@ def moe_down_kernel(act_ptr, stride_as,
 
 
 @triton.jit
+def _combine_slot(acc, any_filled, all_nan, partial_ptr, stride_ps, ids_ptr, weights_ptr,
+                  offs_t, offs_h, t_ok, h_ok, j, E, TOP_K: tl.constexpr):
+    """Slot j of every token of the tile added to acc (see moe_combine_kernel)."""
+    slot_ok = t_ok & (j < TOP_K)
+    slot = offs_t.to(tl.int64) * TOP_K + j
+    expert = tl.load(ids_ptr + slot, mask=slot_ok, other=-1)
+    weight = tl.load(weights_ptr + slot, mask=slot_ok, other=0.0)
+    filled = slot_ok & (expert >= 0) & (expert < E)
+    any_filled = any_filled | filled
+    all_nan = all_nan & ((weight != weight) | ~slot_ok)  # padding slots past TOP_K: no say
+    part = tl.load(partial_ptr + slot[:, None] * stride_ps + offs_h[None, :],
+                   mask=filled[:, None] & h_ok[None, :], other=0.0)
+    # `where`, not a product with a mask: an empty slot's weight must not leak a NaN.
+    acc += tl.where(filled[:, None], part * weight[:, None], 0.0)
+    return acc, any_filled, all_nan
+
+
+@triton.jit
 def moe_combine_kernel(partial_ptr, stride_ps, ids_ptr, weights_ptr, out_ptr, stride_ot,
-                       T, H, E, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+                       T, H, E, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                       UNROLL: tl.constexpr):
     """out[t] = sum_j weights[t, j] * partial[t*TOP_K + j] over filled slots, j in order.
 
     partial_ptr fp32 [T*TOP_K, H]; ids_ptr int [T, TOP_K] (outside [0, E) = empty);
     weights_ptr fp32 [T, TOP_K]; out_ptr [T, H] (row stride stride_ot). Grid (cdiv(T,
-    BLOCK_T), cdiv(H, BLOCK_H)).
+    BLOCK_T), cdiv(H, BLOCK_H)). UNROLL: slots unrolled per loop step (CombineLaunch.unroll;
+    the sum's order, slot order, does not depend on it).
     """
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -250,17 +270,17 @@ def moe_combine_kernel(partial_ptr, stride_ps, ids_ptr, weights_ptr, out_ptr, st
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
     any_filled = offs_t < 0
     all_nan = offs_t >= 0
-    for j in tl.static_range(TOP_K):  # unrolled: the k partial loads are in flight together
-        slot = offs_t.to(tl.int64) * TOP_K + j
-        expert = tl.load(ids_ptr + slot, mask=t_ok, other=-1)
-        weight = tl.load(weights_ptr + slot, mask=t_ok, other=0.0)
-        filled = t_ok & (expert >= 0) & (expert < E)
-        any_filled = any_filled | filled
-        all_nan = all_nan & (weight != weight)
-        part = tl.load(partial_ptr + slot[:, None] * stride_ps + offs_h[None, :],
-                       mask=filled[:, None] & h_ok[None, :], other=0.0)
-        # `where`, not a product with a mask: an empty slot's weight must not leak a NaN.
-        acc += tl.where(filled[:, None], part * weight[:, None], 0.0)
+    if TOP_K <= UNROLL:
+        for j in tl.static_range(TOP_K):  # unrolled: the k partial loads are in flight together
+            acc, any_filled, all_nan = _combine_slot(
+                acc, any_filled, all_nan, partial_ptr, stride_ps, ids_ptr, weights_ptr, offs_t,
+                offs_h, t_ok, h_ok, j, E, TOP_K)
+    else:
+        for j0 in range(0, TOP_K, UNROLL):
+            for jj in tl.static_range(UNROLL):
+                acc, any_filled, all_nan = _combine_slot(
+                    acc, any_filled, all_nan, partial_ptr, stride_ps, ids_ptr, weights_ptr,
+                    offs_t, offs_h, t_ok, h_ok, j0 + jj, E, TOP_K)
     # NaN rule (docs/routing.md): a NaN weight in a filled slot makes NaN above; a token with
     # every slot empty and every weight NaN (route's all-NaN logits row) is NaN too, not 0.
     acc = tl.where((~any_filled & all_nan)[:, None], float("nan"), acc)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from dmoe_triton import DMoEBlock, RouterConfig, RoutingPolicy, moe_forward, route
 from dmoe_triton import launch
-from dmoe_triton.launch import DECODE_MAX_TOKENS, AlignLaunch, DecodeConfig
+from dmoe_triton.launch import DECODE_MAX_TOKENS, AlignLaunch, CombineLaunch, DecodeConfig
 from dmoe_triton.moe import align_slots, decode_down_combine, decode_gate_up, moe_forward_triton
 from dmoe_triton.reference import moe_forward_reference
 
@@ -187,6 +187,32 @@ def test_all_slots_empty_gives_zeros(path):
     y = moe_forward_triton(hidden, ids, torch.zeros(6, 2, device=DEV), w_gate_up, w_down,
                            out=out, path=path)
     assert torch.equal(y, torch.zeros_like(hidden))
+
+
+@pytest.mark.parametrize("unroll", [1, 3, 16, 32])
+def test_combine_of_wide_slot_rows_in_steps(unroll):
+    """Expert choice's [T, E] layout gives every token E slots: the combine loops over them in
+    steps of CombineLaunch.unroll (a whole unroll of 256 slots took minutes to compile) with a
+    last step past the row's end (20 slots, steps of 3); below `unroll` slots it unrolls
+    whole. Same sum as the reference either way, and the NaN rule holds: a token with every
+    slot empty and every weight NaN is NaN, one with a filled slot is not."""
+    g = torch.Generator().manual_seed(5)
+    T, H, I, E, k = DECODE_MAX_TOKENS + 6, 16, 16, 24, 20
+    hidden = torch.randn(T, H, generator=g)
+    ids = torch.argsort(torch.rand(T, E, generator=g), dim=1)[:, :k].to(torch.int32)
+    ids[torch.rand(T, k, generator=g) < 0.7] = -1  # sparse rows, as expert choice leaves them
+    weights = torch.where(ids >= 0, torch.rand(T, k, generator=g), 0.0)
+    ids[0], weights[0] = -1, float("nan")  # no expert, all-NaN weights: NaN
+    ids[1], weights[1] = -1, float("nan")
+    ids[1, k - 1], weights[1, k - 1] = 3, 0.5  # only the last slot filled: not NaN
+    w_gate_up, w_down = make_layer(E, H, I, torch.float32, "cpu", g)
+    with launch.override(combine=CombineLaunch(unroll=unroll)):
+        y = moe_forward_triton(hidden.to(DEV), ids.to(DEV), weights.to(DEV), w_gate_up.to(DEV),
+                               w_down.to(DEV), out=torch.full((T, H), float("nan"), device=DEV),
+                               path="grouped").cpu()
+    assert torch.isnan(y[0]).all() and torch.isfinite(y[1:]).all()
+    want = oracle(hidden[1:], ids[1:], weights[1:], w_gate_up, w_down)
+    assert rel_err(y[1:], want) <= 1e-4
 
 
 @pytest.mark.parametrize("path", ["decode", "grouped"])
