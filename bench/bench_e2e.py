@@ -37,6 +37,26 @@ same step again, with the logits' agreement against bf16 per policy (relative er
 agreement); --flash builds LLaDA2.0-flash with random FP8 experts directly on the GPU (never the
 206 GB bf16 model): ms per forward, tokens/s, unique experts, peak memory. Both take --smoke
 (the SMALL config on the CPU). Written to e2e_fp8.* / e2e_flash.*.
+
+Serving shapes (issue 14): 16 and 64 sequences at prefix 512, 16 sequences at prefix 2048,
+token routing and dMoE p=0.6 (and capacity 48 with --llada22; --policies chooses others):
+    PYTHONUNBUFFERED=1 python bench/bench_e2e.py --serving --out $OUT  # H200, ~1.5 minutes
+    python bench/bench_e2e.py --smoke --serving --out /tmp/e2e         # CPU: 16 and 64 seqs, tiny
+Every shape runs twice: under the router calibrated on ONE sequence (as the other modes: ~70
+unique experts per block there, ~48 at 16 sequences) and under the router calibrated on that
+batch's own step (70 per block per sequence at 16, resp. 64, sequences; the 16-sequence
+calibration, at prefix 512, also serves the prefix-2048 rows); the plain router is restored
+before each calibration. The report names each row's calibration in its routing column, and
+marks issue 14's targets per calibration. Written to e2e_serving.{md,json,png}.
+Time on the H200 (20 layers, 2 policies), estimated from the measured forwards (16 sequences ~15
+ms, 64 ~40 ms, 16 at prefix 2048 18-21 ms on the H100; prefill of 16 x 512 ~0.13 s, 64 x 512
+~0.47 s), not yet measured whole: model 6 s; three calibrations of ~6-8 knob values, each a new
+prefill and a forward: ~1 s, ~1.5 s and ~4 s, plus, when the search raises diversity, one SVD
+per MoE layer of the router's inputs ([32 x B, 2048]: at 64 sequences 19 SVDs of 2048 x 2048,
+guessed ~5-10 s; the report's notes give each search's seconds); rows (7 trials x 10 replays):
+~2.5 s (16 x 512), ~6.5 s (64 x 512), ~3.5 s (16 x 2048) per calibration, ~25 s in all; kernel
+compiles for the new shapes. About 60-90 s (+15 s with --llada22's third policy); --budget-s
+defaults to 140 s (a shape's rows started before it finish after it: ~10 s at most).
 """
 from __future__ import annotations
 
@@ -52,8 +72,9 @@ import torch
 
 from dmoe_triton import RoutingPolicy, patch_model, set_policy
 from dmoe_triton.attention import attention_prep
-from dmoe_triton.calibrate import (calibrate_router, moe_layers, popularity_skew, route_summary,
-                                   router_weights, set_router_bias, set_router_weights)
+from dmoe_triton.calibrate import (Calibration, calibrate_router, moe_layers, popularity_skew,
+                                   route_summary, router_weights, set_router_bias,
+                                   set_router_weights)
 from dmoe_triton.decoding import generate
 from dmoe_triton.defaults import scaled_guard, scaled_size
 from dmoe_triton.models import LLaDA2MoeConfig
@@ -87,9 +108,16 @@ class Setup:
     deadline: float         # time.time() after which remaining rows are skipped
     notes: List[str] = field(default_factory=list)
     only: Optional[tuple] = None  # --policies: the row names to run (None: every policy)
+    shapes: Optional[tuple] = None  # (batch, prefix) rows to run; None: every prefix x batch
 
     def left(self) -> bool:
         return time.time() < self.deadline
+
+    def grid(self) -> tuple:
+        """The (batch, prefix) shapes of the rows, prefix by prefix."""
+        if self.shapes is not None:
+            return self.shapes
+        return tuple((batch, prefix) for prefix in self.prefixes for batch in self.batches)
 
 
 def policies(config) -> list:
@@ -223,26 +251,84 @@ expert_bytes_cache = {}
 ASIDE = ("of which", "attention, old way", "shared expert, unfused")
 
 
-def run_rows(model, setup: Setup, routing: str, bandwidth: float, rows: list, loop_batches):
-    for prefix in setup.prefixes:
-        for batch in setup.batches:
-            if not setup.left():
-                setup.notes.append(f"skipped {routing} B={batch} P={prefix}: time budget")
+def run_rows(model, setup: Setup, routing: str, bandwidth: float, rows: list, loop_batches,
+             shapes: Optional[tuple] = None):
+    """Rows of every policy (and the unpatched loop at loop_batches) for each (batch, prefix)
+    of shapes (default: setup.grid()), labelled `routing`; past the budget a shape's rows are
+    skipped and named in setup.notes."""
+    for batch, prefix in setup.grid() if shapes is None else shapes:
+        if not setup.left():
+            setup.notes.append(f"skipped {routing} B={batch} P={prefix}: time budget")
+            continue
+        set_policy(model, RoutingPolicy.token())
+        step = prepare_step(model, batch, prefix)
+        for name, policy in policies(setup.config):
+            if setup.only is not None and name not in setup.only:
                 continue
-            set_policy(model, RoutingPolicy.token())
-            step = prepare_step(model, batch, prefix)
-            for name, policy in policies(setup.config):
-                if setup.only is not None and name not in setup.only:
-                    continue
-                set_policy(model, policy)
-                rows.append(measure_row(model, step, setup, routing, name, bandwidth))
-            if batch in loop_batches and setup.left():
-                with Unpatched(model):
-                    rows.append(measure_row(model, step, setup, routing, "unpatched loop",
-                                            bandwidth, unpatched=True))
-            del step
-            if setup.device.type == "cuda":
-                torch.cuda.empty_cache()
+            set_policy(model, policy)
+            rows.append(measure_row(model, step, setup, routing, name, bandwidth))
+        if batch in loop_batches and setup.left():
+            with Unpatched(model):
+                rows.append(measure_row(model, step, setup, routing, "unpatched loop",
+                                        bandwidth, unpatched=True))
+        del step
+        if setup.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Router calibration
+
+
+def calibrate_on(model, setup: Setup, batch: int, prefix: int) -> Calibration:
+    """Calibrate the router (token routing, setup.target_unique experts per block: the mean over
+    the `batch` sequences' blocks and the MoE layers) on a `batch`-sequence step at `prefix`,
+    prefilled again at each knob value (the prefix's states depend on the router)."""
+    def forward():
+        step = prepare_step(model, batch, prefix)
+        with torch.no_grad():
+            step_fn(model, step)()
+
+    set_policy(model, RoutingPolicy.token())
+    calib = calibrate_router(model, forward, setup.target_unique, seed=SEED)
+    print(f"calibration at {seqs(batch)}, prefix {prefix}: " + calib.describe(), flush=True)
+    return calib
+
+
+def restore_plain(model, plain_router: list) -> None:
+    """The plain router: bias 0 and the random gate weights saved before any calibration."""
+    set_router_bias(model, 0 * popularity_skew(len(moe_layers(model)),
+                                               model.config.num_experts, SEED))
+    set_router_weights(model, plain_router)
+
+
+def seqs(batch: int) -> str:
+    return f"{batch} seq{'s' if batch > 1 else ''}"
+
+
+def run_serving(model, setup: Setup, bandwidth: float, plain_router: list) -> tuple:
+    """--serving (issue 14): the rows of setup.shapes under the router calibrated on ONE
+    sequence, then under the router calibrated on each batch's own B-sequence step (both at the
+    first prefix; a 16-sequence calibration serves the 16-sequence rows of every prefix). The
+    plain router is restored before each calibration, so none starts from another's. Returns
+    (rows, {routing label: (Calibration, batch it was calibrated at)})."""
+    prefix, rows, calibs = setup.prefixes[0], [], {}
+    plans = [(1, setup.shapes)]
+    plans += [(b, tuple(s for s in setup.shapes if s[0] == b)) for b in setup.batches]
+    for batch, shapes in plans:
+        label = f"calibrated at {seqs(batch)}"
+        if not setup.left():
+            setup.notes.append(f"skipped the calibration at {seqs(batch)} and its rows "
+                               f"{', '.join(f'B={b} P={p}' for b, p in shapes)}: time budget")
+            continue
+        restore_plain(model, plain_router)
+        began = time.time()
+        calibs[label] = (calibrate_on(model, setup, batch, prefix), batch)
+        setup.notes.append(f"{label}: the search took {time.time() - began:.1f} s "
+                           f"({len(calibs[label][0].history)} knob values, each a prefill and "
+                           "a forward)")
+        run_rows(model, setup, label, bandwidth, rows, (), shapes)
+    return rows, calibs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,17 +505,21 @@ def find(rows, routing, policy, batch, prefix):
     return None
 
 
-def targets(rows, prefix) -> List[str]:
+def met(text, ok) -> str:
+    return f"- {text}: **{'met' if ok else 'not met'}**"
+
+
+def targets(rows, prefix, routing: str = "calibrated") -> List[str]:
     """The end-to-end targets of issue 13 (one sequence) and issue 14 (16 sequences), each
-    marked met or not met from this run's rows."""
+    marked met or not met from this run's rows of `routing`."""
     out = []
 
     def line(text, ok):
-        out.append(f"- {text}: **{'met' if ok else 'not met'}**")
+        out.append(met(text, ok))
     for batch, dm_max, tok_max, speedup_min, issue in ((1, 1.6, 1.3, 2.0, 13),
                                                        (16, 1.7, 1.5, 1.6, 14)):
-        tok = find(rows, "calibrated", "token", batch, prefix)
-        dm = find(rows, "calibrated", "dmoe p=0.6", batch, prefix)
+        tok = find(rows, routing, "token", batch, prefix)
+        dm = find(rows, routing, "dmoe p=0.6", batch, prefix)
         if dm:
             line(f"issue {issue}: {batch} seq, dMoE p=0.6 at most {dm_max}x its byte floor "
                  f"(prefix {prefix}): x{dm['ratio']:.2f}", dm["ratio"] <= dm_max)
@@ -443,11 +533,81 @@ def targets(rows, prefix) -> List[str]:
     return out
 
 
-def write_report(path_md, setup, args, bandwidth, calib, rows, parts, gens, device_name):
+def new_rows(rows, routing: str, shapes, first_prefix: int) -> List[str]:
+    """Issue 14's new rows (every shape but 16 sequences at the first prefix): each present with
+    tokens/s at 2.55 per forward per sequence and peak memory (the issue's whole target there);
+    beside them, measured, the dMoE speed-up over token routing and x floor (no target set)."""
+    out = []
+    for batch, prefix in shapes:
+        if (batch, prefix) == (16, first_prefix):  # the targets() shape
+            continue
+        for r in rows:
+            if (r["routing"], r["batch"], r["prefix"]) != (routing, batch, prefix):
+                continue
+            out.append(met(f"issue 14: new row {batch} seq, prefix {prefix}, {r['policy']}: "
+                           f"{fmt(r['tok_s'], '.0f')} tokens/s at {TOKENS_PER_FORWARD} per "
+                           f"forward per sequence, peak {fmt(r['peak_gb'], '.1f')} GB",
+                           r["peak_gb"] is not None))
+        tok = find(rows, routing, "token", batch, prefix)
+        dm = find(rows, routing, "dmoe p=0.6", batch, prefix)
+        if dm and tok:
+            out.append(f"- {batch} seq, prefix {prefix}: dMoE p=0.6 {tok['ms'] / dm['ms']:.2f}x "
+                       f"faster than token routing; dMoE x{dm['ratio']:.2f} its floor, token "
+                       f"x{tok['ratio']:.2f} (issue 14 sets no target at this shape)")
+    return out
+
+
+def serving_sections(rows, setup: Setup, calibs: dict) -> tuple:
+    """--serving's 'Routing used' lines (which calibration each row used, and what it gives at
+    each batch) and its target lines, per calibration."""
+    prefix, used, goals = setup.prefixes[0], [], []
+    for label, (calib, batch) in calibs.items():
+        mine = sorted({(r["batch"], r["prefix"]) for r in rows if r["routing"] == label})
+        gives = "; ".join(f"{r['unique']:.1f} at {seqs(r['batch'])}, prefix {r['prefix']}"
+                          for r in rows if r["routing"] == label and r["policy"] == "token")
+        where = ", ".join(f"{b} seq prefix {p}" for b, p in mine) or "none, see the notes"
+        used.append(f"- **{label}** (rows: {where}): the router "
+                    f"calibrated on the step of {seqs(batch)} at prefix {prefix} (unique "
+                    "experts per block: mean over its sequences' blocks and the MoE layers): "
+                    f"{calib.describe()}." + (f" Token routing unique per block in the rows: "
+                                              f"{gives}." if gives else ""))
+        goals += [f"Rows {label}:", ""] + targets(rows, prefix, label)
+        goals += new_rows(rows, label, setup.shapes, prefix) + [""]
+    used.append("- Each calibration starts from the plain router (random weights, bias 0), "
+                "restored before it.")
+    return used, goals
+
+
+def report_sections(args, setup: Setup, calibs: dict, rows) -> tuple:
+    """The report's 'Routing used' lines and its targets section."""
+    if args.serving:
+        used, goals = serving_sections(rows, setup, calibs)
+        return used + [CAVEAT], ["## Targets of issue 14, per calibration", ""] + goals
+    calib = calibs["calibrated"][0] if "calibrated" in calibs else None
+    used = ["- **plain**: random weights (std 0.02), router bias 0 (tokens of a block share most "
+            "of their hidden state, so they agree more than a trained model's).",
+            f"- **calibrated**: {calib.describe() if calib else 'not run in this part'}. "
+            + CAVEAT[2:]]
+    goals = ["## Targets of issues 13 and 14 (calibrated router)", ""]
+    for prefix in setup.prefixes:
+        goals += targets(rows, prefix)
+    return used, goals
+
+
+CAVEAT = ("- A skew does not depend on the hidden state, so sequences share popular experts (the "
+          "union across sequences is likely smaller than a trained model's); the diversity knob "
+          "changes the router's scores, not only its ranking.")
+
+
+def write_report(path_md, setup, args, bandwidth, calibs, rows, parts, gens, device_name):
     cmd = "python bench/bench_e2e.py " + " ".join(sys.argv[1:])
+    used, goals = report_sections(args, setup, calibs, rows)
+    layout = 'LLaDA2.2-mini' if args.llada22 else 'LLaDA2.0-mini'
+    title = (f"# Serving shapes (issue 14): one {layout} denoising forward for many sequences "
+             "(random weights)") if args.serving else \
+        f"# End to end: one {layout} denoising forward (random weights)"
     lines = [
-        f"# End to end: one {'LLaDA2.2-mini' if args.llada22 else 'LLaDA2.0-mini'} denoising "
-        "forward (random weights)", "",
+        title, "",
         f"Device: {device_name}; torch {torch.__version__}; command: `{cmd}`.",
         f"Copy bandwidth (device-to-device, read + write): {fmt(bandwidth / 1e12, '.3f')} TB/s.",
         "", "Every row: one forward of one 32-token block per sequence (half MASK) against a KV "
@@ -459,13 +619,7 @@ def write_report(path_md, setup, args, bandwidth, calib, rows, parts, gens, devi
         "sequences; union/layer: distinct experts any sequence used, mean over layers; GB touched "
         "counts that union x 6.29 MB per MoE layer + non-expert weights + the KV buffer; "
         "resident: experts the forward may touch (coreset union for block policies).", "",
-        "## Routing used", "",
-        "- **plain**: random weights (std 0.02), router bias 0 (tokens of a block share most "
-        "of their hidden state, so they agree more than a trained model's).",
-        f"- **calibrated**: {calib.describe() if calib else 'not run in this part'}. "
-        "A skew does not depend on the hidden state, so sequences share popular experts (the "
-        "union across sequences is likely smaller than a trained model's); the diversity knob "
-        "changes the router's scores, not only its ranking.", "",
+        "## Routing used", "", *used, "",
         "## Denoising forward", "", table(rows), ""]
     if parts:
         lines += ["## Where the time goes (parts timed separately, x layers)", ""]
@@ -495,9 +649,7 @@ def write_report(path_md, setup, args, bandwidth, calib, rows, parts, gens, devi
                   f"| {g['ms_forward']:.3f} | {g['tok_s']:.1f} | {g['tok_s_at_255']:.0f} "
                   f"| {g['peak_gb']:.1f} |" for g in gens]
         lines.append("")
-    lines += ["## Targets of issues 13 and 14 (calibrated router)", ""]
-    for prefix in setup.prefixes:
-        lines += targets(rows, prefix)
+    lines += goals
     if setup.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in setup.notes]
     text = "\n".join(lines) + "\n"
@@ -514,16 +666,18 @@ def plot(path_png, rows, bandwidth, model, setup):
     fig, axes = plt.subplots(1, len(setup.prefixes), figsize=(6 * len(setup.prefixes), 4.5),
                              squeeze=False)
     per_expert, n_moe = expert_bytes_cache[id(model)], len(moe_layers(model))
+    routings = list(dict.fromkeys(r["routing"] for r in rows))  # calibrated (C0), plain (C1), ...
     for ax, prefix in zip(axes[0], setup.prefixes):
         for batch, marker in zip(setup.batches, "osD^"):
             pts = [r for r in rows if r["batch"] == batch and r["prefix"] == prefix
                    and r["policy"] != "unpatched loop"]
             if not pts:
                 continue
-            for routing, color in (("calibrated", "C0"), ("plain", "C1")):
+            for i, routing in enumerate(routings):
                 sel = [r for r in pts if r["routing"] == routing]
-                ax.scatter([r["union"] for r in sel], [r["ms"] for r in sel], marker=marker,
-                           color=color, label=f"{routing}, {batch} seq")
+                if sel:  # a calibration at 64 sequences has no 16-sequence rows
+                    ax.scatter([r["union"] for r in sel], [r["ms"] for r in sel],
+                               marker=marker, color=f"C{i}", label=f"{routing}, {batch} seq")
             base = pts[0]
             fixed = base["gb"] * 1e9 - base["union"] * n_moe * per_expert
             xs = [0, max(r["union"] for r in pts) * 1.05]
@@ -566,14 +720,7 @@ def fp8_policies(config) -> list:
 
 def calibrated_step(model, setup: Setup, prefix: int):
     """Calibrate the router on one sequence (as --quick does), then that sequence's step."""
-    def forward():
-        with torch.no_grad():
-            step_fn(model, prepare_step(model, 1, prefix))()
-
-    set_policy(model, RoutingPolicy.token())
-    calib = calibrate_router(model, forward, setup.target_unique, seed=SEED)
-    print("calibration: " + calib.describe(), flush=True)
-    return calib, prepare_step(model, 1, prefix)
+    return calibrate_on(model, setup, 1, prefix), prepare_step(model, 1, prefix)
 
 
 def fp8_rows(model, setup: Setup, step: Step, bandwidth: float, label: str, rows: list,
@@ -658,27 +805,35 @@ def write_fp8_report(args, rows, device_name) -> str:
 
 
 def make_setup(args) -> Setup:
+    deadline = time.time() + args.budget_s
     if args.smoke:
         small = llada22_config(SMALL) if args.llada22 else LLaDA2MoeConfig(**SMALL)
-        return Setup(True, torch.device("cpu"), small,
-                     (1, 2), (32,) if args.quick else (32, 64),
-                     args.target_unique or 9.0, 1, 1, 1, 8, 40, time.time() + args.budget_s)
-    # --layers cuts the published config to fewer layers (the GPU smoke run): same shapes
-    # per layer, so every kernel and launch choice is the full model's.
-    base = {} if args.layers is None else dict(num_hidden_layers=args.layers)
-    if getattr(args, "flash", False):
-        base = {**FLASH, **base}
-    config = llada22_config(base) if args.llada22 else LLaDA2MoeConfig(**base)
-    if args.quick:
-        return Setup(False, torch.device("cuda"), config, (1, 16), (512,),
-                     args.target_unique or 70.0, 20, 7, 3, 128, args.gen_prompt,
-                     time.time() + args.budget_s)
-    return Setup(False, torch.device("cuda"), config, (1, 4, 16), (512, 2048),
-                 args.target_unique or 70.0, 20, 7, 3, 128, args.gen_prompt,
-                 time.time() + args.budget_s)
+        setup = Setup(True, torch.device("cpu"), small, (1, 2), (32,) if args.quick else (32, 64),
+                      args.target_unique or 9.0, 1, 1, 1, 8, 40, deadline)
+    else:
+        # --layers cuts the published config to fewer layers (the GPU smoke run): same shapes
+        # per layer, so every kernel and launch choice is the full model's.
+        base = {} if args.layers is None else dict(num_hidden_layers=args.layers)
+        if getattr(args, "flash", False):
+            base = {**FLASH, **base}
+        config = llada22_config(base) if args.llada22 else LLaDA2MoeConfig(**base)
+        batches, prefixes = ((1, 16), (512,)) if args.quick else ((1, 4, 16), (512, 2048))
+        setup = Setup(False, torch.device("cuda"), config, batches, prefixes,
+                      args.target_unique or 70.0, 20, 7, 3, 128, args.gen_prompt, deadline)
+    if getattr(args, "serving", False):
+        # Issue 14's shapes: 16 and 64 sequences at the first prefix, 16 at the second (the
+        # smoke keeps the batches, the tiny prefixes); a 64-sequence forward takes ~40 ms on
+        # the H200, so 7 trials of 10 replays.
+        first, second = setup.prefixes
+        setup.batches, setup.shapes = (16, 64), ((16, first), (64, first), (16, second))
+        setup.replays = min(setup.replays, 10)
+        # token, dMoE p=0.6 and a LLaDA2.2 layout's own capacity routing (--policies overrides)
+        setup.only = tuple(name for name, policy in policies(setup.config)
+                           if name in ("token", "dmoe p=0.6") or policy.kind == "capacity")
+    return setup
 
 
-def main(argv=None):
+def parse_args(argv) -> tuple:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU, no timings")
@@ -687,13 +842,16 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true",
                     help="calibrated rows for 1 and 16 sequences at the first prefix + breakdown, "
                          "no generations, no plain rows (e2e_quick.*)")
+    ap.add_argument("--serving", action="store_true",
+                    help="issue 14's serving rows: 16 and 64 sequences at prefix 512, 16 at 2048, "
+                         "router calibrated at 1 sequence and at each batch (e2e_serving.*)")
     ap.add_argument("--fp8", action="store_true", help="bf16 vs FP8-experts rows (e2e_fp8.*)")
     ap.add_argument("--flash", action="store_true",
                     help="LLaDA2.0-flash with random FP8 experts built on the GPU (e2e_flash.*)")
     ap.add_argument("--target-unique", type=float, default=None)
     ap.add_argument("--budget-s", type=float, default=None,
                     help="skip remaining rows after this many seconds (report says so); "
-                         "default 480, --quick 130")
+                         "default 480, --quick 130, --serving 140")
     ap.add_argument("--gen-prompt", type=int, default=512)
     ap.add_argument("--layers", type=int, default=None,
                     help="layers of the published config to build (default: all 20); the GPU "
@@ -706,13 +864,60 @@ def main(argv=None):
                          "every policy; the GPU smoke run takes three)")
     args = ap.parse_args(argv)
     if args.budget_s is None:
-        args.budget_s = 130.0 if args.quick else 480.0
+        args.budget_s = 140.0 if args.serving else 130.0 if args.quick else 480.0
     if args.quick and args.part != "all":
         ap.error("--quick runs its own selection; leave --part out")
+    if args.serving and (args.quick or args.part != "all" or args.fp8 or args.flash):
+        ap.error("--serving runs its own selection; leave --quick, --part, --fp8 and --flash out")
     if args.fp8 or args.flash:
         args.quick = True  # one sequence at the first prefix: the quick setup's
         if args.fp8 and args.flash:
             ap.error("--fp8 and --flash are separate runs")
+    return ap, args
+
+
+def ready_model(setup: Setup, start: float) -> tuple:
+    """The bf16 model patched with token routing, and the copy bandwidth in bytes/s."""
+    dev = setup.device
+    model = build_model(setup.config, dev, SEED)
+    patch_model(model, RoutingPolicy.token())
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    expert_bytes_cache[id(model)] = expert_bytes(model)
+    bandwidth = copy_bandwidth(dev) if dev.type == "cuda" else 3.0e12  # smoke: nominal
+    print(f"model ready in {time.time() - start:.0f} s; copy bandwidth "
+          f"{bandwidth / 1e12:.3f} TB/s", flush=True)
+    return model, bandwidth
+
+
+def run_parts(args, model, setup: Setup, bandwidth: float, plain_router: list) -> tuple:
+    """--part a (calibrated rows, breakdown, generations) and b (plain rows), or --quick's
+    selection. Returns (rows, parts, generations, {"calibrated": (Calibration, 1)})."""
+    rows, parts, gens, calibs = [], [], [], {}
+    loop_batches = setup.batches  # the unpatched loop is ~1 s per forward on an H100: all fit
+    if args.quick:
+        loop_batches = setup.batches[:1]  # its 16-sequence row alone takes ~6 s
+    if args.part in ("all", "a"):
+        # Calibrate on the targets' own step: ONE sequence at the first prefix, token routing.
+        # The 16-sequence rows keep that router, whatever their blocks then touch.
+        one = setup.batches[0]
+        calibs["calibrated"] = (calibrate_on(model, setup, one, setup.prefixes[0]), one)
+        run_rows(model, setup, "calibrated", bandwidth, rows, loop_batches)
+        for prefix in setup.prefixes[: 1 if setup.smoke else None]:
+            if setup.left():
+                parts.append(breakdown(model, setup, 1, prefix, "token", bandwidth))
+                parts.append(breakdown(model, setup, 1, prefix, "dmoe p=0.6", bandwidth))
+        if not args.quick:
+            gens += generations(model, setup, "calibrated", setup.gen_prompt)
+    if args.part in ("all", "b") and not args.quick:
+        restore_plain(model, plain_router)
+        run_rows(model, setup, "plain", bandwidth, rows, loop_batches)
+        gens += generations(model, setup, "plain", setup.gen_prompt)
+    return rows, parts, gens, calibs
+
+
+def main(argv=None):
+    ap, args = parse_args(argv)
     start = time.time()
     setup = make_setup(args)
     if args.policies is not None:
@@ -722,7 +927,8 @@ def main(argv=None):
         if unknown:
             ap.error(f"--policies: unknown row name(s) {unknown}; expected some of {known}")
     os.makedirs(args.out, exist_ok=True)
-    suffix = "_quick" if args.quick else ("" if args.part == "all" else f"_{args.part}")
+    suffix = "_serving" if args.serving else "_quick" if args.quick else (
+        "" if args.part == "all" else f"_{args.part}")
     suffix += "_llada22" if args.llada22 else ""
     torch.manual_seed(SEED)
     dev = setup.device
@@ -733,53 +939,21 @@ def main(argv=None):
         print(f"done in {time.time() - start:.0f} s", flush=True)
         return 0
 
-    model = build_model(setup.config, dev, SEED)
-    patch_model(model, RoutingPolicy.token())
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    expert_bytes_cache[id(model)] = expert_bytes(model)
-    bandwidth = copy_bandwidth(dev) if dev.type == "cuda" else 3.0e12  # smoke: nominal
-    print(f"model ready in {time.time() - start:.0f} s; copy bandwidth "
-          f"{bandwidth / 1e12:.3f} TB/s", flush=True)
-
-    rows, parts, gens, calib = [], [], [], None
+    model, bandwidth = ready_model(setup, start)
     plain_router = router_weights(model)  # the calibration may change gate weights: restore
-    loop_batches = setup.batches  # the unpatched loop is ~1 s per forward on an H100: all fit
-    if args.quick:
-        loop_batches = setup.batches[:1]  # its 16-sequence row alone takes ~6 s
-    if args.part in ("all", "a"):
-        # Calibrate on the targets' own step: ONE sequence at the first prefix, token routing
-        # (the prefix is prefilled again at each strength: its states depend on it). The
-        # 16-sequence rows keep that router, whatever their blocks then touch.
-        one, prefix = setup.batches[0], setup.prefixes[0]
-        set_policy(model, RoutingPolicy.token())
-
-        def forward():
-            step = prepare_step(model, one, prefix)
-            with torch.no_grad():
-                step_fn(model, step)()
-
-        calib = calibrate_router(model, forward, setup.target_unique, seed=SEED)
-        print("calibration: " + calib.describe(), flush=True)
-        run_rows(model, setup, "calibrated", bandwidth, rows, loop_batches)
-        for prefix in setup.prefixes[: 1 if setup.smoke else None]:
-            if setup.left():
-                parts.append(breakdown(model, setup, 1, prefix, "token", bandwidth))
-                parts.append(breakdown(model, setup, 1, prefix, "dmoe p=0.6", bandwidth))
-        if not args.quick:
-            gens += generations(model, setup, "calibrated", setup.gen_prompt)
-    if args.part in ("all", "b") and not args.quick:
-        set_router_bias(model, 0 * popularity_skew(len(moe_layers(model)),
-                                                   setup.config.num_experts, SEED))
-        set_router_weights(model, plain_router)
-        run_rows(model, setup, "plain", bandwidth, rows, loop_batches)
-        gens += generations(model, setup, "plain", setup.gen_prompt)
+    if args.serving:
+        (rows, calibs), parts, gens = run_serving(model, setup, bandwidth, plain_router), [], []
+    else:
+        rows, parts, gens, calibs = run_parts(args, model, setup, bandwidth, plain_router)
 
     md = os.path.join(args.out, f"e2e{suffix}.md")
-    text = write_report(md, setup, args, bandwidth, calib, rows, parts, gens, device_name)
+    text = write_report(md, setup, args, bandwidth, calibs, rows, parts, gens, device_name)
+    calib = calibs.get("calibrated", (None,))[0]
     with open(os.path.join(args.out, f"e2e{suffix}.json"), "w") as f:
         json.dump(dict(rows=rows, parts=parts, generations=gens, bandwidth=bandwidth,
                        calibration=None if calib is None else calib.__dict__,
+                       calibrations={label: dict(c.__dict__, batch=b, prefix=setup.prefixes[0])
+                                     for label, (c, b) in calibs.items()},
                        notes=setup.notes), f, indent=1)
     plot(os.path.join(args.out, f"e2e{suffix}.png"), rows, bandwidth, model, setup)
     print(text)

@@ -213,11 +213,14 @@ def calibrate_router(model: torch.nn.Module, run_forward: Callable[[], None], ta
 
     run_forward(): one forward of the model under the token policy (it may rebuild a KV cache
     first, since the prefix's hidden states depend on the router too); unique experts are read
-    from the last `rows` rows of each sequence. First a forward as the model is. Above the
-    target: the skew strength, under which unique experts fall, doubles from `start` until
-    below the target, then bisects (geometric mean). Below it: the diversity knob (`directions`
-    shared directions per layer), under which they rise, is bisected in [0, 1]. Either search
-    stops within `tolerance` or after `max_steps` forwards, and leaves the best value set.
+    from the last `rows` rows of each sequence, as the mean over the sequences and the MoE
+    layers (route_summary), so a forward of B sequences calibrates to `target` per sequence at
+    that batch (the shared directions then come from all B blocks' rows). First a forward as
+    the model is. Above the target: the skew strength, under which unique experts fall, doubles
+    from `start` until below the target, then bisects (geometric mean). Below it: the diversity
+    knob (`directions` shared directions per layer), under which they rise, is bisected in
+    [0, 1]. Either search stops within `tolerance` or after `max_steps` forwards, and leaves
+    the best value set.
     """
     layers = moe_layers(model)
     if not layers:
