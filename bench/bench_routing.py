@@ -15,7 +15,8 @@ six and today's default, and uses the fastest for the table.
 --router adds the router GEMM (issue 13: it was ~12 us of the 15.4 us a token-routed layer spent
 routing in bench_e2e's breakdown): logits [T, 256] = hidden [T, 2048] bf16 @ W [256, 2048] fp32,
 torch's fp32 matmul of hidden.float() (today's path) against router_logits_kernel at the
-launch rule's shape and at a few other tiles, for 1, 4 and 16 blocks. Each graph holds one call
+launch rule's shape and at a few other tiles (and splits of the hidden columns), for 1 and 16
+blocks. Each graph holds one call
 per layer on ROUTER_COPIES weight copies (96 MB: L2 holds none), as in a forward.
 """
 import argparse
@@ -126,10 +127,12 @@ def sweep(logits, bias, quick=False):
 
 
 ROUTER_COPIES = 48  # 2 MB of fp32 router weights each
-# (block_e, block_k, warps) at block_t = min(32, T): few experts per program spread the 2 MB
-# over many SMs; larger k steps keep more loads in flight per program.
-ROUTER_TILES = [(1, 256, 2), (1, 512, 4), (2, 128, 2), (2, 256, 4), (4, 64, 4), (4, 128, 4),
-                (4, 256, 8), (8, 64, 4), (8, 128, 8), (16, 32, 4), (16, 64, 8)]
+# (block_e, block_k, warps, split_k) at block_t = min(32, T): few experts per program spread
+# the 2 MB over many SMs; split_k > 1 cuts each program's chain of dependent k steps (the loop
+# has no tl.dot, so no software pipelining) to chunk / block_k steps.
+ROUTER_TILES = [(1, 512, 4, 1), (4, 64, 4, 8), (4, 64, 4, 16), (4, 64, 4, 32), (8, 32, 4, 16),
+                (8, 32, 4, 32), (16, 16, 4, 16), (16, 16, 4, 32), (16, 16, 8, 64),
+                (2, 128, 4, 16)]
 
 
 def router_rows(dev):
@@ -138,14 +141,14 @@ def router_rows(dev):
     weights = [torch.randn(256, 2048, device=dev, generator=gen) * 0.02
                for _ in range(ROUTER_COPIES)]
     rows = []
-    for tokens in (32, 128, 512):
+    for tokens in (32, 512):
         hidden = torch.randn(tokens, 2048, device=dev, generator=gen).bfloat16()
         want = hidden.double() @ weights[0].double().T
         out = torch.empty(tokens, 256, device=dev)
         rule = router_launch(tokens, 256)
         paths = [("torch fp32 (hidden.float() @ W.T)", None), (f"kernel, rule {rule}", rule)]
-        paths += [(f"kernel {RouterLaunch(min(32, tokens), e, k, w)}",
-                   RouterLaunch(min(32, tokens), e, k, w)) for e, k, w in ROUTER_TILES]
+        shapes = [RouterLaunch(min(32, tokens), e, k, w, z) for e, k, w, z in ROUTER_TILES]
+        paths += [(f"kernel {shape}", shape) for shape in shapes]
         for name, shape in paths:
             if shape is None:
                 one = lambda w: hidden.float() @ w.T  # noqa: E731

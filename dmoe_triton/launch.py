@@ -124,10 +124,15 @@ class RouterLaunch:
     block_e: int = 4
     block_k: int = 64
     warps: int = 4
-    # Off by default: with the kernel on, the H200's 4-layer step (bench_e2e --quick --layers 4,
-    # run 5 of 2026-11-30) took 1.005 / 0.781 ms (token / dMoE, 1 sequence) and 4.13 / 3.90 ms
-    # (16 sequences) against 0.882 / 0.662 and 3.94 / 3.39 with the torch GEMM earlier that day;
-    # no device time was left to time this part alone, so the kernel is the suspect, not proven.
+    # Programs per tile along the hidden columns, each summing its share; the last to finish
+    # adds the shares in split order. The k loop is a chain of dependent loads (no tl.dot, no
+    # software pipelining): at split 1 a 32-row block's tiles walked 32 steps of 64 columns
+    # and took 67.5 us on the H200 (bench_routing --router, 2026-11-30).
+    split_k: int = 1
+    # Off by default: timed alone (bench_routing --router, H200, 2026-11-30, weights L2-cold),
+    # torch's fp32 GEMM of hidden.float() took 12.8 / 26.2 us at 32 / 512 rows; the kernel at
+    # this rule's shapes 67.5 / 325.9, at its best split-1 tile (block_e 1, block_k 512) 13.8 /
+    # 144.6. The split_k variants are not yet timed (`bench_routing.py --router` sweeps them).
     use_kernel: bool = False
 
     def __post_init__(self):

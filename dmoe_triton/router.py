@@ -58,10 +58,19 @@ def router_logits(hidden: torch.Tensor, gate_weight: torch.Tensor, out: torch.Te
     T, H = hidden.shape
     E = gate_weight.shape[0]
     shapes = launch or router_launch(T, E)
-    router_logits_kernel[(triton.cdiv(T, shapes.block_t), triton.cdiv(E, shapes.block_e))](
+    grid = (triton.cdiv(T, shapes.block_t), triton.cdiv(E, shapes.block_e), shapes.split_k)
+    # Each split sums a whole number of reduction steps; the last split may get fewer columns.
+    chunk = triton.cdiv(triton.cdiv(H, shapes.split_k), shapes.block_k) * shapes.block_k
+    partial = arrivals = None
+    if shapes.split_k > 1:  # fp32 partials and per-tile arrival counters (zero at launch)
+        partial = torch.empty(shapes.split_k, T, E, dtype=torch.float32, device=out.device)
+        arrivals = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=out.device)
+    router_logits_kernel[grid](
         x_ptr=hidden, stride_xt=hidden.stride(0), w_ptr=gate_weight,
-        stride_we=gate_weight.stride(0), logits_ptr=out, T=T, H=H, E=E, BLOCK_T=shapes.block_t,
-        BLOCK_E=shapes.block_e, BLOCK_K=shapes.block_k, num_warps=shapes.warps)
+        stride_we=gate_weight.stride(0), logits_ptr=out, partial_ptr=partial,
+        arrivals_ptr=arrivals, T=T, H=H, chunk=chunk, E=E, BLOCK_T=shapes.block_t,
+        BLOCK_E=shapes.block_e, BLOCK_K=shapes.block_k, SPLIT_K=shapes.split_k,
+        num_warps=shapes.warps)
     return out
 
 

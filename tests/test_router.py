@@ -16,8 +16,11 @@ EPS32 = torch.finfo(torch.float32).eps
 
 
 def router_launches():
+    # split_k: shares of the hidden columns summed apart, then in split order (3: uneven
+    # shares; 8 at H = 17: splits with no column at all)
     return st.builds(RouterLaunch, block_t=st.sampled_from([1, 4, 32]),
-                     block_e=st.sampled_from([1, 4, 16]), block_k=st.sampled_from([4, 16, 64]))
+                     block_e=st.sampled_from([1, 4, 16]), block_k=st.sampled_from([4, 16, 64]),
+                     split_k=st.sampled_from([1, 2, 3, 8]))
 
 
 @given(T=st.sampled_from([1, 5, 33]), H=st.sampled_from([1, 17, 64, 100]),
@@ -74,8 +77,10 @@ POLICIES = [RoutingPolicy.token(), RoutingPolicy.dmoe(0.6, 4, 8), RoutingPolicy.
 
 
 @given(policy=st.sampled_from(POLICIES), S=st.integers(1, 2), L=st.sampled_from([1, 9, 20]),
-       windows=st.booleans(), use_kernel=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_exact_sums_route_exactly_as_the_reference(policy, S, L, windows, use_kernel, seed):
+       windows=st.booleans(), use_kernel=st.booleans(), split_k=st.sampled_from([1, 4]),
+       seed=st.integers(0, 2**31 - 1))
+def test_exact_sums_route_exactly_as_the_reference(policy, S, L, windows, use_kernel, split_k,
+                                                   seed):
     gen = torch.Generator().manual_seed(seed)
     cfg = RouterConfig(32, 4, n_group=4, topk_group=2, routed_scaling_factor=2.5)
     hidden = dyadic(gen, (S, L, 24), 4, torch.float16)
@@ -84,7 +89,8 @@ def test_exact_sums_route_exactly_as_the_reference(policy, S, L, windows, use_ke
     first_position = torch.randint(-5, 40, (S,), generator=gen) if windows else None
     row_valid = torch.rand(S, L, generator=gen) > 0.2 if windows else None
     on = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
-    with launch.override(router=RouterLaunch(use_kernel=use_kernel)):  # the GEMM: ours or torch's
+    gemm = RouterLaunch(block_k=4, split_k=split_k, use_kernel=use_kernel)  # ours or torch's
+    with launch.override(router=gemm):
         got = route_hidden(on(hidden), on(weight), on(bias), cfg, policy, "triton",
                            first_position=on(first_position), row_valid=on(row_valid))
     ref = route_hidden(hidden, weight, bias, cfg, policy, "reference",
