@@ -119,6 +119,22 @@ def _line(r) -> str:
             f"{r['max_load']:.2f}  pairs {r['pairs']:.1f}  ({r['seconds']:.1f} s, {r['path']})")
 
 
+def frontier_verdict(rows) -> str:
+    """Which expert-choice rows are on the frontier against dMoE's row (issue 15: no worse
+    accuracy at as few or fewer unique experts per block), as one line of the report."""
+    dmoe = next((r for label, r in rows if label.startswith("arith-dmoe")), None)
+    if dmoe is None:
+        return "Frontier: no dMoE row to compare with."
+    on = [label for label, r in rows if not label.startswith("arith-")
+          and r["accuracy"] >= dmoe["accuracy"] and r["unique_experts"] <= dmoe["unique_experts"]]
+    against = (f"dMoE p=0.6's {100 * dmoe['accuracy']:.2f}% at {dmoe['unique_experts']:.2f} "
+               "unique experts per block")
+    if on:
+        return f"Frontier: on it against {against}: " + "; ".join(on) + "."
+    return (f"Frontier: **no expert-choice row is on it**: none reaches {against} with as few "
+            "or fewer experts (a negative result).")
+
+
 def write_table(rows, meta, path) -> None:
     lines = ["# Expert-choice retrofit of the tiny arithmetic model (issue 15)", "",
              f"Test split: {meta['n_test']} held-out problems, exact match. Device: "
@@ -132,7 +148,7 @@ def write_table(rows, meta, path) -> None:
     for label, r in rows:
         lines.append(f"| {label} | {100 * r['accuracy']:.2f}% | {r['unique_experts']:.2f} | "
                      f"{r['max_load']:.2f} | {r['pairs']:.1f} | {r['gflops']:.4f} |")
-    lines.append("")
+    lines += ["", frontier_verdict(rows), ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 

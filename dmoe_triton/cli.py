@@ -37,29 +37,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="no chat template: decode after the text")
     g.add_argument("--policy", choices=("auto",) + POLICY_NAMES, default="auto",
                    help="auto (default): the routing the checkpoint declares (config.json: "
-                        "expert_capacity -> capacity, core_threshold or mode 'aggregate' -> "
-                        "dmoe, else token); an explicit policy wins")
+                        "expert_capacity -> capacity, expert_choice_schedule -> expert "
+                        "choice (ec_coreset with core_threshold), core_threshold or mode "
+                        "'aggregate' -> dmoe, else token); an explicit policy wins")
     g.add_argument("--capacity", type=int, default=None,
                    help="capacity: experts a routing window keeps (default: config.json's "
                         "expert_capacity; LLaDA2.2 ships 48)")
     g.add_argument("--top-p", type=float, default=None,
                    help="dmoe, ec_coreset: coreset vote mass (default 0.6)")
     g.add_argument("--guard", type=int, default=None,
-                   help="dmoe: minimum coreset size (default 16 of 256 experts, scaled to the model)")
+                   help="dmoe, ec_coreset: minimum coreset size (default 16 of 256 experts, "
+                        "scaled to the model)")
     g.add_argument("--block-size", type=int, default=None,
                    help="routing window of the block policies (default 32)")
     g.add_argument("--size", type=int, default=None,
                    help="des_vote: coreset size (default 15%% of the experts: 38 of 256)")
-    g.add_argument("--k", type=int, default=None, help="topk_cap: experts per token (default 4)")
+    g.add_argument("--k", type=int, default=None,
+                   help="topk_cap: experts per token (default 4); expert_choice, ec_coreset "
+                        "with the fixed schedule: capacity factor k (default: the model's top-k)")
     g.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="expert_choice, ec_coreset: capacity schedule over the window's mask "
                         "ratio (default fixed: k = the model's top-k)")
     g.add_argument("--k-min", type=int, default=None,
-                   help="expert_choice, ec_coreset (linear schedules): k at one end "
-                        "(default top-k / 4)")
+                   help="expert_choice, ec_coreset (linear schedules): k with no token "
+                        "masked for linear, all masked for linear_reverse (default top-k / 4; "
+                        "with --k-max's default, fewer expert FLOPs than fixed)")
     g.add_argument("--k-max", type=int, default=None,
-                   help="expert_choice, ec_coreset (linear schedules): k at the other end "
-                        "(default 5 top-k / 4)")
+                   help="expert_choice, ec_coreset (linear schedules): k with all tokens "
+                        "masked for linear, none for linear_reverse (default 5 top-k / 4)")
     g.add_argument("--gen-length", type=int, default=None,
                    help="tokens to generate (default: 128, or what fits in the model's "
                         "max_position_embeddings after the prompt)")
@@ -121,8 +126,8 @@ def _or(value, default):
 POLICY_OPTIONS = {
     "token": (), "topk_cap": ("k",), "capacity": ("capacity", "block_size"),
     "dmoe": ("top_p", "guard", "block_size"), "des_vote": ("size", "block_size"),
-    "expert_choice": ("schedule", "k_min", "k_max", "block_size"),
-    "ec_coreset": ("top_p", "guard", "schedule", "k_min", "k_max", "block_size"),
+    "expert_choice": ("schedule", "k", "k_min", "k_max", "block_size"),
+    "ec_coreset": ("top_p", "guard", "schedule", "k", "k_min", "k_max", "block_size"),
 }
 
 
@@ -169,9 +174,10 @@ def _explicit_policy(args, config, scaled_guard, scaled_size):
 
 
 def _expert_choice_policy(args, config, scaled_guard):
-    """--policy expert_choice / ec_coreset: fixed k = the model's top-k, or --k-min / --k-max
-    (default top-k / 4 and 5 top-k / 4) for the linear schedules; ec_coreset takes --top-p and
-    --guard as dmoe does."""
+    """--policy expert_choice / ec_coreset: the fixed schedule's --k (default the model's top-k),
+    or the linear schedules' --k-min / --k-max (default top-k / 4 and 5 top-k / 4, the
+    retrofit's range); an option of the other schedule is an error, never ignored. ec_coreset
+    takes --top-p and --guard as dmoe does."""
     from .config import RoutingPolicy
 
     k = config.num_experts_per_tok
@@ -181,8 +187,14 @@ def _expert_choice_policy(args, config, scaled_guard):
         guard = args.guard if args.guard is not None else scaled_guard(config.num_experts)
     block_size, schedule = _or(args.block_size, 32), _or(args.schedule, "fixed")
     if schedule == "fixed":
-        return RoutingPolicy.expert_choice(k, block_size=block_size, coreset_top_p=core,
-                                           guard=guard)
+        if args.k_min is not None or args.k_max is not None:
+            raise ValueError("--k-min / --k-max are the linear schedules' ends; --schedule fixed "
+                             "(the default) takes --k: pass --schedule linear or linear_reverse")
+        return RoutingPolicy.expert_choice(_or(args.k, k), block_size=block_size,
+                                           coreset_top_p=core, guard=guard)
+    if args.k is not None:
+        raise ValueError(f"--k is the fixed schedule's capacity factor; --schedule {schedule} "
+                         "takes --k-min / --k-max")
     k_min = args.k_min if args.k_min is not None else max(1, k // 4)
     k_max = args.k_max if args.k_max is not None else k + k // 4
     return RoutingPolicy.expert_choice(None, schedule, k_min, k_max, block_size,

@@ -5,6 +5,7 @@ ValueError that names the parameter and the allowed range.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -217,7 +218,12 @@ class RoutingPolicy:
         window's dMoE coreset (top_p, guard; guard defaults to 16) is, kind "ec_coreset".
         ValueError (naming it) for an unknown schedule, k / k_min / k_max outside [1, E]
         (checked against E when routed), k_min > k_max, a missing k_min / k_max, a guard
-        without coreset_top_p (it would be ignored)."""
+        without coreset_top_p (it would be ignored); TypeError for a schedule not a str."""
+        if not isinstance(schedule, str):
+            raise TypeError(f"schedule must be a str, one of {SCHEDULES}, got "
+                            f"{type(schedule).__name__}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if schedule == "fixed":
             k = 8 if k is None else k  # LLaDA2's top-k
             _check_int("k", k, 1)
@@ -244,9 +250,11 @@ class RoutingPolicy:
     @classmethod
     def from_config(cls, config) -> "RoutingPolicy":
         """The routing a checkpoint was trained for (docs/routing.md, "The checkpoint chooses"):
-        capacity routing for `expert_capacity` > 0 (window `block_size`, default 32); dMoE
-        (top_p = `core_threshold`, default 0.6; guard 16 scaled to the expert count) for a
-        config with `core_threshold` or `mode == "aggregate"`; token routing otherwise.
+        capacity routing for `expert_capacity` > 0 (window `block_size`, default 32); expert
+        choice for `expert_choice_schedule` (inside the dMoE coreset with `core_threshold`;
+        _expert_choice_from_config); dMoE (top_p = `core_threshold`, default 0.6; guard 16
+        scaled to the expert count) for a config with `core_threshold` or `mode ==
+        "aggregate"`; token routing otherwise.
         config: a transformers config object or a dict. A ValueError names expert_capacity
         outside [num_experts_per_tok, num_experts], and block_size < 1."""
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
@@ -291,7 +299,11 @@ class RoutingPolicy:
     def check(self, cfg: RouterConfig) -> None:
         """Validate the parameters that depend on the number of experts."""
         for param in self.spec.params:
-            param.check(getattr(self, param.name), cfg.num_experts, cfg.top_k)
+            value = getattr(self, param.name)
+            if self.is_expert_choice and self.schedule == "fixed" and param in (_K_MIN, _K_MAX):
+                # the fixed schedule's one k is kept as k_min == k_max: name what was given
+                param = dataclasses.replace(param, name="k")
+            param.check(value, cfg.num_experts, cfg.top_k)
 
     def pick_config(self, cfg: RouterConfig) -> RouterConfig:
         """The gate tokens pick their experts with under this policy: cfg itself, or for a
@@ -316,17 +328,27 @@ class RoutingPolicy:
 
 def _expert_choice_from_config(get) -> RoutingPolicy:
     """RoutingPolicy.from_config for a checkpoint that declares expert choice:
-    expert_choice_schedule, expert_choice_k_min / _k_max (default num_experts_per_tok), and
-    core_threshold for expert choice inside the dMoE coreset (guard 16 scaled to E)."""
+    expert_choice_schedule, expert_choice_k_min / _k_max (each default num_experts_per_tok;
+    schedule "fixed" takes one k: k_min, with k_max absent or equal), block_size (default 32),
+    and core_threshold for expert choice inside the dMoE coreset (guard 16 scaled to E). A
+    value out of range is an error naming it, never replaced by a default."""
     from .defaults import scaled_guard
 
-    schedule = get("expert_choice_schedule")
-    k_min = get("expert_choice_k_min") or get("num_experts_per_tok")
-    k_max = get("expert_choice_k_max") or k_min
-    top_p = get("core_threshold")
-    fixed = schedule == "fixed"
-    return RoutingPolicy.expert_choice(
-        k=k_min if fixed else None, schedule=schedule, k_min=None if fixed else k_min,
-        k_max=None if fixed else k_max, block_size=get("block_size") or 32,
-        coreset_top_p=None if top_p is None else float(top_p),
-        guard=None if top_p is None else scaled_guard(get("num_experts")))
+    schedule, top_k = get("expert_choice_schedule"), get("num_experts_per_tok")
+    k_min, k_max = get("expert_choice_k_min"), get("expert_choice_k_max")
+    top_p, window = get("core_threshold"), get("block_size")
+    for name, value in (("expert_choice_k_min", k_min), ("expert_choice_k_max", k_max)):
+        if value is not None:
+            _check_int(name, value, 1)
+    core = dict(coreset_top_p=None if top_p is None else float(top_p),
+                guard=None if top_p is None else scaled_guard(get("num_experts")),
+                block_size=32 if window is None else window)
+    if schedule == "fixed":
+        k = top_k if k_min is None else k_min
+        if k_max is not None and k_max != k:
+            raise ValueError(f"expert_choice_schedule 'fixed' takes one k (expert_choice_k_min"
+                             f", default num_experts_per_tok={top_k}), but expert_choice_k_max="
+                             f"{k_max!r} differs from it ({k!r})")
+        return RoutingPolicy.expert_choice(k, **core)
+    return RoutingPolicy.expert_choice(None, schedule, top_k if k_min is None else k_min,
+                                       top_k if k_max is None else k_max, **core)

@@ -300,10 +300,16 @@ def test_quantize_fp8_and_an_fp8_checkpoint_run(ckpt, tmp_path, capsys):
                          r"checkpoint's own routing with its own parameters \(auto: config.json"
                          r".*pass --policy \(one of dmoe, ec_coreset\) to set --top-p"),
     (["--block-size", "0"], "--block-size sets a routing parameter, but --policy auto"),
-    (["--policy", "token", "--k", "3"], r"--k is an option of topk_cap, but the routing that "
-                                        r"runs is token \(--policy\)"),
+    (["--policy", "token", "--k", "3"], r"--k is an option of topk_cap, expert_choice, "
+                                        r"ec_coreset, but the routing that runs is token "
+                                        r"\(--policy\)"),
     (["--policy", "dmoe", "--capacity", "4"], "--capacity is an option of capacity"),
     (["--policy", "expert_choice", "--top-p", "0.5"], "--top-p is an option of dmoe"),
+    # a break test found --k-min 0 --k-max 99 ignored under the fixed schedule (exit 0)
+    (["--policy", "expert_choice", "--k-min", "0", "--k-max", "99"],
+     r"--k-min / --k-max are the linear schedules' ends; --schedule fixed"),
+    (["--policy", "ec_coreset", "--schedule", "linear", "--k", "4"],
+     r"--k is the fixed schedule's capacity factor; --schedule linear takes --k-min"),
 ])
 def test_an_option_the_routing_would_ignore_is_an_error(ckpt, capsys, argv, needle):
     """Options of other policies were dropped without a word (a break test found --top-p nan
@@ -317,6 +323,10 @@ def test_the_options_of_the_policy_that_runs_are_taken(ckpt, capsys):
                      "--policy", "dmoe", "--top-p", "0.3", "--guard", "2",
                      "--block-size", "8"]) == 0
     assert "top_p=0.3" in capsys.readouterr().out
+    # expert choice's fixed k (it had no flag: --k was topk_cap's alone)
+    assert cli.main(["generate", "--model", str(ckpt), "--prompt", "1+2=", *FAST,
+                     "--policy", "expert_choice", "--k", "1"]) == 0
+    assert "k_min=1, k_max=1" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, needle", [

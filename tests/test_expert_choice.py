@@ -268,12 +268,41 @@ def test_bad_input_before_any_kernel(backend, monkeypatch):
 
     monkeypatch.setattr(expert_choice, "expert_choice_kernel", None)  # a launch would fail
     x = on(torch.randn(1, 8, CFG.num_experts))
-    with pytest.raises(ValueError, match="k_min must be >= 1 and <= 16, got 17"):
+    with pytest.raises(ValueError, match="k must be >= 1 and <= 16, got 17"):
         route(x, None, CFG, ec(k=17), backend)
     with pytest.raises(ValueError, match="row_masked is required"):
         route(x, None, CFG, ec("linear"), backend)
     with pytest.raises(ValueError, match="row_masked must have shape"):
         route(x, None, CFG, ec("linear"), backend, row_masked=on(torch.ones(1, 7, dtype=torch.bool)))
+
+
+@pytest.mark.parametrize("config, error, needle", [
+    (dict(expert_choice_k_min=0), ValueError, "expert_choice_k_min must be >= 1"),
+    (dict(expert_choice_schedule="linear", expert_choice_k_max=0), ValueError,
+     "expert_choice_k_max must be >= 1"),
+    (dict(block_size=0), ValueError, "block_size must be >= 1"),
+    (dict(expert_choice_k_max=12), ValueError, "'fixed' takes one k"),
+    (dict(expert_choice_schedule="bogus"), ValueError, "schedule must be one of"),
+])
+def test_from_config_names_a_bad_key_and_never_replaces_it(config, error, needle):
+    """A break test found 0 replaced by defaults (k_min 0 -> 8, block_size 0 -> 32) and a fixed
+    schedule's differing k_max dropped."""
+    base = dict(num_experts=64, num_experts_per_tok=8, expert_choice_schedule="fixed")
+    with pytest.raises(error, match=needle):
+        RoutingPolicy.from_config({**base, **config})
+
+
+def test_schedule_is_checked_first_and_k_named_under_fixed():
+    """The schedule's own error, whatever else is missing; the fixed schedule's k is named k
+    (it is kept as k_min == k_max) when it exceeds E."""
+    for bad in ("bogus", "LINEAR"):
+        with pytest.raises(ValueError, match="schedule must be one of"):
+            RoutingPolicy.expert_choice(4, bad)
+    with pytest.raises(TypeError, match="schedule must be a str"):
+        RoutingPolicy.expert_choice(4, 1)
+    with pytest.raises(ValueError, match="k must be >= 1 and <= 8, got 9"):
+        route(torch.randn(1, 4, 8), None, RouterConfig(8, 2), RoutingPolicy.expert_choice(9),
+              "reference")
 
 
 def test_from_config_declares_expert_choice():
@@ -285,6 +314,12 @@ def test_from_config_declares_expert_choice():
                                    "core_threshold": 0.6})
     assert (p.kind, p.schedule, p.k_min, p.k_max, p.top_p, p.guard) == (
         "ec_coreset", "linear_reverse", 4, 12, 0.6, 4)
+    p = RoutingPolicy.from_config({**base, "expert_choice_schedule": "linear",
+                                   "expert_choice_k_min": 4})  # k_max: the model's top-k
+    assert (p.k_min, p.k_max) == (4, 8)
+    p = RoutingPolicy.from_config({**base, "expert_choice_schedule": "fixed",
+                                   "expert_choice_k_min": 6, "expert_choice_k_max": 6})
+    assert (p.schedule, p.k_min, p.k_max) == ("fixed", 6, 6)
 
 
 def test_the_model_routes_by_the_mask_ratio_of_its_input():
