@@ -135,19 +135,21 @@ ROUTER_TILES = [(1, 512, 4, 1), (4, 64, 4, 8), (4, 64, 4, 16), (4, 64, 4, 32), (
                 (2, 128, 4, 16)]
 
 
-def router_rows(dev):
-    """[(tokens, path, us per call, max relative error vs fp64)] for the router GEMM."""
+def router_rows(dev, quick=False):
+    """[(tokens, path, us per call, max relative error vs fp64)] for the router GEMM; quick:
+    32 rows and two kernel tiles (the GPU smoke run checks the code path, not the choice)."""
     gen = torch.Generator(device=dev).manual_seed(0)
     weights = [torch.randn(256, 2048, device=dev, generator=gen) * 0.02
                for _ in range(ROUTER_COPIES)]
     rows = []
-    for tokens in (32, 512):
+    for tokens in (32,) if quick else (32, 512):
         hidden = torch.randn(tokens, 2048, device=dev, generator=gen).bfloat16()
         want = hidden.double() @ weights[0].double().T
         out = torch.empty(tokens, 256, device=dev)
         rule = router_launch(tokens, 256)
         paths = [("torch fp32 (hidden.float() @ W.T)", None), (f"kernel, rule {rule}", rule)]
-        shapes = [RouterLaunch(min(32, tokens), e, k, w, z) for e, k, w, z in ROUTER_TILES]
+        tiles = ROUTER_TILES[:2] if quick else ROUTER_TILES
+        shapes = [RouterLaunch(min(32, tokens), e, k, w, z) for e, k, w, z in tiles]
         paths += [(f"kernel {shape}", shape) for shape in shapes]
         for name, shape in paths:
             if shape is None:
@@ -224,7 +226,7 @@ def main():
             f"Kernel launch: {launch}.\n\n"
             + "\n".join(lines) + "\n")
     if args.router:
-        text += router_table(router_rows(dev))
+        text += router_table(router_rows(dev, args.quick))
     with open(args.out, "w") as f:
         f.write(text)
     print(text)

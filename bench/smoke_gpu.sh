@@ -6,7 +6,7 @@
 # parts, one call each:
 #
 #   bash bench/smoke_gpu.sh OUT_DIR 1   # GPU tests, routing kernel tests, CLI, kernel benches
-#   bash bench/smoke_gpu.sh OUT_DIR 2   # e2e, generate, profile, train-and-eval (4 layers)
+#   bash bench/smoke_gpu.sh OUT_DIR 2   # e2e, serving, generate, profile, train-and-eval (4 layers)
 #   bash bench/smoke_gpu.sh OUT_DIR     # both, one after the other
 #
 # Each step's output goes to OUT_DIR/<step>.log (its results under OUT_DIR/<step>/); a table of
@@ -56,7 +56,7 @@ step gpu_tests python3 -m pytest -q -m gpu tests
 # one, unmarked: CI runs them under the interpreter): coresets, capacity, windows, exact ties.
 step routing_tests python3 -m pytest -q tests/test_capacity.py tests/test_windows.py tests/test_votes.py
 step cli python3 -m dmoe_triton generate
-step routing python3 bench/bench_routing.py --quick --out "$out/routing.md"
+step routing python3 bench/bench_routing.py --quick --router --out "$out/routing.md"
 step moe python3 bench/bench_moe.py --quick --out "$out/moe"
 step attention python3 bench/bench_attention.py --quick --out "$out/attention.md"
 fi
@@ -64,6 +64,7 @@ if [ "$part" != 1 ]; then
 # three rows of the ten: token, dMoE and expert choice inside the coreset (their kernels differ)
 step e2e python3 bench/bench_e2e.py --quick --layers 4 --budget-s 60 --out "$out/e2e" \
   --policies "token,dmoe p=0.6,ec-core p=0.6"
+step serving python3 bench/bench_e2e.py --serving --layers 4 --budget-s 60 --out "$out/serving"
 step generate python3 bench/bench_generate.py --quick --layers 4 --out "$out/generate"
 step profile python3 bench/profile_e2e.py --layers 2
 step train_and_eval env DMOE_SMOKE=1 bash bench/train_and_eval.sh "$out/train_and_eval"

@@ -158,3 +158,28 @@ def test_gpu_llada_router_replays_in_a_graph_and_matches_its_logits(policy):
     assert ((logits.double() - exact).abs() <= bound).all()
     ref = route(logits[None], bias, cfg, policy, "reference")
     assert torch.equal(eager.topk_ids.sort(-1).values, ref.topk_ids.sort(-1).values)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split_k", [4, 16, 64])
+def test_gpu_split_router_logits_are_the_same_every_replay(split_k):
+    """The split GEMM's shares are added by whichever program of a tile arrives last: the
+    logits must be bitwise the same on every graph replay (a stale partial or a counter not
+    reset by the memset would show here), within the fp32 bound of the exact sum."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(512, 2048, device="cuda", generator=gen).bfloat16()
+    weight = torch.randn(256, 2048, device="cuda", generator=gen) * 0.02
+    out = torch.full((512, 256), float("nan"), device="cuda")
+    shape = RouterLaunch(block_t=32, block_e=8, block_k=32, split_k=split_k, use_kernel=True)
+    first = router_logits(hidden, weight, out, shape).clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        router_logits(hidden, weight, out, shape)
+    for _ in range(20):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)
+    exact = hidden.double() @ weight.double().T
+    bound = 2048 * EPS32 * (hidden.double().abs() @ weight.double().abs().T)
+    assert ((first.double() - exact).abs() <= bound).all()
