@@ -62,14 +62,15 @@ def router_logits_kernel(x_ptr, stride_xt, w_ptr, stride_we, logits_ptr, partial
     if SPLIT_K == 1:
         tl.store(logits_ptr + tile, acc, mask=tile_ok)
     else:
-        tl.store(partial_ptr + split * T * E + tile, acc, mask=tile_ok)
+        plane = (T * E).to(tl.int64)  # int64: split * T * E passes 2**31 at long prompts
+        tl.store(partial_ptr + split * plane + tile, acc, mask=tile_ok)
         tl.debug_barrier()  # all of this program's partial is written before it counts itself
         arrivals = arrivals_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
         if tl.atomic_add(arrivals, 1, sem="acq_rel") == SPLIT_K - 1:
             total = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
             for z in tl.static_range(SPLIT_K):
                 # .cg: the other programs' partials from L2, never a stale L1 line
-                total += tl.load(partial_ptr + z * T * E + tile, mask=tile_ok, other=0.0,
+                total += tl.load(partial_ptr + z * plane + tile, mask=tile_ok, other=0.0,
                                  cache_modifier=".cg")
             tl.store(logits_ptr + tile, total, mask=tile_ok)
 
