@@ -126,6 +126,16 @@ _K_MAX = PolicyParam("k_max", int, 1, hi_experts=True)
 # The capacity schedules of expert choice, by the window's mask ratio m (docs/routing.md).
 SCHEDULES = ("fixed", "linear", "linear_reverse")
 
+
+def _check_schedule(schedule) -> None:
+    """A TypeError for a schedule that is not a str, a ValueError for one not in SCHEDULES."""
+    if not isinstance(schedule, str):
+        raise TypeError(f"schedule must be a str, one of {SCHEDULES}, got "
+                        f"{type(schedule).__name__}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
 POLICIES = {kind.name: kind for kind in (
     PolicyKind("token", codes.TOKEN.value, is_block=False),
     PolicyKind("dmoe", codes.DMOE.value, is_block=True, params=(_TOP_P, _GUARD)),
@@ -168,8 +178,7 @@ class RoutingPolicy:
         for param in self.spec.params:
             param.check(getattr(self, param.name))
         if self.is_expert_choice:
-            if self.schedule not in SCHEDULES:
-                raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            _check_schedule(self.schedule)
             if self.k_min > self.k_max:
                 raise ValueError(f"k_min ({self.k_min}) must be <= k_max ({self.k_max})")
             if self.schedule == "fixed" and self.k_min != self.k_max:
@@ -219,11 +228,7 @@ class RoutingPolicy:
         ValueError (naming it) for an unknown schedule, k / k_min / k_max outside [1, E]
         (checked against E when routed), k_min > k_max, a missing k_min / k_max, a guard
         without coreset_top_p (it would be ignored); TypeError for a schedule not a str."""
-        if not isinstance(schedule, str):
-            raise TypeError(f"schedule must be a str, one of {SCHEDULES}, got "
-                            f"{type(schedule).__name__}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        _check_schedule(schedule)  # first: the other errors depend on the schedule
         if schedule == "fixed":
             k = 8 if k is None else k  # LLaDA2's top-k
             _check_int("k", k, 1)
