@@ -20,6 +20,7 @@ The rules are those of docs/routing.md; the reference is dmoe_triton/reference.p
 import triton
 import triton.language as tl
 
+from .moe_matmul import _sum_shares
 from .policy_codes import CAPACITY
 from .routing import NO_KEY, _keep, _key, _route_chunk, _window_scores, _window_shift
 
@@ -39,9 +40,10 @@ def router_logits_kernel(x_ptr, stride_xt, w_ptr, stride_we, logits_ptr, partial
     SPLIT_K > 1: program z sums the H columns [z * chunk, (z + 1) * chunk) only (chunk a
     multiple of BLOCK_K), writes that partial to partial_ptr fp32 [SPLIT_K, T, E], and the last
     of a tile's SPLIT_K programs to arrive (arrivals_ptr int32 [row tiles * expert tiles],
-    zero at launch) adds the partials in split order: deterministic whoever arrives last. Why
-    split: the loop's steps are a chain of dependent loads (no tl.dot, so no software
-    pipelining), and 2 MB of weights over a few long chains took ~70 us on the H200.
+    zero at launch) adds the partials in split order (moe_matmul._sum_shares, the decode down's
+    split sum): deterministic whoever arrives last. Why split: the loop's steps are a chain of
+    dependent loads (no tl.dot, so no software pipelining), and 2 MB of weights over a few long
+    chains took ~70 us on the H200.
     """
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # int64: t * stride
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -63,16 +65,9 @@ def router_logits_kernel(x_ptr, stride_xt, w_ptr, stride_we, logits_ptr, partial
         tl.store(logits_ptr + tile, acc, mask=tile_ok)
     else:
         plane = (T * E).to(tl.int64)  # int64: split * T * E passes 2**31 at long prompts
-        tl.store(partial_ptr + split * plane + tile, acc, mask=tile_ok)
-        tl.debug_barrier()  # all of this program's partial is written before it counts itself
         arrivals = arrivals_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        if tl.atomic_add(arrivals, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-            for z in tl.static_range(SPLIT_K):
-                # .cg: the other programs' partials from L2, never a stale L1 line
-                total += tl.load(partial_ptr + z * plane + tile, mask=tile_ok, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(logits_ptr + tile, total, mask=tile_ok)
+        _sum_shares(acc, partial_ptr + tile, logits_ptr + tile, tile_ok, arrivals, split, plane,
+                    BLOCK_T, BLOCK_E, SPLIT_K)
 
 
 @triton.jit
