@@ -84,8 +84,8 @@ def sweep(dev, batch, quick=False):
 
 def sweep_key_splits(dev, quick=False):
     """The split over keys (flash-decoding) at each batch and prefix: the default tile with
-    1, 2, 4, 8 splits (launch.SPLIT_FROM_KEYS / SPLIT_KEYS come from these); prints us each."""
-    for batch in (1,) if quick else (1, 16):
+    1, 2, 4, 8 splits (launch.SPLIT_FROM_KEYS / KEY_SPLITS come from these); prints us each."""
+    for batch in (1,) if quick else (1, 2, 4, 16):
         for prefix in (512, 2048):
             q, keys, values, mask = inputs(batch, prefix, dev)
             base = dataclasses.replace(attention_launch(batch, keys.shape[2]), key_splits=1)

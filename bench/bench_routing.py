@@ -99,12 +99,16 @@ def sweep(logits, bias, quick=False):
     """Fastest launch shape for one block, per policy family; prints the timings.
     quick: two variants per family (the GPU smoke run checks the code path, not the choice)."""
     # vote_cols: experts per slice of a row in the vote tile; a row stays inside one warp when
-    # vote_rows * vote_cols >= 128 * coreset_warps (Triton 3.6, sm_90: kernels/routing.py).
-    block_variants = [dict(vote_rows=vr, coreset_warps=w, vote_cols=vc) for vr in (8, 16, 32)
-                      for w in (4, 8, 16) for vc in (16, 32, 64)]
+    # vote_rows * vote_cols >= 128 * warps (Triton 3.6, sm_90: kernels/routing.py).
+    # vote_split: programs sharing a window's votes (1: the coreset program votes alone).
+    block_variants = [dict(vote_split=1, coreset_warps=w, vote_cols=vc)
+                      for w in (4, 8) for vc in (32, 64)]
+    block_variants += [dict(vote_split=s, vote_warps=vw, coreset_warps=w, vote_cols=vc)
+                       for s in (4, 8, 16, 32) for vw in (1, 2, 4) for w in (4, 8)
+                       for vc in (32, 64)]
     token_variants = [dict(route_rows=rr, route_warps=w) for rr in (1, 2, 4) for w in (1, 2, 4)]
     if quick:
-        block_variants, token_variants = block_variants[:2], token_variants[:2]
+        block_variants, token_variants = block_variants[::4][:2], token_variants[:2]
     best = {}
     # Route shapes first (token policy: route_kernel alone), then coreset shapes with them.
     for family, policy, variants in (("token", RoutingPolicy.token(), token_variants),

@@ -60,20 +60,28 @@ class RouteLaunch:
     """Launch shapes of the routing kernels (bench/bench_routing.py --sweep times variants).
 
     Defaults: the fastest shapes of `bench_routing.py --sweep` (E=256, 1 block): route_* on an
-    H100; vote_rows, coreset_warps, vote_cols on the H200 (2026-11-30, fourth session: dMoE
-    coreset + route 15.0 us, against 18.6 at the earlier 16 rows / 64 columns).
+    H100; the vote and coreset shapes on the H200 (2026-11-30, fifth session: dMoE votes +
+    coreset + route 10.8 us, against 15.0 with the votes in the coreset program).
     """
 
     route_rows: int = 1        # route_kernel: rows per program
     route_warps: int = 1       # route_kernel: warps per program
     vote_rows: int = 32        # block_coreset_kernel: rows per chunk of the block's votes
-    coreset_warps: int = 8     # block_coreset_kernel (and window_route_kernel): warps per program
+    coreset_warps: int = 4     # block_coreset_kernel (and window_route_kernel): warps per program
     # block_coreset_kernel (and window_route_kernel): experts per slice of a row in the vote
     # tile [vote_rows, E / vote_cols, vote_cols] (kernels/routing.py _window_scores). Triton
     # 3.6 (sm_90) keeps each row inside one warp when vote_rows * vote_cols >= 128 * warps
     # (fp32 loads of 4 per thread). Timed (H200, bench_routing --sweep, 1 block, graphed):
     # 32 rows x 32 columns 15.0 us, 32 x 64 17.1, 16 x 64 18.6 (dMoE coreset + route).
     vote_cols: int = 32
+    # block_votes_kernel: programs per window sharing its rows' votes (1: block_coreset_kernel
+    # votes alone), and their warps. A row's top-k votes are a chain of reductions whose
+    # instructions kept one SM busy: the vote took 6 of the coreset kernel's 12.1 us on one
+    # 32-row window (H200, 2026-11-30, fifth session; 1.5 for the sort, 1.0 an empty launch).
+    # Timed (bench_routing --sweep, 1 window, graphed, votes + coreset + route): a row per
+    # program on one warp 10.8 us, 2 rows 11.0, 4 rows 12.8; one program 15.0 (fourth session).
+    vote_split: int = 32
+    vote_warps: int = 1
     # Block policies in one launch (kernels/router.py window_route_kernel: each program
     # computes its window's coreset, then routes its rows) instead of block_coreset_kernel +
     # route_kernel. Same results. Off: on the H200 (bench_routing --quick, 1 block, graphed,
@@ -86,7 +94,8 @@ class RouteLaunch:
 
     def __post_init__(self):
         _check_shape(self, powers_of_two=("route_rows", "vote_rows", "route_warps",
-                                          "coreset_warps", "expert_choice_warps", "vote_cols"))
+                                          "coreset_warps", "expert_choice_warps", "vote_cols",
+                                          "vote_warps"))
 
     def vote_cols_for(self, num_experts: int) -> int:
         """vote_cols for E = num_experts (at most E padded to a power of two)."""
@@ -410,12 +419,13 @@ MANY_SEQUENCES = AttentionLaunch(block_m=64, block_n=64, warps=4, stages=3)   # 
 MANY_FROM = 8  # sequences
 
 
-# Split the keys from SPLIT_FROM_KEYS keys on (few sequences only: many fill the GPU already),
-# about SPLIT_KEYS keys a split, at most MAX_KEY_SPLITS (not yet measured: issue 13 asks for
-# prefix 2048 in fewer than 20 us; the combine is one more launch, so prefix 512 stays whole).
-SPLIT_FROM_KEYS = 1024
-SPLIT_KEYS = 512
-MAX_KEY_SPLITS = 8
+# Split the keys from SPLIT_FROM_KEYS keys on, into KEY_SPLITS // batch splits (few sequences
+# only: many fill the GPU already). Timed on the H200 (bench_attention --sweep, 2026-11-30,
+# fifth session; 1 sequence, combine launch included): 1 / 2 / 4 / 8 splits took 8.8 / 8.6 /
+# 7.7 / 9.4 us at prefix 512 and 23.6 / 16.3 / 11.6 / 14.7 us at prefix 2048; at 16
+# sequences one split was fastest (11.9 us at 512, 36.0 at 2048).
+SPLIT_FROM_KEYS = 512
+KEY_SPLITS = 4
 
 
 def attention_launch(batch: int, n_keys: int = 0) -> AttentionLaunch:
@@ -425,9 +435,8 @@ def attention_launch(batch: int, n_keys: int = 0) -> AttentionLaunch:
         return forced
     if batch >= MANY_FROM:
         return MANY_SEQUENCES
-    if n_keys >= SPLIT_FROM_KEYS:
-        splits = min(MAX_KEY_SPLITS, triton.cdiv(n_keys, SPLIT_KEYS))
-        return dataclasses.replace(FEW_SEQUENCES, key_splits=splits)
+    if n_keys >= SPLIT_FROM_KEYS and batch < KEY_SPLITS:
+        return dataclasses.replace(FEW_SEQUENCES, key_splits=KEY_SPLITS // batch)
     return FEW_SEQUENCES
 
 

@@ -155,8 +155,6 @@ def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
     launch: the kernels' shapes (default: launch.route_launch, or a `launch.override`).
     Returns a RouteResult shaped like `route`'s.
     """
-    from .kernels.routing import block_coreset_kernel
-
     lead, (L, E) = logits.shape[:-2], logits.shape[-2:]
     # The kernels read logits [S, L, E] and the bias [E] densely: any view is made so (issue 11).
     x = logits.reshape(-1, L, E).contiguous()
@@ -182,16 +180,9 @@ def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
         window_route(x, expert_bias, ids, weights, coreset, first_position, row_valid, cfg,
                      policy, shapes, n_blocks)
     elif policy.is_block:
-        block_coreset_kernel[(S * n_blocks,)](
-            logits_ptr=x, bias_ptr=expert_bias, coreset_ptr=coreset,
-            first_position_ptr=first_position, row_valid_ptr=row_valid, L=L, n_blocks=n_blocks,
-            block_size=block_size, top_p=float(policy.top_p), guard=policy.guard,
-            coreset_size=policy.expert_capacity if policy.kind == "capacity" else policy.size,
-            E=E, VOTE_K=cfg.top_k, POLICY=policy.code,
-            BLOCK_T=min(shapes.vote_rows, triton.next_power_of_2(block_size)),
-            E_PAD=triton.next_power_of_2(E), VOTE_COLS=shapes.vote_cols_for(E),
-            num_warps=shapes.coreset_warps,
-        )
+        size = policy.expert_capacity if policy.kind == "capacity" else policy.size
+        block_coreset(x, expert_bias, coreset, first_position, row_valid, policy.code,
+                      (float(policy.top_p), policy.guard, size), cfg.top_k, shapes, block_size)
     if not (policy.is_block and shapes.fused):
         _route_rows(x, expert_bias, ids, weights, coreset, first_position, cfg, policy, shapes,
                     n_blocks, block_size)
@@ -200,6 +191,45 @@ def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
     if coreset is None:
         return RouteResult(ids, weights, None)
     return RouteResult(ids, weights, coreset.view(torch.bool).reshape(*lead, n_blocks, E))
+
+
+def block_coreset(x, expert_bias, coreset, first_position, row_valid, code: int,
+                  rule: tuple, top_k: int, shapes: RouteLaunch, block_size: int) -> None:
+    """Every window's coreset into `coreset` (uint8 [S, n_blocks, E], in place).
+
+    x: fp32 [S, L, E] logits, dense; first_position int [S] or None; row_valid uint8 [S, L] or
+    None; code: kernels/policy_codes.py's policy code; rule: (top_p, guard, coreset_size) as
+    block_coreset_kernel takes them; top_k: the votes per row. With shapes.vote_split > 1 the
+    window's rows vote in that many programs first (block_votes_kernel: fp32 [S * n_blocks,
+    split, E_PAD] shares), and the coreset program adds their shares.
+    """
+    from .kernels.policy_codes import CAPACITY
+    from .kernels.routing import block_coreset_kernel, block_votes_kernel
+
+    S, L, E = x.shape
+    n_blocks = coreset.shape[1]
+    e_pad = triton.next_power_of_2(E)
+    window = dict(first_position_ptr=first_position, row_valid_ptr=row_valid, L=L,
+                  n_blocks=n_blocks, block_size=block_size, E=E, VOTE_K=top_k, E_PAD=e_pad,
+                  VOTE_COLS=shapes.vote_cols_for(E))
+    split = min(shapes.vote_split, block_size)
+    votes = real = None
+    if split > 1:
+        part_rows = triton.cdiv(block_size, split)
+        votes = torch.empty(S * n_blocks, split, e_pad, dtype=torch.float32, device=x.device)
+        real = torch.empty(S * n_blocks, split, dtype=torch.int32, device=x.device)
+        block_votes_kernel[(S * n_blocks, split)](
+            logits_ptr=x, bias_ptr=expert_bias, votes_ptr=votes, real_ptr=real, **window,
+            part_rows=part_rows, MAX_SCORE=code == CAPACITY,
+            BLOCK_T=min(shapes.vote_rows, triton.next_power_of_2(part_rows)),
+            num_warps=shapes.vote_warps)
+    top_p, guard, coreset_size = rule
+    block_coreset_kernel[(S * n_blocks,)](
+        logits_ptr=x, bias_ptr=expert_bias, coreset_ptr=coreset, votes_ptr=votes,
+        real_ptr=real, **window, parts=split, top_p=top_p, guard=guard,
+        coreset_size=coreset_size, POLICY=code,
+        BLOCK_T=min(shapes.vote_rows, triton.next_power_of_2(block_size)),
+        num_warps=shapes.coreset_warps)
 
 
 def _route_rows(x, expert_bias, ids, weights, coreset, first_position, cfg, policy, shapes,
@@ -243,8 +273,6 @@ def expert_choice_triton(logits, expert_bias, cfg: RouterConfig, policy: Routing
     from .config import SCHEDULES
     from .kernels import policy_codes
     from .kernels.expert_choice import expert_choice_kernel
-    from .kernels.routing import block_coreset_kernel
-
     lead, (L, E) = logits.shape[:-2], logits.shape[-2:]
     x = logits.reshape(-1, L, E).contiguous()  # the kernels read logits and bias densely
     expert_bias = expert_bias.contiguous()
@@ -258,11 +286,8 @@ def expert_choice_triton(logits, expert_bias, cfg: RouterConfig, policy: Routing
                   first_position_ptr=first_position, row_valid_ptr=row_valid, L=L,
                   n_blocks=n_blocks, block_size=bs, E=E, E_PAD=triton.next_power_of_2(E))
     if policy.kind == "ec_coreset":
-        block_coreset_kernel[(S * n_blocks,)](
-            **window, top_p=float(policy.top_p), guard=policy.guard, coreset_size=0,
-            VOTE_K=cfg.top_k, POLICY=policy_codes.DMOE,
-            BLOCK_T=min(shapes.vote_rows, triton.next_power_of_2(bs)),
-            VOTE_COLS=shapes.vote_cols_for(E), num_warps=shapes.coreset_warps)
+        block_coreset(x, expert_bias, coreset, first_position, row_valid, policy_codes.DMOE,
+                      (float(policy.top_p), policy.guard, 0), cfg.top_k, shapes, bs)
     ids = torch.empty(S, L, E, dtype=torch.int32, device=x.device)
     weights = torch.empty(S, L, E, dtype=torch.float32, device=x.device)
     expert_choice_kernel[(S * n_blocks,)](

@@ -1,8 +1,11 @@
 """Routing: block votes -> top-p coreset, then coreset-masked group-limited top-k.
 
-Two launches per MoE layer for block policies, one for token policies:
-- `block_coreset_kernel`: one program per block of one sequence sums the block's votes, sorts
-  them (bitonic sort of packed keys, then a scan for top-p) and writes the block's coreset;
+Three launches per MoE layer for block policies, one for token policies:
+- `block_votes_kernel`: programs (window, part) each compute a share of a window's votes (a
+  row's top-k is a long chain of reductions: spread over SMs, not walked by one program);
+- `block_coreset_kernel`: one program per block of one sequence sums the block's votes (the
+  shares in part order, or all rows itself when the votes are not split), sorts them (bitonic
+  sort of packed keys, then a scan for top-p) and writes the block's coreset;
 - `route_kernel`: one program per BLOCK_T rows (of one block) routes them inside their block's
   coreset (or among all experts for token policies).
 Splitting lets the per-row picks, the longest chain of dependent reductions, run on many SMs at
@@ -164,20 +167,21 @@ def _row_votes(r, VOTE_K: tl.constexpr):
 
 
 @triton.jit
-def _window_scores(logits_ptr, bias_ptr, row_valid_ptr, base, row_start, row_end,
-                   E: tl.constexpr, VOTE_K: tl.constexpr, MAX_SCORE: tl.constexpr,
-                   BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, VOTE_COLS: tl.constexpr):
-    """What a window ranks its experts by, over its real rows [row_start, row_end): each real
-    row's plain top-VOTE_K values of r summed and normalised (the votes of dMoE and DES-vote),
-    or with MAX_SCORE each expert's maximum r (LLaDA2.2 capacity routing). Returns
-    (score fp32 [E_PAD], real rows int32 [1]).
+def _window_votes(logits_ptr, bias_ptr, row_valid_ptr, base, row_start, row_end,
+                  E: tl.constexpr, VOTE_K: tl.constexpr, MAX_SCORE: tl.constexpr,
+                  BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, VOTE_COLS: tl.constexpr):
+    """What rows [row_start, row_end) of a window rank its experts by, raw: each real row's
+    plain top-VOTE_K values of r summed (the votes of dMoE and DES-vote), or with MAX_SCORE
+    each expert's maximum r (LLaDA2.2 capacity routing; -inf without a real row). Returns
+    (score fp32 [E_PAD // VOTE_COLS, VOTE_COLS], expert = slice * VOTE_COLS + col; real rows
+    int32 [1]).
 
-    A chunk of BLOCK_T rows is held as [BLOCK_T, SLICES, VOTE_COLS] (expert
-    e = slice * VOTE_COLS + col, SLICES = E_PAD / VOTE_COLS). Triton 3.6 lays lanes along the
-    columns, then lanes and warps along the rows (the first axis of equal contiguity), and the
-    slices inside each thread: with VOTE_COLS at most 32 a row's reductions stay inside one
-    warp (shuffles, no shared memory or barrier), where a [rows, E] tile spreads a row over
-    warps. (Triton 3.9 breaks that tie the other way: re-check the layout on an upgrade.)"""
+    A chunk of BLOCK_T rows is held as [BLOCK_T, SLICES, VOTE_COLS] (SLICES = E_PAD /
+    VOTE_COLS). Triton 3.6 lays lanes along the columns, then lanes and warps along the rows
+    (the first axis of equal contiguity), and the slices inside each thread: with VOTE_COLS at
+    most 32 a row's reductions stay inside one warp (shuffles, no shared memory or barrier),
+    where a [rows, E] tile spreads a row over warps. (Triton 3.9 breaks that tie the other
+    way: re-check the layout on an upgrade.)"""
     SLICES: tl.constexpr = E_PAD // VOTE_COLS
     t = tl.arange(0, BLOCK_T)[:, None, None]
     col = tl.arange(0, SLICES)[None, :, None] * VOTE_COLS + tl.arange(0, VOTE_COLS)[None, None, :]
@@ -199,20 +203,98 @@ def _window_scores(logits_ptr, bias_ptr, row_valid_ptr, base, row_start, row_end
             score = tl.maximum(score, tl.max(r, axis=0))
         else:
             score += tl.sum(_row_votes(r, VOTE_K), axis=0)
+    return score, real_rows
+
+
+@triton.jit
+def _normalised(score, MAX_SCORE: tl.constexpr):
+    """Votes [E_PAD] as shares of their sum (dMoE's top-p mass); a capacity score as it is."""
+    if not MAX_SCORE:
+        score = score / (tl.sum(score, axis=0) + 1e-20) + 0.0  # + 0.0: -0.0 keys like +0.0
+    return score
+
+
+@triton.jit
+def _window_scores(logits_ptr, bias_ptr, row_valid_ptr, base, row_start, row_end,
+                   E: tl.constexpr, VOTE_K: tl.constexpr, MAX_SCORE: tl.constexpr,
+                   BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, VOTE_COLS: tl.constexpr):
+    """_window_votes in expert order, normalised (_normalised): (score fp32 [E_PAD], real rows
+    int32 [1])."""
+    score, real_rows = _window_votes(logits_ptr, bias_ptr, row_valid_ptr, base, row_start,
+                                     row_end, E, VOTE_K, MAX_SCORE, BLOCK_T, E_PAD, VOTE_COLS)
     # Expert order (slice * VOTE_COLS + col), then one expert per thread again: the gather
     # moves the scores out of the slices' layout (each thread holds SLICES of them, the same
     # in every warp), where the sort that follows would do SLICES times the work per thread.
     e = tl.arange(0, E_PAD)
     score = tl.gather(tl.reshape(score, [E_PAD]), e, 0)
-    if not MAX_SCORE:
-        score = score / (tl.sum(score, axis=0) + 1e-20) + 0.0  # + 0.0: -0.0 keys like +0.0
-    return score, real_rows
+    return _normalised(score, MAX_SCORE), real_rows
+
+
+@triton.jit
+def _window_start(first_position_ptr, window, n_blocks, block_size):
+    """First row (maybe negative: held by an earlier forward) of window slot `window` (= seq *
+    n_blocks + slot) in its sequence (docs/routing.md, windows by absolute position)."""
+    seq = window // n_blocks
+    return (window % n_blocks) * block_size - _window_shift(first_position_ptr, seq, block_size)
+
+
+@triton.jit
+def block_votes_kernel(
+    logits_ptr, bias_ptr, votes_ptr, real_ptr, first_position_ptr, row_valid_ptr,
+    L, n_blocks, block_size, part_rows,
+    E: tl.constexpr, VOTE_K: tl.constexpr, MAX_SCORE: tl.constexpr,
+    BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, VOTE_COLS: tl.constexpr,
+):
+    """A share of a window's votes; grid (S * n_blocks, parts): program (window, part) takes the
+    window's rows [part * part_rows, (part + 1) * part_rows).
+
+    Writes votes_ptr fp32 [S * n_blocks, parts, E_PAD] (_window_votes' raw score, expert
+    order) and real_ptr int32 [S * n_blocks, parts] (its real rows); block_coreset_kernel adds
+    the parts in part order. Why: a row's top-VOTE_K is a chain of reductions whose
+    instructions fill one SM for microseconds over a 32-row window (bench_routing, H200), so
+    the rows are spread over SMs. Other arguments: block_coreset_kernel's."""
+    window = tl.program_id(0).to(tl.int64)  # int64: (seq * L + row) * E passes 2**31 (issue 11)
+    part = tl.program_id(1)
+    start = _window_start(first_position_ptr, window, n_blocks, block_size)
+    end = tl.minimum(start + block_size, L)
+    row_start = tl.maximum(start + part * part_rows, 0)
+    row_end = tl.minimum(start + (part + 1) * part_rows, end)
+    score, real_rows = _window_votes(logits_ptr, bias_ptr, row_valid_ptr,
+                                     (window // n_blocks) * L, row_start, row_end, E, VOTE_K,
+                                     MAX_SCORE, BLOCK_T, E_PAD, VOTE_COLS)
+    SLICES: tl.constexpr = E_PAD // VOTE_COLS
+    e = tl.arange(0, SLICES)[:, None] * VOTE_COLS + tl.arange(0, VOTE_COLS)[None, :]
+    slot = window * tl.num_programs(1) + part
+    tl.store(votes_ptr + slot * E_PAD + e, score)
+    tl.store(real_ptr + slot + tl.zeros([1], dtype=tl.int64), real_rows)
+
+
+@triton.jit
+def _summed_votes(votes_ptr, real_ptr, window, parts, E_PAD: tl.constexpr,
+                  MAX_SCORE: tl.constexpr):
+    """A window's parts from block_votes_kernel added in part order (the max with MAX_SCORE),
+    then normalised: (score fp32 [E_PAD], real rows int32 [1]) as _window_scores'."""
+    e = tl.arange(0, E_PAD)
+    if MAX_SCORE:
+        score = tl.full([E_PAD], NEG_INF, dtype=tl.float32)
+    else:
+        score = tl.zeros([E_PAD], dtype=tl.float32)
+    real_rows = tl.zeros([1], dtype=tl.int32)
+    for part in range(0, parts):
+        slot = window * parts + part
+        share = tl.load(votes_ptr + slot * E_PAD + e)
+        if MAX_SCORE:
+            score = tl.maximum(score, share)
+        else:
+            score += share
+        real_rows += tl.load(real_ptr + slot + tl.zeros([1], dtype=tl.int64))
+    return _normalised(score, MAX_SCORE), real_rows
 
 
 @triton.jit
 def block_coreset_kernel(
-    logits_ptr, bias_ptr, coreset_ptr, first_position_ptr, row_valid_ptr,
-    L, n_blocks, block_size, top_p, guard, coreset_size,
+    logits_ptr, bias_ptr, coreset_ptr, first_position_ptr, row_valid_ptr, votes_ptr, real_ptr,
+    L, n_blocks, block_size, parts, top_p, guard, coreset_size,
     E: tl.constexpr, VOTE_K: tl.constexpr, POLICY: tl.constexpr,
     BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, VOTE_COLS: tl.constexpr,
 ):
@@ -225,26 +307,29 @@ def block_coreset_kernel(
     shift = first_position mod block_size (docs/routing.md, windows by absolute position).
     row_valid_ptr: uint8 [S, L] (1 = real row), or None (all real): padding rows never vote,
     and a window without a real row keeps no expert.
+    votes_ptr, real_ptr: block_votes_kernel's `parts` shares of every window's votes (then
+    logits, bias, row_valid are not read), or None: the program votes itself.
     L: rows per sequence; n_blocks: window slots per sequence; block_size: rows per window.
     top_p (fp32), guard (experts): the dMoE rule; coreset_size (experts): the DES-vote size or
     the capacity policy's expert_capacity.
     E: experts; VOTE_K: experts each row votes for (the model's top-k); POLICY: a code of
     kernels/policy_codes.py (DMOE, DES_VOTE or CAPACITY); BLOCK_T: rows per vote chunk (power of two);
     E_PAD: next power of two >= E; VOTE_COLS: experts per slice of a row in the vote tile (a
-    power of two <= E_PAD, see _window_scores).
+    power of two <= E_PAD, see _window_votes).
     """
     pid = tl.program_id(0).to(tl.int64)  # int64: (seq * L + row) * E passes 2**31 (issue 11)
-    seq = pid // n_blocks
-    row_start = (pid % n_blocks) * block_size - _window_shift(first_position_ptr, seq, block_size)
-    row_end = tl.minimum(row_start + block_size, L)
-    row_start = tl.maximum(row_start, 0)
-    base = seq * L  # first row of this sequence in the flattened [S * L, E] view
     e = tl.arange(0, E_PAD)
     e_ok = e < E
-
-    score, real_rows = _window_scores(logits_ptr, bias_ptr, row_valid_ptr, base, row_start,
-                                      row_end, E, VOTE_K, POLICY == CAPACITY, BLOCK_T, E_PAD,
-                                      VOTE_COLS)
+    if votes_ptr is not None:
+        score, real_rows = _summed_votes(votes_ptr, real_ptr, pid, parts, E_PAD,
+                                         POLICY == CAPACITY)
+    else:
+        row_start = _window_start(first_position_ptr, pid, n_blocks, block_size)
+        row_end = tl.minimum(row_start + block_size, L)
+        score, real_rows = _window_scores(logits_ptr, bias_ptr, row_valid_ptr,
+                                          (pid // n_blocks) * L, tl.maximum(row_start, 0),
+                                          row_end, E, VOTE_K, POLICY == CAPACITY, BLOCK_T,
+                                          E_PAD, VOTE_COLS)
 
     # --- sort the votes (desc, ties to the lower index: the keys are unique) ----------------
     # A bitonic sort of the packed keys, then a scan: O(E log^2 E) steps instead of ranking

@@ -144,8 +144,10 @@ def test_a_row_that_sees_no_key_in_any_split_is_nan():
 
 def test_long_prefixes_split_over_the_keys():
     from dmoe_triton import launch
-    assert launch.attention_launch(1, 544).key_splits == 1      # prefix 512: one launch
-    assert launch.attention_launch(1, 2080).key_splits > 1      # prefix 2048: split
+    assert launch.attention_launch(1, 288).key_splits == 1      # prefix 256: one launch
+    assert launch.attention_launch(1, 544).key_splits == 4      # prefix 512: split (H200)
+    assert launch.attention_launch(2, 2080).key_splits == 2     # fewer per sequence
+    assert launch.attention_launch(4, 2080).key_splits == 1     # 4 sequences fill the GPU
     assert launch.attention_launch(16, 2080).key_splits == 1    # many sequences fill the GPU
 
 

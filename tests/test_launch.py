@@ -21,7 +21,8 @@ def moe_path(tokens):
 
 def test_defaults_are_todays_measured_values():
     assert launch.route_launch(256, GPU) == RouteLaunch(route_rows=1, route_warps=1, vote_rows=32,
-                                                        coreset_warps=8, vote_cols=32)
+                                                        coreset_warps=4, vote_cols=32,
+                                                        vote_split=32, vote_warps=1)
     assert RouteLaunch(vote_cols=64).vote_cols_for(40) == 64
     assert RouteLaunch().vote_cols_for(12) == 16
     # a row's votes stay inside one warp (launch.py, RouteLaunch.vote_cols)
