@@ -20,7 +20,7 @@ import triton
 from .kernels.attention_prep import attention_prep_kernel
 from .kernels.block_attention import attention_combine_kernel, block_attention_kernel
 from .launch import (FEW_SEQUENCES, MANY_FROM, MANY_SEQUENCES,  # noqa: F401 (re-exported)
-                     AttentionLaunch, attention_launch, dot_precision, prep_launch)
+                     AttentionLaunch, attention_launch, dot_precision, pdl, prep_launch)
 from .reference import attention_prep_reference, block_attention_reference
 from .routing import resolve_backend
 
@@ -111,7 +111,7 @@ def attention_prep(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Te
         k_sb=k.stride(0), k_sh=k.stride(1), k_sl=k.stride(2),
         v_sb=v.stride(0), v_sh=v.stride(1), v_sl=v.stride(2),
         NH=num_heads, NKV=num_kv_heads, HD=hd, RD=cos.shape[-1],
-        BLOCK_D=shapes.block_d, num_warps=shapes.warps,
+        BLOCK_D=shapes.block_d, num_warps=shapes.warps, **pdl(qkv.device),
     )
     return q, k, v
 
@@ -195,11 +195,12 @@ def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, m
         L=l, n_keys=n, scale=float(scale), keys_per_split=per_split, part_out_ptr=part_out,
         part_lse_ptr=part_lse, NKV=nkv, GROUP=group, HD=hd, BLOCK_D=block_d,
         BLOCK_M=shapes.block_m, BLOCK_N=shapes.block_n, PRECISION=dot_precision(q.dtype),
-        num_warps=shapes.warps, num_stages=shapes.stages,
+        num_warps=shapes.warps, num_stages=shapes.stages, **pdl(q.device),
     )
     if splits > 1:
         attention_combine_kernel[(B * nkv, row_tiles)](
             part_out_ptr=part_out, part_lse_ptr=part_lse, out_ptr=out, stride_ob=out.stride(0),
             stride_ol=out.stride(1), stride_oh=out.stride(2), L=l, SPLITS=splits, NKV=nkv,
-            GROUP=group, HD=hd, BLOCK_D=block_d, BLOCK_M=shapes.block_m, num_warps=shapes.warps)
+            GROUP=group, HD=hd, BLOCK_D=block_d, BLOCK_M=shapes.block_m, num_warps=shapes.warps,
+            **pdl(q.device))
     return out.view(B, l, nh * hd)

@@ -347,6 +347,22 @@ def fp8_bits(device: torch.device) -> bool:
     return tuple(torch.cuda.get_device_capability(device)) < FP8_NATIVE_CAPABILITY
 
 
+PDL_CAPABILITY = (9, 0)  # programmatic dependent launch: Hopper and later
+
+
+def pdl(device: torch.device) -> dict:
+    """The launch arguments of programmatic dependent launch for a kernel that calls
+    kernels/pdl.py's wait_previous_kernel first: {"PDL": on, "launch_pdl": on}, on for CUDA
+    devices of compute capability 9.0 or more (about 0.5 us saved per kernel boundary on the
+    H200, graphed), off elsewhere (the interpreter; older GPUs have no such launch). Forced
+    with override(pdl=...)."""
+    on = _current("pdl")
+    if on is None:
+        on = device.type == "cuda" and tuple(
+            torch.cuda.get_device_capability(device)) >= PDL_CAPABILITY
+    return dict(PDL=on, launch_pdl=on)
+
+
 def fit_scale_blocks(config, block_k: int):
     """`config` (DecodeConfig / GroupedConfig) with each k step shrunk to a divisor of block_k
     (the largest power of two <= the step that divides it), so a k step lies in one scale
@@ -478,7 +494,8 @@ def norm_launch(hidden: int) -> NormLaunch:
 
 _KINDS = {"route": RouteLaunch, "router": RouterLaunch, "decode": DecodeConfig, "grouped": GroupedConfig,
           "align": AlignLaunch, "combine": CombineLaunch, "attention": AttentionLaunch,
-          "prep": PrepLaunch, "norm": NormLaunch, "moe_path": str, "fp8_bits": bool}
+          "prep": PrepLaunch, "norm": NormLaunch, "moe_path": str, "fp8_bits": bool,
+          "pdl": bool}
 _state = threading.local()
 
 
@@ -504,14 +521,15 @@ def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig]
              combine: Optional[CombineLaunch] = None, attention: Optional[AttentionLaunch] = None,
              prep: Optional[PrepLaunch] = None, moe_path: Optional[str] = None,
              router: Optional[RouterLaunch] = None, norm: Optional[NormLaunch] = None,
-             fp8_bits: Optional[bool] = None):
+             fp8_bits: Optional[bool] = None, pdl: Optional[bool] = None):
     """Within the block, the launch functions return these instead of their choice (None keeps
     the enclosing choice). moe_path: "decode" or "grouped" whatever the token count; fp8_bits:
-    how FP8 weights are read (fp8_bits()). A value of the wrong type is a TypeError naming the
-    argument; leaving the block restores the choices."""
+    how FP8 weights are read (fp8_bits()); pdl: programmatic dependent launch on or off
+    (pdl()). A value of the wrong type is a TypeError naming the argument; leaving the block
+    restores the choices."""
     given = dict(route=route, router=router, decode=decode, grouped=grouped, align=align,
                  combine=combine, attention=attention, prep=prep, moe_path=moe_path, norm=norm,
-                 fp8_bits=fp8_bits)
+                 fp8_bits=fp8_bits, pdl=pdl)
     frame = dict(_stack()[-1])
     for name, value in given.items():
         if value is None:
@@ -532,6 +550,6 @@ def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig]
 __all__ = ["RouteLaunch", "RouterLaunch", "router_launch", "NormLaunch", "norm_launch", "DecodeConfig", "GroupedConfig", "AlignLaunch", "CombineLaunch",
            "MoeLaunch", "AttentionLaunch", "PrepLaunch", "route_launch", "moe_launch",
            "align_launch", "attention_launch", "prep_launch", "override", "override_key",
-           "persistent_grid", "pipeline_stages", "dot_precision", "fp8_bits", "fit_scale_blocks",
+           "persistent_grid", "pipeline_stages", "dot_precision", "fp8_bits", "pdl", "fit_scale_blocks",
            "DEFAULT_DECODE_FP8", "DEFAULT_GROUPED_FP8",
            "DECODE_MAX_TOKENS", "ALIGN_MAX_SLOTS", "FEW_SEQUENCES", "MANY_SEQUENCES", "MANY_FROM"]

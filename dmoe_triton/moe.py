@@ -16,7 +16,7 @@ from .config import RouterConfig, RoutingPolicy
 from .launch import (ALIGN_MAX_SLOTS, DECODE_MAX_TOKENS, DEFAULT_COMBINE,  # noqa: F401 (re-exported)
                      DEFAULT_DECODE, DEFAULT_GROUPED, CombineLaunch, DecodeConfig, GroupedConfig,
                      align_launch, dot_precision, fit_scale_blocks, fp8_bits, moe_launch,
-                     persistent_grid, pipeline_stages)
+                     pdl, persistent_grid, pipeline_stages)
 from .modules import keep_fp32_router_state
 from .quant import (DEFAULT_BLOCK, FP8_DTYPE, Fp8Scales, check_block, dequantize_experts,
                     quantize_experts)
@@ -445,7 +445,8 @@ def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, share
         n_arrivals=0 if arrivals is None else arrivals.numel(), shared_ptr=shared_gate_up, T=T,
         H=H, I=inter, E=E, TOP_K=top_k, BLOCK_I=cfg.block_i, BLOCK_K=cfg.k_tile_gate_up,
         HAS_SHARED=has_shared, num_warps=cfg.warps_gate_up,
-        num_stages=pipeline_stages(cfg.stages_gate_up, hidden.dtype), **pads)
+        num_stages=pipeline_stages(cfg.stages_gate_up, hidden.dtype), **pads,
+        **pdl(hidden.device))
     return acts
 
 
@@ -477,7 +478,7 @@ def decode_down_combine(acts: ActRows, ids, weights, w_down, out, arrivals,
         BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down, EXPERT_SPLITS=cfg.down_splits,
         HAS_SHARED=shared_down is not None, num_warps=cfg.warps_down,
         num_stages=pipeline_stages(cfg.stages_down, acts.act.dtype),
-        **_decode_pads(T, top_k, E, acts.act.dtype))
+        **_decode_pads(T, top_k, E, acts.act.dtype), **pdl(out.device))
     return out
 
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .launch import norm_launch
+from .launch import norm_launch, pdl
 from .reference import add_rms_norm_reference
 from .routing import resolve_backend
 
@@ -56,7 +56,7 @@ def add_rms_norm(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.T
     add_rms_norm_kernel[(rows.shape[0],)](
         x_ptr=rows, stride_x=rows.stride(0), delta_ptr=d, stride_d=0 if d is None else d.stride(0),
         w_ptr=weight.contiguous(), sum_ptr=h, y_ptr=y, H=H, eps=float(eps),
-        BLOCK_H=shapes.block_h, num_warps=shapes.warps)
+        BLOCK_H=shapes.block_h, num_warps=shapes.warps, **pdl(x.device))
     return h, y
 
 

@@ -14,7 +14,7 @@ import torch
 import triton
 
 from .config import RouterConfig, RoutingPolicy
-from .launch import RouteLaunch, route_launch
+from .launch import RouteLaunch, pdl, route_launch
 from .reference import route_reference
 
 BACKENDS = ("auto", "triton", "reference")
@@ -222,14 +222,14 @@ def block_coreset(x, expert_bias, coreset, first_position, row_valid, code: int,
             logits_ptr=x, bias_ptr=expert_bias, votes_ptr=votes, real_ptr=real, **window,
             part_rows=part_rows, MAX_SCORE=code == CAPACITY,
             BLOCK_T=min(shapes.vote_rows, triton.next_power_of_2(part_rows)),
-            num_warps=shapes.vote_warps)
+            num_warps=shapes.vote_warps, **pdl(x.device))
     top_p, guard, coreset_size = rule
     block_coreset_kernel[(S * n_blocks,)](
         logits_ptr=x, bias_ptr=expert_bias, coreset_ptr=coreset, votes_ptr=votes,
         real_ptr=real, **window, parts=split, top_p=top_p, guard=guard,
         coreset_size=coreset_size, POLICY=code,
         BLOCK_T=min(shapes.vote_rows, triton.next_power_of_2(block_size)),
-        num_warps=shapes.coreset_warps)
+        num_warps=shapes.coreset_warps, **pdl(x.device))
 
 
 def _route_rows(x, expert_bias, ids, weights, coreset, first_position, cfg, policy, shapes,
@@ -250,7 +250,7 @@ def _route_rows(x, expert_bias, ids, weights, coreset, first_position, cfg, poli
         E=E, N_GROUP=cfg.n_group, GROUP_SIZE=cfg.group_size, TOPK_GROUP=cfg.topk_group,
         TOP_K=top_k, BLOCK_T=rows, G_PAD=triton.next_power_of_2(cfg.n_group),
         GS_PAD=triton.next_power_of_2(cfg.group_size), TOP_K_PAD=triton.next_power_of_2(top_k),
-        num_warps=shapes.route_warps,
+        num_warps=shapes.route_warps, **pdl(x.device),
     )
 
 

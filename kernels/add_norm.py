@@ -9,10 +9,12 @@ that reads its result next, so a layer runs two.
 import triton
 import triton.language as tl
 
+from .pdl import wait_previous_kernel
+
 
 @triton.jit
 def add_rms_norm_kernel(x_ptr, stride_x, delta_ptr, stride_d, w_ptr, sum_ptr, y_ptr, H, eps,
-                        BLOCK_H: tl.constexpr):
+                        BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
     """Grid (rows,): one row of H values per program.
 
     x_ptr [rows, H] fp32/fp16/bf16 (row stride stride_x, unit along H); delta_ptr like x (row
@@ -20,6 +22,7 @@ def add_rms_norm_kernel(x_ptr, stride_x, delta_ptr, stride_d, w_ptr, sum_ptr, y_
     (x's dtype); sum_ptr [rows, H] contiguous out, h; y_ptr [rows, H] contiguous out, x's dtype.
     eps: fp32; BLOCK_H: next power of two >= H.
     """
+    wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2**31 at long prefills
     h = tl.arange(0, BLOCK_H)
     ok = h < H

@@ -16,6 +16,8 @@ load and a few multiplies.
 import triton
 import triton.language as tl
 
+from .pdl import wait_previous_kernel
+
 
 @triton.jit
 def _normed(x, w, inv_rms, dtype: tl.constexpr):
@@ -58,6 +60,7 @@ def attention_prep_kernel(
     v_sb, v_sh, v_sl,          # v destination [B, NKV, L, HD], unit stride along HD
     NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, RD: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Grid (B * L, NH + 2 NKV): program (token, head) normalises, rotates or copies one head.
 
@@ -67,6 +70,7 @@ def attention_prep_kernel(
     eps: RMSNorm epsilon (fp32). NH, NKV: query and KV heads; HD: head dims; RD: rotary dims
     (even, <= HD); BLOCK_D: next power of two >= HD.
     """
+    wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     b = token // L

@@ -14,6 +14,8 @@ H100 (bench/profile_e2e.py), several times the time of its bytes (~1 MB of K/V).
 import triton
 import triton.language as tl
 
+from .pdl import wait_previous_kernel
+
 LOG2E = tl.constexpr(1.4426950408889634)
 # Running max before any key: finite, so a tile whose keys are all masked (-inf) for a row
 # gives exp2(-inf - FLOOR) = 0 and a rescale of exp2(0) = 1 instead of NaN from -inf - -inf.
@@ -29,6 +31,7 @@ def block_attention_kernel(
     L, n_keys, scale, keys_per_split, part_out_ptr, part_lse_ptr,
     NKV: tl.constexpr, GROUP: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Grid (B * NKV, cdiv(GROUP * L, BLOCK_M), splits): softmax(q k^T * scale + mask) v.
 
@@ -44,6 +47,7 @@ def block_attention_kernel(
     BLOCK_D: HD padded to a power of two >= 16 (tl.dot); BLOCK_M: stacked query rows per
     program; BLOCK_N: keys per step; PRECISION: tl.dot input_precision.
     """
+    wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     # int64: b * stride_kb (a KV cache of B sequences) passes 2**31 elements (issue 11).
     b = (tl.program_id(0) // NKV).to(tl.int64)
     kv_head = tl.program_id(0) % NKV
@@ -107,10 +111,11 @@ def _store_partial(part_out_ptr, part_lse_ptr, acc, run_max, run_sum, rows, row_
 def attention_combine_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_ol,
                              stride_oh, L, SPLITS: tl.constexpr, NKV: tl.constexpr,
                              GROUP: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_M: tl.constexpr):
+                             BLOCK_M: tl.constexpr, PDL: tl.constexpr = False):
     """Grid (B * NKV, cdiv(GROUP * L, BLOCK_M)): the splits' partial outputs weighed by
     exp2(lse - max lse) and normalised, into out_ptr [B, L, NH, HD] (block_attention_kernel's
     layout and dtype). A row that saw no key in any split gets 0 / 0 = NaN, as unsplit."""
+    wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     b = (tl.program_id(0) // NKV).to(tl.int64)
     kv_head = tl.program_id(0) % NKV
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .moe_fp8 import fp8_down_step, fp8_silu_gate_up, fp8_store_act
+from .pdl import wait_previous_kernel
 
 
 @triton.jit
@@ -368,7 +369,8 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
                               SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
                               FP8_BITS: tl.constexpr = False, act_scale_ptr=None, stride_ss=0,
                               DOT16: tl.constexpr = False, x_inverse_ptr=None, stride_xi=0,
-                              weights_ptr=None, used_ptr=None, row_weight_ptr=None):
+                              weights_ptr=None, used_ptr=None, row_weight_ptr=None,
+                              PDL: tl.constexpr = False):
     """act[slot] = silu(x W_gate^T) * (x W_up^T); work item = (used expert, BLOCK_I columns).
 
     With HAS_SHARED, the shared expert (gate|up rows at shared_ptr, the routed experts' strides)
@@ -387,6 +389,7 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
     instead (_fp8_decode_item): act_ptr [U * T_PAD, I], U = min(E, T*TOP_K), and also take
     weights_ptr fp32 [T, TOP_K] and write used_ptr int32 [U], row_weight_ptr fp32 [U, T_PAD].
     """
+    wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     if arrivals_ptr is not None:
         for i in range(tl.program_id(0), n_arrivals, tl.num_programs(0)):
             tl.store(arrivals_ptr + i, 0)
@@ -539,7 +542,7 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
                                    FP8_BITS: tl.constexpr = False, act_scale_ptr=None,
                                    stride_ss=0, ACT_CHUNK: tl.constexpr = 128,
                                    DOT16: tl.constexpr = False, used_ptr=None,
-                                   row_weight_ptr=None):
+                                   row_weight_ptr=None, PDL: tl.constexpr = False):
     """out[:, BLOCK_H columns] = sum over used experts e of w[:, e] * act_e W_down[e]^T.
 
     Program (h, s) takes BLOCK_H columns of H and the s-th of EXPERT_SPLITS contiguous shares
@@ -557,6 +560,7 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     act_scale_ptr, ACT_CHUNK, DOT16: FP8 weights as in moe_down_kernel (not with HAS_SHARED),
     their act rows, used_ptr and row_weight_ptr as moe_gate_up_decode_kernel wrote them.
     """
+    wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     _, _, used, rank = _expert_buckets(ids_ptr, T * TOP_K, E, S_PAD, NUM_BINS)
     token_ids, id_mask = _token_ids(ids_ptr, T, TOP_K, T_PAD, TOP_K_PAD)
     t = tl.arange(0, T_PAD)

@@ -29,6 +29,7 @@ The contract (docs/routing.md) and its reference (dmoe_triton/reference.py) defi
 import triton
 import triton.language as tl
 
+from .pdl import wait_previous_kernel
 from .policy_codes import CAPACITY, DMOE
 
 NEG_INF = tl.constexpr(float("-inf"))
@@ -244,6 +245,7 @@ def block_votes_kernel(
     L, n_blocks, block_size, part_rows,
     E: tl.constexpr, VOTE_K: tl.constexpr, MAX_SCORE: tl.constexpr,
     BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, VOTE_COLS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """A share of a window's votes; grid (S * n_blocks, parts): program (window, part) takes the
     window's rows [part * part_rows, (part + 1) * part_rows).
@@ -253,6 +255,7 @@ def block_votes_kernel(
     the parts in part order. Why: a row's top-VOTE_K is a chain of reductions whose
     instructions fill one SM for microseconds over a 32-row window (bench_routing, H200), so
     the rows are spread over SMs. Other arguments: block_coreset_kernel's."""
+    wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     window = tl.program_id(0).to(tl.int64)  # int64: (seq * L + row) * E passes 2**31 (issue 11)
     part = tl.program_id(1)
     start = _window_start(first_position_ptr, window, n_blocks, block_size)
@@ -297,6 +300,7 @@ def block_coreset_kernel(
     L, n_blocks, block_size, parts, top_p, guard, coreset_size,
     E: tl.constexpr, VOTE_K: tl.constexpr, POLICY: tl.constexpr,
     BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, VOTE_COLS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One routing window's coreset; grid (S * n_blocks,), program = sequence * n_blocks + slot.
 
@@ -317,6 +321,7 @@ def block_coreset_kernel(
     E_PAD: next power of two >= E; VOTE_COLS: experts per slice of a row in the vote tile (a
     power of two <= E_PAD, see _window_votes).
     """
+    wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     pid = tl.program_id(0).to(tl.int64)  # int64: (seq * L + row) * E passes 2**31 (issue 11)
     e = tl.arange(0, E_PAD)
     e_ok = e < E
@@ -392,6 +397,7 @@ def route_kernel(
     E: tl.constexpr, N_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUP: tl.constexpr,
     TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, G_PAD: tl.constexpr, GS_PAD: tl.constexpr,
     TOP_K_PAD: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Rows [chunk_start, chunk_start + BLOCK_T) of one block: coreset-masked (if any)
     group-limited top-k; grid (S * n_blocks * chunks_per_block,).
@@ -405,6 +411,7 @@ def route_kernel(
     E, N_GROUP, GROUP_SIZE (= E / N_GROUP), TOPK_GROUP: the gate; TOP_K: slots per row;
     G_PAD, GS_PAD, TOP_K_PAD: next powers of two of N_GROUP, GROUP_SIZE, TOP_K.
     """
+    wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     pid = tl.program_id(0).to(tl.int64)  # int64: (seq * L + row) * E passes 2**31 (issue 11)
     block_id = pid // chunks_per_block  # = seq * n_blocks + block
     seq = block_id // n_blocks

@@ -24,6 +24,22 @@ def test_graphed_generate_gives_the_eager_tokens(policy):
     assert graphed.tokens == eager.tokens
 
 
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
+                    reason="PDL needs sm_90+")
+@pytest.mark.parametrize("policy", [RoutingPolicy.token(), RoutingPolicy.dmoe(0.6, 4)])
+def test_dependent_launches_give_the_tokens_of_plain_launches(policy):
+    """Programmatic dependent launch (kernels/pdl.py, on by default from sm_90) changes when a
+    kernel starts, never what it reads: graphed and eager decoding give plain launches' tokens."""
+    from dmoe_triton import launch
+    assert launch.pdl(torch.device("cuda")) == dict(PDL=True, launch_pdl=True)
+    model = patch_model(gpu_model(), policy)
+    with launch.override(pdl=False):
+        plain = generate(model, PROMPTS, gen_length=64, cuda_graph=True, stats=False)
+    for graphed in (True, False):
+        got = generate(model, PROMPTS, gen_length=64, cuda_graph=graphed, stats=False)
+        assert got.tokens == plain.tokens
+
+
 def _decode(model, prompts=PROMPTS, **kw):
     return generate(model, prompts, gen_length=64, cuda_graph=True, **kw)
 
