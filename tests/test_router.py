@@ -2,14 +2,19 @@
 
 cuBLAS's bf16 GEMM with fp32 output routes exactly as the fp32 GEMM where every partial sum is
 exact (ties and near-ties between experts included), and its logits stay within LOGIT_TOL of
-the fp64 product on random inputs."""
+the fp64 product on random inputs. DMoEBlock's bf16 gate copy exists only when it holds the
+fp32 weight's numbers, is never saved, and follows every writer of gate_weight."""
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from dmoe_triton import RouterConfig, RoutingPolicy, route
+from dmoe_triton import RouterConfig, RoutingPolicy, patch_model, route
+from dmoe_triton.calibrate import set_router_diversity, set_router_weights
+from dmoe_triton.moe import DMoEBlock
+from dmoe_triton.patch import Unpatched
 from dmoe_triton.reference import block_votes, scores, sort_desc
 from dmoe_triton.router import gate_logits, route_hidden, uses_bf16_gemm
+from dmoe_triton.testing import small_model
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -127,6 +132,95 @@ def test_bad_inputs_are_named(make, error, match):
     cfg = RouterConfig(8, 2, n_group=2, topk_group=1)
     with pytest.raises(error, match=match):
         route_hidden(hidden, weight, None, cfg, RoutingPolicy.token(), "triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# DMoEBlock's bf16 gate copy
+
+
+def block_with_gate(weight: torch.Tensor) -> DMoEBlock:
+    cfg = RouterConfig(8, 2, n_group=2, topk_group=1)
+    gen = torch.Generator().manual_seed(0)
+    w_gate_up = torch.randn(8, 12, weight.shape[1], generator=gen) * 0.1
+    w_down = torch.randn(8, weight.shape[1], 6, generator=gen) * 0.1
+    return DMoEBlock(cfg, RoutingPolicy.token(), weight, None, w_gate_up, w_down,
+                     backend="reference")
+
+
+def bf16_valued(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).bfloat16().float()
+
+
+def assert_copy_of(block: DMoEBlock) -> None:
+    copy = block.gate_weight_bf16
+    assert copy is not None and copy.dtype == torch.bfloat16
+    assert torch.equal(copy.float(), block.gate_weight)
+
+
+def test_block_keeps_a_bf16_gate_copy_only_when_exact_and_never_saves_it():
+    block = block_with_gate(bf16_valued(8, 16))
+    assert_copy_of(block)
+    assert block.gate_weight.dtype == torch.float32
+    assert "gate_weight_bf16" not in block.state_dict() and "gate_weight" in block.state_dict()
+    hidden = torch.randn(1, 3, 16)
+    assert block.gate_weight_for(hidden.bfloat16()) is block.gate_weight_bf16
+    assert block.gate_weight_for(hidden) is block.gate_weight
+    assert block.gate_weight_for(hidden.half()) is block.gate_weight
+    inexact = bf16_valued(8, 16)
+    inexact[3, 5] += inexact[3, 5].abs() * 2**-12  # one value off the bf16 grid
+    assert block_with_gate(inexact).gate_weight_bf16 is None
+
+
+def test_block_forward_routes_with_the_copy_for_bf16_hidden():
+    block = block_with_gate(bf16_valued(8, 16)).to(torch.bfloat16)  # bf16 experts
+    hidden = torch.randn(2, 6, 16).bfloat16()
+    with torch.no_grad():
+        block(hidden)
+        want = block.last_route.topk_ids.clone()
+        block.gate_weight_bf16.neg_()  # only the copy changes: the forward must see it
+        block(hidden)
+    assert not torch.equal(block.last_route.topk_ids, want)
+
+
+def test_the_copy_follows_load_state_dict_and_dtype_moves():
+    block = block_with_gate(bf16_valued(8, 16))
+    copy = block.gate_weight_bf16
+    block.load_state_dict({**block.state_dict(), "gate_weight": bf16_valued(8, 16, seed=1)})
+    assert_copy_of(block)
+    assert block.gate_weight_bf16.data_ptr() == copy.data_ptr()  # in place: graphs read it
+    block.load_state_dict({**block.state_dict(), "gate_weight": torch.randn(8, 16)})
+    assert block.gate_weight_bf16 is None
+    block.load_state_dict({**block.state_dict(), "gate_weight": bf16_valued(8, 16, seed=2)})
+    assert_copy_of(block)
+    for move in (torch.float16, torch.float64, torch.bfloat16):
+        block.to(move)
+        assert_copy_of(block)
+
+
+def test_the_copy_follows_calibration_and_the_unpatched_view():
+    model = patch_model(small_model().to(torch.bfloat16), RoutingPolicy.token(),
+                        backend="reference")
+    blocks = [m for m in model.modules() if isinstance(m, DMoEBlock)]
+    for block in blocks:
+        assert_copy_of(block)
+    base = [b.gate_weight.clone() for b in blocks]
+    set_router_weights(model, [w.flip(0) for w in base])  # bf16-valued still: kept, refreshed
+    for block, w in zip(blocks, base):
+        assert_copy_of(block)
+        assert torch.equal(block.gate_weight, w.flip(0))
+    basis = [torch.linalg.qr(torch.randn(w.shape[1], 2)).Q.T for w in base]
+    set_router_diversity(model, 0.5, base, basis)  # not bf16-valued: the fp32 GEMM
+    assert all(b.gate_weight_bf16 is None for b in blocks)
+    set_router_diversity(model, 0.0, base, basis)
+    for block in blocks:
+        assert_copy_of(block)
+    with Unpatched(model) as plain, torch.no_grad():
+        for layer in plain.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.weight.mul_(2)  # the view's weight IS the block's gate_weight
+    for block, w in zip(blocks, base):
+        assert torch.equal(block.gate_weight, 2 * w)
+        assert_copy_of(block)
 
 
 # ---------------------------------------------------------------------------------------------
