@@ -358,8 +358,8 @@ def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str,
     h_in, block = seen["mlp_in"][0], mid.mlp
     B, L, H = h_in.shape
     with torch.no_grad():  # the routing the layer ran, windows included
-        r = route_hidden(h_in, block.gate_weight, block.expert_bias, block.router_cfg,
-                         block.policy, block.backend, **windows)
+        r = route_hidden(h_in, block.gate_weight_for(h_in), block.expert_bias,
+                         block.router_cfg, block.policy, block.backend, **windows)
     ids, w = r.topk_ids.reshape(B * L, -1), r.topk_weights.reshape(B * L, -1)
     hidden_final = torch.randn(B, L, H, device=x.device, dtype=x.dtype)
     att = mid.attention
@@ -382,9 +382,9 @@ def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str,
             lambda: old_attention(mid, x, cos, sin, mask, cache), c.num_hidden_layers),
         "residual adds + norms (two add_rms_norm)": (
             lambda: [add_rms_norm(x, x, n.weight, n.eps) for n in norms], c.num_hidden_layers),
-        "router GEMM (fp32) + route (route_hidden)": (
-            lambda: route_hidden(h_in, block.gate_weight, block.expert_bias, block.router_cfg,
-                                 block.policy, block.backend, **windows), n_moe),
+        "router GEMM (bf16 gate: cuBLAS bf16, else fp32) + route (route_hidden)": (
+            lambda: route_hidden(h_in, block.gate_weight_for(h_in), block.expert_bias,
+                                 block.router_cfg, block.policy, block.backend, **windows), n_moe),
         "routed + shared experts (moe_forward)": (
             lambda: moe_forward(h_in.reshape(B * L, H), ids, w, block.w_gate_up, block.w_down,
                                 check_ids=False, shared=block.shared_weights()), n_moe),
@@ -424,7 +424,7 @@ def part_bytes(model, layer, cache, x, topk_ids) -> dict:
         "attention": attention,
         "of which q/k norm + RoPE + K/V into the cache": 3 * act,
         "residual adds + norms": 2 * (4 * act + layer.input_layernorm.weight.numel() * 2),
-        "router GEMM": _numel_bytes(mlp.gate_weight, mlp.expert_bias) + act,
+        "router GEMM": _numel_bytes(mlp.gate_weight_for(x), mlp.expert_bias) + act,
         "routed + shared experts": used * expert_bytes_cache[id(model)] + shared + 2 * act,
         "dense MLP": _numel_bytes(*model.model.layers[0].mlp.parameters()) + 2 * act,
         "final norm + lm_head": _numel_bytes(lm) + x.shape[0] * x.shape[1] * lm.shape[0] * 4,

@@ -36,7 +36,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .modules import expert_hits, moe_layers  # noqa: F401  (re-exported)
+from .modules import expert_hits, moe_layers, refresh_gate_copies  # noqa: F401  (re-exported)
 
 
 def router_bias(module: torch.nn.Module) -> torch.Tensor:
@@ -97,12 +97,15 @@ def set_router_weights(model: torch.nn.Module, weights: List[torch.Tensor]) -> N
     with torch.no_grad():
         for m, w in zip(layers, weights):
             router_weight(m).copy_(w)
+    refresh_gate_copies(model)
 
 
 def set_router_diversity(model: torch.nn.Module, diversity: float, base: List[torch.Tensor],
                          basis: List[torch.Tensor]) -> None:
     """Gate weight of MoE layer l := base_l - diversity * (base_l U_l^T) U_l, in place (a
-    captured CUDA graph keeps reading the same buffers). diversity 0 restores base."""
+    captured CUDA graph keeps reading the same buffers; but a DMoEBlock's bf16 gate copy goes
+    when the new weight is not bf16-exact, which changes generate's graph key, so it captures
+    anew: moe.DMoEBlock.refresh_gate_copy). diversity 0 restores base."""
     if not 0.0 <= diversity <= 1.0:
         raise ValueError(f"diversity must be in [0, 1], got {diversity}")
     layers = moe_layers(model)
@@ -113,6 +116,7 @@ def set_router_diversity(model: torch.nn.Module, diversity: float, base: List[to
             target = router_weight(m)
             w, u = w.to(u.device, torch.float32), u.to(torch.float32)
             target.copy_((w - diversity * (w @ u.T) @ u).to(target.device, target.dtype))
+    refresh_gate_copies(model)
 
 
 def popularity_skew(num_layers: int, num_experts: int, seed: int = 0) -> torch.Tensor:

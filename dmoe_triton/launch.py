@@ -3,7 +3,6 @@
 One function per kernel family turns shapes, dtype and device into a frozen dataclass:
 
     route_launch(num_experts, device, windows)   -> RouteLaunch     (kernels/routing.py, router.py)
-    router_launch(tokens, num_experts)           -> RouterLaunch    (kernels/router.py, the GEMM)
     norm_launch(hidden)                          -> NormLaunch      (kernels/add_norm.py)
     moe_launch(tokens, top_k, num_experts, ...)  -> MoeLaunch       (kernels/moe_matmul.py)
     align_launch(slots, num_experts)             -> AlignLaunch     (moe_align_kernel or torch)
@@ -122,53 +121,6 @@ def route_launch(num_experts: int, device: torch.device, windows: int = 1) -> Ro
     if DEFAULT_ROUTE.fused and windows > FUSED_MANY_WINDOWS:  # (route_kernel: 1 row, measured)
         return dataclasses.replace(DEFAULT_ROUTE, route_rows=FUSED_MANY_ROWS)
     return DEFAULT_ROUTE
-
-
-@dataclass(frozen=True)
-class RouterLaunch:
-    """router_logits_kernel (kernels/router.py): rows x experts per program, reduction step;
-    use_kernel False: the router GEMM is torch's fp32 matmul of hidden.float() instead."""
-
-    block_t: int = 32
-    block_e: int = 4
-    block_k: int = 64
-    warps: int = 4
-    # Programs per tile along the hidden columns, each summing its share; the last to finish
-    # adds the shares in split order. The k loop is a chain of dependent loads (no tl.dot, no
-    # software pipelining): at split 1 a 32-row block's tiles walked 32 steps of 64 columns
-    # and took 67.5 us on the H200 (bench_routing --router, 2026-11-30).
-    split_k: int = 1
-    # Off by default: timed alone (bench_routing --router, H200, 2026-11-30, weights L2-cold),
-    # torch's fp32 GEMM of hidden.float() took 12.8 / 26.2 us at 32 / 512 rows; the kernel at
-    # this rule's shapes 67.5 / 325.9, at its best split-1 tile (block_e 1, block_k 512) 13.8 /
-    # 144.6. The split_k variants are not yet timed (`bench_routing.py --router` sweeps them).
-    use_kernel: bool = False
-
-    def __post_init__(self):
-        _check_shape(self, powers_of_two=("block_t", "block_e", "block_k", "warps"))
-
-
-# About 128 programs for one 32-row block at E = 256 (64 expert tiles x 1 row tile: each reads
-# 32 KB of weights and the block's 128 KB of bf16 hidden from L2); larger expert tiles for more
-# rows so that the hidden rows are re-read fewer times. Broadcast tiles stay <= 8192 elements.
-ROUTER_TILE = 8192
-ROUTER_PROGRAMS = 128
-
-
-def router_launch(tokens: int, num_experts: int) -> RouterLaunch:
-    """router_logits_kernel's tiles for `tokens` rows and num_experts experts (not yet measured
-    on a GPU: the rule keeps ~ROUTER_PROGRAMS programs and a bounded register tile)."""
-    forced = _current("router")
-    if forced is not None:
-        return forced
-    block_t = min(32, triton.next_power_of_2(max(tokens, 1)))
-    row_tiles = triton.cdiv(tokens, block_t)
-    block_e = 4
-    while block_e < 64 and row_tiles * triton.cdiv(num_experts, 2 * block_e) >= ROUTER_PROGRAMS:
-        block_e *= 2
-    block_e = min(block_e, triton.next_power_of_2(num_experts))
-    block_k = max(4, min(64, ROUTER_TILE // (block_t * block_e)))
-    return RouterLaunch(block_t=block_t, block_e=block_e, block_k=block_k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,7 +444,7 @@ def norm_launch(hidden: int) -> NormLaunch:
 # ---------------------------------------------------------------------------------------------
 # scoped override
 
-_KINDS = {"route": RouteLaunch, "router": RouterLaunch, "decode": DecodeConfig, "grouped": GroupedConfig,
+_KINDS = {"route": RouteLaunch, "decode": DecodeConfig, "grouped": GroupedConfig,
           "align": AlignLaunch, "combine": CombineLaunch, "attention": AttentionLaunch,
           "prep": PrepLaunch, "norm": NormLaunch, "moe_path": str, "fp8_bits": bool,
           "pdl": bool}
@@ -520,14 +472,14 @@ def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig]
              grouped: Optional[GroupedConfig] = None, align: Optional[AlignLaunch] = None,
              combine: Optional[CombineLaunch] = None, attention: Optional[AttentionLaunch] = None,
              prep: Optional[PrepLaunch] = None, moe_path: Optional[str] = None,
-             router: Optional[RouterLaunch] = None, norm: Optional[NormLaunch] = None,
-             fp8_bits: Optional[bool] = None, pdl: Optional[bool] = None):
+             norm: Optional[NormLaunch] = None, fp8_bits: Optional[bool] = None,
+             pdl: Optional[bool] = None):
     """Within the block, the launch functions return these instead of their choice (None keeps
     the enclosing choice). moe_path: "decode" or "grouped" whatever the token count; fp8_bits:
     how FP8 weights are read (fp8_bits()); pdl: programmatic dependent launch on or off
     (pdl()). A value of the wrong type is a TypeError naming the argument; leaving the block
     restores the choices."""
-    given = dict(route=route, router=router, decode=decode, grouped=grouped, align=align,
+    given = dict(route=route, decode=decode, grouped=grouped, align=align,
                  combine=combine, attention=attention, prep=prep, moe_path=moe_path, norm=norm,
                  fp8_bits=fp8_bits, pdl=pdl)
     frame = dict(_stack()[-1])
@@ -547,9 +499,11 @@ def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig]
         _stack().pop()
 
 
-__all__ = ["RouteLaunch", "RouterLaunch", "router_launch", "NormLaunch", "norm_launch", "DecodeConfig", "GroupedConfig", "AlignLaunch", "CombineLaunch",
+__all__ = ["RouteLaunch", "NormLaunch", "norm_launch", "DecodeConfig", "GroupedConfig",
+           "AlignLaunch", "CombineLaunch",
            "MoeLaunch", "AttentionLaunch", "PrepLaunch", "route_launch", "moe_launch",
            "align_launch", "attention_launch", "prep_launch", "override", "override_key",
-           "persistent_grid", "pipeline_stages", "dot_precision", "fp8_bits", "pdl", "fit_scale_blocks",
+           "persistent_grid", "pipeline_stages", "dot_precision", "fp8_bits", "pdl",
+           "fit_scale_blocks",
            "DEFAULT_DECODE_FP8", "DEFAULT_GROUPED_FP8",
            "DECODE_MAX_TOKENS", "ALIGN_MAX_SLOTS", "FEW_SEQUENCES", "MANY_SEQUENCES", "MANY_FROM"]

@@ -13,6 +13,15 @@ def moe_layers(model: torch.nn.Module) -> list:
     return [m for m in model.modules() if hasattr(m, "last_route")]
 
 
+def refresh_gate_copies(model: torch.nn.Module) -> None:
+    """After writing gate weights in place: every DMoEBlock of `model` derives its router
+    GEMM's bf16 copy again (kept only where the new weight is bf16-exact:
+    moe.DMoEBlock.refresh_gate_copy; one host sync per layer, never in a forward)."""
+    for m in moe_layers(model):
+        if hasattr(m, "refresh_gate_copy"):
+            m.refresh_gate_copy()
+
+
 def expert_hits(topk_ids: torch.Tensor, num_experts: int, rows: Optional[int] = None):
     """Which experts each sequence's last `rows` rows picked: topk_ids [B, L, k] -> bool [B, E].
 
@@ -52,10 +61,14 @@ def non_expert_bytes(model: torch.nn.Module, batch: int, block_length: int = 32)
     """Weights a forward of one block per sequence reads besides routed experts (embedding:
     only the block's rows)."""
     total = 0
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    names = {name for name, _ in tensors}
+    for name, t in tensors:
         # shared_gate_up: the shared experts' gate/up, counted once via their module's views.
         if name.endswith(("w_gate_up", "w_down", "shared_gate_up", "w_gate_up_scale",
                           "w_down_scale")) or "word_embeddings" in name:
+            continue
+        if name + "_bf16" in names:  # a DMoEBlock's router reads its bf16 gate copy instead
             continue
         total += t.numel() * t.element_size()
     emb = model.model.word_embeddings.weight

@@ -2,7 +2,7 @@
 
 `moe_forward` checks its inputs on the host (shapes, dtypes, devices: nothing that needs a sync),
 then runs either the Triton kernels of `kernels/moe_matmul.py` or the reference. `DMoEBlock` is a
-whole LLaDA2 MoE MLP: `route_hidden` (fp32 router GEMM + routing), `moe_forward` and the
+whole LLaDA2 MoE MLP: `route_hidden` (router GEMM + routing), `moe_forward` and the
 shared expert.
 """
 from __future__ import annotations
@@ -573,8 +573,14 @@ def _required(obj, path: str):
     return obj
 
 
+def _refresh_after_load(block, incompatible_keys) -> None:
+    """load_state_dict post-hook: the loaded gate_weight's bf16 copy (a function, not a lambda,
+    so a block still pickles)."""
+    block.refresh_gate_copy()
+
+
 class DMoEBlock(torch.nn.Module):
-    """One LLaDA2 MoE MLP: fp32 router GEMM, `route`, routed experts, plus the shared expert.
+    """One LLaDA2 MoE MLP: router GEMM, `route`, routed experts, plus the shared expert.
 
     Expert weights are stacked in transformers 5's layout (w_gate_up [E, 2I, H], w_down [E, H, I]),
     in the model's dtype or, after `quantize_` (or built with `scales`), float8_e4m3fn with fp32
@@ -601,8 +607,13 @@ class DMoEBlock(torch.nn.Module):
         self.router_cfg = router_cfg
         self.backend = backend
         self.set_policy(policy)
-        # The router runs in fp32; keep an fp32 copy so a forward does not cast it every time.
+        # The router runs in fp32; keep an fp32 copy so a forward does not cast it every time
+        # (the name save/load and calibration use), and beside it the bf16 copy the router GEMM
+        # reads when the two hold the same numbers (refresh_gate_copy; derived, never saved).
         self.register_buffer("gate_weight", gate_weight.detach().float())
+        self.register_buffer("gate_weight_bf16", None, persistent=False)
+        self.refresh_gate_copy()
+        self.register_load_state_dict_post_hook(_refresh_after_load)
         bias = None if expert_bias is None else expert_bias.detach().float()
         self.register_buffer("expert_bias", bias)
         self.w_gate_up = torch.nn.Parameter(w_gate_up.detach(), requires_grad=False)
@@ -615,6 +626,35 @@ class DMoEBlock(torch.nn.Module):
         if scales is not None:
             scales.check(w_gate_up, w_down, check_values=not w_gate_up.is_meta)
         self.last_route = None
+
+    @torch.no_grad()
+    def refresh_gate_copy(self) -> None:
+        """gate_weight_bf16 := gate_weight in bf16 when every value round-trips exactly (a bf16
+        checkpoint's gate), else None (e.g. a router trained or calibrated in fp32): then the
+        router GEMM stays fp32. Call it after changing gate_weight; the package does (the
+        constructor, load_state_dict, .to() and the like, calibrate's router writers, leaving
+        patch.Unpatched). A copy that stays valid is updated in place, so a captured CUDA graph
+        reads the new values; one that appears or goes changes the module's buffers (graphs'
+        graph_key). One host sync (the comparison): never call it in a forward."""
+        weight = self.gate_weight
+        bf16 = None if weight.is_meta else weight.to(torch.bfloat16)
+        if bf16 is None or not torch.equal(bf16.float(), weight):
+            self.gate_weight_bf16 = None
+            return
+        copy = self.gate_weight_bf16
+        if copy is not None and (copy.dtype, copy.shape, copy.device) == (
+                bf16.dtype, bf16.shape, bf16.device):
+            copy.copy_(bf16)
+        else:
+            self.gate_weight_bf16 = bf16
+
+    def gate_weight_for(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The gate weight [E, H] the router GEMM reads for `hidden`: the bf16 copy for bf16
+        hidden when there is one (route_hidden then runs cuBLAS's bf16 GEMM on CUDA, the same
+        fp32 sum: router.py), else the fp32 gate_weight."""
+        if hidden.dtype == torch.bfloat16 and self.gate_weight_bf16 is not None:
+            return self.gate_weight_bf16
+        return self.gate_weight
 
     def fp8_scales(self) -> Optional[Fp8Scales]:
         """The FP8 experts' block scales for moe_forward, or None (experts in the model dtype)."""
@@ -738,6 +778,7 @@ class DMoEBlock(torch.nn.Module):
             now = getattr(self, name)
             if now.dtype != FP8_DTYPE and not before.is_meta:
                 now.data = before.to(now.device)
+        self.refresh_gate_copy()  # the bf16 copy was cast with the rest: derive it again
         return self
 
     def forward(self, hidden: torch.Tensor, first_position: Optional[torch.Tensor] = None,
@@ -752,8 +793,8 @@ class DMoEBlock(torch.nn.Module):
         if hidden.dim() != 3:
             raise ValueError(f"hidden must have shape [B, L, H], got {_shape(hidden)}")
         B, L, H = hidden.shape
-        # The fp32 router GEMM and the routing: two launches on the Triton path (issue 13).
-        r = route_hidden(hidden, self.gate_weight, self.expert_bias, self.router_cfg,
+        # The router GEMM and the routing: two launches on the Triton path (issue 13).
+        r = route_hidden(hidden, self.gate_weight_for(hidden), self.expert_bias, self.router_cfg,
                          self.policy, self.backend, first_position=first_position,
                          row_valid=row_valid, row_masked=row_masked)
         self.last_route = r

@@ -279,3 +279,4 @@ class Unpatched:
     def __exit__(self, *exc) -> None:
         for layer, block in self.saved:
             layer.mlp = block
+            block.refresh_gate_copy()  # the view's gate weight IS gate_weight: it may be changed

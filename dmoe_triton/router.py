@@ -1,31 +1,34 @@
-"""`route_hidden()`: a MoE layer's router from its hidden states, the fp32 GEMM included.
+"""`route_hidden()`: a MoE layer's router from its hidden states: the logits GEMM, then `route`.
 
-The model's MoE layers route `hidden @ gate_weight^T` (fp32 logits, docs/routing.md). On the
-Triton path the GEMM is torch's fp32 matmul by default, or (RouterLaunch.use_kernel, off until
-it is measured faster) kernels/router.py's `router_logits_kernel` (reads the bf16 hidden and
-the fp32 weights as they are: no hidden.float() copy, no cuBLAS fp32 GEMM) and the routing is
-`route_triton` (one launch for block policies, launch.RouteLaunch.fused). The reference path
-is the published order of operations: `hidden.float() @ gate_weight.T`, then route_reference.
-
-Logits differ from torch's fp32 matmul only by the order of the fp32 sum (a few ulps); the
-routing of given logits is exact (tests/test_router.py holds both).
+The model's MoE layers route the fp32 logits `hidden.float() @ gate_weight.float().T`
+(docs/routing.md). LLaDA2 checkpoints store the gate weight in the model dtype (bf16), and
+DMoEBlock keeps a bf16 copy of its fp32 gate weight when the two hold the same numbers. With bf16
+hidden and a bf16 weight on CUDA, the GEMM is cuBLAS's bf16 GEMM with fp32 accumulation and fp32
+output (`torch.mm(..., out_dtype=torch.float32)`): one launch reading half the weight bytes,
+where the fp32 GEMM needs a hidden.float() copy, an fp32 sgemm and its split-K reduction (5.4
+against 12.6 us for one 32-row block on the H200, weights from DRAM: bench_routing --router).
+It is the same sum: a bf16 x bf16 product is exact in fp32 (8 x 8 significant bits), so the
+logits are the spec's sum of the same fp32 terms, accumulated in fp32 in another order.
+Everything else (fp32 or fp16 hidden, an fp32 weight, CPU tensors: torch's mm has no CPU
+out_dtype kernel; autograd: mm with out_dtype has no derivative; backend "reference") runs the
+spec's fp32 GEMM. tests/test_router.py holds the ties and the rounding bound.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import triton
 
 from .config import RouterConfig, RoutingPolicy
-from .launch import RouterLaunch, router_launch
 from .routing import RouteResult, check_route_inputs, check_windows, resolve_backend, route
 
 HIDDEN_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+WEIGHT_TYPES = (torch.float32, torch.bfloat16)
 
 
 def check_router_inputs(hidden, gate_weight, num_experts: int) -> None:
-    """hidden float [..., L, H] (L >= 1) and gate_weight fp32 [E, H] on hidden's device."""
+    """hidden float [..., L, H] (L >= 1) and gate_weight fp32 or bf16 [E, H] on hidden's
+    device; else a TypeError (type, dtype, device) or ValueError (shape) naming the argument."""
     for name, t in (("hidden", hidden), ("gate_weight", gate_weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -37,41 +40,35 @@ def check_router_inputs(hidden, gate_weight, num_experts: int) -> None:
     if tuple(gate_weight.shape) != (num_experts, hidden.shape[-1]):
         raise ValueError(f"gate_weight must have shape [{num_experts}, {hidden.shape[-1]}] "
                          f"(num_experts, H from hidden), got {tuple(gate_weight.shape)}")
-    if gate_weight.dtype != torch.float32:
-        raise TypeError(f"gate_weight must be float32 (the router runs in fp32), got "
-                        f"{gate_weight.dtype}")
+    if gate_weight.dtype not in WEIGHT_TYPES:
+        raise TypeError(f"gate_weight must be float32 or bfloat16 (the router sums in fp32), "
+                        f"got {gate_weight.dtype}")
     if gate_weight.device != hidden.device:
         raise TypeError(f"gate_weight is on {gate_weight.device} but hidden on {hidden.device}")
 
 
-def router_logits(hidden: torch.Tensor, gate_weight: torch.Tensor, out: torch.Tensor,
-                  launch: Optional[RouterLaunch] = None) -> torch.Tensor:
-    """out fp32 [T, E] = hidden [T, H] @ gate_weight [E, H]^T in fp32 (router_logits_kernel).
+def uses_bf16_gemm(hidden: torch.Tensor, gate_weight: torch.Tensor, backend: str) -> bool:
+    """Whether `gate_logits` runs cuBLAS's bf16 GEMM (module docstring): bf16 hidden and weight
+    on CUDA, backend "triton" (resolved), and no gradient asked for (mm with out_dtype has
+    none in torch 2.11)."""
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or gate_weight.requires_grad)
+    return (backend == "triton" and hidden.is_cuda and not wants_grad
+            and hidden.dtype == gate_weight.dtype == torch.bfloat16)
 
-    Inputs already checked; hidden and gate_weight are read with their row strides (a view
-    without unit stride along H is copied). Returns out.
-    """
-    from .kernels.router import router_logits_kernel
 
-    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    gate_weight = gate_weight if gate_weight.stride(-1) == 1 else gate_weight.contiguous()
-    T, H = hidden.shape
-    E = gate_weight.shape[0]
-    shapes = launch or router_launch(T, E)
-    grid = (triton.cdiv(T, shapes.block_t), triton.cdiv(E, shapes.block_e), shapes.split_k)
-    # Each split sums a whole number of reduction steps; the last split may get fewer columns.
-    chunk = triton.cdiv(triton.cdiv(H, shapes.split_k), shapes.block_k) * shapes.block_k
-    partial = arrivals = None
-    if shapes.split_k > 1:  # fp32 partials and per-tile arrival counters (zero at launch)
-        partial = torch.empty(shapes.split_k, T, E, dtype=torch.float32, device=out.device)
-        arrivals = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=out.device)
-    router_logits_kernel[grid](
-        x_ptr=hidden, stride_xt=hidden.stride(0), w_ptr=gate_weight,
-        stride_we=gate_weight.stride(0), logits_ptr=out, partial_ptr=partial,
-        arrivals_ptr=arrivals, T=T, H=H, chunk=chunk, E=E, BLOCK_T=shapes.block_t,
-        BLOCK_E=shapes.block_e, BLOCK_K=shapes.block_k, SPLIT_K=shapes.split_k,
-        num_warps=shapes.warps)
-    return out
+def gate_logits(hidden: torch.Tensor, gate_weight: torch.Tensor, backend: str) -> torch.Tensor:
+    """The router logits fp32 [..., L, E] = hidden [..., L, H] @ gate_weight [E, H]^T, summed
+    in fp32 (inputs checked by check_router_inputs, backend resolved: "triton"/"reference").
+
+    cuBLAS's bf16 GEMM with fp32 output where uses_bf16_gemm says so, else the spec's
+    `hidden.float() @ gate_weight.float().T`; both with autocast off (the router runs in fp32,
+    and autocast would cast the GEMM's inputs to its own dtype)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        if uses_bf16_gemm(hidden, gate_weight, backend):
+            rows = hidden.reshape(-1, hidden.shape[-1])
+            logits = torch.mm(rows, gate_weight.T, out_dtype=torch.float32)
+            return logits.view(*hidden.shape[:-1], gate_weight.shape[0])
+        return hidden.float() @ gate_weight.float().T
 
 
 def route_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor,
@@ -79,32 +76,32 @@ def route_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor,
                  backend: str = "auto", *, first_position: Optional[torch.Tensor] = None,
                  row_valid: Optional[torch.Tensor] = None,
                  row_masked: Optional[torch.Tensor] = None) -> RouteResult:
-    """Route hidden states: `route(hidden.float() @ gate_weight.T, ...)` (docs/routing.md).
+    """Route hidden states: `route(hidden.float() @ gate_weight.float().T, ...)`
+    (docs/routing.md).
 
-    hidden: fp32/fp16/bf16 [..., L, H], any strides; gate_weight: fp32 [E, H] (E =
-    cfg.num_experts); expert_bias, first_position, row_valid, row_masked, backend: as `route`'s.
+    hidden: fp32/fp16/bf16 [..., L, H], any strides; gate_weight: fp32 or bf16 [E, H] (E =
+    cfg.num_experts), holding the gate's values: pass a bf16 weight only when it equals the
+    fp32 gate exactly (DMoEBlock.gate_weight_for does); expert_bias, first_position,
+    row_valid, row_masked, backend: as `route`'s. The logits GEMM is gate_logits': cuBLAS's bf16
+    GEMM with fp32 accumulation for bf16 hidden and weight on CUDA (backend "triton"/"auto",
+    no grad), the spec's fp32 GEMM otherwise; the same fp32 terms either way (module
+    docstring), so the logits differ only by the order of the fp32 sum.
     Returns route's RouteResult. Errors: route's, plus a TypeError/ValueError naming hidden or
     gate_weight (dtype, shape, device), all raised before any kernel runs.
-    Launch shapes: launch.router_launch (the GEMM) and launch.route_launch.
     """
     if not isinstance(cfg, RouterConfig):
         raise TypeError(f"cfg must be a RouterConfig, got {type(cfg).__name__}")
     check_router_inputs(hidden, gate_weight, cfg.num_experts)
     backend = resolve_backend(backend, hidden.device)
-    logits = torch.empty(*hidden.shape[:-1], cfg.num_experts, dtype=torch.float32,
-                         device=hidden.device)
-    # route's own checks, before the GEMM launches (route repeats them: host work only)
-    check_route_inputs(logits, expert_bias, cfg, policy)
-    check_windows(logits, first_position, row_valid, row_masked)
-    shapes = router_launch(logits.numel() // cfg.num_experts, cfg.num_experts)
-    if backend == "reference" or not shapes.use_kernel:  # torch's fp32 GEMM (RouterLaunch)
-        with torch.autocast(hidden.device.type, enabled=False):
-            logits = hidden.float() @ gate_weight.T
-    else:
-        router_logits(hidden.reshape(-1, hidden.shape[-1]), gate_weight,
-                      logits.view(-1, cfg.num_experts), shapes)
+    # route's own checks, before the GEMM runs (route repeats them: host work only), on a
+    # stand-in for the logits: their shape, dtype and device, no memory
+    stand_in = torch.empty((), dtype=torch.float32, device=hidden.device).expand(
+        *hidden.shape[:-1], cfg.num_experts)
+    check_route_inputs(stand_in, expert_bias, cfg, policy)
+    check_windows(stand_in, first_position, row_valid, row_masked)
+    logits = gate_logits(hidden, gate_weight, backend)
     return route(logits, expert_bias, cfg, policy, backend, first_position=first_position,
                  row_valid=row_valid, row_masked=row_masked)
 
 
-__all__ = ["route_hidden", "router_logits", "check_router_inputs"]
+__all__ = ["route_hidden", "gate_logits", "uses_bf16_gemm", "check_router_inputs"]

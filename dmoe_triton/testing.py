@@ -104,6 +104,7 @@ def build_fp8_model(config, device, seed: int = 0) -> LLaDA2MoeModelLM:
     values of N(0, 64) (clamped to +-448) with block scales 0.02 / 64 (x a seeded factor in
     [0.5, 1.5]), so they dequantize to std ~0.02 like build_model's; other weights std 0.02,
     norms 1, router bias 0."""
+    from .modules import refresh_gate_copies
     from .patch import patch_model
     from .quant import FP8_DTYPE, FP8_MAX
 
@@ -130,4 +131,5 @@ def build_fp8_model(config, device, seed: int = 0) -> LLaDA2MoeModelLM:
                 t.zero_()
             else:
                 t.normal_(0.0, 0.02, generator=gen)
+    refresh_gate_copies(model)  # gate weights were written in place (and their copies apart)
     return model.eval()

@@ -1,12 +1,5 @@
-"""The router of a MoE layer in two launches: its fp32 logits GEMM, then one routing launch.
+"""One launch for a block policy's routing (the router's logits GEMM is cuBLAS's: router.py).
 
-- `router_logits_kernel`: logits [T, E] = hidden [T, H] @ gate_weight[E, H]^T in fp32 (hidden of
-  any float dtype is widened exactly; fp32 products and sums, no tensor-core rounding), one
-  program per BLOCK_T rows x BLOCK_E experts (x SPLIT_K shares of the hidden columns). Why not
-  torch's matmul: at one 32-row block the GEMM reads 2 MB of fp32 weights, and cuBLAS plus the
-  hidden.float() copy took 12.8 us on the H200 (bench_routing --router); small expert tiles
-  and short reduction chains spread the weights over many SMs instead. Deterministic: every
-  logit is a fixed-order sum (split shares added in split order), whatever arrives first.
 - `window_route_kernel`: route_kernel's rows, but each program first computes its routing
   window's coreset itself (the window's logits are 32 KB, read from L2), so a block policy
   needs one launch instead of block_coreset_kernel + route_kernel. The coreset's top-p/top-size
@@ -20,54 +13,8 @@ The rules are those of docs/routing.md; the reference is dmoe_triton/reference.p
 import triton
 import triton.language as tl
 
-from .moe_matmul import _sum_shares
 from .policy_codes import CAPACITY
 from .routing import NO_KEY, _keep, _key, _route_chunk, _window_scores, _window_shift
-
-
-@triton.jit
-def router_logits_kernel(x_ptr, stride_xt, w_ptr, stride_we, logits_ptr, partial_ptr,
-                         arrivals_ptr, T, H, chunk,
-                         E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Grid (cdiv(T, BLOCK_T), cdiv(E, BLOCK_E), SPLIT_K): logits[t, e] = sum_k x[t, k] *
-    w[e, k], fp32.
-
-    x_ptr [T, H] fp32/fp16/bf16, row stride stride_xt, unit stride along H; w_ptr fp32 [E, H],
-    row stride stride_we, unit along H; logits_ptr fp32 [T, E] contiguous, out. T: rows; H:
-    hidden size; BLOCK_T, BLOCK_E, BLOCK_K: tile of rows, experts and the reduction step
-    (powers of two; a broadcast product and a sum, so any size works, no tl.dot minimum).
-    SPLIT_K > 1: program z sums the H columns [z * chunk, (z + 1) * chunk) only (chunk a
-    multiple of BLOCK_K), writes that partial to partial_ptr fp32 [SPLIT_K, T, E], and the last
-    of a tile's SPLIT_K programs to arrive (arrivals_ptr int32 [row tiles * expert tiles],
-    zero at launch) adds the partials in split order (moe_matmul._sum_shares, the decode down's
-    split sum): deterministic whoever arrives last. Why split: the loop's steps are a chain of
-    dependent loads (no tl.dot, so no software pipelining), and 2 MB of weights over a few long
-    chains took ~70 us on the H200.
-    """
-    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # int64: t * stride
-    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    t_ok = t < T
-    e_ok = e < E
-    split = tl.program_id(2)
-    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-    for k0 in range(split * chunk, tl.minimum((split + 1) * chunk, H), BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < H
-        x = tl.load(x_ptr + t[:, None] * stride_xt + k[None, :], mask=t_ok[:, None] & k_ok[None, :],
-                    other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + e[:, None] * stride_we + k[None, :], mask=e_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    tile = t[:, None] * E + e[None, :]
-    tile_ok = t_ok[:, None] & e_ok[None, :]
-    if SPLIT_K == 1:
-        tl.store(logits_ptr + tile, acc, mask=tile_ok)
-    else:
-        plane = (T * E).to(tl.int64)  # int64: split * T * E passes 2**31 at long prompts
-        arrivals = arrivals_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        _sum_shares(acc, partial_ptr + tile, logits_ptr + tile, tile_ok, arrivals, split, plane,
-                    BLOCK_T, BLOCK_E, SPLIT_K)
 
 
 @triton.jit
