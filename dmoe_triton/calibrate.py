@@ -103,9 +103,10 @@ def set_router_weights(model: torch.nn.Module, weights: List[torch.Tensor]) -> N
 def set_router_diversity(model: torch.nn.Module, diversity: float, base: List[torch.Tensor],
                          basis: List[torch.Tensor]) -> None:
     """Gate weight of MoE layer l := base_l - diversity * (base_l U_l^T) U_l, in place (a
-    captured CUDA graph keeps reading the same buffers; but a DMoEBlock's bf16 gate copy goes
-    when the new weight is not bf16-exact, which changes generate's graph key, so it captures
-    anew: moe.DMoEBlock.refresh_gate_copy). diversity 0 restores base."""
+    captured CUDA graph keeps reading the same buffers). A bf16-valued base (a bf16
+    checkpoint's gate, LLaDA2's) gives a gate rounded to bf16, as such a checkpoint would store
+    it, so the router runs the model's bf16 GEMM (moe.DMoEBlock.refresh_gate_copy); another
+    base keeps fp32 values. diversity 0 restores base."""
     if not 0.0 <= diversity <= 1.0:
         raise ValueError(f"diversity must be in [0, 1], got {diversity}")
     layers = moe_layers(model)
@@ -115,7 +116,10 @@ def set_router_diversity(model: torch.nn.Module, diversity: float, base: List[to
         for m, w, u in zip(layers, base, basis):
             target = router_weight(m)
             w, u = w.to(u.device, torch.float32), u.to(torch.float32)
-            target.copy_((w - diversity * (w @ u.T) @ u).to(target.device, target.dtype))
+            skewed = w - diversity * (w @ u.T) @ u
+            if torch.equal(w.to(torch.bfloat16).float(), w):  # host sync: calibration only
+                skewed = skewed.to(torch.bfloat16)
+            target.copy_(skewed.to(target.device, target.dtype))
     refresh_gate_copies(model)
 
 

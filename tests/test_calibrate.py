@@ -115,7 +115,11 @@ def test_diversity_removes_the_shared_directions(patched):
     torch.testing.assert_close(basis[0] @ basis[0].T, torch.eye(3), rtol=1e-4, atol=1e-4)
     set_router_diversity(patched, 1.0, base, basis)
     w = router_weight(moe_layers(patched)[0])
-    torch.testing.assert_close(w @ basis[0].T, torch.zeros(32, 3), rtol=0, atol=1e-5)
+    exact = base[0] - (base[0] @ basis[0].T) @ basis[0]
+    torch.testing.assert_close(exact @ basis[0].T, torch.zeros(32, 3), rtol=0, atol=1e-5)
+    # The fixture's gate is bf16-valued (a bf16 checkpoint's): the skewed gate is stored so too.
+    assert torch.equal(base[0].bfloat16().float(), base[0])
+    assert torch.equal(w, exact.bfloat16().float())
     set_router_diversity(patched, 0.0, base, basis)
     assert torch.equal(router_weight(moe_layers(patched)[0]), base[0])
     with pytest.raises(ValueError, match="diversity must be in"):

@@ -209,7 +209,11 @@ def test_the_copy_follows_calibration_and_the_unpatched_view():
         assert_copy_of(block)
         assert torch.equal(block.gate_weight, w.flip(0))
     basis = [torch.linalg.qr(torch.randn(w.shape[1], 2)).Q.T for w in base]
-    set_router_diversity(model, 0.5, base, basis)  # not bf16-valued: the fp32 GEMM
+    set_router_diversity(model, 0.5, base, basis)  # a bf16 gate is skewed into bf16 values
+    for block, w in zip(blocks, base):
+        assert_copy_of(block)
+        assert block.gate_weight_bf16 is not None and not torch.equal(block.gate_weight, w)
+    set_router_weights(model, [w * (1 + 2**-12) for w in base])  # not bf16-valued: fp32 GEMM
     assert all(b.gate_weight_bf16 is None for b in blocks)
     set_router_diversity(model, 0.0, base, basis)
     for block in blocks:
