@@ -235,11 +235,10 @@ GATE_UP_VARIANTS = [dict(), dict(block_i=16), dict(block_i=64), dict(k_tile_gate
                     dict(k_tile_gate_up=64, stages_gate_up=8), dict(warps_gate_up=8),
                     dict(stages_gate_up=6), dict(programs_per_sm=1), dict(block_i=32),
                     dict(programs_per_sm=3)]
-DOWN_VARIANTS = [dict(), dict(down_splits=1), dict(down_splits=4), dict(k_tile_down=512, stages_down=3),
-                 dict(k_tile_down=128, stages_down=6), dict(warps_down=8), dict(stages_down=6),
-                 dict(block_h=32, down_splits=4), dict(down_splits=1, stages_down=6),
-                 dict(block_h=64), dict(down_splits=8), dict(block_h=16, down_splits=2),
-                 dict(block_h=64, down_splits=8), dict(block_h=16)]
+DOWN_VARIANTS = [dict(), dict(down_splits=2), dict(down_splits=8), dict(warps_down=8),
+                 dict(block_h=32), dict(block_h=128), dict(block_h=128, down_splits=8),
+                 dict(k_tile_down=128), dict(k_tile_down=512, stages_down=3),
+                 dict(stages_down=3), dict(stages_down=5), dict(down_splits=1)]
 
 
 def launch_closures(layers, ids, weights, hidden, config):
