@@ -139,9 +139,11 @@ class DecodeConfig:
     warps_gate_up: int = 4
     stages_gate_up: int = 4
     programs_per_sm: int = 2   # gate/up grid = SMs x this (at most what fits on an SM)
-    # block_h 64: 17.6 / 51.0 us at 15 / 70 experts against 20.6 / 59.6 at 32 (down alone,
-    # bench_moe --sweep, H200, 2026-11-30, fifth session)
-    block_h: int = 64
+    # block_h 32. bench_moe --sweep (H200, 2026-11-30, fifth session) timed the routed down
+    # alone faster at 64 (17.6 / 51.0 us at 15 / 70 experts against 20.6 / 59.6), but the
+    # model's layer, whose down also carries the shared expert, was slower at 64 (bench_e2e
+    # breakdown, routed + shared experts: 40.3 / 143.0 us against 38.1 / 135.4 at 32).
+    block_h: int = 32
     k_tile_down: int = 256     # reduction step along I (elements)
     warps_down: int = 4
     stages_down: int = 4
