@@ -793,7 +793,7 @@ class DMoEBlock(torch.nn.Module):
         if hidden.dim() != 3:
             raise ValueError(f"hidden must have shape [B, L, H], got {_shape(hidden)}")
         B, L, H = hidden.shape
-        # The router GEMM and the routing: two launches on the Triton path (issue 13).
+        # The router GEMM and the routing (cuBLAS, then kernels/routing.py's launches).
         r = route_hidden(hidden, self.gate_weight_for(hidden), self.expert_bias, self.router_cfg,
                          self.policy, self.backend, first_position=first_position,
                          row_valid=row_valid, row_masked=row_masked)

@@ -1,8 +1,9 @@
 """`route()`: the public entry point of the routing layer (docs/routing.md).
 
 Checks every input on the host (shapes, dtypes, devices: nothing that needs a sync), then either
-launches the Triton kernels (`kernels/routing.py`: two launches per layer for block policies,
-one for token policies) or runs the reference.
+launches the Triton kernels (`kernels/routing.py`: three launches per layer for block policies,
+the votes split over programs, the coreset, the picks; one for token policies) or runs the
+reference.
 """
 from __future__ import annotations
 
@@ -264,7 +265,7 @@ def expert_choice_triton(logits, expert_bias, cfg: RouterConfig, policy: Routing
                          row_valid=None, row_masked=None) -> RouteResult:
     """The Triton path of `route` for the expert-choice policies (kernels/expert_choice.py),
     inputs already checked: for "ec_coreset" first the dMoE coreset of each window (the routing
-    kernels' block_coreset_kernel, unchanged), then one expert-choice program per window.
+    kernels' block_coreset, as dMoE computes it), then one expert-choice program per window.
 
     logits: fp32 [..., L, E]; expert_bias: fp32 [E]; row_masked: bool [..., L] or None.
     Returns a RouteResult: ids int32 / weights fp32 [..., L, E] (slot e: e or -1), coreset bool
