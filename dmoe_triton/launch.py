@@ -66,8 +66,8 @@ class RouteLaunch:
     route_rows: int = 1        # route_kernel: rows per program
     route_warps: int = 1       # route_kernel: warps per program
     vote_rows: int = 32        # block_coreset_kernel: rows per chunk of the block's votes
-    coreset_warps: int = 4     # block_coreset_kernel (and window_route_kernel): warps per program
-    # block_coreset_kernel (and window_route_kernel): experts per slice of a row in the vote
+    coreset_warps: int = 4     # block_coreset_kernel: warps per program
+    # block_votes_kernel and block_coreset_kernel: experts per slice of a row in the vote
     # tile [vote_rows, E / vote_cols, vote_cols] (kernels/routing.py _window_scores). Triton
     # 3.6 (sm_90) keeps each row inside one warp when vote_rows * vote_cols >= 128 * warps
     # (fp32 loads of 4 per thread). Timed (H200, bench_routing --sweep, 1 block, graphed):
@@ -81,12 +81,6 @@ class RouteLaunch:
     # program on one warp 10.8 us, 2 rows 11.0, 4 rows 12.8; one program 15.0 (fourth session).
     vote_split: int = 32
     vote_warps: int = 1
-    # Block policies in one launch (kernels/router.py window_route_kernel: each program
-    # computes its window's coreset, then routes its rows) instead of block_coreset_kernel +
-    # route_kernel. Same results. Off: on the H200 (bench_routing --quick, 1 block, graphed,
-    # 2026-11-30) the one launch took 65.7 us for dMoE and 26.8 for capacity 48 against 20.9
-    # and 8.3 for the two launches (every chunk program recomputes its window's coreset).
-    fused: bool = False
     # expert_choice_kernel: warps per program (one window's rows x experts tile); not yet
     # measured: 4 holds a 32 x 256 tile of int64 keys in registers (64 per thread).
     expert_choice_warps: int = 4
@@ -104,22 +98,14 @@ class RouteLaunch:
 DEFAULT_ROUTE = RouteLaunch()
 
 
-# With the fused launch every program of a window repeats the window's coreset: past a few
-# windows (16 sequences: 16 windows) 8 rows a program keep the repeats to 4 per window.
-FUSED_MANY_WINDOWS = 4
-FUSED_MANY_ROWS = 8
-
-
-def route_launch(num_experts: int, device: torch.device, windows: int = 1) -> RouteLaunch:
-    """The routing kernels' launch for E = num_experts experts on `device` and `windows`
-    routing windows in the forward (measured at E = 256, LLaDA2.0-mini's count)."""
+def route_launch(num_experts: int, device: torch.device) -> RouteLaunch:
+    """The routing kernels' launch for E = num_experts experts on `device` (measured at E =
+    256, LLaDA2.0-mini's count)."""
     forced = _current("route")
     if forced is not None:
         return forced
     if device.type != "cuda":  # the interpreter runs programs one by one: one per window
         return dataclasses.replace(DEFAULT_ROUTE, route_rows=32)
-    if DEFAULT_ROUTE.fused and windows > FUSED_MANY_WINDOWS:  # (route_kernel: 1 row, measured)
-        return dataclasses.replace(DEFAULT_ROUTE, route_rows=FUSED_MANY_ROWS)
     return DEFAULT_ROUTE
 
 

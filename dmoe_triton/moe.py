@@ -223,7 +223,8 @@ def align_slots(flat_ids: torch.Tensor, num_experts: int):
     moe_align_kernel[(1,)](
         ids_ptr=flat_ids, sorted_slots_ptr=sorted_slots, used_expert_ptr=used[0],
         used_start_ptr=used[1], used_count_ptr=used[2], n_used_ptr=n_used, S=S, E=E,
-        S_PAD=s_pad, NUM_BINS=triton.next_power_of_2(E + 1), num_warps=plan.warps)
+        S_PAD=s_pad, NUM_BINS=triton.next_power_of_2(E + 1), num_warps=plan.warps,
+        **pdl(dev))
     return (sorted_slots, *used, n_used)
 
 
@@ -307,7 +308,7 @@ def _x_args(hidden, config, fp8) -> dict:
     inverse = torch.empty(T, triton.cdiv(H, chunk), dtype=torch.float32, device=hidden.device)
     fp16_rows_kernel[(T, triton.cdiv(H, chunk))](
         x_ptr=hidden, stride_xt=hidden.stride(0), stride_xh=hidden.stride(1), x16_ptr=x16,
-        inverse_ptr=inverse, H=H, CHUNK=chunk, num_warps=1)
+        inverse_ptr=inverse, H=H, CHUNK=chunk, num_warps=1, **pdl(hidden.device))
     return dict(x_ptr=x16, stride_xt=H, stride_xh=1, x_inverse_ptr=inverse,
                 stride_xi=inverse.stride(0))
 
@@ -333,7 +334,8 @@ def expert_gate_up(hidden, w_gate_up, lists, top_k: int, config: GroupedConfig,
         **_act_args(acts, cfg, down=False), **_lists_args(lists),
         H=H, I=inter, TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_I=cfg.block_i,
         BLOCK_K=cfg.k_tile_gate_up, PRECISION=dot_precision(hidden.dtype),
-        num_warps=cfg.warps_gate_up, num_stages=pipeline_stages(cfg.stages_gate_up, hidden.dtype))
+        num_warps=cfg.warps_gate_up, num_stages=pipeline_stages(cfg.stages_gate_up, hidden.dtype),
+        **pdl(hidden.device))
     return acts
 
 
@@ -375,7 +377,7 @@ def expert_down(acts: ActRows, w_down, lists, config: GroupedConfig, fp8=None):
         partial_ptr=partial, stride_ps=partial.stride(0), **_lists_args(lists), H=H, I=inter,
         BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down,
         PRECISION=dot_precision(act.dtype), num_warps=cfg.warps_down,
-        num_stages=pipeline_stages(cfg.stages_down, act.dtype))
+        num_stages=pipeline_stages(cfg.stages_down, act.dtype), **pdl(act.device))
     return partial
 
 
@@ -392,7 +394,7 @@ def combine_slots(partial, ids, weights, out, num_experts: int,
         partial_ptr=partial, stride_ps=partial.stride(0), ids_ptr=ids, weights_ptr=weights,
         out_ptr=out, stride_ot=out.stride(0), T=T, H=H, E=num_experts, TOP_K=ids.shape[1],
         BLOCK_T=launch.block_t, BLOCK_H=launch.block_h, UNROLL=launch.unroll,
-        num_warps=launch.warps)
+        num_warps=launch.warps, **pdl(out.device))
     return out
 
 

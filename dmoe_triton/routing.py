@@ -164,8 +164,7 @@ def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
     top_k = policy.slots(cfg)
     ids = torch.empty(S, L, top_k, dtype=torch.int32, device=x.device)
     weights = torch.empty(S, L, top_k, dtype=torch.float32, device=x.device)
-    windows = S * triton.cdiv(L, policy.block_size) if policy.is_block else 0
-    shapes = launch or route_launch(E, x.device, windows=windows)
+    shapes = launch or route_launch(E, x.device)
     # Token policies have no blocks: route_kernel then sees blocks of route_rows rows.
     block_size = policy.block_size if policy.is_block else shapes.route_rows
     # Window slots: with first_position, a forward's rows may start mid-window (one more slot).
@@ -177,16 +176,12 @@ def route_triton(logits, expert_bias, cfg: RouterConfig, policy: RoutingPolicy,
     coreset = None
     if policy.is_block:
         coreset = torch.empty(S, n_blocks, E, dtype=torch.uint8, device=x.device)
-    if policy.is_block and shapes.fused:  # one launch (kernels/router.py)
-        window_route(x, expert_bias, ids, weights, coreset, first_position, row_valid, cfg,
-                     policy, shapes, n_blocks)
-    elif policy.is_block:
+    if policy.is_block:
         size = policy.expert_capacity if policy.kind == "capacity" else policy.size
         block_coreset(x, expert_bias, coreset, first_position, row_valid, policy.code,
                       (float(policy.top_p), policy.guard, size), cfg.top_k, shapes, block_size)
-    if not (policy.is_block and shapes.fused):
-        _route_rows(x, expert_bias, ids, weights, coreset, first_position, cfg, policy, shapes,
-                    n_blocks, block_size)
+    _route_rows(x, expert_bias, ids, weights, coreset, first_position, cfg, policy, shapes,
+                n_blocks, block_size)
     ids = ids.reshape(*lead, L, top_k)
     weights = weights.reshape(*lead, L, top_k)
     if coreset is None:
@@ -295,35 +290,8 @@ def expert_choice_triton(logits, expert_bias, cfg: RouterConfig, policy: Routing
         **window, row_masked_ptr=row_masked, ids_ptr=ids, weights_ptr=weights,
         k_min=policy.k_min, k_max=policy.k_max, scaling=float(cfg.routed_scaling_factor),
         SCHEDULE=SCHEDULES.index(policy.schedule), HAS_CORESET=policy.kind == "ec_coreset",
-        BLOCK_T=triton.next_power_of_2(bs), num_warps=shapes.expert_choice_warps)
+        BLOCK_T=triton.next_power_of_2(bs), num_warps=shapes.expert_choice_warps,
+        **pdl(x.device))
     return RouteResult(ids.reshape(*lead, L, E), weights.reshape(*lead, L, E),
                        coreset.view(torch.bool).reshape(*lead, n_blocks, E))
 
-
-def window_route(x, expert_bias, ids, weights, coreset, first_position, row_valid, cfg,
-                 policy, shapes, n_blocks) -> None:
-    """A block policy in one launch (kernels/router.py window_route_kernel): x fp32 [S, L, E]
-    logits; ids, weights, coreset: route_triton's outputs, written in place."""
-    from .kernels.router import window_route_kernel
-
-    S, L, E = x.shape
-    block_size = policy.block_size
-    rows = min(shapes.route_rows, triton.next_power_of_2(block_size))
-    chunks = triton.cdiv(block_size, rows)
-    pick = policy.pick_config(cfg)  # capacity routing: a plain top-k (one group of all experts)
-    e_pad = triton.next_power_of_2(E)
-    window_route_kernel[(S * n_blocks * chunks,)](
-        logits_ptr=x, bias_ptr=expert_bias, ids_ptr=ids, weights_ptr=weights,
-        coreset_ptr=coreset, first_position_ptr=first_position, row_valid_ptr=row_valid, L=L,
-        n_blocks=n_blocks, block_size=block_size, chunks_per_block=chunks,
-        top_p=float(policy.top_p), guard=policy.guard,
-        coreset_size=policy.expert_capacity if policy.kind == "capacity" else policy.size,
-        scaling=float(pick.routed_scaling_factor), E=E, VOTE_K=cfg.top_k, POLICY=policy.code,
-        N_GROUP=pick.n_group, GROUP_SIZE=pick.group_size, TOPK_GROUP=pick.topk_group,
-        TOP_K=ids.shape[-1], BLOCK_T=rows,
-        VOTE_T=min(shapes.vote_rows, triton.next_power_of_2(block_size)), E_PAD=e_pad,
-        CW=min(32, e_pad), VOTE_COLS=shapes.vote_cols_for(E),
-        G_PAD=triton.next_power_of_2(pick.n_group),
-        GS_PAD=triton.next_power_of_2(pick.group_size),
-        TOP_K_PAD=triton.next_power_of_2(ids.shape[-1]), num_warps=shapes.coreset_warps,
-    )

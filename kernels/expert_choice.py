@@ -15,6 +15,7 @@ can be dropped however many experts take one row.
 import triton
 import triton.language as tl
 
+from .pdl import wait_previous_kernel
 from .routing import NEG_INF, NO_KEY, _key, _load_scores, _window_shift
 
 # Schedule codes (config.SCHEDULES order): how k follows the window's mask ratio.
@@ -57,6 +58,7 @@ def expert_choice_kernel(
     ids_ptr, weights_ptr, L, n_blocks, block_size, k_min, k_max, scaling,
     E: tl.constexpr, SCHEDULE: tl.constexpr, HAS_CORESET: tl.constexpr,
     BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One routing window's expert choice; grid (S * n_blocks,), program = seq * n_blocks + slot.
 
@@ -76,6 +78,7 @@ def expert_choice_kernel(
     E: experts; SCHEDULE: FIXED, LINEAR or LINEAR_REVERSE; BLOCK_T: next power of two >=
     block_size (the window's rows in one tile); E_PAD: next power of two >= E.
     """
+    wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     pid = tl.program_id(0).to(tl.int64)  # int64: (seq * L + row) * E passes 2**31 (issue 11)
     seq = pid // n_blocks
     base = seq * L

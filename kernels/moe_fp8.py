@@ -36,6 +36,8 @@ the model path's bf16 act (8 bits).
 import triton
 import triton.language as tl
 
+from .pdl import wait_previous_kernel
+
 # The power of two puts |x|'s largest exponent e (biased, fp32) at 2**14: scale = 2**(141 - e),
 # as an fp32 bit pattern (141 - e + 127) << 23; capped at 2**126 (an inverse must stay normal).
 _FP16_FIELD = tl.constexpr(268)
@@ -68,11 +70,12 @@ def _fp16_scaled(x, AXIS: tl.constexpr):
 
 @triton.jit
 def fp16_rows_kernel(x_ptr, stride_xt, stride_xh, x16_ptr, inverse_ptr, H,
-                     CHUNK: tl.constexpr):
+                     CHUNK: tl.constexpr, PDL: tl.constexpr = False):
     """Activations prepared once for the fp16 dot: x [T, H] (bf16, strides in elements) ->
     x16_ptr fp16 [T, H] contiguous and inverse_ptr fp32 [T, cdiv(H, CHUNK)], each row's CHUNK
     columns scaled by one power of two (_fp16_scaled), so a gate/up k step of CHUNK columns
     reads its tile as it is, with no conversion in the loop. Grid (T, cdiv(H, CHUNK))."""
+    wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     t = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)

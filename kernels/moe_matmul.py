@@ -50,12 +50,14 @@ def _expert_buckets(ids_ptr, S, E, S_PAD: tl.constexpr, NUM_BINS: tl.constexpr):
 
 @triton.jit
 def moe_align_kernel(ids_ptr, sorted_slots_ptr, used_expert_ptr, used_start_ptr, used_count_ptr,
-                     n_used_ptr, S, E, S_PAD: tl.constexpr, NUM_BINS: tl.constexpr):
+                     n_used_ptr, S, E, S_PAD: tl.constexpr, NUM_BINS: tl.constexpr,
+                     PDL: tl.constexpr = False):
     """One program: ids_ptr int32/int64 [S] slot ids (S = T * top_k; -1 or out of range =
     empty) -> sorted_slots_ptr int32 [S_PAD] (slots by expert, then slot; padding last),
     used_expert/used_start/used_count_ptr int32 [E] (first n_used entries written), n_used_ptr
     int32 [1]. S_PAD = next_power_of_2(S); NUM_BINS = next_power_of_2(E + 1).
     """
+    wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     bucket, counts, used, rank = _expert_buckets(ids_ptr, S, E, S_PAD, NUM_BINS)
     slots = tl.arange(0, S_PAD)
     keys = tl.sort(bucket * S_PAD + slots)  # by expert, then by slot: deterministic order
@@ -124,7 +126,8 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
                        s_ptr=None, stride_se=0, stride_sn=0, stride_sk=0,
                        SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
                        FP8_BITS: tl.constexpr = False, act_scale_ptr=None, stride_ss=0,
-                       DOT16: tl.constexpr = False, x_inverse_ptr=None, stride_xi=0):
+                       DOT16: tl.constexpr = False, x_inverse_ptr=None, stride_xi=0,
+                       PDL: tl.constexpr = False):
     """act[slot] = silu(x W_gate^T) * (x W_up^T) for the used experts' slots (persistent).
 
     x_ptr [T, H] (strides in elements); w_ptr [E, 2I, H] (gate rows, then up rows); act_ptr
@@ -136,6 +139,7 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
     act_scale_ptr fp32 [T*TOP_K, cdiv(I, BLOCK_I)] its per-row inverse scales (moe_fp8.py);
     x_inverse_ptr: fp32 [T, cdiv(H, BLOCK_K)] when x_ptr holds fp16_rows_kernel's rows, or None.
     """
+    wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     n_splits = tl.cdiv(I, BLOCK_I)
     n_items = tl.load(n_used_ptr) * n_splits
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
@@ -197,7 +201,8 @@ def moe_down_kernel(act_ptr, stride_as,
                     s_ptr=None, stride_se=0, stride_sn=0, stride_sk=0,
                     SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
                     FP8_BITS: tl.constexpr = False, act_scale_ptr=None, stride_ss=0,
-                    ACT_CHUNK: tl.constexpr = 128, DOT16: tl.constexpr = False):
+                    ACT_CHUNK: tl.constexpr = 128, DOT16: tl.constexpr = False,
+                    PDL: tl.constexpr = False):
     """partial[slot] = act[slot] W_down^T in fp32 for the used experts' slots (persistent).
 
     act_ptr [T*TOP_K, I]; w_ptr [E, H, I] (strides in elements); partial_ptr fp32 [T*TOP_K, H]
@@ -207,6 +212,7 @@ def moe_down_kernel(act_ptr, stride_as,
     FP8_BITS, DOT16 as in moe_gate_up_kernel; act_scale_ptr [T*TOP_K, cdiv(I, ACT_CHUNK)]: its
     act scales (ACT_CHUNK: the gate/up's BLOCK_I, a multiple of BLOCK_K).
     """
+    wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     n_splits = tl.cdiv(H, BLOCK_H)
     n_items = tl.load(n_used_ptr) * n_splits
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
@@ -256,7 +262,7 @@ def _combine_slot(acc, any_filled, all_nan, partial_ptr, stride_ps, ids_ptr, wei
 @triton.jit
 def moe_combine_kernel(partial_ptr, stride_ps, ids_ptr, weights_ptr, out_ptr, stride_ot,
                        T, H, E, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                       UNROLL: tl.constexpr):
+                       UNROLL: tl.constexpr, PDL: tl.constexpr = False):
     """out[t] = sum_j weights[t, j] * partial[t*TOP_K + j] over filled slots, j in order.
 
     partial_ptr fp32 [T*TOP_K, H]; ids_ptr int [T, TOP_K] (outside [0, E) = empty);
@@ -264,6 +270,7 @@ def moe_combine_kernel(partial_ptr, stride_ps, ids_ptr, weights_ptr, out_ptr, st
     BLOCK_T), cdiv(H, BLOCK_H)). UNROLL: slots unrolled per loop step (CombineLaunch.unroll;
     the sum's order, slot order, does not depend on it).
     """
+    wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     t_ok = offs_t < T

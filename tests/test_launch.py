@@ -72,15 +72,11 @@ def test_persistent_grid_is_capped_by_the_work():
     assert launch.persistent_grid(CPU, 2, 0) == (1,)
 
 
-def test_fused_routing_rows_per_program():
-    """Each program of the one-launch routing repeats its window's coreset: 1 row a program
-    for few windows, 8 for many, a whole window in the interpreter (programs run one by one)."""
-    assert launch.route_launch(256, GPU, windows=4).route_rows == 1
-    many = 8 if launch.DEFAULT_ROUTE.fused else 1  # two launches: route_kernel's measured 1
-    assert launch.route_launch(256, GPU, windows=16).route_rows == many
+def test_routing_rows_per_program():
+    """route_kernel: one row a program on the GPU (measured), a whole window in the interpreter
+    (programs run one by one)."""
+    assert launch.route_launch(256, GPU).route_rows == 1
     assert launch.route_launch(256, CPU).route_rows == 32
-    # the one-launch routing is off by default: slower on the H200 (launch.RouteLaunch.fused)
-    assert not launch.route_launch(256, GPU).fused
 
 
 def test_override_is_scoped_and_restores_the_default():

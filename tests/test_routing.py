@@ -134,13 +134,12 @@ def policies(draw, E):
 
 
 def route_launches():
-    """Launch shapes of the routing kernels: the default and the sweep's neighbours, one launch
-    (window_route_kernel) or two (block_coreset_kernel + route_kernel), the votes in one
-    program or split over several (block_votes_kernel; 3 parts leave uneven and empty parts in
-    blocks of 7 and 16 rows). The result must not depend on them; under the interpreter, more
-    rows per program also run faster."""
+    """Launch shapes of the routing kernels: the default and the sweep's neighbours, the votes
+    in the coreset program or split over several (block_votes_kernel; 3 parts leave uneven and
+    empty parts in blocks of 7 and 16 rows). The result must not depend on them; under the
+    interpreter, more rows per program also run faster."""
     return st.builds(RouteLaunch, route_rows=st.sampled_from([1, 4, 32]),
-                     vote_rows=st.sampled_from([4, 16, 32]), fused=st.booleans(),
+                     vote_rows=st.sampled_from([4, 16, 32]),
                      vote_split=st.sampled_from([1, 3, 8, 32]))
 
 

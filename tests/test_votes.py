@@ -26,10 +26,12 @@ CONFIGS = [RouterConfig(256, 8, n_group=8, topk_group=4, routed_scaling_factor=2
 
 
 def vote_launches():
-    """Vote tiles from one expert per slice to the whole row in one slice, one launch or two;
-    route_rows 32 keeps the interpreter's program count low (the picks are not under test)."""
+    """Vote tiles from one expert per slice to the whole row in one slice, the votes in the
+    coreset program or split over programs (block_votes_kernel); route_rows 32 keeps the
+    interpreter's program count low (the picks are not under test)."""
     return st.builds(RouteLaunch, route_rows=st.just(32), vote_rows=st.sampled_from([4, 16, 32]),
-                     vote_cols=st.sampled_from([1, 2, 8, 32, 256]), fused=st.booleans())
+                     vote_cols=st.sampled_from([1, 2, 8, 32, 256]),
+                     vote_split=st.sampled_from([1, 5, 32]))
 
 
 @st.composite
@@ -84,8 +86,8 @@ def test_exact_ties_vote_as_the_reference(data):
     assert_same_as_reference(x, bias, cfg, policy, data.draw(vote_launches()), first, valid)
 
 
-SHAPES = [RouteLaunch(route_rows=32, vote_cols=c, fused=f)
-          for c in (1, 8, 64) for f in (False, True)]
+SHAPES = [RouteLaunch(route_rows=32, vote_cols=c, vote_split=split)
+          for c in (1, 8, 64) for split in (1, 32)]
 
 
 @pytest.mark.parametrize("shapes", SHAPES)
