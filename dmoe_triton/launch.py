@@ -65,7 +65,7 @@ class RouteLaunch:
 
     route_rows: int = 1        # route_kernel: rows per program
     route_warps: int = 1       # route_kernel: warps per program
-    vote_rows: int = 32        # block_coreset_kernel: rows per chunk of the block's votes
+    vote_rows: int = 32        # block_votes/coreset_kernel: rows per chunk of the votes
     coreset_warps: int = 4     # block_coreset_kernel: warps per program
     # block_votes_kernel and block_coreset_kernel: experts per slice of a row in the vote
     # tile [vote_rows, E / vote_cols, vote_cols] (kernels/routing.py _window_scores). Triton
@@ -105,7 +105,7 @@ def route_launch(num_experts: int, device: torch.device) -> RouteLaunch:
     if forced is not None:
         return forced
     if device.type != "cuda":  # the interpreter runs programs one by one: one per window
-        return dataclasses.replace(DEFAULT_ROUTE, route_rows=32)
+        return dataclasses.replace(DEFAULT_ROUTE, route_rows=32, vote_split=1)
     return DEFAULT_ROUTE
 
 
@@ -298,10 +298,14 @@ def pdl(device: torch.device) -> dict:
     devices of compute capability 9.0 or more (about 0.5 us saved per kernel boundary on the
     H200, graphed), off elsewhere (the interpreter; older GPUs have no such launch). Forced
     with override(pdl=...)."""
+    able = device.type == "cuda" and tuple(
+        torch.cuda.get_device_capability(device)) >= PDL_CAPABILITY
     on = _current("pdl")
     if on is None:
-        on = device.type == "cuda" and tuple(
-            torch.cuda.get_device_capability(device)) >= PDL_CAPABILITY
+        on = able
+    elif on and not able:
+        raise ValueError(f"override(pdl=True) needs a CUDA device of compute capability "
+                         f"{PDL_CAPABILITY[0]}.{PDL_CAPABILITY[1]} or more, got {device}")
     return dict(PDL=on, launch_pdl=on)
 
 
@@ -387,13 +391,17 @@ KEY_SPLITS = 4
 
 
 def attention_launch(batch: int, n_keys: int = 0) -> AttentionLaunch:
-    """block_attention's tile shape for `batch` sequences attending to n_keys keys."""
+    """block_attention's tile shape for `batch` sequences attending to n_keys keys (ints >= 0,
+    else a ValueError naming the argument; no sequence: no split)."""
+    for name, value in (("batch", batch), ("n_keys", n_keys)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
     forced = _current("attention")
     if forced is not None:
         return forced
     if batch >= MANY_FROM:
         return MANY_SEQUENCES
-    if n_keys >= SPLIT_FROM_KEYS and batch < KEY_SPLITS:
+    if n_keys >= SPLIT_FROM_KEYS and 0 < batch < KEY_SPLITS:
         return dataclasses.replace(FEW_SEQUENCES, key_splits=KEY_SPLITS // batch)
     return FEW_SEQUENCES
 

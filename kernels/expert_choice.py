@@ -1,6 +1,6 @@
 """Expert-choice routing (docs/routing.md, Expert choice): experts take their top-c rows.
 
-One launch per MoE layer (after `block_coreset_kernel` for expert choice inside the dMoE
+One launch per MoE layer (after the votes and coreset kernels for expert choice inside the dMoE
 coreset): one program per routing window of one sequence holds the window's whole
 [rows x experts] score tile, so the capacity (which depends on the window's real rows, masked
 rows and eligible experts) and every expert's picks come out of one program without a second

@@ -170,3 +170,15 @@ def test_policy_table_is_the_one_source_of_codes_and_names():
 def test_a_launch_shape_the_kernels_cannot_take_is_named_when_built(build, field):
     with pytest.raises(ValueError, match=field):
         build()
+
+
+def test_forced_pdl_off_a_hopper_gpu_is_refused_and_bad_shapes_name_the_argument():
+    with launch.override(pdl=True):
+        with pytest.raises(ValueError, match=r"pdl=True\) needs a CUDA device"):
+            launch.pdl(CPU)
+    assert launch.pdl(CPU) == dict(PDL=False, launch_pdl=False)
+    assert launch.attention_launch(0, 4096).key_splits == 1  # no sequence: nothing to split
+    with pytest.raises(ValueError, match="batch must be >= 0"):
+        launch.attention_launch(-1, 1024)
+    with pytest.raises(ValueError, match="n_keys must be >= 0"):
+        launch.attention_launch(1, -5)

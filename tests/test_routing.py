@@ -23,10 +23,13 @@ def canonical(res):
     return torch.gather(res.topk_ids, -1, order), torch.gather(res.topk_weights, -1, order)
 
 
-def ambiguous_blocks(logits, bias, cfg, policy):
-    """Blocks whose coreset depends on rounding: a cumulative vote mass within 1e-5 of top_p,
-    or two near-equal votes (1e-6) on either side of the coreset's edge. Kernel and reference
-    may add in different orders there; everywhere else they must agree exactly."""
+def ambiguous_blocks(logits, bias, cfg, policy, ref_coreset):
+    """Blocks whose coreset depends on rounding: the last vote the reference coreset keeps and
+    the first it leaves out within 1e-6 of each other (relative to the block's largest vote;
+    two exact zeros are exact in any order and tie by index, so they do not count), or for
+    dMoE a cumulative vote mass within 1e-5 of top_p. Kernel and reference may add in
+    different orders there; everywhere else they must agree exactly.
+    logits [S, L, E]; ref_coreset bool [S, n_blocks, E] (the reference's)."""
     _, r, _ = scores(logits.double().cpu(), bias.double().cpu())
     L, bs = r.shape[-2], policy.block_size
     flags = []
@@ -35,11 +38,15 @@ def ambiguous_blocks(logits, bias, cfg, policy):
         for b in range(-(-L // bs)):
             votes = block_votes(r[q, b * bs:(b + 1) * bs], cfg.top_k)
             v = votes[sort_desc(votes)]
-            close_votes = (v[:-1] - v[1:]).abs() <= 1e-6 * v.abs().max().clamp(min=1e-30)
-            near_edge = close_votes.any().item()
+            kept = int(ref_coreset[q, b].sum())
+            near_edge = False
+            if 0 < kept < v.numel():
+                last, first_out = v[kept - 1], v[kept]
+                near_edge = bool((last - first_out).abs()
+                                 <= 1e-6 * v.abs().max().clamp(min=1e-30)) and bool(last != 0)
             if policy.kind == "dmoe":
                 near_edge = near_edge or ((torch.cumsum(v, 0) - policy.top_p).abs() < 1e-5).any().item()
-            row.append(bool(near_edge))
+            row.append(near_edge)
         flags.append(row)
     return torch.tensor(flags)
 
@@ -91,7 +98,8 @@ def compare(logits, bias, cfg, policy, shapes=None):
     assert_invariants(got, logits, bias, cfg, policy)
     ok_rows = torch.ones(logits.shape[:-1], dtype=torch.bool)
     if policy.is_block:
-        amb = ambiguous_blocks(logits.reshape(-1, *logits.shape[-2:]), bias, cfg, policy)
+        amb = ambiguous_blocks(logits.reshape(-1, *logits.shape[-2:]), bias, cfg, policy,
+                               ref.coreset.reshape(-1, *ref.coreset.shape[-2:]))
         amb = amb.reshape(*logits.shape[:-2], -1)
         same = (got.coreset.cpu() == ref.coreset).all(-1)
         assert (same | amb).all(), "coreset differs from the reference away from any rounding edge"
