@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .pdl import wait_previous_kernel
-from .routing import NEG_INF, NO_KEY, _key, _load_scores, _window_shift
+from .routing import NEG_INF, NO_KEY, _key, _load_scores, _window_start
 
 # Schedule codes (config.SCHEDULES order): how k follows the window's mask ratio.
 FIXED = tl.constexpr(0)
@@ -83,7 +83,7 @@ def expert_choice_kernel(
     seq = pid // n_blocks
     base = seq * L
     t = tl.arange(0, BLOCK_T)
-    rows = (pid % n_blocks) * block_size - _window_shift(first_position_ptr, seq, block_size) + t
+    rows = _window_start(first_position_ptr, pid, n_blocks, block_size) + t
     in_forward = (t < block_size) & (rows >= 0) & (rows < L)
     real, masked = _window_flags(row_valid_ptr, row_masked_ptr, base, rows, in_forward)
     n_real = tl.sum(real.to(tl.int32), axis=0)

@@ -415,8 +415,7 @@ def route_kernel(
     pid = tl.program_id(0).to(tl.int64)  # int64: (seq * L + row) * E passes 2**31 (issue 11)
     block_id = pid // chunks_per_block  # = seq * n_blocks + block
     seq = block_id // n_blocks
-    block_start = (block_id % n_blocks) * block_size - _window_shift(first_position_ptr, seq,
-                                                                     block_size)
+    block_start = _window_start(first_position_ptr, block_id, n_blocks, block_size)
     chunk_start = block_start + (pid % chunks_per_block) * BLOCK_T
     row_end = tl.minimum(block_start + block_size, L)
     _route_chunk(logits_ptr, bias_ptr, ids_ptr, weights_ptr, coreset_ptr, block_id, seq * L,
