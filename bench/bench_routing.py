@@ -1,10 +1,10 @@
 """Routing of one LLaDA2.0-mini MoE layer (E=256, top-8, 8 groups keep 4) on the GPU.
 
-For 1, 4 and 16 blocks of 32 tokens: the Triton kernels (three launches for block policies: votes,
-coreset, picks; one for token policies; `route()` minus its host-side input checks) against a vectorised
-PyTorch version of the same gate (what a user would write: votes, sort, cumsum, masked
-group-limited top-k), each timed eagerly and under a CUDA graph (median over many replays of a
-graph holding REPS calls). Prints a table and writes bench/results/routing.md.
+For 1, 4 and 16 blocks of 32 tokens: the Triton kernels (three launches for block policies:
+votes, coreset, picks; one for token policies; `route()` minus its host-side input checks)
+against a vectorised PyTorch version of the same gate (what a user would write: votes, sort,
+cumsum, masked group-limited top-k), each timed eagerly and under a CUDA graph (median over
+many replays of a graph holding REPS calls). Prints a table and writes bench/results/routing.md.
 
     python bench/bench_routing.py [--sweep] [--out bench/results/routing.md]
 

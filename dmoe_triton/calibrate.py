@@ -36,7 +36,8 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .modules import expert_hits, moe_layers, refresh_gate_copies  # noqa: F401  (re-exported)
+from .modules import (bf16_copy, expert_hits, moe_layers,  # noqa: F401  (re-exported)
+                      refresh_gate_copies)
 
 
 def router_bias(module: torch.nn.Module) -> torch.Tensor:
@@ -117,7 +118,7 @@ def set_router_diversity(model: torch.nn.Module, diversity: float, base: List[to
             target = router_weight(m)
             w, u = w.to(u.device, torch.float32), u.to(torch.float32)
             skewed = w - diversity * (w @ u.T) @ u
-            if torch.equal(w.to(torch.bfloat16).float(), w):  # host sync: calibration only
+            if bf16_copy(w) is not None:  # a bf16 checkpoint's gate (host sync: not a forward)
                 skewed = skewed.to(torch.bfloat16)
             target.copy_(skewed.to(target.device, target.dtype))
     refresh_gate_copies(model)

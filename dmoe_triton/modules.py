@@ -13,6 +13,15 @@ def moe_layers(model: torch.nn.Module) -> list:
     return [m for m in model.modules() if hasattr(m, "last_route")]
 
 
+def bf16_copy(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """weight in bf16 when every value round-trips exactly (a bf16 checkpoint's gate), else
+    None; None for a meta tensor. One host sync (the comparison): never in a forward."""
+    if weight.is_meta:
+        return None
+    bf16 = weight.to(torch.bfloat16)
+    return bf16 if torch.equal(bf16.float(), weight) else None
+
+
 def refresh_gate_copies(model: torch.nn.Module) -> None:
     """After writing gate weights in place: every DMoEBlock of `model` derives its router
     GEMM's bf16 copy again (kept only where the new weight is bf16-exact:

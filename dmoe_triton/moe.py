@@ -17,7 +17,7 @@ from .launch import (ALIGN_MAX_SLOTS, DECODE_MAX_TOKENS, DEFAULT_COMBINE,  # noq
                      DEFAULT_DECODE, DEFAULT_GROUPED, CombineLaunch, DecodeConfig, GroupedConfig,
                      align_launch, dot_precision, fit_scale_blocks, fp8_bits, moe_launch,
                      pdl, persistent_grid, pipeline_stages)
-from .modules import keep_fp32_router_state
+from .modules import bf16_copy, keep_fp32_router_state
 from .quant import (DEFAULT_BLOCK, FP8_DTYPE, Fp8Scales, check_block, dequantize_experts,
                     quantize_experts)
 from .reference import moe_forward_reference
@@ -638,9 +638,8 @@ class DMoEBlock(torch.nn.Module):
         patch.Unpatched). A copy that stays valid is updated in place, so a captured CUDA graph
         reads the new values; one that appears or goes changes the module's buffers (graphs'
         graph_key). One host sync (the comparison): never call it in a forward."""
-        weight = self.gate_weight
-        bf16 = None if weight.is_meta else weight.to(torch.bfloat16)
-        if bf16 is None or not torch.equal(bf16.float(), weight):
+        bf16 = bf16_copy(self.gate_weight)
+        if bf16 is None:
             self.gate_weight_bf16 = None
             return
         copy = self.gate_weight_bf16

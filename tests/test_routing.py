@@ -45,7 +45,8 @@ def ambiguous_blocks(logits, bias, cfg, policy, ref_coreset):
                 near_edge = bool((last - first_out).abs()
                                  <= 1e-6 * v.abs().max().clamp(min=1e-30)) and bool(last != 0)
             if policy.kind == "dmoe":
-                near_edge = near_edge or ((torch.cumsum(v, 0) - policy.top_p).abs() < 1e-5).any().item()
+                mass = torch.cumsum(v, 0)
+                near_edge = near_edge or ((mass - policy.top_p).abs() < 1e-5).any().item()
             row.append(near_edge)
         flags.append(row)
     return torch.tensor(flags)
