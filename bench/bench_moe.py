@@ -56,10 +56,11 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from dmoe_triton import RouterConfig, RoutingPolicy, launch, route  # noqa: E402
-from dmoe_triton.launch import (DEFAULT_DECODE, DEFAULT_DECODE_FP8, DEFAULT_GROUPED,  # noqa: E402
-                                DEFAULT_GROUPED_FP8, DecodeConfig, fit_scale_blocks)
+from dmoe_triton.launch import (DECODE_MAX_TOKENS, DEFAULT_DECODE, DEFAULT_DECODE_FP8,  # noqa: E402
+                                DEFAULT_GROUPED, DEFAULT_GROUPED_FP8, DecodeConfig,
+                                fit_scale_blocks)
 from dmoe_triton.moe import (decode_down_combine, decode_gate_up, down_arrivals,  # noqa: E402
-                             moe_forward_triton)
+                             fp8_activation_groups, moe_forward_triton)
 from dmoe_triton.quant import dequantize_experts, quantize_experts  # noqa: E402
 from dmoe_triton.reference import moe_forward_reference  # noqa: E402
 from common import capture, copy_bandwidth, fmt, time_ms  # noqa: E402  (bench/common.py: bench/ is on sys.path as a script)
@@ -512,18 +513,29 @@ def fp8_expert_bytes(scales) -> int:
     return 3 * H * I + (scales.gate_up[0].numel() + scales.down[0].numel()) * 4
 
 
+def fp8_reference(hidden, row, dequantized, scales, config):
+    """The dequantize-then-fp32 reference of one routing, with the activations quantized as
+    the fp8 dot does where `config` runs it (moe.fp8_activation_groups)."""
+    groups = fp8_activation_groups(hidden, config, scales)
+    return moe_forward_reference(hidden.float(), row["ids"], row["weights"], *dequantized,
+                                 activation_groups=groups)
+
+
 def check_fp8(routed, layer8, max_err, decode=None, grouped=None, bits=(False, True)):
     """FP8 kernels (native and, in `bits`, byte-decoded reads; `decode` / `grouped` FP8 configs,
     None: the defaults) vs the dequantize-then-fp32 reference."""
     wg, wd, scales = layer8
-    dg, dd = dequantize_experts(wg, wd, scales)
+    dequantized = dequantize_experts(wg, wd, scales)
     gen = torch.Generator().manual_seed(2)
     dtype = DTYPE if wg.is_cuda else torch.float32  # the interpreter's bf16 tl.dot is wrong
     for row in routed:
         hidden = torch.randn(row["tokens"], wg.shape[2], generator=gen).to(wg.device, dtype)
-        ref = moe_forward_reference(hidden.float(), row["ids"], row["weights"], dg, dd)
+        path = "decode" if row["tokens"] <= DECODE_MAX_TOKENS else "grouped"
+        config = (decode or DEFAULT_DECODE_FP8) if path == "decode" else \
+            (grouped or DEFAULT_GROUPED_FP8)
         for read_bits in bits:
             with launch.override(fp8_bits=read_bits):
+                ref = fp8_reference(hidden, row, dequantized, scales, config)
                 y = moe_forward_triton(hidden, row["ids"], row["weights"], wg, wd,
                                        out=torch.full_like(hidden, float("nan")), scales=scales,
                                        decode=decode, grouped=grouped)
@@ -541,23 +553,20 @@ def check_fp8(routed, layer8, max_err, decode=None, grouped=None, bits=(False, T
 # chunk, and the prepass feeds the gate/up), so a short list: one knob group each.
 FP8_DECODE_VARIANTS = [
     dict(),
-    dict(fp16_dot=False),                                  # e4m3 -> bf16, bf16 dot
-    dict(x_prepass=False),                                 # activations scaled in the k loop
-    dict(block_i=128, warps_gate_up=8, stages_gate_up=3),  # half the gate/up programs
-    dict(block_h=64, warps_down=4, stages_down=6),
-    dict(k_tile_down=64, stages_down=6),
-    dict(down_splits=16),
+    dict(dot="fp16", block_i=64),                          # e4m3 -> fp16, exact activations
+    dict(dot="model", block_i=64),                         # e4m3 -> bf16, bf16 dot
     dict(stages_gate_up=6, programs_per_sm=1),
+    dict(block_h=64, warps_down=4, stages_down=6),
+    dict(stages_down=3),
+    dict(down_splits=16),
 ]
 FP8_GROUPED_VARIANTS = [
     dict(),
-    dict(fp16_dot=False),
-    dict(x_prepass=False),
-    dict(block_i=128, warps_gate_up=8, stages_gate_up=3),
-    dict(block_m=16),
-    dict(block_h=64, warps_down=4, stages_down=6),
-    dict(k_tile_down=64, stages_down=6),
-    dict(programs_per_sm=1, stages_gate_up=6, stages_down=6),
+    dict(dot="fp16", block_m=32, block_i=64, warps_gate_up=4, stages_gate_up=4),
+    dict(block_m=32),
+    dict(warps_gate_up=4, stages_gate_up=4),
+    dict(block_h=128, warps_down=8),
+    dict(programs_per_sm=1, stages_gate_up=4),
 ]
 FP8_SWEEP_CASES = {"decode": ("32 tok, exact 15", "32 tok, exact 70"),
                    "grouped": ("16x32 tok, exact 15",)}
@@ -573,13 +582,11 @@ def sweep_fp8(routed, layers8, bw, path, timer=None, variants=None):
     changes = FP8_DECODE_VARIANTS if path == "decode" else FP8_GROUPED_VARIANTS
     picked = [r for r in routed if r["case"] in FP8_SWEEP_CASES[path]]
     wg, wd, scales = layers8[0]
-    dg, dd = dequantize_experts(wg, wd, scales)
+    dequantized = dequantize_experts(wg, wd, scales)
     gen = torch.Generator().manual_seed(3)
     dtype = DTYPE if wg.is_cuda else torch.float32
     hiddens = [torch.randn(r["tokens"], wg.shape[2], generator=gen).to(wg.device, dtype)
                for r in picked]
-    refs = [moe_forward_reference(h.float(), r["ids"], r["weights"], dg, dd)
-            for h, r in zip(hiddens, picked)]
     floors = [r["unique_layer"] * fp8_expert_bytes(scales) / bw / 1e3 for r in picked]
     print(f"FP8 {path} sweep: us per layer call (% of copy bandwidth counting FP8 bytes) at "
           + ", ".join(r["case"] for r in picked), flush=True)
@@ -587,7 +594,8 @@ def sweep_fp8(routed, layers8, bw, path, timer=None, variants=None):
     def measure(change):
         kw = {path: dataclasses.replace(base, **change)}
         times, err = [], 0.0
-        for row, hidden, ref in zip(picked, hiddens, refs):
+        for row, hidden in zip(picked, hiddens):
+            ref = fp8_reference(hidden, row, dequantized, scales, kw[path])
             y = moe_forward_triton(hidden, row["ids"], row["weights"], wg, wd, path=path,
                                    out=torch.full_like(hidden, float("nan")), scales=scales, **kw)
             err = max(err, rel_err(y, ref) if bool(torch.isfinite(y).all()) else float("inf"))

@@ -33,6 +33,9 @@ import torch
 import triton
 
 
+FP8_DOTS = ("fp16", "fp8", "model")  # DecodeConfig.dot's choices
+
+
 def _check_shape(launch, powers_of_two=(), at_least=None) -> None:
     """Every field a positive int (bool for use_kernel); those named in `powers_of_two` powers of
     two (Triton's tl.arange needs them); `at_least` {field: minimum} (tl.dot needs 16 rows). A
@@ -41,6 +44,10 @@ def _check_shape(launch, powers_of_two=(), at_least=None) -> None:
     name = type(launch).__name__
     for f in dataclasses.fields(launch):
         value = getattr(launch, f.name)
+        if f.name == "dot":
+            if value not in FP8_DOTS:
+                raise ValueError(f"{name}.dot must be one of {FP8_DOTS}, got {value!r}")
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             if f.type in (bool, "bool"):
                 continue
@@ -138,11 +145,15 @@ class DecodeConfig:
     # n > 1: n times the programs (n times the weight bytes in flight, 1/n of the steps each)
     # for an fp32 partial per share, summed in share order by the last program to finish.
     down_splits: int = 4
-    # FP8 weights with bf16 activations only (ignored otherwise): the dot in fp16, activations
-    # scaled exactly into its range (kernels/moe_fp8.py); False: weights converted to bf16.
-    fp16_dot: bool = True
+    # FP8 weights with bf16 activations only (ignored otherwise), the dot's operand type
+    # (kernels/moe_fp8.py): "fp16", weights converted exactly, activations scaled exactly into
+    # fp16's range; "fp8", activations quantized to e4m3 per token and group (FP8 tensor cores,
+    # no conversion of the weights: W8A8, as DeepSeek-V3's 1 x 128 groups); "model", weights
+    # converted to bf16.
+    dot: str = "fp16"
     # With the fp16 dot: the activations scaled and converted once, by one more launch
-    # (fp16_rows_kernel), instead of in every gate/up program's every k step.
+    # (scaled_rows_kernel), instead of in every gate/up program's every k step. The fp8 dot
+    # always takes the launch (its groups are the scale blocks' columns, not the k step's).
     x_prepass: bool = True
 
     def __post_init__(self):
@@ -173,7 +184,7 @@ class GroupedConfig:
     warps_down: int = 4
     stages_down: int = 6
     programs_per_sm: int = 3   # persistent grids = SMs x this (at most what fits on an SM)
-    fp16_dot: bool = True      # as DecodeConfig.fp16_dot
+    dot: str = "fp16"          # as DecodeConfig.dot
     x_prepass: bool = True     # as DecodeConfig.x_prepass
 
     def __post_init__(self):
@@ -226,25 +237,22 @@ DEFAULT_DECODE = DecodeConfig()
 DEFAULT_GROUPED = GroupedConfig()
 DEFAULT_COMBINE = CombineLaunch()
 
-# FP8 e4m3 weights (issue 16): half the bytes of a bf16 tile per element, a conversion per
-# weight in the k loop and a transposed product (kernels/moe_fp8.py), so their own shapes.
-# `bench_moe.py --fp8 --sweep` times them against variants on the H200 (the
-# bf16 shapes ran FP8 at 17.6 / 27.8% of copy bandwidth at 15 / 70 unique experts, 32 tokens,
-# and 20.8% at 16 x 32 tokens, slower than bf16: 2026-11-30). Chosen from the instructions
-# per weight byte of their k loops compiled for sm_90: the converted weight tile is the
-# wgmma's left operand (block_i, block_h >= 64 at 4 warps), the down's per-step work is
-# amortized over 128 x 128 weights and 8 warps, gate/up keeps 64-column items (twice the
-# programs of 128 when few experts are used), and two programs fit an SM's shared memory.
-DEFAULT_DECODE_FP8 = DecodeConfig(block_i=64, k_tile_gate_up=128, warps_gate_up=4,
-                                  stages_gate_up=4, programs_per_sm=2, block_h=128,
-                                  k_tile_down=128, warps_down=8, stages_down=4, down_splits=8)
-# Measured (bench_moe.py --fp8 --sweep, H200, 2026-11-30, third session): the decode default
-# was the sweep's best: 50.5 / 132.4 us at 15 / 70 unique experts (22% / 40% of copy bandwidth
-# counting FP8 bytes; 65.0 / 191.6 us before the rework). For the grouped path the down with
-# 64-row tiles, 4 warps and 6 stages won: 528 us at 16 x 32 tokens against 548 us (21-22%).
-DEFAULT_GROUPED_FP8 = GroupedConfig(block_m=32, block_i=64, k_tile_gate_up=128, warps_gate_up=4,
-                                    stages_gate_up=4, block_h=64, k_tile_down=128, warps_down=4,
-                                    stages_down=6, programs_per_sm=2)
+# FP8 e4m3 weights (issue 16): half the bytes of a bf16 tile per element and a transposed
+# product (kernels/moe_fp8.py), so their own shapes: the best of `bench_moe.py --fp8 --sweep`
+# on the H200 (2026-11-30, sixth session). The fp8 dot (W8A8: activations quantized per token
+# and 128 columns, no conversion of the weights) is the default: 36.2 / 100.1 us at 15 / 70
+# unique experts, 32 tokens (31 / 52% of copy bandwidth counting FP8 bytes; the fp16 dot took
+# 51.9 / 140.1 in the same run) and 392 us at 16 x 32 tokens (30%; fp16 dot 542). The down
+# still reads at a fraction of the bandwidth (a per-kernel profile: 17 us at 15 experts, whose
+# bytes need 3.7): each k step waits on small loads (block scale, act scales, routing
+# weights) that the pipeliner does not run ahead (docs/moe.md).
+DEFAULT_DECODE_FP8 = DecodeConfig(block_i=128, k_tile_gate_up=128, warps_gate_up=4,
+                                  stages_gate_up=4, programs_per_sm=2, block_h=64,
+                                  k_tile_down=128, warps_down=4, stages_down=6, down_splits=8,
+                                  dot="fp8")
+DEFAULT_GROUPED_FP8 = GroupedConfig(block_m=64, block_i=128, k_tile_gate_up=128, warps_gate_up=8,
+                                    stages_gate_up=3, block_h=64, k_tile_down=128, warps_down=4,
+                                    stages_down=6, programs_per_sm=2, dot="fp8")
 
 
 def moe_launch(tokens: int, top_k: int, num_experts: int, dtype: torch.dtype,
@@ -309,18 +317,33 @@ def pdl(device: torch.device) -> dict:
     return dict(PDL=on, launch_pdl=on)
 
 
+FP8_DOT_MIN_K = 32  # an e4m3 wgmma takes k in steps of 32
+
+
 def fit_scale_blocks(config, block_k: int):
-    """`config` (DecodeConfig / GroupedConfig) with each k step shrunk to a divisor of block_k
-    (the largest power of two <= the step that divides it), so a k step lies in one scale
-    block (kernels/moe_fp8.py). A correctness rule, not a speed choice: it applies to forced
-    configs too."""
+    """`config` (DecodeConfig / GroupedConfig) fitted to FP8 weights' scale blocks of block_k
+    columns (kernels/moe_fp8.py). A correctness rule, not a speed choice: it applies to forced
+    configs too.
+
+    - Each k step shrinks to a divisor of block_k (the largest power of two <= the step that
+      divides it), so a k step lies in one scale block.
+    - The fp8 dot quantizes activations per token in groups of block_k columns (DeepSeek-V3's
+      1 x 128), and the gate/up's work items write the act rows' groups, so its block_i becomes
+      block_k. Where block_k is no power of two >= FP8_DOT_MIN_K, the fp8 dot cannot run and
+      the config takes the fp16 dot instead (exact activations: more precise, not less).
+    """
     def fit(step: int) -> int:
         while block_k % step:
             step //= 2
         return step
 
-    return dataclasses.replace(config, k_tile_gate_up=fit(config.k_tile_gate_up),
-                               k_tile_down=fit(config.k_tile_down))
+    changes = dict(k_tile_gate_up=fit(config.k_tile_gate_up), k_tile_down=fit(config.k_tile_down))
+    if config.dot == "fp8":
+        if block_k >= FP8_DOT_MIN_K and not block_k & (block_k - 1):
+            changes["block_i"] = block_k
+        else:
+            changes["dot"] = "fp16"
+    return dataclasses.replace(config, **changes)
 
 
 def pipeline_stages(stages: int, dtype: torch.dtype) -> int:

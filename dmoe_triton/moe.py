@@ -14,8 +14,9 @@ import triton
 
 from .config import RouterConfig, RoutingPolicy
 from .launch import (ALIGN_MAX_SLOTS, DECODE_MAX_TOKENS, DEFAULT_COMBINE,  # noqa: F401 (re-exported)
-                     DEFAULT_DECODE, DEFAULT_GROUPED, CombineLaunch, DecodeConfig, GroupedConfig,
-                     align_launch, dot_precision, fit_scale_blocks, fp8_bits, moe_launch,
+                     DEFAULT_DECODE, DEFAULT_GROUPED, FP8_DOT_MIN_K, CombineLaunch, DecodeConfig,
+                     GroupedConfig, align_launch, dot_precision, fit_scale_blocks, fp8_bits,
+                     moe_launch,
                      pdl, persistent_grid, pipeline_stages)
 from .modules import bf16_copy, keep_fp32_router_state
 from .quant import (DEFAULT_BLOCK, FP8_DTYPE, Fp8Scales, check_block, dequantize_experts,
@@ -146,9 +147,13 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     hidden [T, H] (fp32/fp16/bf16); topk_ids [T, k] int32/int64, -1 = empty slot; topk_weights
     [T, k] fp32; w_gate_up [E, 2I, H] (gate rows, then up rows) and w_down [E, H, I] in hidden's
     dtype, or float8_e4m3fn with `scales` (FP8 experts: dmoe_triton/quant.py, an Fp8Scales of
-    fp32 block scales; the kernels dequantize in their k loop, the reference dequantizes
-    first; a missing or mis-shaped scale is a ValueError naming it). Returns [T, H] in hidden's dtype, accumulated in fp32, contiguous. Every input may
-    be any strided view (transposed, sliced, offset, expanded): the values are the same.
+    fp32 block scales; a missing or mis-shaped scale is a ValueError naming it). With bf16
+    activations FP8 experts run W8A8 by default, as DeepSeek-V3's FP8 inference does: the
+    activations are quantized to e4m3 per token and 128 columns (power-of-two scales) for FP8
+    tensor cores; the reference dequantizes the weights and quantizes the activations the same
+    way (launch.DecodeConfig.dot; "fp16" keeps the activations exact). Returns [T, H] in
+    hidden's dtype, accumulated in fp32, contiguous. Every input may be any strided view
+    (transposed, sliced, offset, expanded): the values are the same.
 
     NaN rule (docs/routing.md, NaN): a token outputs a NaN row when a filled slot's weight is
     NaN, or when every slot is empty and every weight is NaN (how `route` marks an all-NaN
@@ -185,13 +190,25 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     if scales is not None:
         scales.check(w_gate_up, w_down, check_values=check_ids)
     if backend == "reference":
+        groups = None
         if scales is not None:  # the reference of FP8 experts: dequantize, then the same path
+            groups = fp8_activation_groups(hidden, _launch_config(hidden, topk_ids, w_gate_up),
+                                           scales)
             w_gate_up, w_down = dequantize_experts(w_gate_up, w_down, scales,
                                                    torch.promote_types(hidden.dtype, torch.float32))
-        y = moe_forward_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, shared)
+        y = moe_forward_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, shared,
+                                  activation_groups=groups)
         return y if out is None else out.copy_(y)
     return moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=out,
                               shared=shared, scales=scales)
+
+
+def _launch_config(hidden, topk_ids, w_gate_up):
+    """The config (DecodeConfig or GroupedConfig) of the path the Triton backend would take for
+    FP8 experts (launch.moe_launch)."""
+    plan = moe_launch(topk_ids.shape[0], topk_ids.shape[1], w_gate_up.shape[0], hidden.dtype,
+                      hidden.device, fp8=True)
+    return plan.decode if plan.path == "decode" else plan.grouped
 
 
 def _lists_args(lists) -> dict:
@@ -245,16 +262,41 @@ def align_slots_torch(flat_ids: torch.Tensor, num_experts: int):
     return (sorted_slots, *used, is_used.sum().reshape(1).to(torch.int32))
 
 
-def _dot16(hidden, config, fp8) -> bool:
-    """FP8 weights' fp16 dot (kernels/moe_fp8.py): bf16 activations and config.fp16_dot."""
-    return fp8 is not None and hidden.dtype == torch.bfloat16 and config.fp16_dot
+_SCALED_DTYPES = {"fp16": torch.float16, "fp8": FP8_DTYPE}
+
+
+def scaled_dot(hidden, config, fp8) -> str:
+    """The FP8 weights' dot (kernels/moe_fp8.py) for bf16 activations under `config` (already
+    fitted: launch.fit_scale_blocks): config.dot, except that "fp8" becomes "fp16" where FP8
+    tensor cores cannot take it: weights read as bytes (GPUs below sm_89: launch.fp8_bits) or a
+    k step under FP8_DOT_MIN_K (such a forced config). Other activations and bf16 weights:
+    "model"."""
+    if fp8 is None or hidden.dtype != torch.bfloat16:
+        return "model"
+    if config.dot == "fp8" and (fp8[2] or min(config.k_tile_gate_up,
+                                               config.k_tile_down) < FP8_DOT_MIN_K):
+        return "fp16"
+    return config.dot
+
+
+def fp8_activation_groups(hidden, config, scales: Fp8Scales):
+    """(x_group, act_group): how the fp8 dot (W8A8) quantizes the activations of hidden [T, H]
+    under `config` (DecodeConfig or GroupedConfig) for FP8 weights with `scales`: x and act per
+    token in groups of the scale blocks' columns (launch.fit_scale_blocks); None where the
+    launch runs another dot (scaled_dot). For moe_forward_reference's activation_groups, so a
+    reference matches the kernels' numerics."""
+    config = fit_scale_blocks(config, scales.block[1])
+    if scaled_dot(hidden, config, (None, scales.block, fp8_bits(hidden.device))) != "fp8":
+        return None
+    return scales.block[1], config.block_i
 
 
 class ActRows(NamedTuple):
     """What a gate/up launch hands to its down launch (act_buffers).
 
-    act [rows, I]: hidden's dtype, or fp16 with FP8 weights' fp16 dot; scale: None, or with the
-    fp16 dot fp32 [rows, cdiv(I, block_i)] the act rows' inverse scales (kernels/moe_fp8.py);
+    act [rows, I]: hidden's dtype, or fp16 / e4m3 with FP8 weights' fp16 / fp8 dot; scale:
+    None, or with those dots fp32 [rows, cdiv(I, block_i)] the act rows' inverse scales
+    (kernels/moe_fp8.py);
     used / row_weight: None, or on the decode path with FP8 weights int32 [U] and fp32 [U,
     T_PAD] (U = min(E, T * top_k)): act row u * T_PAD + t is token t's for expert used[u],
     row_weight[u, t] its routing weight (moe_gate_up_decode_kernel).
@@ -266,13 +308,14 @@ class ActRows(NamedTuple):
 
 
 def act_buffers(rows: int, inter: int, hidden, config, fp8, by_expert=None) -> ActRows:
-    """Uninitialised ActRows for `rows` act rows of I = inter columns; the scales with the fp16
-    dot (_dot16); by_expert = (U, T_PAD): the decode path's FP8 lists too (rows = U * T_PAD)."""
-    dot16 = _dot16(hidden, config, fp8)
+    """Uninitialised ActRows for `rows` act rows of I = inter columns; the scales with a scaled
+    dot (scaled_dot); by_expert = (U, T_PAD): the decode path's FP8 lists too (rows = U *
+    T_PAD)."""
+    dot = scaled_dot(hidden, config, fp8)
     dev = hidden.device
-    act = torch.empty(rows, inter, dtype=torch.float16 if dot16 else hidden.dtype, device=dev)
+    act = torch.empty(rows, inter, dtype=_SCALED_DTYPES.get(dot, hidden.dtype), device=dev)
     scale = None
-    if dot16:
+    if dot != "model":
         scale = torch.empty(rows, triton.cdiv(inter, config.block_i), dtype=torch.float32,
                             device=dev)
     if by_expert is None:
@@ -286,7 +329,8 @@ def _act_args(acts: ActRows, config, down: bool) -> dict:
     are); the down kernels also take the gate/up's column chunk a scale covers."""
     args = dict(act_ptr=acts.act, stride_as=acts.act.stride(0))
     if acts.scale is not None:
-        args.update(act_scale_ptr=acts.scale, stride_ss=acts.scale.stride(0), DOT16=True)
+        dot = "fp16" if acts.act.dtype == torch.float16 else "fp8"
+        args.update(act_scale_ptr=acts.scale, stride_ss=acts.scale.stride(0), DOT=dot)
         if down:
             args["ACT_CHUNK"] = config.block_i
     if acts.used is not None:
@@ -295,21 +339,23 @@ def _act_args(acts: ActRows, config, down: bool) -> dict:
 
 
 def _x_args(hidden, config, fp8) -> dict:
-    """The gate/up kernels' activation arguments: hidden itself, or with the fp16 dot and
-    config.x_prepass its rows in fp16 and their inverse scales per k step (fp16_rows_kernel,
-    one more launch)."""
-    if not (_dot16(hidden, config, fp8) and config.x_prepass):
+    """The gate/up kernels' activation arguments: hidden itself, or with the fp8 dot (or the
+    fp16 dot and config.x_prepass) its rows in the dot's type and their inverse scales per
+    scale block's columns (scaled_rows_kernel, one more launch)."""
+    dot = scaled_dot(hidden, config, fp8)
+    if dot == "model" or (dot == "fp16" and not config.x_prepass):
         return dict(x_ptr=hidden, stride_xt=hidden.stride(0), stride_xh=hidden.stride(1))
-    from .kernels.moe_fp8 import fp16_rows_kernel
+    from .kernels.moe_fp8 import scaled_rows_kernel
 
     T, H = hidden.shape
-    chunk = config.k_tile_gate_up
-    x16 = torch.empty(T, H, dtype=torch.float16, device=hidden.device)
+    chunk = fp8[1][1]  # the scale blocks' columns: the k steps lie inside (fit_scale_blocks)
+    xs = torch.empty(T, H, dtype=_SCALED_DTYPES[dot], device=hidden.device)
     inverse = torch.empty(T, triton.cdiv(H, chunk), dtype=torch.float32, device=hidden.device)
-    fp16_rows_kernel[(T, triton.cdiv(H, chunk))](
-        x_ptr=hidden, stride_xt=hidden.stride(0), stride_xh=hidden.stride(1), x16_ptr=x16,
-        inverse_ptr=inverse, H=H, CHUNK=chunk, num_warps=1, **pdl(hidden.device))
-    return dict(x_ptr=x16, stride_xt=H, stride_xh=1, x_inverse_ptr=inverse,
+    scaled_rows_kernel[(T, triton.cdiv(H, chunk))](
+        x_ptr=hidden, stride_xt=hidden.stride(0), stride_xh=hidden.stride(1), xs_ptr=xs,
+        inverse_ptr=inverse, H=H, CHUNK=chunk, CHUNK_PAD=triton.next_power_of_2(chunk),
+        DOT=dot, num_warps=1, **pdl(hidden.device))
+    return dict(x_ptr=xs, stride_xt=H, stride_xh=1, x_inverse_ptr=inverse,
                 stride_xi=inverse.stride(0))
 
 
@@ -479,6 +525,7 @@ def decode_down_combine(acts: ActRows, ids, weights, w_down, out, arrivals,
         shared_ptr=shared_down, T=T, H=H, I=inter, E=E, TOP_K=top_k,
         BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down, EXPERT_SPLITS=cfg.down_splits,
         HAS_SHARED=shared_down is not None, num_warps=cfg.warps_down,
+        SHARE_PAD=triton.next_power_of_2(triton.cdiv(min(E, T * top_k), cfg.down_splits)),
         num_stages=pipeline_stages(cfg.stages_down, acts.act.dtype),
         **_decode_pads(T, top_k, E, acts.act.dtype), **pdl(out.device))
     return out

@@ -94,6 +94,25 @@ def dequantize_blocks(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block=DEFAUL
     return (w_fp8.to(acc) * s).to(dtype)
 
 
+def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """The activation values that the fp8 dot multiplies (W8A8: kernels/moe_fp8.py,
+    `_pow2_scaled` with DOT "fp8"), as a reference: x [..., K] with each row's `group`
+    consecutive columns (the last group may be shorter) scaled by the power of two 2**p that
+    puts their largest |x| in [2**7, 2**8) (p <= 126), rounded to e4m3 (to nearest, ties to
+    even: never past 448, so nothing saturates), then scaled back by 2**-p. Returns x's dtype
+    promoted to fp32 (exact products in float64). A group holding inf or NaN comes back all NaN
+    (e4m3 has no inf: the kernels make its products NaN, never finite)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    k = x.shape[-1]
+    groups = torch.nn.functional.pad(x.to(acc), (0, _cdiv(k, group) * group - k))
+    groups = groups.reshape(*x.shape[:-1], -1, group)
+    amax = groups.abs().amax(dim=-1, keepdim=True)
+    p = (8 - torch.frexp(amax).exponent).clamp(max=126)
+    q = torch.ldexp(torch.ldexp(groups, p).to(FP8_DTYPE).to(acc), -p)
+    q = torch.where(torch.isfinite(amax), q, float("nan"))
+    return q.reshape(*x.shape[:-1], -1)[..., :k]
+
+
 def check_scale(name: str, weight: torch.Tensor, scale: Optional[torch.Tensor], block,
                 expected_shape=None, check_values: bool = True) -> None:
     """`name`'s weight_scale_inv against its FP8 weight: present, fp32, shaped for `block`

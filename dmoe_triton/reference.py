@@ -204,7 +204,7 @@ def expert_choice_window(r: torch.Tensor, real: torch.Tensor, masked: torch.Tens
 
 def moe_forward_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                           w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                          shared=None) -> torch.Tensor:
+                          shared=None, activation_groups=None) -> torch.Tensor:
     """The routed experts of one MoE layer: y[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t]).
 
     expert_e(x) = down_e(silu(gate_e(x)) * up_e(x)) with w_gate_up [E, 2I, H] (gate rows, then up
@@ -215,6 +215,9 @@ def moe_forward_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_wei
     NaN rule (docs/routing.md, NaN): a NaN weight in a filled slot makes its token NaN (the sum
     does it), and so does a token with every slot empty and every weight NaN (route's all-NaN
     logits row: ids -1, NaN weights): NaN, never 0. An empty slot's weight is otherwise unread.
+    activation_groups: None, or (x_group, act_group) for FP8 experts' fp8 dot (W8A8): the
+    routed experts take x, and their down takes act, quantized per row and group of columns as
+    quant.quantize_activations does (the shared expert takes x as it is).
     """
     acc = torch.promote_types(hidden.dtype, torch.float32)
     x = hidden.to(acc)
@@ -224,14 +227,20 @@ def moe_forward_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_wei
     if shared is not None:
         gate_up = x @ shared[0].to(acc).T
         y += (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ shared[1].to(acc).T
+    quantize = lambda t, group: t  # noqa: E731
+    if activation_groups is not None:
+        from .quant import quantize_activations as quantize
+    x_routed = quantize(x, activation_groups and activation_groups[0])
     for e in range(E):
         tokens, slots = torch.nonzero(topk_ids == e, as_tuple=True)
         if tokens.numel() == 0:
             continue
         w_gu = w_gate_up[e].to(acc)
-        gate = x[tokens] @ w_gu[:inter].T
-        up = x[tokens] @ w_gu[inter:].T
-        out = (torch.nn.functional.silu(gate) * up) @ w_down[e].to(acc).T
+        gate = x_routed[tokens] @ w_gu[:inter].T
+        up = x_routed[tokens] @ w_gu[inter:].T
+        act = quantize(torch.nn.functional.silu(gate) * up,
+                       activation_groups and activation_groups[1])
+        out = act @ w_down[e].to(acc).T
         y.index_add_(0, tokens, out * topk_weights[tokens, slots].to(acc)[:, None])
     if topk_ids.shape[1]:
         empty = ((topk_ids < 0) | (topk_ids >= E)).all(dim=-1)

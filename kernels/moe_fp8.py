@@ -3,10 +3,9 @@
 Weights are fine-grained FP8 checkpoints' (dmoe_triton/quant.py): e4m3 W with one fp32 scale per
 SCALE_N x SCALE_K block, W = W_fp8 * scale. Every FP8 tile product here is transposed against the
 model-dtype path: acc^T [BLOCK_N, ROWS] = W [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, ROWS], weights as
-the left operand. Why: the e4m3 tile must be converted before the tensor cores take it, and on
-Hopper the left operand of wgmma may come from registers (the right one only from shared
-memory), so the converted weights go to the MMA directly; and the weight tile fills the MMA's
-64-row side that a 32-token block cannot.
+the left operand, so that the weight tile fills the MMA's 64-row side that a 32-token block
+cannot (and, converted, may come from registers: Hopper's wgmma takes only its left operand
+so).
 
 Each k step lies in one scale block along K (the launch keeps BLOCK_K a divisor of SCALE_K:
 dmoe_triton/launch.py), so its product is scaled once, after the dot, in fp32: exact products,
@@ -14,33 +13,39 @@ no rounding of W * scale. When the tile's BLOCK_N rows lie in one scale block to
 multiple of BLOCK_N: tiles start at multiples of BLOCK_N), that is one scalar per k step;
 otherwise a vector over the rows.
 
-The dot's operand type (DOT16): with bf16 activations, e4m3 -> bf16 costs a conversion per
-value on sm_89/sm_90 (there is no direct one: e4m3x2 -> f16x2 is one instruction, then f16 ->
-bf16 one per value, in the slower conversion unit), while e4m3 -> fp16 is exact and is the one
-instruction per two values. So with DOT16 the dot runs in fp16, and the activations are brought
-into fp16 range exactly: each row (token) of a k-step tile is multiplied by a power of two that
-puts its largest |value| in [2**14, 2**15), and the product is multiplied back by the inverse
-power of two in fp32. A bf16 value is then an fp16 value (8 significant bits in fp16's 11)
-unless it is more than 2**28 below its row's largest, where it rounds to fp16's subnormal step
-(an absolute error under 2**-39 of the row's largest value per element). Without DOT16 the
-weights are converted to the activations' dtype (exact for bf16, fp16 and fp32). The gate/up's
-activations may also arrive prepared so, for the whole call, by fp16_rows_kernel (one more
-launch), and its k loop then reads each fp16 tile as it is.
+The dot's operand type, DOT (launch.DecodeConfig.dot; bf16 activations only):
+- "fp8" (W8A8): the activations are quantized to e4m3, each row's (token's) group of SCALE_K
+  columns (x; act: the gate/up's BLOCK_I, which the launch makes SCALE_K) multiplied by the
+  power of two that puts its largest |value| in [2**7, 2**8) and rounded to nearest, ties to
+  even (_round_to_e4m3); the product is multiplied back by the inverse power of two in fp32.
+  Both operands go to the FP8 tensor cores as they are: no conversion in the k loop.
+- "fp16": e4m3 -> bf16 costs a conversion per value on sm_89/sm_90 (e4m3x2 -> f16x2 is one
+  instruction, then f16 -> bf16 one per value, in the slower conversion unit), while e4m3 ->
+  fp16 is exact and is the one instruction per two values. So the dot runs in fp16, and the
+  activations are brought into fp16 range exactly: the power of two puts a group's largest
+  |value| in [2**14, 2**15). A bf16 value is then an fp16 value (8 significant bits in fp16's
+  11) unless it is more than 2**28 below its group's largest, where it rounds to fp16's
+  subnormal step (an absolute error under 2**-39 of the group's largest value per element).
+- "model": the weights are converted to the activations' dtype (exact for bf16, fp16, fp32).
+The gate/up's activations may arrive prepared, for the whole call, by scaled_rows_kernel (one
+more launch; always with "fp8"), and its k loop then reads each tile as it is; else with "fp16"
+each k step's tile is scaled in the loop.
 
-The act rows between gate/up and down are written the same way with DOT16: fp16, scaled per
+The act rows between gate/up and down are written the same way: in the dot's type, scaled per
 (row, gate/up work item's ACT_CHUNK columns) by a power of two whose inverse goes to an fp32
 [rows, cdiv(I, ACT_CHUNK)] buffer (a down k step wider than ACT_CHUNK is that many dots, each with
-its chunk's scales). fp16's 11 significant bits hold the fp32 act more closely than
-the model path's bf16 act (8 bits).
+its chunk's scales).
 """
 import triton
 import triton.language as tl
 
 from .pdl import wait_previous_kernel
 
-# The power of two puts |x|'s largest exponent e (biased, fp32) at 2**14: scale = 2**(141 - e),
-# as an fp32 bit pattern (141 - e + 127) << 23; capped at 2**126 (an inverse must stay normal).
+# The power of two puts |x|'s largest exponent e (biased, fp32) at 2**14 for fp16 (scale =
+# 2**(141 - e), as an fp32 bit pattern (141 - e + 127) << 23) and at 2**7 for e4m3 (its largest
+# finite value is 448 = 1.75 * 2**8); capped at 2**126 (an inverse must stay normal).
 _FP16_FIELD = tl.constexpr(268)
+_E4M3_FIELD = tl.constexpr(261)
 _MAX_FIELD = tl.constexpr(253)
 
 
@@ -56,47 +61,75 @@ def _fp8_values(w, dtype, FP8_BITS: tl.constexpr):
 
 
 @triton.jit
-def _fp16_scaled(x, AXIS: tl.constexpr):
-    """x (bf16 or fp32) -> (x * 2**p as fp16, 2**-p fp32) with one power of two per slice along
-    AXIS (keep_dims: the inverse broadcasts back), chosen from the slice's largest |x| (module
-    docstring). NaN stays NaN, +-inf stays +-inf, zeros stay zeros."""
-    xf = x.to(tl.float32)
-    amax = tl.max(tl.abs(xf), AXIS, keep_dims=True)
-    field = tl.minimum(_FP16_FIELD - ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF), _MAX_FIELD)
-    scale = (field << 23).to(tl.float32, bitcast=True)
-    inverse = ((254 - field) << 23).to(tl.float32, bitcast=True)
-    return (xf * scale).to(tl.float16), inverse
+def _round_to_e4m3(v):
+    """fp32 v (|v| <= 256) rounded to the nearest e4m3 value, ties to even, still fp32: from
+    2**-6 up (normal e4m3) by dropping 20 of fp32's 23 mantissa bits with a rounding carry;
+    below, to the subnormal step 2**-9 (an add and subtract of 1.5 * 2**14, whose fp32 ulp is
+    2**-9; the sign put back). Done here, not by the e4m3 conversion, whose rounding the interpreter (triton 3.9)
+    gets wrong where the mantissa carries into the exponent (7.81 -> 4, not 8); the conversion
+    of the rounded value is exact on every backend. NaN stays NaN."""
+    bits = v.to(tl.int32, bitcast=True)
+    normal = (bits + ((bits >> 20) & 1) + 0x7FFFF) & -1048576  # -1048576: ~0xFFFFF
+    magnitude = ((tl.abs(v) + 24576.0) - 24576.0).to(tl.int32, bitcast=True)
+    subnormal = magnitude | (bits & -2147483648)  # the sign back (-0 stays -0)
+    big = ((bits >> 23) & 0xFF) >= 121  # |v| >= 2**-6, or NaN
+    return tl.where(big, normal, subnormal).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def fp16_rows_kernel(x_ptr, stride_xt, stride_xh, x16_ptr, inverse_ptr, H,
-                     CHUNK: tl.constexpr, PDL: tl.constexpr = False):
-    """Activations prepared once for the fp16 dot: x [T, H] (bf16, strides in elements) ->
-    x16_ptr fp16 [T, H] contiguous and inverse_ptr fp32 [T, cdiv(H, CHUNK)], each row's CHUNK
-    columns scaled by one power of two (_fp16_scaled), so a gate/up k step of CHUNK columns
-    reads its tile as it is, with no conversion in the loop. Grid (T, cdiv(H, CHUNK))."""
+def _pow2_scaled(x, AXIS: tl.constexpr, DOT: tl.constexpr):
+    """x (bf16 or fp32) -> (x * 2**p in DOT's type, 2**-p fp32) with one power of two per slice
+    along AXIS (keep_dims: the inverse broadcasts back), chosen from the slice's largest |x|
+    (module docstring). DOT "fp16": NaN stays NaN, +-inf stays +-inf, zeros stay zeros. DOT
+    "fp8" (e4m3, which has no inf): a slice holding inf or NaN gets a NaN inverse, so its
+    products are NaN, never a finite value."""
+    xf = x.to(tl.float32)
+    # NaN counts as inf here: a GPU's max skips NaN, and the fp8 dot must see it (below).
+    amax = tl.max(tl.where(xf == xf, tl.abs(xf), float("inf")), AXIS, keep_dims=True)
+    top = _FP16_FIELD if DOT == "fp16" else _E4M3_FIELD
+    field = tl.minimum(top - ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF), _MAX_FIELD)
+    scale = (field << 23).to(tl.float32, bitcast=True)
+    inverse = ((254 - field) << 23).to(tl.float32, bitcast=True)
+    if DOT == "fp16":
+        scaled = (xf * scale).to(tl.float16)
+    else:
+        scaled = _round_to_e4m3(xf * scale).to(tl.float8e4nv)
+        inverse = tl.where(amax < float("inf"), inverse, float("nan"))
+    return scaled, inverse
+
+
+@triton.jit
+def scaled_rows_kernel(x_ptr, stride_xt, stride_xh, xs_ptr, inverse_ptr, H,
+                       CHUNK: tl.constexpr, CHUNK_PAD: tl.constexpr, DOT: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    """Activations prepared once for the fp16 or fp8 dot (DOT): x [T, H] (bf16, strides in
+    elements) -> xs_ptr [T, H] contiguous in DOT's type and inverse_ptr fp32 [T, cdiv(H,
+    CHUNK)], each row's CHUNK columns (the scale blocks' SCALE_K) scaled by one power of two
+    (_pow2_scaled), so a gate/up k step within a chunk reads its tile as it is, with no
+    conversion in the loop. CHUNK_PAD: next power of two >= CHUNK. Grid (T, cdiv(H, CHUNK))."""
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     t = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    offs = chunk * CHUNK + tl.arange(0, CHUNK)
-    ok = offs < H
+    cols = tl.arange(0, CHUNK_PAD)
+    offs = chunk * CHUNK + cols
+    ok = (cols < CHUNK) & (offs < H)
     x = tl.load(x_ptr + t * stride_xt + offs[None, :] * stride_xh, mask=ok[None, :], other=0.0)
-    x16, inverse = _fp16_scaled(x, 1)
-    tl.store(x16_ptr + t * H + offs[None, :], x16, mask=ok[None, :])
+    xs, inverse = _pow2_scaled(x, 1, DOT)
+    tl.store(xs_ptr + t * H + offs[None, :], xs, mask=ok[None, :])
     tl.store(inverse_ptr + t * tl.cdiv(H, CHUNK) + chunk + tl.zeros((1, 1), tl.int32), inverse)
 
 
 @triton.jit
-def _x_operand(x_t, x_inverse_cols, rows_ok, k0, BLOCK_K: tl.constexpr, DOT16: tl.constexpr):
+def _x_operand(x_t, x_inverse_cols, rows_ok, k0, SCALE_K: tl.constexpr, DOT: tl.constexpr):
     """A loaded activation tile x^T [BLOCK_K, ROWS] as the dot's right operand and the factor
     [1, ROWS] that undoes its scaling: x_inverse_cols [1, ROWS] given, the tile is
-    fp16_rows_kernel's (chunk = BLOCK_K) and its factors are loaded; else with DOT16 it is
-    scaled here; else taken as it is (factor 1)."""
+    scaled_rows_kernel's (chunk = SCALE_K, which holds the k step) and its factors are loaded;
+    else with a scaled DOT it is scaled here; else taken as it is (factor 1)."""
     if x_inverse_cols is not None:
         x_op = x_t
-        inverse = tl.load(x_inverse_cols + k0 // BLOCK_K, mask=rows_ok[None, :], other=0.0)
-    elif DOT16:
-        x_op, inverse = _fp16_scaled(x_t, 0)
+        inverse = tl.load(x_inverse_cols + k0 // SCALE_K, mask=rows_ok[None, :], other=0.0)
+    elif DOT != "model":
+        x_op, inverse = _pow2_scaled(x_t, 0, DOT)
     else:
         x_op = x_t
         inverse = 1.0
@@ -146,12 +179,12 @@ def fp8_silu_gate_up(x_cols, x_inverse_cols, rows_ok, stride_xh, w_gate, w_up, s
                      offs_i, H, s_ptr, expert, I, stride_se, stride_sn, stride_sk,
                      ROWS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
                      PRECISION: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
-                     FP8_BITS: tl.constexpr, DOT16: tl.constexpr):
+                     FP8_BITS: tl.constexpr, DOT: tl.constexpr):
     """act^T [BLOCK_I, ROWS] fp32 = silu(W_gate x^T) * (W_up x^T) for the columns offs_i (= i0 +
     arange(BLOCK_I)) of one expert.
 
     x_cols [1, ROWS] points at each token row's first element (rows outside rows_ok masked: no
-    memory traffic); x_inverse_cols [1, ROWS] at its fp16_rows_kernel factors, or None; w_gate /
+    memory traffic); x_inverse_cols [1, ROWS] at its scaled_rows_kernel factors, or None; w_gate /
     w_up [BLOCK_I, 1] at the columns' e4m3 weight rows; s_ptr: the expert stack's scales [E,
     2 * cdiv(I, SCALE_N), cdiv(H, SCALE_K)] (gate blocks, then up).
     """
@@ -166,7 +199,7 @@ def fp8_silu_gate_up(x_cols, x_inverse_cols, rows_ok, stride_xh, w_gate, w_up, s
         k_ok = offs_k < H
         x_t = tl.load(x_cols + offs_k[:, None] * stride_xh,
                       mask=k_ok[:, None] & rows_ok[None, :], other=0.0)
-        x_op, x_inverse = _x_operand(x_t, x_inverse_cols, rows_ok, k0, BLOCK_K, DOT16)
+        x_op, x_inverse = _x_operand(x_t, x_inverse_cols, rows_ok, k0, SCALE_K, DOT)
         w_mask = i_ok[:, None] & k_ok[None, :]
         acc_gate = _fp8_dot(w_gate + offs_k[None, :] * stride_wk, w_mask, acc_gate, x_op,
                             x_inverse, s_gate, i_ok[:, None], k0, stride_sk, PRECISION, SCALE_N,
@@ -179,30 +212,31 @@ def fp8_silu_gate_up(x_cols, x_inverse_cols, rows_ok, stride_xh, w_gate, w_up, s
 
 @triton.jit
 def fp8_store_act(act_t, act_ptr, stride_as, act_scale_ptr, stride_ss, slot, rows_ok, i0, offs_i,
-                  I, ACT_CHUNK: tl.constexpr, DOT16: tl.constexpr):
+                  I, ACT_CHUNK: tl.constexpr, DOT: tl.constexpr):
     """Write act^T [BLOCK_I, ROWS] into act rows `slot` [ROWS], columns offs_i (= i0 + arange):
-    with DOT16 as fp16 scaled per row by a power of two, its inverse into act_scale_ptr [rows,
-    cdiv(I, ACT_CHUNK)] at column i0 // ACT_CHUNK (module docstring); else in act's dtype."""
+    with a scaled DOT in its type scaled per row by a power of two, its inverse into
+    act_scale_ptr [rows, cdiv(I, ACT_CHUNK)] at column i0 // ACT_CHUNK (module docstring); else
+    in act's dtype."""
     mask = (offs_i < I)[:, None] & rows_ok[None, :]
     rows = act_ptr + slot[None, :] * stride_as + offs_i[:, None]
-    if DOT16:
-        act16, inverse = _fp16_scaled(act_t, 0)
+    if DOT != "model":
+        act_scaled, inverse = _pow2_scaled(act_t, 0, DOT)
         tl.store(act_scale_ptr + slot[None, :] * stride_ss + i0 // ACT_CHUNK, inverse,
                  mask=rows_ok[None, :])
-        tl.store(rows, act16, mask=mask)
+        tl.store(rows, act_scaled, mask=mask)
     else:
         tl.store(rows, act_t.to(act_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def fp8_act_operand(act_ptr, stride_as, act_scale_ptr, stride_ss, slot, rows_ok, offs_k, k_ok, k0,
-                    ACT_CHUNK: tl.constexpr, DOT16: tl.constexpr):
+                    ACT_CHUNK: tl.constexpr, DOT: tl.constexpr):
     """act^T [PART, ROWS] (offs_k: k0 + arange(PART), within one ACT_CHUNK) of rows `slot` as
     the down dot's right operand, and the factor [1, ROWS] that undoes its scaling
-    (fp8_store_act's inverse; 1 without DOT16)."""
+    (fp8_store_act's inverse; 1 with the model-dtype DOT)."""
     a_t = tl.load(act_ptr + slot[None, :] * stride_as + offs_k[:, None],
                   mask=k_ok[:, None] & rows_ok[None, :], other=0.0)
-    if DOT16:
+    if DOT != "model":
         inverse = tl.load(act_scale_ptr + slot[None, :] * stride_ss + k0 // ACT_CHUNK,
                           mask=rows_ok[None, :], other=0.0)
     else:
@@ -215,7 +249,7 @@ def fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss, slot, rows_ok, r
                   acc_t, w_rows, stride_wi, h0, offs_h, s_ptr, expert, stride_se, stride_sn,
                   stride_sk, H, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
                   SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, BLOCK_H: tl.constexpr,
-                  ACT_CHUNK: tl.constexpr, FP8_BITS: tl.constexpr, DOT16: tl.constexpr):
+                  ACT_CHUNK: tl.constexpr, FP8_BITS: tl.constexpr, DOT: tl.constexpr):
     """acc^T [BLOCK_H, ROWS] + (W_down[offs_h, k0 : k0 + BLOCK_K] @ act^T) * row_factor for one
     k step of one expert: w_rows [BLOCK_H, 1] point at its e4m3 weight rows offs_h (= h0 +
     arange); row_factor [1, ROWS] fp32 multiplies each row's product (1.0: none).
@@ -232,7 +266,7 @@ def fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss, slot, rows_ok, r
         offs_k = k + tl.arange(0, PART)
         k_ok = offs_k < I
         a_op, a_inverse = fp8_act_operand(act_ptr, stride_as, act_scale_ptr, stride_ss, slot,
-                                          rows_ok, offs_k, k_ok, k, ACT_CHUNK, DOT16)
+                                          rows_ok, offs_k, k_ok, k, ACT_CHUNK, DOT)
         acc_t = _fp8_dot(w_rows + offs_k[None, :] * stride_wi, h_ok[:, None] & k_ok[None, :],
                          acc_t, a_op, a_inverse * row_factor, s_rows, h_ok[:, None], k,
                          stride_sk, PRECISION, SCALE_N, SCALE_K, BLOCK_H, FP8_BITS)

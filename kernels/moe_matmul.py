@@ -23,8 +23,9 @@ scales of fine-grained FP8 checkpoints (`weight_scale_inv`: one per SCALE_N x SC
 an expert's [N, K] matrix, dequantized W = W_fp8 * scale). None (the default) compiles the
 plain path unchanged. Given, the k loops are kernels/moe_fp8.py's: e4m3 tiles (1 byte an
 element) as the left operand of a transposed product, each k step's product scaled in fp32, and
-with DOT16 an fp16 dot (activations scaled per row by a power of two, exactly), the act rows
-between gate/up and down in fp16 with per-row scales in `act_scale_ptr`. FP8_BITS reads the
+with DOT "fp8" an e4m3 dot (activations quantized per row and group, W8A8) or "fp16" an fp16
+dot (activations scaled per row by a power of two, exactly), the act rows between gate/up and
+down in that type with per-row scales in `act_scale_ptr`. FP8_BITS reads the
 weights as uint8 bytes and decodes them with integer ops, for GPUs whose Triton has no e4m3
 type (< sm_89).
 """
@@ -126,7 +127,7 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
                        s_ptr=None, stride_se=0, stride_sn=0, stride_sk=0,
                        SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
                        FP8_BITS: tl.constexpr = False, act_scale_ptr=None, stride_ss=0,
-                       DOT16: tl.constexpr = False, x_inverse_ptr=None, stride_xi=0,
+                       DOT: tl.constexpr = "model", x_inverse_ptr=None, stride_xi=0,
                        PDL: tl.constexpr = False):
     """act[slot] = silu(x W_gate^T) * (x W_up^T) for the used experts' slots (persistent).
 
@@ -135,9 +136,10 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
     per token (runtime). BLOCK_M: slots per tile; BLOCK_I: act columns per work item; BLOCK_K:
     reduction step along H; PRECISION: tl.dot input_precision. s_ptr: fp32 [E, 2 * cdiv(I,
     SCALE_N), cdiv(H, SCALE_K)] block scales of FP8 weights (gate blocks, then up blocks), or
-    None; FP8_BITS: w_ptr holds e4m3 bytes as uint8; DOT16: fp16 dot, act_ptr fp16 and
-    act_scale_ptr fp32 [T*TOP_K, cdiv(I, BLOCK_I)] its per-row inverse scales (moe_fp8.py);
-    x_inverse_ptr: fp32 [T, cdiv(H, BLOCK_K)] when x_ptr holds fp16_rows_kernel's rows, or None.
+    None; FP8_BITS: w_ptr holds e4m3 bytes as uint8; DOT "fp8" / "fp16": the dot's operand
+    type (moe_fp8.py), act_ptr e4m3 / fp16 and act_scale_ptr fp32 [T*TOP_K, cdiv(I, BLOCK_I)]
+    its per-row inverse scales; x_inverse_ptr: fp32 [T, cdiv(H, SCALE_K)] when x_ptr holds
+    scaled_rows_kernel's rows, or None.
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     n_splits = tl.cdiv(I, BLOCK_I)
@@ -168,9 +170,9 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
                                          stride_xh, w_gate, w_gate + I * stride_wn, stride_wk,
                                          split * BLOCK_I, offs_i, H, s_ptr, expert, I,
                                          stride_se, stride_sn, stride_sk, BLOCK_M, BLOCK_I,
-                                         BLOCK_K, PRECISION, SCALE_N, SCALE_K, FP8_BITS, DOT16)
+                                         BLOCK_K, PRECISION, SCALE_N, SCALE_K, FP8_BITS, DOT)
                 fp8_store_act(act_t, act_ptr, stride_as, act_scale_ptr, stride_ss, slot, m_ok,
-                              split * BLOCK_I, offs_i, I, BLOCK_I, DOT16)
+                              split * BLOCK_I, offs_i, I, BLOCK_I, DOT)
 
 
 @triton.jit
@@ -201,7 +203,7 @@ def moe_down_kernel(act_ptr, stride_as,
                     s_ptr=None, stride_se=0, stride_sn=0, stride_sk=0,
                     SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
                     FP8_BITS: tl.constexpr = False, act_scale_ptr=None, stride_ss=0,
-                    ACT_CHUNK: tl.constexpr = 128, DOT16: tl.constexpr = False,
+                    ACT_CHUNK: tl.constexpr = 128, DOT: tl.constexpr = "model",
                     PDL: tl.constexpr = False):
     """partial[slot] = act[slot] W_down^T in fp32 for the used experts' slots (persistent).
 
@@ -209,7 +211,7 @@ def moe_down_kernel(act_ptr, stride_as,
     out; the five lists from moe_align_kernel. BLOCK_M: slots per tile; BLOCK_H: hidden columns
     per work item; BLOCK_K: reduction step along I; PRECISION: tl.dot input_precision. s_ptr:
     fp32 [E, cdiv(H, SCALE_N), cdiv(I, SCALE_K)] block scales of FP8 weights, or None;
-    FP8_BITS, DOT16 as in moe_gate_up_kernel; act_scale_ptr [T*TOP_K, cdiv(I, ACT_CHUNK)]: its
+    FP8_BITS, DOT as in moe_gate_up_kernel; act_scale_ptr [T*TOP_K, cdiv(I, ACT_CHUNK)]: its
     act scales (ACT_CHUNK: the gate/up's BLOCK_I, a multiple of BLOCK_K).
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
@@ -236,7 +238,7 @@ def moe_down_kernel(act_ptr, stride_as,
                                           + offs_h[:, None] * stride_wh, stride_wi,
                                           split * BLOCK_H, offs_h, s_ptr, expert, stride_se,
                                           stride_sn, stride_sk, H, BLOCK_K, PRECISION, SCALE_N,
-                                          SCALE_K, BLOCK_H, ACT_CHUNK, FP8_BITS, DOT16)
+                                          SCALE_K, BLOCK_H, ACT_CHUNK, FP8_BITS, DOT)
                 tl.store(partial_ptr + slot[None, :] * stride_ps + offs_h[:, None], acc_t,
                          mask=m_ok[None, :] & h_ok[:, None])
 
@@ -338,7 +340,7 @@ def _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_ro
                      row_weight_ptr, s_ptr, stride_se, stride_sn, stride_sk, expert, hit, uses,
                      token_weights, u, i0, H, I, T_PAD: tl.constexpr, BLOCK_I: tl.constexpr,
                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SCALE_N: tl.constexpr,
-                     SCALE_K: tl.constexpr, FP8_BITS: tl.constexpr, DOT16: tl.constexpr):
+                     SCALE_K: tl.constexpr, FP8_BITS: tl.constexpr, DOT: tl.constexpr):
     """One FP8 work item of moe_gate_up_decode_kernel (the u-th used expert, columns i0 ..).
 
     Its act rows are u * T_PAD + t, every token row (zeros where t does not use the expert),
@@ -358,9 +360,9 @@ def _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_ro
     act_t = fp8_silu_gate_up(x_ptr + t.to(tl.int64)[None, :] * stride_xt, x_inverse, uses,
                              stride_xh, w_gate, w_gate + I * stride_wn, stride_wk, i0, offs_i, H,
                              s_ptr, expert.to(tl.int64), I, stride_se, stride_sn, stride_sk,
-                             T_PAD, BLOCK_I, BLOCK_K, PRECISION, SCALE_N, SCALE_K, FP8_BITS, DOT16)
+                             T_PAD, BLOCK_I, BLOCK_K, PRECISION, SCALE_N, SCALE_K, FP8_BITS, DOT)
     fp8_store_act(act_t, act_ptr, stride_as, act_scale_ptr, stride_ss,
-                  (u * T_PAD + t).to(tl.int64), t >= 0, i0, offs_i, I, BLOCK_I, DOT16)
+                  (u * T_PAD + t).to(tl.int64), t >= 0, i0, offs_i, I, BLOCK_I, DOT)
 
 
 @triton.jit
@@ -375,7 +377,7 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
                               s_ptr=None, stride_se=0, stride_sn=0, stride_sk=0,
                               SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
                               FP8_BITS: tl.constexpr = False, act_scale_ptr=None, stride_ss=0,
-                              DOT16: tl.constexpr = False, x_inverse_ptr=None, stride_xi=0,
+                              DOT: tl.constexpr = "model", x_inverse_ptr=None, stride_xi=0,
                               weights_ptr=None, used_ptr=None, row_weight_ptr=None,
                               PDL: tl.constexpr = False):
     """act[slot] = silu(x W_gate^T) * (x W_up^T); work item = (used expert, BLOCK_I columns).
@@ -391,7 +393,7 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
     shared_ptr [2I, H] or None (without HAS_SHARED). T_PAD >= 16, TOP_K_PAD, S_PAD, NUM_BINS:
     powers of two >= T, TOP_K, T*TOP_K, E + 1. BLOCK_I: act columns per work item; BLOCK_K:
     reduction step along H; PRECISION: tl.dot input_precision. s_ptr, SCALE_N/K, FP8_BITS,
-    act_scale_ptr, DOT16, x_inverse_ptr: FP8 weights as in moe_gate_up_kernel (not with
+    act_scale_ptr, DOT, x_inverse_ptr: FP8 weights as in moe_gate_up_kernel (not with
     HAS_SHARED: the wrapper runs a shared expert apart then); FP8 weights write act by expert
     instead (_fp8_decode_item): act_ptr [U * T_PAD, I], U = min(E, T*TOP_K), and also take
     weights_ptr fp32 [T, TOP_K] and write used_ptr int32 [U], row_weight_ptr fp32 [U, T_PAD].
@@ -435,7 +437,7 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
                              stride_wn, stride_wk, act_ptr, stride_as, act_scale_ptr, stride_ss,
                              used_ptr, row_weight_ptr, s_ptr, stride_se, stride_sn, stride_sk,
                              expert, hit, uses, token_weights, u, i0, H, I, T_PAD, BLOCK_I,
-                             BLOCK_K, PRECISION, SCALE_N, SCALE_K, FP8_BITS, DOT16)
+                             BLOCK_K, PRECISION, SCALE_N, SCALE_K, FP8_BITS, DOT)
 
 
 @triton.jit
@@ -511,27 +513,36 @@ def _fp8_down_shares(act_ptr, stride_as, act_scale_ptr, stride_ss, w_ptr, stride
                      h0, first, end, H, I, T_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SCALE_N: tl.constexpr,
                      SCALE_K: tl.constexpr, ACT_CHUNK: tl.constexpr, FP8_BITS: tl.constexpr,
-                     DOT16: tl.constexpr):
-    """_down_shares for FP8 weights (no shared expert) over used experts first .. end, from
-    what _fp8_decode_item wrote: act rows u * T_PAD + t, the expert used_ptr[u], the tokens'
-    routing weights row_weight_ptr[u, :] (folded into the per-token factor that scales every k
-    step's product). The products are transposed, [BLOCK_H, T_PAD], as kernels/moe_fp8.py
-    makes them; y returned [T_PAD, BLOCK_H]."""
+                     DOT: tl.constexpr, SHARE_PAD: tl.constexpr):
+    """_down_shares for FP8 weights (no shared expert) over used experts first .. end (at most
+    SHARE_PAD of them), from what _fp8_decode_item wrote: act rows u * T_PAD + t, the expert
+    used_ptr[u], the tokens' routing weights row_weight_ptr[u, :] (folded into the per-token
+    factor that scales every k step's product). The products are transposed, [BLOCK_H, T_PAD],
+    as kernels/moe_fp8.py makes them; y returned [T_PAD, BLOCK_H].
+
+    The share's experts are loaded once, before the loop, and each step picks its own from
+    registers: a weight tile's address that waited on a load in the same step kept the
+    pipeline from running ahead (one memory latency per step: 17.5 us for 15 experts' down on
+    the H200, whose bytes need 3.7).
+    """
     offs_h = h0 + tl.arange(0, BLOCK_H)
     t = tl.arange(0, T_PAD)
+    lane = tl.arange(0, SHARE_PAD)
+    share = tl.load(used_ptr + first + lane, mask=lane < end - first, other=0).to(tl.int64)
     y_t = tl.zeros((BLOCK_H, T_PAD), dtype=tl.float32)
-    # One loop nest, flattened by the compiler into one pipelined loop: weight tiles stay in
-    # flight across experts.
-    for u in tl.range(first, end, flatten=True):
-        expert = tl.load(used_ptr + u).to(tl.int64)
+    k_steps = tl.cdiv(I, BLOCK_K)
+    # One flat loop over (expert, k step): weight tiles stay in flight across experts.
+    for step in range(first * k_steps, end * k_steps):
+        u = step // k_steps
+        k0 = (step % k_steps) * BLOCK_K
+        expert = tl.sum(tl.where(lane == u - first, share, 0), 0)
         weight = tl.load(row_weight_ptr + u * T_PAD + t)[None, :]
-        for k0 in range(0, I, BLOCK_K):
-            y_t = fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss,
-                                (u * T_PAD + t).to(tl.int64), t >= 0, weight, k0, I, y_t,
-                                w_ptr + expert * stride_we + offs_h[:, None] * stride_wh,
-                                stride_wi, h0, offs_h, s_ptr, expert, stride_se, stride_sn,
-                                stride_sk, H, BLOCK_K, PRECISION, SCALE_N, SCALE_K, BLOCK_H,
-                                ACT_CHUNK, FP8_BITS, DOT16)
+        y_t = fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss,
+                            (u * T_PAD + t).to(tl.int64), t >= 0, weight, k0, I, y_t,
+                            w_ptr + expert * stride_we + offs_h[:, None] * stride_wh, stride_wi,
+                            h0, offs_h, s_ptr, expert, stride_se, stride_sn, stride_sk, H,
+                            BLOCK_K, PRECISION, SCALE_N, SCALE_K, BLOCK_H, ACT_CHUNK, FP8_BITS,
+                            DOT)
     return tl.trans(y_t)
 
 
@@ -548,8 +559,9 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
                                    SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
                                    FP8_BITS: tl.constexpr = False, act_scale_ptr=None,
                                    stride_ss=0, ACT_CHUNK: tl.constexpr = 128,
-                                   DOT16: tl.constexpr = False, used_ptr=None,
-                                   row_weight_ptr=None, PDL: tl.constexpr = False):
+                                   DOT: tl.constexpr = "model", used_ptr=None,
+                                   row_weight_ptr=None, SHARE_PAD: tl.constexpr = 1,
+                                   PDL: tl.constexpr = False):
     """out[:, BLOCK_H columns] = sum over used experts e of w[:, e] * act_e W_down[e]^T.
 
     Program (h, s) takes BLOCK_H columns of H and the s-th of EXPERT_SPLITS contiguous shares
@@ -564,8 +576,9 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     out_ptr [T, H]; partial_ptr fp32 [EXPERT_SPLITS, T, H] and arrivals_ptr int32 [cdiv(H,
     BLOCK_H)] (zeroed), both None with one split; shared_ptr [H, I] or None. BLOCK_K: reduction
     step along I; the pads as in moe_gate_up_decode_kernel. s_ptr, SCALE_N/K, FP8_BITS,
-    act_scale_ptr, ACT_CHUNK, DOT16: FP8 weights as in moe_down_kernel (not with HAS_SHARED),
-    their act rows, used_ptr and row_weight_ptr as moe_gate_up_decode_kernel wrote them.
+    act_scale_ptr, ACT_CHUNK, DOT: FP8 weights as in moe_down_kernel (not with HAS_SHARED),
+    their act rows, used_ptr and row_weight_ptr as moe_gate_up_decode_kernel wrote them;
+    SHARE_PAD: a power of two >= the experts of one share, cdiv(U, EXPERT_SPLITS).
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     _, _, used, rank = _expert_buckets(ids_ptr, T * TOP_K, E, S_PAD, NUM_BINS)
@@ -592,7 +605,8 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
         y = _fp8_down_shares(act_ptr, stride_as, act_scale_ptr, stride_ss, w_ptr, stride_we,
                              stride_wh, stride_wi, s_ptr, stride_se, stride_sn, stride_sk,
                              used_ptr, row_weight_ptr, h0, first, end, H, I, T_PAD, BLOCK_H,
-                             BLOCK_K, PRECISION, SCALE_N, SCALE_K, ACT_CHUNK, FP8_BITS, DOT16)
+                             BLOCK_K, PRECISION, SCALE_N, SCALE_K, ACT_CHUNK, FP8_BITS, DOT,
+                             SHARE_PAD)
     y = tl.where(nan_row[:, None], float("nan"), y)
     tile_ok = (t < T)[:, None] & h_ok[None, :]
     out_tile = out_ptr + t.to(tl.int64)[:, None] * stride_ot + offs_h[None, :]
