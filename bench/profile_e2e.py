@@ -7,7 +7,9 @@ profiles a few eager forwards (torch.profiler, CUDA kernel durations) and times 
 replayed from a CUDA graph. Prints, per policy, each kernel's total time per forward, its count,
 and the graphed forward's time against the sum of its kernels (the rest: gaps between kernels).
 
-    python bench/profile_e2e.py --layers 4 --prefix 512 --batch 1
+    python bench/profile_e2e.py --layers 4 --prefix 512 --batch 1 [--fp8]
+
+--fp8 quantizes the routed experts to FP8 (128 x 128 blocks) first, as `bench_e2e.py --fp8` does.
 """
 from __future__ import annotations
 
@@ -63,11 +65,12 @@ def main(argv=None):
     ap.add_argument("--prefix", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--fp8", action="store_true", help="FP8 routed experts (issue 16)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     config = LLaDA2MoeConfig(num_hidden_layers=args.layers)
     model = build_model(config, dev)
-    patch_model(model, RoutingPolicy.token())
+    patch_model(model, RoutingPolicy.token(), expert_dtype="fp8" if args.fp8 else None)
     step = prepare_step(model, args.batch, args.prefix)
     fn = step_fn(model, step)
     for name, policy in (("token", RoutingPolicy.token()), ("dmoe p=0.6", RoutingPolicy.dmoe(0.6, 16))):
@@ -78,7 +81,8 @@ def main(argv=None):
             graphed = time_ms(lambda: [graph.replay() for _ in range(50)], 50, 5, dev)
         kernels_us = sum(t for t, _ in times.values())
         launches = sum(n for _, n in times.values())
-        print(f"\n## {name}: {args.layers} layers, batch {args.batch}, prefix {args.prefix}")
+        print(f"\n## {name}: {args.layers} layers, batch {args.batch}, prefix {args.prefix}"
+              f"{', FP8 experts' if args.fp8 else ''}")
         print(f"graphed forward {graphed * 1e3:.1f} us; kernels {kernels_us:.1f} us in "
               f"{launches:.0f} launches; gaps {graphed * 1e3 - kernels_us:.1f} us")
         print("| us/forward | launches | kernel |\n|---|---|---|")
