@@ -149,7 +149,8 @@ class DecodeConfig:
     # (kernels/moe_fp8.py): "fp16", weights converted exactly, activations scaled exactly into
     # fp16's range; "fp8", activations quantized to e4m3 per token and group (FP8 tensor cores,
     # no conversion of the weights: W8A8, as DeepSeek-V3's 1 x 128 groups); "model", weights
-    # converted to bf16.
+    # converted to bf16. FP8 weights' defaults (DEFAULT_*_FP8) take "fp8"; a config built
+    # without it (e.g. one forced through override) takes "fp16".
     dot: str = "fp16"
     # With the fp16 dot: the activations scaled and converted once, by one more launch
     # (scaled_rows_kernel), instead of in every gate/up program's every k step. The fp8 dot
@@ -286,9 +287,10 @@ def fp8_bits(device: torch.device) -> bool:
     """True: read FP8 expert weights as uint8 bytes and decode them with integer ops (exact),
     because Triton has no e4m3 type below sm_89 (a float8e4nv pointer does not compile there);
     False: native e4m3 loads and conversions (sm_89+: Ada, Hopper; and Triton's interpreter,
-    which loads torch.float8_e4m3fn tensors). Both dequantize in the k loop with activations
-    in their own dtype, so FP8 experts run, and give the same values, on any GPU. The choice
-    is forced with override(fp8_bits=...)."""
+    which loads torch.float8_e4m3fn tensors). FP8 experts run on any GPU; the byte reads take
+    the fp16 dot (exact activations), so where the native reads run the fp8 dot (W8A8, the
+    default) the values differ by its activation rounding (moe.scaled_dot). The choice is
+    forced with override(fp8_bits=...)."""
     forced = _current("fp8_bits")
     if forced is not None:
         return forced
@@ -318,6 +320,7 @@ def pdl(device: torch.device) -> dict:
 
 
 FP8_DOT_MIN_K = 32  # an e4m3 wgmma takes k in steps of 32
+FP8_DOT_MAX_GROUP = 128  # the fp8 dot's widest activation group (= the gate/up's block_i)
 
 
 def fit_scale_blocks(config, block_k: int):
@@ -329,8 +332,9 @@ def fit_scale_blocks(config, block_k: int):
       divides it), so a k step lies in one scale block.
     - The fp8 dot quantizes activations per token in groups of block_k columns (DeepSeek-V3's
       1 x 128), and the gate/up's work items write the act rows' groups, so its block_i becomes
-      block_k. Where block_k is no power of two >= FP8_DOT_MIN_K, the fp8 dot cannot run and
-      the config takes the fp16 dot instead (exact activations: more precise, not less).
+      block_k. Where block_k is no power of two in [FP8_DOT_MIN_K, FP8_DOT_MAX_GROUP] (wider
+      gate/up tiles would not fit shared memory), the fp8 dot cannot run and the config takes
+      the fp16 dot instead (exact activations: more precise, not less).
     """
     def fit(step: int) -> int:
         while block_k % step:
@@ -339,7 +343,7 @@ def fit_scale_blocks(config, block_k: int):
 
     changes = dict(k_tile_gate_up=fit(config.k_tile_gate_up), k_tile_down=fit(config.k_tile_down))
     if config.dot == "fp8":
-        if block_k >= FP8_DOT_MIN_K and not block_k & (block_k - 1):
+        if FP8_DOT_MIN_K <= block_k <= FP8_DOT_MAX_GROUP and not block_k & (block_k - 1):
             changes["block_i"] = block_k
         else:
             changes["dot"] = "fp16"

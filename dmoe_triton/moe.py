@@ -16,8 +16,7 @@ from .config import RouterConfig, RoutingPolicy
 from .launch import (ALIGN_MAX_SLOTS, DECODE_MAX_TOKENS, DEFAULT_COMBINE,  # noqa: F401 (re-exported)
                      DEFAULT_DECODE, DEFAULT_GROUPED, FP8_DOT_MIN_K, CombineLaunch, DecodeConfig,
                      GroupedConfig, align_launch, dot_precision, fit_scale_blocks, fp8_bits,
-                     moe_launch,
-                     pdl, persistent_grid, pipeline_stages)
+                     moe_launch, pdl, persistent_grid, pipeline_stages)
 from .modules import bf16_copy, keep_fp32_router_state
 from .quant import (DEFAULT_BLOCK, FP8_DTYPE, Fp8Scales, check_block, dequantize_experts,
                     quantize_experts)
@@ -149,9 +148,10 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     dtype, or float8_e4m3fn with `scales` (FP8 experts: dmoe_triton/quant.py, an Fp8Scales of
     fp32 block scales; a missing or mis-shaped scale is a ValueError naming it). With bf16
     activations FP8 experts run W8A8 by default, as DeepSeek-V3's FP8 inference does: the
-    activations are quantized to e4m3 per token and 128 columns (power-of-two scales) for FP8
-    tensor cores; the reference dequantizes the weights and quantizes the activations the same
-    way (launch.DecodeConfig.dot; "fp16" keeps the activations exact). Returns [T, H] in
+    activations are quantized to e4m3 per token in groups of the scale blocks' width (128 in
+    published checkpoints; power-of-two scales) for FP8 tensor cores; the reference
+    dequantizes the weights and quantizes the activations the same way
+    (launch.DecodeConfig.dot; "fp16" keeps the activations exact). Returns [T, H] in
     hidden's dtype, accumulated in fp32, contiguous. Every input may be any strided view
     (transposed, sliced, offset, expanded): the values are the same.
 

@@ -104,6 +104,8 @@ def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
     (e4m3 has no inf: the kernels make its products NaN, never finite)."""
     acc = torch.promote_types(x.dtype, torch.float32)
     k = x.shape[-1]
+    if x.numel() == 0:
+        return x.to(acc)
     groups = torch.nn.functional.pad(x.to(acc), (0, _cdiv(k, group) * group - k))
     groups = groups.reshape(*x.shape[:-1], -1, group)
     amax = groups.abs().amax(dim=-1, keepdim=True)

@@ -347,7 +347,7 @@ def test_fp8_dot_groups_follow_the_scale_blocks():
     is refused where the config is built."""
     fitted = launch.fit_scale_blocks(DecodeConfig(dot="fp8", block_i=32), 128)
     assert (fitted.dot, fitted.block_i) == ("fp8", 128)
-    for width in (16, 48, 96):
+    for width in (16, 48, 96, 256):  # the widest group is 128: a wider tile would not fit
         assert launch.fit_scale_blocks(GroupedConfig(dot="fp8"), width).dot == "fp16"
     hidden = torch.zeros(4, 256, dtype=torch.bfloat16)
     scales = Fp8Scales(torch.ones(1, 2, 2), torch.ones(1, 2, 1), (128, 128))
@@ -391,6 +391,10 @@ def test_quantize_activations_rounds_to_e4m3_per_group(seed, group, spread):
             p = min(8 - int(torch.frexp(amax).exponent), 126)
             want = e4m3_nearest(chunk * 2.0 ** p) * 2.0 ** -p
             assert torch.equal(got[row, start:start + group], want), (row, start)
+
+
+def test_quantize_activations_of_no_rows():
+    assert quantize_activations(torch.empty(0, 96, dtype=torch.bfloat16), 32).shape == (0, 96)
 
 
 def test_quantized_group_with_inf_or_nan_is_nan():
