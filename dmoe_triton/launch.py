@@ -245,8 +245,8 @@ DEFAULT_COMBINE = CombineLaunch()
 # unique experts, 32 tokens (31 / 52% of copy bandwidth counting FP8 bytes; the fp16 dot took
 # 51.9 / 140.1 in the same run) and 392 us at 16 x 32 tokens (30%; fp16 dot 542). The down
 # still reads at a fraction of the bandwidth (a per-kernel profile: 17 us at 15 experts, whose
-# bytes need 3.7): each k step waits on small loads (block scale, act scales, routing
-# weights) that the pipeliner does not run ahead (docs/moe.md).
+# bytes need 3.7), partly because each k step waits on small loads (block scale, act scales,
+# routing weights) that the pipeliner does not run ahead (docs/moe.md).
 DEFAULT_DECODE_FP8 = DecodeConfig(block_i=128, k_tile_gate_up=128, warps_gate_up=4,
                                   stages_gate_up=4, programs_per_sm=2, block_h=64,
                                   k_tile_down=128, warps_down=4, stages_down=6, down_splits=8,

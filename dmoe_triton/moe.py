@@ -525,7 +525,6 @@ def decode_down_combine(acts: ActRows, ids, weights, w_down, out, arrivals,
         shared_ptr=shared_down, T=T, H=H, I=inter, E=E, TOP_K=top_k,
         BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down, EXPERT_SPLITS=cfg.down_splits,
         HAS_SHARED=shared_down is not None, num_warps=cfg.warps_down,
-        SHARE_PAD=triton.next_power_of_2(triton.cdiv(min(E, T * top_k), cfg.down_splits)),
         num_stages=pipeline_stages(cfg.stages_down, acts.act.dtype),
         **_decode_pads(T, top_k, E, acts.act.dtype), **pdl(out.device))
     return out

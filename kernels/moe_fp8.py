@@ -65,9 +65,9 @@ def _round_to_e4m3(v):
     """fp32 v (|v| <= 256) rounded to the nearest e4m3 value, ties to even, still fp32: from
     2**-6 up (normal e4m3) by dropping 20 of fp32's 23 mantissa bits with a rounding carry;
     below, to the subnormal step 2**-9 (an add and subtract of 1.5 * 2**14, whose fp32 ulp is
-    2**-9; the sign put back). Done here, not by the e4m3 conversion, whose rounding the interpreter (triton 3.9)
-    gets wrong where the mantissa carries into the exponent (7.81 -> 4, not 8); the conversion
-    of the rounded value is exact on every backend. NaN stays NaN."""
+    2**-9; the sign put back). Done here, not by the e4m3 conversion, whose rounding the
+    interpreter (triton 3.9) gets wrong where the mantissa carries into the exponent (7.81 ->
+    4, not 8); the conversion of the rounded value is exact on every backend. NaN stays NaN."""
     bits = v.to(tl.int32, bitcast=True)
     normal = (bits + ((bits >> 20) & 1) + 0x7FFFF) & -1048576  # -1048576: ~0xFFFFF
     magnitude = ((tl.abs(v) + 24576.0) - 24576.0).to(tl.int32, bitcast=True)

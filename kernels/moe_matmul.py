@@ -513,36 +513,27 @@ def _fp8_down_shares(act_ptr, stride_as, act_scale_ptr, stride_ss, w_ptr, stride
                      h0, first, end, H, I, T_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SCALE_N: tl.constexpr,
                      SCALE_K: tl.constexpr, ACT_CHUNK: tl.constexpr, FP8_BITS: tl.constexpr,
-                     DOT: tl.constexpr, SHARE_PAD: tl.constexpr):
-    """_down_shares for FP8 weights (no shared expert) over used experts first .. end (at most
-    SHARE_PAD of them), from what _fp8_decode_item wrote: act rows u * T_PAD + t, the expert
-    used_ptr[u], the tokens' routing weights row_weight_ptr[u, :] (folded into the per-token
-    factor that scales every k step's product). The products are transposed, [BLOCK_H, T_PAD],
-    as kernels/moe_fp8.py makes them; y returned [T_PAD, BLOCK_H].
-
-    The share's experts are loaded once, before the loop, and each step picks its own from
-    registers: a weight tile's address that waited on a load in the same step kept the
-    pipeline from running ahead (one memory latency per step: 17.5 us for 15 experts' down on
-    the H200, whose bytes need 3.7).
-    """
+                     DOT: tl.constexpr):
+    """_down_shares for FP8 weights (no shared expert) over used experts first .. end, from
+    what _fp8_decode_item wrote: act rows u * T_PAD + t, the expert used_ptr[u], the tokens'
+    routing weights row_weight_ptr[u, :] (folded into the per-token factor that scales every k
+    step's product). The products are transposed, [BLOCK_H, T_PAD], as kernels/moe_fp8.py
+    makes them; y returned [T_PAD, BLOCK_H]."""
     offs_h = h0 + tl.arange(0, BLOCK_H)
     t = tl.arange(0, T_PAD)
-    lane = tl.arange(0, SHARE_PAD)
-    share = tl.load(used_ptr + first + lane, mask=lane < end - first, other=0).to(tl.int64)
     y_t = tl.zeros((BLOCK_H, T_PAD), dtype=tl.float32)
-    k_steps = tl.cdiv(I, BLOCK_K)
-    # One flat loop over (expert, k step): weight tiles stay in flight across experts.
-    for step in range(first * k_steps, end * k_steps):
-        u = step // k_steps
-        k0 = (step % k_steps) * BLOCK_K
-        expert = tl.sum(tl.where(lane == u - first, share, 0), 0)
+    # One loop nest, flattened by the compiler into one pipelined loop: weight tiles stay in
+    # flight across experts.
+    for u in tl.range(first, end, flatten=True):
+        expert = tl.load(used_ptr + u).to(tl.int64)
         weight = tl.load(row_weight_ptr + u * T_PAD + t)[None, :]
-        y_t = fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss,
-                            (u * T_PAD + t).to(tl.int64), t >= 0, weight, k0, I, y_t,
-                            w_ptr + expert * stride_we + offs_h[:, None] * stride_wh, stride_wi,
-                            h0, offs_h, s_ptr, expert, stride_se, stride_sn, stride_sk, H,
-                            BLOCK_K, PRECISION, SCALE_N, SCALE_K, BLOCK_H, ACT_CHUNK, FP8_BITS,
-                            DOT)
+        for k0 in range(0, I, BLOCK_K):
+            y_t = fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss,
+                                (u * T_PAD + t).to(tl.int64), t >= 0, weight, k0, I, y_t,
+                                w_ptr + expert * stride_we + offs_h[:, None] * stride_wh,
+                                stride_wi, h0, offs_h, s_ptr, expert, stride_se, stride_sn,
+                                stride_sk, H, BLOCK_K, PRECISION, SCALE_N, SCALE_K, BLOCK_H,
+                                ACT_CHUNK, FP8_BITS, DOT)
     return tl.trans(y_t)
 
 
@@ -560,8 +551,7 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
                                    FP8_BITS: tl.constexpr = False, act_scale_ptr=None,
                                    stride_ss=0, ACT_CHUNK: tl.constexpr = 128,
                                    DOT: tl.constexpr = "model", used_ptr=None,
-                                   row_weight_ptr=None, SHARE_PAD: tl.constexpr = 1,
-                                   PDL: tl.constexpr = False):
+                                   row_weight_ptr=None, PDL: tl.constexpr = False):
     """out[:, BLOCK_H columns] = sum over used experts e of w[:, e] * act_e W_down[e]^T.
 
     Program (h, s) takes BLOCK_H columns of H and the s-th of EXPERT_SPLITS contiguous shares
@@ -577,8 +567,7 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     BLOCK_H)] (zeroed), both None with one split; shared_ptr [H, I] or None. BLOCK_K: reduction
     step along I; the pads as in moe_gate_up_decode_kernel. s_ptr, SCALE_N/K, FP8_BITS,
     act_scale_ptr, ACT_CHUNK, DOT: FP8 weights as in moe_down_kernel (not with HAS_SHARED),
-    their act rows, used_ptr and row_weight_ptr as moe_gate_up_decode_kernel wrote them;
-    SHARE_PAD: a power of two >= the experts of one share, cdiv(U, EXPERT_SPLITS).
+    their act rows, used_ptr and row_weight_ptr as moe_gate_up_decode_kernel wrote them.
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     _, _, used, rank = _expert_buckets(ids_ptr, T * TOP_K, E, S_PAD, NUM_BINS)
@@ -605,8 +594,7 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
         y = _fp8_down_shares(act_ptr, stride_as, act_scale_ptr, stride_ss, w_ptr, stride_we,
                              stride_wh, stride_wi, s_ptr, stride_se, stride_sn, stride_sk,
                              used_ptr, row_weight_ptr, h0, first, end, H, I, T_PAD, BLOCK_H,
-                             BLOCK_K, PRECISION, SCALE_N, SCALE_K, ACT_CHUNK, FP8_BITS, DOT,
-                             SHARE_PAD)
+                             BLOCK_K, PRECISION, SCALE_N, SCALE_K, ACT_CHUNK, FP8_BITS, DOT)
     y = tl.where(nan_row[:, None], float("nan"), y)
     tile_ok = (t < T)[:, None] & h_ok[None, :]
     out_tile = out_ptr + t.to(tl.int64)[:, None] * stride_ot + offs_h[None, :]
