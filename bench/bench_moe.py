@@ -56,9 +56,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from dmoe_triton import RouterConfig, RoutingPolicy, launch, route  # noqa: E402
-from dmoe_triton.launch import (DECODE_MAX_TOKENS, DEFAULT_DECODE, DEFAULT_DECODE_FP8,  # noqa: E402
-                                DEFAULT_GROUPED, DEFAULT_GROUPED_FP8, DecodeConfig,
-                                fit_scale_blocks)
+from dmoe_triton.launch import (DEFAULT_DECODE, DEFAULT_DECODE_FP8, DEFAULT_GROUPED,  # noqa: E402
+                                DEFAULT_GROUPED_FP8, DecodeConfig, fit_scale_blocks)
 from dmoe_triton.moe import (decode_down_combine, decode_gate_up, down_arrivals,  # noqa: E402
                              fp8_activation_groups, moe_forward_triton)
 from dmoe_triton.quant import dequantize_experts, quantize_experts  # noqa: E402
@@ -530,9 +529,9 @@ def check_fp8(routed, layer8, max_err, decode=None, grouped=None, bits=(False, T
     dtype = DTYPE if wg.is_cuda else torch.float32  # the interpreter's bf16 tl.dot is wrong
     for row in routed:
         hidden = torch.randn(row["tokens"], wg.shape[2], generator=gen).to(wg.device, dtype)
-        path = "decode" if row["tokens"] <= DECODE_MAX_TOKENS else "grouped"
-        config = (decode or DEFAULT_DECODE_FP8) if path == "decode" else \
-            (grouped or DEFAULT_GROUPED_FP8)
+        plan = launch.moe_launch(row["tokens"], row["ids"].shape[1], wg.shape[0], dtype,
+                                 wg.device, fp8=True)
+        config = (decode or plan.decode) if plan.path == "decode" else (grouped or plan.grouped)
         for read_bits in bits:
             with launch.override(fp8_bits=read_bits):
                 ref = fp8_reference(hidden, row, dequantized, scales, config)

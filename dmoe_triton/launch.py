@@ -333,8 +333,9 @@ def fit_scale_blocks(config, block_k: int):
     - The fp8 dot quantizes activations per token in groups of block_k columns (DeepSeek-V3's
       1 x 128), and the gate/up's work items write the act rows' groups, so its block_i becomes
       block_k. Where block_k is no power of two in [FP8_DOT_MIN_K, FP8_DOT_MAX_GROUP] (wider
-      gate/up tiles would not fit shared memory), the fp8 dot cannot run and the config takes
-      the fp16 dot instead (exact activations: more precise, not less).
+      gate/up tiles would not fit shared memory), or a fitted k step is under FP8_DOT_MIN_K
+      (a forced config's), the fp8 dot cannot run and the config takes the fp16 dot instead
+      (exact activations: more precise, not less).
     """
     def fit(step: int) -> int:
         while block_k % step:
@@ -343,7 +344,8 @@ def fit_scale_blocks(config, block_k: int):
 
     changes = dict(k_tile_gate_up=fit(config.k_tile_gate_up), k_tile_down=fit(config.k_tile_down))
     if config.dot == "fp8":
-        if FP8_DOT_MIN_K <= block_k <= FP8_DOT_MAX_GROUP and not block_k & (block_k - 1):
+        group_ok = FP8_DOT_MIN_K <= block_k <= FP8_DOT_MAX_GROUP and not block_k & (block_k - 1)
+        if group_ok and min(changes.values()) >= FP8_DOT_MIN_K:
             changes["block_i"] = block_k
         else:
             changes["dot"] = "fp16"

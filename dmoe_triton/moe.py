@@ -14,9 +14,9 @@ import triton
 
 from .config import RouterConfig, RoutingPolicy
 from .launch import (ALIGN_MAX_SLOTS, DECODE_MAX_TOKENS, DEFAULT_COMBINE,  # noqa: F401 (re-exported)
-                     DEFAULT_DECODE, DEFAULT_GROUPED, FP8_DOT_MIN_K, CombineLaunch, DecodeConfig,
-                     GroupedConfig, align_launch, dot_precision, fit_scale_blocks, fp8_bits,
-                     moe_launch, pdl, persistent_grid, pipeline_stages)
+                     DEFAULT_DECODE, DEFAULT_GROUPED, CombineLaunch, DecodeConfig, GroupedConfig,
+                     align_launch, dot_precision, fit_scale_blocks, fp8_bits, moe_launch, pdl,
+                     persistent_grid, pipeline_stages)
 from .modules import bf16_copy, keep_fp32_router_state
 from .quant import (DEFAULT_BLOCK, FP8_DTYPE, Fp8Scales, check_block, dequantize_experts,
                     quantize_experts)
@@ -267,14 +267,13 @@ _SCALED_DTYPES = {"fp16": torch.float16, "fp8": FP8_DTYPE}
 
 def scaled_dot(hidden, config, fp8) -> str:
     """The FP8 weights' dot (kernels/moe_fp8.py) for bf16 activations under `config` (already
-    fitted: launch.fit_scale_blocks): config.dot, except that "fp8" becomes "fp16" where FP8
-    tensor cores cannot take it: weights read as bytes (GPUs below sm_89: launch.fp8_bits) or a
-    k step under FP8_DOT_MIN_K (such a forced config). Other activations and bf16 weights:
-    "model"."""
+    fitted: launch.fit_scale_blocks, which also decides where the fp8 dot cannot run for the
+    config's shapes): config.dot, except that "fp8" becomes "fp16" for weights read as bytes
+    (GPUs below sm_89, no FP8 tensor cores: launch.fp8_bits). Other activations and bf16
+    weights: "model"."""
     if fp8 is None or hidden.dtype != torch.bfloat16:
         return "model"
-    if config.dot == "fp8" and (fp8[2] or min(config.k_tile_gate_up,
-                                               config.k_tile_down) < FP8_DOT_MIN_K):
+    if config.dot == "fp8" and fp8[2]:
         return "fp16"
     return config.dot
 

@@ -349,6 +349,8 @@ def test_fp8_dot_groups_follow_the_scale_blocks():
     assert (fitted.dot, fitted.block_i) == ("fp8", 128)
     for width in (16, 48, 96, 256):  # the widest group is 128: a wider tile would not fit
         assert launch.fit_scale_blocks(GroupedConfig(dot="fp8"), width).dot == "fp16"
+    # a forced k step under 32 (an e4m3 wgmma's k) too
+    assert launch.fit_scale_blocks(DecodeConfig(dot="fp8", k_tile_down=16), 128).dot == "fp16"
     hidden = torch.zeros(4, 256, dtype=torch.bfloat16)
     scales = Fp8Scales(torch.ones(1, 2, 2), torch.ones(1, 2, 1), (128, 128))
     assert fp8_activation_groups(hidden, DecodeConfig(dot="fp8"), scales) == (128, 128)
