@@ -32,9 +32,9 @@ the rows gain "capacity 48", the checkpoint's own block routing, beside dMoE on 
 FP8 experts (issue 16), one sequence, prefix 512, calibrated router, token and dMoE p=0.6:
     PYTHONUNBUFFERED=1 python bench/bench_e2e.py --fp8 --out $OUT     # mini, bf16 then FP8 rows
     PYTHONUNBUFFERED=1 python bench/bench_e2e.py --flash --out $OUT   # LLaDA2.0-flash in FP8
---fp8 times the bf16 model, quantizes its routed experts in place (128 x 128 blocks) and times the
-same step again, with the logits' agreement against bf16 per policy (relative error, argmax
-agreement); --flash builds LLaDA2.0-flash with random FP8 experts directly on the GPU (never the
+--fp8 times the bf16 model, quantizes its routed and shared experts in place (128 x 128 blocks)
+and times the same step again, with the logits' agreement against bf16 per policy (relative
+error, argmax agreement); --flash builds LLaDA2.0-flash with random FP8 experts directly on the GPU (never the
 206 GB bf16 model): ms per forward, tokens/s, unique experts, peak memory. Both take --smoke
 (the SMALL config on the CPU). Written to e2e_fp8.* / e2e_flash.*.
 
@@ -791,8 +791,8 @@ def write_fp8_report(args, rows, device_name) -> str:
     pair = {r["policy"]: r for r in rows if "ms" in r}
     fp8, bf16 = pair.get("dmoe p=0.6 fp8"), pair.get("dmoe p=0.6 bf16")
     if fp8 and bf16:
-        # The floors' ratio bounds what any kernel can reach: only the routed experts are FP8,
-        # the rest of the forward's bytes (attention, shared experts, lm_head, cache) are not.
+        # The floors' ratio bounds what any kernel can reach: only the routed and shared experts
+        # are FP8, the rest of the forward's bytes (attention, lm_head, cache) are not.
         lines += ["", f"dMoE p=0.6: FP8 / bf16 time = {fp8['ms'] / bf16['ms']:.2f} (target <= "
                       f"0.65); FP8 / bf16 byte floor = {fp8['floor_ms'] / bf16['floor_ms']:.2f} "
                       "(the ratio at which both run at their floors)"]

@@ -20,8 +20,8 @@ token routing against the model's own MoE (official gate, expert loop), dMoE p=0
 the dense training forward (the one stage 2 trained through).
 
 --fp8 (issue 16) instead decodes the same held-out problems with both checkpoints under token
-routing and dMoE p=0.6 twice, with the routed experts in the model's dtype and in FP8 e4m3 (128
-x 128 block scales, quantized at load: `patch_model(..., expert_dtype="fp8")`), and writes
+routing and dMoE p=0.6 twice, with the routed and shared experts in the model's dtype and in FP8
+e4m3 (128 x 128 block scales, quantized at load: `patch_model(..., expert_dtype="fp8")`), and writes
 fidelity_fp8.md / .json: accuracy of each, the difference in points (target: within 1), and the
 share of identical answers.
 """

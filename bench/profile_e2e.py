@@ -9,7 +9,8 @@ and the graphed forward's time against the sum of its kernels (the rest: gaps be
 
     python bench/profile_e2e.py --layers 4 --prefix 512 --batch 1 [--fp8]
 
---fp8 quantizes the routed experts to FP8 (128 x 128 blocks) first, as `bench_e2e.py --fp8` does.
+--fp8 quantizes the routed and shared experts to FP8 (128 x 128 blocks) first, as
+`bench_e2e.py --fp8` does.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def main(argv=None):
     ap.add_argument("--prefix", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--top", type=int, default=30)
-    ap.add_argument("--fp8", action="store_true", help="FP8 routed experts (issue 16)")
+    ap.add_argument("--fp8", action="store_true", help="FP8 routed and shared experts (issue 16)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     config = LLaDA2MoeConfig(num_hidden_layers=args.layers)

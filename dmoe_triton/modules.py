@@ -73,9 +73,10 @@ def non_expert_bytes(model: torch.nn.Module, batch: int, block_length: int = 32)
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     names = {name for name, _ in tensors}
     for name, t in tensors:
-        # shared_gate_up: the shared experts' gate/up, counted once via their module's views.
-        if name.endswith(("w_gate_up", "w_down", "shared_gate_up", "w_gate_up_scale",
-                          "w_down_scale")) or "word_embeddings" in name:
+        # shared_gate_up (and its FP8 scales): the shared experts' gate/up, counted once via
+        # their module's views.
+        if name.endswith(("w_gate_up", "w_down", "shared_gate_up", "shared_gate_up_scale",
+                          "w_gate_up_scale", "w_down_scale")) or "word_embeddings" in name:
             continue
         if name + "_bf16" in names:  # a DMoEBlock's router reads its bf16 gate copy instead
             continue

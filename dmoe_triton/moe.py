@@ -7,6 +7,7 @@ shared expert.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple, Optional
 
 import torch
@@ -18,9 +19,10 @@ from .launch import (ALIGN_MAX_SLOTS, DECODE_MAX_TOKENS, DEFAULT_COMBINE,  # noq
                      align_launch, dot_precision, fit_scale_blocks, fp8_bits, moe_launch, pdl,
                      persistent_grid, pipeline_stages)
 from .modules import bf16_copy, keep_fp32_router_state
-from .quant import (DEFAULT_BLOCK, FP8_DTYPE, Fp8Scales, check_block, dequantize_experts,
-                    quantize_experts)
-from .reference import moe_forward_reference
+from .quant import (DEFAULT_BLOCK, FP8_DTYPE, Fp8Scales, check_block, check_scale,
+                    dequantize_experts, dequantize_shared, expert_scale_shapes, quantize_experts,
+                    quantize_shared)
+from .reference import expert_mlp_reference, moe_forward_reference
 from .router import route_hidden
 from .routing import resolve_backend
 
@@ -111,15 +113,37 @@ def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
         )
 
 
-def check_shared(shared, w_gate_up, w_down, dtype: torch.dtype) -> tuple:
-    """shared must be (gate_up [2I, H], down [H, I]) shaped like one routed expert of
-    w_gate_up [E, 2I, H] / w_down [E, H, I], in `dtype` (hidden's: FP8 routed experts keep a
-    shared expert in the model's dtype) on their device. Returns the pair with the routed experts' strides
-    (the kernels run it with them): the tensors themselves, or copies where a view's strides
-    differ (a transposed or sliced shared expert still gives the right values)."""
+def _routed_strides(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t itself, or a copy with `like`'s strides (the kernels run a shared expert with the
+    routed experts' per-expert strides)."""
+    if t.stride() == like.stride():
+        return t
+    return torch.empty_strided(like.shape, like.stride(), dtype=t.dtype, device=t.device).copy_(t)
+
+
+def check_shared(shared, w_gate_up, w_down, dtype: torch.dtype, scales=None,
+                 check_values: bool = False) -> tuple:
+    """(shared, scales) checked: shared None, or (gate_up [2I, H], down [H, I]) shaped like one
+    routed expert of w_gate_up [E, 2I, H] / w_down [E, H, I] on their device, in `dtype`
+    (hidden's); with FP8 routed experts (scales, an Fp8Scales) FP8 too, its block scales in
+    scales.shared (quant.quantize_shared), as one more expert of the same launches. Returns the
+    pair (and scales.shared) with the routed experts' strides: the tensors themselves, or
+    copies where a view's strides differ (a transposed or sliced shared expert still gives the
+    right values). check_values: the scales' values too (a host sync: quant.check_scale).
+    TypeError / ValueError naming the tensor."""
+    has_scales = scales is not None and scales.shared is not None
+    if shared is None:
+        if has_scales:
+            raise ValueError("scales.shared holds a shared expert's scales but shared is None")
+        return None, scales
     if not (isinstance(shared, (tuple, list)) and len(shared) == 2
             and all(isinstance(t, torch.Tensor) for t in shared)):
         raise TypeError("shared must be None or a pair of tensors (gate_up [2I, H], down [H, I])")
+    if scales is not None:
+        if not has_scales:
+            raise ValueError("with FP8 routed experts the shared expert must be FP8 too: pass "
+                             "its block scales as scales.shared (quant.quantize_shared)")
+        dtype = FP8_DTYPE
     restrided = []
     for name, t, like in (("shared[0] (gate_up)", shared[0], w_gate_up[0]),
                           ("shared[1] (down)", shared[1], w_down[0])):
@@ -129,11 +153,15 @@ def check_shared(shared, w_gate_up, w_down, dtype: torch.dtype) -> tuple:
         if t.dtype != dtype or t.device != like.device:
             raise TypeError(f"{name} must be {dtype} on {like.device}, got {t.dtype} on "
                             f"{t.device}")
-        if t.stride() != like.stride():
-            t = torch.empty_strided(like.shape, like.stride(), dtype=t.dtype,
-                                    device=t.device).copy_(t)
-        restrided.append(t)
-    return tuple(restrided)
+        restrided.append(_routed_strides(t, like))
+    if scales is None:
+        return tuple(restrided), None
+    shared_scales = []
+    for name, t, s, like in (("shared[0]", shared[0], scales.shared[0], scales.gate_up[0]),
+                             ("shared[1]", shared[1], scales.shared[1], scales.down[0])):
+        check_scale(name, t, s, scales.block, like.shape, check_values)
+        shared_scales.append(_routed_strides(s, like))
+    return tuple(restrided), replace(scales, shared=tuple(shared_scales))
 
 
 def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -170,13 +198,12 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     shared: optional (gate_up [2I, H], down [H, I]) of a shared expert (copied to the routed
     experts' per-expert strides where a view's differ, so pass them for no copy): every token
     adds it with weight 1, inside the same fp32 sum (on the decode path, one more expert of the
-    same two launches instead of three more kernels). With FP8 routed experts the shared one
-    stays in hidden's dtype and runs as torch GEMMs added after, in fp32.
+    same two launches instead of three more kernels). With FP8 routed experts it is FP8 too,
+    its block scales in scales.shared (quant.quantize_shared), and runs exactly as a routed
+    expert does (dot, activation groups); in another dtype it is a ValueError.
     Launch path and tile shapes: dmoe_triton.launch (moe_launch; `launch.override` forces them).
     """
     check_moe_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down, scales)
-    if shared is not None:
-        shared = check_shared(shared, w_gate_up, w_down, hidden.dtype)
     if out is not None:
         check_out(out, hidden)
     backend = resolve_backend(backend, hidden.device)
@@ -189,13 +216,15 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         check_ids_in_range(topk_ids, w_gate_up.shape[0])
     if scales is not None:
         scales.check(w_gate_up, w_down, check_values=check_ids)
+    shared, scales = check_shared(shared, w_gate_up, w_down, hidden.dtype, scales, check_ids)
     if backend == "reference":
         groups = None
         if scales is not None:  # the reference of FP8 experts: dequantize, then the same path
             groups = fp8_activation_groups(hidden, _launch_config(hidden, topk_ids, w_gate_up),
                                            scales)
-            w_gate_up, w_down = dequantize_experts(w_gate_up, w_down, scales,
-                                                   torch.promote_types(hidden.dtype, torch.float32))
+            acc = torch.promote_types(hidden.dtype, torch.float32)
+            w_gate_up, w_down = dequantize_experts(w_gate_up, w_down, scales, acc)
+            shared = shared and dequantize_shared(shared, scales, acc)
         y = moe_forward_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, shared,
                                   activation_groups=groups)
         return y if out is None else out.copy_(y)
@@ -459,14 +488,15 @@ def down_arrivals(H: int, device, config: DecodeConfig):
 
 
 def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, shared_gate_up=None,
-                   fp8=None, weights=None) -> ActRows:
+                   fp8=None, weights=None, shared_scale=None) -> ActRows:
     """ActRows for the filled slots: act rows T*top_k (+ T, the shared expert's) by slot; with
     FP8 weights by expert instead (ActRows.used); also zeroes `arrivals` (if any).
 
     hidden [T, H]; ids int [T, top_k] contiguous; w_gate_up [E, 2I, H]; arrivals: down_arrivals'
     counters or None; shared_gate_up: [2I, H] with a routed expert's strides, or None; fp8:
-    FP8 w_gate_up's (scale, block, bits) (_weight_args; not with shared_gate_up), or None;
-    weights: fp32 [T, top_k] routing weights, needed with fp8 (ActRows.row_weight).
+    FP8 w_gate_up's (scale, block, bits) (_weight_args), or None; weights: fp32 [T, top_k]
+    routing weights, needed with fp8 (ActRows.row_weight); shared_scale: with fp8 and
+    shared_gate_up, its scales [2 * cdiv(I, bn), cdiv(H, bk)] with a routed expert's strides.
     """
     from .kernels.moe_matmul import moe_gate_up_decode_kernel
 
@@ -489,7 +519,8 @@ def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, share
         **_weight_args(w_gate_up, ("stride_we", "stride_wn", "stride_wk"), fp8),
         **_act_args(acts, cfg, down=False), ids_ptr=ids,
         weights_ptr=None if fp8 is None else weights, arrivals_ptr=arrivals,
-        n_arrivals=0 if arrivals is None else arrivals.numel(), shared_ptr=shared_gate_up, T=T,
+        n_arrivals=0 if arrivals is None else arrivals.numel(),
+        **_shared_args(shared_gate_up, shared_scale, fp8), T=T,
         H=H, I=inter, E=E, TOP_K=top_k, BLOCK_I=cfg.block_i, BLOCK_K=cfg.k_tile_gate_up,
         HAS_SHARED=has_shared, num_warps=cfg.warps_gate_up,
         num_stages=pipeline_stages(cfg.stages_gate_up, hidden.dtype), **pads,
@@ -497,15 +528,27 @@ def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, share
     return acts
 
 
+def _shared_args(shared_weight, shared_scale, fp8) -> dict:
+    """The decode kernels' shared-expert arguments: its weight (as bytes where the routed
+    weights go so: _weight_args) and, with FP8 weights, its scales."""
+    if shared_weight is not None and fp8 is not None and fp8[2]:
+        shared_weight = shared_weight.view(torch.uint8)
+    args = dict(shared_ptr=shared_weight)
+    if fp8 is not None:
+        args["shared_s_ptr"] = shared_scale
+    return args
+
+
 def decode_down_combine(acts: ActRows, ids, weights, w_down, out, arrivals,
-                        config: DecodeConfig, shared_down=None, fp8=None):
+                        config: DecodeConfig, shared_down=None, fp8=None, shared_scale=None):
     """out = sum over slots of weight * act W_down^T (+ the shared expert's rows of act times
     shared_down^T); `arrivals` must hold zeros (or be None with one split): decode_gate_up
     zeroes them, and the launch leaves them zeroed.
 
     acts: decode_gate_up's; ids int [T, top_k]; weights fp32 [T, top_k]; w_down [E, H, I];
     out [T, H]; shared_down: [H, I] with a routed expert's strides, or None; fp8: FP8
-    w_down's (scale, block, bits) or None (as in decode_gate_up).
+    w_down's (scale, block, bits) or None, shared_scale its shared expert's (as in
+    decode_gate_up).
     """
     from .kernels.moe_matmul import moe_down_combine_decode_kernel
 
@@ -521,7 +564,7 @@ def decode_down_combine(acts: ActRows, ids, weights, w_down, out, arrivals,
         **_weight_args(w_down, ("stride_we", "stride_wh", "stride_wi"), fp8),
         ids_ptr=ids, weights_ptr=weights, out_ptr=out, stride_ot=out.stride(0),
         partial_ptr=partial, arrivals_ptr=None if partial is None else arrivals,
-        shared_ptr=shared_down, T=T, H=H, I=inter, E=E, TOP_K=top_k,
+        **_shared_args(shared_down, shared_scale, fp8), T=T, H=H, I=inter, E=E, TOP_K=top_k,
         BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down, EXPERT_SPLITS=cfg.down_splits,
         HAS_SHARED=shared_down is not None, num_warps=cfg.warps_down,
         num_stages=pipeline_stages(cfg.stages_down, acts.act.dtype),
@@ -530,40 +573,47 @@ def decode_down_combine(acts: ActRows, ids, weights, w_down, out, arrivals,
 
 
 def decode_forward(hidden, ids, weights, w_gate_up, w_down, out, config: DecodeConfig,
-                   shared=None, fp8=None):
+                   shared=None, fp8=None, shared_scales=None):
     """Two launches: gate/up into act [T*k (+T), I], then down + weighted sum straight into out
     (the shared expert, if any, as one more expert that every token uses with weight 1).
-    fp8: (gate_up's, down's) (scale, block, bits) of FP8 weights (_weight_args), or None."""
+    fp8: (gate_up's, down's) (scale, block, bits) of FP8 weights (_weight_args), or None;
+    shared_scales: the FP8 shared expert's (gate_up, down) scales (Fp8Scales.shared)."""
     shared_gate_up, shared_down = shared if shared is not None else (None, None)
     fp8_gate_up, fp8_down = fp8 if fp8 is not None else (None, None)
+    scale_gate_up, scale_down = shared_scales if shared_scales is not None else (None, None)
     arrivals = down_arrivals(hidden.shape[1], hidden.device, config)
     acts = decode_gate_up(hidden, ids, w_gate_up, arrivals, config, shared_gate_up, fp8_gate_up,
-                          weights)
+                          weights, scale_gate_up)
     return decode_down_combine(acts, ids, weights, w_down, out, arrivals, config, shared_down,
-                               fp8_down)
+                               fp8_down, scale_down)
 
 
 def grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, config: GroupedConfig,
-                    shared=None, combine: CombineLaunch = DEFAULT_COMBINE, fp8=None):
-    """Four launches: align, gate/up, down into per-slot partials, combine; a shared expert (many
-    tokens: prefill, not the decoding step) runs as torch GEMMs and is added after, in fp32.
-    fp8 as in decode_forward."""
+                    combine: CombineLaunch = DEFAULT_COMBINE, fp8=None):
+    """Four launches: align, gate/up, down into per-slot partials, combine (routed experts only:
+    moe_forward_triton adds a shared expert). fp8 as in decode_forward."""
     E = w_gate_up.shape[0]
     fp8_gate_up, fp8_down = fp8 if fp8 is not None else (None, None)
     lists = align_slots(ids.view(-1), E)
     acts = expert_gate_up(hidden, w_gate_up, lists, ids.shape[1], config, fp8_gate_up)
     partial = expert_down(acts, w_down, lists, config, fp8_down)
-    out = combine_slots(partial, ids, weights, out, E, combine)
-    if shared is not None:
-        out.copy_(out.float() + shared_expert_fp32(hidden, *shared))
-    return out
+    return combine_slots(partial, ids, weights, out, E, combine)
 
 
-def shared_expert_fp32(hidden, shared_gate_up, shared_down):
-    """down(silu(gate(x)) * up(x)) with fp32 products and activation (the kernels' numerics).
+def shared_expert_fp32(hidden, shared, scales: Optional[Fp8Scales] = None, config=None):
+    """The shared expert alone as torch ops (many tokens, the grouped path: prefill, not the
+    decoding step; or no routed slot): fp32 [T, H].
 
-    hidden [T, H]; shared_gate_up [2I, H]; shared_down [H, I]. Returns fp32 [T, H].
+    hidden [T, H]; shared (gate_up [2I, H], down [H, I]) in hidden's dtype, its act rounded to
+    that dtype as the kernels' act rows are; or FP8 with scales.shared, dequantized, its
+    activations quantized as `config`'s launch quantizes the routed experts'
+    (fp8_activation_groups), so it is the same function as on the decode path.
     """
+    if scales is not None:
+        gate_up, down = dequantize_shared(shared, scales)
+        groups = fp8_activation_groups(hidden, config, scales)
+        return expert_mlp_reference(hidden.float(), gate_up, down, groups)
+    shared_gate_up, shared_down = shared
     inter = shared_gate_up.shape[0] // 2
     gate_up = hidden.float() @ shared_gate_up.float().T
     act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
@@ -580,8 +630,8 @@ def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=No
     T <= DECODE_MAX_TOKENS, else the grouped one, with FP8 weights' own tile shapes; a
     `launch.override` replaces it); given values win over both. FP8 weights (scales given):
     k steps fitted to the scale blocks and the act chunks (launch.fit_scale_blocks), weights
-    read as launch.fp8_bits says, and a shared expert run apart (torch GEMMs in hidden's
-    dtype, added in fp32).
+    read as launch.fp8_bits says. A shared expert is one more expert of the decode launches;
+    on the grouped path it runs apart (shared_expert_fp32) and is added in fp32.
     """
     T, top_k = topk_ids.shape
     # Row-major whatever hidden's layout (empty_like would inherit a transposed hidden's
@@ -589,26 +639,25 @@ def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=No
     out = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if out is None else out
     if T == 0:
         return out
-    if top_k == 0:  # no routed slot: zeros, or the shared expert alone
-        return out.zero_() if shared is None else out.copy_(shared_expert_fp32(hidden, *shared))
     ids, weights = topk_ids.contiguous(), topk_weights.contiguous()
     plan = moe_launch(T, top_k, w_gate_up.shape[0], hidden.dtype, hidden.device,
                       fp8=scales is not None)
     path = plan.path if path == "auto" else path
-    decode, grouped, fp8, apart = decode or plan.decode, grouped or plan.grouped, None, None
+    decode, grouped, fp8 = decode or plan.decode, grouped or plan.grouped, None
     if scales is not None:
         bits = fp8_bits(hidden.device)
         fp8 = tuple((s, scales.block, bits) for s in (scales.gate_up, scales.down))
         decode, grouped = (fit_scale_blocks(c, scales.block[1]) for c in (decode, grouped))
-        shared, apart = None, shared
-    if path == "decode":
-        out = decode_forward(hidden, ids, weights, w_gate_up, w_down, out, decode, shared, fp8)
-    else:
-        out = grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, grouped, shared,
+    if top_k == 0 or path != "decode":  # no routed slot, or the grouped path: shared apart
+        apart = None if shared is None else shared_expert_fp32(
+            hidden, shared, scales, decode if path == "decode" else grouped)
+        if top_k == 0:
+            return out.zero_() if apart is None else out.copy_(apart)
+        out = grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, grouped,
                               plan.combine, fp8)
-    if apart is not None:
-        out.copy_(out.float() + shared_expert_fp32(hidden, *apart))
-    return out
+        return out if apart is None else out.copy_(out.float() + apart)
+    return decode_forward(hidden, ids, weights, w_gate_up, w_down, out, decode, shared, fp8,
+                          None if scales is None else scales.shared)
 
 
 def _required(obj, path: str):
@@ -621,9 +670,11 @@ def _required(obj, path: str):
 
 
 def _refresh_after_load(block, incompatible_keys) -> None:
-    """load_state_dict post-hook: the loaded gate_weight's bf16 copy (a function, not a lambda,
-    so a block still pickles)."""
+    """load_state_dict post-hook: the loaded gate_weight's bf16 copy, and the shared expert's
+    stack again where an assigning load replaced its tensors (a function, not a lambda, so a
+    block still pickles)."""
     block.refresh_gate_copy()
+    block.restack_shared()
 
 
 class DMoEBlock(torch.nn.Module):
@@ -631,7 +682,9 @@ class DMoEBlock(torch.nn.Module):
 
     Expert weights are stacked in transformers 5's layout (w_gate_up [E, 2I, H], w_down [E, H, I]),
     in the model's dtype or, after `quantize_` (or built with `scales`), float8_e4m3fn with fp32
-    block scales in the buffers `w_gate_up_scale` / `w_down_scale` (dmoe_triton/quant.py).
+    block scales in the buffers `w_gate_up_scale` / `w_down_scale` (dmoe_triton/quant.py); the
+    shared expert then is FP8 too, each projection with its `weight_scale_inv` (the published
+    names), and runs as one more expert of the routed launches.
     The routing policy can be switched at run time with `set_policy` (no repacking).
     After each forward, `self.last_route` holds the RouteResult (tensors only, no sync).
     """
@@ -667,11 +720,17 @@ class DMoEBlock(torch.nn.Module):
         self.w_down = torch.nn.Parameter(w_down.detach(), requires_grad=False)
         self.shared_expert = shared_expert
         self.register_buffer("shared_gate_up", self._stack_shared(shared_expert), persistent=False)
+        self.register_buffer("shared_gate_up_scale", None, persistent=False)
         self.register_buffer("w_gate_up_scale", None if scales is None else scales.gate_up)
         self.register_buffer("w_down_scale", None if scales is None else scales.down)
         self.weight_block = None if scales is None else scales.block
+        # The model's dtype (hidden's, the saved router's): the experts' until they are FP8.
+        self.dense_dtype = w_gate_up.dtype
         if scales is not None:
             scales.check(w_gate_up, w_down, check_values=not w_gate_up.is_meta)
+            self.dense_dtype = torch.float32 if self.shared_gate_up is None \
+                else self.shared_gate_up.dtype
+            self._quantize_shared(scales.block)
         self.last_route = None
 
     @torch.no_grad()
@@ -703,18 +762,22 @@ class DMoEBlock(torch.nn.Module):
         return self.gate_weight
 
     def fp8_scales(self) -> Optional[Fp8Scales]:
-        """The FP8 experts' block scales for moe_forward, or None (experts in the model dtype)."""
+        """The FP8 experts' block scales for moe_forward (with the shared expert's, when it is
+        stacked), or None (experts in the model dtype)."""
         if self.w_gate_up_scale is None:
             return None
-        return Fp8Scales(self.w_gate_up_scale, self.w_down_scale, self.weight_block)
+        shared = None
+        if self.shared_gate_up_scale is not None:
+            shared = (self.shared_gate_up_scale, self.shared_expert.down_proj.weight_scale_inv)
+        return Fp8Scales(self.w_gate_up_scale, self.w_down_scale, self.weight_block, shared)
 
     @torch.no_grad()
     def quantize_(self, block=DEFAULT_BLOCK) -> "DMoEBlock":
         """Routed experts to FP8 e4m3 in [bn, bk] = block scale blocks, in place (quant.py: amax /
-        448 per block; the model-dtype stacks are released). The shared expert stays in the
-        model's dtype and runs apart from the routed kernels. Meta weights (a model being
-        loaded) become meta FP8 tensors of the right shapes. Already FP8 in another block size:
-        ValueError."""
+        448 per block; the model-dtype stacks are released), and the shared expert with them
+        (one more expert of the same launches; one that cannot be stacked stays in the model's
+        dtype and runs apart). Meta weights (a model being loaded) become meta FP8 tensors of
+        the right shapes. Already FP8 in another block size: ValueError."""
         block = check_block(block)
         if self.weight_block is not None:
             if self.weight_block != block:
@@ -727,14 +790,69 @@ class DMoEBlock(torch.nn.Module):
                                  for w in (self.w_gate_up, self.w_down))
         else:
             w_gate_up, w_down, scales = quantize_experts(self.w_gate_up, self.w_down, block)
+        self.dense_dtype = self.w_gate_up.dtype
         self.w_gate_up = torch.nn.Parameter(w_gate_up, requires_grad=False)
         self.w_down = torch.nn.Parameter(w_down, requires_grad=False)
         self.w_gate_up_scale, self.w_down_scale = scales.gate_up, scales.down
         self.weight_block = block
-        # The module's own gate/up (views of the stack) stay valid; the kernels no longer take
-        # the shared expert beside FP8 experts, so the stack is dropped.
-        self.shared_gate_up = None
+        self._quantize_shared(block)
         return self
+
+    @torch.no_grad()
+    def _quantize_shared(self, block) -> None:
+        """The stacked shared expert (if any, and not FP8 yet) to FP8 in `block` scale blocks
+        (quant.quantize_shared; meta stays meta)."""
+        stack = self.shared_gate_up
+        if stack is None or stack.dtype == FP8_DTYPE:
+            return
+        down = self.shared_expert.down_proj.weight
+        if stack.is_meta:
+            shapes = expert_scale_shapes((1, *stack.shape), (1, *down.shape), block)
+            scales = tuple(torch.empty(s[1:], dtype=torch.float32, device="meta") for s in shapes)
+            gate_up, down = (torch.empty_like(w, dtype=FP8_DTYPE) for w in (stack, down))
+        else:
+            gate_up, down, scales = quantize_shared(stack, down, block)
+        self._set_shared(gate_up, down, scales)
+
+    def _set_shared(self, gate_up, down, scales=None) -> None:
+        """shared_gate_up := gate_up [2I, H] (and shared_gate_up_scale := scales[0] with FP8
+        scales (gate_up's, down's)), the shared module's projections made views of them, each
+        FP8 one with its weight_scale_inv buffer (a view too: saved under the published
+        names)."""
+        mlp, inter = self.shared_expert, gate_up.shape[0] // 2
+        frozen = lambda t: torch.nn.Parameter(t, requires_grad=False)  # noqa: E731
+        mlp.gate_proj.weight, mlp.up_proj.weight = frozen(gate_up[:inter]), frozen(gate_up[inter:])
+        mlp.down_proj.weight = frozen(down)
+        self.shared_gate_up = gate_up
+        self.shared_gate_up_scale = None if scales is None else scales[0]
+        if scales is None:
+            return
+        n_gate = scales[0].shape[0] // 2  # the gate rows' blocks, then the up rows'
+        for proj, scale in ((mlp.gate_proj, scales[0][:n_gate]),
+                            (mlp.up_proj, scales[0][n_gate:]), (mlp.down_proj, scales[1])):
+            if "weight_scale_inv" in proj._buffers:
+                proj.weight_scale_inv = scale
+            else:
+                proj.register_buffer("weight_scale_inv", scale)
+
+    @torch.no_grad()
+    def restack_shared(self) -> None:
+        """The shared expert's stack rebuilt from its module's projections when they are no
+        longer views of it (an assigning load_state_dict replaced them: the FP8 checkpoint
+        loader); a no-op otherwise."""
+        stack, mlp = self.shared_gate_up, self.shared_expert
+        if stack is None:
+            return
+        gate, up = mlp.gate_proj, mlp.up_proj
+        inter = stack.shape[0] // 2
+        if not stack.is_meta and gate.weight.data_ptr() == stack.data_ptr() \
+                and up.weight.data_ptr() == stack[inter:].data_ptr():
+            return
+        scales = None
+        if self.shared_gate_up_scale is not None:
+            scales = (torch.cat((gate.weight_scale_inv, up.weight_scale_inv)),
+                      mlp.down_proj.weight_scale_inv)
+        self._set_shared(torch.cat((gate.weight, up.weight)), mlp.down_proj.weight, scales)
 
     def _stack_shared(self, mlp) -> Optional[torch.Tensor]:
         """The shared expert's gate|up rows stacked like a routed expert's, with the module's
@@ -750,8 +868,8 @@ class DMoEBlock(torch.nn.Module):
             return None
         if (gate.shape[0] * 2, gate.shape[1]) != like_gu.shape or up.shape != gate.shape \
                 or down.shape != like_d.shape or down.stride() != like_d.stride() \
-                or gate.dtype != like_gu.dtype:
-            return None
+                or gate.dtype != like_gu.dtype and like_gu.dtype != FP8_DTYPE:
+            return None  # (beside FP8 experts it is quantized: _quantize_shared)
         stacked = torch.cat((gate.detach(), up.detach()), 0)
         inter = gate.shape[0]
         mlp.gate_proj.weight = torch.nn.Parameter(stacked[:inter], requires_grad=False)
@@ -814,18 +932,28 @@ class DMoEBlock(torch.nn.Module):
 
     def _apply(self, fn, recurse=True):
         # The router's fp32 copies (gate_weight, expert_bias) keep their values through
-        # .to(bf16)/.half(): only their device moves (issue 11); so do FP8 experts and their
-        # fp32 scales (a cast would drop the scales' meaning).
-        fp8 = {n: getattr(self, n).data for n in ("w_gate_up", "w_down")
-               if getattr(self, n).dtype == FP8_DTYPE}
-        keep_fp32_router_state(self, super()._apply, fn, recurse,
-                               ("gate_weight", "expert_bias", "w_gate_up_scale", "w_down_scale"))
-        for name, before in fp8.items():
-            now = getattr(self, name)
-            if now.dtype != FP8_DTYPE and not before.is_meta:
+        # .to(bf16)/.half(): only their device moves (issue 11); so do FP8 experts, the shared
+        # one's too, and their fp32 scales (a cast would drop the scales' meaning).
+        fp8 = [(module, name, t.data) for module, name, t in self._fp8_tensors()]
+        keep_fp32_router_state(self, super()._apply, fn, recurse, ("gate_weight", "expert_bias"))
+        for module, name, before in fp8:
+            now = getattr(module, name)
+            if now.dtype != before.dtype and not before.is_meta:
                 now.data = before.to(now.device)
+        # The model's dtype follows the cast (fn casts floating tensors, moves devices).
+        self.dense_dtype = fn(torch.empty(0, dtype=self.dense_dtype)).dtype
+        self.restack_shared()  # each tensor was moved apart: the shared views, again
         self.refresh_gate_copy()  # the bf16 copy was cast with the rest: derive it again
         return self
+
+    def _fp8_tensors(self):
+        """(module, name, tensor) of every FP8 weight and fp32 block scale in this block (the
+        routed stacks, the shared expert's stack and projections)."""
+        for module in self.modules():
+            for name, t in list(module._parameters.items()) + list(module._buffers.items()):
+                if t is not None and (t.dtype == FP8_DTYPE
+                                      or name.endswith(("_scale", "weight_scale_inv"))):
+                    yield module, name, t
 
     def forward(self, hidden: torch.Tensor, first_position: Optional[torch.Tensor] = None,
                 row_valid: Optional[torch.Tensor] = None,

@@ -11,8 +11,9 @@ A patched model still speaks the published tensor names: its `state_dict()` (so
 `mlp.shared_experts.*`, and `load_state_dict` takes those names, so a patched model saves a
 checkpoint that `from_pretrained` loads, bit-equal to the unpatched original. FP8 experts
 (`patch_model(..., expert_dtype="fp8")`, dmoe_triton/quant.py) save as the fine-grained FP8
-layout: `experts.{e}.{gate,up,down}_proj.weight` in float8_e4m3fn beside their fp32
-`weight_scale_inv`, with `quantization_config` in the config, and load back the same way.
+layout: `experts.{e}.{gate,up,down}_proj.weight` and `shared_experts.{gate,up,down}_proj.weight`
+in float8_e4m3fn beside their fp32 `weight_scale_inv`, with `quantization_config` in the config,
+and load back the same way (a checkpoint whose shared expert is not FP8 has it quantized at load).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from torch import nn
 
 from .config import RoutingPolicy
 from .quant import (DEFAULT_BLOCK, EXPERT_DTYPES, FP8_DTYPE, Fp8Scales, check_scale,
-                    dequantize_experts, fp8_block, quantization_config)
+                    dequantize_experts, dequantize_shared, fp8_block, quantization_config,
+                    quantize_blocks)
 
 
 def _dmoe_block():
@@ -59,9 +61,9 @@ def patch_model(model: nn.Module, policy: Optional[RoutingPolicy] = None,
                 backend: str = "auto", expert_dtype: Optional[str] = None) -> nn.Module:
     """Swap every MoE MLP of `model` for a `DMoEBlock` routed by `policy`; returns `model`.
 
-    expert_dtype: None keeps the experts' dtype; "fp8" quantizes the routed experts to e4m3
-    with 128 x 128 block scales (layer by layer, as they are repacked; already FP8 blocks stay
-    as they are) and records `quantization_config` in model.config, so save_pretrained writes
+    expert_dtype: None keeps the experts' dtype; "fp8" quantizes the routed and shared experts
+    to e4m3 with 128 x 128 block scales (layer by layer, as they are repacked; already FP8
+    blocks stay as they are) and records `quantization_config` in model.config, so save_pretrained writes
     a fine-grained FP8 checkpoint. Anything else is a ValueError naming it.
 
     policy None: the routing the checkpoint declares, RoutingPolicy.from_config(model.config)
@@ -129,15 +131,6 @@ def _expert_parts(w_gate_up, w_down, scales):
             yield e, name, weight, scale
 
 
-def _dense_dtype(expert_dtype: torch.dtype, shared) -> torch.dtype:
-    """The model's dtype seen from a block: its experts' dtype, or with FP8 experts the shared
-    expert's tensors' (`shared`, an iterable; fp32 without one: the router keeps every bit)."""
-    if expert_dtype != FP8_DTYPE:
-        return expert_dtype
-    first = next(iter(shared), None)
-    return torch.float32 if first is None else first.dtype
-
-
 def _published_state(block, state: dict, prefix: str) -> None:
     """state_dict hook: the block's repacked tensors under the official names (copies, so that
     no two saved tensors share memory)."""
@@ -145,9 +138,7 @@ def _published_state(block, state: dict, prefix: str) -> None:
         return  # not a whole block: leave it as it is
     rest = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
     copy = lambda t: t.detach().clone()  # noqa: E731
-    dense = _dense_dtype(rest["w_gate_up"].dtype,
-                         (v for k, v in rest.items() if k.startswith("shared_expert.")))
-    state[prefix + "gate.weight"] = rest["gate_weight"].detach().to(dense).clone()
+    state[prefix + "gate.weight"] = rest["gate_weight"].detach().to(block.dense_dtype).clone()
     if rest.get("expert_bias") is not None:
         state[prefix + "gate.expert_bias"] = copy(rest["expert_bias"]).float()
     scales = None
@@ -185,8 +176,30 @@ def _load_published(block, state: dict, prefix: str, *args) -> None:
             torch.cat((state.pop(expert(e, "gate")), state.pop(expert(e, "up"))))
             for e in range(E)])
         state[prefix + "w_down"] = torch.stack([state.pop(expert(e, "down")) for e in range(E)])
+    _shared_fp8_state(block, state, prefix + "shared_experts.")
     for k in [k for k in state if k.startswith(prefix + "shared_experts.")]:
         state[prefix + "shared_expert." + k[len(prefix + "shared_experts."):]] = state.pop(k)
+
+
+def _shared_fp8_state(block, state: dict, prefix: str) -> None:
+    """The shared expert's projections in `state` (names under prefix) as the block holds them:
+    beside FP8 experts FP8 with a valid weight_scale_inv each (a checkpoint that left them in a
+    float dtype is quantized here, as patch_model(expert_dtype="fp8") would), else a ValueError
+    for FP8 ones."""
+    fp8 = block.shared_gate_up_scale is not None
+    for name in (f"{prefix}{n}_proj.weight" for n in _PROJECTIONS):
+        if name not in state:
+            continue
+        if not fp8:
+            _refuse_fp8(state, name)
+        elif state[name].dtype != FP8_DTYPE:
+            if name + "_scale_inv" in state:
+                raise ValueError(f"{name} has a weight_scale_inv but is {state[name].dtype}, "
+                                 f"not float8_e4m3fn")
+            state[name], state[name + "_scale_inv"] = quantize_blocks(
+                state[name], block.weight_block, name)
+        else:
+            check_scale(name, state[name], state.get(name + "_scale_inv"), block.weight_block)
 
 
 def _refuse_fp8(state: dict, name: str) -> None:
@@ -243,7 +256,8 @@ def is_patched(model: nn.Module) -> bool:
 def official_view(block: nn.Module, config) -> nn.Module:
     """The official per-expert-loop MoE MLP over the SAME weights as DMoEBlock `block` (views,
     no copy), so an unpatched forward runs the published code path on the patched model's
-    memory. FP8 experts: dequantized copies in the model's dtype (a second copy of them)."""
+    memory. FP8 experts (the shared one too): dequantized copies in the model's dtype (a second
+    copy of them)."""
     from .models.llada2 import LLaDA2MoeSparseMoeBlock
 
     with torch.device("meta"):
@@ -252,13 +266,18 @@ def official_view(block: nn.Module, config) -> nn.Module:
     mlp.gate.weight = frozen(block.gate_weight)  # fp32, as the official gate computes
     mlp.gate.expert_bias = block.expert_bias      # shared: calibration applies to both
     w_gate_up, w_down = block.w_gate_up, block.w_down
-    if block.fp8_scales() is not None:  # the official loop runs the model's dtype
-        shared = () if block.shared_expert is None else block.shared_expert.parameters()
-        w_gate_up, w_down = dequantize_experts(w_gate_up, w_down, block.fp8_scales(),
-                                               _dense_dtype(w_gate_up.dtype, shared))
+    scales = block.fp8_scales()
+    if scales is not None:  # the official loop runs the model's dtype
+        w_gate_up, w_down = dequantize_experts(w_gate_up, w_down, scales, block.dense_dtype)
     for e, name, weight, _ in _expert_parts(w_gate_up, w_down, None):
         getattr(mlp.experts[e], f"{name}_proj").weight = frozen(weight)
-    mlp.shared_experts = block.shared_expert
+    if scales is None or scales.shared is None:
+        mlp.shared_experts = block.shared_expert
+        return mlp
+    gate_up, down = dequantize_shared(block.shared_weights(), scales, block.dense_dtype)
+    inter = gate_up.shape[0] // 2
+    for name, weight in zip(_PROJECTIONS, (gate_up[:inter], gate_up[inter:], down)):
+        getattr(mlp.shared_experts, f"{name}_proj").weight = frozen(weight)
     return mlp
 
 

@@ -147,15 +147,19 @@ def check_scale(name: str, weight: torch.Tensor, scale: Optional[torch.Tensor], 
 @dataclass(frozen=True)
 class Fp8Scales:
     """Block scales of stacked FP8 expert weights (module docstring): gate_up fp32 [E, 2 *
-    cdiv(I, bn), cdiv(H, bk)], down fp32 [E, cdiv(H, bn), cdiv(I, bk)]; block = (bn, bk)."""
+    cdiv(I, bn), cdiv(H, bk)], down fp32 [E, cdiv(H, bn), cdiv(I, bk)]; block = (bn, bk);
+    shared: the FP8 shared expert's (gate_up [2 * cdiv(I, bn), cdiv(H, bk)], down [cdiv(H, bn),
+    cdiv(I, bk)]) when there is one (quantize_shared), else None."""
 
     gate_up: torch.Tensor
     down: torch.Tensor
     block: Tuple[int, int] = DEFAULT_BLOCK
+    shared: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def check(self, w_gate_up: torch.Tensor, w_down: torch.Tensor, check_values: bool) -> None:
         """FP8 w_gate_up [E, 2I, H] / w_down [E, H, I]; scales fp32, shaped for them, finite
-        (check_values: a host sync). TypeError / ValueError naming the tensor."""
+        (check_values: a host sync). TypeError / ValueError naming the tensor. (The shared
+        expert's scales: moe.check_shared.)"""
         block = check_block(self.block)
         for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
             if w.dtype != FP8_DTYPE:
@@ -188,6 +192,22 @@ def quantize_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor, block=DEFAUL
     q_down, s_down = quantize_blocks(w_down, block, "w_down")
     scales = Fp8Scales(torch.cat((s_gate, s_up), 1), s_down, check_block(block))
     return torch.cat((q_gate, q_up), 1), q_down, scales
+
+
+def quantize_shared(gate_up: torch.Tensor, down: torch.Tensor, block=DEFAULT_BLOCK):
+    """A shared expert (gate_up [2I, H], down [H, I]) quantized like one routed expert:
+    (gate_up fp8, down fp8, (gate_up scales, down scales)) for Fp8Scales.shared."""
+    q_gate_up, q_down, scales = quantize_experts(gate_up[None], down[None], block)
+    return q_gate_up[0], q_down[0], (scales.gate_up[0], scales.down[0])
+
+
+def dequantize_shared(shared, scales: "Fp8Scales", dtype: torch.dtype = torch.float32):
+    """The inverse of quantize_shared: the FP8 shared expert `shared` (gate_up, down) with its
+    scales.shared, as (gate_up [2I, H], down [H, I]) in `dtype`."""
+    gate_up, down = dequantize_experts(
+        shared[0][None], shared[1][None],
+        Fp8Scales(scales.shared[0][None], scales.shared[1][None], scales.block), dtype)
+    return gate_up[0], down[0]
 
 
 def dequantize_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor, scales: Fp8Scales,
@@ -233,8 +253,9 @@ def fp8_block(config) -> Optional[Tuple[int, int]]:
 
 
 __all__ = ["FP8_DTYPE", "FP8_MAX", "DEFAULT_BLOCK", "Fp8Scales", "quantize_blocks",
-           "dequantize_blocks", "quantize_experts", "dequantize_experts", "check_scale",
-           "check_block", "scale_shape", "quantization_config", "fp8_block"]
+           "dequantize_blocks", "quantize_experts", "quantize_shared", "dequantize_experts",
+           "dequantize_shared",
+           "check_scale", "check_block", "scale_shape", "quantization_config", "fp8_block"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,26 +282,28 @@ def read_checkpoint(model_dir: str, device="cpu") -> dict:
     return state
 
 
-def _is_routed_expert(name: str) -> bool:
-    return ".mlp.experts." in name
+def _is_expert(name: str) -> bool:
+    """A routed or shared expert's tensor (kept FP8: patch.py's load hook takes it)."""
+    return ".mlp.experts." in name or ".mlp.shared_experts." in name
 
 
 def prepare_state(state: dict, block, dtype: torch.dtype) -> dict:
-    """A checkpoint's tensors as the FP8 model takes them: routed experts' FP8 weights and
-    scales as they are (patch.py's hook stacks and checks them); any other FP8 weight (attention,
-    dense or shared MLP, when a checkpoint quantized them too) dequantized with its scale to
-    `dtype`; other float tensors cast to `dtype`, the router bias kept fp32. An FP8 weight
-    outside the experts without its scale, or a scale without its weight, is a ValueError."""
+    """A checkpoint's tensors as the FP8 model takes them: routed and shared experts' FP8
+    weights and scales as they are (patch.py's hook stacks and checks them, and quantizes a
+    shared expert the checkpoint left in a float dtype); any other FP8 weight (attention or
+    dense MLP, when a checkpoint quantized them too) dequantized with its scale to `dtype`;
+    other float tensors cast to `dtype`, the router bias kept fp32. An FP8 weight outside the
+    experts without its scale, or a scale without its weight, is a ValueError."""
     out = {}
     for name, t in state.items():
         if name.endswith(".weight_scale_inv"):
             if name[:-len("_scale_inv")] not in state:
                 raise ValueError(f"{name} has no weight {name[:-len('_scale_inv')]} beside it")
-            if _is_routed_expert(name):
+            if _is_expert(name):
                 out[name] = t
             continue
         if t.dtype == FP8_DTYPE:
-            if _is_routed_expert(name):
+            if _is_expert(name):
                 out[name] = t
                 continue
             scale = state.get(name + "_scale_inv")

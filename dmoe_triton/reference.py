@@ -202,6 +202,22 @@ def expert_choice_window(r: torch.Tensor, real: torch.Tensor, masked: torch.Tens
 # Expert MLP
 # ---------------------------------------------------------------------------------------------
 
+def expert_mlp_reference(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                         activation_groups=None) -> torch.Tensor:
+    """One expert on rows x [N, H]: down(silu(gate(x)) * up(x)) with w_gate_up [2I, H] (gate rows,
+    then up rows) and w_down [H, I], in x's dtype (fp32 or float64: the caller's accumulation
+    type). activation_groups: None, or (x_group, act_group): x and act quantized per row and
+    group of columns as quant.quantize_activations does (the fp8 dot, W8A8)."""
+    inter = w_gate_up.shape[0] // 2
+    quantize = lambda t, group: t  # noqa: E731
+    if activation_groups is not None:
+        from .quant import quantize_activations as quantize
+    x = quantize(x, activation_groups and activation_groups[0])
+    w_gu = w_gate_up.to(x.dtype)
+    act = torch.nn.functional.silu(x @ w_gu[:inter].T) * (x @ w_gu[inter:].T)
+    return quantize(act, activation_groups and activation_groups[1]) @ w_down.to(x.dtype).T
+
+
 def moe_forward_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                           w_gate_up: torch.Tensor, w_down: torch.Tensor,
                           shared=None, activation_groups=None) -> torch.Tensor:
@@ -215,32 +231,21 @@ def moe_forward_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_wei
     NaN rule (docs/routing.md, NaN): a NaN weight in a filled slot makes its token NaN (the sum
     does it), and so does a token with every slot empty and every weight NaN (route's all-NaN
     logits row: ids -1, NaN weights): NaN, never 0. An empty slot's weight is otherwise unread.
-    activation_groups: None, or (x_group, act_group) for FP8 experts' fp8 dot (W8A8): the
-    routed experts take x, and their down takes act, quantized per row and group of columns as
-    quant.quantize_activations does (the shared expert takes x as it is).
+    activation_groups: None, or (x_group, act_group) for FP8 experts' fp8 dot (W8A8): every
+    expert, the shared one included (FP8 too, in the same launches), takes x, and its down
+    takes act, quantized per row and group of columns (expert_mlp_reference).
     """
     acc = torch.promote_types(hidden.dtype, torch.float32)
     x = hidden.to(acc)
-    E, two_i, _ = w_gate_up.shape
-    inter = two_i // 2
+    E = w_gate_up.shape[0]
     y = torch.zeros(x.shape, dtype=acc, device=x.device)
     if shared is not None:
-        gate_up = x @ shared[0].to(acc).T
-        y += (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ shared[1].to(acc).T
-    quantize = lambda t, group: t  # noqa: E731
-    if activation_groups is not None:
-        from .quant import quantize_activations as quantize
-    x_routed = quantize(x, activation_groups and activation_groups[0])
+        y += expert_mlp_reference(x, shared[0], shared[1], activation_groups)
     for e in range(E):
         tokens, slots = torch.nonzero(topk_ids == e, as_tuple=True)
         if tokens.numel() == 0:
             continue
-        w_gu = w_gate_up[e].to(acc)
-        gate = x_routed[tokens] @ w_gu[:inter].T
-        up = x_routed[tokens] @ w_gu[inter:].T
-        act = quantize(torch.nn.functional.silu(gate) * up,
-                       activation_groups and activation_groups[1])
-        out = act @ w_down[e].to(acc).T
+        out = expert_mlp_reference(x[tokens], w_gate_up[e], w_down[e], activation_groups)
         y.index_add_(0, tokens, out * topk_weights[tokens, slots].to(acc)[:, None])
     if topk_ids.shape[1]:
         empty = ((topk_ids < 0) | (topk_ids >= E)).all(dim=-1)

@@ -98,7 +98,7 @@ def build_model(config, device, seed: int = 0) -> LLaDA2MoeModelLM:
 
 
 def build_fp8_model(config, device, seed: int = 0) -> LLaDA2MoeModelLM:
-    """build_model's random model with FP8 routed experts, made on `device` without ever holding
+    """build_model's random model with FP8 routed and shared experts, made on `device` without ever holding
     the model-dtype experts (LLaDA2.0-flash: 206 GB in bf16, ~106 GB so): patched and quantized
     on the meta device, then memory on the device, filled in place. Expert weights are e4m3
     values of N(0, 64) (clamped to +-448) with block scales 0.02 / 64 (x a seeded factor in
@@ -123,7 +123,7 @@ def build_fp8_model(config, device, seed: int = 0) -> LLaDA2MoeModelLM:
                 for chunk in t:  # one expert at a time: no large temporary
                     chunk.copy_(torch.randn(chunk.shape, generator=gen, device=device,
                                             dtype=torch.bfloat16).mul_(64).clamp_(-FP8_MAX, FP8_MAX))
-            elif name.endswith("_scale"):
+            elif name.endswith(("_scale", "weight_scale_inv")):
                 t.uniform_(0.5, 1.5, generator=gen).mul_(0.02 / 64)
             elif name.endswith("norm.weight"):
                 t.fill_(1.0)

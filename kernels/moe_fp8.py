@@ -137,12 +137,12 @@ def _x_operand(x_t, x_inverse_cols, rows_ok, k0, SCALE_K: tl.constexpr, DOT: tl.
 
 
 @triton.jit
-def _scale_rows(s_ptr, expert, n0, offs_n, first_row, stride_se, stride_sn,
-                SCALE_N: tl.constexpr, BLOCK_N: tl.constexpr):
+def _scale_rows(base, n0, offs_n, first_row, stride_sn, SCALE_N: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     """Pointers to the scale row(s) of an expert's weight rows offs_n (= n0 + arange(BLOCK_N)),
-    the scales' rows starting at first_row (up rows: after the gate rows' cdiv(I, SCALE_N)):
-    a scalar when the tile lies in one scale block, else [BLOCK_N, 1]."""
-    base = s_ptr + expert * stride_se
+    base pointing at the expert's scales, their rows starting at first_row (up rows: after the
+    gate rows' cdiv(I, SCALE_N)): a scalar when the tile lies in one scale block, else
+    [BLOCK_N, 1]."""
     if SCALE_N % BLOCK_N == 0:
         rows = base + (first_row + n0 // SCALE_N) * stride_sn
     else:
@@ -176,7 +176,7 @@ def _fp8_dot(w_tile, w_mask, acc_t, x_op, x_inverse, s_rows, n_ok, k0, stride_sk
 
 @triton.jit
 def fp8_silu_gate_up(x_cols, x_inverse_cols, rows_ok, stride_xh, w_gate, w_up, stride_wk, i0,
-                     offs_i, H, s_ptr, expert, I, stride_se, stride_sn, stride_sk,
+                     offs_i, H, s_expert, I, stride_sn, stride_sk,
                      ROWS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
                      PRECISION: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
                      FP8_BITS: tl.constexpr, DOT: tl.constexpr):
@@ -185,13 +185,12 @@ def fp8_silu_gate_up(x_cols, x_inverse_cols, rows_ok, stride_xh, w_gate, w_up, s
 
     x_cols [1, ROWS] points at each token row's first element (rows outside rows_ok masked: no
     memory traffic); x_inverse_cols [1, ROWS] at its scaled_rows_kernel factors, or None; w_gate /
-    w_up [BLOCK_I, 1] at the columns' e4m3 weight rows; s_ptr: the expert stack's scales [E,
-    2 * cdiv(I, SCALE_N), cdiv(H, SCALE_K)] (gate blocks, then up).
+    w_up [BLOCK_I, 1] at the columns' e4m3 weight rows; s_expert: the expert's scales [2 *
+    cdiv(I, SCALE_N), cdiv(H, SCALE_K)] (gate blocks, then up).
     """
     i_ok = offs_i < I
-    s_gate = _scale_rows(s_ptr, expert, i0, offs_i, 0, stride_se, stride_sn, SCALE_N, BLOCK_I)
-    s_up = _scale_rows(s_ptr, expert, i0, offs_i, tl.cdiv(I, SCALE_N), stride_se, stride_sn,
-                       SCALE_N, BLOCK_I)
+    s_gate = _scale_rows(s_expert, i0, offs_i, 0, stride_sn, SCALE_N, BLOCK_I)
+    s_up = _scale_rows(s_expert, i0, offs_i, tl.cdiv(I, SCALE_N), stride_sn, SCALE_N, BLOCK_I)
     acc_gate = tl.zeros((BLOCK_I, ROWS), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_I, ROWS), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -246,13 +245,14 @@ def fp8_act_operand(act_ptr, stride_as, act_scale_ptr, stride_ss, slot, rows_ok,
 
 @triton.jit
 def fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss, slot, rows_ok, row_factor, k0, I,
-                  acc_t, w_rows, stride_wi, h0, offs_h, s_ptr, expert, stride_se, stride_sn,
-                  stride_sk, H, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                  SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, BLOCK_H: tl.constexpr,
+                  acc_t, w_rows, stride_wi, h0, offs_h, s_expert, stride_sn, stride_sk, H,
+                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SCALE_N: tl.constexpr,
+                  SCALE_K: tl.constexpr, BLOCK_H: tl.constexpr,
                   ACT_CHUNK: tl.constexpr, FP8_BITS: tl.constexpr, DOT: tl.constexpr):
     """acc^T [BLOCK_H, ROWS] + (W_down[offs_h, k0 : k0 + BLOCK_K] @ act^T) * row_factor for one
     k step of one expert: w_rows [BLOCK_H, 1] point at its e4m3 weight rows offs_h (= h0 +
-    arange); row_factor [1, ROWS] fp32 multiplies each row's product (1.0: none).
+    arange) and s_expert at its scales [cdiv(H, SCALE_N), cdiv(I, SCALE_K)]; row_factor [1,
+    ROWS] fp32 multiplies each row's product (1.0: none).
 
     A step wider than the act rows' scale chunks (ACT_CHUNK: the gate/up's BLOCK_I; powers of
     two) is its chunks' dots, each with its own factors: one loop iteration, so the pipeline's
@@ -260,7 +260,7 @@ def fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss, slot, rows_ok, r
     """
     PART: tl.constexpr = BLOCK_K if BLOCK_K < ACT_CHUNK else ACT_CHUNK
     h_ok = offs_h < H
-    s_rows = _scale_rows(s_ptr, expert, h0, offs_h, 0, stride_se, stride_sn, SCALE_N, BLOCK_H)
+    s_rows = _scale_rows(s_expert, h0, offs_h, 0, stride_sn, SCALE_N, BLOCK_H)
     for part in tl.static_range(BLOCK_K // PART):
         k = k0 + part * PART  # in the step's scale block along K (PART divides BLOCK_K)
         offs_k = k + tl.arange(0, PART)

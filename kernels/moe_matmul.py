@@ -168,9 +168,10 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
                     x_inverse = x_inverse_ptr + token[None, :] * stride_xi
                 act_t = fp8_silu_gate_up(x_ptr + token[None, :] * stride_xt, x_inverse, m_ok,
                                          stride_xh, w_gate, w_gate + I * stride_wn, stride_wk,
-                                         split * BLOCK_I, offs_i, H, s_ptr, expert, I,
-                                         stride_se, stride_sn, stride_sk, BLOCK_M, BLOCK_I,
-                                         BLOCK_K, PRECISION, SCALE_N, SCALE_K, FP8_BITS, DOT)
+                                         split * BLOCK_I, offs_i, H,
+                                         s_ptr + expert * stride_se, I, stride_sn, stride_sk,
+                                         BLOCK_M, BLOCK_I, BLOCK_K, PRECISION, SCALE_N,
+                                         SCALE_K, FP8_BITS, DOT)
                 fp8_store_act(act_t, act_ptr, stride_as, act_scale_ptr, stride_ss, slot, m_ok,
                               split * BLOCK_I, offs_i, I, BLOCK_I, DOT)
 
@@ -236,7 +237,7 @@ def moe_down_kernel(act_ptr, stride_as,
                     acc_t = fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss, slot,
                                           m_ok, 1.0, k0, I, acc_t, w_ptr + expert * stride_we
                                           + offs_h[:, None] * stride_wh, stride_wi,
-                                          split * BLOCK_H, offs_h, s_ptr, expert, stride_se,
+                                          split * BLOCK_H, offs_h, s_ptr + expert * stride_se,
                                           stride_sn, stride_sk, H, BLOCK_K, PRECISION, SCALE_N,
                                           SCALE_K, BLOCK_H, ACT_CHUNK, FP8_BITS, DOT)
                 tl.store(partial_ptr + slot[None, :] * stride_ps + offs_h[:, None], acc_t,
@@ -318,6 +319,14 @@ def _token_ids(ids_ptr, T, TOP_K, T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr):
 
 
 @triton.jit
+def _token_weights(weights_ptr, id_mask, TOP_K, T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr):
+    """The routing weights [T_PAD, TOP_K_PAD] fp32 of _token_ids' slots (0 outside id_mask)."""
+    t = tl.arange(0, T_PAD)[:, None]
+    j = tl.arange(0, TOP_K_PAD)[None, :]
+    return tl.load(weights_ptr + t * TOP_K + j, mask=id_mask, other=0.0)
+
+
+@triton.jit
 def _expert_rows(token_ids, expert, TOP_K, T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr):
     """Which tokens use `expert`, and the slot (first, if a token lists it twice) that holds it."""
     hit = token_ids == expert
@@ -337,21 +346,23 @@ def _shared_rows(shared, uses, slot, T, TOP_K, T_PAD: tl.constexpr):
 @triton.jit
 def _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_rows, stride_wn,
                      stride_wk, act_ptr, stride_as, act_scale_ptr, stride_ss, used_ptr,
-                     row_weight_ptr, s_ptr, stride_se, stride_sn, stride_sk, expert, hit, uses,
-                     token_weights, u, i0, H, I, T_PAD: tl.constexpr, BLOCK_I: tl.constexpr,
+                     row_weight_ptr, s_expert, stride_sn, stride_sk, expert, uses, row_weight, u,
+                     i0, H, I, T_PAD: tl.constexpr, BLOCK_I: tl.constexpr,
                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SCALE_N: tl.constexpr,
                      SCALE_K: tl.constexpr, FP8_BITS: tl.constexpr, DOT: tl.constexpr):
-    """One FP8 work item of moe_gate_up_decode_kernel (the u-th used expert, columns i0 ..).
+    """One FP8 work item of moe_gate_up_decode_kernel (the u-th used expert, columns i0 ..):
+    w_rows / s_expert point at the expert's weights / scales; uses [T_PAD]: its tokens;
+    row_weight [T_PAD] fp32: each token's routing weight for it (0 where unused).
 
     Its act rows are u * T_PAD + t, every token row (zeros where t does not use the expert),
     so that the down launch reads them at addresses that follow from u alone; its first column
-    block also lists the expert (used_ptr[u]) and each token's routing weight for it, summed
-    over the token's slots that hold it (row_weight_ptr[u, t], 0 for other tokens).
+    block also lists `expert` (used_ptr[u]: the expert id, E for the shared expert) and the
+    row weights (row_weight_ptr[u, t]).
     """
     t = tl.arange(0, T_PAD)
     if i0 == 0:
         tl.store(used_ptr + u, expert)
-        tl.store(row_weight_ptr + u * T_PAD + t, tl.sum(tl.where(hit, token_weights, 0.0), 1))
+        tl.store(row_weight_ptr + u * T_PAD + t, row_weight)
     offs_i = i0 + tl.arange(0, BLOCK_I)
     w_gate = w_rows + offs_i[:, None] * stride_wn
     x_inverse = None
@@ -359,8 +370,8 @@ def _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_ro
         x_inverse = x_inverse_ptr + t.to(tl.int64)[None, :] * stride_xi
     act_t = fp8_silu_gate_up(x_ptr + t.to(tl.int64)[None, :] * stride_xt, x_inverse, uses,
                              stride_xh, w_gate, w_gate + I * stride_wn, stride_wk, i0, offs_i, H,
-                             s_ptr, expert.to(tl.int64), I, stride_se, stride_sn, stride_sk,
-                             T_PAD, BLOCK_I, BLOCK_K, PRECISION, SCALE_N, SCALE_K, FP8_BITS, DOT)
+                             s_expert, I, stride_sn, stride_sk, T_PAD, BLOCK_I, BLOCK_K,
+                             PRECISION, SCALE_N, SCALE_K, FP8_BITS, DOT)
     fp8_store_act(act_t, act_ptr, stride_as, act_scale_ptr, stride_ss,
                   (u * T_PAD + t).to(tl.int64), t >= 0, i0, offs_i, I, BLOCK_I, DOT)
 
@@ -379,24 +390,25 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
                               FP8_BITS: tl.constexpr = False, act_scale_ptr=None, stride_ss=0,
                               DOT: tl.constexpr = "model", x_inverse_ptr=None, stride_xi=0,
                               weights_ptr=None, used_ptr=None, row_weight_ptr=None,
-                              PDL: tl.constexpr = False):
+                              shared_s_ptr=None, PDL: tl.constexpr = False):
     """act[slot] = silu(x W_gate^T) * (x W_up^T); work item = (used expert, BLOCK_I columns).
 
     With HAS_SHARED, the shared expert (gate|up rows at shared_ptr, the routed experts' strides)
-    is one more expert after the used ones, used by every token: its act rows are T*TOP_K + t.
+    is one more expert after the used ones, used by every token with weight 1: its act rows are
+    T*TOP_K + t (FP8 weights: u = n_used's, its scales at shared_s_ptr, listed as expert E).
 
-    Also zeroes the `n_arrivals` arrival counters of the down launch that follows (its split
-    programs count themselves there), which saves a memset launch.
+    Also zeroes the down launch's `n_arrivals` arrival counters (saves a memset launch).
 
     x_ptr [T, H]; w_ptr [E, 2I, H] (strides in elements); act_ptr [T*TOP_K (+T), I] out;
     ids_ptr int [T, TOP_K] contiguous (-1 = empty); arrivals_ptr int32 [n_arrivals] or None;
     shared_ptr [2I, H] or None (without HAS_SHARED). T_PAD >= 16, TOP_K_PAD, S_PAD, NUM_BINS:
     powers of two >= T, TOP_K, T*TOP_K, E + 1. BLOCK_I: act columns per work item; BLOCK_K:
     reduction step along H; PRECISION: tl.dot input_precision. s_ptr, SCALE_N/K, FP8_BITS,
-    act_scale_ptr, DOT, x_inverse_ptr: FP8 weights as in moe_gate_up_kernel (not with
-    HAS_SHARED: the wrapper runs a shared expert apart then); FP8 weights write act by expert
-    instead (_fp8_decode_item): act_ptr [U * T_PAD, I], U = min(E, T*TOP_K), and also take
-    weights_ptr fp32 [T, TOP_K] and write used_ptr int32 [U], row_weight_ptr fp32 [U, T_PAD].
+    act_scale_ptr, DOT, x_inverse_ptr: FP8 weights as in moe_gate_up_kernel, shared_s_ptr the
+    FP8 shared expert's [2 * cdiv(I, SCALE_N), cdiv(H, SCALE_K)] (the routed experts'
+    strides); FP8 weights write act by expert instead (_fp8_decode_item): act_ptr [U * T_PAD,
+    I], U = min(E, T*TOP_K) + HAS_SHARED, and also take weights_ptr fp32 [T, TOP_K] and write
+    used_ptr int32 [U], row_weight_ptr fp32 [U, T_PAD].
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     if arrivals_ptr is not None:
@@ -407,9 +419,7 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
     t = tl.arange(0, T_PAD)
     token_weights = None
     if weights_ptr is not None:
-        j = tl.arange(0, TOP_K_PAD)
-        token_weights = tl.load(weights_ptr + t[:, None] * TOP_K + j[None, :], mask=id_mask,
-                                other=0.0)
+        token_weights = _token_weights(weights_ptr, id_mask, TOP_K, T_PAD, TOP_K_PAD)
     n_splits = tl.cdiv(I, BLOCK_I)
     n_used = tl.sum(used.to(tl.int32), 0)
     n_items = (n_used + HAS_SHARED) * n_splits
@@ -433,11 +443,20 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
             tl.store(act_ptr + slot[:, None] * stride_as + offs_i[None, :],
                      act.to(act_ptr.dtype.element_ty), mask=uses[:, None] & (offs_i < I)[None, :])
         else:
+            s_expert = s_ptr + expert.to(tl.int64) * stride_se
+            row_weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)
+            if HAS_SHARED:
+                shared = u == n_used
+                uses = tl.where(shared, t < T, uses)
+                row_weight = tl.where(shared, (t < T).to(tl.float32), row_weight)
+                w_rows = tl.where(shared, shared_ptr, w_rows)
+                s_expert = tl.where(shared, shared_s_ptr, s_expert)
+                expert = tl.where(shared, E, expert)
             _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_rows,
                              stride_wn, stride_wk, act_ptr, stride_as, act_scale_ptr, stride_ss,
-                             used_ptr, row_weight_ptr, s_ptr, stride_se, stride_sn, stride_sk,
-                             expert, hit, uses, token_weights, u, i0, H, I, T_PAD, BLOCK_I,
-                             BLOCK_K, PRECISION, SCALE_N, SCALE_K, FP8_BITS, DOT)
+                             used_ptr, row_weight_ptr, s_expert, stride_sn, stride_sk, expert,
+                             uses, row_weight, u, i0, H, I, T_PAD, BLOCK_I, BLOCK_K, PRECISION,
+                             SCALE_N, SCALE_K, FP8_BITS, DOT)
 
 
 @triton.jit
@@ -510,15 +529,15 @@ def _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, sha
 @triton.jit
 def _fp8_down_shares(act_ptr, stride_as, act_scale_ptr, stride_ss, w_ptr, stride_we, stride_wh,
                      stride_wi, s_ptr, stride_se, stride_sn, stride_sk, used_ptr, row_weight_ptr,
-                     h0, first, end, H, I, T_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SCALE_N: tl.constexpr,
-                     SCALE_K: tl.constexpr, ACT_CHUNK: tl.constexpr, FP8_BITS: tl.constexpr,
-                     DOT: tl.constexpr):
-    """_down_shares for FP8 weights (no shared expert) over used experts first .. end, from
-    what _fp8_decode_item wrote: act rows u * T_PAD + t, the expert used_ptr[u], the tokens'
-    routing weights row_weight_ptr[u, :] (folded into the per-token factor that scales every k
-    step's product). The products are transposed, [BLOCK_H, T_PAD], as kernels/moe_fp8.py
-    makes them; y returned [T_PAD, BLOCK_H]."""
+                     shared_ptr, shared_s_ptr, h0, first, end, H, I, E, T_PAD: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                     SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, ACT_CHUNK: tl.constexpr,
+                     FP8_BITS: tl.constexpr, DOT: tl.constexpr, HAS_SHARED: tl.constexpr):
+    """_down_shares for FP8 weights over used experts first .. end, from what _fp8_decode_item
+    wrote: act rows u * T_PAD + t, the expert used_ptr[u] (E: the shared expert, at shared_ptr
+    and shared_s_ptr), the tokens' routing weights row_weight_ptr[u, :] (folded into the
+    per-token factor that scales every k step's product). The products are transposed,
+    [BLOCK_H, T_PAD], as kernels/moe_fp8.py makes them; y returned [T_PAD, BLOCK_H]."""
     offs_h = h0 + tl.arange(0, BLOCK_H)
     t = tl.arange(0, T_PAD)
     y_t = tl.zeros((BLOCK_H, T_PAD), dtype=tl.float32)
@@ -526,14 +545,18 @@ def _fp8_down_shares(act_ptr, stride_as, act_scale_ptr, stride_ss, w_ptr, stride
     # flight across experts.
     for u in tl.range(first, end, flatten=True):
         expert = tl.load(used_ptr + u).to(tl.int64)
+        w_expert = w_ptr + expert * stride_we
+        s_expert = s_ptr + expert * stride_se
+        if HAS_SHARED:
+            w_expert = tl.where(expert == E, shared_ptr, w_expert)
+            s_expert = tl.where(expert == E, shared_s_ptr, s_expert)
         weight = tl.load(row_weight_ptr + u * T_PAD + t)[None, :]
         for k0 in range(0, I, BLOCK_K):
             y_t = fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss,
                                 (u * T_PAD + t).to(tl.int64), t >= 0, weight, k0, I, y_t,
-                                w_ptr + expert * stride_we + offs_h[:, None] * stride_wh,
-                                stride_wi, h0, offs_h, s_ptr, expert, stride_se, stride_sn,
-                                stride_sk, H, BLOCK_K, PRECISION, SCALE_N, SCALE_K, BLOCK_H,
-                                ACT_CHUNK, FP8_BITS, DOT)
+                                w_expert + offs_h[:, None] * stride_wh, stride_wi, h0, offs_h,
+                                s_expert, stride_sn, stride_sk, H, BLOCK_K, PRECISION, SCALE_N,
+                                SCALE_K, BLOCK_H, ACT_CHUNK, FP8_BITS, DOT)
     return tl.trans(y_t)
 
 
@@ -551,7 +574,8 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
                                    FP8_BITS: tl.constexpr = False, act_scale_ptr=None,
                                    stride_ss=0, ACT_CHUNK: tl.constexpr = 128,
                                    DOT: tl.constexpr = "model", used_ptr=None,
-                                   row_weight_ptr=None, PDL: tl.constexpr = False):
+                                   row_weight_ptr=None, shared_s_ptr=None,
+                                   PDL: tl.constexpr = False):
     """out[:, BLOCK_H columns] = sum over used experts e of w[:, e] * act_e W_down[e]^T.
 
     Program (h, s) takes BLOCK_H columns of H and the s-th of EXPERT_SPLITS contiguous shares
@@ -566,15 +590,15 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     out_ptr [T, H]; partial_ptr fp32 [EXPERT_SPLITS, T, H] and arrivals_ptr int32 [cdiv(H,
     BLOCK_H)] (zeroed), both None with one split; shared_ptr [H, I] or None. BLOCK_K: reduction
     step along I; the pads as in moe_gate_up_decode_kernel. s_ptr, SCALE_N/K, FP8_BITS,
-    act_scale_ptr, ACT_CHUNK, DOT: FP8 weights as in moe_down_kernel (not with HAS_SHARED),
-    their act rows, used_ptr and row_weight_ptr as moe_gate_up_decode_kernel wrote them.
+    act_scale_ptr, ACT_CHUNK, DOT: FP8 weights as in moe_down_kernel, shared_s_ptr the FP8
+    shared expert's [cdiv(H, SCALE_N), cdiv(I, SCALE_K)]; their act rows, used_ptr and
+    row_weight_ptr as moe_gate_up_decode_kernel wrote them.
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     _, _, used, rank = _expert_buckets(ids_ptr, T * TOP_K, E, S_PAD, NUM_BINS)
     token_ids, id_mask = _token_ids(ids_ptr, T, TOP_K, T_PAD, TOP_K_PAD)
     t = tl.arange(0, T_PAD)
-    j = tl.arange(0, TOP_K_PAD)
-    token_weights = tl.load(weights_ptr + t[:, None] * TOP_K + j[None, :], mask=id_mask, other=0.0)
+    token_weights = _token_weights(weights_ptr, id_mask, TOP_K, T_PAD, TOP_K_PAD)
     nan_row = _nan_rows(token_ids, id_mask, token_weights, E)
     h0 = tl.program_id(0) * BLOCK_H
     offs_h = h0 + tl.arange(0, BLOCK_H)
@@ -593,8 +617,9 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     else:
         y = _fp8_down_shares(act_ptr, stride_as, act_scale_ptr, stride_ss, w_ptr, stride_we,
                              stride_wh, stride_wi, s_ptr, stride_se, stride_sn, stride_sk,
-                             used_ptr, row_weight_ptr, h0, first, end, H, I, T_PAD, BLOCK_H,
-                             BLOCK_K, PRECISION, SCALE_N, SCALE_K, ACT_CHUNK, FP8_BITS, DOT)
+                             used_ptr, row_weight_ptr, shared_ptr, shared_s_ptr, h0, first,
+                             end, H, I, E, T_PAD, BLOCK_H, BLOCK_K, PRECISION, SCALE_N, SCALE_K,
+                             ACT_CHUNK, FP8_BITS, DOT, HAS_SHARED)
     y = tl.where(nan_row[:, None], float("nan"), y)
     tile_ok = (t < T)[:, None] & h_ok[None, :]
     out_tile = out_ptr + t.to(tl.int64)[:, None] * stride_ot + offs_h[None, :]

@@ -4,6 +4,7 @@ bad scales, the capability rule, and fine-grained FP8 checkpoints (save, load, e
 import dataclasses
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,13 +14,14 @@ from safetensors.torch import load_file, save_file
 
 from dmoe_triton import RoutingPolicy, launch, moe_forward
 from dmoe_triton.launch import DECODE_MAX_TOKENS, DecodeConfig, GroupedConfig
-from dmoe_triton.models import LLaDA2MoeModelLM
+from dmoe_triton.models import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from dmoe_triton.moe import DMoEBlock, fp8_activation_groups
 from dmoe_triton.patch import patch_model
 from dmoe_triton.quant import (FP8_DTYPE, Fp8Scales, dequantize_blocks, dequantize_experts,
-                               quantize_activations, quantize_blocks, quantize_experts)
+                               dequantize_shared, quantize_activations, quantize_blocks,
+                               quantize_experts, quantize_shared)
 from dmoe_triton.reference import moe_forward_reference
-from dmoe_triton.testing import small_model
+from dmoe_triton.testing import SMALL, build_fp8_model, small_model
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -85,11 +87,21 @@ def make_fp8_layer(E, H, I, block, g):
     return quantize_experts(w_gate_up, w_down, block)
 
 
-def fp8_oracle(hidden, ids, weights, w_gate_up, w_down, scales, groups=None):
+def make_fp8_shared(H, I, block, g):
+    """An FP8 shared expert (gate_up, down) and its scales (Fp8Scales.shared)."""
+    gate_up, down, scales = quantize_shared(torch.randn(2 * I, H, generator=g) / math.sqrt(H),
+                                            torch.randn(H, I, generator=g) / math.sqrt(I), block)
+    return (gate_up, down), scales
+
+
+def fp8_oracle(hidden, ids, weights, w_gate_up, w_down, scales, groups=None, shared=None):
     """Dequantize exactly (float64), then the reference in float64; groups: the fp8 dot's
-    activation groups (moe.fp8_activation_groups), or None."""
+    activation groups (moe.fp8_activation_groups), or None; shared: the FP8 shared expert
+    (its scales in scales.shared), or None."""
     gu, d = dequantize_experts(w_gate_up, w_down, scales, torch.float64)
-    return moe_forward_reference(hidden.double(), ids, weights.double(), gu, d,
+    if shared is not None:
+        shared = dequantize_shared(shared, scales, torch.float64)
+    return moe_forward_reference(hidden.double(), ids, weights.double(), gu, d, shared,
                                  activation_groups=groups)
 
 
@@ -127,7 +139,8 @@ def fp8_cases(draw):
     forced = draw(st.sampled_from([
         None, DecodeConfig(down_splits=splits, k_tile_down=256, x_prepass=draw(st.booleans())),
         DecodeConfig(dot="fp8", down_splits=splits, block_h=64)]))
-    return T, H, I, E, ids, weights, block, g, path, bits, forced
+    shared = make_fp8_shared(H, I, block, g) if draw(st.booleans()) else (None, None)
+    return T, H, I, E, ids, weights, block, g, path, bits, forced, shared
 
 
 # bf16 activations take the fp8 or the fp16 dot (kernels/moe_fp8.py), which the interpreter
@@ -139,20 +152,23 @@ def test_fp8_kernels_match_the_dequantized_reference(dtype, case):
     ones, k steps larger than a scale block (the decode down step 256 is fitted to the block),
     any I and H (partial blocks and tiles), scales one per tile or a vector over its rows; with
     the fp8 dot the oracle quantizes the activations as the launch does (a W8A8 result is
-    about 5% off the unquantized oracle: the bound 1e-2 tells them apart)."""
-    T, H, I, E, ids, weights, block, g, path, bits, forced = case
+    about 5% off the unquantized oracle: the bound 1e-2 tells them apart); with or without an
+    FP8 shared expert (one more expert of the decode launches; apart on the grouped path)."""
+    T, H, I, E, ids, weights, block, g, path, bits, forced, (shared, shared_scales) = case
     w_gate_up, w_down, scales = make_fp8_layer(E, H, I, block, g)
+    scales = replace(scales, shared=shared_scales)
     hidden = torch.randn(T, H, generator=g).to(dtype)
     to = lambda t: t.to(DEV)  # noqa: E731
-    scales = Fp8Scales(to(scales.gate_up), to(scales.down), scales.block)
+    on_dev = lambda pair: pair and tuple(map(to, pair))  # noqa: E731
+    dev_scales = Fp8Scales(to(scales.gate_up), to(scales.down), scales.block,
+                           on_dev(shared_scales))
     out = torch.full((T, H), float("nan"), dtype=dtype, device=DEV)
     with launch.override(moe_path=path, fp8_bits=bits, decode=forced):
         y = moe_forward(to(hidden), to(ids), to(weights), to(w_gate_up), to(w_down),
-                        backend="triton", out=out, scales=scales)
-        groups = launched_groups(to(hidden), path, scales)
+                        backend="triton", out=out, shared=on_dev(shared), scales=dev_scales)
+        groups = launched_groups(to(hidden), path, dev_scales)
     assert torch.isfinite(y).all()
-    ref = fp8_oracle(hidden, ids, weights, w_gate_up, w_down, Fp8Scales(
-        scales.gate_up.cpu(), scales.down.cpu(), scales.block), groups)
+    ref = fp8_oracle(hidden, ids, weights, w_gate_up, w_down, scales, groups, shared)
     assert rel_err(y.cpu(), ref) <= (1e-4 if dtype == torch.float32 else 1e-2)
 
 
@@ -271,21 +287,51 @@ def test_every_e4m3_byte_decodes_exactly():
         torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=0)
 
 
-def test_shared_expert_runs_beside_fp8_experts():
+@pytest.mark.parametrize("path", ["decode", "grouped"])
+def test_fp8_shared_expert_is_one_more_expert(path):
+    """The FP8 shared expert is a routed expert that every token uses with weight 1 (same dot,
+    same activation groups): the layer with it as expert E in an extra slot gives the same."""
     g = torch.Generator().manual_seed(2)
     w_gate_up, w_down, scales = make_fp8_layer(4, 32, 16, (16, 16), g)
-    shared = (torch.randn(32, 32, generator=g) / 6, torch.randn(32, 16, generator=g) / 4)
-    hidden = torch.randn(5, 32, generator=g)
+    (shared_gu, shared_d), shared_scales = make_fp8_shared(32, 16, (16, 16), g)
+    hidden = torch.randn(5, 32, generator=g).to(torch.bfloat16)
     ids = torch.randint(0, 4, (5, 2), generator=g).to(torch.int32)
     weights = torch.rand(5, 2, generator=g)
-    for path in ("decode", "grouped"):
-        with launch.override(moe_path=path):
-            y = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton",
-                            shared=shared, scales=scales)
-        gu, d = dequantize_experts(w_gate_up, w_down, scales, torch.float64)
-        ref = moe_forward_reference(hidden.double(), ids, weights.double(), gu, d,
-                                    tuple(t.double() for t in shared))
-        assert rel_err(y, ref) <= 1e-4
+    with launch.override(moe_path=path):
+        y = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton",
+                        shared=(shared_gu, shared_d), scales=replace(scales, shared=shared_scales))
+        as_routed = moe_forward(
+            hidden, torch.cat((ids, torch.full((5, 1), 4, dtype=torch.int32)), 1),
+            torch.cat((weights, torch.ones(5, 1)), 1), torch.cat((w_gate_up, shared_gu[None])),
+            torch.cat((w_down, shared_d[None])), backend="triton",
+            scales=Fp8Scales(torch.cat((scales.gate_up, shared_scales[0][None])),
+                             torch.cat((scales.down, shared_scales[1][None])), scales.block))
+    if path == "decode":  # the same launches, the shared expert last as expert 4 is: same sum
+        assert torch.equal(y, as_routed)
+    else:  # apart, in torch, added to the rounded routed sum
+        assert rel_err(y, as_routed.double()) <= 1e-2
+    with launch.override(moe_path=path):
+        groups = launched_groups(hidden, path, scales)
+    ref = fp8_oracle(hidden, ids, weights, w_gate_up, w_down,
+                     replace(scales, shared=shared_scales), groups, (shared_gu, shared_d))
+    assert rel_err(y, ref) <= 1e-2
+
+
+def test_shared_expert_beside_fp8_experts_must_be_fp8():
+    hidden, ids, weights, w_gate_up, w_down, scales = fp8_inputs()
+    model_dtype = (torch.randn(32, 32), torch.randn(32, 16))
+    with pytest.raises(ValueError, match="shared expert must be FP8 too"):
+        moe_forward(hidden, ids, weights, w_gate_up, w_down, shared=model_dtype, scales=scales)
+    (gu, d), shared_scales = make_fp8_shared(32, 16, (16, 16), torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="shared is None"):
+        moe_forward(hidden, ids, weights, w_gate_up, w_down,
+                    scales=replace(scales, shared=shared_scales))
+    bad = replace(scales, shared=(shared_scales[0][:1], shared_scales[1]))
+    with pytest.raises(ValueError, match=r"shared\[0\]_scale_inv has shape"):
+        moe_forward(hidden, ids, weights, w_gate_up, w_down, shared=(gu, d), scales=bad)
+    nan = replace(scales, shared=(shared_scales[0], torch.full_like(shared_scales[1], math.nan)))
+    with pytest.raises(ValueError, match=r"shared\[1\]_scale_inv holds non-finite"):
+        moe_forward(hidden, ids, weights, w_gate_up, w_down, shared=(gu, d), scales=nan)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,8 +500,29 @@ def test_patch_model_quantizes_and_to_keeps_fp8():
     assert rel_err(y, ref.double()) < 0.05 and (y.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
     model.to(torch.float16)
     assert block.w_gate_up.dtype == FP8_DTYPE and block.w_gate_up_scale.dtype == torch.float32
+    shared = block.shared_expert  # FP8 too, still views of one stack; the model dtype follows
+    assert shared.down_proj.weight.dtype == FP8_DTYPE and block.dense_dtype == torch.float16
+    assert shared.gate_proj.weight_scale_inv.dtype == torch.float32
+    assert shared.gate_proj.weight.data_ptr() == block.shared_gate_up.data_ptr()
     with pytest.raises(ValueError, match="expert_dtype must be one of"):
         patch_model(small_model(), expert_dtype="int4")
+
+
+def test_build_fp8_model_stacks_its_shared_experts():
+    """The random FP8 model (the flash bench's) is built on meta then given memory tensor by
+    tensor; its shared experts are stacks again, with positive scales, and both backends
+    agree."""
+    model = build_fp8_model(LLaDA2MoeConfig(**SMALL), torch.device("cpu"), seed=3)
+    block = model.model.layers[1].mlp
+    assert block.shared_gate_up.dtype == FP8_DTYPE
+    assert block.shared_expert.gate_proj.weight.data_ptr() == block.shared_gate_up.data_ptr()
+    assert all(bool((s > 0).all()) for s in block.fp8_scales().shared)
+    ids = torch.randint(3, 90, (1, 8), generator=torch.Generator().manual_seed(0))
+    patch_model(model, RoutingPolicy.token(), backend="triton")
+    with torch.no_grad():
+        y = model(ids).logits
+    assert torch.isfinite(y).all()
+    assert rel_err(y, fp8_logits(model, ids).double()) < 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -480,6 +547,9 @@ def test_saved_fp8_checkpoint_has_the_published_layout(fp8_checkpoint):
     assert state[name + "_scale_inv"].dtype == torch.float32
     assert state[name + "_scale_inv"].shape == (1, 1)
     assert state["model.layers.1.mlp.gate.weight"].dtype == torch.float32
+    for proj in ("gate", "up", "down"):  # the shared expert is FP8 too, under its own names
+        name = f"model.layers.1.mlp.shared_experts.{proj}_proj.weight"
+        assert state[name].dtype == FP8_DTYPE and state[name + "_scale_inv"].shape == (1, 1)
 
 
 def test_fp8_checkpoint_round_trip(fp8_checkpoint):
@@ -492,6 +562,33 @@ def test_fp8_checkpoint_round_trip(fp8_checkpoint):
     assert set(again) == set(state)
     assert all(torch.equal(again[k].float(), state[k].float()) for k in state)
     assert torch.equal(fp8_logits(model, ids), logits)
+    # The shared expert is one stack again, its projections views of it (restack_shared).
+    shared = block.shared_expert
+    assert block.shared_gate_up.dtype == FP8_DTYPE
+    assert shared.up_proj.weight.data_ptr() == block.shared_gate_up[32:].data_ptr()
+    assert shared.up_proj.weight_scale_inv.data_ptr() == block.shared_gate_up_scale[1:].data_ptr()
+
+
+def test_shared_expert_left_unquantized_is_quantized_at_load(fp8_checkpoint, tmp_path):
+    """A checkpoint with FP8 routed experts but a float shared expert (published FP8 builds
+    may leave it out) loads with the shared expert quantized as patch_model would."""
+    prefix = "model.layers.1.mlp.shared_experts."
+    unquantized = {}
+
+    def dequantize_shared_expert(state):
+        for proj in ("gate", "up", "down"):
+            name = f"{prefix}{proj}_proj.weight"
+            unquantized[name] = dequantize_blocks(state[name], state.pop(name + "_scale_inv"),
+                                                  (128, 128), torch.bfloat16)
+            state[name] = unquantized[name]
+
+    path = break_checkpoint(fp8_checkpoint[0], tmp_path / "float_shared", dequantize_shared_expert)
+    state = LLaDA2MoeModelLM.from_pretrained(str(path)).state_dict()
+    for name, weight in unquantized.items():
+        q, scale = quantize_blocks(weight.float(), (128, 128))
+        assert state[name].dtype == FP8_DTYPE
+        assert torch.equal(state[name].float(), q.float())
+        assert torch.equal(state[name + "_scale_inv"], scale)
 
 
 def break_checkpoint(src, dst, edit_state=None, **config_fields):
@@ -507,6 +604,7 @@ def break_checkpoint(src, dst, edit_state=None, **config_fields):
 
 
 EXPERT = "model.layers.2.mlp.experts.5.down_proj.weight"
+SHARED = "model.layers.2.mlp.shared_experts.up_proj.weight"
 
 
 @pytest.mark.parametrize("edit, needle", [
@@ -522,6 +620,12 @@ EXPERT = "model.layers.2.mlp.experts.5.down_proj.weight"
      r"experts.5.down_proj.weight_scale_inv holds values outside \[0, "),
     (lambda s: s.update({EXPERT: s[EXPERT].float()}),
      "experts.5.down_proj.weight is torch.float32, expected float8_e4m3fn"),
+    (lambda s: s.pop(SHARED + "_scale_inv"),
+     "shared_experts.up_proj.weight is float8_e4m3fn but its weight_scale_inv is missing"),
+    (lambda s: s[SHARED + "_scale_inv"].fill_(float("inf")),
+     "shared_experts.up_proj.weight_scale_inv holds non-finite"),
+    (lambda s: s.update({SHARED: s[SHARED].float()}),
+     "shared_experts.up_proj.weight has a weight_scale_inv but is torch.float32"),
 ])
 def test_broken_fp8_checkpoints_are_named(fp8_checkpoint, tmp_path, edit, needle):
     path = break_checkpoint(fp8_checkpoint[0], tmp_path / "bad", edit)
@@ -542,10 +646,10 @@ def test_block_size_other_than_the_scales_is_named(fp8_checkpoint, tmp_path):
 
 
 def test_other_fp8_weights_are_dequantized_at_load(fp8_checkpoint, tmp_path):
-    """A checkpoint that quantized attention and the shared expert too (as published FP8
-    builds do) loads them dequantized to the model's dtype; the routed experts stay FP8."""
+    """A checkpoint that quantized attention and a dense MLP too (as published FP8 builds do)
+    loads them dequantized to the model's dtype; the experts stay FP8."""
     names = ["model.layers.1.attention.query_key_value.weight",
-             "model.layers.1.mlp.shared_experts.down_proj.weight"]
+             "model.layers.0.mlp.down_proj.weight"]
     kept = {}
 
     def quantize_more(state):
@@ -574,20 +678,27 @@ def test_fp8_bf16_kernels_match_reference_on_gpu(T):
     """bf16 activations, LLaDA2.0-mini's expert shape, 128 x 128 blocks, native and bytes, the
     FP8 default launches (the fp8 dot, W8A8; the byte-decoding GPUs take the fp16 dot), the
     fp16 dot with the activations prepared or scaled in the k loop, and the weights converted
-    to bf16; the oracle quantizes the activations where the launch does."""
+    to bf16; the oracle quantizes the activations where the launch does. With and without
+    the FP8 shared expert."""
     g = torch.Generator().manual_seed(0)
     E, H, I, k = 32, 2048, 512, 8
     w_gate_up, w_down, scales = make_fp8_layer(E, H, I, (128, 128), g)
+    shared, shared_scales = make_fp8_shared(H, I, (128, 128), g)
     hidden = torch.randn(T, H, generator=g).to(torch.bfloat16)
     ids = torch.argsort(torch.rand(T, E, generator=g), 1)[:, :k].to(torch.int32)
     weights = torch.rand(T, k, generator=g)
-    cuda = Fp8Scales(scales.gate_up.cuda(), scales.down.cuda(), scales.block)
     path = "decode" if T <= DECODE_MAX_TOKENS else "grouped"
-    for bits in (False, True):
-        for change in (dict(), *DOTS, dict(dot="model")):
-            with launch.override(fp8_bits=bits, **fp8_defaults(**change)):
-                y = moe_forward(hidden.cuda(), ids.cuda(), weights.cuda(), w_gate_up.cuda(),
-                                w_down.cuda(), backend="triton", scales=cuda)
-                groups = launched_groups(hidden.cuda(), path, cuda)
-            ref = fp8_oracle(hidden, ids, weights, w_gate_up, w_down, scales, groups)
-            assert rel_err(y.cpu(), ref) <= 1e-2, (bits, change)
+    for with_shared in (False, True):
+        scales = replace(scales, shared=shared_scales if with_shared else None)
+        cuda = Fp8Scales(scales.gate_up.cuda(), scales.down.cuda(), scales.block,
+                         scales.shared and tuple(t.cuda() for t in scales.shared))
+        on_gpu = tuple(t.cuda() for t in shared) if with_shared else None
+        for bits in (False, True):
+            for change in (dict(), *DOTS, dict(dot="model")):
+                with launch.override(fp8_bits=bits, **fp8_defaults(**change)):
+                    y = moe_forward(hidden.cuda(), ids.cuda(), weights.cuda(), w_gate_up.cuda(),
+                                    w_down.cuda(), backend="triton", shared=on_gpu, scales=cuda)
+                    groups = launched_groups(hidden.cuda(), path, cuda)
+                ref = fp8_oracle(hidden, ids, weights, w_gate_up, w_down, scales, groups,
+                                 shared if with_shared else None)
+                assert rel_err(y.cpu(), ref) <= 1e-2, (with_shared, bits, change)
