@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     g.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto")
     g.add_argument("--quantize", choices=("none", "fp8"), default="none",
-                   help="fp8: routed experts to FP8 e4m3 with 128x128 block scales at load "
+                   help="fp8: routed and shared experts to FP8 e4m3 with 128x128 block "
+                        "scales at load "
                         "(an FP8 checkpoint's experts are FP8 whatever this says)")
     g.add_argument("--no-compare", action="store_true",
                    help="skip the second run with token routing")

@@ -156,6 +156,13 @@ def check_shared(shared, w_gate_up, w_down, dtype: torch.dtype, scales=None,
         restrided.append(_routed_strides(t, like))
     if scales is None:
         return tuple(restrided), None
+    if not (isinstance(scales.shared, (tuple, list)) and len(scales.shared) == 2):
+        raise TypeError("scales.shared must be a pair of tensors (the shared expert's gate_up "
+                        "and down scales)")
+    if any(0 in t[0].stride() for t in (scales.gate_up, scales.down)):
+        # Broadcast routed scales (a zero stride) have no layout to copy the shared ones into.
+        scales = replace(scales, gate_up=scales.gate_up.contiguous(),
+                         down=scales.down.contiguous())
     shared_scales = []
     for name, t, s, like in (("shared[0]", shared[0], scales.shared[0], scales.gate_up[0]),
                              ("shared[1]", shared[1], scales.shared[1], scales.down[0])):
@@ -844,12 +851,16 @@ class DMoEBlock(torch.nn.Module):
         if stack is None:
             return
         gate, up = mlp.gate_proj, mlp.up_proj
-        inter = stack.shape[0] // 2
-        if not stack.is_meta and gate.weight.data_ptr() == stack.data_ptr() \
-                and up.weight.data_ptr() == stack[inter:].data_ptr():
+        parts = [(gate.weight, stack), (up.weight, stack[stack.shape[0] // 2:])]
+        fp8 = self.shared_gate_up_scale
+        if fp8 is not None:
+            parts += [(gate.weight_scale_inv, fp8), (up.weight_scale_inv, fp8[fp8.shape[0] // 2:])]
+        if any(t.is_meta for t, _ in parts):
+            return  # a load that failed (torch names the tensor): nothing to stack
+        if not stack.is_meta and all(t.data_ptr() == view.data_ptr() for t, view in parts):
             return
         scales = None
-        if self.shared_gate_up_scale is not None:
+        if fp8 is not None:
             scales = (torch.cat((gate.weight_scale_inv, up.weight_scale_inv)),
                       mlp.down_proj.weight_scale_inv)
         self._set_shared(torch.cat((gate.weight, up.weight)), mlp.down_proj.weight, scales)

@@ -24,8 +24,8 @@ from torch import nn
 
 from .config import RoutingPolicy
 from .quant import (DEFAULT_BLOCK, EXPERT_DTYPES, FP8_DTYPE, Fp8Scales, check_scale,
-                    dequantize_experts, dequantize_shared, fp8_block, quantization_config,
-                    quantize_blocks)
+                    dequantize_blocks, dequantize_experts, dequantize_shared, fp8_block,
+                    quantization_config, quantize_blocks)
 
 
 def _dmoe_block():
@@ -184,13 +184,20 @@ def _load_published(block, state: dict, prefix: str, *args) -> None:
 def _shared_fp8_state(block, state: dict, prefix: str) -> None:
     """The shared expert's projections in `state` (names under prefix) as the block holds them:
     beside FP8 experts FP8 with a valid weight_scale_inv each (a checkpoint that left them in a
-    float dtype is quantized here, as patch_model(expert_dtype="fp8") would), else a ValueError
-    for FP8 ones."""
+    float dtype is quantized here, as patch_model(expert_dtype="fp8") would; one the block
+    cannot stack, e.g. wider than a routed expert, runs apart in the model's dtype: dequantized
+    here); beside model-dtype experts a ValueError for FP8 ones."""
     fp8 = block.shared_gate_up_scale is not None
     for name in (f"{prefix}{n}_proj.weight" for n in _PROJECTIONS):
         if name not in state:
             continue
-        if not fp8:
+        if block.weight_block is not None and not fp8:  # FP8 experts, shared apart
+            if state[name].dtype == FP8_DTYPE:
+                scale = state.pop(name + "_scale_inv", None)
+                check_scale(name, state[name], scale, block.weight_block)
+                state[name] = dequantize_blocks(state[name], scale, block.weight_block,
+                                                block.dense_dtype)
+        elif not fp8:
             _refuse_fp8(state, name)
         elif state[name].dtype != FP8_DTYPE:
             if name + "_scale_inv" in state:

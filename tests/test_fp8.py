@@ -1,6 +1,7 @@
 """FP8 (e4m3) routed experts with block scales (issue 16): quantize/dequantize, the kernels
 (both paths, native e4m3 and byte-decoded reads) against the dequantize-then-reference oracle,
 bad scales, the capability rule, and fine-grained FP8 checkpoints (save, load, errors)."""
+import copy
 import dataclasses
 import json
 import math
@@ -332,6 +333,28 @@ def test_shared_expert_beside_fp8_experts_must_be_fp8():
     nan = replace(scales, shared=(shared_scales[0], torch.full_like(shared_scales[1], math.nan)))
     with pytest.raises(ValueError, match=r"shared\[1\]_scale_inv holds non-finite"):
         moe_forward(hidden, ids, weights, w_gate_up, w_down, shared=(gu, d), scales=nan)
+    with pytest.raises(TypeError, match="scales.shared must be a pair"):
+        moe_forward(hidden, ids, weights, w_gate_up, w_down, shared=(gu, d),
+                    scales=replace(scales, shared=shared_scales[:1]))
+
+
+@pytest.mark.parametrize("path", ["decode", "grouped"])
+def test_broadcast_routed_scales_take_a_shared_expert(path):
+    """Routed scales given as a broadcast view (zero strides: one scale for every block) with
+    an FP8 shared expert: the same values as contiguous scales (a break test found a crash)."""
+    hidden, ids, weights, w_gate_up, w_down, scales = fp8_inputs()
+    (gu, d), shared_scales = make_fp8_shared(32, 16, (16, 16), torch.Generator().manual_seed(1))
+    broadcast = Fp8Scales(torch.full((1, 1, 1), 0.01).expand(*scales.gate_up.shape),
+                          torch.full((1, 1, 1), 0.02).expand(*scales.down.shape), scales.block,
+                          shared_scales)
+    dense = Fp8Scales(broadcast.gate_up.contiguous(), broadcast.down.contiguous(), scales.block,
+                      shared_scales)
+    with launch.override(moe_path=path):
+        y = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton",
+                        shared=(gu, d), scales=broadcast)
+        want = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton",
+                           shared=(gu, d), scales=dense)
+    assert torch.equal(y, want)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,6 +614,40 @@ def test_shared_expert_left_unquantized_is_quantized_at_load(fp8_checkpoint, tmp
         assert torch.equal(state[name + "_scale_inv"], scale)
 
 
+def test_fp8_checkpoint_with_a_shared_expert_too_wide_to_stack(tmp_path):
+    """Two shared experts' width (no routed expert's shape: it runs apart in the model's
+    dtype): its FP8 weights in a checkpoint load dequantized (a break test found them
+    refused as 'not FP8')."""
+    model = patch_model(small_model(num_shared_experts=2), RoutingPolicy.token(),
+                        expert_dtype="fp8")
+    model.save_pretrained(str(tmp_path / "base"))
+    kept = {}
+
+    def quantize_shared_expert(state):
+        for name in [k for k in state if ".shared_experts." in k and k.endswith("proj.weight")]:
+            state[name], state[name + "_scale_inv"] = quantize_blocks(state[name], (128, 128))
+            kept[name] = dequantize_blocks(state[name], state[name + "_scale_inv"], (128, 128))
+
+    path = break_checkpoint(tmp_path / "base", tmp_path / "wide", quantize_shared_expert)
+    state = LLaDA2MoeModelLM.from_pretrained(str(path)).state_dict()
+    assert kept and all(torch.equal(state[name], want) for name, want in kept.items())
+
+
+def test_assigning_load_of_a_shared_scale_reaches_the_kernels():
+    """load_state_dict(assign=True) of one shared scale gives the same logits as a copying
+    load (restack_shared compares the scales too; a break test found them stale)."""
+    model = patch_model(small_model(), RoutingPolicy.token(), backend="reference",
+                        expert_dtype="fp8")
+    name = "model.layers.1.mlp.shared_expert.gate_proj.weight_scale_inv"
+    new = model.state_dict()["model.layers.1.mlp.shared_experts.gate_proj.weight_scale_inv"] * 4
+    twin = copy.deepcopy(model)
+    model.load_state_dict({name: new}, strict=False, assign=True)
+    twin.load_state_dict({name: new.clone()}, strict=False, assign=False)
+    ids = torch.randint(3, 90, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, twin(ids).logits)
+
+
 def break_checkpoint(src, dst, edit_state=None, **config_fields):
     dst.mkdir()
     config = json.loads((src / "config.json").read_text())
@@ -626,6 +683,7 @@ SHARED = "model.layers.2.mlp.shared_experts.up_proj.weight"
      "shared_experts.up_proj.weight_scale_inv holds non-finite"),
     (lambda s: s.update({SHARED: s[SHARED].float()}),
      "shared_experts.up_proj.weight has a weight_scale_inv but is torch.float32"),
+    (lambda s: [s.pop(SHARED), s.pop(SHARED + "_scale_inv")], "missing tensors: .*shared_expert"),
 ])
 def test_broken_fp8_checkpoints_are_named(fp8_checkpoint, tmp_path, edit, needle):
     path = break_checkpoint(fp8_checkpoint[0], tmp_path / "bad", edit)
