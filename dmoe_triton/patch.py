@@ -235,10 +235,15 @@ def _stack_fp8_scales(block, state: dict, prefix: str, expert) -> None:
     state[prefix + "w_down_scale"] = torch.stack([scales[e, "down"] for e in range(E)])
 
 
+def _save_published(module, state: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook (a module-level function, not a lambda, so a patched model pickles:
+    torch.save(model))."""
+    _published_state(module, state, prefix)
+
+
 def _speak_published_names(block: nn.Module) -> None:
     """Save and load `block` under the official LLaDA2 names (module docstring)."""
-    block.register_state_dict_post_hook(
-        lambda module, state, prefix, local_metadata: _published_state(module, state, prefix))
+    block.register_state_dict_post_hook(_save_published)
     block.register_load_state_dict_pre_hook(_load_published)
 
 

@@ -329,3 +329,24 @@ def test_router_stays_fp32_under_autocast(patched):
             mlp(x)
     assert torch.equal(mlp.last_route.topk_ids, ids)
     assert plain.dtype == torch.float32
+
+
+@pytest.mark.parametrize("expert_dtype", [None, "fp8"])
+def test_patched_model_pickles(expert_dtype):
+    """torch.save / torch.load of a whole patched model (its hooks are module-level functions)
+    gives the same logits, the shared expert still one stack."""
+    import io
+
+    from dmoe_triton import RoutingPolicy, patch_model
+
+    model = patch_model(small_model(), RoutingPolicy.token(), backend="reference",
+                        expert_dtype=expert_dtype)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    block = again.model.layers[1].mlp
+    assert block.shared_expert.gate_proj.weight.data_ptr() == block.shared_gate_up.data_ptr()
+    ids = torch.randint(3, 90, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
