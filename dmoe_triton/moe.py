@@ -231,7 +231,8 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
                                            scales)
             acc = torch.promote_types(hidden.dtype, torch.float32)
             w_gate_up, w_down = dequantize_experts(w_gate_up, w_down, scales, acc)
-            shared = shared and dequantize_shared(shared, scales, acc)
+            if shared is not None:
+                shared = dequantize_shared(shared, scales, acc)
         y = moe_forward_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, shared,
                                   activation_groups=groups)
         return y if out is None else out.copy_(y)
