@@ -34,9 +34,9 @@ FP8 experts (issue 16), one sequence, prefix 512, calibrated router, token and d
     PYTHONUNBUFFERED=1 python bench/bench_e2e.py --flash --out $OUT   # LLaDA2.0-flash in FP8
 --fp8 times the bf16 model, quantizes its routed and shared experts in place (128 x 128 blocks)
 and times the same step again, with the logits' agreement against bf16 per policy (relative
-error, argmax agreement); --flash builds LLaDA2.0-flash with random FP8 experts directly on the GPU (never the
-206 GB bf16 model): ms per forward, tokens/s, unique experts, peak memory. Both take --smoke
-(the SMALL config on the CPU). Written to e2e_fp8.* / e2e_flash.*.
+error, argmax agreement); --flash builds LLaDA2.0-flash with random FP8 experts directly on the
+GPU (never the 206 GB bf16 model): ms per forward, tokens/s, unique experts, peak memory. Both
+take --smoke (the SMALL config on the CPU). Written to e2e_fp8.* / e2e_flash.*.
 
 Serving shapes (issue 14): 16 and 64 sequences at prefix 512, 16 sequences at prefix 2048,
 token routing and dMoE p=0.6 (and capacity 48 with --llada22; --policies chooses others):

@@ -3,7 +3,7 @@
     dmoe generate                                # the default model on its example problem
     dmoe generate --prompt "(73+2)*7="           # the default: the shipped arithmetic model
     dmoe generate --model DIR --prompt "..." --policy dmoe --top-p 0.6 --guard 16
-    dmoe generate --quantize fp8                 # routed experts in FP8 (128x128 block scales)
+    dmoe generate --quantize fp8                 # routed + shared experts in FP8 (128x128 blocks)
 
 Loads a LLaDA2 checkpoint directory (config.json, safetensors, tokenizer.json), patches its MoE
 layers with the chosen routing policy, decodes with block diffusion and prints the answer,

@@ -20,8 +20,7 @@ from .launch import (ALIGN_MAX_SLOTS, DECODE_MAX_TOKENS, DEFAULT_COMBINE,  # noq
                      persistent_grid, pipeline_stages)
 from .modules import bf16_copy, keep_fp32_router_state
 from .quant import (DEFAULT_BLOCK, FP8_DTYPE, Fp8Scales, check_block, check_scale,
-                    dequantize_experts, dequantize_shared, expert_scale_shapes, quantize_experts,
-                    quantize_shared)
+                    dequantize_experts, dequantize_shared, quantize_experts, quantize_shared)
 from .reference import expert_mlp_reference, moe_forward_reference
 from .router import route_hidden
 from .routing import resolve_backend
@@ -207,7 +206,8 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     adds it with weight 1, inside the same fp32 sum (on the decode path, one more expert of the
     same two launches instead of three more kernels). With FP8 routed experts it is FP8 too,
     its block scales in scales.shared (quant.quantize_shared), and runs exactly as a routed
-    expert does (dot, activation groups); in another dtype it is a ValueError.
+    expert does (dot, activation groups); without its scales (scales.shared) it is a
+    ValueError, and one not in float8_e4m3fn beside them a TypeError.
     Launch path and tile shapes: dmoe_triton.launch (moe_launch; `launch.override` forces them).
     """
     check_moe_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down, scales)
@@ -334,8 +334,9 @@ class ActRows(NamedTuple):
     None, or with those dots fp32 [rows, cdiv(I, block_i)] the act rows' inverse scales
     (kernels/moe_fp8.py);
     used / row_weight: None, or on the decode path with FP8 weights int32 [U] and fp32 [U,
-    T_PAD] (U = min(E, T * top_k)): act row u * T_PAD + t is token t's for expert used[u],
-    row_weight[u, t] its routing weight (moe_gate_up_decode_kernel).
+    T_PAD] (U = min(E, T * top_k), + 1 with a shared expert): act row u * T_PAD + t is token
+    t's for expert used[u] (E: the shared expert), row_weight[u, t] its routing weight
+    (moe_gate_up_decode_kernel).
     """
     act: torch.Tensor
     scale: Optional[torch.Tensor] = None
@@ -609,8 +610,8 @@ def grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, config: Groupe
 
 
 def shared_expert_fp32(hidden, shared, scales: Optional[Fp8Scales] = None, config=None):
-    """The shared expert alone as torch ops (many tokens, the grouped path: prefill, not the
-    decoding step; or no routed slot): fp32 [T, H].
+    """The shared expert alone as torch ops (the grouped path: more than DECODE_MAX_TOKENS
+    tokens, i.e. prefill or several sequences' blocks; or no routed slot): fp32 [T, H].
 
     hidden [T, H]; shared (gate_up [2I, H], down [H, I]) in hidden's dtype, its act rounded to
     that dtype as the kernels' act rows are; or FP8 with scales.shared, dequantized, its
@@ -732,14 +733,21 @@ class DMoEBlock(torch.nn.Module):
         self.register_buffer("w_gate_up_scale", None if scales is None else scales.gate_up)
         self.register_buffer("w_down_scale", None if scales is None else scales.down)
         self.weight_block = None if scales is None else scales.block
-        # The model's dtype (hidden's, the saved router's): the experts' until they are FP8.
-        self.dense_dtype = w_gate_up.dtype
+        self._fp8_dense_dtype = None  # dense_dtype while the experts are FP8
         if scales is not None:
             scales.check(w_gate_up, w_down, check_values=not w_gate_up.is_meta)
-            self.dense_dtype = torch.float32 if self.shared_gate_up is None \
-                else self.shared_gate_up.dtype
+            shared_dtypes = [p.dtype for p in (shared_expert.parameters() if shared_expert
+                                               else ()) if p.dtype != FP8_DTYPE]
+            self._fp8_dense_dtype = shared_dtypes[0] if shared_dtypes else torch.float32
             self._quantize_shared(scales.block)
         self.last_route = None
+
+    @property
+    def dense_dtype(self) -> torch.dtype:
+        """The model's dtype (hidden's, the saved router's): the experts' dtype, or with FP8
+        experts the one they had before quantize_ (built with `scales`: the shared expert's,
+        else fp32); casts (.to, .half) carry it along."""
+        return self.w_gate_up.dtype if self.weight_block is None else self._fp8_dense_dtype
 
     @torch.no_grad()
     def refresh_gate_copy(self) -> None:
@@ -798,7 +806,7 @@ class DMoEBlock(torch.nn.Module):
                                  for w in (self.w_gate_up, self.w_down))
         else:
             w_gate_up, w_down, scales = quantize_experts(self.w_gate_up, self.w_down, block)
-        self.dense_dtype = self.w_gate_up.dtype
+        self._fp8_dense_dtype = self.w_gate_up.dtype
         self.w_gate_up = torch.nn.Parameter(w_gate_up, requires_grad=False)
         self.w_down = torch.nn.Parameter(w_down, requires_grad=False)
         self.w_gate_up_scale, self.w_down_scale = scales.gate_up, scales.down
@@ -815,8 +823,8 @@ class DMoEBlock(torch.nn.Module):
             return
         down = self.shared_expert.down_proj.weight
         if stack.is_meta:
-            shapes = expert_scale_shapes((1, *stack.shape), (1, *down.shape), block)
-            scales = tuple(torch.empty(s[1:], dtype=torch.float32, device="meta") for s in shapes)
+            empty = Fp8Scales.empty((1, *stack.shape), (1, *down.shape), block, device="meta")
+            scales = (empty.gate_up[0], empty.down[0])
             gate_up, down = (torch.empty_like(w, dtype=FP8_DTYPE) for w in (stack, down))
         else:
             gate_up, down, scales = quantize_shared(stack, down, block)
@@ -952,8 +960,8 @@ class DMoEBlock(torch.nn.Module):
             now = getattr(module, name)
             if now.dtype != before.dtype and not before.is_meta:
                 now.data = before.to(now.device)
-        # The model's dtype follows the cast (fn casts floating tensors, moves devices).
-        self.dense_dtype = fn(torch.empty(0, dtype=self.dense_dtype)).dtype
+        if self._fp8_dense_dtype is not None:  # the model's dtype follows the cast
+            self._fp8_dense_dtype = fn(torch.empty(0, dtype=self._fp8_dense_dtype)).dtype
         self.restack_shared()  # each tensor was moved apart: the shared views, again
         self.refresh_gate_copy()  # the bf16 copy was cast with the rest: derive it again
         return self

@@ -63,8 +63,9 @@ def patch_model(model: nn.Module, policy: Optional[RoutingPolicy] = None,
 
     expert_dtype: None keeps the experts' dtype; "fp8" quantizes the routed and shared experts
     to e4m3 with 128 x 128 block scales (layer by layer, as they are repacked; already FP8
-    blocks stay as they are) and records `quantization_config` in model.config, so save_pretrained writes
-    a fine-grained FP8 checkpoint. Anything else is a ValueError naming it.
+    blocks stay as they are) and records `quantization_config` in model.config, so
+    save_pretrained writes a fine-grained FP8 checkpoint. Anything else is a ValueError naming
+    it.
 
     policy None: the routing the checkpoint declares, RoutingPolicy.from_config(model.config)
     (LLaDA2.2's capacity, a dMoE checkpoint's dMoE, else token routing).

@@ -1,4 +1,4 @@
-"""FP8 (e4m3) routed-expert weights with block scales (issue 16).
+"""FP8 (e4m3) expert weights with block scales, routed and shared (issue 16).
 
 The format is the one fine-grained FP8 checkpoints publish (DeepSeek-V3 style; transformers'
 `FineGrainedFP8Config`, transformers/integrations/finegrained_fp8.py): config.json carries
@@ -17,7 +17,10 @@ Stacked in DMoEBlock (transformers 5's expert layout): `w_gate_up` [E, 2I, H] an
 [E, H, I] in float8_e4m3fn, with `Fp8Scales.gate_up` [E, 2 * cdiv(I, bn), cdiv(H, bk)] (the
 gate rows' blocks, then the up rows': each projection keeps its own blocks, so an I that is no
 multiple of bn still matches a checkpoint's per-projection scales) and `Fp8Scales.down`
-[E, cdiv(H, bn), cdiv(I, bk)].
+[E, cdiv(H, bn), cdiv(I, bk)]. The shared expert is quantized the same way, as one more expert
+(`quantize_shared`): its gate|up stack [2I, H] and down [H, I] in e4m3, their scales in
+`Fp8Scales.shared`; it saves as `shared_experts.{gate,up,down}_proj.weight` beside their
+`weight_scale_inv`.
 """
 from __future__ import annotations
 

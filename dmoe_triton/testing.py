@@ -98,9 +98,10 @@ def build_model(config, device, seed: int = 0) -> LLaDA2MoeModelLM:
 
 
 def build_fp8_model(config, device, seed: int = 0) -> LLaDA2MoeModelLM:
-    """build_model's random model with FP8 routed and shared experts, made on `device` without ever holding
-    the model-dtype experts (LLaDA2.0-flash: 206 GB in bf16, ~106 GB so): patched and quantized
-    on the meta device, then memory on the device, filled in place. Expert weights are e4m3
+    """build_model's random model with FP8 routed and shared experts, made on `device` without
+    ever holding the model-dtype experts (LLaDA2.0-flash: 206 GB in bf16, ~106 GB so): patched
+    and quantized on the meta device, then memory on the device, filled in place (to_empty;
+    the shared experts are stacked again by DMoEBlock._apply). Expert weights are e4m3
     values of N(0, 64) (clamped to +-448) with block scales 0.02 / 64 (x a seeded factor in
     [0.5, 1.5]), so they dequantize to std ~0.02 like build_model's; other weights std 0.02,
     norms 1, router bias 0."""

@@ -339,6 +339,22 @@ def test_shared_expert_beside_fp8_experts_must_be_fp8():
 
 
 @pytest.mark.parametrize("path", ["decode", "grouped"])
+def test_nan_rule_with_an_fp8_shared_expert(path):
+    """docs/routing.md's NaN rule holds beside the FP8 shared expert: a NaN weight in a filled
+    slot, or every slot empty with NaN weights, gives a NaN row; the other rows stay finite."""
+    hidden, _, _, w_gate_up, w_down, scales = fp8_inputs()
+    (gu, d), shared_scales = make_fp8_shared(32, 16, (16, 16), torch.Generator().manual_seed(1))
+    ids = torch.tensor([[0, 1], [1, -1], [-1, -1]], dtype=torch.int32)
+    weights = torch.tensor([[0.5, float("nan")], [0.3, 0.0], [float("nan"), float("nan")]])
+    for backend in ("triton", "reference"):
+        with launch.override(moe_path=path):
+            y = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend=backend,
+                            shared=(gu, d), scales=replace(scales, shared=shared_scales))
+        assert torch.isnan(y[0]).all() and torch.isnan(y[2]).all(), backend
+        assert torch.isfinite(y[1]).all(), backend
+
+
+@pytest.mark.parametrize("path", ["decode", "grouped"])
 def test_broadcast_routed_scales_take_a_shared_expert(path):
     """Routed scales given as a broadcast view (zero strides: one scale for every block) with
     an FP8 shared expert: the same values as contiguous scales (a break test found a crash)."""

@@ -350,3 +350,17 @@ def test_patched_model_pickles(expert_dtype):
     ids = torch.randint(3, 90, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_cast_stacks_the_shared_expert_again():
+    """A cast gives every tensor new memory: the patched block stacks its shared expert again,
+    so the module's projections stay views of what the kernels read (an edit reaches them)."""
+    from dmoe_triton import RoutingPolicy, patch_model
+
+    model = patch_model(small_model(), RoutingPolicy.token(), backend="reference").double()
+    block = model.model.layers[1].mlp
+    gate = block.shared_expert.gate_proj.weight
+    assert gate.dtype == torch.float64 and gate.data_ptr() == block.shared_gate_up.data_ptr()
+    with torch.no_grad():
+        gate.mul_(2.0)
+    assert torch.equal(block.shared_gate_up[: gate.shape[0]], gate)
