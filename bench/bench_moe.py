@@ -30,8 +30,9 @@ dequantized in the k loop, launch.DEFAULT_DECODE_FP8 / DEFAULT_GROUPED_FP8) at 3
 15 / 70 unique experts and 16 x 32 tokens, beside bf16 (its defaults) on the same routing, both
 e4m3 reads (native, sm_89+; byte-decoded, the pre-sm_89 path); bytes = unique x (3.15 MB of
 e4m3 + 768 B of fp32 scales); writes moe_fp8.md / moe_fp8.json. With --sweep it first times
-FP8_DECODE_VARIANTS at 15 and 70 unique and FP8_GROUPED_VARIANTS at 16 x 32 tokens (each
-checked against the reference before it is timed), prints each with its % of copy bandwidth
+FP8_DECODE_VARIANTS at 15 and 70 unique (with an FP8 shared expert, as the model's layer runs
+them) and FP8_GROUPED_VARIANTS at 16 x 32 tokens (each checked against the reference before it
+is timed), prints each with its % of copy bandwidth
 counting FP8 bytes and the best config of each path, then writes the table with those (native
 reads only).
 --smoke runs everything but the timing on the CPU under TRITON_INTERPRET=1 (routings, unique
@@ -60,7 +61,7 @@ from dmoe_triton.launch import (DEFAULT_DECODE, DEFAULT_DECODE_FP8, DEFAULT_GROU
                                 DEFAULT_GROUPED_FP8, DecodeConfig, fit_scale_blocks)
 from dmoe_triton.moe import (decode_down_combine, decode_gate_up, down_arrivals,  # noqa: E402
                              fp8_activation_groups, moe_forward_triton)
-from dmoe_triton.quant import dequantize_experts, quantize_experts  # noqa: E402
+from dmoe_triton.quant import dequantize_experts, dequantize_shared, quantize_experts  # noqa: E402
 from dmoe_triton.reference import moe_forward_reference  # noqa: E402
 from common import capture, copy_bandwidth, fmt, time_ms  # noqa: E402  (bench/common.py: bench/ is on sys.path as a script)
 
@@ -512,12 +513,23 @@ def fp8_expert_bytes(scales) -> int:
     return 3 * H * I + (scales.gate_up[0].numel() + scales.down[0].numel()) * 4
 
 
-def fp8_reference(hidden, row, dequantized, scales, config):
+def fp8_reference(hidden, row, dequantized, scales, config, shared=None):
     """The dequantize-then-fp32 reference of one routing, with the activations quantized as
-    the fp8 dot does where `config` runs it (moe.fp8_activation_groups)."""
+    the fp8 dot does where `config` runs it (moe.fp8_activation_groups); shared: an FP8 shared
+    expert (its scales in scales.shared), or None."""
     groups = fp8_activation_groups(hidden, config, scales)
+    if shared is not None:
+        shared = dequantize_shared(shared, scales)
     return moe_forward_reference(hidden.float(), row["ids"], row["weights"], *dequantized,
-                                 activation_groups=groups)
+                                 shared, activation_groups=groups)
+
+
+def fp8_shared_experts(layers8):
+    """shared_experts' FP8 twin: per FP8 copy, expert 0's weights and scales as a shared
+    expert ((gate_up, down), Fp8Scales with them in .shared)."""
+    return [((wg[0].clone(), wd[0].clone()),
+             dataclasses.replace(s, shared=(s.gate_up[0].clone(), s.down[0].clone())))
+            for wg, wd, s in layers8]
 
 
 def check_fp8(routed, layer8, max_err, decode=None, grouped=None, bits=(False, True)):
@@ -574,8 +586,9 @@ FP8_SWEEP_CASES = {"decode": ("32 tok, exact 15", "32 tok, exact 70"),
 def sweep_fp8(routed, layers8, bw, path, timer=None, variants=None):
     """Time the FP8 variants of `path` ("decode" or "grouped") at FP8_SWEEP_CASES[path], each
     checked against the dequantized fp32 reference first (one off by more than MAX_REL_ERR is
-    reported and never timed); return the best config, fitted to the scale blocks. timer and
-    variants as in sweep()."""
+    reported and never timed); return the best config, fitted to the scale blocks. The decode
+    path runs with an FP8 shared expert, as the model's layers do (fp8_shared_experts; the
+    grouped path runs one apart, outside its launches). timer and variants as in sweep()."""
     timer = timer or graph_us
     base = DEFAULT_DECODE_FP8 if path == "decode" else DEFAULT_GROUPED_FP8
     changes = FP8_DECODE_VARIANTS if path == "decode" else FP8_GROUPED_VARIANTS
@@ -586,24 +599,30 @@ def sweep_fp8(routed, layers8, bw, path, timer=None, variants=None):
     dtype = DTYPE if wg.is_cuda else torch.float32
     hiddens = [torch.randn(r["tokens"], wg.shape[2], generator=gen).to(wg.device, dtype)
                for r in picked]
-    floors = [r["unique_layer"] * fp8_expert_bytes(scales) / bw / 1e3 for r in picked]
-    print(f"FP8 {path} sweep: us per layer call (% of copy bandwidth counting FP8 bytes) at "
+    with_shared = path == "decode"
+    shared = (fp8_shared_experts(layers8) if with_shared
+              else [(None, layer[2]) for layer in layers8])  # [(shared, scales)] per copy
+    floors = [(r["unique_layer"] + with_shared) * fp8_expert_bytes(scales) / bw / 1e3
+              for r in picked]
+    print(f"FP8 {path} sweep: us per layer call (% of copy bandwidth counting FP8 bytes"
+          f"{', the shared expert included' if with_shared else ''}) at "
           + ", ".join(r["case"] for r in picked), flush=True)
 
     def measure(change):
         kw = {path: dataclasses.replace(base, **change)}
         times, err = [], 0.0
         for row, hidden in zip(picked, hiddens):
-            ref = fp8_reference(hidden, row, dequantized, scales, kw[path])
+            ref = fp8_reference(hidden, row, dequantized, shared[0][1], kw[path], shared[0][0])
             y = moe_forward_triton(hidden, row["ids"], row["weights"], wg, wd, path=path,
-                                   out=torch.full_like(hidden, float("nan")), scales=scales, **kw)
+                                   out=torch.full_like(hidden, float("nan")),
+                                   shared=shared[0][0], scales=shared[0][1], **kw)
             err = max(err, rel_err(y, ref) if bool(torch.isfinite(y).all()) else float("inf"))
             if not err <= MAX_REL_ERR:
                 raise ValueError(f"off the reference on {row['case']!r}: relative error {err:.1e}")
             outs = [torch.empty_like(hidden) for _ in layers8]
             times.append(timer(lambda: [moe_forward_triton(
-                hidden, row["ids"], row["weights"], g, d, out=o, path=path, scales=s, **kw)
-                for (g, d, s), o in zip(layers8, outs)]))
+                hidden, row["ids"], row["weights"], g, d, out=o, path=path, shared=sh, scales=s,
+                **kw) for (g, d, _), (sh, s), o in zip(layers8, shared, outs)]))
         return times, err
 
     best = best_change(f"fp8 {path}", changes[:variants] if variants else changes, measure,
