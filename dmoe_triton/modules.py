@@ -92,18 +92,31 @@ def cache_bytes(cache, block_length: int = 32) -> int:
     return 2 * len(cache.keys) * k.shape[0] * k.shape[1] * n * k.shape[3] * k.element_size()
 
 
-def keep_fp32_router_state(module: torch.nn.Module, apply, fn, recurse: bool, names) -> None:
-    """Run `apply(fn, recurse)` (nn.Module._apply: .to(), .half(), .cuda(), ...) so that the
-    router tensors `names` that are fp32 keep their exact values and dtype and only move device.
-
-    Why: the router runs in fp32 (router_dtype), and a bias such as 7.0 + 0.003 * e is ranked
-    by differences far below bf16's resolution: rounded through bf16 and cast back, it kept 2 of
-    16 distinct values and 83% of tokens changed experts (issue 11).
-    """
-    saved = {n: getattr(module, n).data for n in names
-             if getattr(module, n, None) is not None and getattr(module, n).dtype == torch.float32}
+def keep_dtypes(apply, fn, recurse: bool, tensors) -> None:
+    """Run `apply(fn, recurse)` (nn.Module._apply: .to(), .half(), .cuda(), ...) so that each
+    (owner module, attribute name) of `tensors` keeps its exact values and dtype and only moves
+    device (a cast would change what it means: keep_fp32_router_state; FP8 weights and their
+    fp32 block scales)."""
+    saved = [(owner, name, getattr(owner, name).data) for owner, name in tensors]
     apply(fn, recurse)
-    for name, before in saved.items():
-        now = getattr(module, name)
-        if now.dtype != torch.float32 and not before.is_meta:
+    for owner, name, before in saved:
+        now = getattr(owner, name)
+        if now.dtype != before.dtype and not before.is_meta:
             now.data = before.to(now.device)
+
+
+def fp32_router_state(module: torch.nn.Module, names) -> list:
+    """(module, name) of the router tensors `names` that are fp32, for keep_dtypes.
+
+    Why they keep fp32: the router runs in fp32 (router_dtype), and a bias such as 7.0 + 0.003
+    * e is ranked by differences far below bf16's resolution: rounded through bf16 and cast
+    back, it kept 2 of 16 distinct values and 83% of tokens changed experts (issue 11).
+    """
+    return [(module, n) for n in names
+            if getattr(module, n, None) is not None and getattr(module, n).dtype == torch.float32]
+
+
+def keep_fp32_router_state(module: torch.nn.Module, apply, fn, recurse: bool, names) -> None:
+    """Run `apply(fn, recurse)` so that the router tensors `names` that are fp32 keep their
+    exact values and dtype and only move device (fp32_router_state, keep_dtypes)."""
+    keep_dtypes(apply, fn, recurse, fp32_router_state(module, names))

@@ -18,7 +18,7 @@ from .launch import (ALIGN_MAX_SLOTS, DECODE_MAX_TOKENS, DEFAULT_COMBINE,  # noq
                      DEFAULT_DECODE, DEFAULT_GROUPED, CombineLaunch, DecodeConfig, GroupedConfig,
                      align_launch, dot_precision, fit_scale_blocks, fp8_bits, moe_launch, pdl,
                      persistent_grid, pipeline_stages)
-from .modules import bf16_copy, keep_fp32_router_state
+from .modules import bf16_copy, fp32_router_state, keep_dtypes
 from .quant import (DEFAULT_BLOCK, FP8_DTYPE, Fp8Scales, check_block, check_scale,
                     dequantize_experts, dequantize_shared, quantize_experts, quantize_shared)
 from .reference import expert_mlp_reference, moe_forward_reference
@@ -954,12 +954,9 @@ class DMoEBlock(torch.nn.Module):
         # The router's fp32 copies (gate_weight, expert_bias) keep their values through
         # .to(bf16)/.half(): only their device moves (issue 11); so do FP8 experts, the shared
         # one's too, and their fp32 scales (a cast would drop the scales' meaning).
-        fp8 = [(module, name, t.data) for module, name, t in self._fp8_tensors()]
-        keep_fp32_router_state(self, super()._apply, fn, recurse, ("gate_weight", "expert_bias"))
-        for module, name, before in fp8:
-            now = getattr(module, name)
-            if now.dtype != before.dtype and not before.is_meta:
-                now.data = before.to(now.device)
+        keep_dtypes(super()._apply, fn, recurse,
+                    fp32_router_state(self, ("gate_weight", "expert_bias"))
+                    + list(self._fp8_tensors()))
         if self._fp8_dense_dtype is not None:  # the model's dtype follows the cast
             self._fp8_dense_dtype = fn(torch.empty(0, dtype=self._fp8_dense_dtype)).dtype
         self.restack_shared()  # each tensor was moved apart: the shared views, again
@@ -967,13 +964,13 @@ class DMoEBlock(torch.nn.Module):
         return self
 
     def _fp8_tensors(self):
-        """(module, name, tensor) of every FP8 weight and fp32 block scale in this block (the
-        routed stacks, the shared expert's stack and projections)."""
+        """(module, name) of every FP8 weight and fp32 block scale in this block (the routed
+        stacks, the shared expert's stack and projections)."""
         for module in self.modules():
             for name, t in list(module._parameters.items()) + list(module._buffers.items()):
                 if t is not None and (t.dtype == FP8_DTYPE
                                       or name.endswith(("_scale", "weight_scale_inv"))):
-                    yield module, name, t
+                    yield module, name
 
     def forward(self, hidden: torch.Tensor, first_position: Optional[torch.Tensor] = None,
                 row_valid: Optional[torch.Tensor] = None,
