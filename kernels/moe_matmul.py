@@ -447,8 +447,8 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
             row_weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)
             if HAS_SHARED:
                 shared = u == n_used
-                uses = tl.where(shared, t < T, uses)
-                row_weight = tl.where(shared, (t < T).to(tl.float32), row_weight)
+                uses = _shared_rows(shared, uses, slot, T, TOP_K, T_PAD)[0]
+                row_weight = tl.where(shared, uses.to(tl.float32), row_weight)
                 w_rows = tl.where(shared, shared_ptr, w_rows)
                 s_expert = tl.where(shared, shared_s_ptr, s_expert)
                 expert = tl.where(shared, E, expert)
