@@ -337,12 +337,11 @@ def sweep(layers, routed, bw, timer=None, variants=None):
 # One knob changed at a time from the default; gate/up knobs and down knobs are then combined.
 # (The default is the best of the first sweep of 2026-11-30, whose variants were block_i 32 /
 # 64 / 128, warps 8, block_m 16, k tile 64, programs per SM 1 / 3, block_h 64 / 128.)
-GROUPED_GATE_UP_VARIANTS = [dict(), dict(programs_per_sm=4), dict(k_tile_gate_up=64, stages_gate_up=6),
-                            dict(block_i=128, warps_gate_up=8), dict(block_m=64),
-                            dict(block_m=64, warps_gate_up=8), dict(stages_gate_up=3),
-                            dict(block_i=32, programs_per_sm=4)]
-GROUPED_DOWN_VARIANTS = [dict(), dict(block_h=128), dict(block_h=32), dict(k_tile_down=128, stages_down=4),
-                         dict(warps_down=8), dict(stages_down=4)]
+GROUPED_GATE_UP_VARIANTS = [dict(), dict(block_m=64),
+                            dict(block_i=128), dict(stages_gate_up=3, programs_per_sm=3),
+                            dict(block_m=64, block_i=128, warps_gate_up=8)]
+GROUPED_DOWN_VARIANTS = [dict(), dict(block_h=64, warps_down=4, stages_down=6),
+                         dict(k_tile_down=128, stages_down=3)]
 GROUPED_SWEEP_CASES = ("4x32 tok, exact 15", "16x32 tok, exact 15", "16x32 tok, uniform",
                        "64x32 tok, exact 15")
 
@@ -485,7 +484,8 @@ def run_gpu(args):
         if config != DEFAULT_DECODE:
             check_routings(routed, layers[0], [config], MAX_REL_ERR)
     print(f"decode config: {config}")
-    grouped = sweep_grouped(layers, routed, bw) if args.sweep_grouped else DEFAULT_GROUPED
+    # The sweep's pick for every multi-block case, else launch.moe_launch's choice per shape.
+    grouped = sweep_grouped(layers, routed, bw) if args.sweep_grouped else None
     grouped_peer, eager_peer = hf_experts(layers, "grouped_mm"), hf_experts(layers, "eager")
     for row in routed:
         with launch.override(grouped=grouped):
@@ -767,7 +767,7 @@ def run_smoke(args):
 # Output
 # ---------------------------------------------------------------------------------------------
 
-def write_results(out, device, bw, config, rows, grouped=DEFAULT_GROUPED):
+def write_results(out, device, bw, config, rows, grouped=None):
     os.makedirs(out, exist_ok=True)
     cmd = "PYTHONUNBUFFERED=1 python bench/bench_moe.py " + " ".join(sys.argv[1:])
     lines = [
@@ -777,7 +777,9 @@ def write_results(out, device, bw, config, rows, grouped=DEFAULT_GROUPED):
         f"- Copy bandwidth measured in the same process: **{bw:.0f} GB/s** (read + write).",
         f"- Command: `{cmd}`",
         f"- Decode config (32 tokens): `{config}`; more tokens take the grouped path: "
-        f"`{grouped}`.",
+        f"`{grouped or DEFAULT_GROUPED}`" + ("" if grouped else f" (from "
+        f"{launch.GROUPED_WIDE_FROM} tokens block_m {launch.DEFAULT_GROUPED_WIDE.block_m})")
+        + ".",
         "",
         "Times are per layer call: median over replays of a CUDA graph of 4 calls on 4 weight "
         "copies (6.4 GB, so L2 holds none). `experts` = moe_forward alone; `layer` = route() "
@@ -819,14 +821,9 @@ def write_results(out, device, bw, config, rows, grouped=DEFAULT_GROUPED):
               f"{r['eager_us']:8.0f}")
 
 
-def plot(path, bw, rows):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    block = sorted((r for r in rows if r["tokens"] == BLOCK), key=lambda r: r["unique_layer"])
+def plot_block(ax, bw, block):
+    """The 32-token cases: time against unique experts, with the byte floor's line."""
     u = [r["unique_layer"] for r in block]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     xs = list(range(1, max(u) + 11))
     ax.plot(xs, [x * EXPERT_BYTES / bw / 1e3 for x in xs], "k--",
             label=f"byte floor ({bw:.0f} GB/s copy)")
@@ -836,8 +833,7 @@ def plot(path, bw, rows):
                                   sorted({r["grouped_mm_mode"] for r in block})) + ")", "^-"),
                               ("eager_us", "transformers 5 eager loop", "v-")]:
         ax.plot(u, [r[key] for r in block], style, label=label)
-    dmoe = [r for r in block if r["policy"].is_block]
-    for r in dmoe:
+    for r in (r for r in block if r["policy"].is_block):
         ax.annotate("dMoE", (r["unique_layer"], r["experts_us"]), textcoords="offset points",
                     xytext=(4, -12), fontsize=8)
     ax.set_yscale("log")
@@ -846,6 +842,40 @@ def plot(path, bw, rows):
     ax.set_title("One LLaDA2.0-mini MoE layer, 32 tokens, bf16")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def plot_multi(ax, bw, multi):
+    """The multi-block cases: ours, graphed grouped_mm and the byte floor, side by side."""
+    xs = range(len(multi))
+    width = 0.28
+    for shift, key, label in [(-width, "floor_us", f"byte floor ({bw:.0f} GB/s copy)"),
+                              (0.0, "experts_us", "dmoe-triton experts"),
+                              (width, "grouped_mm_us", "transformers 5 grouped_mm")]:
+        ax.bar([x + shift for x in xs], [r[key] for r in multi], width, label=label)
+    for x, r in zip(xs, multi):
+        ax.annotate(f"{100 * r['floor_us'] / r['experts_us']:.0f}%", (x, r["experts_us"]),
+                    ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(list(xs), [r["case"].replace(" tok, ", "\n") for r in multi], fontsize=7)
+    ax.set_ylabel("time per MoE layer call (us); % = share of copy bandwidth")
+    ax.set_title("Several sequences' blocks in one call (grouped path), bf16")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot(path, bw, rows):
+    """Left: the 32-token cases against their unique experts; right: the multi-block cases
+    (several sequences' blocks in one call), each against its byte floor. A panel without
+    rows (a --cases selection) is left out."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    block = sorted((r for r in rows if r["tokens"] == BLOCK), key=lambda r: r["unique_layer"])
+    multi = [r for r in rows if r["tokens"] > BLOCK]
+    panels = [p for p, keep in ((plot_block, block), (plot_multi, multi)) if keep]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 4.8), squeeze=False)
+    for ax, draw in zip(axes[0], panels):
+        draw(ax, bw, block if draw is plot_block else multi)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

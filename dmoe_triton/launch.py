@@ -5,7 +5,7 @@ One function per kernel family turns shapes, dtype and device into a frozen data
     route_launch(num_experts, device, windows)   -> RouteLaunch     (kernels/routing.py, router.py)
     norm_launch(hidden)                          -> NormLaunch      (kernels/add_norm.py)
     moe_launch(tokens, top_k, num_experts, ...)  -> MoeLaunch       (kernels/moe_matmul.py)
-    align_launch(slots, num_experts)             -> AlignLaunch     (moe_align_kernel or torch)
+    align_launch(slots, num_experts)             -> AlignLaunch     (the align's counting sort)
     attention_launch(batch, n_keys)              -> AttentionLaunch (kernels/block_attention.py)
     prep_launch(head_dim)                        -> PrepLaunch      (kernels/attention_prep.py)
 
@@ -37,10 +37,10 @@ FP8_DOTS = ("fp16", "fp8", "model")  # DecodeConfig.dot's choices
 
 
 def _check_shape(launch, powers_of_two=(), at_least=None) -> None:
-    """Every field a positive int (bool for use_kernel); those named in `powers_of_two` powers of
-    two (Triton's tl.arange needs them); `at_least` {field: minimum} (tl.dot needs 16 rows). A
-    ValueError naming the class and the field, raised when the shape is built, not inside a
-    kernel."""
+    """Every field a positive int (bool where the field is one); those named in `powers_of_two`
+    powers of two (Triton's tl.arange needs them); `at_least` {field: minimum} (tl.dot needs
+    16 rows). A ValueError naming the class and the field, raised when the shape is built, not
+    inside a kernel."""
     name = type(launch).__name__
     for f in dataclasses.fields(launch):
         value = getattr(launch, f.name)
@@ -171,20 +171,22 @@ class GroupedConfig:
     its later tiles to hit L2.
     """
 
-    # Defaults: the best of `bench_moe.py --quick --sweep-grouped` on the H200 (2026-11-30) at
-    # 4, 16 and 64 x 32 tokens; against the earlier (32, 16, 128, 4, 4, 32, 128, 4, 4, 2) they
-    # took 189 -> 132 us (4x32, 15 per block), 654 -> 501 (16x32, 15), 731 -> 541 (16x32,
-    # uniform), 1680 -> 1276 (64x32, 15).
+    # Defaults: `bench_moe.py --sweep-grouped --cases "x32 tok"` on the H200 (2026-11-30,
+    # eighth session), after the align became a counting sort and items became one tile each:
+    # 116 / 307 / 433 / 711 us at 4x32 exact 15 / 16x32 exact 15 / 16x32 uniform / 64x32 exact
+    # 15 (65 / 77 / 89 / 52% of copy bandwidth; before those two changes 132 / 501 / 541 / 1276).
+    # The kernels put the weight tile on the MMA's M side (W @ x^T, wgmma on Hopper): 320
+    # against 348 us at 16x32 exact 15 for x @ W^T with the rest equal.
     block_m: int = 32          # tokens of one expert per tile (tl.dot needs >= 16)
     block_i: int = 64          # gate/up: intermediate columns per work item
-    k_tile_gate_up: int = 128  # gate/up: reduction step along H (elements)
+    k_tile_gate_up: int = 64   # gate/up: reduction step along H (elements)
     warps_gate_up: int = 4
     stages_gate_up: int = 4
-    block_h: int = 64          # down: hidden columns per work item
+    block_h: int = 128         # down: hidden columns per work item
     k_tile_down: int = 64      # down: reduction step along I (elements)
-    warps_down: int = 4
-    stages_down: int = 6
-    programs_per_sm: int = 3   # persistent grids = SMs x this (at most what fits on an SM)
+    warps_down: int = 8
+    stages_down: int = 4
+    programs_per_sm: int = 2   # persistent grids = SMs x this (at most what fits on an SM)
     dot: str = "fp16"          # as DecodeConfig.dot
     x_prepass: bool = True     # as DecodeConfig.x_prepass
 
@@ -198,10 +200,17 @@ class GroupedConfig:
 
 @dataclass(frozen=True)
 class AlignLaunch:
-    """moe_align_kernel (one program sorting every slot) or, for many slots, torch ops."""
+    """The grouped path's align: a counting sort of the slots by expert in three launches
+    (kernels/moe_matmul.py). It replaced one program that sorted every slot with tl.sort, which
+    took 99 us of a 16 x 32-token layer call on the H200 (4096 slots), and torch ops above
+    8192 slots (about 110 us at 16384)."""
 
-    use_kernel: bool = True
+    chunk: int = 128  # slots per program of the count and scatter steps
+    rows: int = 32    # chunk histograms summed per loop step
     warps: int = 4
+
+    def __post_init__(self):
+        _check_shape(self, powers_of_two=("chunk", "rows", "warps"))
 
 
 @dataclass(frozen=True)
@@ -232,11 +241,16 @@ class MoeLaunch:
 
 
 DECODE_MAX_TOKENS = 64  # the decode path computes every token row for each used expert
-ALIGN_MAX_SLOTS = 8192  # above this, the one-program sort of the align kernel gets too big
 MOE_PATHS = ("decode", "grouped")
 DEFAULT_DECODE = DecodeConfig()
 DEFAULT_GROUPED = GroupedConfig()
+# From GROUPED_WIDE_FROM tokens (64 blocks of 32) an expert gets about 66 slots: tiles of 64 slots
+# measured 631 against 772 us at 64x32 exact 15 (H200, eighth session; at 16x32 the two were even:
+# 315 / 320 us exact 15, 473 / 451 uniform), so the grouped path takes DEFAULT_GROUPED_WIDE there.
+GROUPED_WIDE_FROM = 2048
+DEFAULT_GROUPED_WIDE = dataclasses.replace(DEFAULT_GROUPED, block_m=64)
 DEFAULT_COMBINE = CombineLaunch()
+DEFAULT_ALIGN = AlignLaunch()
 
 # FP8 e4m3 weights (issue 16): half the bytes of a bf16 tile per element and a transposed
 # product (kernels/moe_fp8.py), so their own shapes: the best of `bench_moe.py --fp8 --sweep`
@@ -259,24 +273,24 @@ DEFAULT_GROUPED_FP8 = GroupedConfig(block_m=64, block_i=128, k_tile_gate_up=128,
 def moe_launch(tokens: int, top_k: int, num_experts: int, dtype: torch.dtype,
                device: torch.device, fp8: bool = False) -> MoeLaunch:
     """moe_forward's launches for T = tokens rows of top_k slots over num_experts experts:
-    the decode path for T <= DECODE_MAX_TOKENS, else the grouped one; fp8: the experts' weights
+    the decode path for T <= DECODE_MAX_TOKENS, else the grouped one (wider tiles from
+    GROUPED_WIDE_FROM tokens); fp8: the experts' weights
     are FP8 (their own default shapes; an override applies to both kinds)."""
     path = _current("moe_path") or ("decode" if tokens <= DECODE_MAX_TOKENS else "grouped")
-    decode, grouped = (DEFAULT_DECODE_FP8, DEFAULT_GROUPED_FP8) if fp8 else (DEFAULT_DECODE,
-                                                                             DEFAULT_GROUPED)
+    if fp8:
+        decode, grouped = DEFAULT_DECODE_FP8, DEFAULT_GROUPED_FP8
+    else:
+        decode = DEFAULT_DECODE
+        grouped = DEFAULT_GROUPED if tokens < GROUPED_WIDE_FROM else DEFAULT_GROUPED_WIDE
     return MoeLaunch(path=path, decode=_current("decode") or decode,
                      grouped=_current("grouped") or grouped,
                      combine=_current("combine") or DEFAULT_COMBINE)
 
 
 def align_launch(slots: int, num_experts: int) -> AlignLaunch:
-    """The align kernel while its one-program sort fits (next_power_of_2(slots) <=
-    ALIGN_MAX_SLOTS and its int32 keys (E + 1) * slots_pad do not overflow), else torch ops."""
+    """The align's launch shape (one for every size: its grids grow with the slots)."""
     forced = _current("align")
-    if forced is not None:
-        return forced
-    s_pad = triton.next_power_of_2(slots)
-    return AlignLaunch(use_kernel=s_pad <= ALIGN_MAX_SLOTS and (num_experts + 1) * s_pad < 2**31)
+    return forced if forced is not None else DEFAULT_ALIGN
 
 
 # FP8 experts (issue 16): how the kernels read e4m3 weights, and their k steps.
@@ -533,4 +547,5 @@ __all__ = ["RouteLaunch", "NormLaunch", "norm_launch", "DecodeConfig", "GroupedC
            "persistent_grid", "pipeline_stages", "dot_precision", "fp8_bits", "pdl",
            "fit_scale_blocks",
            "DEFAULT_DECODE_FP8", "DEFAULT_GROUPED_FP8",
-           "DECODE_MAX_TOKENS", "ALIGN_MAX_SLOTS", "FEW_SEQUENCES", "MANY_SEQUENCES", "MANY_FROM"]
+           "DECODE_MAX_TOKENS", "GROUPED_WIDE_FROM", "DEFAULT_GROUPED_WIDE", "FEW_SEQUENCES",
+           "MANY_SEQUENCES", "MANY_FROM"]

@@ -14,14 +14,14 @@ import torch
 import triton
 
 from .config import RouterConfig, RoutingPolicy
-from .launch import (ALIGN_MAX_SLOTS, DECODE_MAX_TOKENS, DEFAULT_COMBINE,  # noqa: F401 (re-exported)
+from .launch import (DECODE_MAX_TOKENS, DEFAULT_COMBINE,  # noqa: F401 (re-exported)
                      DEFAULT_DECODE, DEFAULT_GROUPED, CombineLaunch, DecodeConfig, GroupedConfig,
                      align_launch, dot_precision, fit_scale_blocks, fp8_bits, moe_launch, pdl,
                      persistent_grid, pipeline_stages)
 from .modules import bf16_copy, fp32_router_state, keep_dtypes
 from .quant import (DEFAULT_BLOCK, FP8_DTYPE, Fp8Scales, check_block, check_scale,
                     dequantize_experts, dequantize_shared, quantize_experts, quantize_shared)
-from .reference import expert_mlp_reference, moe_forward_reference
+from .reference import moe_forward_reference
 from .router import route_hidden
 from .routing import resolve_backend
 
@@ -248,55 +248,61 @@ def _launch_config(hidden, topk_ids, w_gate_up):
     return plan.decode if plan.path == "decode" else plan.grouped
 
 
-def _lists_args(lists) -> dict:
-    """align_slots' outputs as the persistent kernels' keyword arguments."""
-    names = ("sorted_slots_ptr", "used_expert_ptr", "used_start_ptr", "used_count_ptr",
-             "n_used_ptr")
-    return dict(zip(names, lists))
+class SlotLists(NamedTuple):
+    """align_slots' outputs, int32 on the device: for u < n_used, expert used_expert[u] owns
+    slots sorted_slots[used_start[u] : used_start[u] + used_count[u]], in cdiv(used_count[u],
+    block_m) tiles numbered from used_tile[u] (used_tile[u] = n_tiles from u = n_used on)."""
+    sorted_slots: torch.Tensor  # [S]: slots by expert, then slot; empty slots last
+    used_expert: torch.Tensor   # [E]
+    used_start: torch.Tensor    # [E]
+    used_count: torch.Tensor    # [E]
+    n_used: torch.Tensor        # [1]
+    used_tile: torch.Tensor     # [E]
+    n_tiles: torch.Tensor       # [1]
+
+    def kernel_args(self) -> dict:
+        """The persistent kernels' keyword arguments (moe_gate_up_kernel, moe_down_kernel)."""
+        E = self.used_expert.numel()
+        return dict(sorted_slots_ptr=self.sorted_slots, used_expert_ptr=self.used_expert,
+                    used_start_ptr=self.used_start, used_count_ptr=self.used_count,
+                    used_tile_ptr=self.used_tile, n_tiles_ptr=self.n_tiles, E=E,
+                    USED_PAD=triton.next_power_of_2(E))
 
 
-def align_slots(flat_ids: torch.Tensor, num_experts: int):
-    """Slots sorted by expert and the list of used experts, on the device, no sync.
+def max_tiles(slots: int, num_experts: int, block_m: int) -> int:
+    """The most block_m-slot tiles `slots` filled slots can take over `num_experts` experts
+    (each used expert's last tile may be partly filled): bounds the persistent grids."""
+    return min(num_experts, slots) + slots // block_m
 
-    flat_ids: int32/int64 [S] (S = T * top_k slots, -1 or out of range = empty).
-    Returns (sorted_slots, used_expert, used_start, used_count, n_used), int32: for u < n_used,
-    expert used_expert[u] owns slots sorted_slots[used_start[u] : used_start[u] + used_count[u]].
-    moe_align_kernel or torch ops, as launch.align_launch chooses.
+
+def align_slots(flat_ids: torch.Tensor, num_experts: int, block_m: int) -> SlotLists:
+    """Slots sorted by expert, the list of used experts and their tiles of block_m slots, on
+    the device, no sync: a counting sort in three launches (kernels/moe_matmul.py), shaped by
+    launch.align_launch. reference.align_slots_reference gives the same lists in torch ops.
+
+    flat_ids: int32/int64 [S] (S = T * top_k slots, -1 or out of range = empty). Returns
+    SlotLists.
     """
-    from .kernels.moe_matmul import moe_align_kernel
+    from .kernels.moe_matmul import align_count_kernel, align_lists_kernel, align_scatter_kernel
 
     S, E = flat_ids.numel(), num_experts
     plan = align_launch(S, E)
-    if not plan.use_kernel:
-        return align_slots_torch(flat_ids, E)
     dev = flat_ids.device
-    used = [torch.empty(E, dtype=torch.int32, device=dev) for _ in range(3)]
-    n_used = torch.empty(1, dtype=torch.int32, device=dev)
-    s_pad = triton.next_power_of_2(S)
-    sorted_slots = torch.empty(s_pad, dtype=torch.int32, device=dev)
-    moe_align_kernel[(1,)](
-        ids_ptr=flat_ids, sorted_slots_ptr=sorted_slots, used_expert_ptr=used[0],
-        used_start_ptr=used[1], used_count_ptr=used[2], n_used_ptr=n_used, S=S, E=E,
-        S_PAD=s_pad, NUM_BINS=triton.next_power_of_2(E + 1), num_warps=plan.warps,
-        **pdl(dev))
-    return (sorted_slots, *used, n_used)
-
-
-def align_slots_torch(flat_ids: torch.Tensor, num_experts: int):
-    """align_slots in torch ops for many slots (prefill): the same outputs, still no sync."""
-    E = num_experts
-    ids = flat_ids.long()
-    bucket = torch.where((ids >= 0) & (ids < E), ids, E)
-    sorted_slots = torch.sort(bucket, stable=True).indices.to(torch.int32)
-    counts = torch.zeros(E + 1, dtype=torch.int64, device=ids.device)
-    counts.scatter_add_(0, bucket, torch.ones_like(bucket))
-    counts = counts[:E]
-    starts = torch.cumsum(counts, 0) - counts
-    is_used = counts > 0
-    # Used experts first, in expert order: a stable sort on "unused".
-    order = torch.sort((~is_used).to(torch.int8), stable=True).indices
-    used = [t.to(torch.int32) for t in (order, starts[order], counts[order])]
-    return (sorted_slots, *used, is_used.sum().reshape(1).to(torch.int32))
+    bins = triton.next_power_of_2(E + 1)
+    chunks = triton.cdiv(S, plan.chunk)
+    lists = SlotLists(*[torch.empty(n, dtype=torch.int32, device=dev)
+                        for n in (S, E, E, E, 1, E, 1)])
+    chunk_counts = torch.empty(chunks, bins, dtype=torch.int32, device=dev)
+    bin_start = torch.empty(bins, dtype=torch.int32, device=dev)
+    common = dict(NUM_BINS=bins, num_warps=plan.warps, **pdl(dev))
+    align_count_kernel[(chunks,)](flat_ids, chunk_counts, S, E, CHUNK=plan.chunk, **common)
+    align_lists_kernel[(1,)](
+        chunk_counts, chunks, bin_start, lists.used_expert, lists.used_start, lists.used_count,
+        lists.n_used, lists.used_tile, lists.n_tiles, E, BLOCK_M=block_m, ROWS=plan.rows,
+        **common)
+    align_scatter_kernel[(chunks,)](flat_ids, chunk_counts, bin_start, lists.sorted_slots, S, E,
+                                    CHUNK=plan.chunk, ROWS=plan.rows, **common)
+    return lists
 
 
 _SCALED_DTYPES = {"fp16": torch.float16, "fp8": FP8_DTYPE}
@@ -397,25 +403,26 @@ def _x_args(hidden, config, fp8) -> dict:
 
 
 def expert_gate_up(hidden, w_gate_up, lists, top_k: int, config: GroupedConfig,
-                   fp8=None) -> ActRows:
+                   fp8=None, shared_gate_up=None, shared_scale=None) -> ActRows:
     """ActRows of T*top_k rows: silu(x W_gate^T) * (x W_up^T) for every filled slot.
 
     hidden [T, H]; w_gate_up [E, 2I, H] in hidden's dtype (or FP8 with fp8 = (scale, block,
-    bits): _weight_args); lists: align_slots' outputs.
+    bits): _weight_args); lists: align_slots' outputs, over E + 1 experts with a shared
+    expert: shared_gate_up [2I, H] (and with FP8 its scales shared_scale) is expert E.
     """
     from .kernels.moe_matmul import moe_gate_up_kernel
 
     T, H = hidden.shape
-    E, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    E, inter = lists.used_expert.numel(), w_gate_up.shape[1] // 2
     cfg = config
     acts = act_buffers(T * top_k, inter, hidden, cfg, fp8)
     grid = persistent_grid(hidden.device, cfg.programs_per_sm,
-                           min(E, T * top_k) * triton.cdiv(inter, cfg.block_i))
+                           max_tiles(T * top_k, E, cfg.block_m) * triton.cdiv(inter, cfg.block_i))
     moe_gate_up_kernel[grid](
         **_x_args(hidden, cfg, fp8),
         **_weight_args(w_gate_up, ("stride_we", "stride_wn", "stride_wk"), fp8),
-        **_act_args(acts, cfg, down=False), **_lists_args(lists),
-        H=H, I=inter, TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_I=cfg.block_i,
+        **_act_args(acts, cfg, down=False), **lists.kernel_args(),
+        **_shared_args(shared_gate_up, shared_scale, fp8), H=H, I=inter, TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_I=cfg.block_i,
         BLOCK_K=cfg.k_tile_gate_up, PRECISION=dot_precision(hidden.dtype),
         num_warps=cfg.warps_gate_up, num_stages=pipeline_stages(cfg.stages_gate_up, hidden.dtype),
         **pdl(hidden.device))
@@ -439,25 +446,28 @@ def _weight_args(w, names, fp8) -> dict:
                 SCALE_K=block[1], FP8_BITS=bits)
 
 
-def expert_down(acts: ActRows, w_down, lists, config: GroupedConfig, fp8=None):
+def expert_down(acts: ActRows, w_down, lists, config: GroupedConfig, fp8=None,
+                shared_down=None, shared_scale=None):
     """partial [T*top_k, H] fp32: act W_down^T for every filled slot (other rows unwritten).
 
     acts: expert_gate_up's; w_down [E, H, I] in the act rows' model dtype (or FP8 with fp8, as
-    in expert_gate_up); lists: align_slots' outputs.
+    in expert_gate_up); lists: align_slots' outputs; shared_down [H, I] (shared_scale) as in
+    expert_gate_up.
     """
     from .kernels.moe_matmul import moe_down_kernel
 
     act = acts.act
     slots, inter = act.shape
-    E, H = w_down.shape[:2]
+    E, H = lists.used_expert.numel(), w_down.shape[1]
     partial = torch.empty(slots, H, dtype=torch.float32, device=act.device)
     cfg = config
     grid = persistent_grid(act.device, cfg.programs_per_sm,
-                           min(E, slots) * triton.cdiv(H, cfg.block_h))
+                           max_tiles(slots, E, cfg.block_m) * triton.cdiv(H, cfg.block_h))
     moe_down_kernel[grid](
         **_act_args(acts, cfg, down=True),
         **_weight_args(w_down, ("stride_we", "stride_wh", "stride_wi"), fp8),
-        partial_ptr=partial, stride_ps=partial.stride(0), **_lists_args(lists), H=H, I=inter,
+        partial_ptr=partial, stride_ps=partial.stride(0), **lists.kernel_args(),
+        **_shared_args(shared_down, shared_scale, fp8), H=H, I=inter,
         BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down,
         PRECISION=dot_precision(act.dtype), num_warps=cfg.warps_down,
         num_stages=pipeline_stages(cfg.stages_down, act.dtype), **pdl(act.device))
@@ -465,10 +475,11 @@ def expert_down(acts: ActRows, w_down, lists, config: GroupedConfig, fp8=None):
 
 
 def combine_slots(partial, ids, weights, out, num_experts: int,
-                  launch: CombineLaunch = DEFAULT_COMBINE):
+                  launch: CombineLaunch = DEFAULT_COMBINE, shared: bool = False):
     """out[t] = sum_j w[t, j] * partial[t*k + j] over filled slots, in slot order.
 
     partial fp32 [T*top_k, H]; ids int [T, top_k]; weights fp32 [T, top_k]; out [T, H].
+    shared: each token's last slot is the shared expert's (moe_combine_kernel's SHARED).
     """
     from .kernels.moe_matmul import moe_combine_kernel
 
@@ -476,7 +487,7 @@ def combine_slots(partial, ids, weights, out, num_experts: int,
     moe_combine_kernel[(triton.cdiv(T, launch.block_t), triton.cdiv(H, launch.block_h))](
         partial_ptr=partial, stride_ps=partial.stride(0), ids_ptr=ids, weights_ptr=weights,
         out_ptr=out, stride_ot=out.stride(0), T=T, H=H, E=num_experts, TOP_K=ids.shape[1],
-        BLOCK_T=launch.block_t, BLOCK_H=launch.block_h, UNROLL=launch.unroll,
+        BLOCK_T=launch.block_t, BLOCK_H=launch.block_h, UNROLL=launch.unroll, SHARED=shared,
         num_warps=launch.warps, **pdl(out.device))
     return out
 
@@ -538,7 +549,7 @@ def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, share
 
 
 def _shared_args(shared_weight, shared_scale, fp8) -> dict:
-    """The decode kernels' shared-expert arguments: its weight (as bytes where the routed
+    """The expert kernels' shared-expert arguments: its weight (as bytes where the routed
     weights go so: _weight_args) and, with FP8 weights, its scales."""
     if shared_weight is not None and fp8 is not None and fp8[2]:
         shared_weight = shared_weight.view(torch.uint8)
@@ -598,35 +609,26 @@ def decode_forward(hidden, ids, weights, w_gate_up, w_down, out, config: DecodeC
 
 
 def grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, config: GroupedConfig,
-                    combine: CombineLaunch = DEFAULT_COMBINE, fp8=None):
-    """Four launches: align, gate/up, down into per-slot partials, combine (routed experts only:
-    moe_forward_triton adds a shared expert). fp8 as in decode_forward."""
+                    combine: CombineLaunch = DEFAULT_COMBINE, fp8=None, shared=None,
+                    shared_scales=None):
+    """Align (three short launches), gate/up, down into per-slot partials, combine. fp8 as in
+    decode_forward; shared (gate_up [2I, H], down [H, I]) and with FP8 its scales
+    (shared_scales, Fp8Scales.shared): one more expert E, of weight 1 in one more slot of every
+    token (the sum's last term), in the same launches."""
     E = w_gate_up.shape[0]
     fp8_gate_up, fp8_down = fp8 if fp8 is not None else (None, None)
-    lists = align_slots(ids.view(-1), E)
-    acts = expert_gate_up(hidden, w_gate_up, lists, ids.shape[1], config, fp8_gate_up)
-    partial = expert_down(acts, w_down, lists, config, fp8_down)
-    return combine_slots(partial, ids, weights, out, E, combine)
-
-
-def shared_expert_fp32(hidden, shared, scales: Optional[Fp8Scales] = None, config=None):
-    """The shared expert alone as torch ops (the grouped path: more than DECODE_MAX_TOKENS
-    tokens, i.e. prefill or several sequences' blocks; or no routed slot): fp32 [T, H].
-
-    hidden [T, H]; shared (gate_up [2I, H], down [H, I]) in hidden's dtype, its act rounded to
-    that dtype as the kernels' act rows are; or FP8 with scales.shared, dequantized, its
-    activations quantized as `config`'s launch quantizes the routed experts'
-    (fp8_activation_groups), so it is the same function as on the decode path.
-    """
-    if scales is not None:
-        gate_up, down = dequantize_shared(shared, scales)
-        groups = fp8_activation_groups(hidden, config, scales)
-        return expert_mlp_reference(hidden.float(), gate_up, down, groups)
-    shared_gate_up, shared_down = shared
-    inter = shared_gate_up.shape[0] // 2
-    gate_up = hidden.float() @ shared_gate_up.float().T
-    act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-    return act.to(hidden.dtype).float() @ shared_down.float().T
+    shared_gate_up, shared_down = shared if shared is not None else (None, None)
+    scale_gate_up, scale_down = shared_scales if shared_scales is not None else (None, None)
+    if shared is not None:
+        T = ids.shape[0]
+        ids = torch.cat([ids, ids.new_full((T, 1), E)], dim=1)
+        weights = torch.cat([weights, weights.new_ones(T, 1)], dim=1)
+    experts = E + (shared is not None)
+    lists = align_slots(ids.view(-1), experts, config.block_m)
+    acts = expert_gate_up(hidden, w_gate_up, lists, ids.shape[1], config, fp8_gate_up,
+                          shared_gate_up, scale_gate_up)
+    partial = expert_down(acts, w_down, lists, config, fp8_down, shared_down, scale_down)
+    return combine_slots(partial, ids, weights, out, experts, combine, shared is not None)
 
 
 def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=None,
@@ -639,8 +641,7 @@ def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=No
     T <= DECODE_MAX_TOKENS, else the grouped one, with FP8 weights' own tile shapes; a
     `launch.override` replaces it); given values win over both. FP8 weights (scales given):
     k steps fitted to the scale blocks and the act chunks (launch.fit_scale_blocks), weights
-    read as launch.fp8_bits says. A shared expert is one more expert of the decode launches;
-    on the grouped path it runs apart (shared_expert_fp32) and is added in fp32.
+    read as launch.fp8_bits says. A shared expert is one more expert of either path's launches.
     """
     T, top_k = topk_ids.shape
     # Row-major whatever hidden's layout (empty_like would inherit a transposed hidden's
@@ -657,14 +658,12 @@ def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=No
         bits = fp8_bits(hidden.device)
         fp8 = tuple((s, scales.block, bits) for s in (scales.gate_up, scales.down))
         decode, grouped = (fit_scale_blocks(c, scales.block[1]) for c in (decode, grouped))
-    if top_k == 0 or path != "decode":  # no routed slot, or the grouped path: shared apart
-        apart = None if shared is None else shared_expert_fp32(
-            hidden, shared, scales, decode if path == "decode" else grouped)
-        if top_k == 0:
-            return out.zero_() if apart is None else out.copy_(apart)
-        out = grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, grouped,
-                              plan.combine, fp8)
-        return out if apart is None else out.copy_(out.float() + apart)
+    if top_k == 0 and shared is None:
+        return out.zero_()
+    if top_k == 0 or path != "decode":  # the shared expert alone takes the grouped path too
+        return grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, grouped,
+                               plan.combine, fp8, shared,
+                               None if scales is None else scales.shared)
     return decode_forward(hidden, ids, weights, w_gate_up, w_down, out, decode, shared, fp8,
                           None if scales is None else scales.shared)
 

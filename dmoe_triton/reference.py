@@ -311,3 +311,26 @@ def block_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch
     s = stacked @ keys.float().transpose(-1, -2) * scale + mask.float()
     out = torch.softmax(s, dim=-1) @ values.float()
     return out.reshape(B, nh, l, hd).transpose(1, 2).reshape(B, l, nh * hd).to(q.dtype)
+
+
+def align_slots_reference(flat_ids: torch.Tensor, num_experts: int, block_m: int):
+    """moe.align_slots in torch ops (the reference of its counting sort): the same SlotLists.
+    flat_ids: int32/int64 [S] (-1 or out of range = empty)."""
+    from .moe import SlotLists
+
+    E = num_experts
+    ids = flat_ids.long()
+    bucket = torch.where((ids >= 0) & (ids < E), ids, E)
+    sorted_slots = torch.sort(bucket, stable=True).indices.to(torch.int32)
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, bucket, torch.ones_like(bucket))
+    counts = counts[:E]
+    starts = torch.cumsum(counts, 0) - counts
+    is_used = counts > 0
+    # Used experts first, in expert order: a stable sort on "unused".
+    order = torch.sort((~is_used).to(torch.int8), stable=True).indices
+    tiles = (counts[order] + block_m - 1) // block_m  # 0 for the unused ranks at the end
+    first_tiles = torch.cumsum(tiles, 0) - tiles      # = n_tiles from n_used on
+    ranked = [t.to(torch.int32) for t in (order, starts[order], counts[order])]
+    return SlotLists(sorted_slots, *ranked, is_used.sum().reshape(1).to(torch.int32),
+                     first_tiles.to(torch.int32), tiles.sum().reshape(1).to(torch.int32))

@@ -1,20 +1,23 @@
 """Grouped expert matmul over a routing: only the experts that received tokens are read.
 
-Four launches, all with grid sizes fixed by shapes (CUDA-graph capturable, no host sync):
+Six launches, all with grid sizes fixed by shapes (CUDA-graph capturable, no host sync):
 
-1. `moe_align_kernel` (one program): sorts the T*k slots by expert and lists the used experts
-   (`used_expert`, `used_start`, `used_count`, `n_used`). Ids outside [0, E) go to a sentinel
-   bucket past the last expert and are never read as an expert.
-2. `moe_gate_up_kernel`: work item = (used expert, slice of BLOCK_I intermediate columns);
-   act[slot] = silu(x W_gate^T) * (x W_up^T) for the expert's slots.
-3. `moe_down_kernel`: work item = (used expert, slice of BLOCK_H hidden columns);
-   partial[slot] = act[slot] W_down^T in fp32.
+1. align (`align_count_kernel`, `align_lists_kernel`, `align_scatter_kernel`: a counting sort
+   in three short launches): sorts the T*k slots by expert and lists the used experts
+   (`used_expert`, `used_start`, `used_count`, `n_used`) and their BLOCK_M-slot tiles
+   (`used_tile`, `n_tiles`). Ids outside [0, E) go to a sentinel bucket past the last expert
+   and are never read as an expert.
+2. `moe_gate_up_kernel`: work item = (used expert, slice of BLOCK_I intermediate columns, tile
+   of its slots); act[slot] = silu(x W_gate^T) * (x W_up^T) for the tile's slots.
+3. `moe_down_kernel`: work item = (used expert, slice of BLOCK_H hidden columns, tile of its
+   slots); partial[slot] = act[slot] W_down^T in fp32.
 4. `moe_combine_kernel`: y[t] = sum_j w[t, j] * partial[t*k + j] over the filled slots, in a fixed
    order (deterministic), cast to the output dtype; NaN weights follow docs/routing.md's rule.
 
 Kernels 2 and 3 are persistent: a fixed number of programs loops over the work items of the used
-experts only, so each used expert's weights are read once per launch (an expert's tokens are
-all in its tile loop) and an unused expert costs nothing, not even an empty program. Splitting
+experts only, so an unused expert costs nothing, not even an empty program, and each used
+expert's weight slice is read from HBM once per launch: the tiles of one slice are consecutive
+items, run side by side by neighbouring programs (`_work_item`). Splitting
 each expert over I (or H) gives enough work items for few experts to keep every SM pulling
 bandwidth.
 
@@ -37,46 +40,119 @@ from .pdl import wait_previous_kernel
 
 
 @triton.jit
-def _expert_buckets(ids_ptr, S, E, S_PAD: tl.constexpr, NUM_BINS: tl.constexpr):
-    """Each slot's bucket (its expert; E for empty slots, out-of-range ids and padding) and the
-    used experts: counts per bin, `used` mask, and each used expert's rank among them."""
-    slots = tl.arange(0, S_PAD)
+def _chunk_buckets(ids_ptr, S, E, chunk, CHUNK: tl.constexpr):
+    """The chunk's slot numbers and their buckets (expert; E for empty slots, out-of-range ids
+    and the padding past S, which the scatter never stores)."""
+    slots = chunk * CHUNK + tl.arange(0, CHUNK)
     ids = tl.load(ids_ptr + slots, mask=slots < S, other=-1).to(tl.int32)
-    bucket = tl.where((ids >= 0) & (ids < E), ids, E)
-    counts = tl.histogram(bucket, NUM_BINS)
-    used = (tl.arange(0, NUM_BINS) < E) & (counts > 0)
-    rank = tl.cumsum(used.to(tl.int32), 0) - 1
-    return bucket, counts, used, rank
+    return slots, tl.where((ids >= 0) & (ids < E), ids, E)
 
 
 @triton.jit
-def moe_align_kernel(ids_ptr, sorted_slots_ptr, used_expert_ptr, used_start_ptr, used_count_ptr,
-                     n_used_ptr, S, E, S_PAD: tl.constexpr, NUM_BINS: tl.constexpr,
-                     PDL: tl.constexpr = False):
-    """One program: ids_ptr int32/int64 [S] slot ids (S = T * top_k; -1 or out of range =
-    empty) -> sorted_slots_ptr int32 [S_PAD] (slots by expert, then slot; padding last),
-    used_expert/used_start/used_count_ptr int32 [E] (first n_used entries written), n_used_ptr
-    int32 [1]. S_PAD = next_power_of_2(S); NUM_BINS = next_power_of_2(E + 1).
-    """
+def align_count_kernel(ids_ptr, chunk_counts_ptr, S, E, CHUNK: tl.constexpr,
+                       NUM_BINS: tl.constexpr, PDL: tl.constexpr = False):
+    """Align, step 1 of 3 (a counting sort of the slots by expert): chunk_counts_ptr int32
+    [cdiv(S, CHUNK), NUM_BINS] row c = the histogram of chunk c's buckets. ids_ptr int32/int64
+    [S] (-1 or out of range = empty); NUM_BINS = next_power_of_2(E + 1). Grid (chunks,)."""
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
-    bucket, counts, used, rank = _expert_buckets(ids_ptr, S, E, S_PAD, NUM_BINS)
-    slots = tl.arange(0, S_PAD)
-    keys = tl.sort(bucket * S_PAD + slots)  # by expert, then by slot: deterministic order
-    tl.store(sorted_slots_ptr + slots, keys % S_PAD)
+    chunk = tl.program_id(0)
+    _, bucket = _chunk_buckets(ids_ptr, S, E, chunk, CHUNK)
+    tl.store(chunk_counts_ptr + chunk * NUM_BINS + tl.arange(0, NUM_BINS),
+             tl.histogram(bucket, NUM_BINS))
+
+
+@triton.jit
+def align_lists_kernel(chunk_counts_ptr, n_chunks, bin_start_ptr, used_expert_ptr,
+                       used_start_ptr, used_count_ptr, n_used_ptr, used_tile_ptr, n_tiles_ptr,
+                       E, BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr, ROWS: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    """Align, step 2 of 3 (one program): the chunks' histograms summed -> bin_start_ptr int32
+    [NUM_BINS] (each bucket's first place in the sorted order; the empty bucket E last), the
+    used experts in expert order: used_expert/used_start/used_count_ptr int32 [E] (first
+    n_used entries written), n_used_ptr int32 [1]; used_tile_ptr int32 [E]: each used
+    expert's first BLOCK_M-slot tile in one numbering of all used experts' tiles (entries from
+    n_used on: n_tiles), n_tiles_ptr int32 [1]: their count. ROWS: chunks summed per step."""
+    wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     bins = tl.arange(0, NUM_BINS)
+    counts = tl.zeros((NUM_BINS,), tl.int32)
+    for c0 in range(0, n_chunks, ROWS):
+        rows = c0 + tl.arange(0, ROWS)
+        counts += tl.sum(tl.load(chunk_counts_ptr + rows[:, None] * NUM_BINS + bins[None, :],
+                                 mask=(rows < n_chunks)[:, None], other=0), 0)
+    used = (bins < E) & (counts > 0)
+    rank = tl.cumsum(used.to(tl.int32), 0) - 1
     starts = tl.cumsum(counts, 0) - counts
+    tiles = tl.where(used, tl.cdiv(counts, BLOCK_M), 0)
+    first_tiles = tl.cumsum(tiles, 0) - tiles
+    n_used = tl.sum(used.to(tl.int32), 0)
+    n_tiles = tl.sum(tiles, 0)
+    tl.store(bin_start_ptr + bins, starts)
     tl.store(used_expert_ptr + rank, bins, mask=used)
     tl.store(used_start_ptr + rank, starts, mask=used)
     tl.store(used_count_ptr + rank, counts, mask=used)
-    tl.store(n_used_ptr, tl.sum(used.to(tl.int32), 0))
+    tl.store(used_tile_ptr + rank, first_tiles, mask=used)
+    tl.store(used_tile_ptr + bins, n_tiles + 0 * bins, mask=(bins >= n_used) & (bins < E))
+    tl.store(n_used_ptr, n_used)
+    tl.store(n_tiles_ptr, n_tiles)
 
 
 @triton.jit
-def _work_item(item, n_splits, used_expert_ptr, used_start_ptr, used_count_ptr):
-    """Work item -> (expert, its first sorted slot, its slot count, which split)."""
-    u = item // n_splits
+def align_scatter_kernel(ids_ptr, chunk_counts_ptr, bin_start_ptr, sorted_slots_ptr, S, E,
+                         CHUNK: tl.constexpr, NUM_BINS: tl.constexpr, ROWS: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    """Align, step 3 of 3: sorted_slots_ptr int32 [S] = the slots by bucket, then by slot
+    number (deterministic: no atomics). A slot's place is its bucket's start, plus the slots of
+    its bucket in earlier chunks, plus those before it in its own chunk. Grid (chunks,)."""
+    wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
+    chunk = tl.program_id(0)
+    slots, bucket = _chunk_buckets(ids_ptr, S, E, chunk, CHUNK)
+    place = tl.load(bin_start_ptr + bucket)
+    for c0 in range(0, chunk, ROWS):
+        rows = c0 + tl.arange(0, ROWS)
+        place += tl.sum(tl.load(chunk_counts_ptr + rows[:, None] * NUM_BINS + bucket[None, :],
+                                mask=(rows < chunk)[:, None], other=0), 0)
+    local = tl.arange(0, CHUNK)
+    before = (bucket[:, None] == bucket[None, :]) & (local[None, :] < local[:, None])
+    place += tl.sum(before.to(tl.int32), 1)
+    tl.store(sorted_slots_ptr + place, slots, mask=slots < S)
+
+
+@triton.jit
+def _work_item(item, n_splits, used_expert_ptr, used_start_ptr, used_count_ptr, used_tile_ptr,
+               E, BLOCK_M: tl.constexpr, USED_PAD: tl.constexpr):
+    """Work item -> (expert, its first sorted slot, its slot count, which split, the item's
+    tile's first slot within the expert's).
+
+    Items are numbered expert by expert, then split by split, then tile by tile, so the tiles
+    of one (expert, split) are consecutive items, which the persistent loop hands to
+    neighbouring programs in the same round: one read of the weight slice into L2 serves all of
+    the expert's tokens. (A loop over the tiles inside one item re-read the slice after every
+    other program had streamed its own slice through L2, i.e. from HBM.)
+    """
+    tile = item // n_splits  # a tile number of the item's expert (used_tile ascends)
+    pads = tl.arange(0, USED_PAD)
+    firsts = tl.load(used_tile_ptr + pads, mask=pads < E, other=2147483647)
+    owned = firsts <= tile
+    u = tl.sum(owned.to(tl.int32), 0) - 1
+    first_tile = tl.max(tl.where(owned, firsts, 0), 0)
+    count = tl.load(used_count_ptr + u)
+    tiles = tl.cdiv(count, BLOCK_M)
+    local = item - first_tile * n_splits
     expert = tl.load(used_expert_ptr + u).to(tl.int64)
-    return expert, tl.load(used_start_ptr + u), tl.load(used_count_ptr + u), item % n_splits
+    return (expert, tl.load(used_start_ptr + u), count, local // tiles,
+            (local % tiles) * BLOCK_M)
+
+
+@triton.jit
+def _weights_of(expert, E, base_ptr, stride_e, shared_ptr):
+    """Where expert `expert`'s weights (or scales) start: base_ptr + expert * stride_e, or with
+    a shared expert (shared_ptr given: the routed experts' layout without the expert dim) that
+    expert is E - 1, one more expert of the launch (moe.grouped_forward gives every token a
+    slot for it)."""
+    rows = base_ptr + expert * stride_e
+    if shared_ptr is not None:
+        rows = tl.where(expert == E - 1, shared_ptr, rows)
+    return rows
 
 
 @triton.jit
@@ -117,80 +193,87 @@ def _silu_gate_up(x_rows, rows_ok, stride_xh, w_gate, w_up, stride_wk, i_ok, H,
 
 
 @triton.jit
+def _silu_gate_up_t(x_cols, cols_ok, stride_xh, w_gate, w_up, stride_wk, i_ok, H,
+                    ROWS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """_silu_gate_up transposed: [BLOCK_I, ROWS] fp32, weights as the dot's left operand.
+
+    x_cols [1, ROWS] points at each token row's first element; w_gate / w_up [BLOCK_I, 1] at
+    the columns' weight rows. The weight tile fills the MMA's M side (64 rows and more: Hopper's
+    wgmma), the tokens its N side (8 and up), where x @ W^T puts the tokens on M.
+    """
+    acc_gate = tl.zeros((BLOCK_I, ROWS), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_I, ROWS), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < H
+        x_t = tl.load(x_cols + offs_k[:, None] * stride_xh, mask=k_ok[:, None] & cols_ok[None, :],
+                      other=0.0)
+        w_mask = i_ok[:, None] & k_ok[None, :]
+        gate = tl.load(w_gate + offs_k[None, :] * stride_wk, mask=w_mask, other=0.0)
+        acc_gate = tl.dot(gate, x_t, acc_gate, input_precision=PRECISION)
+        up = tl.load(w_up + offs_k[None, :] * stride_wk, mask=w_mask, other=0.0)
+        acc_up = tl.dot(up, x_t, acc_up, input_precision=PRECISION)
+    return acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
+
+
+@triton.jit
 def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
                        w_ptr, stride_we, stride_wn, stride_wk,
                        act_ptr, stride_as,
                        sorted_slots_ptr, used_expert_ptr, used_start_ptr, used_count_ptr,
-                       n_used_ptr, H, I, TOP_K,
+                       used_tile_ptr, n_tiles_ptr, H, I, E, TOP_K,
                        BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PRECISION: tl.constexpr,
+                       PRECISION: tl.constexpr, USED_PAD: tl.constexpr,
                        s_ptr=None, stride_se=0, stride_sn=0, stride_sk=0,
                        SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
                        FP8_BITS: tl.constexpr = False, act_scale_ptr=None, stride_ss=0,
                        DOT: tl.constexpr = "model", x_inverse_ptr=None, stride_xi=0,
-                       PDL: tl.constexpr = False):
+                       shared_ptr=None, shared_s_ptr=None, PDL: tl.constexpr = False):
     """act[slot] = silu(x W_gate^T) * (x W_up^T) for the used experts' slots (persistent).
 
     x_ptr [T, H] (strides in elements); w_ptr [E, 2I, H] (gate rows, then up rows); act_ptr
-    [T*TOP_K, I] out, x's dtype; the five lists from moe_align_kernel. H, I: sizes; TOP_K: slots
-    per token (runtime). BLOCK_M: slots per tile; BLOCK_I: act columns per work item; BLOCK_K:
-    reduction step along H; PRECISION: tl.dot input_precision. s_ptr: fp32 [E, 2 * cdiv(I,
-    SCALE_N), cdiv(H, SCALE_K)] block scales of FP8 weights (gate blocks, then up blocks), or
-    None; FP8_BITS: w_ptr holds e4m3 bytes as uint8; DOT "fp8" / "fp16": the dot's operand
-    type (moe_fp8.py), act_ptr e4m3 / fp16 and act_scale_ptr fp32 [T*TOP_K, cdiv(I, BLOCK_I)]
-    its per-row inverse scales; x_inverse_ptr: fp32 [T, cdiv(H, SCALE_K)] when x_ptr holds
-    scaled_rows_kernel's rows, or None.
+    [T*TOP_K, I] out, x's dtype; the align's lists (E experts; USED_PAD:
+    next_power_of_2(E)). H, I: sizes; TOP_K: slots per token (runtime). BLOCK_M: slots per
+    tile; BLOCK_I: act columns per work item; BLOCK_K: reduction step along H; PRECISION:
+    tl.dot input_precision. s_ptr: fp32 [E, 2 * cdiv(I, SCALE_N), cdiv(H, SCALE_K)] block
+    scales of FP8 weights (gate blocks, then up blocks), or None; FP8_BITS: w_ptr holds e4m3
+    bytes as uint8; DOT "fp8" / "fp16": the dot's operand type (moe_fp8.py), act_ptr e4m3 /
+    fp16 and act_scale_ptr fp32 [T*TOP_K, cdiv(I, BLOCK_I)] its per-row inverse scales;
+    x_inverse_ptr: fp32 [T, cdiv(H, SCALE_K)] when x_ptr holds scaled_rows_kernel's rows, or
+    None. shared_ptr [2I, H] (shared_s_ptr its FP8 scales), or None: a shared expert, which is
+    expert E - 1 of the lists (_weights_of), in the routed experts' strides.
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     n_splits = tl.cdiv(I, BLOCK_I)
-    n_items = tl.load(n_used_ptr) * n_splits
+    n_items = tl.load(n_tiles_ptr) * n_splits
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
-        expert, start, count, split = _work_item(item, n_splits, used_expert_ptr, used_start_ptr,
-                                                 used_count_ptr)
+        expert, start, count, split, m0 = _work_item(
+            item, n_splits, used_expert_ptr, used_start_ptr, used_count_ptr, used_tile_ptr, E,
+            BLOCK_M, USED_PAD)
         offs_i = split * BLOCK_I + tl.arange(0, BLOCK_I)
-        w_rows = w_ptr + expert * stride_we
-        # An expert's tokens beyond the first tile re-read its weight slice from L2, not HBM.
-        for m0 in range(0, count, BLOCK_M):
-            slot, m_ok = _tile_slots(sorted_slots_ptr, start, count, m0, BLOCK_M)
-            token = slot // TOP_K
-            if s_ptr is None:
-                w_gate = w_rows + offs_i[None, :] * stride_wn
-                act = _silu_gate_up(x_ptr + token[:, None] * stride_xt, m_ok, stride_xh, w_gate,
+        w_gate = _weights_of(expert, E, w_ptr, stride_we, shared_ptr) + offs_i[:, None] * stride_wn
+        slot, m_ok = _tile_slots(sorted_slots_ptr, start, count, m0, BLOCK_M)
+        token = slot // TOP_K
+        if s_ptr is None:
+            act_t = _silu_gate_up_t(x_ptr + token[None, :] * stride_xt, m_ok, stride_xh, w_gate,
                                     w_gate + I * stride_wn, stride_wk, offs_i < I, H, BLOCK_M,
                                     BLOCK_I, BLOCK_K, PRECISION)
-                tl.store(act_ptr + slot[:, None] * stride_as + offs_i[None, :],
-                         act.to(act_ptr.dtype.element_ty),
-                         mask=m_ok[:, None] & (offs_i < I)[None, :])
-            else:
-                w_gate = w_rows + offs_i[:, None] * stride_wn
-                x_inverse = None
-                if x_inverse_ptr is not None:
-                    x_inverse = x_inverse_ptr + token[None, :] * stride_xi
-                act_t = fp8_silu_gate_up(x_ptr + token[None, :] * stride_xt, x_inverse, m_ok,
-                                         stride_xh, w_gate, w_gate + I * stride_wn, stride_wk,
-                                         split * BLOCK_I, offs_i, H,
-                                         s_ptr + expert * stride_se, I, stride_sn, stride_sk,
-                                         BLOCK_M, BLOCK_I, BLOCK_K, PRECISION, SCALE_N,
-                                         SCALE_K, FP8_BITS, DOT)
-                fp8_store_act(act_t, act_ptr, stride_as, act_scale_ptr, stride_ss, slot, m_ok,
-                              split * BLOCK_I, offs_i, I, BLOCK_I, DOT)
-
-
-@triton.jit
-def _down_tile(act_ptr, stride_as, slot, m_ok, w_rows, stride_wi, h_ok, I,
-               BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-               PRECISION: tl.constexpr):
-    """act[slot] W^T [BLOCK_M, BLOCK_H] fp32 for one tile of slots; w_rows [1, BLOCK_H] point
-    at the columns' weight rows."""
-    acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < I
-        a = tl.load(act_ptr + slot[:, None] * stride_as + offs_k[None, :],
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = _weight_dot(a, w_rows + offs_k[:, None] * stride_wi,
-                          k_ok[:, None] & h_ok[None, :], acc, PRECISION)
-    return acc
+            tl.store(act_ptr + slot[None, :] * stride_as + offs_i[:, None],
+                     act_t.to(act_ptr.dtype.element_ty),
+                     mask=m_ok[None, :] & (offs_i < I)[:, None])
+        else:
+            x_inverse = None
+            if x_inverse_ptr is not None:
+                x_inverse = x_inverse_ptr + token[None, :] * stride_xi
+            act_t = fp8_silu_gate_up(x_ptr + token[None, :] * stride_xt, x_inverse, m_ok,
+                                     stride_xh, w_gate, w_gate + I * stride_wn, stride_wk,
+                                     split * BLOCK_I, offs_i, H,
+                                     _weights_of(expert, E, s_ptr, stride_se, shared_s_ptr), I,
+                                     stride_sn, stride_sk, BLOCK_M, BLOCK_I, BLOCK_K, PRECISION,
+                                     SCALE_N, SCALE_K, FP8_BITS, DOT)
+            fp8_store_act(act_t, act_ptr, stride_as, act_scale_ptr, stride_ss, slot, m_ok,
+                          split * BLOCK_I, offs_i, I, BLOCK_I, DOT)
 
 
 @triton.jit
@@ -198,63 +281,70 @@ def moe_down_kernel(act_ptr, stride_as,
                     w_ptr, stride_we, stride_wh, stride_wi,
                     partial_ptr, stride_ps,
                     sorted_slots_ptr, used_expert_ptr, used_start_ptr, used_count_ptr,
-                    n_used_ptr, H, I,
+                    used_tile_ptr, n_tiles_ptr, H, I, E,
                     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PRECISION: tl.constexpr,
+                    PRECISION: tl.constexpr, USED_PAD: tl.constexpr,
                     s_ptr=None, stride_se=0, stride_sn=0, stride_sk=0,
                     SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
                     FP8_BITS: tl.constexpr = False, act_scale_ptr=None, stride_ss=0,
                     ACT_CHUNK: tl.constexpr = 128, DOT: tl.constexpr = "model",
-                    PDL: tl.constexpr = False):
+                    shared_ptr=None, shared_s_ptr=None, PDL: tl.constexpr = False):
     """partial[slot] = act[slot] W_down^T in fp32 for the used experts' slots (persistent).
 
     act_ptr [T*TOP_K, I]; w_ptr [E, H, I] (strides in elements); partial_ptr fp32 [T*TOP_K, H]
-    out; the five lists from moe_align_kernel. BLOCK_M: slots per tile; BLOCK_H: hidden columns
-    per work item; BLOCK_K: reduction step along I; PRECISION: tl.dot input_precision. s_ptr:
-    fp32 [E, cdiv(H, SCALE_N), cdiv(I, SCALE_K)] block scales of FP8 weights, or None;
-    FP8_BITS, DOT as in moe_gate_up_kernel; act_scale_ptr [T*TOP_K, cdiv(I, ACT_CHUNK)]: its
-    act scales (ACT_CHUNK: the gate/up's BLOCK_I, a multiple of BLOCK_K).
+    out; the align's lists (E, USED_PAD as in moe_gate_up_kernel). BLOCK_M: slots per
+    tile; BLOCK_H: hidden columns per work item; BLOCK_K: reduction step along I; PRECISION:
+    tl.dot input_precision. s_ptr: fp32 [E, cdiv(H, SCALE_N), cdiv(I, SCALE_K)] block scales
+    of FP8 weights, or None; FP8_BITS, DOT as in moe_gate_up_kernel; act_scale_ptr [T*TOP_K,
+    cdiv(I, ACT_CHUNK)]: its act scales (ACT_CHUNK: the gate/up's BLOCK_I, a multiple of
+    BLOCK_K). shared_ptr [H, I], shared_s_ptr: as in moe_gate_up_kernel.
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     n_splits = tl.cdiv(H, BLOCK_H)
-    n_items = tl.load(n_used_ptr) * n_splits
+    n_items = tl.load(n_tiles_ptr) * n_splits
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
-        expert, start, count, split = _work_item(item, n_splits, used_expert_ptr, used_start_ptr,
-                                                 used_count_ptr)
+        expert, start, count, split, m0 = _work_item(
+            item, n_splits, used_expert_ptr, used_start_ptr, used_count_ptr, used_tile_ptr, E,
+            BLOCK_M, USED_PAD)
         offs_h = split * BLOCK_H + tl.arange(0, BLOCK_H)
         h_ok = offs_h < H
-        for m0 in range(0, count, BLOCK_M):
-            slot, m_ok = _tile_slots(sorted_slots_ptr, start, count, m0, BLOCK_M)
-            if s_ptr is None:
-                acc = _down_tile(act_ptr, stride_as, slot, m_ok, w_ptr + expert * stride_we
-                                 + offs_h[None, :] * stride_wh, stride_wi, h_ok, I, BLOCK_M,
-                                 BLOCK_H, BLOCK_K, PRECISION)
-                tl.store(partial_ptr + slot[:, None] * stride_ps + offs_h[None, :], acc,
-                         mask=m_ok[:, None] & h_ok[None, :])
-            else:
-                acc_t = tl.zeros((BLOCK_H, BLOCK_M), dtype=tl.float32)
-                for k0 in range(0, I, BLOCK_K):
-                    acc_t = fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss, slot,
-                                          m_ok, 1.0, k0, I, acc_t, w_ptr + expert * stride_we
-                                          + offs_h[:, None] * stride_wh, stride_wi,
-                                          split * BLOCK_H, offs_h, s_ptr + expert * stride_se,
-                                          stride_sn, stride_sk, H, BLOCK_K, PRECISION, SCALE_N,
-                                          SCALE_K, BLOCK_H, ACT_CHUNK, FP8_BITS, DOT)
-                tl.store(partial_ptr + slot[None, :] * stride_ps + offs_h[:, None], acc_t,
-                         mask=m_ok[None, :] & h_ok[:, None])
+        slot, m_ok = _tile_slots(sorted_slots_ptr, start, count, m0, BLOCK_M)
+        w_rows = _weights_of(expert, E, w_ptr, stride_we, shared_ptr) + offs_h[:, None] * stride_wh
+        acc_t = tl.zeros((BLOCK_H, BLOCK_M), dtype=tl.float32)
+        if s_ptr is None:
+            for k0 in range(0, I, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < I
+                a_t = tl.load(act_ptr + slot[None, :] * stride_as + offs_k[:, None],
+                              mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+                w = tl.load(w_rows + offs_k[None, :] * stride_wi, mask=h_ok[:, None]
+                            & k_ok[None, :], other=0.0)
+                acc_t = tl.dot(w, a_t, acc_t, input_precision=PRECISION)
+        else:
+            s_rows = _weights_of(expert, E, s_ptr, stride_se, shared_s_ptr)
+            for k0 in range(0, I, BLOCK_K):
+                acc_t = fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss, slot,
+                                      m_ok, 1.0, k0, I, acc_t, w_rows, stride_wi,
+                                      split * BLOCK_H, offs_h, s_rows, stride_sn, stride_sk, H,
+                                      BLOCK_K, PRECISION, SCALE_N, SCALE_K, BLOCK_H, ACT_CHUNK,
+                                      FP8_BITS, DOT)
+        tl.store(partial_ptr + slot[None, :] * stride_ps + offs_h[:, None], acc_t,
+                 mask=m_ok[None, :] & h_ok[:, None])
 
 
 @triton.jit
 def _combine_slot(acc, any_filled, all_nan, partial_ptr, stride_ps, ids_ptr, weights_ptr,
-                  offs_t, offs_h, t_ok, h_ok, j, E, TOP_K: tl.constexpr):
+                  offs_t, offs_h, t_ok, h_ok, j, E, TOP_K: tl.constexpr, SHARED: tl.constexpr):
     """Slot j of every token of the tile added to acc (see moe_combine_kernel)."""
     slot_ok = t_ok & (j < TOP_K)
     slot = offs_t.to(tl.int64) * TOP_K + j
     expert = tl.load(ids_ptr + slot, mask=slot_ok, other=-1)
     weight = tl.load(weights_ptr + slot, mask=slot_ok, other=0.0)
     filled = slot_ok & (expert >= 0) & (expert < E)
-    any_filled = any_filled | filled
-    all_nan = all_nan & ((weight != weight) | ~slot_ok)  # padding slots past TOP_K: no say
+    routed = j < TOP_K - SHARED  # the NaN rule reads the routed slots only
+    any_filled = any_filled | (filled & routed)
+    # padding slots past TOP_K and the shared slot: no say
+    all_nan = all_nan & ((weight != weight) | ~slot_ok | ~routed)
     part = tl.load(partial_ptr + slot[:, None] * stride_ps + offs_h[None, :],
                    mask=filled[:, None] & h_ok[None, :], other=0.0)
     # `where`, not a product with a mask: an empty slot's weight must not leak a NaN.
@@ -265,13 +355,15 @@ def _combine_slot(acc, any_filled, all_nan, partial_ptr, stride_ps, ids_ptr, wei
 @triton.jit
 def moe_combine_kernel(partial_ptr, stride_ps, ids_ptr, weights_ptr, out_ptr, stride_ot,
                        T, H, E, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                       UNROLL: tl.constexpr, PDL: tl.constexpr = False):
+                       UNROLL: tl.constexpr, SHARED: tl.constexpr = False,
+                       PDL: tl.constexpr = False):
     """out[t] = sum_j weights[t, j] * partial[t*TOP_K + j] over filled slots, j in order.
 
     partial_ptr fp32 [T*TOP_K, H]; ids_ptr int [T, TOP_K] (outside [0, E) = empty);
     weights_ptr fp32 [T, TOP_K]; out_ptr [T, H] (row stride stride_ot). Grid (cdiv(T,
     BLOCK_T), cdiv(H, BLOCK_H)). UNROLL: slots unrolled per loop step (CombineLaunch.unroll;
-    the sum's order, slot order, does not depend on it).
+    the sum's order, slot order, does not depend on it). SHARED: each token's last slot is the
+    shared expert's (weight 1), which the NaN rule below does not read.
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -285,16 +377,18 @@ def moe_combine_kernel(partial_ptr, stride_ps, ids_ptr, weights_ptr, out_ptr, st
         for j in tl.static_range(TOP_K):  # unrolled: the k partial loads are in flight together
             acc, any_filled, all_nan = _combine_slot(
                 acc, any_filled, all_nan, partial_ptr, stride_ps, ids_ptr, weights_ptr, offs_t,
-                offs_h, t_ok, h_ok, j, E, TOP_K)
+                offs_h, t_ok, h_ok, j, E, TOP_K, SHARED)
     else:
         for j0 in range(0, TOP_K, UNROLL):
             for jj in tl.static_range(UNROLL):
                 acc, any_filled, all_nan = _combine_slot(
                     acc, any_filled, all_nan, partial_ptr, stride_ps, ids_ptr, weights_ptr,
-                    offs_t, offs_h, t_ok, h_ok, j0 + jj, E, TOP_K)
+                    offs_t, offs_h, t_ok, h_ok, j0 + jj, E, TOP_K, SHARED)
     # NaN rule (docs/routing.md): a NaN weight in a filled slot makes NaN above; a token with
-    # every slot empty and every weight NaN (route's all-NaN logits row) is NaN too, not 0.
-    acc = tl.where((~any_filled & all_nan)[:, None], float("nan"), acc)
+    # every routed slot empty and every routed weight NaN (route's all-NaN logits row) is NaN
+    # too, not 0 or the shared expert alone; with no routed slot at all (top_k 0) no row is.
+    nan_rows = ~any_filled & all_nan & (TOP_K > SHARED)
+    acc = tl.where(nan_rows[:, None], float("nan"), acc)
     tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * stride_ot + offs_h[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & h_ok[None, :])
 
@@ -304,6 +398,19 @@ def moe_combine_kernel(partial_ptr, stride_ps, ids_ptr, weights_ptr, out_ptr, st
 # Every program derives the used experts from the ids itself (a histogram of T*k ids costs less
 # than a launch), and a token's row of an expert is found by comparing its k ids.
 # ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _expert_buckets(ids_ptr, S, E, S_PAD: tl.constexpr, NUM_BINS: tl.constexpr):
+    """Each slot's bucket (its expert; E for empty slots, out-of-range ids and padding) and the
+    used experts: counts per bin, `used` mask, and each used expert's rank among them."""
+    slots = tl.arange(0, S_PAD)
+    ids = tl.load(ids_ptr + slots, mask=slots < S, other=-1).to(tl.int32)
+    bucket = tl.where((ids >= 0) & (ids < E), ids, E)
+    counts = tl.histogram(bucket, NUM_BINS)
+    used = (tl.arange(0, NUM_BINS) < E) & (counts > 0)
+    rank = tl.cumsum(used.to(tl.int32), 0) - 1
+    return bucket, counts, used, rank
+
 
 @triton.jit
 def _nth_used_expert(used, rank, u, NUM_BINS: tl.constexpr):

@@ -7,7 +7,7 @@ import torch
 from dmoe_triton import launch
 from dmoe_triton.config import POLICIES, POLICY_NAMES, RoutingPolicy
 from dmoe_triton.kernels import policy_codes
-from dmoe_triton.launch import (ALIGN_MAX_SLOTS, DECODE_MAX_TOKENS, FEW_SEQUENCES, MANY_FROM,
+from dmoe_triton.launch import (DECODE_MAX_TOKENS, FEW_SEQUENCES, MANY_FROM,
                                 MANY_SEQUENCES, AlignLaunch, AttentionLaunch, DecodeConfig,
                                 GroupedConfig, PrepLaunch, RouteLaunch)
 
@@ -31,9 +31,22 @@ def test_defaults_are_todays_measured_values():
     assert plan.decode == DecodeConfig() and plan.decode.down_splits == 4
     assert plan.grouped == GroupedConfig() and plan.grouped.block_m == 32
     assert (plan.combine.block_t, plan.combine.block_h, plan.combine.warps) == (8, 256, 4)
-    assert DECODE_MAX_TOKENS == 64 and ALIGN_MAX_SLOTS == 8192 and MANY_FROM == 8
+    assert DECODE_MAX_TOKENS == 64 and MANY_FROM == 8
+    assert launch.align_launch(2**20, 256) == AlignLaunch(chunk=128, rows=32, warps=4)
     assert FEW_SEQUENCES == AttentionLaunch(16, 128, 4, 3)
     assert MANY_SEQUENCES == AttentionLaunch(64, 64, 4, 3)
+
+
+def test_grouped_tiles_widen_from_grouped_wide_from_tokens():
+    def plan(tokens, fp8=False):
+        return launch.moe_launch(tokens, 8, 256, torch.bfloat16, CPU, fp8).grouped
+
+    assert plan(launch.GROUPED_WIDE_FROM - 1) == GroupedConfig()
+    assert plan(launch.GROUPED_WIDE_FROM) == launch.DEFAULT_GROUPED_WIDE
+    assert launch.DEFAULT_GROUPED_WIDE.block_m == 64
+    assert plan(launch.GROUPED_WIDE_FROM, fp8=True) == launch.DEFAULT_GROUPED_FP8
+    with launch.override(grouped=GroupedConfig(block_m=16)):
+        assert plan(4096).block_m == 16
 
 
 def test_moe_path_switches_after_decode_max_tokens():
@@ -52,10 +65,9 @@ def test_prep_warps_switch_above_128_head_dims():
     assert launch.prep_launch(129) == PrepLaunch(block_d=256, warps=2)
 
 
-def test_align_kernel_until_its_one_program_sort_gets_too_big():
-    assert launch.align_launch(ALIGN_MAX_SLOTS, 256).use_kernel
-    assert not launch.align_launch(ALIGN_MAX_SLOTS + 1, 256).use_kernel
-    assert not launch.align_launch(4096, 2**20).use_kernel  # (E + 1) * slots overflows int32
+def test_align_shape_must_be_powers_of_two():
+    with pytest.raises(ValueError, match="AlignLaunch.chunk must be a power of two"):
+        AlignLaunch(chunk=96)
 
 
 def test_fp32_halves_the_pipeline_depth_and_uses_exact_dots():
@@ -99,13 +111,13 @@ def test_override_restores_after_an_exception():
 def test_overrides_nest_innermost_wins_outer_keys_stay():
     outer = AttentionLaunch(block_m=32)
     inner = AttentionLaunch(block_m=64)
-    with launch.override(attention=outer, align=AlignLaunch(use_kernel=False)):
+    with launch.override(attention=outer, align=AlignLaunch(chunk=16)):
         with launch.override(attention=inner):
             assert launch.attention_launch(1) == inner
-            assert not launch.align_launch(4, 4).use_kernel
+            assert launch.align_launch(4, 4).chunk == 16
         assert launch.attention_launch(1) == outer
     assert launch.attention_launch(1) == FEW_SEQUENCES
-    assert launch.align_launch(4, 4).use_kernel
+    assert launch.align_launch(4, 4) == AlignLaunch()
 
 
 def test_override_is_thread_local():

@@ -9,9 +9,11 @@ from hypothesis import strategies as st
 
 from dmoe_triton import DMoEBlock, RouterConfig, RoutingPolicy, moe_forward, route
 from dmoe_triton import launch
-from dmoe_triton.launch import DECODE_MAX_TOKENS, AlignLaunch, CombineLaunch, DecodeConfig
-from dmoe_triton.moe import align_slots, decode_down_combine, decode_gate_up, moe_forward_triton
-from dmoe_triton.reference import moe_forward_reference
+from dmoe_triton.launch import (DECODE_MAX_TOKENS, AlignLaunch, CombineLaunch, DecodeConfig,
+                                GroupedConfig)
+from dmoe_triton.moe import (align_slots, decode_down_combine, decode_gate_up, max_tiles,
+                             moe_forward_triton)
+from dmoe_triton.reference import align_slots_reference, moe_forward_reference
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -48,9 +50,9 @@ def oracle(hidden, ids, weights, w_gate_up, w_down, shared=None):
 
 
 def check_against_reference(hidden, ids, weights, w_gate_up, w_down, tol, path="auto",
-                            decode=DecodeConfig(), shared=None):
+                            decode=DecodeConfig(), shared=None, grouped=None):
     out = torch.full_like(hidden, float("nan"))
-    forced = dict(moe_path=None if path == "auto" else path, decode=decode)
+    forced = dict(moe_path=None if path == "auto" else path, decode=decode, grouped=grouped)
     with launch.override(**forced):
         y = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton", out=out,
                         shared=shared)
@@ -89,14 +91,18 @@ def routings(draw):
     path = draw(st.sampled_from(["decode", "grouped"])) if T <= DECODE_MAX_TOKENS else "grouped"
     # The decode path's down launch with its used experts in 1..3 shares (partials + last-arriver sum).
     decode = DecodeConfig(down_splits=draw(st.integers(1, 3)))
+    # The grouped path's work items: an expert's slots in one or many tiles (block_m), its
+    # columns in one or several slices.
+    grouped = GroupedConfig(block_m=draw(st.sampled_from([16, 32])),
+                            block_i=draw(st.sampled_from([16, 64])), block_h=16)
     with_shared = draw(st.booleans())  # a shared expert: one more expert every token uses
-    return T, H, I, E, ids, weights, g, path, decode, with_shared
+    return T, H, I, E, ids, weights, g, path, decode, grouped, with_shared
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @given(case=routings())
 def test_kernel_matches_reference(dtype, case):
-    T, H, I, E, ids, weights, g, path, decode, with_shared = case
+    T, H, I, E, ids, weights, g, path, decode, grouped, with_shared = case
     hidden = torch.randn(T, H, generator=g).to(dtype)
     w_gate_up, w_down = make_layer(E, H, I, dtype, "cpu", g)
     to = dict(device=DEV)
@@ -105,7 +111,7 @@ def test_kernel_matches_reference(dtype, case):
         gate_up, down = make_layer(1, H, I, dtype, DEV, g)
         shared = (gate_up[0], down[0])
     check_against_reference(hidden.to(**to), ids.to(**to), weights.to(**to), w_gate_up.to(**to),
-                            w_down.to(**to), TOL[dtype], path, decode, shared)
+                            w_down.to(**to), TOL[dtype], path, decode, shared, grouped)
 
 
 @pytest.mark.parametrize("path", ["decode", "grouped"])
@@ -120,6 +126,56 @@ def test_shared_expert_alone_when_every_slot_is_empty(path):
     gate_up, down = make_layer(1, H, I, torch.float32, DEV, g)
     check_against_reference(hidden, ids, weights, w_gate_up, w_down, 1e-4, path,
                             shared=(gate_up[0], down[0]))
+
+
+@pytest.mark.parametrize("path", ["decode", "grouped"])
+@pytest.mark.parametrize("top_k", [2, 0])
+def test_shared_expert_is_one_more_expert(path, top_k):
+    """On both paths the shared expert is expert E of the same launches, in one more slot of
+    every token with weight 1 (the sum's last term): bit for bit the layer with it routed so;
+    with no routed slot (top_k 0) the shared expert alone."""
+    g = torch.Generator().manual_seed(4)
+    T, H, I, E = 70, 24, 16, 4
+    hidden = torch.randn(T, H, generator=g).to(torch.float16).to(DEV)
+    ids = torch.randint(0, E, (T, top_k), generator=g).to(torch.int32).to(DEV)
+    weights = torch.rand(T, top_k, generator=g).to(DEV)
+    w_gate_up, w_down = make_layer(E, H, I, torch.float16, DEV, g)
+    gate_up, down = make_layer(1, H, I, torch.float16, DEV, g)
+    with launch.override(moe_path=path):
+        y = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton",
+                        shared=(gate_up[0], down[0]))
+        as_routed = moe_forward(
+            hidden, torch.cat((ids, torch.full((T, 1), E, dtype=ids.dtype, device=DEV)), 1),
+            torch.cat((weights, torch.ones(T, 1, device=DEV)), 1),
+            torch.cat((w_gate_up, gate_up)), torch.cat((w_down, down)), backend="triton")
+    if path == "grouped":  # (the decode path lists it after the used experts: another order;
+        assert torch.equal(y, as_routed)  # with top_k 0 the shared expert takes the grouped path)
+    assert rel_err(y, oracle(hidden, ids, weights, w_gate_up, w_down, (gate_up[0], down[0]))) \
+        <= TOL[torch.float16]
+
+
+@pytest.mark.parametrize("path", ["decode", "grouped"])
+def test_nan_rule_beside_a_shared_expert(path):
+    """docs/routing.md's NaN rule reads the routed slots only: a NaN weight in a filled slot,
+    or every routed slot empty with NaN weights, gives a NaN row even though the shared
+    expert's slot is filled; other rows stay finite."""
+    g = torch.Generator().manual_seed(5)
+    T, H, I, E = 70, 24, 16, 4
+    hidden = torch.randn(T, H, generator=g).to(DEV)
+    ids = torch.randint(0, E, (T, 2), generator=g).to(torch.int32)
+    weights = torch.rand(T, 2, generator=g)
+    ids[0, 1], weights[0, 1] = 1, float("nan")
+    ids[2], weights[2] = -1, float("nan")
+    ids[3, 1], weights[3, 1] = -1, float("nan")  # an empty slot's NaN: no say
+    w_gate_up, w_down = make_layer(E, H, I, torch.float32, DEV, g)
+    gate_up, down = make_layer(1, H, I, torch.float32, DEV, g)
+    for backend in ("triton", "reference"):
+        with launch.override(moe_path=path):
+            y = moe_forward(hidden, ids.to(DEV), weights.to(DEV), w_gate_up, w_down,
+                            backend=backend, shared=(gate_up[0], down[0]))
+        rows_nan = torch.isnan(y).all(1).cpu()
+        assert rows_nan[0] and rows_nan[2] and not torch.isnan(y).any(1).cpu()[[1, 3]].any()
+        assert int(torch.isnan(y).any(1).sum()) == 2, backend
 
 
 def test_shared_must_match_the_experts_layout():
@@ -236,21 +292,32 @@ def test_int64_ids_and_strided_hidden():
     check_against_reference(hidden, ids, weights, w_gate_up, w_down, 1e-4)
 
 
-def test_align_kernel_matches_torch_align():
+@pytest.mark.parametrize("E,T,k,block_m,chunk,rows", [
+    (7, 50, 3, 1, 16, 2), (7, 50, 3, 2, 32, 1), (7, 50, 3, 16, 128, 32),
+    (256, 600, 8, 32, 128, 32)])  # the last: LLaDA2.0-mini's experts, 38 chunks (4800 slots)
+def test_align_kernels_match_the_torch_reference(E, T, k, block_m, chunk, rows):
+    """The counting sort (several chunks and chunk-sum steps, out-of-range ids, a last chunk
+    cut short) gives the reference's lists, the sorted slots whole (empty slots last)."""
     g = torch.Generator().manual_seed(3)
-    E = 7
-    ids = torch.randint(-3, E + 3, (50, 3), generator=g, dtype=torch.int32).to(DEV)  # out of range too
-    got = align_slots(ids.view(-1), E)
-    with launch.override(align=AlignLaunch(use_kernel=False)):  # the torch ops of prefill
-        want = align_slots(ids.view(-1), E)
-    n = int(want[4])
-    assert int(got[4]) == n
+    ids = torch.randint(-3, E + 3, (T, k), generator=g, dtype=torch.int32).to(DEV)  # bad ids too
+    with launch.override(align=AlignLaunch(chunk=chunk, rows=rows)):
+        got = align_slots(ids.view(-1), E, block_m)
+    want = align_slots_reference(ids.view(-1), E, block_m)
+    n = int(want.n_used)
+    assert int(got.n_used) == n and int(got.n_tiles) == int(want.n_tiles)
     for a, b in zip(got[1:4], want[1:4]):
         assert torch.equal(a[:n], b[:n])
-    filled = int(want[3][:n].sum())
-    assert torch.equal(got[0][:filled], want[0][:filled])
+    assert torch.equal(got.used_tile, want.used_tile)  # past n_used too: n_tiles there
+    assert torch.equal(got.sorted_slots, want.sorted_slots)
+    filled = int(want.used_count[:n].sum())
     flat = ids.view(-1).long()
     assert int(((flat >= 0) & (flat < E)).sum()) == filled
+    # Each used expert's tiles follow the previous expert's, and they cover its slots.
+    counts = want.used_count[:n].long()
+    tiles = (counts + block_m - 1) // block_m
+    assert torch.equal(want.used_tile[:n].long(), torch.cumsum(tiles, 0) - tiles)
+    assert int(want.n_tiles) == int(tiles.sum()) <= max_tiles(flat.numel(), E, block_m)
+    assert bool((want.used_tile[n:] == want.n_tiles).all())
 
 
 @pytest.mark.parametrize("path", ["decode", "grouped"])
