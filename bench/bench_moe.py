@@ -586,9 +586,9 @@ FP8_SWEEP_CASES = {"decode": ("32 tok, exact 15", "32 tok, exact 70"),
 def sweep_fp8(routed, layers8, bw, path, timer=None, variants=None):
     """Time the FP8 variants of `path` ("decode" or "grouped") at FP8_SWEEP_CASES[path], each
     checked against the dequantized fp32 reference first (one off by more than MAX_REL_ERR is
-    reported and never timed); return the best config, fitted to the scale blocks. The decode
-    path runs with an FP8 shared expert, as the model's layers do (fp8_shared_experts; the
-    grouped path runs one apart, outside its launches). timer and variants as in sweep()."""
+    reported and never timed); return the best config, fitted to the scale blocks. Both paths
+    run with an FP8 shared expert inside their launches, as the model's layers do
+    (fp8_shared_experts). timer and variants as in sweep()."""
     timer = timer or graph_us
     base = DEFAULT_DECODE_FP8 if path == "decode" else DEFAULT_GROUPED_FP8
     changes = FP8_DECODE_VARIANTS if path == "decode" else FP8_GROUPED_VARIANTS
@@ -599,14 +599,10 @@ def sweep_fp8(routed, layers8, bw, path, timer=None, variants=None):
     dtype = DTYPE if wg.is_cuda else torch.float32
     hiddens = [torch.randn(r["tokens"], wg.shape[2], generator=gen).to(wg.device, dtype)
                for r in picked]
-    with_shared = path == "decode"
-    shared = (fp8_shared_experts(layers8) if with_shared
-              else [(None, layer[2]) for layer in layers8])  # [(shared, scales)] per copy
-    floors = [(r["unique_layer"] + with_shared) * fp8_expert_bytes(scales) / bw / 1e3
-              for r in picked]
-    print(f"FP8 {path} sweep: us per layer call (% of copy bandwidth counting FP8 bytes"
-          f"{', the shared expert included' if with_shared else ''}) at "
-          + ", ".join(r["case"] for r in picked), flush=True)
+    shared = fp8_shared_experts(layers8)  # [(shared, scales)] per copy
+    floors = [(r["unique_layer"] + 1) * fp8_expert_bytes(scales) / bw / 1e3 for r in picked]
+    print(f"FP8 {path} sweep: us per layer call (% of copy bandwidth counting FP8 bytes, the "
+          "shared expert included) at " + ", ".join(r["case"] for r in picked), flush=True)
 
     def measure(change):
         kw = {path: dataclasses.replace(base, **change)}
@@ -895,6 +891,8 @@ def main():
     parser.add_argument("--out", default=None, help="output folder (default $OUT or "
                         "bench/results; a temporary folder with --smoke)")
     args = parser.parse_args()
+    if args.smoke and args.cases is not None:
+        parser.error("--cases selects the GPU run's rows; --smoke always checks every case")
     if args.out is None:
         args.out = (tempfile.mkdtemp(prefix="bench_moe_") if args.smoke
                     else os.environ.get("OUT") or "bench/results")

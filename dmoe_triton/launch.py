@@ -166,9 +166,9 @@ class DecodeConfig:
 class GroupedConfig:
     """The grouped path (more tokens): align, gate/up, down (per-slot partials), combine.
 
-    Work items are (used expert, slice); an expert's tokens are walked in block_m tiles inside
-    the item, so slices are kept small enough (block_i, block_h) for the re-reads of a slice by
-    its later tiles to hit L2.
+    Work items are (used expert, slice of block_i / block_h columns, tile of block_m of its
+    slots), the tiles of one slice consecutive, so neighbouring programs run them side by side
+    and the slice is read from HBM once (kernels/moe_matmul.py, _work_item).
     """
 
     # Defaults: `bench_moe.py --sweep-grouped --cases "x32 tok"` on the H200 (2026-11-30,
@@ -198,6 +198,9 @@ class GroupedConfig:
                                    k_tile_down=16))
 
 
+ALIGN_MAX_CHUNK = 512
+
+
 @dataclass(frozen=True)
 class AlignLaunch:
     """The grouped path's align: a counting sort of the slots by expert in three launches
@@ -206,11 +209,13 @@ class AlignLaunch:
     8192 slots (about 110 us at 16384)."""
 
     chunk: int = 128  # slots per program of the count and scatter steps
-    rows: int = 32    # chunk histograms summed per loop step
+    rows: int = 32    # chunk histograms per loop step of the lists step
     warps: int = 4
 
     def __post_init__(self):
         _check_shape(self, powers_of_two=("chunk", "rows", "warps"))
+        if self.chunk > ALIGN_MAX_CHUNK:  # the scatter compares its chunk's slots pairwise
+            raise ValueError(f"AlignLaunch.chunk must be <= {ALIGN_MAX_CHUNK}, got {self.chunk}")
 
 
 @dataclass(frozen=True)
@@ -234,7 +239,7 @@ class CombineLaunch:
 class MoeLaunch:
     """Everything moe_forward's Triton path launches for one call."""
 
-    path: str                  # "decode" (two launches) or "grouped" (four)
+    path: str                  # "decode" (two launches) or "grouped" (six)
     decode: DecodeConfig
     grouped: GroupedConfig
     combine: CombineLaunch

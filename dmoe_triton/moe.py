@@ -293,15 +293,14 @@ def align_slots(flat_ids: torch.Tensor, num_experts: int, block_m: int) -> SlotL
     lists = SlotLists(*[torch.empty(n, dtype=torch.int32, device=dev)
                         for n in (S, E, E, E, 1, E, 1)])
     chunk_counts = torch.empty(chunks, bins, dtype=torch.int32, device=dev)
-    bin_start = torch.empty(bins, dtype=torch.int32, device=dev)
     common = dict(NUM_BINS=bins, num_warps=plan.warps, **pdl(dev))
     align_count_kernel[(chunks,)](flat_ids, chunk_counts, S, E, CHUNK=plan.chunk, **common)
     align_lists_kernel[(1,)](
-        chunk_counts, chunks, bin_start, lists.used_expert, lists.used_start, lists.used_count,
+        chunk_counts, chunks, lists.used_expert, lists.used_start, lists.used_count,
         lists.n_used, lists.used_tile, lists.n_tiles, E, BLOCK_M=block_m, ROWS=plan.rows,
         **common)
-    align_scatter_kernel[(chunks,)](flat_ids, chunk_counts, bin_start, lists.sorted_slots, S, E,
-                                    CHUNK=plan.chunk, ROWS=plan.rows, **common)
+    align_scatter_kernel[(chunks,)](flat_ids, chunk_counts, lists.sorted_slots, S, E,
+                                    CHUNK=plan.chunk, **common)
     return lists
 
 
@@ -621,7 +620,9 @@ def grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, config: Groupe
     scale_gate_up, scale_down = shared_scales if shared_scales is not None else (None, None)
     if shared is not None:
         T = ids.shape[0]
-        ids = torch.cat([ids, ids.new_full((T, 1), E)], dim=1)
+        # An out-of-range routed id stays an empty slot (-1), not the shared expert's id E.
+        routed = torch.where((ids >= 0) & (ids < E), ids, -1)
+        ids = torch.cat([routed, routed.new_full((T, 1), E)], dim=1)
         weights = torch.cat([weights, weights.new_ones(T, 1)], dim=1)
     experts = E + (shared is not None)
     lists = align_slots(ids.view(-1), experts, config.block_m)

@@ -1,6 +1,7 @@
 """Grouped expert matmul over a routing: only the experts that received tokens are read.
 
-Six launches, all with grid sizes fixed by shapes (CUDA-graph capturable, no host sync):
+Six launches (seven with FP8 weights' activation prepass, moe_fp8.scaled_rows_kernel), all
+with grid sizes fixed by shapes (CUDA-graph capturable, no host sync):
 
 1. align (`align_count_kernel`, `align_lists_kernel`, `align_scatter_kernel`: a counting sort
    in three short launches): sorts the T*k slots by expert and lists the used experts
@@ -42,10 +43,11 @@ from .pdl import wait_previous_kernel
 @triton.jit
 def _chunk_buckets(ids_ptr, S, E, chunk, CHUNK: tl.constexpr):
     """The chunk's slot numbers and their buckets (expert; E for empty slots, out-of-range ids
-    and the padding past S, which the scatter never stores)."""
+    and the padding past S, which the scatter never stores). The range test runs in the ids'
+    own dtype: an int64 id such as 2**32 + 1 is out of range, not expert 1."""
     slots = chunk * CHUNK + tl.arange(0, CHUNK)
-    ids = tl.load(ids_ptr + slots, mask=slots < S, other=-1).to(tl.int32)
-    return slots, tl.where((ids >= 0) & (ids < E), ids, E)
+    ids = tl.load(ids_ptr + slots, mask=slots < S, other=-1)
+    return slots, tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)
 
 
 @triton.jit
@@ -62,16 +64,18 @@ def align_count_kernel(ids_ptr, chunk_counts_ptr, S, E, CHUNK: tl.constexpr,
 
 
 @triton.jit
-def align_lists_kernel(chunk_counts_ptr, n_chunks, bin_start_ptr, used_expert_ptr,
-                       used_start_ptr, used_count_ptr, n_used_ptr, used_tile_ptr, n_tiles_ptr,
-                       E, BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr, ROWS: tl.constexpr,
+def align_lists_kernel(chunk_counts_ptr, n_chunks, used_expert_ptr, used_start_ptr,
+                       used_count_ptr, n_used_ptr, used_tile_ptr, n_tiles_ptr, E,
+                       BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr, ROWS: tl.constexpr,
                        PDL: tl.constexpr = False):
-    """Align, step 2 of 3 (one program): the chunks' histograms summed -> bin_start_ptr int32
-    [NUM_BINS] (each bucket's first place in the sorted order; the empty bucket E last), the
-    used experts in expert order: used_expert/used_start/used_count_ptr int32 [E] (first
-    n_used entries written), n_used_ptr int32 [1]; used_tile_ptr int32 [E]: each used
-    expert's first BLOCK_M-slot tile in one numbering of all used experts' tiles (entries from
-    n_used on: n_tiles), n_tiles_ptr int32 [1]: their count. ROWS: chunks summed per step."""
+    """Align, step 2 of 3 (one program): from the chunks' histograms, the used experts in
+    expert order: used_expert/used_start/used_count_ptr int32 [E] (first n_used entries
+    written), n_used_ptr int32 [1]; used_tile_ptr int32 [E]: each used expert's first
+    BLOCK_M-slot tile in one numbering of all used experts' tiles (entries from n_used on:
+    n_tiles), n_tiles_ptr int32 [1]: their count. Then chunk_counts_ptr is overwritten in place
+    with each chunk's first place per bucket in the sorted order (its bucket's start plus the
+    bucket's slots in earlier chunks; the empty bucket E last), so the scatter step reads one
+    value per slot. ROWS: chunks per loop step (two passes over the chunks: O(chunks x bins))."""
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     bins = tl.arange(0, NUM_BINS)
     counts = tl.zeros((NUM_BINS,), tl.int32)
@@ -86,7 +90,6 @@ def align_lists_kernel(chunk_counts_ptr, n_chunks, bin_start_ptr, used_expert_pt
     first_tiles = tl.cumsum(tiles, 0) - tiles
     n_used = tl.sum(used.to(tl.int32), 0)
     n_tiles = tl.sum(tiles, 0)
-    tl.store(bin_start_ptr + bins, starts)
     tl.store(used_expert_ptr + rank, bins, mask=used)
     tl.store(used_start_ptr + rank, starts, mask=used)
     tl.store(used_count_ptr + rank, counts, mask=used)
@@ -94,26 +97,29 @@ def align_lists_kernel(chunk_counts_ptr, n_chunks, bin_start_ptr, used_expert_pt
     tl.store(used_tile_ptr + bins, n_tiles + 0 * bins, mask=(bins >= n_used) & (bins < E))
     tl.store(n_used_ptr, n_used)
     tl.store(n_tiles_ptr, n_tiles)
+    placed = starts  # per bucket: its slots placed by the chunks before the current rows
+    for c0 in range(0, n_chunks, ROWS):
+        rows = c0 + tl.arange(0, ROWS)
+        tile_ptrs = chunk_counts_ptr + rows[:, None] * NUM_BINS + bins[None, :]
+        tile = tl.load(tile_ptrs, mask=(rows < n_chunks)[:, None], other=0)
+        tl.store(tile_ptrs, placed[None, :] + tl.cumsum(tile, 0) - tile,
+                 mask=(rows < n_chunks)[:, None])
+        placed += tl.sum(tile, 0)
 
 
 @triton.jit
-def align_scatter_kernel(ids_ptr, chunk_counts_ptr, bin_start_ptr, sorted_slots_ptr, S, E,
-                         CHUNK: tl.constexpr, NUM_BINS: tl.constexpr, ROWS: tl.constexpr,
-                         PDL: tl.constexpr = False):
+def align_scatter_kernel(ids_ptr, chunk_first_ptr, sorted_slots_ptr, S, E,
+                         CHUNK: tl.constexpr, NUM_BINS: tl.constexpr, PDL: tl.constexpr = False):
     """Align, step 3 of 3: sorted_slots_ptr int32 [S] = the slots by bucket, then by slot
-    number (deterministic: no atomics). A slot's place is its bucket's start, plus the slots of
-    its bucket in earlier chunks, plus those before it in its own chunk. Grid (chunks,)."""
+    number (deterministic: no atomics). A slot's place is its chunk's first place for its
+    bucket (chunk_first_ptr: align_lists_kernel's rewrite of the counts) plus the slots of its
+    bucket before it in its chunk. Grid (chunks,)."""
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     chunk = tl.program_id(0)
     slots, bucket = _chunk_buckets(ids_ptr, S, E, chunk, CHUNK)
-    place = tl.load(bin_start_ptr + bucket)
-    for c0 in range(0, chunk, ROWS):
-        rows = c0 + tl.arange(0, ROWS)
-        place += tl.sum(tl.load(chunk_counts_ptr + rows[:, None] * NUM_BINS + bucket[None, :],
-                                mask=(rows < chunk)[:, None], other=0), 0)
     local = tl.arange(0, CHUNK)
     before = (bucket[:, None] == bucket[None, :]) & (local[None, :] < local[:, None])
-    place += tl.sum(before.to(tl.int32), 1)
+    place = tl.load(chunk_first_ptr + chunk * NUM_BINS + bucket) + tl.sum(before.to(tl.int32), 1)
     tl.store(sorted_slots_ptr + place, slots, mask=slots < S)
 
 
@@ -404,8 +410,8 @@ def _expert_buckets(ids_ptr, S, E, S_PAD: tl.constexpr, NUM_BINS: tl.constexpr):
     """Each slot's bucket (its expert; E for empty slots, out-of-range ids and padding) and the
     used experts: counts per bin, `used` mask, and each used expert's rank among them."""
     slots = tl.arange(0, S_PAD)
-    ids = tl.load(ids_ptr + slots, mask=slots < S, other=-1).to(tl.int32)
-    bucket = tl.where((ids >= 0) & (ids < E), ids, E)
+    ids = tl.load(ids_ptr + slots, mask=slots < S, other=-1)
+    bucket = tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)  # int64 ids tested whole
     counts = tl.histogram(bucket, NUM_BINS)
     used = (tl.arange(0, NUM_BINS) < E) & (counts > 0)
     rank = tl.cumsum(used.to(tl.int32), 0) - 1

@@ -154,7 +154,7 @@ def test_fp8_kernels_match_the_dequantized_reference(dtype, case):
     any I and H (partial blocks and tiles), scales one per tile or a vector over its rows; with
     the fp8 dot the oracle quantizes the activations as the launch does (a W8A8 result is
     about 5% off the unquantized oracle: the bound 1e-2 tells them apart); with or without an
-    FP8 shared expert (one more expert of the decode launches; apart on the grouped path)."""
+    FP8 shared expert (one more expert of either path's launches)."""
     T, H, I, E, ids, weights, block, g, path, bits, forced, (shared, shared_scales) = case
     w_gate_up, w_down, scales = make_fp8_layer(E, H, I, block, g)
     scales = replace(scales, shared=shared_scales)

@@ -65,9 +65,11 @@ def test_prep_warps_switch_above_128_head_dims():
     assert launch.prep_launch(129) == PrepLaunch(block_d=256, warps=2)
 
 
-def test_align_shape_must_be_powers_of_two():
+def test_align_shape_must_be_powers_of_two_and_chunks_bounded():
     with pytest.raises(ValueError, match="AlignLaunch.chunk must be a power of two"):
         AlignLaunch(chunk=96)
+    with pytest.raises(ValueError, match="AlignLaunch.chunk must be <= 512"):
+        AlignLaunch(chunk=1024)  # the scatter compares a chunk's slots pairwise
 
 
 def test_fp32_halves_the_pipeline_depth_and_uses_exact_dots():

@@ -292,14 +292,18 @@ def test_int64_ids_and_strided_hidden():
     check_against_reference(hidden, ids, weights, w_gate_up, w_down, 1e-4)
 
 
-@pytest.mark.parametrize("E,T,k,block_m,chunk,rows", [
-    (7, 50, 3, 1, 16, 2), (7, 50, 3, 2, 32, 1), (7, 50, 3, 16, 128, 32),
-    (256, 600, 8, 32, 128, 32)])  # the last: LLaDA2.0-mini's experts, 38 chunks (4800 slots)
-def test_align_kernels_match_the_torch_reference(E, T, k, block_m, chunk, rows):
+@pytest.mark.parametrize("E,T,k,block_m,chunk,rows,wide", [
+    (7, 50, 3, 1, 16, 2, 0), (7, 50, 3, 2, 32, 1, 0), (7, 50, 3, 16, 128, 32, 0),
+    (256, 600, 8, 32, 128, 32, 0),  # LLaDA2.0-mini's experts, 38 chunks (4800 slots)
+    (7, 50, 3, 16, 16, 2, 2**32)])  # int64 ids, some past int32 (2**32 + e cut is e)
+def test_align_kernels_match_the_torch_reference(E, T, k, block_m, chunk, rows, wide):
     """The counting sort (several chunks and chunk-sum steps, out-of-range ids, a last chunk
     cut short) gives the reference's lists, the sorted slots whole (empty slots last)."""
     g = torch.Generator().manual_seed(3)
-    ids = torch.randint(-3, E + 3, (T, k), generator=g, dtype=torch.int32).to(DEV)  # bad ids too
+    ids = torch.randint(-3, E + 3, (T, k), generator=g, dtype=torch.int32)  # bad ids too
+    if wide:
+        ids = ids.long() + wide * (torch.rand(T, k, generator=g) < 0.5)
+    ids = ids.to(DEV)
     with launch.override(align=AlignLaunch(chunk=chunk, rows=rows)):
         got = align_slots(ids.view(-1), E, block_m)
     want = align_slots_reference(ids.view(-1), E, block_m)
@@ -320,21 +324,31 @@ def test_align_kernels_match_the_torch_reference(E, T, k, block_m, chunk, rows):
     assert bool((want.used_tile[n:] == want.n_tiles).all())
 
 
+@pytest.mark.parametrize("with_shared", [False, True])
 @pytest.mark.parametrize("path", ["decode", "grouped"])
-def test_out_of_range_ids_rejected_on_cpu_and_skipped_by_kernel(path):
+def test_out_of_range_ids_rejected_on_cpu_and_skipped_by_kernel(path, with_shared):
+    """An unchecked bad id is an empty slot on both paths; with a shared expert too, whose own
+    slot the grouped path gives id E: a routed id E must not become the shared expert."""
     hidden = torch.randn(4, 16)
     w_gate_up, w_down = make_layer(3, 16, 16, torch.float32, "cpu")
+    shared = None
+    if with_shared:
+        gate_up, down = make_layer(1, 16, 16, torch.float32, "cpu")
+        shared = (gate_up[0], down[0])
     weights = torch.rand(4, 2)
-    for bad in (3, -2, 100):
-        ids = torch.tensor([[0, 1], [2, bad], [1, -1], [0, 2]], dtype=torch.int32)
+    for bad in (3, -2, 100, 2**32 + 1):  # the last: int64 only, 1 if cut to 32 bits
+        dtype = torch.int64 if bad > 2**31 else torch.int32
+        ids = torch.tensor([[0, 1], [2, bad], [1, -1], [0, 2]], dtype=dtype)
         with pytest.raises(ValueError, match="topk_ids"):
             moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="reference")
         # Unchecked, the kernel treats the id as an empty slot and never reads out of bounds.
         to = dict(device=DEV)
-        y = moe_forward_triton(hidden.to(**to), ids.to(**to), weights.to(**to),
-                               w_gate_up.to(**to), w_down.to(**to), path=path)
-        ref = oracle(hidden, ids, weights, w_gate_up, w_down)
-        assert rel_err(y.cpu(), ref) <= 1e-4
+        y = moe_forward_triton(
+            hidden.to(**to), ids.to(**to), weights.to(**to), w_gate_up.to(**to),
+            w_down.to(**to), path=path,
+            shared=None if shared is None else tuple(t.to(**to) for t in shared))
+        ref = oracle(hidden, ids, weights, w_gate_up, w_down, shared)
+        assert rel_err(y.cpu(), ref) <= 1e-4, bad
 
 
 def test_bad_inputs_name_the_argument():
