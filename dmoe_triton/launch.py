@@ -293,7 +293,8 @@ def moe_launch(tokens: int, top_k: int, num_experts: int, dtype: torch.dtype,
 
 
 def align_launch(slots: int, num_experts: int) -> AlignLaunch:
-    """The align's launch shape (one for every size: its grids grow with the slots)."""
+    """The align's launch shape (one for every size: its grids grow with the slots; the
+    arguments keep the shape of the other launch choices, for a policy that needs them)."""
     forced = _current("align")
     return forced if forced is not None else DEFAULT_ALIGN
 

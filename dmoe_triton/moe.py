@@ -203,8 +203,8 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     buffer for CUDA graphs).
     shared: optional (gate_up [2I, H], down [H, I]) of a shared expert (copied to the routed
     experts' per-expert strides where a view's differ, so pass them for no copy): every token
-    adds it with weight 1, inside the same fp32 sum (on the decode path, one more expert of the
-    same two launches instead of three more kernels). With FP8 routed experts it is FP8 too,
+    adds it with weight 1, inside the same fp32 sum (on either path, one more expert of the
+    same launches). With FP8 routed experts it is FP8 too,
     its block scales in scales.shared (quant.quantize_shared), and runs exactly as a routed
     expert does (dot, activation groups); without its scales (scales.shared) it is a
     ValueError, and one not in float8_e4m3fn beside them a TypeError.
@@ -242,10 +242,12 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
 
 def _launch_config(hidden, topk_ids, w_gate_up):
     """The config (DecodeConfig or GroupedConfig) of the path the Triton backend would take for
-    FP8 experts (launch.moe_launch)."""
+    FP8 experts (launch.moe_launch; with no routed slot, top_k 0, the grouped path whatever T:
+    moe_forward_triton)."""
     plan = moe_launch(topk_ids.shape[0], topk_ids.shape[1], w_gate_up.shape[0], hidden.dtype,
                       hidden.device, fp8=True)
-    return plan.decode if plan.path == "decode" else plan.grouped
+    decode = plan.path == "decode" and topk_ids.shape[1] > 0
+    return plan.decode if decode else plan.grouped
 
 
 class SlotLists(NamedTuple):
@@ -421,8 +423,9 @@ def expert_gate_up(hidden, w_gate_up, lists, top_k: int, config: GroupedConfig,
         **_x_args(hidden, cfg, fp8),
         **_weight_args(w_gate_up, ("stride_we", "stride_wn", "stride_wk"), fp8),
         **_act_args(acts, cfg, down=False), **lists.kernel_args(),
-        **_shared_args(shared_gate_up, shared_scale, fp8), H=H, I=inter, TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_I=cfg.block_i,
-        BLOCK_K=cfg.k_tile_gate_up, PRECISION=dot_precision(hidden.dtype),
+        **_shared_args(shared_gate_up, shared_scale, fp8), H=H, I=inter, TOP_K=top_k,
+        BLOCK_M=cfg.block_m, BLOCK_I=cfg.block_i, BLOCK_K=cfg.k_tile_gate_up,
+        PRECISION=dot_precision(hidden.dtype),
         num_warps=cfg.warps_gate_up, num_stages=pipeline_stages(cfg.stages_gate_up, hidden.dtype),
         **pdl(hidden.device))
     return acts

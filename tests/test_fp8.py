@@ -335,6 +335,22 @@ def test_shared_expert_beside_fp8_experts_must_be_fp8():
                     scales=replace(scales, shared=shared_scales[:1]))
 
 
+def test_fp8_shared_expert_alone_takes_the_grouped_launch_and_its_reference_follows():
+    """With no routed slot (top_k 0) the FP8 shared expert runs on the grouped path even for
+    few tokens, so the reference must quantize its activations as the grouped launch does, not
+    as the decode one (here forced to the fp16 dot, which quantizes none)."""
+    g = torch.Generator().manual_seed(9)
+    w_gate_up, w_down, scales = make_fp8_layer(4, 128, 64, (32, 32), g)
+    (gu, d), shared_scales = make_fp8_shared(128, 64, (32, 32), g)
+    scales = replace(scales, shared=shared_scales)
+    hidden = torch.randn(8, 128, generator=g).to(torch.bfloat16)
+    ids, weights = torch.empty(8, 0, dtype=torch.int32), torch.empty(8, 0)
+    with launch.override(decode=DecodeConfig(dot="fp16")):
+        y, ref = (moe_forward(hidden, ids, weights, w_gate_up, w_down, backend=backend,
+                              shared=(gu, d), scales=scales) for backend in ("triton", "reference"))
+    assert rel_err(y, ref.double()) <= 1e-2
+
+
 @pytest.mark.parametrize("path", ["decode", "grouped"])
 def test_nan_rule_with_an_fp8_shared_expert(path):
     """docs/routing.md's NaN rule holds beside the FP8 shared expert: a NaN weight in a filled

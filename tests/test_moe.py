@@ -191,7 +191,8 @@ def test_shared_must_match_the_experts_layout():
 
 
 @pytest.mark.parametrize("T", [37, DECODE_MAX_TOKENS + 3])  # decode path, grouped path
-def test_scratch_poisoned_and_every_row_written(poison_scratch, T):
+@pytest.mark.parametrize("with_shared", [False, True])
+def test_scratch_poisoned_and_every_row_written(poison_scratch, T, with_shared):
     g = torch.Generator().manual_seed(1)
     H, I, E, k = 40, 24, 5, 3
     hidden = torch.randn(T, H, generator=g).to(DEV)
@@ -199,9 +200,14 @@ def test_scratch_poisoned_and_every_row_written(poison_scratch, T):
     ids[::4, 1] = -1
     weights = torch.rand(T, k, generator=g)
     w_gate_up, w_down = make_layer(E, H, I, torch.float32, "cpu", g)
+    shared = None
+    if with_shared:
+        gate_up, down = make_layer(1, H, I, torch.float32, DEV, g)
+        shared = (gate_up[0], down[0])
     y = moe_forward(hidden, ids.to(DEV), weights.to(DEV), w_gate_up.to(DEV), w_down.to(DEV),
-                    backend="triton")
-    ref = oracle(hidden, ids.to(DEV), weights.to(DEV), w_gate_up.to(DEV), w_down.to(DEV))
+                    backend="triton", shared=shared)
+    ref = oracle(hidden, ids.to(DEV), weights.to(DEV), w_gate_up.to(DEV), w_down.to(DEV),
+                 shared)
     assert torch.isfinite(y).all() and rel_err(y, ref) <= 1e-4
 
 
@@ -524,13 +530,18 @@ def test_gpu_matches_reference(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,splits", [(32, 1), (32, 2), (32, 4), (128, 2)])  # decode, grouped
-def test_cuda_graph_replay_equals_eager(T, splits):
+@pytest.mark.parametrize("with_shared", [False, True])
+def test_cuda_graph_replay_equals_eager(T, splits, with_shared):
     hidden, ids, weights, w_gate_up, w_down = llada_like_case(T=T)
     hidden, w_gate_up, w_down = hidden.bfloat16(), w_gate_up.bfloat16(), w_down.bfloat16()
     decode = DecodeConfig(down_splits=splits)
+    # a shared expert: on the grouped path one more slot per token (torch ops, then the SHARED
+    # combine), which the graph must capture too
+    shared = (w_gate_up[0].clone(), w_down[0].clone()) if with_shared else None
 
     def forward(out=None):  # moe_forward's kernel path with this test's decode config
-        return moe_forward_triton(hidden, ids, weights, w_gate_up, w_down, out=out, decode=decode)
+        return moe_forward_triton(hidden, ids, weights, w_gate_up, w_down, out=out, decode=decode,
+                                  shared=shared)
 
     eager = forward()
     out = torch.full_like(hidden, float("nan"))
