@@ -150,14 +150,15 @@ def _work_item(item, n_splits, used_expert_ptr, used_start_ptr, used_count_ptr, 
 
 
 @triton.jit
-def _weights_of(expert, E, base_ptr, stride_e, shared_ptr):
-    """Where expert `expert`'s weights (or scales) start: base_ptr + expert * stride_e, or with
-    a shared expert (shared_ptr given: the routed experts' layout without the expert dim) that
-    expert is E - 1, one more expert of the launch (moe.grouped_forward gives every token a
-    slot for it)."""
+def _weights_of(expert, shared_id, base_ptr, stride_e, shared_ptr):
+    """Where expert `expert`'s weights (or scales) start: base_ptr + expert * stride_e, or,
+    with a shared expert (shared_ptr given: the routed experts' layout without the expert dim),
+    shared_ptr for the id it runs under, shared_id: E on the decode path (listed after the E
+    routed experts), E - 1 on the grouped path (its lists count it among E experts:
+    moe.grouped_forward gives every token a slot for it)."""
     rows = base_ptr + expert * stride_e
     if shared_ptr is not None:
-        rows = tl.where(expert == E - 1, shared_ptr, rows)
+        rows = tl.where(expert == shared_id, shared_ptr, rows)
     return rows
 
 
@@ -258,7 +259,8 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
             item, n_splits, used_expert_ptr, used_start_ptr, used_count_ptr, used_tile_ptr, E,
             BLOCK_M, USED_PAD)
         offs_i = split * BLOCK_I + tl.arange(0, BLOCK_I)
-        w_gate = _weights_of(expert, E, w_ptr, stride_we, shared_ptr) + offs_i[:, None] * stride_wn
+        w_gate = (_weights_of(expert, E - 1, w_ptr, stride_we, shared_ptr)
+                  + offs_i[:, None] * stride_wn)
         slot, m_ok = _tile_slots(sorted_slots_ptr, start, count, m0, BLOCK_M)
         token = slot // TOP_K
         if s_ptr is None:
@@ -275,7 +277,7 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
             act_t = fp8_silu_gate_up(x_ptr + token[None, :] * stride_xt, x_inverse, m_ok,
                                      stride_xh, w_gate, w_gate + I * stride_wn, stride_wk,
                                      split * BLOCK_I, offs_i, H,
-                                     _weights_of(expert, E, s_ptr, stride_se, shared_s_ptr), I,
+                                     _weights_of(expert, E - 1, s_ptr, stride_se, shared_s_ptr), I,
                                      stride_sn, stride_sk, BLOCK_M, BLOCK_I, BLOCK_K, PRECISION,
                                      SCALE_N, SCALE_K, FP8_BITS, DOT)
             fp8_store_act(act_t, act_ptr, stride_as, act_scale_ptr, stride_ss, slot, m_ok,
@@ -315,7 +317,8 @@ def moe_down_kernel(act_ptr, stride_as,
         offs_h = split * BLOCK_H + tl.arange(0, BLOCK_H)
         h_ok = offs_h < H
         slot, m_ok = _tile_slots(sorted_slots_ptr, start, count, m0, BLOCK_M)
-        w_rows = _weights_of(expert, E, w_ptr, stride_we, shared_ptr) + offs_h[:, None] * stride_wh
+        w_rows = (_weights_of(expert, E - 1, w_ptr, stride_we, shared_ptr)
+                  + offs_h[:, None] * stride_wh)
         acc_t = tl.zeros((BLOCK_H, BLOCK_M), dtype=tl.float32)
         if s_ptr is None:
             for k0 in range(0, I, BLOCK_K):
@@ -327,7 +330,7 @@ def moe_down_kernel(act_ptr, stride_as,
                             & k_ok[None, :], other=0.0)
                 acc_t = tl.dot(w, a_t, acc_t, input_precision=PRECISION)
         else:
-            s_rows = _weights_of(expert, E, s_ptr, stride_se, shared_s_ptr)
+            s_rows = _weights_of(expert, E - 1, s_ptr, stride_se, shared_s_ptr)
             for k0 in range(0, I, BLOCK_K):
                 acc_t = fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss, slot,
                                       m_ok, 1.0, k0, I, acc_t, w_rows, stride_wi,
@@ -645,7 +648,7 @@ def _fp8_down_shares(act_ptr, stride_as, act_scale_ptr, stride_ss, w_ptr, stride
                      shared_ptr, shared_s_ptr, h0, first, end, H, I, E, T_PAD: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
                      SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, ACT_CHUNK: tl.constexpr,
-                     FP8_BITS: tl.constexpr, DOT: tl.constexpr, HAS_SHARED: tl.constexpr):
+                     FP8_BITS: tl.constexpr, DOT: tl.constexpr):
     """_down_shares for FP8 weights over used experts first .. end, from what _fp8_decode_item
     wrote: act rows u * T_PAD + t, the expert used_ptr[u] (E: the shared expert, at shared_ptr
     and shared_s_ptr), the tokens' routing weights row_weight_ptr[u, :] (folded into the
@@ -658,11 +661,8 @@ def _fp8_down_shares(act_ptr, stride_as, act_scale_ptr, stride_ss, w_ptr, stride
     # flight across experts.
     for u in tl.range(first, end, flatten=True):
         expert = tl.load(used_ptr + u).to(tl.int64)
-        w_expert = w_ptr + expert * stride_we
-        s_expert = s_ptr + expert * stride_se
-        if HAS_SHARED:
-            w_expert = tl.where(expert == E, shared_ptr, w_expert)
-            s_expert = tl.where(expert == E, shared_s_ptr, s_expert)
+        w_expert = _weights_of(expert, E, w_ptr, stride_we, shared_ptr)
+        s_expert = _weights_of(expert, E, s_ptr, stride_se, shared_s_ptr)
         weight = tl.load(row_weight_ptr + u * T_PAD + t)[None, :]
         for k0 in range(0, I, BLOCK_K):
             y_t = fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss,
@@ -732,7 +732,7 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
                              stride_wh, stride_wi, s_ptr, stride_se, stride_sn, stride_sk,
                              used_ptr, row_weight_ptr, shared_ptr, shared_s_ptr, h0, first,
                              end, H, I, E, T_PAD, BLOCK_H, BLOCK_K, PRECISION, SCALE_N, SCALE_K,
-                             ACT_CHUNK, FP8_BITS, DOT, HAS_SHARED)
+                             ACT_CHUNK, FP8_BITS, DOT)
     y = tl.where(nan_row[:, None], float("nan"), y)
     tile_ok = (t < T)[:, None] & h_ok[None, :]
     out_tile = out_ptr + t.to(tl.int64)[:, None] * stride_ot + offs_h[None, :]
