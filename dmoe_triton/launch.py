@@ -279,9 +279,14 @@ def moe_launch(tokens: int, top_k: int, num_experts: int, dtype: torch.dtype,
                device: torch.device, fp8: bool = False) -> MoeLaunch:
     """moe_forward's launches for T = tokens rows of top_k slots over num_experts experts:
     the decode path for T <= DECODE_MAX_TOKENS, else the grouped one (wider tiles from
-    GROUPED_WIDE_FROM tokens); fp8: the experts' weights
-    are FP8 (their own default shapes; an override applies to both kinds)."""
-    path = _current("moe_path") or ("decode" if tokens <= DECODE_MAX_TOKENS else "grouped")
+    GROUPED_WIDE_FROM tokens); with no routed slot (top_k 0: a shared expert alone) always the
+    grouped one, whose slot lists the shared expert joins (the decode kernels need a routed
+    slot). fp8: the experts' weights are FP8 (their own default shapes; an override applies to
+    both kinds)."""
+    if top_k == 0:
+        path = "grouped"
+    else:
+        path = _current("moe_path") or ("decode" if tokens <= DECODE_MAX_TOKENS else "grouped")
     if fp8:
         decode, grouped = DEFAULT_DECODE_FP8, DEFAULT_GROUPED_FP8
     else:

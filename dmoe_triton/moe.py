@@ -242,12 +242,10 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
 
 def _launch_config(hidden, topk_ids, w_gate_up):
     """The config (DecodeConfig or GroupedConfig) of the path the Triton backend would take for
-    FP8 experts (launch.moe_launch; with no routed slot, top_k 0, the grouped path whatever T:
-    moe_forward_triton)."""
+    FP8 experts (launch.moe_launch)."""
     plan = moe_launch(topk_ids.shape[0], topk_ids.shape[1], w_gate_up.shape[0], hidden.dtype,
                       hidden.device, fp8=True)
-    decode = plan.path == "decode" and topk_ids.shape[1] > 0
-    return plan.decode if decode else plan.grouped
+    return plan.decode if plan.path == "decode" else plan.grouped
 
 
 class SlotLists(NamedTuple):
@@ -643,7 +641,8 @@ def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=No
 
     path "auto", decode and grouped None: launch.moe_launch's choice (the decode path for
     T <= DECODE_MAX_TOKENS, else the grouped one, with FP8 weights' own tile shapes; a
-    `launch.override` replaces it); given values win over both. FP8 weights (scales given):
+    `launch.override` replaces it); given values win over both, except that with no routed
+    slot (top_k 0) the path is always the grouped one. FP8 weights (scales given):
     k steps fitted to the scale blocks and the act chunks (launch.fit_scale_blocks), weights
     read as launch.fp8_bits says. A shared expert is one more expert of either path's launches.
     """
@@ -656,7 +655,8 @@ def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=No
     ids, weights = topk_ids.contiguous(), topk_weights.contiguous()
     plan = moe_launch(T, top_k, w_gate_up.shape[0], hidden.dtype, hidden.device,
                       fp8=scales is not None)
-    path = plan.path if path == "auto" else path
+    # With no routed slot the plan's path (grouped) wins over a given one too.
+    path = plan.path if path == "auto" or top_k == 0 else path
     decode, grouped, fp8 = decode or plan.decode, grouped or plan.grouped, None
     if scales is not None:
         bits = fp8_bits(hidden.device)
@@ -664,7 +664,7 @@ def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=No
         decode, grouped = (fit_scale_blocks(c, scales.block[1]) for c in (decode, grouped))
     if top_k == 0 and shared is None:
         return out.zero_()
-    if top_k == 0 or path != "decode":  # the shared expert alone takes the grouped path too
+    if path != "decode":
         return grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, grouped,
                                plan.combine, fp8, shared,
                                None if scales is None else scales.shared)

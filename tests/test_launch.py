@@ -49,6 +49,15 @@ def test_grouped_tiles_widen_from_grouped_wide_from_tokens():
         assert plan(4096).block_m == 16
 
 
+def test_no_routed_slot_takes_the_grouped_path_even_when_forced():
+    """top_k 0 (a shared expert alone): only the grouped launches list it, whatever T or an
+    override says."""
+    assert launch.moe_launch(8, 0, 256, torch.bfloat16, CPU).path == "grouped"
+    with launch.override(moe_path="decode"):
+        assert launch.moe_launch(8, 0, 256, torch.bfloat16, CPU).path == "grouped"
+        assert launch.moe_launch(8, 1, 256, torch.bfloat16, CPU).path == "decode"
+
+
 def test_moe_path_switches_after_decode_max_tokens():
     assert moe_path(1) == moe_path(DECODE_MAX_TOKENS) == "decode"
     assert moe_path(DECODE_MAX_TOKENS + 1) == moe_path(4096) == "grouped"
