@@ -446,28 +446,33 @@ def _weight_args(w, names, fp8) -> dict:
                 SCALE_K=block[1], FP8_BITS=bits)
 
 
-def expert_down(acts: ActRows, w_down, lists, config: GroupedConfig, fp8=None,
-                shared_down=None, shared_scale=None):
-    """partial [T*top_k, H] fp32: act W_down^T for every filled slot (other rows unwritten).
+def expert_down(acts: ActRows, w_down, lists, weights, dtype: torch.dtype,
+                config: GroupedConfig, fp8=None, shared_down=None, shared_scale=None):
+    """partial [T*top_k, H] in `dtype` (the layer output's): weights[slot] * act W_down^T for
+    every filled slot, computed in fp32 and rounded once (other rows unwritten).
 
     acts: expert_gate_up's; w_down [E, H, I] in the act rows' model dtype (or FP8 with fp8, as
-    in expert_gate_up); lists: align_slots' outputs; shared_down [H, I] (shared_scale) as in
-    expert_gate_up.
+    in expert_gate_up); lists: align_slots' outputs; weights fp32 [T, top_k] contiguous, the
+    slots' routing weights; shared_down [H, I] (shared_scale) as in expert_gate_up.
+
+    The weight is applied here, not in the combine, so that a partial in the output's dtype
+    loses no more than one rounding of its own term (fp32 partials were 2x the bytes: at 64 x
+    32 tokens, 134 MB written and read again).
     """
     from .kernels.moe_matmul import moe_down_kernel
 
     act = acts.act
     slots, inter = act.shape
     E, H = lists.used_expert.numel(), w_down.shape[1]
-    partial = torch.empty(slots, H, dtype=torch.float32, device=act.device)
+    partial = torch.empty(slots, H, dtype=dtype, device=act.device)
     cfg = config
     grid = persistent_grid(act.device, cfg.programs_per_sm,
                            max_tiles(slots, E, cfg.block_m) * triton.cdiv(H, cfg.block_h))
     moe_down_kernel[grid](
         **_act_args(acts, cfg, down=True),
         **_weight_args(w_down, ("stride_we", "stride_wh", "stride_wi"), fp8),
-        partial_ptr=partial, stride_ps=partial.stride(0), **lists.kernel_args(),
-        **_shared_args(shared_down, shared_scale, fp8), H=H, I=inter,
+        partial_ptr=partial, stride_ps=partial.stride(0), weights_ptr=weights,
+        **lists.kernel_args(), **_shared_args(shared_down, shared_scale, fp8), H=H, I=inter,
         BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down,
         PRECISION=dot_precision(act.dtype), num_warps=cfg.warps_down,
         num_stages=pipeline_stages(cfg.stages_down, act.dtype), **pdl(act.device))
@@ -476,9 +481,10 @@ def expert_down(acts: ActRows, w_down, lists, config: GroupedConfig, fp8=None,
 
 def combine_slots(partial, ids, weights, out, num_experts: int,
                   launch: CombineLaunch = DEFAULT_COMBINE, shared: bool = False):
-    """out[t] = sum_j w[t, j] * partial[t*k + j] over filled slots, in slot order.
+    """out[t] = sum_j partial[t*k + j] over filled slots, in slot order, in fp32.
 
-    partial fp32 [T*top_k, H]; ids int [T, top_k]; weights fp32 [T, top_k]; out [T, H].
+    partial [T*top_k, H] (expert_down's weighted terms); ids int [T, top_k]; weights fp32
+    [T, top_k] (read for the NaN rule: docs/routing.md); out [T, H].
     shared: each token's last slot is the shared expert's (moe_combine_kernel's SHARED).
     """
     from .kernels.moe_matmul import moe_combine_kernel
@@ -629,7 +635,8 @@ def grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, config: Groupe
     lists = align_slots(ids.view(-1), experts, config.block_m)
     acts = expert_gate_up(hidden, w_gate_up, lists, ids.shape[1], config, fp8_gate_up,
                           shared_gate_up, scale_gate_up)
-    partial = expert_down(acts, w_down, lists, config, fp8_down, shared_down, scale_down)
+    partial = expert_down(acts, w_down, lists, weights, out.dtype, config, fp8_down,
+                          shared_down, scale_down)
     return combine_slots(partial, ids, weights, out, experts, combine, shared is not None)
 
 

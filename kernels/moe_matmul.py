@@ -11,8 +11,9 @@ with grid sizes fixed by shapes (CUDA-graph capturable, no host sync):
 2. `moe_gate_up_kernel`: work item = (used expert, slice of BLOCK_I intermediate columns, tile
    of its slots); act[slot] = silu(x W_gate^T) * (x W_up^T) for the tile's slots.
 3. `moe_down_kernel`: work item = (used expert, slice of BLOCK_H hidden columns, tile of its
-   slots); partial[slot] = act[slot] W_down^T in fp32.
-4. `moe_combine_kernel`: y[t] = sum_j w[t, j] * partial[t*k + j] over the filled slots, in a fixed
+   slots); partial[slot] = w[slot] * act[slot] W_down^T, in fp32 and rounded once to the
+   output dtype.
+4. `moe_combine_kernel`: y[t] = sum_j partial[t*k + j] over the filled slots in fp32, in a fixed
    order (deterministic), cast to the output dtype; NaN weights follow docs/routing.md's rule.
 
 Kernels 2 and 3 are persistent: a fixed number of programs loops over the work items of the used
@@ -287,7 +288,7 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
 @triton.jit
 def moe_down_kernel(act_ptr, stride_as,
                     w_ptr, stride_we, stride_wh, stride_wi,
-                    partial_ptr, stride_ps,
+                    partial_ptr, stride_ps, weights_ptr,
                     sorted_slots_ptr, used_expert_ptr, used_start_ptr, used_count_ptr,
                     used_tile_ptr, n_tiles_ptr, H, I, E,
                     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -297,10 +298,12 @@ def moe_down_kernel(act_ptr, stride_as,
                     FP8_BITS: tl.constexpr = False, act_scale_ptr=None, stride_ss=0,
                     ACT_CHUNK: tl.constexpr = 128, DOT: tl.constexpr = "model",
                     shared_ptr=None, shared_s_ptr=None, PDL: tl.constexpr = False):
-    """partial[slot] = act[slot] W_down^T in fp32 for the used experts' slots (persistent).
+    """partial[slot] = weights[slot] * act[slot] W_down^T for the used experts' slots
+    (persistent): the product in fp32, rounded once to partial's dtype.
 
-    act_ptr [T*TOP_K, I]; w_ptr [E, H, I] (strides in elements); partial_ptr fp32 [T*TOP_K, H]
-    out; the align's lists (E, USED_PAD as in moe_gate_up_kernel). BLOCK_M: slots per
+    act_ptr [T*TOP_K, I]; w_ptr [E, H, I] (strides in elements); partial_ptr [T*TOP_K, H] out
+    (the layer output's dtype); weights_ptr fp32 [T*TOP_K] the slots' routing weights; the
+    align's lists (E, USED_PAD as in moe_gate_up_kernel). BLOCK_M: slots per
     tile; BLOCK_H: hidden columns per work item; BLOCK_K: reduction step along I; PRECISION:
     tl.dot input_precision. s_ptr: fp32 [E, cdiv(H, SCALE_N), cdiv(I, SCALE_K)] block scales
     of FP8 weights, or None; FP8_BITS, DOT as in moe_gate_up_kernel; act_scale_ptr [T*TOP_K,
@@ -337,7 +340,11 @@ def moe_down_kernel(act_ptr, stride_as,
                                       split * BLOCK_H, offs_h, s_rows, stride_sn, stride_sk, H,
                                       BLOCK_K, PRECISION, SCALE_N, SCALE_K, BLOCK_H, ACT_CHUNK,
                                       FP8_BITS, DOT)
-        tl.store(partial_ptr + slot[None, :] * stride_ps + offs_h[:, None], acc_t,
+        # The routing weight here, before the rounding to partial's dtype: the rounded
+        # term is the one the combine adds (a NaN weight makes the slot's partial NaN).
+        weight = tl.load(weights_ptr + slot, mask=m_ok, other=0.0)
+        tl.store(partial_ptr + slot[None, :] * stride_ps + offs_h[:, None],
+                 (acc_t * weight[None, :]).to(partial_ptr.dtype.element_ty),
                  mask=m_ok[None, :] & h_ok[:, None])
 
 
@@ -356,8 +363,8 @@ def _combine_slot(acc, any_filled, all_nan, partial_ptr, stride_ps, ids_ptr, wei
     all_nan = all_nan & ((weight != weight) | ~slot_ok | ~routed)
     part = tl.load(partial_ptr + slot[:, None] * stride_ps + offs_h[None, :],
                    mask=filled[:, None] & h_ok[None, :], other=0.0)
-    # `where`, not a product with a mask: an empty slot's weight must not leak a NaN.
-    acc += tl.where(filled[:, None], part * weight[:, None], 0.0)
+    # Only filled slots' partials were written (weighted there); an empty slot adds nothing.
+    acc += tl.where(filled[:, None], part.to(tl.float32), 0.0)
     return acc, any_filled, all_nan
 
 
@@ -366,10 +373,11 @@ def moe_combine_kernel(partial_ptr, stride_ps, ids_ptr, weights_ptr, out_ptr, st
                        T, H, E, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                        UNROLL: tl.constexpr, SHARED: tl.constexpr = False,
                        PDL: tl.constexpr = False):
-    """out[t] = sum_j weights[t, j] * partial[t*TOP_K + j] over filled slots, j in order.
+    """out[t] = sum_j partial[t*TOP_K + j] over filled slots, j in order, in fp32.
 
-    partial_ptr fp32 [T*TOP_K, H]; ids_ptr int [T, TOP_K] (outside [0, E) = empty);
-    weights_ptr fp32 [T, TOP_K]; out_ptr [T, H] (row stride stride_ot). Grid (cdiv(T,
+    partial_ptr [T*TOP_K, H]: the down's weighted terms; ids_ptr int [T, TOP_K] (outside
+    [0, E) = empty); weights_ptr fp32 [T, TOP_K], read for the NaN rule alone; out_ptr [T, H]
+    (row stride stride_ot). Grid (cdiv(T,
     BLOCK_T), cdiv(H, BLOCK_H)). UNROLL: slots unrolled per loop step (CombineLaunch.unroll;
     the sum's order, slot order, does not depend on it). SHARED: each token's last slot is the
     shared expert's (weight 1), which the NaN rule below does not read.

@@ -11,9 +11,10 @@ from dmoe_triton import DMoEBlock, RouterConfig, RoutingPolicy, moe_forward, rou
 from dmoe_triton import launch
 from dmoe_triton.launch import (DECODE_MAX_TOKENS, AlignLaunch, CombineLaunch, DecodeConfig,
                                 GroupedConfig)
-from dmoe_triton.moe import (align_slots, decode_down_combine, decode_gate_up, max_tiles,
-                             moe_forward_triton)
-from dmoe_triton.reference import align_slots_reference, moe_forward_reference
+from dmoe_triton.moe import (align_slots, decode_down_combine, decode_gate_up, expert_down,
+                             expert_gate_up, max_tiles, moe_forward_triton)
+from dmoe_triton.reference import (align_slots_reference, expert_mlp_reference,
+                                   moe_forward_reference)
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -286,6 +287,35 @@ def test_nan_weight_in_empty_slot_does_not_leak(path):
     y = moe_forward_triton(hidden, ids, weights, w_gate_up, w_down, path=path)
     assert torch.isfinite(y).all()
     assert rel_err(y, oracle(hidden, ids, weights, w_gate_up, w_down)) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_grouped_partials_are_weighted_terms_in_the_output_dtype(dtype):
+    """The grouped down writes w[t, j] * expert(x[t]) per filled slot, in the output's dtype
+    (the weight applied before the one rounding; the combine only adds): docs/moe.md."""
+    g = torch.Generator().manual_seed(5)
+    E, H, I, T, k = 5, 32, 16, 70, 3
+    hidden = torch.randn(T, H, generator=g).to(dtype).to(DEV)
+    ids = torch.randint(-1, E, (T, k), generator=g, dtype=torch.int32).to(DEV)
+    weights = (0.1 + torch.rand(T, k, generator=g)).to(DEV)
+    ids[7, 1], weights[7, 1] = 2, float("nan")  # a filled slot's NaN weight: its partial NaN
+    w_gate_up, w_down = make_layer(E, H, I, dtype, "cpu", g)
+    w_gate_up, w_down = w_gate_up.to(DEV), w_down.to(DEV)
+    config = GroupedConfig(block_m=16, block_i=16, block_h=16)
+    lists = align_slots(ids.view(-1), E, config.block_m)
+    acts = expert_gate_up(hidden, w_gate_up, lists, k, config)
+    partial = expert_down(acts, w_down, lists, weights, dtype, config)
+    assert partial.dtype == dtype and partial.shape == (T * k, H)
+    for slot in torch.nonzero(ids.view(-1) >= 0).view(-1).tolist():
+        t, j = divmod(slot, k)
+        e = int(ids[t, j])
+        want = weights[t, j].double() * expert_mlp_reference(
+            hidden[t:t + 1].double(), w_gate_up[e].double(), w_down[e].double())[0]
+        got = partial[slot].double()
+        if (t, j) == (7, 1):
+            assert torch.isnan(got).all()
+        else:
+            assert rel_err(got, want) <= TOL[dtype] / 2, (slot, rel_err(got, want))
 
 
 def test_int64_ids_and_strided_hidden():
