@@ -48,9 +48,11 @@ def _check_shape(launch, powers_of_two=(), at_least=None) -> None:
             if value not in FP8_DOTS:
                 raise ValueError(f"{name}.dot must be one of {FP8_DOTS}, got {value!r}")
             continue
+        if f.type in (bool, "bool"):  # a truthy 0 / "no" would pick a kernel variant silently
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}.{f.name} must be a bool, got {value!r}")
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            if f.type in (bool, "bool"):
-                continue
             raise ValueError(f"{name}.{f.name} must be an int >= 1, got {value!r}")
         if f.name in powers_of_two and value & (value - 1):
             raise ValueError(f"{name}.{f.name} must be a power of two, got {value}")

@@ -189,6 +189,9 @@ def test_policy_table_is_the_one_source_of_codes_and_names():
     (lambda: launch.GroupedConfig(block_m=8), "block_m"),
     (lambda: launch.AttentionLaunch(block_m=3), "block_m"),
     (lambda: launch.CombineLaunch(block_h=100), "block_h"),
+    (lambda: launch.DecodeConfig(x_prepass="no"), "x_prepass must be a bool"),
+    (lambda: launch.GroupedConfig(x_prepass=0), "x_prepass must be a bool"),
+    (lambda: launch.GroupedConfig(block_i=True), "block_i must be an int"),
 ])
 def test_a_launch_shape_the_kernels_cannot_take_is_named_when_built(build, field):
     with pytest.raises(ValueError, match=field):
