@@ -42,13 +42,19 @@ from .pdl import wait_previous_kernel
 
 
 @triton.jit
+def _bucket(ids, E):
+    """A slot's bucket: its expert, or E for an empty slot (-1) or an out-of-range id. The range
+    test runs in the ids' own dtype: an int64 id such as 2**32 + 1 is out of range, not expert
+    1."""
+    return tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)
+
+
+@triton.jit
 def _chunk_buckets(ids_ptr, S, E, chunk, CHUNK: tl.constexpr):
-    """The chunk's slot numbers and their buckets (expert; E for empty slots, out-of-range ids
-    and the padding past S, which the scatter never stores). The range test runs in the ids'
-    own dtype: an int64 id such as 2**32 + 1 is out of range, not expert 1."""
+    """The chunk's slot numbers and their buckets (_bucket; the padding past S, which the
+    scatter never stores, is empty)."""
     slots = chunk * CHUNK + tl.arange(0, CHUNK)
-    ids = tl.load(ids_ptr + slots, mask=slots < S, other=-1)
-    return slots, tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)
+    return slots, _bucket(tl.load(ids_ptr + slots, mask=slots < S, other=-1), E)
 
 
 @triton.jit
@@ -421,8 +427,7 @@ def _expert_buckets(ids_ptr, S, E, S_PAD: tl.constexpr, NUM_BINS: tl.constexpr):
     """Each slot's bucket (its expert; E for empty slots, out-of-range ids and padding) and the
     used experts: counts per bin, `used` mask, and each used expert's rank among them."""
     slots = tl.arange(0, S_PAD)
-    ids = tl.load(ids_ptr + slots, mask=slots < S, other=-1)
-    bucket = tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)  # int64 ids tested whole
+    bucket = _bucket(tl.load(ids_ptr + slots, mask=slots < S, other=-1), E)
     counts = tl.histogram(bucket, NUM_BINS)
     used = (tl.arange(0, NUM_BINS) < E) & (counts > 0)
     rank = tl.cumsum(used.to(tl.int32), 0) - 1
@@ -551,31 +556,26 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
         u = item // n_splits
         expert = _nth_used_expert(used, rank, u, NUM_BINS)
         hit, uses, slot = _expert_rows(token_ids, expert, TOP_K, T_PAD, TOP_K_PAD)
+        if HAS_SHARED:  # item u == n_used: the shared expert, listed as expert E
+            shared = u == n_used
+            uses, slot = _shared_rows(shared, uses, slot, T, TOP_K, T_PAD)
+            expert = tl.where(shared, E, expert)
         i0 = (item % n_splits) * BLOCK_I
         offs_i = i0 + tl.arange(0, BLOCK_I)
-        w_rows = w_ptr + expert.to(tl.int64) * stride_we
+        w_rows = _weights_of(expert.to(tl.int64), E, w_ptr, stride_we, shared_ptr)
         # Every token row is in the tile; those that do not use the expert are masked.
         if s_ptr is None:
             w_gate = w_rows + offs_i[None, :] * stride_wn
-            if HAS_SHARED:
-                shared = u == n_used
-                uses, slot = _shared_rows(shared, uses, slot, T, TOP_K, T_PAD)
-                w_gate = tl.where(shared, shared_ptr + offs_i[None, :] * stride_wn, w_gate)
             act = _silu_gate_up(x_ptr + t.to(tl.int64)[:, None] * stride_xt, uses, stride_xh,
                                 w_gate, w_gate + I * stride_wn, stride_wk, offs_i < I, H, T_PAD,
                                 BLOCK_I, BLOCK_K, PRECISION)
             tl.store(act_ptr + slot[:, None] * stride_as + offs_i[None, :],
                      act.to(act_ptr.dtype.element_ty), mask=uses[:, None] & (offs_i < I)[None, :])
         else:
-            s_expert = s_ptr + expert.to(tl.int64) * stride_se
+            s_expert = _weights_of(expert.to(tl.int64), E, s_ptr, stride_se, shared_s_ptr)
             row_weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)
-            if HAS_SHARED:
-                shared = u == n_used
-                uses = _shared_rows(shared, uses, slot, T, TOP_K, T_PAD)[0]
+            if HAS_SHARED:  # weight 1 for every real token
                 row_weight = tl.where(shared, uses.to(tl.float32), row_weight)
-                w_rows = tl.where(shared, shared_ptr, w_rows)
-                s_expert = tl.where(shared, shared_s_ptr, s_expert)
-                expert = tl.where(shared, E, expert)
             _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_rows,
                              stride_wn, stride_wk, act_ptr, stride_as, act_scale_ptr, stride_ss,
                              used_ptr, row_weight_ptr, s_expert, stride_sn, stride_sk, expert,
