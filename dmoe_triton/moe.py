@@ -275,32 +275,38 @@ def max_tiles(slots: int, num_experts: int, block_m: int) -> int:
     return min(num_experts, slots) + slots // block_m
 
 
-def align_slots(flat_ids: torch.Tensor, num_experts: int, block_m: int) -> SlotLists:
+def align_slots(ids: torch.Tensor, num_experts: int, block_m: int,
+                shared: bool = False) -> SlotLists:
     """Slots sorted by expert, the list of used experts and their tiles of block_m slots, on
     the device, no sync: a counting sort in three launches (kernels/moe_matmul.py), shaped by
     launch.align_launch. reference.align_slots_reference gives the same lists in torch ops.
 
-    flat_ids: int32/int64 [S] (S = T * top_k slots, -1 or out of range = empty). Returns
-    SlotLists.
+    ids: int32/int64 [T, top_k] contiguous (-1 or out of range = empty). The slots are T *
+    (top_k + shared): with shared, each token's last slot is a shared expert's, expert
+    num_experts - 1, which `ids` does not hold (the routed ids lie in [0, num_experts - 1)).
+    Returns SlotLists.
     """
     from .kernels.moe_matmul import align_count_kernel, align_lists_kernel, align_scatter_kernel
 
-    S, E = flat_ids.numel(), num_experts
+    T, top_k = ids.shape
+    slots_per_token = top_k + shared
+    S, E = T * slots_per_token, num_experts
     plan = align_launch(S, E)
-    dev = flat_ids.device
+    dev = ids.device
     bins = triton.next_power_of_2(E + 1)
     chunks = triton.cdiv(S, plan.chunk)
     lists = SlotLists(*[torch.empty(n, dtype=torch.int32, device=dev)
                         for n in (S, E, E, E, 1, E, 1)])
     chunk_counts = torch.empty(chunks, bins, dtype=torch.int32, device=dev)
     common = dict(NUM_BINS=bins, num_warps=plan.warps, **pdl(dev))
-    align_count_kernel[(chunks,)](flat_ids, chunk_counts, S, E, CHUNK=plan.chunk, **common)
+    slot_args = dict(TOP_K=slots_per_token, CHUNK=plan.chunk, SHARED=shared)
+    align_count_kernel[(chunks,)](ids, chunk_counts, S, E, **slot_args, **common)
     align_lists_kernel[(1,)](
         chunk_counts, chunks, lists.used_expert, lists.used_start, lists.used_count,
         lists.n_used, lists.used_tile, lists.n_tiles, E, BLOCK_M=block_m, ROWS=plan.rows,
         **common)
-    align_scatter_kernel[(chunks,)](flat_ids, chunk_counts, lists.sorted_slots, S, E,
-                                    CHUNK=plan.chunk, **common)
+    align_scatter_kernel[(chunks,)](ids, chunk_counts, lists.sorted_slots, S, E, **slot_args,
+                                    **common)
     return lists
 
 
@@ -453,7 +459,8 @@ def expert_down(acts: ActRows, w_down, lists, weights, dtype: torch.dtype,
 
     acts: expert_gate_up's; w_down [E, H, I] in the act rows' model dtype (or FP8 with fp8, as
     in expert_gate_up); lists: align_slots' outputs; weights fp32 [T, top_k] contiguous, the
-    slots' routing weights; shared_down [H, I] (shared_scale) as in expert_gate_up.
+    routed slots' routing weights; shared_down [H, I] (shared_scale) as in expert_gate_up: each
+    token's last slot (one past top_k), of weight 1.
 
     The weight is applied here, not in the combine, so that a partial in the output's dtype
     loses no more than one rounding of its own term (fp32 partials were 2x the bytes: at 64 x
@@ -464,6 +471,7 @@ def expert_down(acts: ActRows, w_down, lists, weights, dtype: torch.dtype,
     act = acts.act
     slots, inter = act.shape
     E, H = lists.used_expert.numel(), w_down.shape[1]
+    shared = shared_down is not None
     partial = torch.empty(slots, H, dtype=dtype, device=act.device)
     cfg = config
     grid = persistent_grid(act.device, cfg.programs_per_sm,
@@ -473,7 +481,8 @@ def expert_down(acts: ActRows, w_down, lists, weights, dtype: torch.dtype,
         **_weight_args(w_down, ("stride_we", "stride_wh", "stride_wi"), fp8),
         partial_ptr=partial, stride_ps=partial.stride(0), weights_ptr=weights,
         **lists.kernel_args(), **_shared_args(shared_down, shared_scale, fp8), H=H, I=inter,
-        BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down,
+        TOP_K=weights.shape[1] + shared, SHARED=shared, BLOCK_M=cfg.block_m,
+        BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down,
         PRECISION=dot_precision(act.dtype), num_warps=cfg.warps_down,
         num_stages=pipeline_stages(cfg.stages_down, act.dtype), **pdl(act.device))
     return partial
@@ -483,16 +492,18 @@ def combine_slots(partial, ids, weights, out, num_experts: int,
                   launch: CombineLaunch = DEFAULT_COMBINE, shared: bool = False):
     """out[t] = sum_j partial[t*k + j] over filled slots, in slot order, in fp32.
 
-    partial [T*top_k, H] (expert_down's weighted terms); ids int [T, top_k]; weights fp32
-    [T, top_k] (read for the NaN rule: docs/routing.md); out [T, H].
-    shared: each token's last slot is the shared expert's (moe_combine_kernel's SHARED).
+    partial [T*(top_k + shared), H] (expert_down's weighted terms); ids int [T, top_k];
+    weights fp32 [T, top_k] (read for the NaN rule: docs/routing.md); out [T, H].
+    shared: each token has one more slot, its last, the shared expert's (expert num_experts -
+    1, weight 1: moe_combine_kernel's SHARED).
     """
     from .kernels.moe_matmul import moe_combine_kernel
 
     T, H = out.shape
     moe_combine_kernel[(triton.cdiv(T, launch.block_t), triton.cdiv(H, launch.block_h))](
         partial_ptr=partial, stride_ps=partial.stride(0), ids_ptr=ids, weights_ptr=weights,
-        out_ptr=out, stride_ot=out.stride(0), T=T, H=H, E=num_experts, TOP_K=ids.shape[1],
+        out_ptr=out, stride_ot=out.stride(0), T=T, H=H, E=num_experts,
+        TOP_K=ids.shape[1] + shared,
         BLOCK_T=launch.block_t, BLOCK_H=launch.block_h, UNROLL=launch.unroll, SHARED=shared,
         num_warps=launch.warps, **pdl(out.device))
     return out
@@ -620,24 +631,19 @@ def grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, config: Groupe
     """Align (three short launches), gate/up, down into per-slot partials, combine. fp8 as in
     decode_forward; shared (gate_up [2I, H], down [H, I]) and with FP8 its scales
     (shared_scales, Fp8Scales.shared): one more expert E, of weight 1 in one more slot of every
-    token (the sum's last term), in the same launches."""
-    E = w_gate_up.shape[0]
+    token (the sum's last term), in the same launches; the kernels derive that slot
+    (align_slots), so ids and weights stay [T, top_k]."""
+    with_shared = shared is not None
     fp8_gate_up, fp8_down = fp8 if fp8 is not None else (None, None)
-    shared_gate_up, shared_down = shared if shared is not None else (None, None)
+    shared_gate_up, shared_down = shared if with_shared else (None, None)
     scale_gate_up, scale_down = shared_scales if shared_scales is not None else (None, None)
-    if shared is not None:
-        T = ids.shape[0]
-        # An out-of-range routed id stays an empty slot (-1), not the shared expert's id E.
-        routed = torch.where((ids >= 0) & (ids < E), ids, -1)
-        ids = torch.cat([routed, routed.new_full((T, 1), E)], dim=1)
-        weights = torch.cat([weights, weights.new_ones(T, 1)], dim=1)
-    experts = E + (shared is not None)
-    lists = align_slots(ids.view(-1), experts, config.block_m)
-    acts = expert_gate_up(hidden, w_gate_up, lists, ids.shape[1], config, fp8_gate_up,
-                          shared_gate_up, scale_gate_up)
+    experts = w_gate_up.shape[0] + with_shared
+    lists = align_slots(ids, experts, config.block_m, with_shared)
+    acts = expert_gate_up(hidden, w_gate_up, lists, ids.shape[1] + with_shared, config,
+                          fp8_gate_up, shared_gate_up, scale_gate_up)
     partial = expert_down(acts, w_down, lists, weights, out.dtype, config, fp8_down,
                           shared_down, scale_down)
-    return combine_slots(partial, ids, weights, out, experts, combine, shared is not None)
+    return combine_slots(partial, ids, weights, out, experts, combine, with_shared)
 
 
 def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=None,

@@ -313,16 +313,21 @@ def block_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch
     return out.reshape(B, nh, l, hd).transpose(1, 2).reshape(B, l, nh * hd).to(q.dtype)
 
 
-def align_slots_reference(flat_ids: torch.Tensor, num_experts: int, block_m: int):
+def align_slots_reference(ids: torch.Tensor, num_experts: int, block_m: int,
+                          shared: bool = False):
     """moe.align_slots in torch ops (the reference of its counting sort): the same SlotLists.
-    flat_ids: int32/int64 [S] (-1 or out of range = empty)."""
+    ids: int32/int64 [T, top_k] (-1 or out of range = empty); shared: each token has one more
+    slot, its last, for expert num_experts - 1 (the routed ids' range ends below it)."""
     from .moe import SlotLists
 
     E = num_experts
-    ids = flat_ids.long()
-    bucket = torch.where((ids >= 0) & (ids < E), ids, E)
+    routed = ids.long()
+    bucket = torch.where((routed >= 0) & (routed < E - shared), routed, E)
+    if shared:
+        bucket = torch.cat([bucket, bucket.new_full((ids.shape[0], 1), E - 1)], dim=1)
+    bucket = bucket.reshape(-1)
     sorted_slots = torch.sort(bucket, stable=True).indices.to(torch.int32)
-    counts = torch.zeros(E + 1, dtype=torch.int64, device=ids.device)
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=bucket.device)
     counts.scatter_add_(0, bucket, torch.ones_like(bucket))
     counts = counts[:E]
     starts = torch.cumsum(counts, 0) - counts

@@ -7,7 +7,8 @@ with grid sizes fixed by shapes (CUDA-graph capturable, no host sync):
    in three short launches): sorts the T*k slots by expert and lists the used experts
    (`used_expert`, `used_start`, `used_count`, `n_used`) and their BLOCK_M-slot tiles
    (`used_tile`, `n_tiles`). Ids outside [0, E) go to a sentinel bucket past the last expert
-   and are never read as an expert.
+   and are never read as an expert. A shared expert is one more expert with one more slot per
+   token that no tensor holds (`_routed_slot`), so it costs no torch op on the hot path.
 2. `moe_gate_up_kernel`: work item = (used expert, slice of BLOCK_I intermediate columns, tile
    of its slots); act[slot] = silu(x W_gate^T) * (x W_up^T) for the tile's slots.
 3. `moe_down_kernel`: work item = (used expert, slice of BLOCK_H hidden columns, tile of its
@@ -42,30 +43,50 @@ from .pdl import wait_previous_kernel
 
 
 @triton.jit
-def _bucket(ids, E):
-    """A slot's bucket: its expert, or E for an empty slot (-1) or an out-of-range id. The range
-    test runs in the ids' own dtype: an int64 id such as 2**32 + 1 is out of range, not expert
-    1."""
-    return tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)
+def _bucket(ids, n_routed, E):
+    """A routed slot's bucket: its expert, or E (the empty bucket) for an empty slot (-1) or an
+    id outside [0, n_routed). The range test runs in the ids' own dtype: an int64 id such as
+    2**32 + 1 is out of range, not expert 1."""
+    return tl.where((ids >= 0) & (ids < n_routed), ids, E).to(tl.int32)
 
 
 @triton.jit
-def _chunk_buckets(ids_ptr, S, E, chunk, CHUNK: tl.constexpr):
-    """The chunk's slot numbers and their buckets (_bucket; the padding past S, which the
-    scatter never stores, is empty)."""
+def _routed_slot(slots, TOP_K, SHARED: tl.constexpr):
+    """Slot s of the lists' layout [T, TOP_K]: whether it is a routed slot, and where its id and
+    weight lie in the routing's ids and weights [T, TOP_K - SHARED]. With SHARED each token's
+    last slot is the shared expert's (expert E - 1 of the lists, weight 1), which no tensor
+    holds: a virtual slot, so the shared expert costs no torch op on the hot path; routed slot
+    s lies at s - s // TOP_K (one virtual slot per earlier token)."""
+    if SHARED:
+        token = slots // TOP_K
+        return slots - token * TOP_K < TOP_K - 1, slots - token
+    return slots >= 0, slots
+
+
+@triton.jit
+def _chunk_buckets(ids_ptr, S, E, TOP_K, chunk, CHUNK: tl.constexpr, SHARED: tl.constexpr):
+    """The chunk's slot numbers and their buckets: a routed slot's _bucket (among the E - SHARED
+    routed experts), a shared slot's E - 1 (_routed_slot); the padding past S, which the
+    scatter never stores, is empty."""
     slots = chunk * CHUNK + tl.arange(0, CHUNK)
-    return slots, _bucket(tl.load(ids_ptr + slots, mask=slots < S, other=-1), E)
+    in_range = slots < S
+    routed, at = _routed_slot(slots, TOP_K, SHARED)
+    ids = tl.load(ids_ptr + at, mask=in_range & routed, other=-1)
+    return slots, tl.where(in_range & ~routed, E - 1, _bucket(ids, E - SHARED, E))
 
 
 @triton.jit
-def align_count_kernel(ids_ptr, chunk_counts_ptr, S, E, CHUNK: tl.constexpr,
-                       NUM_BINS: tl.constexpr, PDL: tl.constexpr = False):
+def align_count_kernel(ids_ptr, chunk_counts_ptr, S, E, TOP_K, CHUNK: tl.constexpr,
+                       NUM_BINS: tl.constexpr, SHARED: tl.constexpr = False,
+                       PDL: tl.constexpr = False):
     """Align, step 1 of 3 (a counting sort of the slots by expert): chunk_counts_ptr int32
-    [cdiv(S, CHUNK), NUM_BINS] row c = the histogram of chunk c's buckets. ids_ptr int32/int64
-    [S] (-1 or out of range = empty); NUM_BINS = next_power_of_2(E + 1). Grid (chunks,)."""
+    [cdiv(S, CHUNK), NUM_BINS] row c = the histogram of chunk c's buckets. The S = T * TOP_K
+    slots: ids_ptr int32/int64 [T, TOP_K - SHARED] (-1 or out of range = empty), and with SHARED
+    each token's last slot the shared expert's, expert E - 1 (_routed_slot); NUM_BINS =
+    next_power_of_2(E + 1). Grid (chunks,)."""
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     chunk = tl.program_id(0)
-    _, bucket = _chunk_buckets(ids_ptr, S, E, chunk, CHUNK)
+    _, bucket = _chunk_buckets(ids_ptr, S, E, TOP_K, chunk, CHUNK, SHARED)
     tl.store(chunk_counts_ptr + chunk * NUM_BINS + tl.arange(0, NUM_BINS),
              tl.histogram(bucket, NUM_BINS))
 
@@ -115,15 +136,17 @@ def align_lists_kernel(chunk_counts_ptr, n_chunks, used_expert_ptr, used_start_p
 
 
 @triton.jit
-def align_scatter_kernel(ids_ptr, chunk_first_ptr, sorted_slots_ptr, S, E,
-                         CHUNK: tl.constexpr, NUM_BINS: tl.constexpr, PDL: tl.constexpr = False):
+def align_scatter_kernel(ids_ptr, chunk_first_ptr, sorted_slots_ptr, S, E, TOP_K,
+                         CHUNK: tl.constexpr, NUM_BINS: tl.constexpr,
+                         SHARED: tl.constexpr = False, PDL: tl.constexpr = False):
     """Align, step 3 of 3: sorted_slots_ptr int32 [S] = the slots by bucket, then by slot
     number (deterministic: no atomics). A slot's place is its chunk's first place for its
     bucket (chunk_first_ptr: align_lists_kernel's rewrite of the counts) plus the slots of its
-    bucket before it in its chunk. Grid (chunks,)."""
+    bucket before it in its chunk. ids_ptr, TOP_K, SHARED as in align_count_kernel. Grid
+    (chunks,)."""
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     chunk = tl.program_id(0)
-    slots, bucket = _chunk_buckets(ids_ptr, S, E, chunk, CHUNK)
+    slots, bucket = _chunk_buckets(ids_ptr, S, E, TOP_K, chunk, CHUNK, SHARED)
     local = tl.arange(0, CHUNK)
     before = (bucket[:, None] == bucket[None, :]) & (local[None, :] < local[:, None])
     place = tl.load(chunk_first_ptr + chunk * NUM_BINS + bucket) + tl.sum(before.to(tl.int32), 1)
@@ -296,9 +319,9 @@ def moe_down_kernel(act_ptr, stride_as,
                     w_ptr, stride_we, stride_wh, stride_wi,
                     partial_ptr, stride_ps, weights_ptr,
                     sorted_slots_ptr, used_expert_ptr, used_start_ptr, used_count_ptr,
-                    used_tile_ptr, n_tiles_ptr, H, I, E,
+                    used_tile_ptr, n_tiles_ptr, H, I, E, TOP_K,
                     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PRECISION: tl.constexpr, USED_PAD: tl.constexpr,
+                    PRECISION: tl.constexpr, USED_PAD: tl.constexpr, SHARED: tl.constexpr = False,
                     s_ptr=None, stride_se=0, stride_sn=0, stride_sk=0,
                     SCALE_N: tl.constexpr = 128, SCALE_K: tl.constexpr = 128,
                     FP8_BITS: tl.constexpr = False, act_scale_ptr=None, stride_ss=0,
@@ -308,8 +331,9 @@ def moe_down_kernel(act_ptr, stride_as,
     (persistent): the product in fp32, rounded once to partial's dtype.
 
     act_ptr [T*TOP_K, I]; w_ptr [E, H, I] (strides in elements); partial_ptr [T*TOP_K, H] out
-    (the layer output's dtype); weights_ptr fp32 [T*TOP_K] the slots' routing weights; the
-    align's lists (E, USED_PAD as in moe_gate_up_kernel). BLOCK_M: slots per
+    (the layer output's dtype); weights_ptr fp32 [T, TOP_K - SHARED] the routed slots' routing
+    weights (SHARED: each token's last slot is the shared expert's, weight 1: _routed_slot);
+    the align's lists (E, USED_PAD as in moe_gate_up_kernel). BLOCK_M: slots per
     tile; BLOCK_H: hidden columns per work item; BLOCK_K: reduction step along I; PRECISION:
     tl.dot input_precision. s_ptr: fp32 [E, cdiv(H, SCALE_N), cdiv(I, SCALE_K)] block scales
     of FP8 weights, or None; FP8_BITS, DOT as in moe_gate_up_kernel; act_scale_ptr [T*TOP_K,
@@ -348,7 +372,8 @@ def moe_down_kernel(act_ptr, stride_as,
                                       FP8_BITS, DOT)
         # The routing weight here, before the rounding to partial's dtype: the rounded
         # term is the one the combine adds (a NaN weight makes the slot's partial NaN).
-        weight = tl.load(weights_ptr + slot, mask=m_ok, other=0.0)
+        routed, at = _routed_slot(slot, TOP_K, SHARED)
+        weight = tl.load(weights_ptr + at, mask=m_ok & routed, other=1.0)  # shared: 1
         tl.store(partial_ptr + slot[None, :] * stride_ps + offs_h[:, None],
                  (acc_t * weight[None, :]).to(partial_ptr.dtype.element_ty),
                  mask=m_ok[None, :] & h_ok[:, None])
@@ -359,12 +384,13 @@ def _combine_slot(acc, any_filled, all_nan, partial_ptr, stride_ps, ids_ptr, wei
                   offs_t, offs_h, t_ok, h_ok, j, E, TOP_K: tl.constexpr, SHARED: tl.constexpr):
     """Slot j of every token of the tile added to acc (see moe_combine_kernel)."""
     slot_ok = t_ok & (j < TOP_K)
+    routed = j < TOP_K - SHARED  # else the shared expert's virtual slot (_routed_slot)
     slot = offs_t.to(tl.int64) * TOP_K + j
-    expert = tl.load(ids_ptr + slot, mask=slot_ok, other=-1)
-    weight = tl.load(weights_ptr + slot, mask=slot_ok, other=0.0)
-    filled = slot_ok & (expert >= 0) & (expert < E)
-    routed = j < TOP_K - SHARED  # the NaN rule reads the routed slots only
-    any_filled = any_filled | (filled & routed)
+    at = offs_t.to(tl.int64) * (TOP_K - SHARED) + j  # where a routed slot's id and weight lie
+    expert = tl.load(ids_ptr + at, mask=slot_ok & routed, other=-1)
+    weight = tl.load(weights_ptr + at, mask=slot_ok & routed, other=0.0)
+    filled = slot_ok & (((expert >= 0) & (expert < E - SHARED)) | ~routed)
+    any_filled = any_filled | (filled & routed)  # the NaN rule reads the routed slots only
     # padding slots past TOP_K and the shared slot: no say
     all_nan = all_nan & ((weight != weight) | ~slot_ok | ~routed)
     part = tl.load(partial_ptr + slot[:, None] * stride_ps + offs_h[None, :],
@@ -381,12 +407,13 @@ def moe_combine_kernel(partial_ptr, stride_ps, ids_ptr, weights_ptr, out_ptr, st
                        PDL: tl.constexpr = False):
     """out[t] = sum_j partial[t*TOP_K + j] over filled slots, j in order, in fp32.
 
-    partial_ptr [T*TOP_K, H]: the down's weighted terms; ids_ptr int [T, TOP_K] (outside
-    [0, E) = empty); weights_ptr fp32 [T, TOP_K], read for the NaN rule alone; out_ptr [T, H]
-    (row stride stride_ot). Grid (cdiv(T,
-    BLOCK_T), cdiv(H, BLOCK_H)). UNROLL: slots unrolled per loop step (CombineLaunch.unroll;
-    the sum's order, slot order, does not depend on it). SHARED: each token's last slot is the
-    shared expert's (weight 1), which the NaN rule below does not read.
+    partial_ptr [T*TOP_K, H]: the down's weighted terms; ids_ptr int [T, TOP_K - SHARED]
+    (outside [0, E - SHARED) = empty); weights_ptr fp32 [T, TOP_K - SHARED], read for the NaN
+    rule alone; out_ptr [T, H] (row stride stride_ot). Grid (cdiv(T, BLOCK_T), cdiv(H,
+    BLOCK_H)). UNROLL: slots unrolled per loop step (CombineLaunch.unroll; the sum's order, slot
+    order, does not depend on it). SHARED: each token's last slot is the shared expert's
+    (expert E - 1, weight 1, held in no tensor: _routed_slot), which the NaN rule below does
+    not read.
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -427,7 +454,7 @@ def _expert_buckets(ids_ptr, S, E, S_PAD: tl.constexpr, NUM_BINS: tl.constexpr):
     """Each slot's bucket (its expert; E for empty slots, out-of-range ids and padding) and the
     used experts: counts per bin, `used` mask, and each used expert's rank among them."""
     slots = tl.arange(0, S_PAD)
-    bucket = _bucket(tl.load(ids_ptr + slots, mask=slots < S, other=-1), E)
+    bucket = _bucket(tl.load(ids_ptr + slots, mask=slots < S, other=-1), E, E)
     counts = tl.histogram(bucket, NUM_BINS)
     used = (tl.arange(0, NUM_BINS) < E) & (counts > 0)
     rank = tl.cumsum(used.to(tl.int32), 0) - 1

@@ -302,7 +302,7 @@ def test_grouped_partials_are_weighted_terms_in_the_output_dtype(dtype):
     w_gate_up, w_down = make_layer(E, H, I, dtype, "cpu", g)
     w_gate_up, w_down = w_gate_up.to(DEV), w_down.to(DEV)
     config = GroupedConfig(block_m=16, block_i=16, block_h=16)
-    lists = align_slots(ids.view(-1), E, config.block_m)
+    lists = align_slots(ids, E, config.block_m)
     acts = expert_gate_up(hidden, w_gate_up, lists, k, config)
     partial = expert_down(acts, w_down, lists, weights, dtype, config)
     assert partial.dtype == dtype and partial.shape == (T * k, H)
@@ -328,21 +328,28 @@ def test_int64_ids_and_strided_hidden():
     check_against_reference(hidden, ids, weights, w_gate_up, w_down, 1e-4)
 
 
-@pytest.mark.parametrize("E,T,k,block_m,chunk,rows,wide", [
-    (7, 50, 3, 1, 16, 2, 0), (7, 50, 3, 2, 32, 1, 0), (7, 50, 3, 16, 128, 32, 0),
-    (256, 600, 8, 32, 128, 32, 0),  # LLaDA2.0-mini's experts, 38 chunks (4800 slots)
-    (7, 50, 3, 16, 16, 2, 2**32)])  # int64 ids, some past int32 (2**32 + e cut is e)
-def test_align_kernels_match_the_torch_reference(E, T, k, block_m, chunk, rows, wide):
+@pytest.mark.parametrize("E,T,k,block_m,chunk,rows,wide,shared", [
+    (7, 50, 3, 1, 16, 2, 0, False), (7, 50, 3, 2, 32, 1, 0, False),
+    (7, 50, 3, 16, 128, 32, 0, False),
+    (256, 600, 8, 32, 128, 32, 0, False),  # LLaDA2.0-mini's experts, 38 chunks (4800 slots)
+    (257, 600, 8, 32, 128, 32, 0, True),   # and its shared expert: 5400 slots
+    (7, 50, 3, 16, 16, 2, 2**32, False),   # int64 ids, some past int32 (2**32 + e cut is e)
+    (7, 50, 3, 4, 16, 2, 2**32, True), (7, 50, 0, 16, 16, 2, 0, True)])  # shared alone
+def test_align_kernels_match_the_torch_reference(E, T, k, block_m, chunk, rows, wide, shared):
     """The counting sort (several chunks and chunk-sum steps, out-of-range ids, a last chunk
-    cut short) gives the reference's lists, the sorted slots whole (empty slots last)."""
+    cut short) gives the reference's lists, the sorted slots whole (empty slots last). With a
+    shared expert (expert E - 1, one more slot per token held in no tensor) a routed id E - 1
+    is out of range: an empty slot, not the shared expert."""
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(-3, E + 3, (T, k), generator=g, dtype=torch.int32)  # bad ids too
     if wide:
         ids = ids.long() + wide * (torch.rand(T, k, generator=g) < 0.5)
+    if shared and k:
+        ids[::5, 0] = E - 1  # the shared expert's id among the routed ones: empty
     ids = ids.to(DEV)
     with launch.override(align=AlignLaunch(chunk=chunk, rows=rows)):
-        got = align_slots(ids.view(-1), E, block_m)
-    want = align_slots_reference(ids.view(-1), E, block_m)
+        got = align_slots(ids, E, block_m, shared)
+    want = align_slots_reference(ids, E, block_m, shared)
     n = int(want.n_used)
     assert int(got.n_used) == n and int(got.n_tiles) == int(want.n_tiles)
     for a, b in zip(got[1:4], want[1:4]):
@@ -351,12 +358,12 @@ def test_align_kernels_match_the_torch_reference(E, T, k, block_m, chunk, rows, 
     assert torch.equal(got.sorted_slots, want.sorted_slots)
     filled = int(want.used_count[:n].sum())
     flat = ids.view(-1).long()
-    assert int(((flat >= 0) & (flat < E)).sum()) == filled
+    assert int(((flat >= 0) & (flat < E - shared)).sum()) + shared * T == filled
     # Each used expert's tiles follow the previous expert's, and they cover its slots.
     counts = want.used_count[:n].long()
     tiles = (counts + block_m - 1) // block_m
     assert torch.equal(want.used_tile[:n].long(), torch.cumsum(tiles, 0) - tiles)
-    assert int(want.n_tiles) == int(tiles.sum()) <= max_tiles(flat.numel(), E, block_m)
+    assert int(want.n_tiles) == int(tiles.sum()) <= max_tiles(T * (k + shared), E, block_m)
     assert bool((want.used_tile[n:] == want.n_tiles).all())
 
 
