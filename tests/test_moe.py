@@ -572,8 +572,8 @@ def test_cuda_graph_replay_equals_eager(T, splits, with_shared):
     hidden, ids, weights, w_gate_up, w_down = llada_like_case(T=T)
     hidden, w_gate_up, w_down = hidden.bfloat16(), w_gate_up.bfloat16(), w_down.bfloat16()
     decode = DecodeConfig(down_splits=splits)
-    # a shared expert: on the grouped path one more slot per token (torch ops, then the SHARED
-    # combine), which the graph must capture too
+    # a shared expert: on the grouped path one more, virtual, slot per token (the SHARED
+    # align, down and combine), which the graph must capture too
     shared = (w_gate_up[0].clone(), w_down[0].clone()) if with_shared else None
 
     def forward(out=None):  # moe_forward's kernel path with this test's decode config
@@ -599,3 +599,42 @@ def test_cuda_graph_replay_equals_eager(T, splits, with_shared):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, forward())
+
+
+def _compiled_kernels(fn):
+    """The kernels Triton compiled for `fn` so far (its per-device caches: Triton 3.x)."""
+    for entry in fn.device_caches.values():
+        yield from entry[0].values()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [512, 2048])  # tiles of 32 and of 64 slots (launch.moe_launch)
+def test_persistent_programs_fit_on_an_sm_together(T):
+    """The grouped kernels' grids assume programs_per_sm programs run on an SM at once
+    (launch.persistent_grid): their registers and shared memory must allow it. When one did
+    not (an int64 division in the down's epilogue: 186 registers a thread at 64-slot tiles,
+    tenth session), half the warps were left to hide the memory latency and the down took 2.2x
+    as long, with the same results. Checked at LLaDA2.0-mini's shapes with a shared expert."""
+    from dmoe_triton.kernels.moe_matmul import moe_down_kernel, moe_gate_up_kernel
+
+    hidden, ids, weights, w_gate_up, w_down = llada_like_case(T=T, E=16, H=2048, I=512)
+    shared = (w_gate_up[0].bfloat16(), w_down[0].bfloat16())
+    for fn in (moe_gate_up_kernel, moe_down_kernel):
+        fn.device_caches.clear()  # so the kernels below are this call's (Triton's disk cache
+        # makes the recompile quick)
+    moe_forward_triton(hidden.bfloat16(), ids, weights, w_gate_up.bfloat16(),
+                       w_down.bfloat16(), shared=shared)
+    torch.cuda.synchronize()
+    config = launch.moe_launch(T, ids.shape[1], 16, torch.bfloat16, hidden.device).grouped
+    props = torch.cuda.get_device_properties(hidden.device)
+    registers = getattr(props, "regs_per_multiprocessor", 65536)
+    shared_memory = getattr(props, "shared_memory_per_multiprocessor", 233472)
+    for fn in (moe_gate_up_kernel, moe_down_kernel):
+        kernels = list(_compiled_kernels(fn))
+        assert len(kernels) == 1, (fn.__name__, len(kernels))
+        k = kernels[0]
+        per_thread = -(-k.n_regs // 8) * 8  # allocated in steps of 8 a thread (256 a warp)
+        by_registers = registers // (per_thread * 32 * k.metadata.num_warps)
+        by_shared = shared_memory // max(1, k.metadata.shared)
+        assert min(by_registers, by_shared) >= config.programs_per_sm, (
+            fn.__name__, k.n_regs, k.metadata.shared)
