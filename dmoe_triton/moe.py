@@ -275,6 +275,20 @@ def max_tiles(slots: int, num_experts: int, block_m: int) -> int:
     return min(num_experts, slots) + slots // block_m
 
 
+def check_slot_layout(name: str, routing: torch.Tensor, slots: Optional[int],
+                      shared: bool) -> None:
+    """The grouped path's launches take the routing's ids or weights as contiguous [T, top_k]
+    and add a shared expert's slot themselves (kernels/moe_matmul.py, _routed_at): a flat
+    tensor, or one that already holds that slot, is a ValueError naming `name`, not a misread.
+    slots: the T * (top_k + shared) rows of the caller's slot buffers, or None."""
+    rows = None if routing.dim() != 2 else routing.shape[0] * (routing.shape[1] + shared)
+    if rows is None or not routing.is_contiguous() or (slots is not None and rows != slots):
+        raise ValueError(
+            f"{name} must be a contiguous [T, top_k] tensor whose T * (top_k + {int(shared)}) "
+            f"slots match the {slots} slot rows (a shared expert's slot is added by the "
+            f"kernels), got shape {_shape(routing)} and strides {tuple(routing.stride())}")
+
+
 def align_slots(ids: torch.Tensor, num_experts: int, block_m: int,
                 shared: bool = False) -> SlotLists:
     """Slots sorted by expert, the list of used experts and their tiles of block_m slots, on
@@ -284,10 +298,11 @@ def align_slots(ids: torch.Tensor, num_experts: int, block_m: int,
     ids: int32/int64 [T, top_k] contiguous (-1 or out of range = empty). The slots are T *
     (top_k + shared): with shared, each token's last slot is a shared expert's, expert
     num_experts - 1, which `ids` does not hold (the routed ids lie in [0, num_experts - 1)).
-    Returns SlotLists.
+    Returns SlotLists. Raises ValueError for other ids layouts (check_slot_layout).
     """
     from .kernels.moe_matmul import align_count_kernel, align_lists_kernel, align_scatter_kernel
 
+    check_slot_layout("ids", ids, None, shared)
     T, top_k = ids.shape
     slots_per_token = top_k + shared
     S, E = T * slots_per_token, num_experts
@@ -460,7 +475,8 @@ def expert_down(acts: ActRows, w_down, lists, weights, dtype: torch.dtype,
     acts: expert_gate_up's; w_down [E, H, I] in the act rows' model dtype (or FP8 with fp8, as
     in expert_gate_up); lists: align_slots' outputs; weights fp32 [T, top_k] contiguous, the
     routed slots' routing weights; shared_down [H, I] (shared_scale) as in expert_gate_up: each
-    token's last slot (one past top_k), of weight 1.
+    token's last slot (one past top_k), of weight 1. Raises ValueError where weights does not
+    give the act rows' T * (top_k + shared) slots (check_slot_layout).
 
     The weight is applied here, not in the combine, so that a partial in the output's dtype
     loses no more than one rounding of its own term (fp32 partials were 2x the bytes: at 64 x
@@ -472,6 +488,7 @@ def expert_down(acts: ActRows, w_down, lists, weights, dtype: torch.dtype,
     slots, inter = act.shape
     E, H = lists.used_expert.numel(), w_down.shape[1]
     shared = shared_down is not None
+    check_slot_layout("weights", weights, slots, shared)
     partial = torch.empty(slots, H, dtype=dtype, device=act.device)
     cfg = config
     grid = persistent_grid(act.device, cfg.programs_per_sm,
@@ -495,10 +512,13 @@ def combine_slots(partial, ids, weights, out, num_experts: int,
     partial [T*(top_k + shared), H] (expert_down's weighted terms); ids int [T, top_k];
     weights fp32 [T, top_k] (read for the NaN rule: docs/routing.md); out [T, H].
     shared: each token has one more slot, its last, the shared expert's (expert num_experts -
-    1, weight 1: moe_combine_kernel's SHARED).
+    1, weight 1: moe_combine_kernel's SHARED). Raises ValueError where ids or weights does not
+    give partial's T * (top_k + shared) slots (check_slot_layout).
     """
     from .kernels.moe_matmul import moe_combine_kernel
 
+    for name, routing in (("ids", ids), ("weights", weights)):
+        check_slot_layout(name, routing, partial.shape[0], shared)
     T, H = out.shape
     moe_combine_kernel[(triton.cdiv(T, launch.block_t), triton.cdiv(H, launch.block_h))](
         partial_ptr=partial, stride_ps=partial.stride(0), ids_ptr=ids, weights_ptr=weights,

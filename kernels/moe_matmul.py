@@ -6,9 +6,9 @@ with grid sizes fixed by shapes (CUDA-graph capturable, no host sync):
 1. align (`align_count_kernel`, `align_lists_kernel`, `align_scatter_kernel`: a counting sort
    in three short launches): sorts the T*k slots by expert and lists the used experts
    (`used_expert`, `used_start`, `used_count`, `n_used`) and their BLOCK_M-slot tiles
-   (`used_tile`, `n_tiles`). Ids outside [0, E) go to a sentinel bucket past the last expert
-   and are never read as an expert. A shared expert is one more expert with one more slot per
-   token that no tensor holds (`_routed_slot`), so it costs no torch op on the hot path.
+   (`used_tile`, `n_tiles`). Ids outside the routed experts' range go to a sentinel bucket
+   past the last expert and are never read as an expert. A shared expert is one more expert with one more slot per
+   token that no tensor holds (`_routed_at`), so it costs no torch op on the hot path.
 2. `moe_gate_up_kernel`: work item = (used expert, slice of BLOCK_I intermediate columns, tile
    of its slots); act[slot] = silu(x W_gate^T) * (x W_up^T) for the tile's slots.
 3. `moe_down_kernel`: work item = (used expert, slice of BLOCK_H hidden columns, tile of its
@@ -51,21 +51,30 @@ def _bucket(ids, n_routed, E):
 
 
 @triton.jit
+def _routed_at(token, j, TOP_K, SHARED: tl.constexpr):
+    """Slot j of `token` in the lists' layout [T, TOP_K]: whether it is a routed slot, and
+    where its id and weight lie in the routing's ids and weights [T, TOP_K - SHARED]. With
+    SHARED each token's last slot is the shared expert's (expert E - 1 of the lists, weight 1),
+    which no tensor holds: a virtual slot, so the shared expert costs no torch op on the hot
+    path. `routed` has token's shape even for a scalar j, so that ~routed is a boolean not
+    under the interpreter too (there a Python bool's ~ is an integer)."""
+    return j + 0 * token < TOP_K - SHARED, token * (TOP_K - SHARED) + j
+
+
+@triton.jit
 def _routed_slot(slots, TOP_K, SHARED: tl.constexpr):
-    """Slot s of the lists' layout [T, TOP_K]: whether it is a routed slot, and where its id and
-    weight lie in the routing's ids and weights [T, TOP_K - SHARED]. With SHARED each token's
-    last slot is the shared expert's (expert E - 1 of the lists, weight 1), which no tensor
-    holds: a virtual slot, so the shared expert costs no torch op on the hot path; routed slot
-    s lies at s - s // TOP_K (one virtual slot per earlier token).
+    """_routed_at for slot numbers of the lists' layout (token = slot // TOP_K).
 
     In int32 (slot numbers are, as the lists are): an int64 division took the grouped down
     from 120 to 186 registers a thread at 64-slot tiles, one program per SM instead of two,
     and the down 2.2x slower on the H200 (tenth session)."""
     slots = slots.to(tl.int32)
-    if SHARED:
+    routed = slots >= 0
+    at = slots
+    if SHARED:  # without a shared slot the layouts agree: no division
         token = slots // TOP_K
-        return slots - token * TOP_K < TOP_K - 1, slots - token
-    return slots >= 0, slots
+        routed, at = _routed_at(token, slots - token * TOP_K, TOP_K, SHARED)
+    return routed, at
 
 
 @triton.jit
@@ -87,7 +96,7 @@ def align_count_kernel(ids_ptr, chunk_counts_ptr, S, E, TOP_K, CHUNK: tl.constex
     """Align, step 1 of 3 (a counting sort of the slots by expert): chunk_counts_ptr int32
     [cdiv(S, CHUNK), NUM_BINS] row c = the histogram of chunk c's buckets. The S = T * TOP_K
     slots: ids_ptr int32/int64 [T, TOP_K - SHARED] (-1 or out of range = empty), and with SHARED
-    each token's last slot the shared expert's, expert E - 1 (_routed_slot); NUM_BINS =
+    each token's last slot the shared expert's, expert E - 1 (_routed_at); NUM_BINS =
     next_power_of_2(E + 1). Grid (chunks,)."""
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     chunk = tl.program_id(0)
@@ -190,7 +199,7 @@ def _weights_of(expert, shared_id, base_ptr, stride_e, shared_ptr):
     with a shared expert (shared_ptr given: the routed experts' layout without the expert dim),
     shared_ptr for the id it runs under, shared_id: E on the decode path (listed after the E
     routed experts), E - 1 on the grouped path (its lists count it among E experts:
-    moe.grouped_forward gives every token a slot for it)."""
+    every token's last slot is its, a virtual one: _routed_at)."""
     rows = base_ptr + expert * stride_e
     if shared_ptr is not None:
         rows = tl.where(expert == shared_id, shared_ptr, rows)
@@ -332,12 +341,13 @@ def moe_down_kernel(act_ptr, stride_as,
                     FP8_BITS: tl.constexpr = False, act_scale_ptr=None, stride_ss=0,
                     ACT_CHUNK: tl.constexpr = 128, DOT: tl.constexpr = "model",
                     shared_ptr=None, shared_s_ptr=None, PDL: tl.constexpr = False):
-    """partial[slot] = weights[slot] * act[slot] W_down^T for the used experts' slots
-    (persistent): the product in fp32, rounded once to partial's dtype.
+    """partial[slot] = w * act[slot] W_down^T for the used experts' slots (persistent), w the
+    slot's routing weight (1 for the shared expert's: _routed_slot): the product in fp32,
+    rounded once to partial's dtype.
 
     act_ptr [T*TOP_K, I]; w_ptr [E, H, I] (strides in elements); partial_ptr [T*TOP_K, H] out
     (the layer output's dtype); weights_ptr fp32 [T, TOP_K - SHARED] the routed slots' routing
-    weights (SHARED: each token's last slot is the shared expert's, weight 1: _routed_slot);
+    weights (SHARED: each token's last slot is the shared expert's, weight 1: _routed_at);
     the align's lists (E, USED_PAD as in moe_gate_up_kernel). BLOCK_M: slots per
     tile; BLOCK_H: hidden columns per work item; BLOCK_K: reduction step along I; PRECISION:
     tl.dot input_precision. s_ptr: fp32 [E, cdiv(H, SCALE_N), cdiv(I, SCALE_K)] block scales
@@ -389,9 +399,8 @@ def _combine_slot(acc, any_filled, all_nan, partial_ptr, stride_ps, ids_ptr, wei
                   offs_t, offs_h, t_ok, h_ok, j, E, TOP_K: tl.constexpr, SHARED: tl.constexpr):
     """Slot j of every token of the tile added to acc (see moe_combine_kernel)."""
     slot_ok = t_ok & (j < TOP_K)
-    routed = j < TOP_K - SHARED  # else the shared expert's virtual slot (_routed_slot)
+    routed, at = _routed_at(offs_t.to(tl.int64), j, TOP_K, SHARED)
     slot = offs_t.to(tl.int64) * TOP_K + j
-    at = offs_t.to(tl.int64) * (TOP_K - SHARED) + j  # where a routed slot's id and weight lie
     expert = tl.load(ids_ptr + at, mask=slot_ok & routed, other=-1)
     weight = tl.load(weights_ptr + at, mask=slot_ok & routed, other=0.0)
     filled = slot_ok & (((expert >= 0) & (expert < E - SHARED)) | ~routed)
@@ -417,7 +426,7 @@ def moe_combine_kernel(partial_ptr, stride_ps, ids_ptr, weights_ptr, out_ptr, st
     rule alone; out_ptr [T, H] (row stride stride_ot). Grid (cdiv(T, BLOCK_T), cdiv(H,
     BLOCK_H)). UNROLL: slots unrolled per loop step (CombineLaunch.unroll; the sum's order, slot
     order, does not depend on it). SHARED: each token's last slot is the shared expert's
-    (expert E - 1, weight 1, held in no tensor: _routed_slot), which the NaN rule below does
+    (expert E - 1, weight 1, held in no tensor: _routed_at), which the NaN rule below does
     not read.
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
