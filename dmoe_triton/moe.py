@@ -303,6 +303,8 @@ def align_slots(ids: torch.Tensor, num_experts: int, block_m: int,
     from .kernels.moe_matmul import align_count_kernel, align_lists_kernel, align_scatter_kernel
 
     check_slot_layout("ids", ids, None, shared)
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"ids must be int32 or int64 expert ids, got {ids.dtype}")
     T, top_k = ids.shape
     slots_per_token = top_k + shared
     S, E = T * slots_per_token, num_experts
@@ -469,8 +471,9 @@ def _weight_args(w, names, fp8) -> dict:
 
 def expert_down(acts: ActRows, w_down, lists, weights, dtype: torch.dtype,
                 config: GroupedConfig, fp8=None, shared_down=None, shared_scale=None):
-    """partial [T*top_k, H] in `dtype` (the layer output's): weights[slot] * act W_down^T for
-    every filled slot, computed in fp32 and rounded once (other rows unwritten).
+    """partial [T*(top_k + shared), H] in `dtype` (the layer output's): w * act W_down^T for
+    every filled slot, w its routing weight (1 for a shared expert's slot), computed in fp32
+    and rounded once (other rows unwritten).
 
     acts: expert_gate_up's; w_down [E, H, I] in the act rows' model dtype (or FP8 with fp8, as
     in expert_gate_up); lists: align_slots' outputs; weights fp32 [T, top_k] contiguous, the
@@ -507,7 +510,7 @@ def expert_down(acts: ActRows, w_down, lists, weights, dtype: torch.dtype,
 
 def combine_slots(partial, ids, weights, out, num_experts: int,
                   launch: CombineLaunch = DEFAULT_COMBINE, shared: bool = False):
-    """out[t] = sum_j partial[t*k + j] over filled slots, in slot order, in fp32.
+    """out[t] = sum_j partial[t*(k + shared) + j] over filled slots, in slot order, in fp32.
 
     partial [T*(top_k + shared), H] (expert_down's weighted terms); ids int [T, top_k];
     weights fp32 [T, top_k] (read for the NaN rule: docs/routing.md); out [T, H].

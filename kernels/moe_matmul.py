@@ -14,8 +14,9 @@ with grid sizes fixed by shapes (CUDA-graph capturable, no host sync):
 3. `moe_down_kernel`: work item = (used expert, slice of BLOCK_H hidden columns, tile of its
    slots); partial[slot] = w[slot] * act[slot] W_down^T, in fp32 and rounded once to the
    output dtype.
-4. `moe_combine_kernel`: y[t] = sum_j partial[t*k + j] over the filled slots in fp32, in a fixed
-   order (deterministic), cast to the output dtype; NaN weights follow docs/routing.md's rule.
+4. `moe_combine_kernel`: y[t] = sum_j partial[t*K + j] (K = k, or k + 1 with a shared expert)
+   over the filled slots in fp32, in a fixed order (deterministic), cast to the output dtype;
+   NaN weights follow docs/routing.md's rule.
 
 Kernels 2 and 3 are persistent: a fixed number of programs loops over the work items of the used
 experts only, so an unused expert costs nothing, not even an empty program, and each used

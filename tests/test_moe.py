@@ -375,9 +375,11 @@ def test_grouped_launches_refuse_other_routing_layouts():
     T, k, E, H, I = 6, 3, 4, 16, 16
     ids = torch.randint(0, E, (T, k), dtype=torch.int32, device=DEV)
     weights = torch.rand(T, k, device=DEV)
-    for bad in (ids.view(-1), ids.t()):
+    for bad in (ids.view(-1), ids.t(), ids.repeat(1, 2)[:, ::2]):  # flat, transposed, sliced
         with pytest.raises(ValueError, match="ids must be a contiguous \\[T, top_k\\]"):
             align_slots(bad, E + 1, 16, shared=True)
+    with pytest.raises(TypeError, match="ids must be int32 or int64"):
+        align_slots(ids.float(), E + 1, 16, shared=True)
     config = GroupedConfig(block_m=16, block_i=16, block_h=16)
     w_gate_up, w_down = make_layer(E, H, I, torch.float32)
     hidden = torch.randn(T, H, device=DEV)
