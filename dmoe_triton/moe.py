@@ -767,8 +767,11 @@ class DMoEBlock(torch.nn.Module):
         self.w_gate_up = torch.nn.Parameter(w_gate_up.detach(), requires_grad=False)
         self.w_down = torch.nn.Parameter(w_down.detach(), requires_grad=False)
         self.shared_expert = shared_expert
-        self.register_buffer("shared_gate_up", self._stack_shared(shared_expert), persistent=False)
+        self.register_buffer("shared_gate_up", None, persistent=False)
         self.register_buffer("shared_gate_up_scale", None, persistent=False)
+        stacked = self._stack_shared(shared_expert)
+        if stacked is not None:
+            self._set_shared(stacked, shared_expert.down_proj.weight.detach())
         self.register_buffer("w_gate_up_scale", None if scales is None else scales.gate_up)
         self.register_buffer("w_down_scale", None if scales is None else scales.down)
         self.weight_block = None if scales is None else scales.block
@@ -914,9 +917,10 @@ class DMoEBlock(torch.nn.Module):
         self._set_shared(torch.cat((gate.weight, up.weight)), mlp.down_proj.weight, scales)
 
     def _stack_shared(self, mlp) -> Optional[torch.Tensor]:
-        """The shared expert's gate|up rows stacked like a routed expert's, with the module's
-        gate/up weights turned into views of them (no second copy), so moe_forward runs it as
-        one more expert of its launches; None (module called apart) if its shape differs."""
+        """The shared expert's gate|up rows stacked like a routed expert's (a copy, which
+        _set_shared then makes the module's weights views of: no second copy), so moe_forward
+        runs it as one more expert of its launches; None (module called apart) if its shape
+        differs."""
         gate = getattr(getattr(mlp, "gate_proj", None), "weight", None)
         up = getattr(getattr(mlp, "up_proj", None), "weight", None)
         down = getattr(getattr(mlp, "down_proj", None), "weight", None)
@@ -929,11 +933,7 @@ class DMoEBlock(torch.nn.Module):
                 or down.shape != like_d.shape or down.stride() != like_d.stride() \
                 or gate.dtype != like_gu.dtype and like_gu.dtype != FP8_DTYPE:
             return None  # (beside FP8 experts it is quantized: _quantize_shared)
-        stacked = torch.cat((gate.detach(), up.detach()), 0)
-        inter = gate.shape[0]
-        mlp.gate_proj.weight = torch.nn.Parameter(stacked[:inter], requires_grad=False)
-        mlp.up_proj.weight = torch.nn.Parameter(stacked[inter:], requires_grad=False)
-        return stacked
+        return torch.cat((gate.detach(), up.detach()), 0)
 
     def shared_weights(self):
         """(gate_up, down) for moe_forward's `shared`, or None when not stacked."""
