@@ -340,8 +340,11 @@ def sweep(layers, routed, bw, timer=None, variants=None):
 GROUPED_GATE_UP_VARIANTS = [dict(), dict(block_m=64),
                             dict(block_i=128), dict(stages_gate_up=3, programs_per_sm=3),
                             dict(block_m=64, block_i=128, warps_gate_up=8)]
+# block_h 256 halves the act rows' re-reads from L2 (once per block_h slice of a tile: about
+# 560 MB at 64 x 32 tokens with block_h 128, as many bytes as the down's weights); added in the
+# tenth session, not yet timed.
 GROUPED_DOWN_VARIANTS = [dict(), dict(block_h=64, warps_down=4, stages_down=6),
-                         dict(k_tile_down=128, stages_down=3)]
+                         dict(k_tile_down=128, stages_down=3), dict(block_h=256, stages_down=3)]
 GROUPED_SWEEP_CASES = ("4x32 tok, exact 15", "16x32 tok, exact 15", "16x32 tok, uniform",
                        "64x32 tok, exact 15")
 
