@@ -7,8 +7,9 @@ with grid sizes fixed by shapes (CUDA-graph capturable, no host sync):
    in three short launches): sorts the T*k slots by expert and lists the used experts
    (`used_expert`, `used_start`, `used_count`, `n_used`) and their BLOCK_M-slot tiles
    (`used_tile`, `n_tiles`). Ids outside the routed experts' range go to a sentinel bucket
-   past the last expert and are never read as an expert. A shared expert is one more expert with one more slot per
-   token that no tensor holds (`_routed_at`), so it costs no torch op on the hot path.
+   past the last expert and are never read as an expert. A shared expert is one more expert
+   with one more slot per token that no tensor holds (`_routed_at`), so it costs no torch op
+   on the hot path.
 2. `moe_gate_up_kernel`: work item = (used expert, slice of BLOCK_I intermediate columns, tile
    of its slots); act[slot] = silu(x W_gate^T) * (x W_up^T) for the tile's slots.
 3. `moe_down_kernel`: work item = (used expert, slice of BLOCK_H hidden columns, tile of its
@@ -400,11 +401,13 @@ def _combine_slot(acc, any_filled, all_nan, partial_ptr, stride_ps, ids_ptr, wei
                   offs_t, offs_h, t_ok, h_ok, j, E, TOP_K: tl.constexpr, SHARED: tl.constexpr):
     """Slot j of every token of the tile added to acc (see moe_combine_kernel)."""
     slot_ok = t_ok & (j < TOP_K)
-    routed, at = _routed_at(offs_t.to(tl.int64), j, TOP_K, SHARED)
-    slot = offs_t.to(tl.int64) * TOP_K + j
+    token = offs_t.to(tl.int64)
+    routed, at = _routed_at(token, j, TOP_K, SHARED)
+    slot = token * TOP_K + j
     expert = tl.load(ids_ptr + at, mask=slot_ok & routed, other=-1)
     weight = tl.load(weights_ptr + at, mask=slot_ok & routed, other=0.0)
-    filled = slot_ok & (((expert >= 0) & (expert < E - SHARED)) | ~routed)
+    # a routed slot is filled where the align gave it an expert's bucket (_bucket)
+    filled = slot_ok & ((_bucket(expert, E - SHARED, E) < E) | ~routed)
     any_filled = any_filled | (filled & routed)  # the NaN rule reads the routed slots only
     # padding slots past TOP_K and the shared slot: no say
     all_nan = all_nan & ((weight != weight) | ~slot_ok | ~routed)
