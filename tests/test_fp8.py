@@ -29,6 +29,23 @@ DEV = "cuda" if HAS_CUDA else "cpu"
 BLOCKS = [(128, 128), (16, 16), (32, 48), (8, 32)]
 
 
+def on_dev(x):
+    """x with its tensors on DEV (a tensor, Fp8Scales, a tuple of them, or anything else as is):
+    the Triton backend takes CUDA tensors where there is a GPU, CPU ones under the interpreter."""
+    if isinstance(x, torch.Tensor):
+        return x.to(DEV)
+    if isinstance(x, Fp8Scales):
+        return Fp8Scales(on_dev(x.gate_up), on_dev(x.down), x.block, on_dev(x.shared))
+    if isinstance(x, tuple):
+        return tuple(map(on_dev, x))
+    return x
+
+
+def run_moe(*args, **kwargs):
+    """moe_forward on DEV with CPU inputs, its output back on the CPU (tests compare there)."""
+    return moe_forward(*map(on_dev, args), **{k: on_dev(v) for k, v in kwargs.items()}).cpu()
+
+
 # ---------------------------------------------------------------------------------------------
 # quant.py
 
@@ -109,6 +126,7 @@ def fp8_oracle(hidden, ids, weights, w_gate_up, w_down, scales, groups=None, sha
 def launched_groups(hidden, path, scales):
     """The activation groups of the launch moe_forward takes on `path` (its FP8 config under
     the current launch.override; fp8_bits matters too), for fp8_oracle."""
+    hidden, scales = on_dev(hidden), on_dev(scales)
     plan = launch.moe_launch(hidden.shape[0], 1, 1, hidden.dtype, hidden.device, fp8=True)
     return fp8_activation_groups(hidden, plan.decode if path == "decode" else plan.grouped,
                                  scales)
@@ -159,18 +177,14 @@ def test_fp8_kernels_match_the_dequantized_reference(dtype, case):
     w_gate_up, w_down, scales = make_fp8_layer(E, H, I, block, g)
     scales = replace(scales, shared=shared_scales)
     hidden = torch.randn(T, H, generator=g).to(dtype)
-    to = lambda t: t.to(DEV)  # noqa: E731
-    on_dev = lambda pair: pair and tuple(map(to, pair))  # noqa: E731
-    dev_scales = Fp8Scales(to(scales.gate_up), to(scales.down), scales.block,
-                           on_dev(shared_scales))
-    out = torch.full((T, H), float("nan"), dtype=dtype, device=DEV)
+    out = torch.full((T, H), float("nan"), dtype=dtype)  # poisoned: every row must be written
     with launch.override(moe_path=path, fp8_bits=bits, decode=forced):
-        y = moe_forward(to(hidden), to(ids), to(weights), to(w_gate_up), to(w_down),
-                        backend="triton", out=out, shared=on_dev(shared), scales=dev_scales)
-        groups = launched_groups(to(hidden), path, dev_scales)
+        y = run_moe(hidden, ids, weights, w_gate_up, w_down, backend="triton", out=on_dev(out),
+                    shared=shared, scales=scales)
+        groups = launched_groups(hidden, path, scales)
     assert torch.isfinite(y).all()
     ref = fp8_oracle(hidden, ids, weights, w_gate_up, w_down, scales, groups, shared)
-    assert rel_err(y.cpu(), ref) <= (1e-4 if dtype == torch.float32 else 1e-2)
+    assert rel_err(y, ref) <= (1e-4 if dtype == torch.float32 else 1e-2)
 
 
 def random_routing(T, E, k, g):
@@ -204,7 +218,7 @@ def test_scaled_dots_keep_activations_outside_their_range(path, dot):
     hidden = (torch.randn(T, H, generator=g) * size).to(torch.bfloat16)
     ids, weights = random_routing(T, E, 2, g)
     with launch.override(moe_path=path, **fp8_defaults(**dot)):
-        y = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton", scales=scales)
+        y = run_moe(hidden, ids, weights, w_gate_up, w_down, backend="triton", scales=scales)
         groups = launched_groups(hidden, path, scales)
     assert (groups is not None) == (dot["dot"] == "fp8")
     ref = fp8_oracle(hidden, ids, weights, w_gate_up, w_down, scales, groups)
@@ -227,7 +241,7 @@ def test_scaled_dots_keep_rows_apart(path, dot):
     hidden[3, 40] = float("inf") if dot["dot"] == "fp8" else 1.0
     ids, weights = random_routing(T, E, 2, g)
     with launch.override(moe_path=path, **fp8_defaults(**dot)):
-        y = moe_forward(hidden.to(torch.bfloat16), ids, weights, w_gate_up, w_down,
+        y = run_moe(hidden.to(torch.bfloat16), ids, weights, w_gate_up, w_down,
                         backend="triton", scales=scales)
         groups = launched_groups(hidden.to(torch.bfloat16), path, scales)
     assert torch.isnan(y[1]).all() and torch.equal(y[2], torch.zeros_like(y[2]))
@@ -264,7 +278,7 @@ def test_byte_decoding_equals_native_reads():
     runs = []
     for bits in (False, True):
         with launch.override(fp8_bits=bits):
-            runs.append(moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton",
+            runs.append(run_moe(hidden, ids, weights, w_gate_up, w_down, backend="triton",
                                     scales=scales))
     assert torch.equal(runs[0], runs[1])
 
@@ -283,7 +297,7 @@ def test_every_e4m3_byte_decodes_exactly():
                      w_down, scales)
     for bits in (False, True):
         with launch.override(fp8_bits=bits, moe_path="decode"):
-            y = moe_forward(hidden.double().float(), torch.zeros(1, 1, dtype=torch.int32),
+            y = run_moe(hidden.double().float(), torch.zeros(1, 1, dtype=torch.int32),
                             torch.ones(1, 1), w_gate_up, w_down, backend="triton", scales=scales)
         torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=0)
 
@@ -299,9 +313,9 @@ def test_fp8_shared_expert_is_one_more_expert(path):
     ids = torch.randint(0, 4, (5, 2), generator=g).to(torch.int32)
     weights = torch.rand(5, 2, generator=g)
     with launch.override(moe_path=path):
-        y = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton",
+        y = run_moe(hidden, ids, weights, w_gate_up, w_down, backend="triton",
                         shared=(shared_gu, shared_d), scales=replace(scales, shared=shared_scales))
-        as_routed = moe_forward(
+        as_routed = run_moe(
             hidden, torch.cat((ids, torch.full((5, 1), 4, dtype=torch.int32)), 1),
             torch.cat((weights, torch.ones(5, 1)), 1), torch.cat((w_gate_up, shared_gu[None])),
             torch.cat((w_down, shared_d[None])), backend="triton",
@@ -319,19 +333,19 @@ def test_shared_expert_beside_fp8_experts_must_be_fp8():
     hidden, ids, weights, w_gate_up, w_down, scales = fp8_inputs()
     model_dtype = (torch.randn(32, 32), torch.randn(32, 16))
     with pytest.raises(ValueError, match="shared expert must be FP8 too"):
-        moe_forward(hidden, ids, weights, w_gate_up, w_down, shared=model_dtype, scales=scales)
+        run_moe(hidden, ids, weights, w_gate_up, w_down, shared=model_dtype, scales=scales)
     (gu, d), shared_scales = make_fp8_shared(32, 16, (16, 16), torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match="shared is None"):
-        moe_forward(hidden, ids, weights, w_gate_up, w_down,
+        run_moe(hidden, ids, weights, w_gate_up, w_down,
                     scales=replace(scales, shared=shared_scales))
     bad = replace(scales, shared=(shared_scales[0][:1], shared_scales[1]))
     with pytest.raises(ValueError, match=r"shared\[0\]_scale_inv has shape"):
-        moe_forward(hidden, ids, weights, w_gate_up, w_down, shared=(gu, d), scales=bad)
+        run_moe(hidden, ids, weights, w_gate_up, w_down, shared=(gu, d), scales=bad)
     nan = replace(scales, shared=(shared_scales[0], torch.full_like(shared_scales[1], math.nan)))
     with pytest.raises(ValueError, match=r"shared\[1\]_scale_inv holds non-finite"):
-        moe_forward(hidden, ids, weights, w_gate_up, w_down, shared=(gu, d), scales=nan)
+        run_moe(hidden, ids, weights, w_gate_up, w_down, shared=(gu, d), scales=nan)
     with pytest.raises(TypeError, match="scales.shared must be a pair"):
-        moe_forward(hidden, ids, weights, w_gate_up, w_down, shared=(gu, d),
+        run_moe(hidden, ids, weights, w_gate_up, w_down, shared=(gu, d),
                     scales=replace(scales, shared=shared_scales[:1]))
 
 
@@ -346,7 +360,7 @@ def test_fp8_shared_expert_alone_takes_the_grouped_launch_and_its_reference_foll
     hidden = torch.randn(8, 128, generator=g).to(torch.bfloat16)
     ids, weights = torch.empty(8, 0, dtype=torch.int32), torch.empty(8, 0)
     with launch.override(decode=DecodeConfig(dot="fp16")):
-        y, ref = (moe_forward(hidden, ids, weights, w_gate_up, w_down, backend=backend,
+        y, ref = (run_moe(hidden, ids, weights, w_gate_up, w_down, backend=backend,
                               shared=(gu, d), scales=scales) for backend in ("triton", "reference"))
     assert rel_err(y, ref.double()) <= 1e-2
 
@@ -361,7 +375,7 @@ def test_nan_rule_with_an_fp8_shared_expert(path):
     weights = torch.tensor([[0.5, float("nan")], [0.3, 0.0], [float("nan"), float("nan")]])
     for backend in ("triton", "reference"):
         with launch.override(moe_path=path):
-            y = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend=backend,
+            y = run_moe(hidden, ids, weights, w_gate_up, w_down, backend=backend,
                             shared=(gu, d), scales=replace(scales, shared=shared_scales))
         assert torch.isnan(y[0]).all() and torch.isnan(y[2]).all(), backend
         assert torch.isfinite(y[1]).all(), backend
@@ -379,9 +393,9 @@ def test_broadcast_routed_scales_take_a_shared_expert(path):
     dense = Fp8Scales(broadcast.gate_up.contiguous(), broadcast.down.contiguous(), scales.block,
                       shared_scales)
     with launch.override(moe_path=path):
-        y = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton",
+        y = run_moe(hidden, ids, weights, w_gate_up, w_down, backend="triton",
                         shared=(gu, d), scales=broadcast)
-        want = moe_forward(hidden, ids, weights, w_gate_up, w_down, backend="triton",
+        want = run_moe(hidden, ids, weights, w_gate_up, w_down, backend="triton",
                            shared=(gu, d), scales=dense)
     assert torch.equal(y, want)
 
@@ -400,10 +414,10 @@ def fp8_inputs():
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_bad_scales_are_named(backend):
     hidden, ids, weights, w_gate_up, w_down, scales = fp8_inputs()
-    run = lambda s: moe_forward(hidden, ids, weights, w_gate_up, w_down, backend=backend,  # noqa: E731
+    run = lambda s: run_moe(hidden, ids, weights, w_gate_up, w_down, backend=backend,  # noqa: E731
                                 scales=s)
     with pytest.raises(ValueError, match="w_gate_up is float8_e4m3fn: pass its block scales"):
-        moe_forward(hidden, ids, weights, w_gate_up, w_down, backend=backend)
+        run_moe(hidden, ids, weights, w_gate_up, w_down, backend=backend)
     with pytest.raises(ValueError, match=r"w_down_scale_inv has shape \(2, 2, 1\), expected "
                                          r"\(2, 1, 1\).*weight_block_size \[32, 16\]"):
         run(Fp8Scales(scales.gate_up, scales.down, (32, 16)))  # another block size
@@ -416,7 +430,7 @@ def test_bad_scales_are_named(backend):
     with pytest.raises(TypeError, match="w_gate_up_scale_inv must be a float32"):
         run(Fp8Scales(scales.gate_up.half(), scales.down, scales.block))
     with pytest.raises(TypeError, match="w_gate_up must be float8_e4m3fn"):
-        moe_forward(hidden, ids, weights, w_gate_up.float(), w_down.float(), backend=backend,
+        run_moe(hidden, ids, weights, w_gate_up.float(), w_down.float(), backend=backend,
                     scales=scales)
 
 
