@@ -186,9 +186,11 @@ def prepare_step(model, batch: int, prefix: int, seed: int = SEED) -> Step:
 
 
 def step_fn(model, step: Step) -> Callable[[], object]:
+    """One denoising forward as decoding runs it: logits in the model's dtype (pick_tokens
+    upcasts inside its softmax)."""
     def forward():
         return model(step.block, step.positions, past_key_values=step.cache,
-                     block_length=BLOCK).logits
+                     block_length=BLOCK, float_logits=False).logits
     return forward
 
 

@@ -132,7 +132,7 @@ def bare_forward(model, setup: Setup, prompts: torch.Tensor, block: torch.Tensor
 
         def forward():
             return model(block, positions, past_key_values=cache, attention_mask=held,
-                         block_length=BLOCK).logits
+                         block_length=BLOCK, float_logits=False).logits  # as decoding does
         if dev.type != "cuda":
             ms = time_ms(forward, 1, 1, dev)
         else:

@@ -264,18 +264,19 @@ def quota_schedule(block_length: int, steps: int) -> List[int]:
 
 def pick_tokens(logits, temperature: float, top_k: Optional[int], top_p: Optional[float],
                 generator=None):
-    """Candidate token and its probability per row of logits [..., V] (fp32), in the order of
+    """Candidate token and its probability per row of logits [..., V] (any float dtype: the
+    arithmetic is fp32, which holds bf16 and fp16 values exactly), in the order of
     the published LLaDA2 sampler: the temperature divides the logits first, then the top-k
     and top-p filters, then one multinomial draw per row from the softmax of what is left
     (its probability is the confidence). Temperature 0 takes the argmax, with the unfiltered
     softmax as confidence: that is what users mean by 0 (the published generate() has no
     separate greedy mode in every release; with temperature 1 and the same seed this draws
     exactly what the published sampler draws)."""
-    logits = logits.float()
-    if temperature <= 0:
-        probs = logits.softmax(-1)
+    if temperature <= 0:  # the softmax upcasts as it reads: no fp32 copy of the logits
+        probs = logits.softmax(-1, dtype=torch.float32)
         tok = probs.argmax(-1)
         return tok, probs.gather(-1, tok[..., None]).squeeze(-1)
+    logits = logits.float()
     if temperature != 1:
         logits = logits / temperature
     if top_k is not None and 0 < top_k < logits.shape[-1]:
@@ -658,13 +659,13 @@ def denoise_step(d: _Decode) -> None:
     buf, bl, s = d.buffers, d.canvas.block_length, d.sampling
     if d.cache is not None:
         logits = d.model(buf.block, buf.block_pos, past_key_values=d.cache,
-                         attention_mask=buf.held, block_length=bl).logits
+                         attention_mask=buf.held, block_length=bl, float_logits=False).logits
     else:  # recompute every earlier block, as the published generate does
         start, c = buf.end - d.canvas.span, d.canvas
         ids = torch.cat((c.x[:, :start], buf.block), dim=1)
         held = torch.cat((c.valid[:, :start], buf.held), dim=1)
         logits = d.model(ids, c.positions[:, :buf.end], attention_mask=held,
-                         block_length=bl).logits[:, start:]
+                         block_length=bl, float_logits=False).logits[:, start:]
     tok, conf = pick_tokens(logits, s.temperature, s.top_k, s.top_p, s.generator)
     if s.editing_threshold is not None:
         _edit_step(buf, tok, conf, d.mask_id, s)

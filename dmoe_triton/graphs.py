@@ -16,7 +16,7 @@ millisecond per call for LLaDA2.0-mini (~300 tensors).
 
 Memory is bounded: `graph_cache` keeps at most `max_entries` graph sets (default 4), least
 recently used out first; each holds its static KV cache (batch x capacity rows per layer) and
-its graphs' private memory pools (one step's activations, e.g. the fp32 logits [B, span, vocab]).
+its graphs' private memory pools (one step's activations, e.g. the logits [B, span, vocab]).
 Entries of a model are dropped when the model is garbage collected. `clear_graph_cache()` frees
 them all; `graph_cache.max_entries = 0` turns reuse off (every call captures afresh).
 A kept entry's buffers serve one call at a time: do not run generate() on one model from two

@@ -109,6 +109,18 @@ def test_logits_match_an_independent_eager_forward():
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_logits_in_the_model_dtype_are_the_fp32_logits_before_the_copy():
+    """float_logits=False (what decoding asks for) returns lm_head's output in the model's
+    dtype; the default is its fp32 copy, the same values."""
+    model = small_model().to(torch.bfloat16)
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain = model(ids, block_length=8, float_logits=False).logits
+        fp32 = model(ids, block_length=8).logits
+    assert plain.dtype == torch.bfloat16 and fp32.dtype == torch.float32
+    assert torch.equal(plain.float(), fp32)
+
+
 def test_block_causal_attention():
     model = small_model()
     ids = torch.randint(0, 96, (1, 24))
