@@ -5,6 +5,8 @@ import torch
 
 from dmoe_triton.decoding import pick_tokens
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def published_order(logits, temperature, top_k, top_p, generator):
     """The rule written out: divide, keep the top-k, keep the smallest top-p set (with the
@@ -57,10 +59,12 @@ def test_logits_in_the_model_dtype_pick_what_their_fp32_copy_picks(dtype, temper
                                                                    top_p):
     """The decoding loop hands pick_tokens lm_head's bf16 output (float_logits=False): the
     tokens and confidences are those of the fp32 copy, bit for bit (fp32 holds every bf16 and
-    fp16 value; the temperature-0 softmax upcasts as it reads)."""
-    logits = (torch.randn(4, 6, 3000, generator=torch.Generator().manual_seed(3)) * 4).to(dtype)
-    ours = pick_tokens(logits, temperature, top_k, top_p, torch.Generator().manual_seed(5))
-    want = pick_tokens(logits.float(), temperature, top_k, top_p,
-                       torch.Generator().manual_seed(5))
+    fp16 value; the temperature-0 softmax upcasts as it reads). On the GPU where there is one:
+    its softmax kernels differ by input dtype."""
+    logits = torch.randn(4, 6, 3000, generator=torch.Generator().manual_seed(3)) * 4
+    logits = logits.to(DEV, dtype)
+    seeded = lambda: torch.Generator(DEV).manual_seed(5)  # noqa: E731
+    ours = pick_tokens(logits, temperature, top_k, top_p, seeded())
+    want = pick_tokens(logits.float(), temperature, top_k, top_p, seeded())
     assert torch.equal(ours[0], want[0]) and torch.equal(ours[1], want[1])
     assert ours[1].dtype == torch.float32
