@@ -75,7 +75,7 @@ from dmoe_triton.attention import attention_prep
 from dmoe_triton.calibrate import (Calibration, calibrate_router, moe_layers, popularity_skew,
                                    route_summary, router_weights, set_router_bias,
                                    set_router_weights)
-from dmoe_triton.decoding import generate
+from dmoe_triton.decoding import generate, pick_tokens
 from dmoe_triton.defaults import scaled_guard, scaled_size
 from dmoe_triton.models import LLaDA2MoeConfig
 from dmoe_triton.modules import cache_bytes, expert_bytes, non_expert_bytes
@@ -186,11 +186,14 @@ def prepare_step(model, batch: int, prefix: int, seed: int = SEED) -> Step:
 
 
 def step_fn(model, step: Step) -> Callable[[], object]:
-    """One denoising forward as decoding runs it: logits in the model's dtype (pick_tokens
-    upcasts inside its softmax)."""
+    """One denoising step as decoding runs it: the forward, with the logits in the model's
+    dtype, and the greedy pick (pick_tokens at temperature 0, the default); returns the
+    logits."""
     def forward():
-        return model(step.block, step.positions, past_key_values=step.cache,
-                     block_length=BLOCK, float_logits=False).logits
+        logits = model(step.block, step.positions, past_key_values=step.cache,
+                       block_length=BLOCK, float_logits=False).logits
+        pick_tokens(logits, 0.0, None, None)
+        return logits
     return forward
 
 
@@ -392,8 +395,9 @@ def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str,
                                 check_ids=False, shared=block.shared_weights()), n_moe),
         "shared expert, unfused (comparison)": (lambda: block.shared_expert(h_in), n_moe),
         "dense MLP (layer 0)": (lambda: layer0(h_in), 1),
-        "final norm + lm_head (+ fp32 logits)": (
-            lambda: model.lm_head(model.model.norm(hidden_final)).float(), 1),
+        "final norm + lm_head (+ the greedy pick)": (
+            lambda: pick_tokens(model.lm_head(model.model.norm(hidden_final)), 0.0, None, None),
+            1),
     }
     out = {"batch": batch, "prefix": prefix, "policy": policy_name, "parts": []}
     for label, (fn, count) in parts.items():
@@ -429,7 +433,9 @@ def part_bytes(model, layer, cache, x, topk_ids) -> dict:
         "router GEMM": _numel_bytes(mlp.gate_weight_for(x), mlp.expert_bias) + act,
         "routed + shared experts": used * expert_bytes_cache[id(model)] + shared + 2 * act,
         "dense MLP": _numel_bytes(*model.model.layers[0].mlp.parameters()) + 2 * act,
-        "final norm + lm_head": _numel_bytes(lm) + x.shape[0] * x.shape[1] * lm.shape[0] * 4,
+        # the logits written once and read once by the pick, in the model's dtype
+        "final norm + lm_head": _numel_bytes(lm) + 2 * x.shape[0] * x.shape[1] * lm.shape[0]
+        * lm.element_size(),
     }
 
 

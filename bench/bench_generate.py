@@ -130,9 +130,10 @@ def bare_forward(model, setup: Setup, prompts: torch.Tensor, block: torch.Tensor
         model(prompts, past_key_values=cache, write_cache=True, return_logits=False,
               block_length=BLOCK)
 
-        def forward():
-            return model(block, positions, past_key_values=cache, attention_mask=held,
-                         block_length=BLOCK, float_logits=False).logits  # as decoding does
+        def forward():  # a step as decoding runs it: logits in the model's dtype, the pick
+            logits = model(block, positions, past_key_values=cache, attention_mask=held,
+                           block_length=BLOCK, float_logits=False).logits
+            return decoding.pick_tokens(logits, 0.0, None, None)
         if dev.type != "cuda":
             ms = time_ms(forward, 1, 1, dev)
         else:

@@ -40,6 +40,7 @@ import torch
 
 from .graphs import capture, graph_cache, graph_key
 from .modules import expert_load, moe_layers
+from .pick import greedy_pick
 
 DEFAULT_EOS_ID = 156892
 DEFAULT_MASK_ID = 156895
@@ -271,11 +272,10 @@ def pick_tokens(logits, temperature: float, top_k: Optional[int], top_p: Optiona
     (its probability is the confidence). Temperature 0 takes the argmax, with the unfiltered
     softmax as confidence: that is what users mean by 0 (the published generate() has no
     separate greedy mode in every release; with temperature 1 and the same seed this draws
-    exactly what the published sampler draws)."""
-    if temperature <= 0:  # the softmax upcasts as it reads: no fp32 copy of the logits
-        probs = logits.softmax(-1, dtype=torch.float32)
-        tok = probs.argmax(-1)
-        return tok, probs.gather(-1, tok[..., None]).squeeze(-1)
+    exactly what the published sampler draws). Temperature 0 runs pick.greedy_pick (one
+    kernel on CUDA; its rule for rows with NaN or infinite logits)."""
+    if temperature <= 0:  # one pass over the logits in their dtype (pick.greedy_pick)
+        return greedy_pick(logits)
     logits = logits.float()
     if temperature != 1:
         logits = logits / temperature

@@ -495,13 +495,29 @@ def norm_launch(hidden: int) -> NormLaunch:
     return NormLaunch(block_h=triton.next_power_of_2(hidden), warps=4 if hidden <= 2048 else 8)
 
 
+@dataclass(frozen=True)
+class PickLaunch:
+    """greedy_pick_kernel (kernels/greedy_pick.py): one program per row, block_v logits a step."""
+
+    block_v: int
+    warps: int
+
+
+def pick_launch(vocab: int) -> PickLaunch:
+    """4096 logits a step on 8 warps (16 a thread): LLaDA2's 157184 in 39 steps (not swept)."""
+    forced = _current("pick")
+    if forced is not None:
+        return forced
+    return PickLaunch(block_v=min(4096, triton.next_power_of_2(vocab)), warps=8)
+
+
 # ---------------------------------------------------------------------------------------------
 # scoped override
 
 _KINDS = {"route": RouteLaunch, "decode": DecodeConfig, "grouped": GroupedConfig,
           "align": AlignLaunch, "combine": CombineLaunch, "attention": AttentionLaunch,
-          "prep": PrepLaunch, "norm": NormLaunch, "moe_path": str, "fp8_bits": bool,
-          "pdl": bool}
+          "prep": PrepLaunch, "norm": NormLaunch, "pick": PickLaunch, "moe_path": str,
+          "fp8_bits": bool, "pdl": bool}
 _state = threading.local()
 
 
@@ -526,8 +542,8 @@ def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig]
              grouped: Optional[GroupedConfig] = None, align: Optional[AlignLaunch] = None,
              combine: Optional[CombineLaunch] = None, attention: Optional[AttentionLaunch] = None,
              prep: Optional[PrepLaunch] = None, moe_path: Optional[str] = None,
-             norm: Optional[NormLaunch] = None, fp8_bits: Optional[bool] = None,
-             pdl: Optional[bool] = None):
+             norm: Optional[NormLaunch] = None, pick: Optional[PickLaunch] = None,
+             fp8_bits: Optional[bool] = None, pdl: Optional[bool] = None):
     """Within the block, the launch functions return these instead of their choice (None keeps
     the enclosing choice). moe_path: "decode" or "grouped" whatever the token count; fp8_bits:
     how FP8 weights are read (fp8_bits()); pdl: programmatic dependent launch on or off
@@ -535,7 +551,7 @@ def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig]
     restores the choices."""
     given = dict(route=route, decode=decode, grouped=grouped, align=align,
                  combine=combine, attention=attention, prep=prep, moe_path=moe_path, norm=norm,
-                 fp8_bits=fp8_bits, pdl=pdl)
+                 pick=pick, fp8_bits=fp8_bits, pdl=pdl)
     frame = dict(_stack()[-1])
     for name, value in given.items():
         if value is None:
@@ -553,7 +569,8 @@ def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig]
         _stack().pop()
 
 
-__all__ = ["RouteLaunch", "NormLaunch", "norm_launch", "DecodeConfig", "GroupedConfig",
+__all__ = ["RouteLaunch", "NormLaunch", "norm_launch", "PickLaunch", "pick_launch",
+           "DecodeConfig", "GroupedConfig",
            "AlignLaunch", "CombineLaunch",
            "MoeLaunch", "AttentionLaunch", "PrepLaunch", "route_launch", "moe_launch",
            "align_launch", "attention_launch", "prep_launch", "override", "override_key",

@@ -258,6 +258,17 @@ def moe_forward_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_wei
 # must reproduce.
 
 
+def greedy_pick_reference(logits: torch.Tensor):
+    """(token int64 [...], confidence fp32 [...]) of logits [..., V]: the first index of each
+    row's largest logit, and its softmax probability (fp32). A row whose softmax is undefined
+    (a NaN or +inf logit, or every logit -inf) gets token 0 and confidence NaN, which is what
+    softmax-then-argmax gives (every probability NaN)."""
+    x = logits.float()
+    undefined = (torch.isnan(x) | (x == float("inf"))).any(-1) | (x.amax(-1) == float("-inf"))
+    tok = torch.where(undefined, 0, x.argmax(-1))
+    return tok, x.softmax(-1).gather(-1, tok[..., None]).squeeze(-1)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * rms_norm(x) over the last dim: fp32 statistics, cast back, then the weight (the
     published order of operations; F.rms_norm upcasts internally and rounds once)."""
