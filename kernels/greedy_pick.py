@@ -26,7 +26,7 @@ def greedy_pick_kernel(logits_ptr, stride_row, tok_ptr, conf_ptr, V, BLOCK_V: tl
     torch's softmax-then-argmax gives.
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
-    row = tl.program_id(0).to(tl.int64)  # int64: rows x V passes 2**31 at 64 sequences
+    row = tl.program_id(0).to(tl.int64)  # int64: row x stride passes 2**31 from ~430 seqs
     base = logits_ptr + row * stride_row
     offs = tl.arange(0, BLOCK_V)
     best = -float("inf")

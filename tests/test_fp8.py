@@ -248,7 +248,7 @@ def test_scaled_dots_keep_rows_apart(path, dot):
     ids, weights = random_routing(T, E, 2, g)
     with launch.override(moe_path=path, **fp8_defaults(**dot)):
         y = run_moe(hidden.to(torch.bfloat16), ids, weights, w_gate_up, w_down,
-                        backend="triton", scales=scales)
+                    backend="triton", scales=scales)
         groups = launched_groups(hidden.to(torch.bfloat16), path, scales)
     assert torch.isnan(y[1]).all() and torch.equal(y[2], torch.zeros_like(y[2]))
     if dot["dot"] == "fp8":
@@ -285,7 +285,7 @@ def test_byte_decoding_equals_native_reads():
     for bits in (False, True):
         with launch.override(fp8_bits=bits):
             runs.append(run_moe(hidden, ids, weights, w_gate_up, w_down, backend="triton",
-                                    scales=scales))
+                                scales=scales))
     assert torch.equal(runs[0], runs[1])
 
 
@@ -304,7 +304,7 @@ def test_every_e4m3_byte_decodes_exactly():
     for bits in (False, True):
         with launch.override(fp8_bits=bits, moe_path="decode"):
             y = run_moe(hidden.double().float(), torch.zeros(1, 1, dtype=torch.int32),
-                            torch.ones(1, 1), w_gate_up, w_down, backend="triton", scales=scales)
+                        torch.ones(1, 1), w_gate_up, w_down, backend="triton", scales=scales)
         torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=0)
 
 
@@ -320,7 +320,7 @@ def test_fp8_shared_expert_is_one_more_expert(path):
     weights = torch.rand(5, 2, generator=g)
     with launch.override(moe_path=path):
         y = run_moe(hidden, ids, weights, w_gate_up, w_down, backend="triton",
-                        shared=(shared_gu, shared_d), scales=replace(scales, shared=shared_scales))
+                    shared=(shared_gu, shared_d), scales=replace(scales, shared=shared_scales))
         as_routed = run_moe(
             hidden, torch.cat((ids, torch.full((5, 1), 4, dtype=torch.int32)), 1),
             torch.cat((weights, torch.ones(5, 1)), 1), torch.cat((w_gate_up, shared_gu[None])),
@@ -343,7 +343,7 @@ def test_shared_expert_beside_fp8_experts_must_be_fp8():
     (gu, d), shared_scales = make_fp8_shared(32, 16, (16, 16), torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match="shared is None"):
         run_moe(hidden, ids, weights, w_gate_up, w_down,
-                    scales=replace(scales, shared=shared_scales))
+                scales=replace(scales, shared=shared_scales))
     bad = replace(scales, shared=(shared_scales[0][:1], shared_scales[1]))
     with pytest.raises(ValueError, match=r"shared\[0\]_scale_inv has shape"):
         run_moe(hidden, ids, weights, w_gate_up, w_down, shared=(gu, d), scales=bad)
@@ -352,7 +352,7 @@ def test_shared_expert_beside_fp8_experts_must_be_fp8():
         run_moe(hidden, ids, weights, w_gate_up, w_down, shared=(gu, d), scales=nan)
     with pytest.raises(TypeError, match="scales.shared must be a pair"):
         run_moe(hidden, ids, weights, w_gate_up, w_down, shared=(gu, d),
-                    scales=replace(scales, shared=shared_scales[:1]))
+                scales=replace(scales, shared=shared_scales[:1]))
 
 
 def test_fp8_shared_expert_alone_takes_the_grouped_launch_and_its_reference_follows():
@@ -367,7 +367,7 @@ def test_fp8_shared_expert_alone_takes_the_grouped_launch_and_its_reference_foll
     ids, weights = torch.empty(8, 0, dtype=torch.int32), torch.empty(8, 0)
     with launch.override(decode=DecodeConfig(dot="fp16")):
         y, ref = (run_moe(hidden, ids, weights, w_gate_up, w_down, backend=backend,
-                              shared=(gu, d), scales=scales) for backend in ("triton", "reference"))
+                          shared=(gu, d), scales=scales) for backend in ("triton", "reference"))
     assert rel_err(y, ref.double()) <= 1e-2
 
 
@@ -382,7 +382,7 @@ def test_nan_rule_with_an_fp8_shared_expert(path):
     for backend in ("triton", "reference"):
         with launch.override(moe_path=path):
             y = run_moe(hidden, ids, weights, w_gate_up, w_down, backend=backend,
-                            shared=(gu, d), scales=replace(scales, shared=shared_scales))
+                        shared=(gu, d), scales=replace(scales, shared=shared_scales))
         assert torch.isnan(y[0]).all() and torch.isnan(y[2]).all(), backend
         assert torch.isfinite(y[1]).all(), backend
 
@@ -400,9 +400,9 @@ def test_broadcast_routed_scales_take_a_shared_expert(path):
                       shared_scales)
     with launch.override(moe_path=path):
         y = run_moe(hidden, ids, weights, w_gate_up, w_down, backend="triton",
-                        shared=(gu, d), scales=broadcast)
+                    shared=(gu, d), scales=broadcast)
         want = run_moe(hidden, ids, weights, w_gate_up, w_down, backend="triton",
-                           shared=(gu, d), scales=dense)
+                       shared=(gu, d), scales=dense)
     assert torch.equal(y, want)
 
 
@@ -421,7 +421,7 @@ def fp8_inputs():
 def test_bad_scales_are_named(backend):
     hidden, ids, weights, w_gate_up, w_down, scales = fp8_inputs()
     run = lambda s: run_moe(hidden, ids, weights, w_gate_up, w_down, backend=backend,  # noqa: E731
-                                scales=s)
+                            scales=s)
     with pytest.raises(ValueError, match="w_gate_up is float8_e4m3fn: pass its block scales"):
         run_moe(hidden, ids, weights, w_gate_up, w_down, backend=backend)
     with pytest.raises(ValueError, match=r"w_down_scale_inv has shape \(2, 2, 1\), expected "
@@ -437,7 +437,7 @@ def test_bad_scales_are_named(backend):
         run(Fp8Scales(scales.gate_up.half(), scales.down, scales.block))
     with pytest.raises(TypeError, match="w_gate_up must be float8_e4m3fn"):
         run_moe(hidden, ids, weights, w_gate_up.float(), w_down.float(), backend=backend,
-                    scales=scales)
+                scales=scales)
 
 
 def test_fp8_reads_follow_the_capability(monkeypatch):

@@ -655,7 +655,8 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
         float_logits=False returns lm_head's output in the model's dtype: the same values
         (fp32 holds every bf16 exactly) without a fp32 copy of [B, l, V], which at 64
         sequences of 32 rows is 1.3 GB written (0.9 ms on an H200); the decoding loop takes
-        them so and upcasts inside its softmax (decoding.pick_tokens).
+        them so (decoding.pick_tokens: the greedy pick reads them in their dtype, sampling
+        upcasts them).
         """
         hidden = self.model(input_ids, position_ids, past_key_values, attention_mask,
                             block_length, write_cache)
