@@ -349,7 +349,9 @@ def test_shared_expert_beside_fp8_experts_must_be_fp8():
         run_moe(hidden, ids, weights, w_gate_up, w_down, shared=(gu, d), scales=bad)
     nan = replace(scales, shared=(shared_scales[0], torch.full_like(shared_scales[1], math.nan)))
     with pytest.raises(ValueError, match=r"shared\[1\]_scale_inv holds non-finite"):
-        run_moe(hidden, ids, weights, w_gate_up, w_down, shared=(gu, d), scales=nan)
+        # check_ids=True: scale values are checked on CUDA only when asked (a host sync)
+        run_moe(hidden, ids, weights, w_gate_up, w_down, shared=(gu, d), scales=nan,
+                check_ids=True)
     with pytest.raises(TypeError, match="scales.shared must be a pair"):
         run_moe(hidden, ids, weights, w_gate_up, w_down, shared=(gu, d),
                 scales=replace(scales, shared=shared_scales[:1]))
@@ -432,7 +434,9 @@ def test_bad_scales_are_named(backend):
     bad = scales.down.clone()
     bad[1, 1, 0] = float("inf")
     with pytest.raises(ValueError, match="w_down_scale_inv holds non-finite"):
-        run(Fp8Scales(scales.gate_up, bad, scales.block))
+        # check_ids=True: scale values are checked on CUDA only when asked (a host sync)
+        run_moe(hidden, ids, weights, w_gate_up, w_down, backend=backend,
+                scales=Fp8Scales(scales.gate_up, bad, scales.block), check_ids=True)
     with pytest.raises(TypeError, match="w_gate_up_scale_inv must be a float32"):
         run(Fp8Scales(scales.gate_up.half(), scales.down, scales.block))
     with pytest.raises(TypeError, match="w_gate_up must be float8_e4m3fn"):
@@ -584,17 +588,17 @@ def test_build_fp8_model_stacks_its_shared_experts():
     """The random FP8 model (the flash bench's) is built on meta then given memory tensor by
     tensor; its shared experts are stacks again, with positive scales, and both backends
     agree."""
-    model = build_fp8_model(LLaDA2MoeConfig(**SMALL), torch.device("cpu"), seed=3)
+    model = build_fp8_model(LLaDA2MoeConfig(**SMALL), torch.device(DEV), seed=3)
     block = model.model.layers[1].mlp
     assert block.shared_gate_up.dtype == FP8_DTYPE
     assert block.shared_expert.gate_proj.weight.data_ptr() == block.shared_gate_up.data_ptr()
     assert all(bool((s > 0).all()) for s in block.fp8_scales().shared)
-    ids = torch.randint(3, 90, (1, 8), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 90, (1, 8), generator=torch.Generator().manual_seed(0)).to(DEV)
     patch_model(model, RoutingPolicy.token(), backend="triton")
     with torch.no_grad():
-        y = model(ids).logits
+        y = model(ids).logits.float().cpu()
     assert torch.isfinite(y).all()
-    assert rel_err(y, fp8_logits(model, ids).double()) < 1e-2
+    assert rel_err(y, fp8_logits(model, ids).float().cpu().double()) < 1e-2
 
 
 @pytest.fixture(scope="module")
