@@ -398,14 +398,16 @@ _SM_COUNT = {}
 def persistent_grid(device: torch.device, programs_per_sm: int, max_items: int) -> tuple:
     """(programs,) for a persistent kernel: SMs x programs_per_sm, at most max_items, at least 1.
     Off CUDA (the interpreter runs programs one after another) 4: a few exercise the loop."""
-    if device.type != "cuda":
-        programs = 4
-    else:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in _SM_COUNT:
-            _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        programs = _SM_COUNT[index] * programs_per_sm
+    programs = 4 if device.type != "cuda" else sm_count(device) * programs_per_sm
     return (max(1, min(programs, max_items)),)
+
+
+def sm_count(device: torch.device) -> int:
+    """The CUDA device's streaming multiprocessors (cached per device index)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,18 +499,32 @@ def norm_launch(hidden: int) -> NormLaunch:
 
 @dataclass(frozen=True)
 class PickLaunch:
-    """greedy_pick_kernel (kernels/greedy_pick.py): one program per row, block_v logits a step."""
+    """greedy_pick (kernels/greedy_pick.py): each row's vocabulary in `slices` programs, each
+    block_v logits a step on `warps` warps; the merge takes merge_rows rows a program."""
 
     block_v: int
     warps: int
+    slices: int = 1
+    merge_rows: int = 16
+
+    def __post_init__(self):
+        _check_shape(self, powers_of_two=("block_v", "warps", "merge_rows"))
 
 
-def pick_launch(vocab: int) -> PickLaunch:
-    """4096 logits a step on 8 warps (16 a thread): LLaDA2's 157184 in 39 steps (not swept)."""
+def pick_launch(rows: int, vocab: int, device: torch.device) -> PickLaunch:
+    """4096 logits a step on 8 warps (16 a thread), and as many slices per row as give about
+    8 programs per SM (LLaDA2's 157184 logits, 39 steps: one sequence's 32 rows in 20 slices
+    of 2 steps, 16 sequences in 3, 64 in 1). Off CUDA, 4 programs (the interpreter runs them
+    one after another). Not swept."""
     forced = _current("pick")
     if forced is not None:
         return forced
-    return PickLaunch(block_v=min(4096, triton.next_power_of_2(vocab)), warps=8)
+    block_v = min(4096, triton.next_power_of_2(vocab))
+    steps = triton.cdiv(vocab, block_v)
+    programs = 8 * sm_count(device) if device.type == "cuda" else 4
+    wanted = max(1, min(steps, triton.cdiv(programs, max(rows, 1))))
+    return PickLaunch(block_v=block_v, warps=8, slices=triton.cdiv(steps,
+                                                                   triton.cdiv(steps, wanted)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """`greedy_pick()`: the temperature-0 decision of a denoising step, the token of each row's
-largest logit and its softmax probability, in one launch (kernels/greedy_pick.py); the
+largest logit and its softmax probability, in two launches (kernels/greedy_pick.py); the
 reference is reference.greedy_pick_reference (torch's softmax and argmax)."""
 from __future__ import annotations
 
 import torch
+import triton
 
 from .launch import pdl, pick_launch
 from .reference import greedy_pick_reference
@@ -17,7 +18,7 @@ def greedy_pick(logits: torch.Tensor, backend: str = "auto"):
     undefined (a NaN or +inf logit, or every logit -inf) gets token 0 and confidence NaN.
     The kernel's confidence is the reference's up to the order of the softmax sum (relative
     error about 1e-6 at V = 157184); its tokens are the reference's.
-    backend: "triton" (one launch, no host sync: CUDA-graph capturable), "reference" (torch),
+    backend: "triton" (two launches, no host sync: CUDA-graph capturable), "reference" (torch),
     "auto" (triton on CUDA). Errors: TypeError / ValueError naming logits. Launch:
     launch.pick_launch.
     """
@@ -30,18 +31,30 @@ def greedy_pick(logits: torch.Tensor, backend: str = "auto"):
                          f"{tuple(logits.shape)}")
     if resolve_backend(backend, logits.device) == "reference":
         return greedy_pick_reference(logits)
-    from .kernels.greedy_pick import greedy_pick_kernel
+    from .kernels.greedy_pick import greedy_pick_merge_kernel, greedy_pick_slice_kernel
 
     V = logits.shape[-1]
     rows = logits.reshape(-1, V)
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
-    tok = torch.empty(rows.shape[0], dtype=torch.int64, device=logits.device)
-    conf = torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device)
-    if rows.shape[0]:
-        shapes = pick_launch(V)
-        greedy_pick_kernel[(rows.shape[0],)](
-            logits_ptr=rows, stride_row=rows.stride(0), tok_ptr=tok, conf_ptr=conf, V=V,
-            BLOCK_V=shapes.block_v, num_warps=shapes.warps, **pdl(logits.device))
+    R, device = rows.shape[0], logits.device
+    tok = torch.empty(R, dtype=torch.int64, device=device)
+    conf = torch.empty(R, dtype=torch.float32, device=device)
+    if R:
+        shapes = pick_launch(R, V, device)
+        # Each slice a whole number of steps; the last slice may hold fewer.
+        slice_v = triton.cdiv(triton.cdiv(V, shapes.block_v), shapes.slices) * shapes.block_v
+        slices = triton.cdiv(V, slice_v)
+        part_max = torch.empty(R, slices, dtype=torch.float32, device=device)
+        part_at = torch.empty(R, slices, dtype=torch.int32, device=device)
+        part_sum = torch.empty(R, slices, dtype=torch.float32, device=device)
+        greedy_pick_slice_kernel[(R, slices)](
+            logits_ptr=rows, stride_row=rows.stride(0), max_ptr=part_max, at_ptr=part_at,
+            sum_ptr=part_sum, V=V, SLICE=slice_v, BLOCK_V=shapes.block_v,
+            num_warps=shapes.warps, **pdl(device))
+        greedy_pick_merge_kernel[(triton.cdiv(R, shapes.merge_rows),)](
+            max_ptr=part_max, at_ptr=part_at, sum_ptr=part_sum, tok_ptr=tok, conf_ptr=conf,
+            rows=R, SLICES=slices, BLOCK_R=shapes.merge_rows,
+            BLOCK_S=triton.next_power_of_2(slices), num_warps=4, **pdl(device))
     return tok.view(logits.shape[:-1]), conf.view(logits.shape[:-1])
 
 

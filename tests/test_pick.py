@@ -1,6 +1,7 @@
 """greedy_pick (kernels/greedy_pick.py), the temperature-0 decision of a denoising step, against
 its reference (torch's softmax and argmax): random logits in every dtype, several BLOCK_V steps
-per row, ties within and across steps, NaN / +-inf rows, strided inputs, bad input."""
+and slices per row, ties within and across steps and slices, NaN / +-inf rows, strided inputs,
+bad input."""
 import pytest
 import torch
 from hypothesis import given
@@ -14,8 +15,9 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def check_against_reference(logits, block_v):
-    with launch.override(pick=launch.PickLaunch(block_v=block_v, warps=4)):
+def check_against_reference(logits, block_v, slices=1):
+    with launch.override(pick=launch.PickLaunch(block_v=block_v, warps=4, slices=slices,
+                                                merge_rows=4)):
         tok, conf = greedy_pick(logits.to(DEV), backend="triton")
     want_tok, want_conf = greedy_pick_reference(logits)
     assert tok.dtype == torch.int64 and conf.dtype == torch.float32
@@ -25,15 +27,16 @@ def check_against_reference(logits, block_v):
 
 
 @given(rows=st.integers(0, 6), vocab=st.integers(1, 700), dtype=st.sampled_from(DTYPES),
-       block_v=st.sampled_from([16, 64, 256]), spread=st.sampled_from([0.01, 3.0, 300.0]),
+       block_v=st.sampled_from([16, 64, 256]), slices=st.integers(1, 5),
+       spread=st.sampled_from([0.01, 3.0, 300.0]),
        seed=st.integers(0, 2**31 - 1), ties=st.integers(0, 3),
        special=st.lists(st.sampled_from(["nan", "inf", "-inf", "all -inf", "one finite"]),
                         max_size=3))
-def test_greedy_pick_matches_the_reference(rows, vocab, dtype, block_v, spread, seed, ties,
-                                           special):
+def test_greedy_pick_matches_the_reference(rows, vocab, dtype, block_v, slices, spread, seed,
+                                           ties, special):
     """Tokens equal, confidences within 2e-6 (the softmax sum's order and exp differ); the
-    row maximum copied to `ties` other places (earlier and later steps of BLOCK_V: the first
-    index must win); special rows: a NaN or +inf logit, -inf logits, every logit -inf, or a
+    row maximum copied to `ties` other places (earlier and later steps of BLOCK_V and slices:
+    the first index must win); rows in up to 5 slices, merged 4 rows a program; special rows: a NaN or +inf logit, -inf logits, every logit -inf, or a
     single finite one."""
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(rows, vocab, generator=g) * spread).to(dtype)
@@ -48,17 +51,22 @@ def test_greedy_pick_matches_the_reference(rows, vocab, dtype, block_v, spread, 
             logits[r] = float("-inf")
             if kind == "one finite":
                 logits[r, spot] = 1.5
-    check_against_reference(logits, block_v)
+    check_against_reference(logits, block_v, slices)
 
 
-def test_a_tie_across_steps_keeps_the_first_index():
-    """The maximum at index 3 (first step) and again at 40 and 100 (later steps): token 3."""
+@pytest.mark.parametrize("slices", [1, 2, 5])
+def test_a_tie_across_steps_and_slices_keeps_the_first_index(slices):
+    """The maximum at index 33 (second step) and again at 3 (the first step, smaller before),
+    40 and 100 (later steps; later slices when sliced): token 33 until index 3 rises to it."""
     logits = torch.zeros(1, 130)
-    logits[0, [3, 40, 100]] = 5.0
-    with launch.override(pick=launch.PickLaunch(block_v=32, warps=4)):
-        tok, conf = greedy_pick(logits.to(DEV), backend="triton")
-    assert int(tok) == 3
-    torch.testing.assert_close(conf.cpu(), torch.softmax(logits, -1)[:, 3])
+    logits[0, [33, 40, 100]] = 5.0
+    logits[0, 3] = 4.0
+    for first in (33, 3):
+        logits[0, 3] = 5.0 if first == 3 else 4.0
+        with launch.override(pick=launch.PickLaunch(block_v=32, warps=4, slices=slices)):
+            tok, conf = greedy_pick(logits.to(DEV), backend="triton")
+        assert int(tok) == first
+        torch.testing.assert_close(conf.cpu(), torch.softmax(logits, -1)[:, first])
 
 
 def test_a_later_larger_step_moves_the_token_and_rescales_the_sum():
@@ -68,6 +76,7 @@ def test_a_later_larger_step_moves_the_token_and_rescales_the_sum():
     logits[0, 99] = 30.0
     logits[1, 0] = 0.5
     check_against_reference(logits, 16)
+    check_against_reference(logits, 16, slices=3)  # ... and each slice's sum in the merge
 
 
 def test_strided_and_batched_logits():
@@ -75,7 +84,7 @@ def test_strided_and_batched_logits():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 9, 200, generator=g).to(torch.bfloat16)[:, 4:]
     check_against_reference(logits, 64)
-    check_against_reference(logits.transpose(0, 1), 64)
+    check_against_reference(logits.transpose(0, 1), 64, slices=3)
 
 
 def test_bad_logits_are_named():
@@ -90,11 +99,14 @@ def test_bad_logits_are_named():
 
 
 @pytest.mark.gpu
-def test_greedy_pick_at_llada2_vocab_on_gpu_and_in_a_graph():
-    """64 sequences x 32 rows of LLaDA2's 157184 logits in bf16, with the default launch:
-    the reference's tokens, and a CUDA graph replay gives what the eager call gave."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    logits = (torch.randn(64, 32, 157184, device="cuda", generator=g) * 4).to(torch.bfloat16)
+@pytest.mark.parametrize("sequences", [1, 64])
+def test_greedy_pick_at_llada2_vocab_on_gpu_and_in_a_graph(sequences):
+    """1 and 64 sequences x 32 rows of LLaDA2's 157184 logits in bf16, with the default launch
+    (one sequence's rows in many slices, 64 sequences' in one): the reference's tokens, and a
+    CUDA graph replay gives what the eager call gave."""
+    g = torch.Generator(device="cuda").manual_seed(sequences)
+    logits = (torch.randn(sequences, 32, 157184, device="cuda", generator=g) * 4).to(
+        torch.bfloat16)
     tok, conf = greedy_pick(logits)
     want_tok, want_conf = greedy_pick_reference(logits)
     assert torch.equal(tok, want_tok)
