@@ -573,6 +573,11 @@ FP8_DECODE_VARIANTS = [
     dict(block_h=64, warps_down=4, stages_down=6),
     dict(stages_down=3),
     dict(down_splits=16),
+    # act groups narrower than the scale block (launch.fit_scale_blocks): twice or four times
+    # the gate/up items, where 15 experts gave 60 items for 264 programs (issue 16)
+    dict(block_i=64),
+    dict(block_i=32),
+    dict(block_i=64, stages_gate_up=6),
 ]
 FP8_GROUPED_VARIANTS = [
     dict(),
@@ -585,6 +590,8 @@ FP8_GROUPED_VARIANTS = [
     # programs_per_sm asks; this one fits twice, offline for sm_90: gate/up 4 warps x 255
     # registers, 108 KB, no spills; down 149 registers, 72 KB (issue 16).
     dict(block_m=32, warps_gate_up=4, stages_gate_up=3),
+    dict(block_i=64),
+    dict(block_m=32, block_i=64, warps_gate_up=4, stages_gate_up=4),
 ]
 FP8_SWEEP_CASES = {"decode": ("32 tok, exact 15", "32 tok, exact 70"),
                    "grouped": ("16x32 tok, exact 15",)}

@@ -267,10 +267,13 @@ DEFAULT_ALIGN = AlignLaunch()
 # 51.9 / 140.1 in the same run) and 392 us at 16 x 32 tokens (30%; fp16 dot 542). The down
 # still reads at a fraction of the bandwidth (a per-kernel profile: 17 us at 15 experts, whose
 # bytes need 3.7), partly because each k step waits on small loads (block scale, act scales,
-# routing weights) that the pipeliner does not run ahead (docs/moe.md).
+# routing weights) that the pipeliner does not run ahead (docs/moe.md). The decode down's 3
+# stages: 34.7 / 96.5 us against 6 stages' 37.2 / 102.6 (H200, 2026-12-01, twelfth session;
+# 35.4 / 97.6 against 37.1 / 101.8 in the eleventh). Gate/up items of 64 or 32 columns (act
+# groups finer than the scale block) were slower there: 40.0 / 104.6 and 45.3 / 143.5.
 DEFAULT_DECODE_FP8 = DecodeConfig(block_i=128, k_tile_gate_up=128, warps_gate_up=4,
                                   stages_gate_up=4, programs_per_sm=2, block_h=64,
-                                  k_tile_down=128, warps_down=4, stages_down=6, down_splits=8,
+                                  k_tile_down=128, warps_down=4, stages_down=3, down_splits=8,
                                   dot="fp8")
 DEFAULT_GROUPED_FP8 = GroupedConfig(block_m=64, block_i=128, k_tile_gate_up=128, warps_gate_up=8,
                                     stages_gate_up=3, block_h=64, k_tile_down=128, warps_down=4,
@@ -347,7 +350,7 @@ def pdl(device: torch.device) -> dict:
 
 
 FP8_DOT_MIN_K = 32  # an e4m3 wgmma takes k in steps of 32
-FP8_DOT_MAX_GROUP = 128  # the fp8 dot's widest activation group (= the gate/up's block_i)
+FP8_DOT_MAX_GROUP = 128  # the fp8 dot's widest activation group (the gate/up's block_i)
 
 
 def fit_scale_blocks(config, block_k: int):
@@ -357,12 +360,15 @@ def fit_scale_blocks(config, block_k: int):
 
     - Each k step shrinks to a divisor of block_k (the largest power of two <= the step that
       divides it), so a k step lies in one scale block.
-    - The fp8 dot quantizes activations per token in groups of block_k columns (DeepSeek-V3's
-      1 x 128), and the gate/up's work items write the act rows' groups, so its block_i becomes
-      block_k. Where block_k is no power of two in [FP8_DOT_MIN_K, FP8_DOT_MAX_GROUP] (wider
-      gate/up tiles would not fit shared memory), or a fitted k step is under FP8_DOT_MIN_K
-      (a forced config's), the fp8 dot cannot run and the config takes the fp16 dot instead
-      (exact activations: more precise, not less).
+    - The fp8 dot quantizes x per token in groups of block_k columns (DeepSeek-V3's 1 x 128)
+      and the act rows in groups of the gate/up's block_i columns (each work item writes its
+      own), so block_i becomes a divisor of block_k: the largest power of two <= min(block_i,
+      block_k) that divides it, at least FP8_DOT_MIN_K (a down dot is one act group wide).
+      A group narrower than block_k is finer, never coarser, than the scale block. Where
+      block_k is no power of two in [FP8_DOT_MIN_K, FP8_DOT_MAX_GROUP] (wider gate/up tiles
+      would not fit shared memory), or a fitted k step is under FP8_DOT_MIN_K (a forced
+      config's), the fp8 dot cannot run and the config takes the fp16 dot instead (exact
+      activations: more precise, not less).
     """
     def fit(step: int) -> int:
         while block_k % step:
@@ -373,7 +379,7 @@ def fit_scale_blocks(config, block_k: int):
     if config.dot == "fp8":
         group_ok = FP8_DOT_MIN_K <= block_k <= FP8_DOT_MAX_GROUP and not block_k & (block_k - 1)
         if group_ok and min(changes.values()) >= FP8_DOT_MIN_K:
-            changes["block_i"] = block_k
+            changes["block_i"] = max(FP8_DOT_MIN_K, fit(min(config.block_i, block_k)))
         else:
             changes["dot"] = "fp16"
     return dataclasses.replace(config, **changes)

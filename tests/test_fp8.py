@@ -153,11 +153,13 @@ def fp8_cases(draw):
     bits = draw(st.booleans())
     # None: the FP8 default launches (launch.DEFAULT_*_FP8, the fp8 dot); else a forced decode
     # config: the fp16 dot at the bf16 default's shapes (tiles narrower than the wgmma's 64
-    # rows too), or the fp8 dot (blocks narrower than 32 columns make it the fp16 dot).
+    # rows too), or the fp8 dot (blocks narrower than 32 columns make it the fp16 dot) with act
+    # groups of block_i columns (fitted to divide the block: finer than it, or as wide).
     splits = draw(st.integers(1, 3))
     forced = draw(st.sampled_from([
         None, DecodeConfig(down_splits=splits, k_tile_down=256, x_prepass=draw(st.booleans())),
-        DecodeConfig(dot="fp8", down_splits=splits, block_h=64)]))
+        DecodeConfig(dot="fp8", down_splits=splits, block_h=64,
+                     block_i=draw(st.sampled_from([32, 64, 128])))]))
     shared = make_fp8_shared(H, I, block, g) if draw(st.booleans()) else (None, None)
     return T, H, I, E, ids, weights, block, g, path, bits, forced, shared
 
@@ -464,18 +466,21 @@ def test_k_steps_fit_the_scale_blocks():
 
 
 def test_fp8_dot_groups_follow_the_scale_blocks():
-    """The fp8 dot's act groups are the gate/up items' columns, so block_i becomes the scale
-    block's width; a width that is no power of two >= 32 takes the fp16 dot; a bad dot name
-    is refused where the config is built."""
-    fitted = launch.fit_scale_blocks(DecodeConfig(dot="fp8", block_i=32), 128)
-    assert (fitted.dot, fitted.block_i) == ("fp8", 128)
+    """The fp8 dot's act groups are the gate/up items' columns, so block_i becomes a divisor
+    of the scale block's width, at least 32 (an e4m3 wgmma's k); a width that is no power of
+    two >= 32 takes the fp16 dot; a bad dot name is refused where the config is built."""
+    for block_i, width, group in ((32, 128, 32), (64, 128, 64), (16, 128, 32), (256, 128, 128),
+                                  (128, 64, 64), (64, 32, 32)):
+        fitted = launch.fit_scale_blocks(DecodeConfig(dot="fp8", block_i=block_i), width)
+        assert (fitted.dot, fitted.block_i) == ("fp8", group), (block_i, width)
     for width in (16, 48, 96, 256):  # the widest group is 128: a wider tile would not fit
         assert launch.fit_scale_blocks(GroupedConfig(dot="fp8"), width).dot == "fp16"
     # a forced k step under 32 (an e4m3 wgmma's k) too
     assert launch.fit_scale_blocks(DecodeConfig(dot="fp8", k_tile_down=16), 128).dot == "fp16"
     hidden = torch.zeros(4, 256, dtype=torch.bfloat16)
     scales = Fp8Scales(torch.ones(1, 2, 2), torch.ones(1, 2, 1), (128, 128))
-    assert fp8_activation_groups(hidden, DecodeConfig(dot="fp8"), scales) == (128, 128)
+    assert fp8_activation_groups(hidden, DecodeConfig(dot="fp8", block_i=128), scales) == (128, 128)
+    assert fp8_activation_groups(hidden, DecodeConfig(dot="fp8", block_i=64), scales) == (128, 64)
     assert fp8_activation_groups(hidden.float(), DecodeConfig(dot="fp8"), scales) is None
     assert fp8_activation_groups(hidden, DecodeConfig(dot="fp16"), scales) is None
     with launch.override(fp8_bits=True):  # no FP8 tensor cores below sm_89
