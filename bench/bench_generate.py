@@ -117,9 +117,10 @@ def random_blocks(config, batch: int, seed: int) -> torch.Tensor:
 
 def bare_forward(model, setup: Setup, prompts: torch.Tensor, block: torch.Tensor,
                  capacity: int) -> tuple:
-    """(ms, unique experts per block) of one forward of `block` [B, BLOCK] after `prompts`
-    [B, P] held in a static cache of `capacity` rows: a CUDA graph replayed (median; eager on
-    the CPU); the unique experts are the last replay's routes (route_summary)."""
+    """(ms, unique experts per block) of one step on `block` [B, BLOCK] after `prompts` [B, P]
+    held in a static cache of `capacity` rows: the forward and the greedy pick of its logits,
+    as decoding runs them (the "bare forward" of the tables), a CUDA graph replayed (median;
+    eager on the CPU); the unique experts are the last replay's routes (route_summary)."""
     dev = setup.device
     batch, P = prompts.shape
     cache = model.new_cache(batch, capacity, static=True, scratch=max(64, BLOCK))

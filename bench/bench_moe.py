@@ -570,8 +570,7 @@ FP8_DECODE_VARIANTS = [
     dict(dot="fp16", block_i=64),                          # e4m3 -> fp16, exact activations
     dict(dot="model", block_i=64),                         # e4m3 -> bf16, bf16 dot
     dict(stages_gate_up=6, programs_per_sm=1),
-    dict(block_h=64, warps_down=4, stages_down=6),
-    dict(stages_down=3),
+    dict(stages_down=6),  # the default until the twelfth session
     dict(down_splits=16),
     # act groups narrower than the scale block (launch.fit_scale_blocks): twice or four times
     # the gate/up items, where 15 experts gave 60 items for 264 programs (issue 16)

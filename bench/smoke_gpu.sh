@@ -59,6 +59,7 @@ step cli python3 -m dmoe_triton generate
 step routing python3 bench/bench_routing.py --quick --router --out "$out/routing.md"
 step moe python3 bench/bench_moe.py --quick --out "$out/moe"
 step attention python3 bench/bench_attention.py --quick --out "$out/attention.md"
+step pick python3 bench/bench_pick.py --out "$out/pick.md"
 fi
 if [ "$part" != 1 ]; then
 # three rows of the ten: token, dMoE and expert choice inside the coreset (their kernels differ)

@@ -350,7 +350,9 @@ def pdl(device: torch.device) -> dict:
 
 
 FP8_DOT_MIN_K = 32  # an e4m3 wgmma takes k in steps of 32
-FP8_DOT_MAX_GROUP = 128  # the fp8 dot's widest activation group (the gate/up's block_i)
+# The widest scale block the fp8 dot takes: published checkpoints use 128, the only width its
+# launches were tuned and timed at (wider blocks take the fp16 dot: fit_scale_blocks).
+FP8_DOT_MAX_GROUP = 128
 
 
 def fit_scale_blocks(config, block_k: int):
@@ -362,13 +364,12 @@ def fit_scale_blocks(config, block_k: int):
       divides it), so a k step lies in one scale block.
     - The fp8 dot quantizes x per token in groups of block_k columns (DeepSeek-V3's 1 x 128)
       and the act rows in groups of the gate/up's block_i columns (each work item writes its
-      own), so block_i becomes a divisor of block_k: the largest power of two <= min(block_i,
-      block_k) that divides it, at least FP8_DOT_MIN_K (a down dot is one act group wide).
-      A group narrower than block_k is finer, never coarser, than the scale block. Where
-      block_k is no power of two in [FP8_DOT_MIN_K, FP8_DOT_MAX_GROUP] (wider gate/up tiles
-      would not fit shared memory), or a fitted k step is under FP8_DOT_MIN_K (a forced
-      config's), the fp8 dot cannot run and the config takes the fp16 dot instead (exact
-      activations: more precise, not less).
+      own), so block_i becomes min(block_i, block_k), at least FP8_DOT_MIN_K (a down dot is
+      one act group wide): powers of two both, a divisor of block_k. A group narrower than
+      block_k is finer, never coarser, than the scale block. Where block_k is no power of two
+      in [FP8_DOT_MIN_K, FP8_DOT_MAX_GROUP], or a fitted k step is under FP8_DOT_MIN_K (a
+      forced config's), the fp8 dot cannot run and the config takes the fp16 dot instead
+      (exact activations: more precise, not less).
     """
     def fit(step: int) -> int:
         while block_k % step:
@@ -379,7 +380,7 @@ def fit_scale_blocks(config, block_k: int):
     if config.dot == "fp8":
         group_ok = FP8_DOT_MIN_K <= block_k <= FP8_DOT_MAX_GROUP and not block_k & (block_k - 1)
         if group_ok and min(changes.values()) >= FP8_DOT_MIN_K:
-            changes["block_i"] = max(FP8_DOT_MIN_K, fit(min(config.block_i, block_k)))
+            changes["block_i"] = max(FP8_DOT_MIN_K, min(config.block_i, block_k))
         else:
             changes["dot"] = "fp16"
     return dataclasses.replace(config, **changes)
@@ -505,23 +506,30 @@ def norm_launch(hidden: int) -> NormLaunch:
 
 @dataclass(frozen=True)
 class PickLaunch:
-    """greedy_pick (kernels/greedy_pick.py): each row's vocabulary in `slices` programs, each
-    block_v logits a step on `warps` warps; the merge takes merge_rows rows a program."""
+    """greedy_pick (kernels/greedy_pick.py): each row's vocabulary in at most `slices` programs
+    of whole steps (fewer where fewer steps of block_v logits cover it), each on `warps`
+    warps; the merge takes merge_rows rows a program on merge_warps warps."""
 
     block_v: int
     warps: int
     slices: int = 1
     merge_rows: int = 16
+    merge_warps: int = 4
 
     def __post_init__(self):
-        _check_shape(self, powers_of_two=("block_v", "warps", "merge_rows"))
+        _check_shape(self, powers_of_two=("block_v", "warps", "merge_rows", "merge_warps"))
+
+    def slice_v(self, vocab: int) -> int:
+        """Logits per slice: whole steps of block_v, as many as `slices` programs need."""
+        steps = triton.cdiv(vocab, self.block_v)
+        return triton.cdiv(steps, self.slices) * self.block_v
 
 
 def pick_launch(rows: int, vocab: int, device: torch.device) -> PickLaunch:
     """4096 logits a step on 8 warps (16 a thread), and as many slices per row as give about
-    8 programs per SM (LLaDA2's 157184 logits, 39 steps: one sequence's 32 rows in 20 slices
-    of 2 steps, 16 sequences in 3, 64 in 1). Off CUDA, 4 programs (the interpreter runs them
-    one after another). Not swept."""
+    8 programs per SM (LLaDA2's 157184 logits, 39 steps, on 132 SMs: one sequence's 32 rows in
+    20 slices of 2 steps, 16 sequences in 3, 64 in 1). Off CUDA, 4 programs (the interpreter
+    runs them one after another). Not swept."""
     forced = _current("pick")
     if forced is not None:
         return forced
@@ -529,8 +537,8 @@ def pick_launch(rows: int, vocab: int, device: torch.device) -> PickLaunch:
     steps = triton.cdiv(vocab, block_v)
     programs = 8 * sm_count(device) if device.type == "cuda" else 4
     wanted = max(1, min(steps, triton.cdiv(programs, max(rows, 1))))
-    return PickLaunch(block_v=block_v, warps=8, slices=triton.cdiv(steps,
-                                                                   triton.cdiv(steps, wanted)))
+    return PickLaunch(block_v=block_v, warps=8,
+                      slices=triton.cdiv(steps, triton.cdiv(steps, wanted)))
 
 
 # ---------------------------------------------------------------------------------------------

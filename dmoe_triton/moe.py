@@ -183,7 +183,8 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     fp32 block scales; a missing or mis-shaped scale is a ValueError naming it). With bf16
     activations FP8 experts run W8A8 by default, as DeepSeek-V3's FP8 inference does: the
     activations are quantized to e4m3 per token in groups of the scale blocks' width (128 in
-    published checkpoints; power-of-two scales) for FP8 tensor cores; the reference
+    published checkpoints; the act rows in groups of the gate/up's block_i, a divisor of it,
+    the whole width by default; power-of-two scales) for FP8 tensor cores; the reference
     dequantizes the weights and quantizes the activations the same way
     (launch.DecodeConfig.dot; "fp16" keeps the activations exact). Returns [T, H] in
     hidden's dtype, accumulated in fp32, contiguous. Every input may be any strided view
@@ -345,8 +346,9 @@ def scaled_dot(hidden, config, fp8) -> str:
 
 def fp8_activation_groups(hidden, config, scales: Fp8Scales):
     """(x_group, act_group): how the fp8 dot (W8A8) quantizes the activations of hidden [T, H]
-    under `config` (DecodeConfig or GroupedConfig) for FP8 weights with `scales`: x and act per
-    token in groups of the scale blocks' columns (launch.fit_scale_blocks); None where the
+    under `config` (DecodeConfig or GroupedConfig) for FP8 weights with `scales`: x per token in
+    groups of the scale blocks' columns, act in groups of the fitted block_i columns (a divisor
+    of them: launch.fit_scale_blocks); None where the
     launch runs another dot (scaled_dot). For moe_forward_reference's activation_groups, so a
     reference matches the kernels' numerics."""
     config = fit_scale_blocks(config, scales.block[1])

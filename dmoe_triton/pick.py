@@ -41,20 +41,20 @@ def greedy_pick(logits: torch.Tensor, backend: str = "auto"):
     conf = torch.empty(R, dtype=torch.float32, device=device)
     if R:
         shapes = pick_launch(R, V, device)
-        # Each slice a whole number of steps; the last slice may hold fewer.
-        slice_v = triton.cdiv(triton.cdiv(V, shapes.block_v), shapes.slices) * shapes.block_v
-        slices = triton.cdiv(V, slice_v)
-        part_max = torch.empty(R, slices, dtype=torch.float32, device=device)
-        part_at = torch.empty(R, slices, dtype=torch.int32, device=device)
-        part_sum = torch.empty(R, slices, dtype=torch.float32, device=device)
-        greedy_pick_slice_kernel[(R, slices)](
+        slice_v = shapes.slice_v(V)
+        num_slices = triton.cdiv(V, slice_v)  # at most shapes.slices: the last may be shorter
+        part_max = torch.empty(R, num_slices, dtype=torch.float32, device=device)
+        part_at = torch.empty(R, num_slices, dtype=torch.int32, device=device)
+        part_sum = torch.empty(R, num_slices, dtype=torch.float32, device=device)
+        greedy_pick_slice_kernel[(R, num_slices)](
             logits_ptr=rows, stride_row=rows.stride(0), max_ptr=part_max, at_ptr=part_at,
-            sum_ptr=part_sum, V=V, SLICE=slice_v, BLOCK_V=shapes.block_v,
+            sum_ptr=part_sum, V=V, SLICE_V=slice_v, BLOCK_V=shapes.block_v,
             num_warps=shapes.warps, **pdl(device))
         greedy_pick_merge_kernel[(triton.cdiv(R, shapes.merge_rows),)](
             max_ptr=part_max, at_ptr=part_at, sum_ptr=part_sum, tok_ptr=tok, conf_ptr=conf,
-            rows=R, SLICES=slices, BLOCK_R=shapes.merge_rows,
-            BLOCK_S=triton.next_power_of_2(slices), num_warps=4, **pdl(device))
+            rows=R, NUM_SLICES=num_slices, BLOCK_R=shapes.merge_rows,
+            BLOCK_S=triton.next_power_of_2(num_slices), num_warps=shapes.merge_warps,
+            **pdl(device))
     return tok.view(logits.shape[:-1]), conf.view(logits.shape[:-1])
 
 

@@ -16,13 +16,13 @@ from .pdl import wait_previous_kernel
 
 
 @triton.jit
-def greedy_pick_slice_kernel(logits_ptr, stride_row, max_ptr, at_ptr, sum_ptr, V, SLICE,
+def greedy_pick_slice_kernel(logits_ptr, stride_row, max_ptr, at_ptr, sum_ptr, V, SLICE_V,
                              BLOCK_V: tl.constexpr, PDL: tl.constexpr = False):
-    """Grid (rows, slices): program (r, s) reads logits[r, s * SLICE : (s + 1) * SLICE],
+    """Grid (rows, slices): program (r, s) reads logits[r, s * SLICE_V : (s + 1) * SLICE_V],
     BLOCK_V at a time (the running sum is rescaled when the running maximum grows).
 
-    logits_ptr [rows, V] fp32/fp16/bf16 (row stride stride_row, unit along V); SLICE: a multiple
-    of BLOCK_V. Out, each [rows, slices] contiguous fp32 / int32 / fp32: max_ptr the slice's
+    logits_ptr [rows, V] fp32/fp16/bf16 (row stride stride_row, unit along V); SLICE_V: a
+    multiple of BLOCK_V. Out, each [rows, slices] contiguous fp32 / int32 / fp32: max_ptr the slice's
     largest logit (-inf for a slice of -inf only), at_ptr the first index of it in the row,
     sum_ptr sum_j exp(l_j - max) over the slice (0 for -inf only), NaN where the slice holds a
     NaN or +inf logit (the row's softmax is undefined then: greedy_pick_merge_kernel).
@@ -32,14 +32,16 @@ def greedy_pick_slice_kernel(logits_ptr, stride_row, max_ptr, at_ptr, sum_ptr, V
     part = row * tl.num_programs(1) + tl.program_id(1)
     base = logits_ptr + row * stride_row
     offs = tl.arange(0, BLOCK_V)
-    begin = tl.program_id(1) * SLICE
+    begin = tl.program_id(1) * SLICE_V
     best = -float("inf")
     best_at = 0
     total = 0.0
     bad = 0
-    for start in range(begin, tl.minimum(begin + SLICE, V), BLOCK_V):
+    for start in range(begin, tl.minimum(begin + SLICE_V, V), BLOCK_V):
         idx = start + offs
         x = tl.load(base + idx, mask=idx < V, other=-float("inf")).to(tl.float32)
+        # Explicit, though a NaN or +inf would make the sum NaN through exp anyway: the rule
+        # does not lean on how the fast exp treats NaN and inf.
         bad = tl.maximum(bad, tl.max(((x != x) | (x == float("inf"))).to(tl.int32), axis=0))
         top = tl.max(x, axis=0)
         at = tl.min(tl.where(x == top, idx, V), axis=0)  # first index of the step's maximum
@@ -56,20 +58,20 @@ def greedy_pick_slice_kernel(logits_ptr, stride_row, max_ptr, at_ptr, sum_ptr, V
 
 
 @triton.jit
-def greedy_pick_merge_kernel(max_ptr, at_ptr, sum_ptr, tok_ptr, conf_ptr, rows, SLICES,
+def greedy_pick_merge_kernel(max_ptr, at_ptr, sum_ptr, tok_ptr, conf_ptr, rows, NUM_SLICES,
                              BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
                              PDL: tl.constexpr = False):
-    """Grid (cdiv(rows, BLOCK_R),): merges greedy_pick_slice_kernel's [rows, SLICES] partials
-    (BLOCK_S >= SLICES). tok_ptr [rows] int64 out: the first index of the row's largest logit
-    (the earliest slice holding the maximum, its first index); conf_ptr [rows] fp32 out:
-    1 / sum_s sum_s' exp(max_s - max). A row whose softmax is undefined (a NaN or +inf logit,
+    """Grid (cdiv(rows, BLOCK_R),): merges greedy_pick_slice_kernel's [rows, NUM_SLICES]
+    partials (BLOCK_S >= NUM_SLICES). tok_ptr [rows] int64 out: the first index of the row's
+    largest logit (the earliest slice holding the maximum, its first index); conf_ptr [rows]
+    fp32 out: 1 / (sum over slices s of sum[s] * exp(max[s] - max)). A row whose softmax is undefined (a NaN or +inf logit,
     or every logit -inf) gets token 0 and confidence NaN, as torch's softmax-then-argmax gives.
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     s = tl.arange(0, BLOCK_S)
-    ok = (r < rows)[:, None] & (s < SLICES)[None, :]
-    part = r.to(tl.int64)[:, None] * SLICES + s[None, :]
+    ok = (r < rows)[:, None] & (s < NUM_SLICES)[None, :]
+    part = r.to(tl.int64)[:, None] * NUM_SLICES + s[None, :]
     m = tl.load(max_ptr + part, mask=ok, other=-float("inf"))
     at = tl.load(at_ptr + part, mask=ok, other=0)
     part_sum = tl.load(sum_ptr + part, mask=ok, other=0.0)

@@ -229,9 +229,10 @@ def test_scaled_dots_keep_activations_outside_their_range(path, dot):
     # the oracle quantizes its float64 ones. Most likely (not traced): where a group's largest
     # act lies at a power of two the two pick scales a factor 2 apart and round the group on
     # different grids, and the row differs by about e4m3's rounding noise (3.7% seen on the
-    # H200, one row of twelve). A plain conversion's inf or 0 is off by 100%.
-    bound = 5e-2 if dot["dot"] == "fp8" else 1e-2
-    assert (row_err <= bound).all(), row_err
+    # H200, one row of twelve). A plain conversion's inf or 0 is off by 100%. So with the fp8
+    # dot one row may reach 5%, the others keep 1% (a kernel error on every row still fails).
+    assert (row_err <= 5e-2).all(), row_err
+    assert int((row_err > 1e-2).sum()) <= (1 if dot["dot"] == "fp8" else 0), row_err
 
 
 @pytest.mark.parametrize("dot", DOTS, ids=["fp16", "fp16 in loop", "fp8"])

@@ -148,6 +148,7 @@ def test_override_is_thread_local():
     (dict(prep=4), "prep"),
     (dict(align=True), "align"),
     (dict(moe_path=1), "moe_path"),
+    (dict(pick=RouteLaunch()), "pick"),
 ])
 def test_bad_override_types_name_the_argument(kwargs, name):
     with pytest.raises(TypeError, match=f"^{name} must be"):
@@ -208,3 +209,23 @@ def test_forced_pdl_off_a_hopper_gpu_is_refused_and_bad_shapes_name_the_argument
         launch.attention_launch(-1, 1024)
     with pytest.raises(ValueError, match="n_keys must be >= 0"):
         launch.attention_launch(1, -5)
+
+
+def test_pick_launch_slices_follow_the_sm_count(monkeypatch):
+    """About 8 programs per SM (132 on an H200): LLaDA2's 157184 logits (39 steps of 4096) in
+    20 slices of 2 steps for one sequence's 32 rows, 3 for 16 sequences, 1 for 64; a vocabulary
+    of one step never splits; off CUDA, 4 programs."""
+    monkeypatch.setattr(launch, "sm_count", lambda device: 132)
+    for rows, slices in ((32, 20), (512, 3), (2048, 1)):
+        shapes = launch.pick_launch(rows, 157184, GPU)
+        assert (shapes.block_v, shapes.slices) == (4096, slices), rows
+        assert shapes.slice_v(157184) == 4096 * (2 if rows == 32 else 13 if rows == 512 else 39)
+    assert launch.pick_launch(1, 3000, GPU).slices == 1
+    assert launch.pick_launch(1, 157184, torch.device("cpu")).slices == 4
+
+
+def test_bad_pick_launch_fields_are_named():
+    for kwargs, field in ((dict(block_v=48), "block_v"), (dict(merge_rows=0), "merge_rows"),
+                          (dict(slices=0), "slices"), (dict(merge_rows=3), "merge_rows")):
+        with pytest.raises(ValueError, match=f"PickLaunch.{field} must be"):
+            launch.PickLaunch(**{"block_v": 64, "warps": 4, **kwargs})

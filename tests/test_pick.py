@@ -36,8 +36,8 @@ def test_greedy_pick_matches_the_reference(rows, vocab, dtype, block_v, slices, 
                                            ties, special):
     """Tokens equal, confidences within 2e-6 (the softmax sum's order and exp differ); the
     row maximum copied to `ties` other places (earlier and later steps of BLOCK_V and slices:
-    the first index must win); rows in up to 5 slices, merged 4 rows a program; special rows: a NaN or +inf logit, -inf logits, every logit -inf, or a
-    single finite one."""
+    the first index must win); rows in up to 5 slices, merged 4 rows a program; special rows:
+    a NaN or +inf logit, -inf logits, every logit -inf, or a single finite one."""
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(rows, vocab, generator=g) * spread).to(dtype)
     for r in range(rows):
@@ -77,6 +77,35 @@ def test_a_later_larger_step_moves_the_token_and_rescales_the_sum():
     logits[1, 0] = 0.5
     check_against_reference(logits, 16)
     check_against_reference(logits, 16, slices=3)  # ... and each slice's sum in the merge
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("slices", [1, 3])
+def test_special_rows_in_every_slice(dtype, slices):
+    """Every kind of row the NaN rule names, in 3 slices of 2 steps of 16 (the property test
+    draws them, CI's 12 examples may not): every logit -inf; -inf but one finite value in the
+    last slice; a NaN in a later slice than the maximum; +inf in the first slice; a slice of
+    NaN only; a plain row."""
+    logits = torch.randn(6, 96, generator=torch.Generator().manual_seed(4)).to(dtype)
+    logits[0] = float("-inf")
+    logits[1] = float("-inf")
+    logits[1, 90] = 2.0
+    logits[2, 5] = 50.0
+    logits[2, 70] = float("nan")
+    logits[3, 1] = float("inf")
+    logits[4, 32:64] = float("nan")
+    check_against_reference(logits, 16, slices)
+    tok, conf = greedy_pick(logits.to(DEV), backend="triton")
+    assert tok.tolist()[:5] == [0, 90, 0, 0, 0] and int(tok[5]) == int(logits[5].argmax())
+    assert torch.isnan(conf[[0, 2, 3, 4]].cpu()).all() and float(conf[1]) == 1.0
+
+
+def test_row_stride_other_than_the_vocabulary():
+    """Rows read through their stride: a 2-d view whose rows are 300 apart and start 50 in (no
+    copy is made for it), and a [1, L, V] view sliced along L."""
+    g = torch.Generator().manual_seed(5)
+    check_against_reference(torch.randn(5, 300, generator=g)[:, 50:250], 32, slices=3)
+    check_against_reference(torch.randn(1, 9, 200, generator=g)[:, 4:], 64, slices=2)
 
 
 def test_strided_and_batched_logits():

@@ -45,11 +45,13 @@ def test_temperature_before_top_p_changes_what_survives():
     assert len(seen) > 1
 
 
-def test_temperature_zero_is_the_argmax_with_the_plain_softmax_as_confidence():
-    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_temperature_zero_is_the_argmax_with_the_plain_softmax_as_confidence(dtype):
+    """Any float dtype, as at other temperatures (float64 is upcast to fp32 for the pick)."""
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(2)).to(dtype)
     tok, conf = pick_tokens(logits, 0.0, 3, 0.2)
     assert torch.equal(tok, logits.argmax(-1))
-    torch.testing.assert_close(conf, logits.softmax(-1).max(-1).values)
+    torch.testing.assert_close(conf, logits.float().softmax(-1).max(-1).values)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

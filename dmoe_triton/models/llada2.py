@@ -645,7 +645,8 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
     def forward(self, input_ids, position_ids=None, past_key_values: Optional[BlockKVCache] = None,
                 attention_mask=None, block_length: int = 32, write_cache: bool = False,
                 return_logits: bool = True, float_logits: bool = True, **kwargs):
-        """Logits [B, l, V] in fp32 for l input rows; the logit at row i predicts token i.
+        """Logits [B, l, V] for l input rows, in fp32 (default) or with float_logits=False in
+        the model's dtype (decoding's: its pick reads them so); row i's logits predict token i.
 
         position_ids [B, l]: absolute positions (default: continue after the cache). Blocks of
         `block_length` are aligned to position 0. past_key_values: a BlockKVCache of finished
