@@ -16,8 +16,9 @@ def greedy_pick(logits: torch.Tensor, backend: str = "auto"):
     token int64 [...], the first index of the row's largest logit (LLaDA's greedy rule);
     confidence fp32 [...], that token's softmax probability in fp32. A row whose softmax is
     undefined (a NaN or +inf logit, or every logit -inf) gets token 0 and confidence NaN.
-    The kernel's confidence is the reference's up to the order of the softmax sum (relative
-    error about 1e-6 at V = 157184); its tokens are the reference's.
+    The kernel's confidence is within about 2e-7 (relative) of a float64 softmax at
+    V = 157184, torch's fp32 reference within about 1e-5 on the CPU (its sum's order); its
+    tokens are the reference's.
     backend: "triton" (two launches, no host sync: CUDA-graph capturable), "reference" (torch),
     "auto" (triton on CUDA). Errors: TypeError / ValueError naming logits. Launch:
     launch.pick_launch.

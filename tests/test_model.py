@@ -119,6 +119,8 @@ def test_logits_in_the_model_dtype_are_the_fp32_logits_before_the_copy():
         fp32 = model(ids, block_length=8).logits
     assert plain.dtype == torch.bfloat16 and fp32.dtype == torch.float32
     assert torch.equal(plain.float(), fp32)
+    with pytest.raises(TypeError, match="float_logits must be a bool, got None"):
+        model(ids, block_length=8, float_logits=None)
 
 
 def test_block_causal_attention():

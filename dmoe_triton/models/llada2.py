@@ -657,8 +657,10 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
         (fp32 holds every bf16 exactly) without a fp32 copy of [B, l, V], which at 64
         sequences of 32 rows is 1.3 GB written (0.9 ms on an H200); the decoding loop takes
         them so (decoding.pick_tokens: the greedy pick reads them in their dtype, sampling
-        upcasts them).
+        upcasts them). A float_logits that is not a bool is a TypeError.
         """
+        if not isinstance(float_logits, bool):  # None or 0 would pick the dtype silently
+            raise TypeError(f"float_logits must be a bool, got {float_logits!r}")
         hidden = self.model(input_ids, position_ids, past_key_values, attention_mask,
                             block_length, write_cache)
         logits = self.lm_head(hidden) if return_logits else None
