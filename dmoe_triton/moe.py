@@ -348,9 +348,8 @@ def fp8_activation_groups(hidden, config, scales: Fp8Scales):
     """(x_group, act_group): how the fp8 dot (W8A8) quantizes the activations of hidden [T, H]
     under `config` (DecodeConfig or GroupedConfig) for FP8 weights with `scales`: x per token in
     groups of the scale blocks' columns, act in groups of the fitted block_i columns (a divisor
-    of them: launch.fit_scale_blocks); None where the
-    launch runs another dot (scaled_dot). For moe_forward_reference's activation_groups, so a
-    reference matches the kernels' numerics."""
+    of them: launch.fit_scale_blocks); None where the launch runs another dot (scaled_dot). For
+    moe_forward_reference's activation_groups, so a reference matches the kernels' numerics."""
     config = fit_scale_blocks(config, scales.block[1])
     if scaled_dot(hidden, config, (None, scales.block, fp8_bits(hidden.device))) != "fp8":
         return None

@@ -22,10 +22,11 @@ def greedy_pick_slice_kernel(logits_ptr, stride_row, max_ptr, at_ptr, sum_ptr, V
     BLOCK_V at a time (the running sum is rescaled when the running maximum grows).
 
     logits_ptr [rows, V] fp32/fp16/bf16 (row stride stride_row, unit along V); SLICE_V: a
-    multiple of BLOCK_V. Out, each [rows, slices] contiguous fp32 / int32 / fp32: max_ptr the slice's
-    largest logit (-inf for a slice of -inf only), at_ptr the first index of it in the row,
-    sum_ptr sum_j exp(l_j - max) over the slice (0 for -inf only), NaN where the slice holds a
-    NaN or +inf logit (the row's softmax is undefined then: greedy_pick_merge_kernel).
+    multiple of BLOCK_V. Out, each [rows, slices] contiguous, fp32 / int32 / fp32: max_ptr the
+    slice's largest logit (-inf for a slice of -inf only), at_ptr the first index of it in the
+    row, sum_ptr sum_j exp(l_j - max) over the slice (0 for -inf only), NaN where the slice
+    holds a NaN or +inf logit (the row's softmax is undefined then:
+    greedy_pick_merge_kernel).
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     row = tl.program_id(0).to(tl.int64)  # int64: row x stride passes 2**31 from ~430 seqs
@@ -64,8 +65,9 @@ def greedy_pick_merge_kernel(max_ptr, at_ptr, sum_ptr, tok_ptr, conf_ptr, rows, 
     """Grid (cdiv(rows, BLOCK_R),): merges greedy_pick_slice_kernel's [rows, NUM_SLICES]
     partials (BLOCK_S >= NUM_SLICES). tok_ptr [rows] int64 out: the first index of the row's
     largest logit (the earliest slice holding the maximum, its first index); conf_ptr [rows]
-    fp32 out: 1 / (sum over slices s of sum[s] * exp(max[s] - max)). A row whose softmax is undefined (a NaN or +inf logit,
-    or every logit -inf) gets token 0 and confidence NaN, as torch's softmax-then-argmax gives.
+    fp32 out: 1 / (sum over slices s of sum[s] * exp(max[s] - max)). A row whose softmax is
+    undefined (a NaN or +inf logit, or every logit -inf) gets token 0 and confidence NaN, as
+    torch's softmax-then-argmax gives.
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)

@@ -16,9 +16,9 @@ otherwise a vector over the rows.
 The dot's operand type, DOT (launch.DecodeConfig.dot; bf16 activations only):
 - "fp8" (W8A8): the activations are quantized to e4m3, each row's (token's) group of SCALE_K
   columns (x; act: the gate/up's BLOCK_I, which the launch makes a divisor of SCALE_K, at
-  least 32: launch.fit_scale_blocks) multiplied by the
-  power of two that puts its largest |value| in [2**7, 2**8) and rounded to nearest, ties to
-  even (_round_to_e4m3); the product is multiplied back by the inverse power of two in fp32.
+  least 32: launch.fit_scale_blocks) multiplied by the power of two that puts its largest
+  |value| in [2**7, 2**8) and rounded to nearest, ties to even (_round_to_e4m3); the product
+  is multiplied back by the inverse power of two in fp32.
   Both operands go to the FP8 tensor cores as they are: no conversion in the k loop.
 - "fp16": e4m3 -> bf16 costs a conversion per value on sm_89/sm_90 (e4m3x2 -> f16x2 is one
   instruction, then f16 -> bf16 one per value, in the slower conversion unit), while e4m3 ->

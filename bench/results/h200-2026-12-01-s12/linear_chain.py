@@ -1,6 +1,7 @@
-"""Experiment (issue 13, not merged; run from the repository root with PYTHONPATH=$PWD): do projections whose weights are prefetched into L2 before the PDL
-wait beat cuBLAS inside a chain of PDL kernels? 20 layers of norm -> QKV -> dense (-> next
-norm), distinct weights per layer, one CUDA graph; plus each projection alone."""
+"""Experiment (issue 13, not merged; run from the repository root with PYTHONPATH=$PWD): do
+projections whose weights are prefetched into L2 before the PDL wait beat cuBLAS inside a chain
+of PDL kernels? 20 layers of norm -> router -> QKV -> norm -> dense (-> next norm), distinct
+weights per layer, one CUDA graph; plus each projection alone."""
 import os
 import sys
 
@@ -46,10 +47,10 @@ def linear_kernel(x_ptr, stride_xm, w_ptr, stride_wn, y_ptr, stride_ym, M, N, K,
     for k in range(0, K, BLOCK_K):
         kk = k + tl.arange(0, BLOCK_K)
         k_ok = kk < K
-        x = tl.load(x_ptr + m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + n[:, None] * stride_wn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                    other=0.0)
+        x = tl.load(x_ptr + m[:, None] * stride_xm + kk[None, :],
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + n[:, None] * stride_wn + kk[None, :],
+                    mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
     tl.store(y_ptr + m[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
