@@ -34,13 +34,15 @@ import triton
 
 
 FP8_DOTS = ("fp16", "fp8", "model")  # DecodeConfig.dot's choices
+MAX_WARPS = 32  # 1024 threads, a CUDA program's most
 
 
 def _check_shape(launch, powers_of_two=(), at_least=None) -> None:
     """Every field a positive int (bool where the field is one); those named in `powers_of_two`
     powers of two (Triton's tl.arange needs them); `at_least` {field: minimum} (tl.dot needs
-    16 rows). A ValueError naming the class and the field, raised when the shape is built, not
-    inside a kernel."""
+    16 rows); a field whose name holds "warps" at most MAX_WARPS (a CUDA program has at most
+    1024 threads). A ValueError naming the class and the field, raised when the shape is
+    built, not inside a kernel (or a compiler)."""
     name = type(launch).__name__
     for f in dataclasses.fields(launch):
         value = getattr(launch, f.name)
@@ -56,6 +58,8 @@ def _check_shape(launch, powers_of_two=(), at_least=None) -> None:
             raise ValueError(f"{name}.{f.name} must be an int >= 1, got {value!r}")
         if f.name in powers_of_two and value & (value - 1):
             raise ValueError(f"{name}.{f.name} must be a power of two, got {value}")
+        if "warps" in f.name and value > MAX_WARPS:
+            raise ValueError(f"{name}.{f.name} must be <= {MAX_WARPS}, got {value}")
         if at_least and value < at_least.get(f.name, 1):
             raise ValueError(f"{name}.{f.name} must be >= {at_least[f.name]}, got {value}")
 

@@ -226,6 +226,16 @@ def test_pick_launch_slices_follow_the_sm_count(monkeypatch):
 
 def test_bad_pick_launch_fields_are_named():
     for kwargs, field in ((dict(block_v=48), "block_v"), (dict(merge_rows=0), "merge_rows"),
-                          (dict(slices=0), "slices"), (dict(merge_rows=3), "merge_rows")):
+                          (dict(slices=0), "slices"), (dict(merge_rows=3), "merge_rows"),
+                          (dict(warps=64), "warps"), (dict(merge_warps=64), "merge_warps")):
         with pytest.raises(ValueError, match=f"PickLaunch.{field} must be"):
             launch.PickLaunch(**{"block_v": 64, "warps": 4, **kwargs})
+
+
+def test_warps_past_a_cuda_program_are_named():
+    """Every launch shape's warps fields: at most 32 (1024 threads), named when built."""
+    with pytest.raises(ValueError, match=r"DecodeConfig.warps_down must be <= 32, got 64"):
+        DecodeConfig(warps_down=64)
+    with pytest.raises(ValueError, match=r"RouteLaunch.coreset_warps must be <= 32"):
+        RouteLaunch(coreset_warps=64)
+    assert DecodeConfig(warps_gate_up=32).warps_gate_up == 32
