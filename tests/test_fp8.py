@@ -34,8 +34,8 @@ def on_dev(x):
     the Triton backend takes CUDA tensors where there is a GPU, CPU ones under the interpreter."""
     if isinstance(x, torch.Tensor):
         return x.to(DEV)
-    if isinstance(x, Fp8Scales):
-        return Fp8Scales(on_dev(x.gate_up), on_dev(x.down), x.block, on_dev(x.shared))
+    if isinstance(x, Fp8Scales):  # every tensor field, a new one included
+        return replace(x, **{f.name: on_dev(getattr(x, f.name)) for f in dataclasses.fields(x)})
     if isinstance(x, tuple):
         return tuple(map(on_dev, x))
     return x
