@@ -235,6 +235,40 @@ def test_scaled_dots_keep_activations_outside_their_range(path, dot):
     assert int((row_err > 1e-2).sum()) <= (1 if dot["dot"] == "fp8" else 0), row_err
 
 
+@pytest.mark.parametrize("path", ["decode", "grouped"])
+def test_fp8_dot_act_groups_are_the_gate_up_items_columns(path):
+    """With the fp8 dot the act rows are quantized per block_i columns (32, 64 or 128 inside a
+    128-column scale block: launch.fit_scale_blocks). A layer whose act columns 0-31 are about
+    2**17 below columns 32-127, and whose down weights give both parts the same weight, tells
+    the widths apart: a 128-column group rounds the small columns to e4m3's last steps (the
+    oracles of the three widths lie 13-28% apart), so each launch must match its own width's
+    oracle (0.3% seen) and no other."""
+    g = torch.Generator().manual_seed(0)
+    H = I = 128
+    gate_up = torch.randn(1, 2 * I, H, generator=g) / math.sqrt(H)
+    down = torch.randn(1, H, I, generator=g) / math.sqrt(I)
+    for small in (slice(0, 32), slice(I, I + 32)):  # gate and up rows of act columns 0-31
+        gate_up[0, small] *= 2.0 ** -4
+    for large in (slice(32, I), slice(I + 32, 2 * I)):
+        gate_up[0, large] *= 2.0 ** 4
+    down[0, :, :32] *= 2.0 ** 8
+    down[0, :, 32:] *= 2.0 ** -8
+    w_gate_up, w_down, scales = quantize_experts(gate_up, down, (32, 128))
+    hidden = torch.randn(8, H, generator=g).to(torch.bfloat16)
+    ids, weights = torch.zeros(8, 1, dtype=torch.int32), torch.ones(8, 1)
+    oracles = {width: fp8_oracle(hidden, ids, weights, w_gate_up, w_down, scales, (128, width))
+               for width in (32, 64, 128)}
+    base = launch.DEFAULT_DECODE_FP8 if path == "decode" else launch.DEFAULT_GROUPED_FP8
+    for width in oracles:
+        with launch.override(moe_path=path, **{path: replace(base, block_i=width)}):
+            y = run_moe(hidden, ids, weights, w_gate_up, w_down, backend="triton",
+                        scales=scales)
+            assert launched_groups(hidden, path, scales) == (128, width)
+        for other, ref in oracles.items():
+            err = rel_err(y, ref)
+            assert err < 1e-2 if other == width else err > 5e-2, (width, other, err)
+
+
 @pytest.mark.parametrize("dot", DOTS, ids=["fp16", "fp16 in loop", "fp8"])
 @pytest.mark.parametrize("path", ["decode", "grouped"])
 def test_scaled_dots_keep_rows_apart(path, dot):
