@@ -6,6 +6,10 @@ import torch
 
 from .models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
 
+# Where the tests run the kernels: the GPU when there is one, else the CPU under Triton's
+# interpreter (tests/conftest.py sets TRITON_INTERPRET=1 there).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 # A CPU-sized LLaDA2 layout: one dense layer, two MoE layers of 16 experts top-4, shared expert
 # (also bench_e2e --smoke's model).
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,

@@ -5,8 +5,8 @@ from hypothesis import given, strategies as st
 
 from dmoe_triton.norm import add_rms_norm
 from dmoe_triton.reference import add_rms_norm_reference
+from dmoe_triton.testing import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # y may differ by one rounding of the dtype: the kernel sums the squares in another order.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # The interpreter casts fp32 to bf16 by truncation, not to nearest: bf16 is checked on the GPU.

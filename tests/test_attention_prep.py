@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 from dmoe_triton.attention import attention_prep
 from dmoe_triton.models.llada2 import rope_cos_sin
 from dmoe_triton.reference import attention_prep_reference
+from dmoe_triton.testing import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
 

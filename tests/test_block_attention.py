@@ -8,8 +8,8 @@ from dmoe_triton.attention import block_attention
 from dmoe_triton.launch import AttentionLaunch
 from dmoe_triton.models.llada2 import grouped_query_attention
 from dmoe_triton.reference import block_attention_reference
+from dmoe_triton.testing import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=3e-3, atol=3e-3)}
 SMALL = AttentionLaunch(block_m=16, block_n=16)  # several programs and key steps, even when tiny
 

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from dmoe_triton import RouterConfig, RoutingPolicy, route
 from dmoe_triton.reference import scores
+from dmoe_triton.testing import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CFG = RouterConfig(num_experts=32, top_k=4, n_group=4, topk_group=2, routed_scaling_factor=2.5)
 
 

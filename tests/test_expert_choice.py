@@ -6,8 +6,8 @@ from hypothesis import assume, given, strategies as st
 
 from dmoe_triton import RouterConfig, RoutingPolicy, moe_forward, route
 from dmoe_triton.reference import expert_choice_capacity
+from dmoe_triton.testing import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CFG = RouterConfig(16, 4, n_group=4, topk_group=2, routed_scaling_factor=2.5)
 SCHEDULES = ("fixed", "linear", "linear_reverse")
 

@@ -22,18 +22,17 @@ from dmoe_triton.quant import (FP8_DTYPE, Fp8Scales, dequantize_blocks, dequanti
                                dequantize_shared, quantize_activations, quantize_blocks,
                                quantize_experts, quantize_shared)
 from dmoe_triton.reference import moe_forward_reference
-from dmoe_triton.testing import SMALL, build_fp8_model, small_model
+from dmoe_triton.testing import DEVICE, SMALL, build_fp8_model, small_model
 
 HAS_CUDA = torch.cuda.is_available()
-DEV = "cuda" if HAS_CUDA else "cpu"
 BLOCKS = [(128, 128), (16, 16), (32, 48), (8, 32)]
 
 
 def on_dev(x):
-    """x with its tensors on DEV (a tensor, Fp8Scales, a tuple of them, or anything else as is):
+    """x with its tensors on DEVICE (a tensor, Fp8Scales, a tuple of them, or anything else as is):
     the Triton backend takes CUDA tensors where there is a GPU, CPU ones under the interpreter."""
     if isinstance(x, torch.Tensor):
-        return x.to(DEV)
+        return x.to(DEVICE)
     if isinstance(x, Fp8Scales):  # every tensor field, a new one included
         return replace(x, **{f.name: on_dev(getattr(x, f.name)) for f in dataclasses.fields(x)})
     if isinstance(x, tuple):
@@ -42,7 +41,7 @@ def on_dev(x):
 
 
 def run_moe(*args, **kwargs):
-    """moe_forward on DEV with CPU inputs, its output back on the CPU (tests compare there)."""
+    """moe_forward on DEVICE with CPU inputs, its output back on the CPU (tests compare there)."""
     return moe_forward(*map(on_dev, args), **{k: on_dev(v) for k, v in kwargs.items()}).cpu()
 
 
@@ -581,10 +580,10 @@ def test_kernel_rounding_to_e4m3_matches_the_reference():
     cols = torch.cat([grid, mids, mids.nextafter(torch.tensor(1e9)),
                       mids.nextafter(torch.tensor(0.0)), torch.rand(200) * 255])
     x = torch.cat([cols, -cols]).reshape(-1, 2)  # every group's largest: 255 and change
-    x = torch.cat([x, torch.full((x.shape[0], 1), 255.5)], 1).contiguous().to(DEV)
+    x = torch.cat([x, torch.full((x.shape[0], 1), 255.5)], 1).contiguous().to(DEVICE)
     T, H = x.shape
-    xs = torch.empty(T, H, dtype=FP8_DTYPE, device=DEV)
-    inverse = torch.empty(T, 1, device=DEV)
+    xs = torch.empty(T, H, dtype=FP8_DTYPE, device=DEVICE)
+    inverse = torch.empty(T, 1, device=DEVICE)
     scaled_rows_kernel[(T, 1)](x_ptr=x, stride_xt=H, stride_xh=1, xs_ptr=xs, inverse_ptr=inverse,
                                H=H, CHUNK=H, CHUNK_PAD=4, DOT="fp8")
     got = (xs.float() * inverse).cpu()
@@ -628,12 +627,12 @@ def test_build_fp8_model_stacks_its_shared_experts():
     """The random FP8 model (the flash bench's) is built on meta then given memory tensor by
     tensor; its shared experts are stacks again, with positive scales, and both backends
     agree."""
-    model = build_fp8_model(LLaDA2MoeConfig(**SMALL), torch.device(DEV), seed=3)
+    model = build_fp8_model(LLaDA2MoeConfig(**SMALL), torch.device(DEVICE), seed=3)
     block = model.model.layers[1].mlp
     assert block.shared_gate_up.dtype == FP8_DTYPE
     assert block.shared_expert.gate_proj.weight.data_ptr() == block.shared_gate_up.data_ptr()
     assert all(bool((s > 0).all()) for s in block.fp8_scales().shared)
-    ids = torch.randint(3, 90, (1, 8), generator=torch.Generator().manual_seed(0)).to(DEV)
+    ids = torch.randint(3, 90, (1, 8), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     patch_model(model, RoutingPolicy.token(), backend="triton")
     with torch.no_grad():
         y = model(ids).logits.float().cpu()

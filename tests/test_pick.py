@@ -10,15 +10,15 @@ from hypothesis import strategies as st
 from dmoe_triton import launch
 from dmoe_triton.pick import greedy_pick
 from dmoe_triton.reference import greedy_pick_reference
+from dmoe_triton.testing import DEVICE
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def check_against_reference(logits, block_v, slices=1):
     with launch.override(pick=launch.PickLaunch(block_v=block_v, warps=4, slices=slices,
                                                 merge_rows=4)):
-        tok, conf = greedy_pick(logits.to(DEV), backend="triton")
+        tok, conf = greedy_pick(logits.to(DEVICE), backend="triton")
     want_tok, want_conf = greedy_pick_reference(logits)
     assert tok.dtype == torch.int64 and conf.dtype == torch.float32
     assert tok.shape == conf.shape == logits.shape[:-1]
@@ -64,7 +64,7 @@ def test_a_tie_across_steps_and_slices_keeps_the_first_index(slices):
     for first in (33, 3):
         logits[0, 3] = 5.0 if first == 3 else 4.0
         with launch.override(pick=launch.PickLaunch(block_v=32, warps=4, slices=slices)):
-            tok, conf = greedy_pick(logits.to(DEV), backend="triton")
+            tok, conf = greedy_pick(logits.to(DEVICE), backend="triton")
         assert int(tok) == first
         torch.testing.assert_close(conf.cpu(), torch.softmax(logits, -1)[:, first])
 
@@ -95,7 +95,7 @@ def test_special_rows_in_every_slice(dtype, slices):
     logits[3, 1] = float("inf")
     logits[4, 32:64] = float("nan")
     check_against_reference(logits, 16, slices)
-    tok, conf = greedy_pick(logits.to(DEV), backend="triton")
+    tok, conf = greedy_pick(logits.to(DEVICE), backend="triton")
     assert tok.tolist()[:5] == [0, 90, 0, 0, 0] and int(tok[5]) == int(logits[5].argmax())
     assert torch.isnan(conf[[0, 2, 3, 4]].cpu()).all() and float(conf[1]) == 1.0
 

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from dmoe_triton.decoding import pick_tokens
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from dmoe_triton.testing import DEVICE
 
 
 def published_order(logits, temperature, top_k, top_p, generator):
@@ -63,8 +62,8 @@ def test_sampling_from_logits_in_the_model_dtype_draws_what_their_fp32_copy_draw
     of the fp32 copy, bit for bit. (Temperature 0 reads the logits in their dtype:
     tests/test_pick.py.)"""
     logits = torch.randn(4, 6, 3000, generator=torch.Generator().manual_seed(3)) * 4
-    logits = logits.to(DEV, dtype)
-    seeded = lambda: torch.Generator(DEV).manual_seed(5)  # noqa: E731
+    logits = logits.to(DEVICE, dtype)
+    seeded = lambda: torch.Generator(DEVICE).manual_seed(5)  # noqa: E731
     ours = pick_tokens(logits, temperature, top_k, top_p, seeded())
     want = pick_tokens(logits.float(), temperature, top_k, top_p, seeded())
     assert torch.equal(ours[0], want[0]) and torch.equal(ours[1], want[1])

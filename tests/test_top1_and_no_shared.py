@@ -9,9 +9,8 @@ from safetensors.torch import save_file
 
 from dmoe_triton import RouterConfig, RoutingPolicy, route
 from dmoe_triton.models import LLaDA2MoeModelLM
-from dmoe_triton.testing import small_model
+from dmoe_triton.testing import DEVICE, small_model
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOP1 = RouterConfig(16, 1, n_group=4, topk_group=2, routed_scaling_factor=2.5)
 
 

@@ -15,8 +15,8 @@ from hypothesis import given, strategies as st
 
 from dmoe_triton import RouterConfig, RoutingPolicy, launch, route
 from dmoe_triton.launch import RouteLaunch
+from dmoe_triton.testing import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAN, INF = float("nan"), float("inf")
 CONFIGS = [RouterConfig(256, 8, n_group=8, topk_group=4, routed_scaling_factor=2.5),
            RouterConfig(40, 6, n_group=4, topk_group=2),

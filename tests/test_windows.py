@@ -7,11 +7,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dmoe_triton import RouterConfig, RoutingPolicy, route
+from dmoe_triton.testing import DEVICE
 
 CFG = RouterConfig(num_experts=32, top_k=4, n_group=4, topk_group=2, routed_scaling_factor=2.5)
 BLOCK_POLICIES = [RoutingPolicy.dmoe(0.6, 4, block_size=8), RoutingPolicy.des_vote(6, block_size=8)]
 BACKENDS = ["reference", "triton"]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def on(t):
