@@ -10,6 +10,8 @@ from .launch import pdl, pick_launch
 from .reference import greedy_pick_reference
 from .routing import resolve_backend
 
+LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what greedy_pick reads as is
+
 
 def greedy_pick(logits: torch.Tensor, backend: str = "auto"):
     """(token, confidence) per row of logits [..., V] (fp32, fp16 or bf16, any strides, V >= 1):
@@ -23,8 +25,7 @@ def greedy_pick(logits: torch.Tensor, backend: str = "auto"):
     "auto" (triton on CUDA). Errors: TypeError / ValueError naming logits. Launch:
     launch.pick_launch.
     """
-    if not isinstance(logits, torch.Tensor) or logits.dtype not in (
-            torch.float32, torch.float16, torch.bfloat16):
+    if not isinstance(logits, torch.Tensor) or logits.dtype not in LOGIT_DTYPES:
         raise TypeError(f"logits must be a float32, float16 or bfloat16 tensor, got "
                         f"{getattr(logits, 'dtype', type(logits).__name__)}")
     if logits.dim() < 1 or logits.shape[-1] < 1:
@@ -59,4 +60,4 @@ def greedy_pick(logits: torch.Tensor, backend: str = "auto"):
     return tok.view(logits.shape[:-1]), conf.view(logits.shape[:-1])
 
 
-__all__ = ["greedy_pick"]
+__all__ = ["greedy_pick", "LOGIT_DTYPES"]
