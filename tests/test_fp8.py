@@ -458,8 +458,8 @@ def fp8_inputs():
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_bad_scales_are_named(backend):
     hidden, ids, weights, w_gate_up, w_down, scales = fp8_inputs()
-    run = lambda s: run_moe(hidden, ids, weights, w_gate_up, w_down, backend=backend,  # noqa: E731
-                            scales=s)
+    run = lambda s, **kw: run_moe(hidden, ids, weights, w_gate_up, w_down,  # noqa: E731
+                                  backend=backend, scales=s, **kw)
     with pytest.raises(ValueError, match="w_gate_up is float8_e4m3fn: pass its block scales"):
         run_moe(hidden, ids, weights, w_gate_up, w_down, backend=backend)
     with pytest.raises(ValueError, match=r"w_down_scale_inv has shape \(2, 2, 1\), expected "
@@ -471,8 +471,7 @@ def test_bad_scales_are_named(backend):
     bad[1, 1, 0] = float("inf")
     with pytest.raises(ValueError, match="w_down_scale_inv holds non-finite"):
         # check_ids=True: scale values are checked on CUDA only when asked (a host sync)
-        run_moe(hidden, ids, weights, w_gate_up, w_down, backend=backend,
-                scales=Fp8Scales(scales.gate_up, bad, scales.block), check_ids=True)
+        run(Fp8Scales(scales.gate_up, bad, scales.block), check_ids=True)
     with pytest.raises(TypeError, match="w_gate_up_scale_inv must be a float32"):
         run(Fp8Scales(scales.gate_up.half(), scales.down, scales.block))
     with pytest.raises(TypeError, match="w_gate_up must be float8_e4m3fn"):
