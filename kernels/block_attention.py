@@ -39,7 +39,8 @@ def block_attention_kernel(
     keys [s * keys_per_split, (s + 1) * keys_per_split) (a multiple of BLOCK_N) and writes its
     normalised partial output fp32 [B * NKV, splits, GROUP * L, BLOCK_D] and its log2-sum-exp2
     fp32 [B * NKV, splits, GROUP * L] (-inf where the row saw no key there) for
-    attention_combine_kernel; else (one split) it writes out_ptr directly.
+    attention_combine_kernel (its own launch: the last split combining in this launch measured
+    slower, bench/results/h200-2026-12-01-s13); else (one split) it writes out_ptr directly.
 
     q_ptr [B, NH, L, HD] with NH = NKV * GROUP; k_ptr, v_ptr [B, NKV, n_keys, HD]; mask_ptr
     additive [B, 1, GROUP * L, n_keys] (fp32 or q's dtype); out_ptr [B, L, NH, HD] out, q's
