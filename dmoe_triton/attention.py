@@ -20,7 +20,8 @@ import triton
 from .kernels.attention_prep import attention_prep_kernel
 from .kernels.block_attention import attention_combine_kernel, block_attention_kernel
 from .launch import (FEW_SEQUENCES, MANY_FROM, MANY_SEQUENCES,  # noqa: F401 (re-exported)
-                     AttentionLaunch, attention_launch, dot_precision, pdl, prep_launch)
+                     KERNEL_FLOATS, AttentionLaunch, attention_launch, dot_precision, pdl,
+                     prep_launch)
 from .reference import attention_prep_reference, block_attention_reference
 from .routing import resolve_backend
 
@@ -40,7 +41,7 @@ def check_prep_inputs(qkv, q_weight, k_weight, cos, sin, num_heads, num_kv_heads
     """attention_prep's host checks: a TypeError/ValueError naming the argument."""
     if not all(isinstance(t, torch.Tensor) for t in (qkv, q_weight, k_weight, cos, sin)):
         raise TypeError("qkv, q_weight, k_weight, cos and sin must be tensors")
-    if qkv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if qkv.dtype not in KERNEL_FLOATS:
         raise TypeError(f"qkv must be float32, float16 or bfloat16, got {qkv.dtype}")
     if num_heads < 1 or num_kv_heads < 1:
         raise ValueError(f"num_heads and num_kv_heads must be >= 1, got {num_heads}, {num_kv_heads}")
@@ -130,7 +131,7 @@ def check_attention_inputs(q, keys, values, mask) -> None:
             raise TypeError(f"{name} must be on {q.device}, got {t.device}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-d, got shape {tuple(t.shape)}")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if q.dtype not in KERNEL_FLOATS:
         raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
     B, nh, l, hd = q.shape
     if keys.dtype != q.dtype or values.dtype != q.dtype:

@@ -39,8 +39,9 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from .graphs import capture, graph_cache, graph_key
+from .launch import KERNEL_FLOATS
 from .modules import expert_load, moe_layers
-from .pick import LOGIT_DTYPES, greedy_pick
+from .pick import greedy_pick
 
 DEFAULT_EOS_ID = 156892
 DEFAULT_MASK_ID = 156895
@@ -276,7 +277,7 @@ def pick_tokens(logits, temperature: float, top_k: Optional[int], top_p: Optiona
     launches on CUDA, reading fp32 / fp16 / bf16 logits as they are, other dtypes upcast to
     fp32 first; its rule for rows with NaN or infinite logits)."""
     if temperature <= 0:  # one pass over the logits in their dtype (pick.greedy_pick)
-        if logits.dtype not in LOGIT_DTYPES:
+        if logits.dtype not in KERNEL_FLOATS:
             logits = logits.float()
         return greedy_pick(logits)
     logits = logits.float()

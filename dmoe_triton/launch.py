@@ -397,6 +397,11 @@ def pipeline_stages(stages: int, dtype: torch.dtype) -> int:
     return stages if dtype != torch.float32 else max(2, stages // 2)
 
 
+# The float dtypes the kernels read as they are (their loads and tl.dot): fp32, and the two half
+# types of the tensor cores. Inputs of any other dtype get a clear error, or are cast first.
+KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input_precision: fp32 inputs get exact fp32 products; half types use the tensor
     cores' native precision (this one does change numerics: it is fixed, never overridden)."""

@@ -15,8 +15,8 @@ import triton
 
 from .config import RouterConfig, RoutingPolicy
 from .launch import (DECODE_MAX_TOKENS, DEFAULT_COMBINE,  # noqa: F401 (re-exported)
-                     DEFAULT_DECODE, DEFAULT_GROUPED, CombineLaunch, DecodeConfig, GroupedConfig,
-                     align_launch, dot_precision, fit_scale_blocks, fp8_bits, moe_launch, pdl,
+                     DEFAULT_DECODE, DEFAULT_GROUPED, KERNEL_FLOATS, CombineLaunch, DecodeConfig,
+                     GroupedConfig, align_launch, dot_precision, fit_scale_blocks, fp8_bits, moe_launch, pdl,
                      persistent_grid, pipeline_stages)
 from .modules import bf16_copy, fp32_router_state, keep_dtypes
 from .quant import (DEFAULT_BLOCK, FP8_DTYPE, Fp8Scales, check_block, check_scale,
@@ -25,7 +25,6 @@ from .reference import moe_forward_reference
 from .router import route_hidden
 from .routing import resolve_backend
 
-FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 ID_TYPES = (torch.int32, torch.int64)
 
 
@@ -43,7 +42,7 @@ def check_moe_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down, scales=N
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if hidden.dim() != 2:
         raise ValueError(f"hidden must have shape [T, H], got {_shape(hidden)}")
-    if hidden.dtype not in FLOAT_TYPES:
+    if hidden.dtype not in KERNEL_FLOATS:
         raise TypeError(f"hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
     T, H = hidden.shape
     if topk_ids.dim() != 2 or topk_ids.shape[0] != T:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import torch
 import triton
 
-from .launch import pdl, pick_launch
+from .launch import KERNEL_FLOATS, pdl, pick_launch
 from .reference import greedy_pick_reference
 from .routing import resolve_backend
 
-LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what greedy_pick reads as is
 
 
 def greedy_pick(logits: torch.Tensor, backend: str = "auto"):
@@ -25,7 +24,7 @@ def greedy_pick(logits: torch.Tensor, backend: str = "auto"):
     "auto" (triton on CUDA). Errors: TypeError / ValueError naming logits. Launch:
     launch.pick_launch.
     """
-    if not isinstance(logits, torch.Tensor) or logits.dtype not in LOGIT_DTYPES:
+    if not isinstance(logits, torch.Tensor) or logits.dtype not in KERNEL_FLOATS:
         raise TypeError(f"logits must be a float32, float16 or bfloat16 tensor, got "
                         f"{getattr(logits, 'dtype', type(logits).__name__)}")
     if logits.dim() < 1 or logits.shape[-1] < 1:
@@ -60,4 +59,4 @@ def greedy_pick(logits: torch.Tensor, backend: str = "auto"):
     return tok.view(logits.shape[:-1]), conf.view(logits.shape[:-1])
 
 
-__all__ = ["greedy_pick", "LOGIT_DTYPES"]
+__all__ = ["greedy_pick"]

@@ -20,9 +20,9 @@ from typing import Optional
 import torch
 
 from .config import RouterConfig, RoutingPolicy
+from .launch import KERNEL_FLOATS
 from .routing import RouteResult, check_route_inputs, check_windows, resolve_backend, route
 
-HIDDEN_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 WEIGHT_TYPES = (torch.float32, torch.bfloat16)
 
 
@@ -32,7 +32,7 @@ def check_router_inputs(hidden, gate_weight, num_experts: int) -> None:
     for name, t in (("hidden", hidden), ("gate_weight", gate_weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if hidden.dtype not in HIDDEN_TYPES:
+    if hidden.dtype not in KERNEL_FLOATS:
         raise TypeError(f"hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
     if hidden.dim() < 2 or hidden.shape[-2] < 1 or hidden.shape[-1] < 1:
         raise ValueError(f"hidden must have shape [..., L, H] with L, H >= 1, got "
