@@ -241,7 +241,9 @@ def test_fp8_dot_act_groups_are_the_gate_up_items_columns(path):
     2**17 below columns 32-127, and whose down weights give both parts the same weight, tells
     the widths apart: a 128-column group rounds the small columns to e4m3's last steps (the
     oracles of the three widths lie 13-28% apart), so each launch must match its own width's
-    oracle (0.3% seen) and no other."""
+    oracle and no other. Own: within 4% (0.3% seen on the CPU, 1.3% on the H200, whose act
+    rows come from wgmma sums and a fast exp, so some land on the other side of an e4m3
+    rounding edge: one step is 6-12% of that entry); the others: more than 8% away."""
     g = torch.Generator().manual_seed(0)
     H = I = 128
     gate_up = torch.randn(1, 2 * I, H, generator=g) / math.sqrt(H)
@@ -265,7 +267,7 @@ def test_fp8_dot_act_groups_are_the_gate_up_items_columns(path):
             assert launched_groups(hidden, path, scales) == (128, width)
         for other, ref in oracles.items():
             err = rel_err(y, ref)
-            assert err < 1e-2 if other == width else err > 5e-2, (width, other, err)
+            assert err < 4e-2 if other == width else err > 8e-2, (width, other, err)
 
 
 @pytest.mark.parametrize("dot", DOTS, ids=["fp16", "fp16 in loop", "fp8"])
