@@ -614,7 +614,7 @@ __all__ = ["RouteLaunch", "NormLaunch", "norm_launch", "PickLaunch", "pick_launc
            "MoeLaunch", "AttentionLaunch", "PrepLaunch", "route_launch", "moe_launch",
            "align_launch", "attention_launch", "prep_launch", "override", "override_key",
            "persistent_grid", "pipeline_stages", "dot_precision", "fp8_bits", "pdl",
-           "fit_scale_blocks",
+           "fit_scale_blocks", "KERNEL_FLOATS",
            "DEFAULT_DECODE_FP8", "DEFAULT_GROUPED_FP8",
            "DECODE_MAX_TOKENS", "GROUPED_WIDE_FROM", "DEFAULT_GROUPED_WIDE", "FEW_SEQUENCES",
            "MANY_SEQUENCES", "MANY_FROM"]

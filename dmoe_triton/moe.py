@@ -16,8 +16,8 @@ import triton
 from .config import RouterConfig, RoutingPolicy
 from .launch import (DECODE_MAX_TOKENS, DEFAULT_COMBINE,  # noqa: F401 (re-exported)
                      DEFAULT_DECODE, DEFAULT_GROUPED, KERNEL_FLOATS, CombineLaunch, DecodeConfig,
-                     GroupedConfig, align_launch, dot_precision, fit_scale_blocks, fp8_bits, moe_launch, pdl,
-                     persistent_grid, pipeline_stages)
+                     GroupedConfig, align_launch, dot_precision, fit_scale_blocks, fp8_bits,
+                     moe_launch, pdl, persistent_grid, pipeline_stages)
 from .modules import bf16_copy, fp32_router_state, keep_dtypes
 from .quant import (DEFAULT_BLOCK, FP8_DTYPE, Fp8Scales, check_block, check_scale,
                     dequantize_experts, dequantize_shared, quantize_experts, quantize_shared)

@@ -6,15 +6,14 @@ from typing import Optional
 
 import torch
 
-from .launch import norm_launch, pdl
+from .launch import KERNEL_FLOATS, norm_launch, pdl
 from .reference import add_rms_norm_reference
 from .routing import resolve_backend
 
 
 def check_add_norm_inputs(x, delta, weight) -> None:
     """x float [..., H]; delta None or x's shape, dtype and device; weight [H] of x's dtype."""
-    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.float16,
-                                                          torch.bfloat16):
+    if not isinstance(x, torch.Tensor) or x.dtype not in KERNEL_FLOATS:
         raise TypeError(f"x must be a float32, float16 or bfloat16 tensor, got "
                         f"{getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() < 1 or x.shape[-1] < 1:

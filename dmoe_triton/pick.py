@@ -11,7 +11,6 @@ from .reference import greedy_pick_reference
 from .routing import resolve_backend
 
 
-
 def greedy_pick(logits: torch.Tensor, backend: str = "auto"):
     """(token, confidence) per row of logits [..., V] (fp32, fp16 or bf16, any strides, V >= 1):
     token int64 [...], the first index of the row's largest logit (LLaDA's greedy rule);

@@ -11,7 +11,7 @@ Three launches per MoE layer for block policies, one for token policies:
 Splitting lets the per-row picks, the longest chain of dependent reductions, run on many SMs at
 once instead of after the votes in the block's one program. The coreset stays its own launch:
 the window's last vote program doing it instead (no launch between) measured slower on the
-H200, 11.5 against 9.1 us for one dMoE block (bench/results/h200-2026-12-01-s13).
+H200, 11.5 against 9.2 us for one dMoE block (bench/results/h200-2026-12-01-s13).
 
 Expert e lives at tile position (g, j) with e = g * GROUP_SIZE + j, so group statistics are plain
 reductions over the last axis whatever the group size (padded to powers of two).

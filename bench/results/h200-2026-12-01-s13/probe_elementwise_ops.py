@@ -3,7 +3,7 @@ import sys
 sys.path.insert(0, "bench")
 import torch
 from torch.profiler import ProfilerActivity, profile
-from dmoe_triton import RoutingPolicy, patch_model, set_policy
+from dmoe_triton import RoutingPolicy, patch_model
 from dmoe_triton.models import LLaDA2MoeConfig
 from dmoe_triton.testing import build_model
 from bench_e2e import prepare_step, step_fn
