@@ -1,7 +1,7 @@
 """The greedy (temperature 0) pick of a denoising step: per row of logits, the token of the
 largest logit and its softmax probability (the step's confidence), read from the logits' own
 dtype, in two launches: each program sums one slice of a row's vocabulary (an online softmax),
-then one program per few rows merges the slices.
+then one program per few rows merges the slices (one launch when a row is one slice).
 
 Why: torch's pick upcast the bf16 logits to fp32 (for bf16 its softmax with dtype=float32 makes
 the same copy), took the softmax and an argmax: four passes over [B, 32, V] in fp32. At 64
@@ -17,7 +17,8 @@ from .pdl import wait_previous_kernel
 
 @triton.jit
 def greedy_pick_slice_kernel(logits_ptr, stride_row, max_ptr, at_ptr, sum_ptr, V, SLICE_V,
-                             BLOCK_V: tl.constexpr, PDL: tl.constexpr = False):
+                             BLOCK_V: tl.constexpr, tok_ptr=None, conf_ptr=None,
+                             PDL: tl.constexpr = False):
     """Grid (rows, slices): program (r, s) reads logits[r, s * SLICE_V : (s + 1) * SLICE_V],
     BLOCK_V at a time (the running sum is rescaled when the running maximum grows).
 
@@ -27,6 +28,9 @@ def greedy_pick_slice_kernel(logits_ptr, stride_row, max_ptr, at_ptr, sum_ptr, V
     row, sum_ptr sum_j exp(l_j - max) over the slice (0 for -inf only), NaN where the slice
     holds a NaN or +inf logit (the row's softmax is undefined then:
     greedy_pick_merge_kernel).
+    With one slice per row (tok_ptr, conf_ptr not None; max/at/sum_ptr unused) the program
+    holds the whole row and writes greedy_pick_merge_kernel's outputs itself: nothing to
+    merge, so no second launch (64 sequences: 1 slice per row, launch.pick_launch).
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     row = tl.program_id(0).to(tl.int64)  # int64: row x stride passes 2**31 from ~430 seqs
@@ -53,9 +57,14 @@ def greedy_pick_slice_kernel(logits_ptr, stride_row, max_ptr, at_ptr, sum_ptr, V
         total = total * scale + tl.sum(terms, axis=0)
         best_at = tl.where(top > best, at, best_at)  # strictly: an earlier maximum stays
         best = new_best
-    tl.store(max_ptr + part, best)
-    tl.store(at_ptr + part, best_at)
-    tl.store(sum_ptr + part, tl.where(bad != 0, float("nan"), total))
+    if tok_ptr is not None:  # the whole row: the merge's rule for one slice
+        undefined = (bad != 0) | (best == -float("inf"))
+        tl.store(tok_ptr + row, tl.where(undefined, 0, best_at).to(tl.int64))
+        tl.store(conf_ptr + row, tl.where(undefined, float("nan"), 1.0 / total))
+    else:
+        tl.store(max_ptr + part, best)
+        tl.store(at_ptr + part, best_at)
+        tl.store(sum_ptr + part, tl.where(bad != 0, float("nan"), total))
 
 
 @triton.jit
