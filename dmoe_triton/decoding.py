@@ -273,8 +273,8 @@ def pick_tokens(logits, temperature: float, top_k: Optional[int], top_p: Optiona
     (its probability is the confidence). Temperature 0 takes the argmax, with the unfiltered
     softmax as confidence: that is what users mean by 0 (the published generate() has no
     separate greedy mode in every release; with temperature 1 and the same seed this draws
-    exactly what the published sampler draws). Temperature 0 runs pick.greedy_pick (two
-    launches on CUDA, reading fp32 / fp16 / bf16 logits as they are, other dtypes upcast to
+    exactly what the published sampler draws). Temperature 0 runs pick.greedy_pick (one or
+    two launches on CUDA, reading fp32 / fp16 / bf16 logits as they are, other dtypes upcast to
     fp32 first; its rule for rows with NaN or infinite logits)."""
     if temperature <= 0:  # one pass over the logits in their dtype (pick.greedy_pick)
         if logits.dtype not in KERNEL_FLOATS:

@@ -20,8 +20,8 @@ def greedy_pick(logits: torch.Tensor, backend: str = "auto"):
     The kernel's confidence is within about 2e-7 (relative) of a float64 softmax at
     V = 157184, torch's fp32 reference within about 1e-5 on the CPU (its sum's order); its
     tokens are the reference's.
-    backend: "triton" (two launches, or one at one slice per row; no host sync: CUDA-graph capturable), "reference" (torch),
-    "auto" (triton on CUDA). Errors: TypeError / ValueError naming logits. Launch:
+    backend: "triton" (two launches, one at one slice per row; no host sync: CUDA-graph
+    capturable), "reference" (torch), "auto" (triton on CUDA). Errors: TypeError / ValueError naming logits. Launch:
     launch.pick_launch.
     """
     if not isinstance(logits, torch.Tensor) or logits.dtype not in KERNEL_FLOATS:
