@@ -1,7 +1,7 @@
 """`greedy_pick()`: the temperature-0 decision of a denoising step, the token of each row's
 largest logit and its softmax probability, in two launches, one when a row is one slice
-(kernels/greedy_pick.py); the
-reference is reference.greedy_pick_reference (torch's softmax and argmax)."""
+(kernels/greedy_pick.py); the reference is reference.greedy_pick_reference (torch's softmax
+and argmax)."""
 from __future__ import annotations
 
 import torch
@@ -21,8 +21,8 @@ def greedy_pick(logits: torch.Tensor, backend: str = "auto"):
     V = 157184, torch's fp32 reference within about 1e-5 on the CPU (its sum's order); its
     tokens are the reference's.
     backend: "triton" (two launches, one at one slice per row; no host sync: CUDA-graph
-    capturable), "reference" (torch), "auto" (triton on CUDA). Errors: TypeError / ValueError naming logits. Launch:
-    launch.pick_launch.
+    capturable), "reference" (torch), "auto" (triton on CUDA). Errors: TypeError / ValueError
+    naming logits. Launch: launch.pick_launch.
     """
     if not isinstance(logits, torch.Tensor) or logits.dtype not in KERNEL_FLOATS:
         raise TypeError(f"logits must be a float32, float16 or bfloat16 tensor, got "

@@ -58,9 +58,8 @@ def greedy_pick_slice_kernel(logits_ptr, stride_row, max_ptr, at_ptr, sum_ptr, V
         best_at = tl.where(top > best, at, best_at)  # strictly: an earlier maximum stays
         best = new_best
     if tok_ptr is not None:  # the whole row: the merge's rule for one slice
-        undefined = (bad != 0) | (best == -float("inf"))
-        tl.store(tok_ptr + row, tl.where(undefined, 0, best_at).to(tl.int64))
-        tl.store(conf_ptr + row, tl.where(undefined, float("nan"), 1.0 / total))
+        _store_pick(tok_ptr + row, conf_ptr + row, best_at, total,
+                    (bad != 0) | (best == -float("inf")), None)
     else:
         tl.store(max_ptr + part, best)
         tl.store(at_ptr + part, best_at)
@@ -92,6 +91,15 @@ def greedy_pick_merge_kernel(max_ptr, at_ptr, sum_ptr, tok_ptr, conf_ptr, rows, 
     # A slice of -inf only adds 0 (its sum is 0); NaN (an undefined slice) spreads to the row.
     weight = tl.where(m == -float("inf"), 0.0, tl.exp(m - best[:, None]))
     total = tl.sum(tl.where(ok, part_sum * weight, 0.0), axis=1)
-    undefined = (total != total) | (best == -float("inf"))
-    tl.store(tok_ptr + r, tl.where(undefined, 0, best_at).to(tl.int64), mask=r < rows)
-    tl.store(conf_ptr + r, tl.where(undefined, float("nan"), 1.0 / total), mask=r < rows)
+    _store_pick(tok_ptr + r, conf_ptr + r, best_at, total,
+                (total != total) | (best == -float("inf")), r < rows)
+
+
+@triton.jit
+def _store_pick(tok_ptr, conf_ptr, best_at, total, undefined, mask):
+    """The pick of a row (or rows) whose largest logit is first at best_at and whose softmax
+    denominator (taken at that maximum) is total: token best_at, confidence 1 / total; where
+    the softmax is undefined (a NaN or +inf logit, or every logit -inf), token 0 and
+    confidence NaN, as torch's softmax-then-argmax gives. mask: tl.store's (None: store)."""
+    tl.store(tok_ptr, tl.where(undefined, 0, best_at).to(tl.int64), mask=mask)
+    tl.store(conf_ptr, tl.where(undefined, float("nan"), 1.0 / total), mask=mask)

@@ -1,4 +1,5 @@
-"""Which aten ops launch the small elementwise kernels of a forward (thirteenth session; run from the repository root on a GPU)."""
+"""Which aten ops launch the small elementwise kernels of a forward (thirteenth session; run
+from the repository root on a GPU)."""
 import sys
 sys.path.insert(0, "bench")
 import torch
