@@ -138,13 +138,15 @@ class DecodeConfig:
     warps_gate_up: int = 4
     stages_gate_up: int = 4
     programs_per_sm: int = 2   # gate/up grid = SMs x this (at most what fits on an SM)
-    # block_h 32. bench_moe --sweep (H200, 2026-11-30, fifth session) timed the routed down
-    # alone faster at 64 (17.6 / 51.0 us at 15 / 70 experts against 20.6 / 59.6), but the
-    # model's layer, whose down also carries the shared expert, was slower at 64 (bench_e2e
-    # breakdown, routed + shared experts: 40.3 / 143.0 us against 38.1 / 135.4 at 32).
-    block_h: int = 32
+    # block_h 64 with 8 warps, since the fourteenth session put the down's weight tile on the
+    # MMA's M side (wgmma takes 64 rows and more there): bench_moe's sweep on the H200 timed
+    # the down with the shared expert at 18.0 / 51.0 us at 15 / 70 experts against 19.7 / 57.4
+    # for the old tile (block_h 32, 4 warps, tokens on M); 64 with 4 warps 19.6 / 60.1
+    # (bench/results/h200-2026-12-01-s14/). Before, 32 was kept because the layer was slower at
+    # 64 (fifth session: 40.3 / 143.0 us against 38.1 / 135.4).
+    block_h: int = 64
     k_tile_down: int = 256     # reduction step along I (elements)
-    warps_down: int = 4
+    warps_down: int = 8
     stages_down: int = 4
     # Down programs per block_h columns, each walking a contiguous share of the used experts.
     # 1: cdiv(H, block_h) = 128 programs at H = 2048, one per SM, writing out directly.

@@ -217,12 +217,6 @@ def _tile_slots(sorted_slots_ptr, start, count, m0, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _weight_dot(x, w_tile, w_mask, acc, PRECISION: tl.constexpr):
-    """acc + x @ W for one k step of BLOCK_K rows of W (w_tile [BLOCK_K, N] pointers)."""
-    return tl.dot(x, tl.load(w_tile, mask=w_mask, other=0.0), acc, input_precision=PRECISION)
-
-
-@triton.jit
 def _silu_gate_up_t(x_cols, cols_ok, stride_xh, w_gate, w_up, stride_wk, i_ok, H,
                     ROWS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
                     PRECISION: tl.constexpr):
@@ -646,35 +640,38 @@ def _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, sha
                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
                  HAS_SHARED: tl.constexpr):
     """y [T_PAD, BLOCK_H] fp32: the routing-weighted sum of act_e W_down[e]^T over the flat
-    (expert, I step) steps first .. end (model-dtype weights)."""
+    (expert, I step) steps first .. end (model-dtype weights). The products are transposed,
+    [BLOCK_H, T_PAD]: the weight tile on the MMA's M side, as in _silu_gate_up_t (with
+    BLOCK_H >= 64, what Hopper's wgmma takes there)."""
     h_ok = offs_h < H
     k_steps = tl.cdiv(I, BLOCK_K)
-    y = tl.zeros((T_PAD, BLOCK_H), dtype=tl.float32)
-    acc = tl.zeros((T_PAD, BLOCK_H), dtype=tl.float32)
+    y_t = tl.zeros((BLOCK_H, T_PAD), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_H, T_PAD), dtype=tl.float32)
     for step in range(first, end):
         u = step // k_steps
         expert = _nth_used_expert(used, rank, u, NUM_BINS)
         hit, uses, slot = _expert_rows(token_ids, expert, TOP_K, T_PAD, TOP_K_PAD)
         offs_k = (step % k_steps) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs_k < I
-        w_tile = w_ptr + expert.to(tl.int64) * stride_we + offs_h[None, :] * stride_wh \
-            + offs_k[:, None] * stride_wi
+        w_tile = w_ptr + expert.to(tl.int64) * stride_we + offs_h[:, None] * stride_wh \
+            + offs_k[None, :] * stride_wi
         # After an expert's last I step: add its rows times the routing weight (a token that
         # lists the expert twice gets both weights; other tokens get 0, even if a weight is NaN).
         weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)
         if HAS_SHARED:
             shared = u == n_used
             uses, slot = _shared_rows(shared, uses, slot, T, TOP_K, T_PAD)
-            w_tile = tl.where(shared, shared_ptr + offs_h[None, :] * stride_wh
-                              + offs_k[:, None] * stride_wi, w_tile)
+            w_tile = tl.where(shared, shared_ptr + offs_h[:, None] * stride_wh
+                              + offs_k[None, :] * stride_wi, w_tile)
             weight = tl.where(shared, 1.0, weight)
-        a = tl.load(act_ptr + slot[:, None] * stride_as + offs_k[None, :],
-                    mask=uses[:, None] & k_ok[None, :], other=0.0)
-        acc = _weight_dot(a, w_tile, k_ok[:, None] & h_ok[None, :], acc, PRECISION)
+        a_t = tl.load(act_ptr + slot[None, :] * stride_as + offs_k[:, None],
+                      mask=uses[None, :] & k_ok[:, None], other=0.0)
+        w = tl.load(w_tile, mask=h_ok[:, None] & k_ok[None, :], other=0.0)
+        acc_t = tl.dot(w, a_t, acc_t, input_precision=PRECISION)
         last = (step % k_steps) == k_steps - 1
-        y += tl.where(last, acc * weight[:, None], 0.0)
-        acc = tl.where(last, 0.0, acc)
-    return y
+        y_t += tl.where(last, acc_t * weight[None, :], 0.0)
+        acc_t = tl.where(last, 0.0, acc_t)
+    return tl.trans(y_t)
 
 
 @triton.jit
