@@ -256,6 +256,13 @@ class MoeLaunch:
 DECODE_MAX_TOKENS = 64  # the decode path computes every token row for each used expert
 MOE_PATHS = ("decode", "grouped")
 DEFAULT_DECODE = DecodeConfig()
+# From 33 tokens (two 32-token blocks) the kernels pad the tokens to 64 and the down's act tile
+# doubles: DEFAULT_DECODE's 4 stages of 64 x 256 weights and 256 x 64 act rows would need 262400
+# bytes of shared memory (sm_90, Triton 3.6, compiled offline: tests/offline_compile.py), over
+# the 232448 a program may take on an H100 or H200. k steps of 128 need 131328. Chosen to fit,
+# not timed on the GPU yet.
+DECODE_ONE_BLOCK = 32  # tokens
+DEFAULT_DECODE_TWO_BLOCKS = dataclasses.replace(DEFAULT_DECODE, k_tile_down=128)
 DEFAULT_GROUPED = GroupedConfig()
 # From GROUPED_WIDE_FROM tokens (64 blocks of 32) an expert gets about 66 slots: tiles of 64 slots
 # measured 631 against 772 us at 64x32 exact 15 (H200, eighth session; at 16x32 the two were even:
@@ -289,11 +296,12 @@ DEFAULT_GROUPED_FP8 = GroupedConfig(block_m=64, block_i=128, k_tile_gate_up=128,
 def moe_launch(tokens: int, top_k: int, num_experts: int, dtype: torch.dtype,
                device: torch.device, fp8: bool = False) -> MoeLaunch:
     """moe_forward's launches for T = tokens rows of top_k slots over num_experts experts:
-    the decode path for T <= DECODE_MAX_TOKENS, else the grouped one (wider tiles from
-    GROUPED_WIDE_FROM tokens); with no routed slot (top_k 0: a shared expert alone) always the
-    grouped one, whose slot lists the shared expert joins (the decode kernels need a routed
-    slot). fp8: the experts' weights are FP8 (their own default shapes; an override applies to
-    both kinds)."""
+    the decode path for T <= DECODE_MAX_TOKENS (DEFAULT_DECODE up to DECODE_ONE_BLOCK tokens,
+    DEFAULT_DECODE_TWO_BLOCKS above, to fit in shared memory), else the grouped one (wider
+    tiles from GROUPED_WIDE_FROM tokens); with no routed slot (top_k 0: a shared expert alone)
+    always the grouped one, whose slot lists the shared expert joins (the decode kernels need a
+    routed slot). fp8: the experts' weights are FP8 (their own default shapes; an override
+    applies to both kinds)."""
     if top_k == 0:
         path = "grouped"
     else:
@@ -301,7 +309,7 @@ def moe_launch(tokens: int, top_k: int, num_experts: int, dtype: torch.dtype,
     if fp8:
         decode, grouped = DEFAULT_DECODE_FP8, DEFAULT_GROUPED_FP8
     else:
-        decode = DEFAULT_DECODE
+        decode = DEFAULT_DECODE if tokens <= DECODE_ONE_BLOCK else DEFAULT_DECODE_TWO_BLOCKS
         grouped = DEFAULT_GROUPED if tokens < GROUPED_WIDE_FROM else DEFAULT_GROUPED_WIDE
     return MoeLaunch(path=path, decode=_current("decode") or decode,
                      grouped=_current("grouped") or grouped,
@@ -618,5 +626,6 @@ __all__ = ["RouteLaunch", "NormLaunch", "norm_launch", "PickLaunch", "pick_launc
            "persistent_grid", "pipeline_stages", "dot_precision", "fp8_bits", "pdl",
            "fit_scale_blocks", "KERNEL_FLOATS",
            "DEFAULT_DECODE_FP8", "DEFAULT_GROUPED_FP8",
-           "DECODE_MAX_TOKENS", "GROUPED_WIDE_FROM", "DEFAULT_GROUPED_WIDE", "FEW_SEQUENCES",
+           "DECODE_MAX_TOKENS", "DECODE_ONE_BLOCK", "DEFAULT_DECODE_TWO_BLOCKS",
+           "GROUPED_WIDE_FROM", "DEFAULT_GROUPED_WIDE", "FEW_SEQUENCES",
            "MANY_SEQUENCES", "MANY_FROM"]

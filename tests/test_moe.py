@@ -91,8 +91,10 @@ def routings(draw):
     weights[ids < 0] = 0.0
     # Both kernel paths: the decode one only takes few tokens.
     path = draw(st.sampled_from(["decode", "grouped"])) if T <= DECODE_MAX_TOKENS else "grouped"
-    # The decode path's down launch with its used experts in 1..3 shares (partials + last-arriver sum).
-    decode = DecodeConfig(down_splits=draw(st.integers(1, 3)))
+    # The decode path's down launch with its used experts in 1..3 shares (partials + last-arriver
+    # sum), its hidden columns in one block (the default 64) or several (16).
+    decode = DecodeConfig(down_splits=draw(st.integers(1, 3)),
+                          block_h=draw(st.sampled_from([16, 64])))
     # The grouped path's work items: an expert's slots in one or many tiles (block_m), its
     # columns in one or several slices.
     grouped = GroupedConfig(block_m=draw(st.sampled_from([16, 32])),
@@ -576,7 +578,7 @@ def llada_like_case(T=64, E=32, H=512, I=128, k=8, seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [32, 128])
+@pytest.mark.parametrize("T", [32, 33, 64, 128])  # one block, two (tokens padded to 64), grouped
 def test_bf16_against_fp32_reference(T):
     hidden, ids, weights, w_gate_up, w_down = llada_like_case(T=T)
     ref = oracle(hidden.bfloat16(), ids, weights, w_gate_up.bfloat16(), w_down.bfloat16())

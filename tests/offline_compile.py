@@ -1,0 +1,87 @@
+"""Compile the decode path's MoE kernels for sm_90 without a GPU and print the shared memory a
+program of each takes, so that the CPU suite catches a launch shape that would not fit on an
+H100 or H200. (The fourteenth session's default down asked for 262400 bytes at 33-64 tokens,
+over the 232448 a program may take, and nothing on the CPU noticed.)
+
+    python tests/offline_compile.py TOKENS DTYPE   # DTYPE: bfloat16, float16 or float32
+
+prints one JSON object {kernel name: {"shared": bytes, "warps": n}} for the launches that
+moe_forward's decode path makes at LLaDA2.0-mini's shapes (E 256, top-8, H 2048, I 512, a
+shared expert) with launch.moe_launch's config. It must run without TRITON_INTERPRET (the
+interpreter's kernels cannot be compiled): test_fit.py starts it in a process of its own.
+The launches are captured instead of run, and compiled as Triton's launcher would specialise
+them (16-byte aligned pointers, integers equal to 1 as constants, multiples of 16 marked).
+"""
+import json
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
+                 torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8"}
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def capture_launches():
+    """Make every @triton.jit launch record (kernel, args, kwargs) in the returned list instead
+    of running."""
+    launches = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs))
+
+    triton.runtime.jit.JITFunction.run = record
+    return launches
+
+
+def compile_for_hopper(fn, args, kwargs):
+    """The compiled kernel of one captured launch, for sm_90."""
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    kwargs.pop("launch_pdl", None)
+    signature, constants, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        value = kwargs[name] if name in kwargs else args[i] if i < len(args) else param.default
+        if param.is_constexpr or value is None or (type(value) is int and value == 1):
+            signature[name], constants[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = POINTER_TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif type(value) is int:
+            signature[name] = "i64" if abs(value) >= 2**31 else "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            raise TypeError(f"{fn.__name__}: argument {name} = {value!r} is not handled here")
+    return triton.compile(ASTSource(fn, signature, constants, attrs), target=HOPPER,
+                          options=options)
+
+
+def decode_shared_memory(tokens: int, dtype: torch.dtype) -> dict:
+    launches = capture_launches()
+    from dmoe_triton import launch
+    from dmoe_triton.moe import decode_down_combine, decode_gate_up, down_arrivals
+
+    E, H, I, top_k = 256, 2048, 512, 8
+    config = launch.moe_launch(tokens, top_k, E, dtype, torch.device("cpu")).decode
+    hidden = torch.zeros(tokens, H, dtype=dtype)
+    ids = torch.arange(tokens * top_k, dtype=torch.int32).view(tokens, top_k) % E
+    weights = torch.ones(tokens, top_k)
+    arrivals = down_arrivals(H, hidden.device, config)
+    acts = decode_gate_up(hidden, ids, torch.empty(E, 2 * I, H, dtype=dtype), arrivals, config,
+                          torch.empty(2 * I, H, dtype=dtype))
+    decode_down_combine(acts, ids, weights, torch.empty(E, H, I, dtype=dtype),
+                        torch.empty(tokens, H, dtype=dtype), arrivals, config,
+                        torch.empty(H, I, dtype=dtype))
+    result = {}
+    for fn, args, kwargs in launches:
+        kernel = compile_for_hopper(fn, args, dict(kwargs))
+        result[fn.__name__] = {"shared": kernel.metadata.shared,
+                               "warps": kernel.metadata.num_warps}
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(decode_shared_memory(int(sys.argv[1]), getattr(torch, sys.argv[2]))))
