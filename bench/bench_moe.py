@@ -236,11 +236,13 @@ GATE_UP_VARIANTS = [dict(), dict(block_i=16), dict(block_i=64), dict(k_tile_gate
                     dict(k_tile_gate_up=64, stages_gate_up=8), dict(warps_gate_up=8),
                     dict(stages_gate_up=6), dict(programs_per_sm=1), dict(block_i=32),
                     dict(programs_per_sm=3)]
+# Down variants around DEFAULT_DECODE (64 columns, 8 warps, 4 stages of 256-wide k steps); each
+# fits in shared memory at 32 tokens. block_h 32 is the transposed product at 32 columns (below
+# wgmma's 64), not the tokens-on-M tile the default replaced.
 DOWN_VARIANTS = [dict(), dict(down_splits=2), dict(down_splits=8), dict(warps_down=4),
-                 dict(block_h=32, warps_down=4), dict(block_h=32, down_splits=8),
-                 dict(block_h=16),
-                 dict(k_tile_down=128), dict(k_tile_down=512, stages_down=3),
-                 dict(stages_down=3), dict(stages_down=5), dict(down_splits=1)]
+                 dict(block_h=32, warps_down=4), dict(block_h=32, down_splits=8, warps_down=4),
+                 dict(block_h=16, warps_down=4), dict(k_tile_down=128),
+                 dict(k_tile_down=512, stages_down=2), dict(stages_down=3), dict(down_splits=1)]
 
 
 def shared_experts(layers):

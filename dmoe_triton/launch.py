@@ -139,17 +139,18 @@ class DecodeConfig:
     stages_gate_up: int = 4
     programs_per_sm: int = 2   # gate/up grid = SMs x this (at most what fits on an SM)
     # block_h 64 with 8 warps, since the fourteenth session put the down's weight tile on the
-    # MMA's M side (wgmma takes 64 rows and more there): bench_moe's sweep on the H200 timed
+    # MMA's M side (wgmma from 64 rows there): bench_moe's sweep on the H200, 32 tokens, timed
     # the down with the shared expert at 18.0 / 51.0 us at 15 / 70 experts against 19.7 / 57.4
-    # for the old tile (block_h 32, 4 warps, tokens on M); 64 with 4 warps 19.6 / 60.1
-    # (bench/results/h200-2026-12-01-s14/). Before, 32 was kept because the layer was slower at
-    # 64 (fifth session: 40.3 / 143.0 us against 38.1 / 135.4).
+    # for the old tile (block_h 32, 4 warps, tokens on M); 64 columns with 4 warps took 19.6 /
+    # 60.1, so the 8 warps matter as much as the MMA (bench/results/h200-2026-12-01-s14/).
+    # Before, 32 was kept because the layer was slower at 64 (fifth session: 40.3 / 143.0 us
+    # against 38.1 / 135.4). From 33 tokens see DEFAULT_DECODE_TWO_BLOCKS.
     block_h: int = 64
     k_tile_down: int = 256     # reduction step along I (elements)
     warps_down: int = 8
     stages_down: int = 4
     # Down programs per block_h columns, each walking a contiguous share of the used experts.
-    # 1: cdiv(H, block_h) = 128 programs at H = 2048, one per SM, writing out directly.
+    # 1: cdiv(H, block_h) programs (32 at H = 2048 and block_h 64), writing out directly.
     # n > 1: n times the programs (n times the weight bytes in flight, 1/n of the steps each)
     # for an fp32 partial per share, summed in share order by the last program to finish.
     down_splits: int = 4

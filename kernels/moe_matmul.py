@@ -220,15 +220,13 @@ def _tile_slots(sorted_slots_ptr, start, count, m0, BLOCK_M: tl.constexpr):
 def _silu_gate_up_t(x_cols, cols_ok, stride_xh, w_gate, w_up, stride_wk, i_ok, H,
                     ROWS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
                     PRECISION: tl.constexpr):
-    """silu(x W_gate^T) * (x W_up^T), transposed: [BLOCK_I, ROWS] fp32 for ROWS token rows
-    and BLOCK_I columns, the weights as the dot's left operand.
+    """silu(x W_gate^T) * (x W_up^T) transposed: [BLOCK_I, ROWS] fp32, weights on the left.
 
-    x_cols [1, ROWS] points at each token row's first element; columns outside `cols_ok` are
-    masked, so they cost no memory traffic. w_gate / w_up [BLOCK_I, 1] point at the columns'
-    weight rows. The weight tile fills the MMA's M side (64 rows and more: Hopper's wgmma), the
-    tokens its N side (8 and up), where x @ W^T puts the tokens on M: on the H200 the decode
-    gate/up took 19.3 against 21.1 us at 16 experts, 79.9 against 83.8 at 72
-    (bench/results/h200-2026-12-01-s14/probe_tma.py).
+    ROWS token rows and BLOCK_I columns. x_cols [1, ROWS] points at each token row's first
+    element; columns outside `cols_ok` are masked, so they cost no memory traffic. w_gate / w_up
+    [BLOCK_I, 1] point at the columns' weight rows. The weight tile fills the MMA's M side (64
+    rows and more: Hopper's wgmma), the tokens its N side (8 and up), where x @ W^T would put
+    the tokens on M and take mma.sync (docs/moe.md: measured on both paths).
     """
     acc_gate = tl.zeros((BLOCK_I, ROWS), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_I, ROWS), dtype=tl.float32)
@@ -641,8 +639,9 @@ def _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, sha
                  HAS_SHARED: tl.constexpr):
     """y [T_PAD, BLOCK_H] fp32: the routing-weighted sum of act_e W_down[e]^T over the flat
     (expert, I step) steps first .. end (model-dtype weights). The products are transposed,
-    [BLOCK_H, T_PAD]: the weight tile on the MMA's M side, as in _silu_gate_up_t (with
-    BLOCK_H >= 64, what Hopper's wgmma takes there)."""
+    [BLOCK_H, T_PAD], the weight tile on the MMA's M side as in _silu_gate_up_t, at any
+    BLOCK_H; from 64 rows Hopper's wgmma takes them (below, mma.sync: at 32 columns this was
+    slower than the tokens on M, docs/moe.md)."""
     h_ok = offs_h < H
     k_steps = tl.cdiv(I, BLOCK_K)
     y_t = tl.zeros((BLOCK_H, T_PAD), dtype=tl.float32)
