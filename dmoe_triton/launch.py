@@ -167,8 +167,12 @@ class DecodeConfig:
     x_prepass: bool = True
 
     def __post_init__(self):
+        # block_i and block_h are the weight tiles' rows, the M side of the kernels' tl.dot
+        # since the fourteenth session: 16 at least. (The k steps are not held to it here:
+        # fit_scale_blocks shrinks them to divide an FP8 checkpoint's scale blocks.)
         _check_shape(self, powers_of_two=("block_i", "k_tile_gate_up", "warps_gate_up",
-                                          "block_h", "k_tile_down", "warps_down"))
+                                          "block_h", "k_tile_down", "warps_down"),
+                     at_least=dict(block_i=16, block_h=16))
 
 
 @dataclass(frozen=True)

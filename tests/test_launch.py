@@ -186,6 +186,8 @@ def test_policy_table_is_the_one_source_of_codes_and_names():
     (lambda: launch.RouteLaunch(vote_cols=48), "vote_cols"),
     (lambda: launch.DecodeConfig(block_i=0), "block_i"),
     (lambda: launch.DecodeConfig(block_i=48), "block_i"),
+    (lambda: launch.DecodeConfig(block_h=8), "DecodeConfig.block_h must be >= 16"),
+    (lambda: launch.DecodeConfig(block_i=8), "DecodeConfig.block_i must be >= 16"),
     (lambda: launch.DecodeConfig(down_splits=0), "down_splits"),
     (lambda: launch.GroupedConfig(block_m=8), "block_m"),
     (lambda: launch.AttentionLaunch(block_m=3), "block_m"),
