@@ -232,10 +232,15 @@ def few_calls_us(fn, calls=3):
 # Sweep of the decode path's launch configs (32 tokens)
 # ---------------------------------------------------------------------------------------------
 
-GATE_UP_VARIANTS = [dict(), dict(block_i=16), dict(block_i=64), dict(k_tile_gate_up=256, stages_gate_up=3),
+# Gate/up variants around DEFAULT_DECODE (block_i 64, 4 stages of 128-wide k steps: 163840
+# bytes of shared memory, so one program per SM although programs_per_sm asks for two,
+# tests/test_fit.py). k steps of 64 (81920 bytes) let two fit: second, so that `--quick
+# --sweep` times it. Each fits in shared memory at 32 tokens (offline compile; 3 stages of 256
+# and 6 stages of 128 did not).
+GATE_UP_VARIANTS = [dict(), dict(k_tile_gate_up=64), dict(block_i=16), dict(block_i=32),
+                    dict(k_tile_gate_up=256, stages_gate_up=2),
                     dict(k_tile_gate_up=64, stages_gate_up=8), dict(warps_gate_up=8),
-                    dict(stages_gate_up=6), dict(programs_per_sm=1), dict(block_i=32),
-                    dict(programs_per_sm=3)]
+                    dict(stages_gate_up=3), dict(programs_per_sm=1), dict(programs_per_sm=3)]
 # Down variants around DEFAULT_DECODE (64 columns, 8 warps, 4 stages of 256-wide k steps); each
 # fits in shared memory at 32 tokens. block_h 32 is the transposed product at 32 columns (below
 # wgmma's 64), not the tokens-on-M tile the default replaced.
