@@ -793,7 +793,8 @@ def write_results(out, device, bw, config, rows, grouped=None):
         f"- Device: {device}; torch {torch.__version__}, triton {triton.__version__}.",
         f"- Copy bandwidth measured in the same process: **{bw:.0f} GB/s** (read + write).",
         f"- Command: `{cmd}`",
-        f"- Decode config (32 tokens): `{config}`; more tokens take the grouped path: "
+        f"- Decode config (32 tokens): `{config}`; 33-64 tokens take "
+        f"`{launch.DEFAULT_DECODE_TWO_BLOCKS}`, more the grouped path: "
         f"`{grouped or DEFAULT_GROUPED}`" + ("" if grouped else f" (from "
         f"{launch.GROUPED_WIDE_FROM} tokens block_m {launch.DEFAULT_GROUPED_WIDE.block_m})")
         + ".",

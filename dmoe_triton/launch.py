@@ -137,12 +137,16 @@ class DecodeConfig:
     k_tile_gate_up: int = 128  # reduction step along H (elements)
     warps_gate_up: int = 4
     stages_gate_up: int = 4
-    programs_per_sm: int = 2   # gate/up grid = SMs x this (at most what fits on an SM)
+    # gate/up grid = SMs x this. Only one program of the default fits on an SM (163840 bytes
+    # of shared memory, tests/test_fit.py's xfail): the items past the SMs' count run as a
+    # second wave.
+    programs_per_sm: int = 2
     # block_h 64 with 8 warps, since the fourteenth session put the down's weight tile on the
     # MMA's M side (wgmma from 64 rows there): bench_moe's sweep on the H200, 32 tokens, timed
     # the down with the shared expert at 18.0 / 51.0 us at 15 / 70 experts against 19.7 / 57.4
-    # for the old tile (block_h 32, 4 warps, tokens on M); 64 columns with 4 warps took 19.6 /
-    # 60.1, so the 8 warps matter as much as the MMA (bench/results/h200-2026-12-01-s14/).
+    # for the old tile (block_h 32, 4 warps, tokens on M). The transposed tile alone gained
+    # nothing at 4 warps (19.6 / 60.1); the old tile at 8 warps was not timed
+    # (bench/results/h200-2026-12-01-s14/).
     # Before, 32 was kept because the layer was slower at 64 (fifth session: 40.3 / 143.0 us
     # against 38.1 / 135.4). From 33 tokens see DEFAULT_DECODE_TWO_BLOCKS.
     block_h: int = 64
@@ -263,7 +267,7 @@ MOE_PATHS = ("decode", "grouped")
 DEFAULT_DECODE = DecodeConfig()
 # From 33 tokens (two 32-token blocks) the kernels pad the tokens to 64 and the down's act tile
 # doubles: DEFAULT_DECODE's 4 stages of 64 x 256 weights and 256 x 64 act rows would need 262400
-# bytes of shared memory (sm_90, Triton 3.6, compiled offline: tests/offline_compile.py), over
+# bytes of shared memory (sm_90, Triton 3.6, compiled offline as tests/test_fit.py does), over
 # the 232448 a program may take on an H100 or H200. k steps of 128 need 131328. Chosen to fit,
 # not timed on the GPU yet.
 DECODE_ONE_BLOCK = 32  # tokens

@@ -1,7 +1,8 @@
 """Compile the decode path's MoE kernels for sm_90 without a GPU and print the shared memory a
 program of each takes, so that the CPU suite catches a launch shape that would not fit on an
-H100 or H200. (The fourteenth session's default down asked for 262400 bytes at 33-64 tokens,
-over the 232448 a program may take, and nothing on the CPU noticed.)
+H100 or H200. (The fourteenth session's default down asked for 262400 bytes at 33-64 tokens
+with Triton 3.6, 262656 with 3.9, over the 232448 a program may take, and nothing on the CPU
+noticed.)
 
     python tests/offline_compile.py TOKENS DTYPE   # DTYPE: bfloat16, float16 or float32
 
@@ -10,7 +11,9 @@ moe_forward's decode path makes at LLaDA2.0-mini's shapes (E 256, top-8, H 2048,
 shared expert) with launch.moe_launch's config. It must run without TRITON_INTERPRET (the
 interpreter's kernels cannot be compiled): test_fit.py starts it in a process of its own.
 The launches are captured instead of run, and compiled as Triton's launcher would specialise
-them (16-byte aligned pointers, integers equal to 1 as constants, multiples of 16 marked).
+them for these kernels (16-byte aligned pointers, integers equal to 1 as constants, multiples
+of 16 marked; no do_not_specialize, bool or fp8 arguments here). Written by hand rather than
+through Triton's private binder so that it runs on Triton 3.6 (the H200's) and 3.9 alike.
 """
 import json
 import sys
@@ -40,7 +43,10 @@ def capture_launches():
 def compile_for_hopper(fn, args, kwargs):
     """The compiled kernel of one captured launch, for sm_90."""
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-    kwargs.pop("launch_pdl", None)
+    kwargs.pop("launch_pdl", None)  # a launch attribute, not a compile option
+    unknown = set(kwargs) - set(fn.arg_names)
+    if unknown:  # a launch option this imitation does not pass on would be dropped silently
+        raise TypeError(f"{fn.__name__}: launch keywords not handled here: {sorted(unknown)}")
     signature, constants, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
         value = kwargs[name] if name in kwargs else args[i] if i < len(args) else param.default

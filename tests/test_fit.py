@@ -2,7 +2,7 @@
 the kernels for sm_90 (in a process of its own, without the interpreter) with the config that
 launch.moe_launch picks, and reports each program's shared memory. A shape that does not fit
 fails only on the GPU (OutOfResources), which CI never sees: the fourteenth session's default
-down asked for 262400 bytes at 33-64 tokens."""
+down asked for 262400 bytes at 33-64 tokens (Triton 3.6; 262656 with 3.9)."""
 import functools
 import json
 import os
@@ -31,6 +31,10 @@ pytestmark = pytest.mark.skipif(not _nvidia_backend(),
                                 reason="this Triton has no NVIDIA backend to compile with")
 
 
+class DoNotFitTogether(Exception):
+    """Fewer programs fit on an SM than the launch config asks for."""
+
+
 @functools.lru_cache(maxsize=None)
 def shared_memory(tokens: int, dtype: str) -> dict:
     """{kernel name: {"shared": bytes, "warps": n}} from offline_compile.py."""
@@ -40,7 +44,7 @@ def shared_memory(tokens: int, dtype: str) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     script = os.path.join(os.path.dirname(__file__), "offline_compile.py")
     run = subprocess.run([sys.executable, script, str(tokens), dtype], env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -55,7 +59,7 @@ def test_decode_programs_fit_in_shared_memory(tokens, dtype):
         assert 0 < kernel["shared"] <= MAX_SHARED_PER_PROGRAM, (name, tokens, dtype, kernel)
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=DoNotFitTogether, reason=(
     "the decode gate/up's 4 stages of gate|up tiles (64 columns x 128 k) and x take 163840 "
     "bytes, so one program fits on an SM where DecodeConfig.programs_per_sm asks for two: work "
     "items past the SMs' count (at 16 coreset experts and the shared one, 136 items on 132 "
@@ -63,4 +67,5 @@ def test_decode_programs_fit_in_shared_memory(tokens, dtype):
 def test_decode_gate_up_programs_fit_on_an_sm_together():
     config = launch.moe_launch(32, 8, 256, torch.bfloat16, torch.device("cpu")).decode
     shared = shared_memory(32, "bfloat16")["moe_gate_up_decode_kernel"]["shared"]
-    assert config.programs_per_sm * (shared + 1024) <= SHARED_PER_SM, shared
+    if config.programs_per_sm * (shared + 1024) > SHARED_PER_SM:  # only this is the xfail
+        raise DoNotFitTogether(f"{config.programs_per_sm} programs of {shared} bytes")
