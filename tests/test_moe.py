@@ -596,12 +596,16 @@ def test_gpu_matches_reference(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,splits", [(32, 1), (32, 2), (32, 4), (128, 2)])  # decode, grouped
+@pytest.mark.parametrize("T,splits", [(32, 1), (32, 2), (32, 4), (64, 4), (128, 2)])
 @pytest.mark.parametrize("with_shared", [False, True])
 def test_cuda_graph_replay_equals_eager(T, splits, with_shared):
+    """The decode path at one and two blocks (its own config from 33 tokens), the grouped one
+    at 128 tokens."""
     hidden, ids, weights, w_gate_up, w_down = llada_like_case(T=T)
     hidden, w_gate_up, w_down = hidden.bfloat16(), w_gate_up.bfloat16(), w_down.bfloat16()
-    decode = DecodeConfig(down_splits=splits)
+    base = launch.moe_launch(T, ids.shape[1], w_gate_up.shape[0], torch.bfloat16,
+                             hidden.device).decode
+    decode = dataclasses.replace(base, down_splits=splits)
     # a shared expert: on the grouped path one more, virtual, slot per token (the SHARED
     # align, down and combine), which the graph must capture too
     shared = (w_gate_up[0].clone(), w_down[0].clone()) if with_shared else None
