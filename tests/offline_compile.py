@@ -12,7 +12,7 @@ shared expert) with launch.moe_launch's config. It must run without TRITON_INTER
 interpreter's kernels cannot be compiled): test_fit.py starts it in a process of its own.
 The launches are captured instead of run, and compiled as Triton's launcher would specialise
 them for these kernels (16-byte aligned pointers, integers equal to 1 as constants, multiples
-of 16 marked; no do_not_specialize, bool or fp8 arguments here). Written by hand rather than
+of 16 marked; no do_not_specialize or bool arguments here). Written by hand rather than
 through Triton's private binder so that it runs on Triton 3.6 (the H200's) and 3.9 alike.
 """
 import json
@@ -22,9 +22,8 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import mangle_type
 
-POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
-                 torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8"}
 HOPPER = GPUTarget("cuda", 90, 32)
 
 
@@ -52,12 +51,9 @@ def compile_for_hopper(fn, args, kwargs):
         value = kwargs[name] if name in kwargs else args[i] if i < len(args) else param.default
         if param.is_constexpr or value is None or (type(value) is int and value == 1):
             signature[name], constants[name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = POINTER_TYPES[value.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif type(value) is int:
-            signature[name] = "i64" if abs(value) >= 2**31 else "i32"
-            if value % 16 == 0:
+        elif isinstance(value, torch.Tensor) or type(value) is int:
+            signature[name] = mangle_type(value)  # Triton's own type of the argument
+            if isinstance(value, torch.Tensor) or value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             raise TypeError(f"{fn.__name__}: argument {name} = {value!r} is not handled here")
