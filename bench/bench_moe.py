@@ -233,21 +233,22 @@ def few_calls_us(fn, calls=3):
 # ---------------------------------------------------------------------------------------------
 
 # Gate/up variants around DEFAULT_DECODE (block_i 64, 4 stages of 128-wide k steps: 163840
-# bytes of shared memory, so one program per SM although programs_per_sm asks for two,
-# tests/test_fit.py). k steps of 64 (81920 bytes) let two fit: second, so that `--quick
-# --sweep` times it. Each fits in shared memory at 32 tokens (offline compile; 3 stages of 256
-# and 6 stages of 128 did not).
-GATE_UP_VARIANTS = [dict(), dict(k_tile_gate_up=64), dict(block_i=16), dict(block_i=32),
-                    dict(k_tile_gate_up=256, stages_gate_up=2),
+# bytes of shared memory, one program per SM, tests/test_fit.py). k steps of 64 (81920 bytes)
+# with two programs per SM: second, so that `--quick --sweep` times it. Each fits in shared
+# memory at 32 tokens (offline compile; 3 stages of 256 and 6 stages of 128 did not); 2 and 3
+# programs per SM of the default do not fit together (a second wave).
+GATE_UP_VARIANTS = [dict(), dict(k_tile_gate_up=64, programs_per_sm=2), dict(block_i=16),
+                    dict(block_i=32), dict(k_tile_gate_up=256, stages_gate_up=2),
                     dict(k_tile_gate_up=64, stages_gate_up=8), dict(warps_gate_up=8),
-                    dict(stages_gate_up=3), dict(programs_per_sm=1), dict(programs_per_sm=3)]
-# Down variants around DEFAULT_DECODE (64 columns, 8 warps, 4 stages of 256-wide k steps); each
-# fits in shared memory at 32 tokens. block_h 32 is the transposed product at 32 columns (below
-# wgmma's 64), not the tokens-on-M tile the default replaced.
+                    dict(stages_gate_up=3), dict(programs_per_sm=2), dict(programs_per_sm=3)]
+# Down variants around DEFAULT_DECODE (64 columns, 8 warps, 3 stages of 256-wide k steps); each
+# fits in shared memory at 32 tokens, the sweep's size (stages_down 4 only there). block_h 32
+# is the transposed product at 32 columns (below wgmma's 64), not the tokens-on-M tile the
+# default replaced.
 DOWN_VARIANTS = [dict(), dict(down_splits=2), dict(down_splits=8), dict(warps_down=4),
                  dict(block_h=32, warps_down=4), dict(block_h=32, down_splits=8, warps_down=4),
                  dict(block_h=16, warps_down=4), dict(k_tile_down=128),
-                 dict(k_tile_down=512, stages_down=2), dict(stages_down=3), dict(down_splits=1)]
+                 dict(k_tile_down=512, stages_down=2), dict(stages_down=4), dict(down_splits=1)]
 
 
 def shared_experts(layers):
@@ -793,8 +794,7 @@ def write_results(out, device, bw, config, rows, grouped=None):
         f"- Device: {device}; torch {torch.__version__}, triton {triton.__version__}.",
         f"- Copy bandwidth measured in the same process: **{bw:.0f} GB/s** (read + write).",
         f"- Command: `{cmd}`",
-        f"- Decode config (32 tokens): `{config}`; 33-64 tokens take "
-        f"`{launch.DEFAULT_DECODE_TWO_BLOCKS}`, more the grouped path: "
+        f"- Decode config (1-64 tokens): `{config}`; more tokens take the grouped path: "
         f"`{grouped or DEFAULT_GROUPED}`" + ("" if grouped else f" (from "
         f"{launch.GROUPED_WIDE_FROM} tokens block_m {launch.DEFAULT_GROUPED_WIDE.block_m})")
         + ".",

@@ -137,10 +137,14 @@ class DecodeConfig:
     k_tile_gate_up: int = 128  # reduction step along H (elements)
     warps_gate_up: int = 4
     stages_gate_up: int = 4
-    # gate/up grid = SMs x this. Only one program of the default fits on an SM (163840 bytes
-    # of shared memory, tests/test_fit.py's xfail): the items past the SMs' count run as a
-    # second wave.
-    programs_per_sm: int = 2
+    # gate/up grid = SMs x this (at most what fits on an SM: tests/test_fit.py). 1 since the
+    # fifteenth session: a program of the default takes 163840 bytes of shared memory at 32
+    # tokens, so a second one per SM only waited for the first. Timed (H200, the gate/up with
+    # the shared expert, 32 tokens): 21.5 / 80.7 us at 15 / 70 experts against 22.4 / 81.8 for
+    # 2 (bench/results/h200-2026-12-01-s15/probe_decode_configs.py); bench_moe's sweep the
+    # same day: 21.4 / 81.3 against 21.8 / 82.5. k steps of 64 (two programs fit) took 24.0 /
+    # 83.6 there.
+    programs_per_sm: int = 1
     # block_h 64 with 8 warps, since the fourteenth session put the down's weight tile on the
     # MMA's M side (wgmma from 64 rows there): bench_moe's sweep on the H200, 32 tokens, timed
     # the down with the shared expert at 18.0 / 51.0 us at 15 / 70 experts against 19.7 / 57.4
@@ -148,11 +152,18 @@ class DecodeConfig:
     # nothing at 4 warps (19.6 / 60.1); the old tile at 8 warps was not timed
     # (bench/results/h200-2026-12-01-s14/).
     # Before, 32 was kept because the layer was slower at 64 (fifth session: 40.3 / 143.0 us
-    # against 38.1 / 135.4). From 33 tokens see DEFAULT_DECODE_TWO_BLOCKS.
+    # against 38.1 / 135.4).
     block_h: int = 64
     k_tile_down: int = 256     # reduction step along I (elements)
     warps_down: int = 8
-    stages_down: int = 4
+    # 3 stages since the fifteenth session: as fast as 4 at 32 tokens (the down with the shared
+    # expert 18.4 / 52.4 us at 15 / 70 experts against 18.9 / 52.3), and from 33 tokens, where
+    # the tokens pad to 64 and the act tile doubles, 4 would not fit in shared memory (262400
+    # bytes against the 232448 a program may take on sm_90; 3 take 197120, tests/test_fit.py).
+    # So one config serves 1-64 tokens. The fourteenth session's config for 33-64 tokens, k
+    # steps of 128 with 4 stages, took 53.5 / 167.4 us for this down at 64 tokens (29 / 115
+    # experts) against 38.0 / 110.2 (probe_decode_configs.py, as above).
+    stages_down: int = 3
     # Down programs per block_h columns, each walking a contiguous share of the used experts.
     # 1: cdiv(H, block_h) programs (32 at H = 2048 and block_h 64), writing out directly.
     # n > 1: n times the programs (n times the weight bytes in flight, 1/n of the steps each)
@@ -265,13 +276,6 @@ class MoeLaunch:
 DECODE_MAX_TOKENS = 64  # the decode path computes every token row for each used expert
 MOE_PATHS = ("decode", "grouped")
 DEFAULT_DECODE = DecodeConfig()
-# From 33 tokens (two 32-token blocks) the kernels pad the tokens to 64 and the down's act tile
-# doubles: DEFAULT_DECODE's 4 stages of 64 x 256 weights and 256 x 64 act rows would need 262400
-# bytes of shared memory (sm_90, Triton 3.6, compiled offline as tests/test_fit.py does), over
-# the 232448 a program may take on an H100 or H200. k steps of 128 need 131328. Chosen to fit,
-# not timed on the GPU yet.
-DECODE_ONE_BLOCK = 32  # tokens
-DEFAULT_DECODE_TWO_BLOCKS = dataclasses.replace(DEFAULT_DECODE, k_tile_down=128)
 DEFAULT_GROUPED = GroupedConfig()
 # From GROUPED_WIDE_FROM tokens (64 blocks of 32) an expert gets about 66 slots: tiles of 64 slots
 # measured 631 against 772 us at 64x32 exact 15 (H200, eighth session; at 16x32 the two were even:
@@ -305,8 +309,7 @@ DEFAULT_GROUPED_FP8 = GroupedConfig(block_m=64, block_i=128, k_tile_gate_up=128,
 def moe_launch(tokens: int, top_k: int, num_experts: int, dtype: torch.dtype,
                device: torch.device, fp8: bool = False) -> MoeLaunch:
     """moe_forward's launches for T = tokens rows of top_k slots over num_experts experts:
-    the decode path for T <= DECODE_MAX_TOKENS (DEFAULT_DECODE up to DECODE_ONE_BLOCK tokens,
-    DEFAULT_DECODE_TWO_BLOCKS above, to fit in shared memory), else the grouped one (wider
+    the decode path for T <= DECODE_MAX_TOKENS (DEFAULT_DECODE), else the grouped one (wider
     tiles from GROUPED_WIDE_FROM tokens); with no routed slot (top_k 0: a shared expert alone)
     always the grouped one, whose slot lists the shared expert joins (the decode kernels need a
     routed slot). fp8: the experts' weights are FP8 (their own default shapes; an override
@@ -318,7 +321,7 @@ def moe_launch(tokens: int, top_k: int, num_experts: int, dtype: torch.dtype,
     if fp8:
         decode, grouped = DEFAULT_DECODE_FP8, DEFAULT_GROUPED_FP8
     else:
-        decode = DEFAULT_DECODE if tokens <= DECODE_ONE_BLOCK else DEFAULT_DECODE_TWO_BLOCKS
+        decode = DEFAULT_DECODE
         grouped = DEFAULT_GROUPED if tokens < GROUPED_WIDE_FROM else DEFAULT_GROUPED_WIDE
     return MoeLaunch(path=path, decode=_current("decode") or decode,
                      grouped=_current("grouped") or grouped,
@@ -635,6 +638,6 @@ __all__ = ["RouteLaunch", "NormLaunch", "norm_launch", "PickLaunch", "pick_launc
            "persistent_grid", "pipeline_stages", "dot_precision", "fp8_bits", "pdl",
            "fit_scale_blocks", "KERNEL_FLOATS",
            "DEFAULT_DECODE_FP8", "DEFAULT_GROUPED_FP8",
-           "DECODE_MAX_TOKENS", "DECODE_ONE_BLOCK", "DEFAULT_DECODE_TWO_BLOCKS",
+           "DECODE_MAX_TOKENS",
            "GROUPED_WIDE_FROM", "DEFAULT_GROUPED_WIDE", "FEW_SEQUENCES",
            "MANY_SEQUENCES", "MANY_FROM"]

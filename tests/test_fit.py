@@ -31,10 +31,6 @@ pytestmark = pytest.mark.skipif(not _nvidia_backend(),
                                 reason="this Triton has no NVIDIA backend to compile with")
 
 
-class DoNotFitTogether(Exception):
-    """Fewer programs fit on an SM than the launch config asks for."""
-
-
 @functools.lru_cache(maxsize=None)
 def shared_memory(tokens: int, dtype: str) -> dict:
     """{kernel name: {"shared": bytes, "warps": n}} from offline_compile.py."""
@@ -59,13 +55,12 @@ def test_decode_programs_fit_in_shared_memory(tokens, dtype):
         assert 0 < kernel["shared"] <= MAX_SHARED_PER_PROGRAM, (name, tokens, dtype, kernel)
 
 
-@pytest.mark.xfail(strict=True, raises=DoNotFitTogether, reason=(
-    "the decode gate/up's 4 stages of gate|up tiles (64 columns x 128 k) and x take 163840 "
-    "bytes, so one program fits on an SM where DecodeConfig.programs_per_sm asks for two: work "
-    "items past the SMs' count (at 16 coreset experts and the shared one, 136 items on 132 "
-    "SMs) wait for a second wave; found in the fourteenth session, not yet timed"))
-def test_decode_gate_up_programs_fit_on_an_sm_together():
-    config = launch.moe_launch(32, 8, 256, torch.bfloat16, torch.device("cpu")).decode
-    shared = shared_memory(32, "bfloat16")["moe_gate_up_decode_kernel"]["shared"]
-    if config.programs_per_sm * (shared + 1024) > SHARED_PER_SM:  # only this is the xfail
-        raise DoNotFitTogether(f"{config.programs_per_sm} programs of {shared} bytes")
+@pytest.mark.parametrize("tokens,dtype", [(32, "bfloat16"), (64, "bfloat16")])
+def test_decode_gate_up_programs_fit_on_an_sm_together(tokens, dtype):
+    """As many gate/up programs fit on an SM as DecodeConfig.programs_per_sm asks for (the
+    persistent grid is SMs x that): the fourteenth session's 2 did not (163840 bytes each at
+    32 tokens), so the items past the SMs' count waited for a second wave."""
+    config = launch.moe_launch(tokens, 8, 256, getattr(torch, dtype), torch.device("cpu")).decode
+    shared = shared_memory(tokens, dtype)["moe_gate_up_decode_kernel"]["shared"]
+    assert config.programs_per_sm * (shared + 1024) <= SHARED_PER_SM, (
+        f"{config.programs_per_sm} programs of {shared} bytes at {tokens} tokens")

@@ -29,10 +29,10 @@ def test_defaults_are_todays_measured_values():
     assert RouteLaunch().vote_rows * RouteLaunch().vote_cols >= 128 * RouteLaunch().coreset_warps
     plan = launch.moe_launch(32, 8, 256, torch.bfloat16, CPU)
     assert plan.decode == DecodeConfig() and plan.decode.down_splits == 4
-    # from 33 tokens (padded to 64) the down's k steps halve to fit in shared memory
-    for tokens in (33, 64):
-        two = launch.moe_launch(tokens, 8, 256, torch.bfloat16, CPU).decode
-        assert two == launch.DEFAULT_DECODE_TWO_BLOCKS and two.k_tile_down == 128
+    # one decode config for 1-64 tokens (3 down stages fit at 64: tests/test_fit.py)
+    assert plan.decode.programs_per_sm == 1 and plan.decode.stages_down == 3
+    for tokens in (1, 33, 64):
+        assert launch.moe_launch(tokens, 8, 256, torch.bfloat16, CPU).decode == plan.decode
     assert plan.grouped == GroupedConfig() and plan.grouped.block_m == 32
     assert (plan.combine.block_t, plan.combine.block_h, plan.combine.warps) == (8, 256, 4)
     assert DECODE_MAX_TOKENS == 64 and MANY_FROM == 8
