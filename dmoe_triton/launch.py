@@ -130,7 +130,8 @@ class DecodeConfig:
     """The decode path (T <= DECODE_MAX_TOKENS): two launches, used experts found in-kernel.
 
     gate/up: persistent programs over (used expert, block_i intermediate columns) items;
-    down + combine: one program per (block_h hidden columns, share of the used experts).
+    down + combine: one program per (block_h hidden columns, share of the (used expert, I
+    step) pairs; FP8 weights: of the used experts).
     """
 
     block_i: int = 64          # defaults: bench_moe.py --sweep on an H100, 15 and 70 experts
@@ -145,6 +146,16 @@ class DecodeConfig:
     # same day: 21.4 / 81.3 against 21.8 / 82.5. k steps of 64 (two programs fit) took 24.0 /
     # 83.6 there.
     programs_per_sm: int = 1
+    # Past one full wave of items (more than SMs x programs_per_sm), the last, partial wave's
+    # items are cut into pieces of this many columns when the pieces fit in one more wave
+    # (block_i: never cut; ignored with FP8 weights). Whole, at 16 coreset experts and the
+    # shared one (136 items on the H200's 132 SMs) the gate/up took 31.0 us against 22.1 at 15
+    # (128 items): the 4 SMs with a second item set the launch's time. Pieces of 16: 28.6 at
+    # 16, 28.8 at 17 (31.1 whole); of 32: no gain. Cut where the pieces make a second wave
+    # they were slower: 34.4 against 30.9 at 20 experts, 41.3 against 34.6 at 24
+    # (bench/results/h200-2026-12-01-s15/probe_waves*.log). A lone item still takes about 9
+    # us on its SM (512 KB), so cutting along H (with a sum across programs) is the next step.
+    tail_cols: int = 16
     # block_h 64 with 8 warps, since the fourteenth session put the down's weight tile on the
     # MMA's M side (wgmma from 64 rows there): bench_moe's sweep on the H200, 32 tokens, timed
     # the down with the shared expert at 18.0 / 51.0 us at 15 / 70 experts against 19.7 / 57.4
@@ -164,7 +175,8 @@ class DecodeConfig:
     # steps of 128 with 4 stages, took 53.5 / 167.4 us for this down at 64 tokens (29 / 115
     # experts) against 38.0 / 110.2 (probe_decode_configs.py, as above).
     stages_down: int = 3
-    # Down programs per block_h columns, each walking a contiguous share of the used experts.
+    # Down programs per block_h columns, each walking a contiguous share of the (used expert,
+    # I step) pairs (FP8 weights: of the used experts).
     # 1: cdiv(H, block_h) programs (32 at H = 2048 and block_h 64), writing out directly.
     # n > 1: n times the programs (n times the weight bytes in flight, 1/n of the steps each)
     # for an fp32 partial per share, summed in share order by the last program to finish.
@@ -186,8 +198,11 @@ class DecodeConfig:
         # since the fourteenth session: 16 at least. (The k steps are not held to it here:
         # fit_scale_blocks shrinks them to divide an FP8 checkpoint's scale blocks.)
         _check_shape(self, powers_of_two=("block_i", "k_tile_gate_up", "warps_gate_up",
-                                          "block_h", "k_tile_down", "warps_down"),
-                     at_least=dict(block_i=16, block_h=16))
+                                          "tail_cols", "block_h", "k_tile_down", "warps_down"),
+                     at_least=dict(block_i=16, tail_cols=16, block_h=16))
+        if self.tail_cols > self.block_i:
+            raise ValueError(f"DecodeConfig.tail_cols must be <= block_i ({self.block_i}), got "
+                             f"{self.tail_cols}")
 
 
 @dataclass(frozen=True)
@@ -407,6 +422,8 @@ def fit_scale_blocks(config, block_k: int):
         group_ok = FP8_DOT_MIN_K <= block_k <= FP8_DOT_MAX_GROUP and not block_k & (block_k - 1)
         if group_ok and min(changes.values()) >= FP8_DOT_MIN_K:
             changes["block_i"] = max(FP8_DOT_MIN_K, min(config.block_i, block_k))
+            if isinstance(config, DecodeConfig):  # tail_cols (ignored with FP8) <= block_i
+                changes["tail_cols"] = min(config.tail_cols, changes["block_i"])
         else:
             changes["dot"] = "fp16"
     return dataclasses.replace(config, **changes)

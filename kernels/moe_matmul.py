@@ -491,6 +491,37 @@ def _shared_rows(shared, uses, slot, T, TOP_K, T_PAD: tl.constexpr):
 
 
 @triton.jit
+def _decode_item_rows(u, used, rank, n_used, token_ids, T, E, TOP_K, T_PAD: tl.constexpr,
+                      TOP_K_PAD: tl.constexpr, NUM_BINS: tl.constexpr, HAS_SHARED: tl.constexpr):
+    """The u-th used expert of a decode launch (with HAS_SHARED, u == n_used is the shared
+    expert, listed as expert E) and its token rows: (expert, hit [T_PAD, TOP_K_PAD], uses
+    [T_PAD], slot [T_PAD] int64 act rows, shared)."""
+    expert = _nth_used_expert(used, rank, u, NUM_BINS)
+    hit, uses, slot = _expert_rows(token_ids, expert, TOP_K, T_PAD, TOP_K_PAD)
+    shared = u == n_used
+    if HAS_SHARED:
+        uses, slot = _shared_rows(shared, uses, slot, T, TOP_K, T_PAD)
+        expert = tl.where(shared, E, expert)
+    return expert, hit, uses, slot, shared
+
+
+@triton.jit
+def _gate_up_columns(x_ptr, stride_xt, stride_xh, w_rows, stride_wn, stride_wk, act_ptr,
+                     stride_as, uses, slot, i0, H, I, T_PAD: tl.constexpr, COLS: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """act[slot, i0 .. i0 + COLS] of one expert (gate|up rows at w_rows) for the tokens in
+    `uses` (every token row is in the tile; the others are masked)."""
+    t = tl.arange(0, T_PAD)
+    offs_i = i0 + tl.arange(0, COLS)
+    w_gate = w_rows + offs_i[:, None] * stride_wn
+    act_t = _silu_gate_up_t(x_ptr + t.to(tl.int64)[None, :] * stride_xt, uses, stride_xh,
+                            w_gate, w_gate + I * stride_wn, stride_wk, offs_i < I, H, T_PAD,
+                            COLS, BLOCK_K, PRECISION)
+    tl.store(act_ptr + slot[None, :] * stride_as + offs_i[:, None],
+             act_t.to(act_ptr.dtype.element_ty), mask=uses[None, :] & (offs_i < I)[:, None])
+
+
+@triton.jit
 def _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_rows, stride_wn,
                      stride_wk, act_ptr, stride_as, act_scale_ptr, stride_ss, used_ptr,
                      row_weight_ptr, s_expert, stride_sn, stride_sk, expert, uses, row_weight, u,
@@ -537,7 +568,8 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
                               FP8_BITS: tl.constexpr = False, act_scale_ptr=None, stride_ss=0,
                               DOT: tl.constexpr = "model", x_inverse_ptr=None, stride_xi=0,
                               weights_ptr=None, used_ptr=None, row_weight_ptr=None,
-                              shared_s_ptr=None, PDL: tl.constexpr = False):
+                              shared_s_ptr=None, TAIL_SPLIT: tl.constexpr = 1,
+                              PDL: tl.constexpr = False):
     """act[slot] = silu(x W_gate^T) * (x W_up^T); work item = (used expert, BLOCK_I columns).
 
     With HAS_SHARED, the shared expert (gate|up rows at shared_ptr, the routed experts' strides)
@@ -555,7 +587,8 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
     FP8 shared expert's [2 * cdiv(I, SCALE_N), cdiv(H, SCALE_K)] (the routed experts'
     strides); FP8 weights write act by expert instead (_fp8_decode_item): act_ptr [U * T_PAD,
     I], U = min(E, T*TOP_K) + HAS_SHARED, and also take weights_ptr fp32 [T, TOP_K] and write
-    used_ptr int32 [U], row_weight_ptr fp32 [U, T_PAD].
+    used_ptr int32 [U], row_weight_ptr fp32 [U, T_PAD]. TAIL_SPLIT: pieces per item of the last,
+    partial wave (1: whole items; model-dtype weights only, BLOCK_I // TAIL_SPLIT >= 16).
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     if arrivals_ptr is not None:
@@ -563,33 +596,34 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
             tl.store(arrivals_ptr + i, 0)
     _, _, used, rank = _expert_buckets(ids_ptr, T * TOP_K, E, S_PAD, NUM_BINS)
     token_ids, id_mask = _token_ids(ids_ptr, T, TOP_K, T_PAD, TOP_K_PAD)
-    t = tl.arange(0, T_PAD)
     token_weights = None
     if weights_ptr is not None:
         token_weights = _token_weights(weights_ptr, id_mask, TOP_K, T_PAD, TOP_K_PAD)
     n_splits = tl.cdiv(I, BLOCK_I)
     n_used = tl.sum(used.to(tl.int32), 0)
     n_items = (n_used + HAS_SHARED) * n_splits
-    for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
+    programs = tl.num_programs(0)
+    # Past one full wave (more items than programs), the last, partial wave's items are cut
+    # into TAIL_SPLIT pieces of BLOCK_I // TAIL_SPLIT columns spread over the programs when
+    # the pieces make at most one more wave: whole, the few programs that take one more item
+    # set the launch's time (at 16 coreset experts and the shared one, 136 items on 132 SMs).
+    # A second wave of pieces was slower than whole items (narrow tiles, launch.py).
+    n_whole = n_items
+    if TAIL_SPLIT > 1:
+        rest = n_items % programs
+        n_whole = tl.where((n_items > programs) & (rest * TAIL_SPLIT <= programs),
+                           n_items - rest, n_items)
+    for item in range(tl.program_id(0), n_whole, programs):
         u = item // n_splits
-        expert = _nth_used_expert(used, rank, u, NUM_BINS)
-        hit, uses, slot = _expert_rows(token_ids, expert, TOP_K, T_PAD, TOP_K_PAD)
-        if HAS_SHARED:  # item u == n_used: the shared expert, listed as expert E
-            shared = u == n_used
-            uses, slot = _shared_rows(shared, uses, slot, T, TOP_K, T_PAD)
-            expert = tl.where(shared, E, expert)
+        expert, hit, uses, slot, shared = _decode_item_rows(u, used, rank, n_used, token_ids, T,
+                                                            E, TOP_K, T_PAD, TOP_K_PAD,
+                                                            NUM_BINS, HAS_SHARED)
         i0 = (item % n_splits) * BLOCK_I
-        offs_i = i0 + tl.arange(0, BLOCK_I)
         w_rows = _weights_of(expert.to(tl.int64), E, w_ptr, stride_we, shared_ptr)
-        # Every token row is in the tile; those that do not use the expert are masked.
         if s_ptr is None:
-            w_gate = w_rows + offs_i[:, None] * stride_wn
-            act_t = _silu_gate_up_t(x_ptr + t.to(tl.int64)[None, :] * stride_xt, uses,
-                                    stride_xh, w_gate, w_gate + I * stride_wn, stride_wk,
-                                    offs_i < I, H, T_PAD, BLOCK_I, BLOCK_K, PRECISION)
-            tl.store(act_ptr + slot[None, :] * stride_as + offs_i[:, None],
-                     act_t.to(act_ptr.dtype.element_ty),
-                     mask=uses[None, :] & (offs_i < I)[:, None])
+            _gate_up_columns(x_ptr, stride_xt, stride_xh, w_rows, stride_wn, stride_wk, act_ptr,
+                             stride_as, uses, slot, i0, H, I, T_PAD, BLOCK_I, BLOCK_K,
+                             PRECISION)
         else:
             s_expert = _weights_of(expert.to(tl.int64), E, s_ptr, stride_se, shared_s_ptr)
             row_weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)
@@ -600,6 +634,18 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
                              used_ptr, row_weight_ptr, s_expert, stride_sn, stride_sk, expert,
                              uses, row_weight, u, i0, H, I, T_PAD, BLOCK_I, BLOCK_K, PRECISION,
                              SCALE_N, SCALE_K, FP8_BITS, DOT)
+    if TAIL_SPLIT > 1:  # model-dtype weights only (the wrapper passes 1 for FP8)
+        PIECE: tl.constexpr = BLOCK_I // TAIL_SPLIT
+        for piece in range(tl.program_id(0), (n_items - n_whole) * TAIL_SPLIT, programs):
+            item = n_whole + piece // TAIL_SPLIT
+            u = item // n_splits
+            expert, hit, uses, slot, shared = _decode_item_rows(u, used, rank, n_used, token_ids,
+                                                                T, E, TOP_K, T_PAD, TOP_K_PAD,
+                                                                NUM_BINS, HAS_SHARED)
+            i0 = (item % n_splits) * BLOCK_I + (piece % TAIL_SPLIT) * PIECE
+            w_rows = _weights_of(expert.to(tl.int64), E, w_ptr, stride_we, shared_ptr)
+            _gate_up_columns(x_ptr, stride_xt, stride_xh, w_rows, stride_wn, stride_wk, act_ptr,
+                             stride_as, uses, slot, i0, H, I, T_PAD, PIECE, BLOCK_K, PRECISION)
 
 
 @triton.jit
@@ -638,7 +684,8 @@ def _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, sha
                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
                  HAS_SHARED: tl.constexpr):
     """y [T_PAD, BLOCK_H] fp32: the routing-weighted sum of act_e W_down[e]^T over the flat
-    (expert, I step) steps first .. end (model-dtype weights). The products are transposed,
+    (expert, I step) steps first .. end (model-dtype weights; an expert cut by `first` or `end`
+    adds the part of its rows' products that lies in the range). The products are transposed,
     [BLOCK_H, T_PAD], the weight tile on the MMA's M side as in _silu_gate_up_t, at any
     BLOCK_H; from 64 rows Hopper's wgmma takes them (below, mma.sync: at 32 columns this was
     slower than the tokens on M, docs/moe.md)."""
@@ -667,7 +714,8 @@ def _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, sha
                       mask=uses[None, :] & k_ok[:, None], other=0.0)
         w = tl.load(w_tile, mask=h_ok[:, None] & k_ok[None, :], other=0.0)
         acc_t = tl.dot(w, a_t, acc_t, input_precision=PRECISION)
-        last = (step % k_steps) == k_steps - 1
+        # (or the share's last step: its part of an expert split between two shares)
+        last = ((step % k_steps) == k_steps - 1) | (step == end - 1)
         y_t += tl.where(last, acc_t * weight[None, :], 0.0)
         acc_t = tl.where(last, 0.0, acc_t)
     return tl.trans(y_t)
@@ -723,9 +771,9 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     """out[:, BLOCK_H columns] = sum over used experts e of w[:, e] * act_e W_down[e]^T.
 
     Program (h, s) takes BLOCK_H columns of H and the s-th of EXPERT_SPLITS contiguous shares
-    of the used experts, so each down weight is read once. The (expert, I step) pairs are one
-    flat loop so the pipeliner keeps the next experts' weight tiles in flight across expert
-    boundaries. With one split the program sums its token rows in registers and writes out:
+    of the (used expert, I step) pairs (FP8 weights: of the used experts), so each down weight
+    is read once. The (expert, I step) pairs are one flat loop so the pipeliner keeps the next
+    experts' weight tiles in flight across expert boundaries. With one split the program sums its token rows in registers and writes out:
     no partials, no atomics. With more (more programs, so more bytes in flight when few experts
     are used), each writes an fp32 partial [EXPERT_SPLITS, T, H] and the last of a column
     block's programs to arrive adds them in split order: deterministic whoever arrives last.
@@ -750,15 +798,17 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     k_steps = tl.cdiv(I, BLOCK_K)
     n_used = tl.sum(used.to(tl.int32), 0)
     n_experts = n_used + HAS_SHARED
-    share = tl.program_id(1)  # experts first .. end
-    first = share * n_experts // EXPERT_SPLITS
-    end = (share + 1) * n_experts // EXPERT_SPLITS
-    if s_ptr is None:
+    share = tl.program_id(1)
+    if s_ptr is None:  # shares of the (expert, I step) pairs, even to a step
+        n_steps = n_experts * k_steps
         y = _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, shared_ptr,
-                         token_ids, token_weights, used, rank, n_used, offs_h, first * k_steps,
-                         end * k_steps, T, H, I, TOP_K, T_PAD, TOP_K_PAD, NUM_BINS, BLOCK_H,
-                         BLOCK_K, PRECISION, HAS_SHARED)
-    else:
+                         token_ids, token_weights, used, rank, n_used, offs_h,
+                         share * n_steps // EXPERT_SPLITS, (share + 1) * n_steps // EXPERT_SPLITS,
+                         T, H, I, TOP_K, T_PAD, TOP_K_PAD, NUM_BINS, BLOCK_H, BLOCK_K, PRECISION,
+                         HAS_SHARED)
+    else:  # shares of the experts (used experts first .. end)
+        first = share * n_experts // EXPERT_SPLITS
+        end = (share + 1) * n_experts // EXPERT_SPLITS
         y = _fp8_down_shares(act_ptr, stride_as, act_scale_ptr, stride_ss, w_ptr, stride_we,
                              stride_wh, stride_wi, s_ptr, stride_se, stride_sn, stride_sk,
                              used_ptr, row_weight_ptr, shared_ptr, shared_s_ptr, h0, first,

@@ -91,10 +91,15 @@ def routings(draw):
     weights[ids < 0] = 0.0
     # Both kernel paths: the decode one only takes few tokens.
     path = draw(st.sampled_from(["decode", "grouped"])) if T <= DECODE_MAX_TOKENS else "grouped"
-    # The decode path's down launch with its used experts in 1..3 shares (partials + last-arriver
-    # sum), its hidden columns in one block (the default 64) or several (16).
+    # The decode path's down launch with its (expert, I step) pairs in 1..3 shares (partials +
+    # last-arriver sum), its hidden columns in one block (the default 64) or several (16), I
+    # in one step or several of 16 (then a share may start or end inside an expert); the
+    # gate/up's last partial wave of items cut into pieces of 16 columns (the default) or
+    # never cut (64 = block_i).
     decode = DecodeConfig(down_splits=draw(st.integers(1, 3)),
-                          block_h=draw(st.sampled_from([16, 64])))
+                          block_h=draw(st.sampled_from([16, 64])),
+                          k_tile_down=draw(st.sampled_from([16, 256])),
+                          tail_cols=draw(st.sampled_from([16, 64])))
     # The grouped path's work items: an expert's slots in one or many tiles (block_m), its
     # columns in one or several slices.
     grouped = GroupedConfig(block_m=draw(st.sampled_from([16, 32])),
@@ -116,6 +121,35 @@ def test_kernel_matches_reference(dtype, case):
         shared = (gate_up[0], down[0])
     check_against_reference(hidden.to(**to), ids.to(**to), weights.to(**to), w_gate_up.to(**to),
                             w_down.to(**to), TOL[dtype], path, decode, shared, grouped)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3])
+@pytest.mark.parametrize("tail_cols", [16, 32])
+def test_decode_cuts_work_inside_an_expert(splits, tail_cols):
+    """The decode launches split an expert's work between programs: the down's shares are
+    even in (expert, I step) pairs, so a share may start or end inside an expert (4 I steps
+    of 16 here), and the gate/up cuts the items of its last, partial wave into pieces of
+    tail_cols columns when the pieces fit in one more wave. The interpreter runs 4 programs.
+    At block_i 64 (I = 64) an item is an expert: 7 routed + the shared one make two full
+    waves; 8 + 1 leave the shared expert to cut, 9 without it a routed one; 6 + 1 leave 3
+    items, whole (the pieces would not fit in a wave). At block_i 32 an expert is 2 items:
+    4 + 1 experts leave 2 items, cut when tail_cols is 16."""
+    g = torch.Generator().manual_seed(5)
+    T, H, I, E, k = 8, 32, 64, 12, 2
+    for n_experts, with_shared, block_i in ((7, True, 64), (8, True, 64), (9, False, 64),
+                                            (6, True, 64), (4, True, 32)):
+        decode = DecodeConfig(down_splits=splits, k_tile_down=16, block_i=block_i,
+                              tail_cols=min(tail_cols, block_i))
+        hidden = torch.randn(T, H, generator=g).to(DEV)
+        ids = (torch.arange(T * k).view(T, k) % n_experts).to(torch.int32).to(DEV)
+        weights = torch.rand(T, k, generator=g).to(DEV)
+        w_gate_up, w_down = make_layer(E, H, I, torch.float32, DEV, g)
+        shared = None
+        if with_shared:
+            gate_up, down = make_layer(1, H, I, torch.float32, DEV, g)
+            shared = (gate_up[0], down[0])
+        check_against_reference(hidden, ids, weights, w_gate_up, w_down, 1e-4, "decode", decode,
+                                shared)
 
 
 @pytest.mark.parametrize("path", ["decode", "grouped"])
@@ -217,7 +251,7 @@ def test_scratch_poisoned_and_every_row_written(poison_scratch, T, with_shared):
 
 @pytest.mark.parametrize("splits", [1, 2, 3])
 def test_decode_down_splits_agree_and_leave_counters_zeroed(splits):
-    """Shares of the used experts (more shares than used experts too) sum to the one-program
+    """Shares of the (expert, I step) pairs (more shares than pairs too) sum to the one-program
     result; the arrival counters are zero after each launch, so the down launch can be replayed
     on its own."""
     g = torch.Generator().manual_seed(4)
