@@ -72,7 +72,8 @@ DTYPE = torch.bfloat16
 EXPERT_BYTES = 3 * H * I * 2  # gate + up + down, bf16
 MAX_REL_ERR = 1e-2            # bf16 vs the fp32 reference (the method's half-precision bound)
 SWEEP_UNIQUE = (15, 70)
-QUICK_CASES = ("32 tok, exact 15", "32 tok, exact 70", "4x32 tok, exact 15")
+QUICK_CASES = ("32 tok, exact 15", "32 tok, exact 17", "32 tok, exact 70", "2x32 tok, exact 15",
+               "4x32 tok, exact 15")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +108,16 @@ def cases(gen):
         out.append((f"{n}x32 tok, exact 15", exact_logits(n, 15, gen), RoutingPolicy.token(), 15))
         out.append((f"{n}x32 tok, uniform", torch.randn(n, BLOCK, E, generator=gen),
                     RoutingPolicy.token(), None))
-    return out + expert_choice_cases(gen)
+    return out + expert_choice_cases(gen) + decode_edge_cases(gen)
+
+
+def decode_edge_cases(gen):
+    """Two shapes at the decode path's edges (drawn last, so the cases above keep their
+    routings): 17 experts, past one wave of gate/up items on a 132-SM GPU (16 experts and the
+    shared one make 136 items of 64 columns; docs/moe.md), and two blocks, 64 tokens, the
+    decode path's largest call."""
+    return [("32 tok, exact 17", exact_logits(1, 17, gen), RoutingPolicy.token(), 17),
+            ("2x32 tok, exact 15", exact_logits(2, 15, gen), RoutingPolicy.token(), 15)]
 
 
 def expert_choice_cases(gen):
@@ -481,7 +491,8 @@ def run_gpu(args):
           f"triton {triton.__version__}; copy bandwidth {bw:.0f} GB/s (read + write)")
     layers = make_layers(COPIES, E, H, I, DTYPE, "cuda")
     routed = build_routings("cuda", "triton")
-    if args.quick:  # smoke size (bench/smoke_gpu.sh): the sweep's two cases and one multi-block
+    if args.quick:  # smoke size (bench/smoke_gpu.sh): the sweep's two cases, the decode edges
+        # (17 experts, 64 tokens) and one multi-block case
         keep = QUICK_CASES + (GROUPED_SWEEP_CASES if args.sweep_grouped else ())
         routed = [r for r in routed if r["case"] in keep]
     if args.cases is not None:  # e.g. --cases EC: the expert-choice shapes alone (issue 15)
@@ -875,7 +886,8 @@ def plot_multi(ax, bw, multi):
                     ha="center", va="bottom", fontsize=7)
     ax.set_xticks(list(xs), [r["case"].replace(" tok, ", "\n") for r in multi], fontsize=7)
     ax.set_ylabel("time per MoE layer call (us); % = share of copy bandwidth")
-    ax.set_title("Several sequences' blocks in one call (grouped path), bf16")
+    ax.set_title("Several sequences' blocks in one call (to 64 tokens the decode path, then "
+                 "the grouped one), bf16", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
 
@@ -905,7 +917,7 @@ def main():
     parser.add_argument("--sweep-grouped", action="store_true", help="time GroupedConfig "
                         "variants at the multi-block cases first (issue 14)")
     parser.add_argument("--smoke", action="store_true", help="CPU check without timing")
-    parser.add_argument("--quick", action="store_true", help="GPU smoke size: 3 cases, 2 sweep "
+    parser.add_argument("--quick", action="store_true", help="GPU smoke size: 5 cases, 2 sweep "
                         "variants per launch (bench/smoke_gpu.sh)")
     parser.add_argument("--fp8", action="store_true", help="the FP8-experts table instead")
     parser.add_argument("--cases", nargs="+", default=None, help="parts of case names to keep, "

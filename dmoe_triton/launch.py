@@ -156,6 +156,13 @@ class DecodeConfig:
     # (bench/results/h200-2026-12-01-s15/probe_waves*.log). A lone item still takes about 9
     # us on its SM (512 KB), so cutting along H (with a sum across programs) is the next step.
     tail_cols: int = 16
+    # The pieces' reduction step along H. A piece of 16 columns with k steps of 128 keeps a
+    # quarter of a whole item's weight bytes in flight per stage; 256 keeps half, in no more
+    # shared memory than the whole items' loop (which the pieces' loop reuses: gate/up 163840
+    # bytes at 32 tokens, 196608 at 33-64, compiled offline for sm_90; 512 would take 196608
+    # at 32 and 294912, too many, at 64). Not yet timed: 128 is what the fifteenth session
+    # measured (probe_waves.py times 256 beside it).
+    tail_k_tile: int = 128
     # block_h 64 with 8 warps, since the fourteenth session put the down's weight tile on the
     # MMA's M side (wgmma from 64 rows there): bench_moe's sweep on the H200, 32 tokens, timed
     # the down with the shared expert at 18.0 / 51.0 us at 15 / 70 experts against 19.7 / 57.4
@@ -198,8 +205,9 @@ class DecodeConfig:
         # since the fourteenth session: 16 at least. (The k steps are not held to it here:
         # fit_scale_blocks shrinks them to divide an FP8 checkpoint's scale blocks.)
         _check_shape(self, powers_of_two=("block_i", "k_tile_gate_up", "warps_gate_up",
-                                          "tail_cols", "block_h", "k_tile_down", "warps_down"),
-                     at_least=dict(block_i=16, tail_cols=16, block_h=16))
+                                          "tail_cols", "tail_k_tile", "block_h",
+                                          "k_tile_down", "warps_down"),
+                     at_least=dict(block_i=16, tail_cols=16, tail_k_tile=16, block_h=16))
         if self.tail_cols > self.block_i:
             raise ValueError(f"DecodeConfig.tail_cols must be <= block_i ({self.block_i}), got "
                              f"{self.tail_cols}")
@@ -328,11 +336,16 @@ def moe_launch(tokens: int, top_k: int, num_experts: int, dtype: torch.dtype,
     tiles from GROUPED_WIDE_FROM tokens); with no routed slot (top_k 0: a shared expert alone)
     always the grouped one, whose slot lists the shared expert joins (the decode kernels need a
     routed slot). fp8: the experts' weights are FP8 (their own default shapes; an override
-    applies to both kinds)."""
+    applies to both kinds). ValueError: the decode path forced (override) for more than
+    DECODE_MAX_TOKENS tokens."""
     if top_k == 0:
         path = "grouped"
     else:
         path = _current("moe_path") or ("decode" if tokens <= DECODE_MAX_TOKENS else "grouped")
+    if path == "decode" and tokens > DECODE_MAX_TOKENS:  # only a forced path gets here
+        raise ValueError(f"moe_path 'decode' takes at most DECODE_MAX_TOKENS = "
+                         f"{DECODE_MAX_TOKENS} tokens (its kernels hold every token row in one "
+                         f"tile of shared memory), got {tokens}")
     if fp8:
         decode, grouped = DEFAULT_DECODE_FP8, DEFAULT_GROUPED_FP8
     else:

@@ -583,6 +583,7 @@ def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, share
         **_shared_args(shared_gate_up, shared_scale, fp8), T=T,
         H=H, I=inter, E=E, TOP_K=top_k, BLOCK_I=cfg.block_i, BLOCK_K=cfg.k_tile_gate_up,
         HAS_SHARED=has_shared, TAIL_SPLIT=cfg.block_i // cfg.tail_cols if fp8 is None else 1,
+        TAIL_K=cfg.tail_k_tile,
         num_warps=cfg.warps_gate_up,
         num_stages=pipeline_stages(cfg.stages_gate_up, hidden.dtype), **pads,
         **pdl(hidden.device))

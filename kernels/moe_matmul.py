@@ -569,6 +569,7 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
                               DOT: tl.constexpr = "model", x_inverse_ptr=None, stride_xi=0,
                               weights_ptr=None, used_ptr=None, row_weight_ptr=None,
                               shared_s_ptr=None, TAIL_SPLIT: tl.constexpr = 1,
+                              TAIL_K: tl.constexpr = 128,
                               PDL: tl.constexpr = False):
     """act[slot] = silu(x W_gate^T) * (x W_up^T); work item = (used expert, BLOCK_I columns).
 
@@ -588,7 +589,8 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
     strides); FP8 weights write act by expert instead (_fp8_decode_item): act_ptr [U * T_PAD,
     I], U = min(E, T*TOP_K) + HAS_SHARED, and also take weights_ptr fp32 [T, TOP_K] and write
     used_ptr int32 [U], row_weight_ptr fp32 [U, T_PAD]. TAIL_SPLIT: pieces per item of the last,
-    partial wave (1: whole items; model-dtype weights only, BLOCK_I // TAIL_SPLIT >= 16).
+    partial wave (1: whole items; model-dtype weights only, BLOCK_I // TAIL_SPLIT >= 16), and
+    TAIL_K their reduction step along H.
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     if arrivals_ptr is not None:
@@ -634,7 +636,8 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
                              used_ptr, row_weight_ptr, s_expert, stride_sn, stride_sk, expert,
                              uses, row_weight, u, i0, H, I, T_PAD, BLOCK_I, BLOCK_K, PRECISION,
                              SCALE_N, SCALE_K, FP8_BITS, DOT)
-    if TAIL_SPLIT > 1:  # model-dtype weights only (the wrapper passes 1 for FP8)
+    if TAIL_SPLIT > 1:  # model-dtype weights only: an FP8 item has no pieces
+        tl.static_assert(s_ptr is None, "TAIL_SPLIT must be 1 with FP8 weights")
         PIECE: tl.constexpr = BLOCK_I // TAIL_SPLIT
         for piece in range(tl.program_id(0), (n_items - n_whole) * TAIL_SPLIT, programs):
             item = n_whole + piece // TAIL_SPLIT
@@ -645,7 +648,7 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
             i0 = (item % n_splits) * BLOCK_I + (piece % TAIL_SPLIT) * PIECE
             w_rows = _weights_of(expert.to(tl.int64), E, w_ptr, stride_we, shared_ptr)
             _gate_up_columns(x_ptr, stride_xt, stride_xh, w_rows, stride_wn, stride_wk, act_ptr,
-                             stride_as, uses, slot, i0, H, I, T_PAD, PIECE, BLOCK_K, PRECISION)
+                             stride_as, uses, slot, i0, H, I, T_PAD, PIECE, TAIL_K, PRECISION)
 
 
 @triton.jit

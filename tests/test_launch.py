@@ -67,6 +67,16 @@ def test_moe_path_switches_after_decode_max_tokens():
     assert moe_path(DECODE_MAX_TOKENS + 1) == moe_path(4096) == "grouped"
 
 
+def test_decode_path_forced_past_its_tokens_is_an_error():
+    """The decode kernels hold every token row in one tile: past DECODE_MAX_TOKENS they would
+    not fit in shared memory on the GPU (and the CPU interpreter would not notice)."""
+    with launch.override(moe_path="decode"):
+        assert launch.moe_launch(DECODE_MAX_TOKENS, 8, 256, torch.bfloat16, CPU).path == "decode"
+        with pytest.raises(ValueError, match="moe_path 'decode' takes at most DECODE_MAX_TOKENS "
+                                             "= 64 tokens .*, got 65"):
+            launch.moe_launch(DECODE_MAX_TOKENS + 1, 8, 256, torch.bfloat16, CPU)
+
+
 def test_attention_tiles_switch_at_many_from():
     assert launch.attention_launch(1) == launch.attention_launch(MANY_FROM - 1) == FEW_SEQUENCES
     assert launch.attention_launch(MANY_FROM) == launch.attention_launch(64) == MANY_SEQUENCES
@@ -194,6 +204,7 @@ def test_policy_table_is_the_one_source_of_codes_and_names():
     (lambda: launch.DecodeConfig(block_i=8), "DecodeConfig.block_i must be >= 16"),
     (lambda: launch.DecodeConfig(tail_cols=8), "DecodeConfig.tail_cols must be >= 16"),
     (lambda: launch.DecodeConfig(tail_cols=24), "tail_cols must be a power of two"),
+    (lambda: launch.DecodeConfig(tail_k_tile=8), "DecodeConfig.tail_k_tile must be >= 16"),
     (lambda: launch.DecodeConfig(block_i=32, tail_cols=64),
      "DecodeConfig.tail_cols must be <= block_i \\(32\\), got 64"),
     (lambda: launch.DecodeConfig(down_splits=0), "down_splits"),

@@ -133,13 +133,14 @@ def test_decode_cuts_work_inside_an_expert(splits, tail_cols):
     At block_i 64 (I = 64) an item is an expert: 7 routed + the shared one make two full
     waves; 8 + 1 leave the shared expert to cut, 9 without it a routed one; 6 + 1 leave 3
     items, whole (the pieces would not fit in a wave). At block_i 32 an expert is 2 items:
-    4 + 1 experts leave 2 items, cut when tail_cols is 16."""
+    4 + 1 experts leave 2 items, cut when tail_cols is 16. The pieces take 2 k steps of 16
+    along H = 32 (DecodeConfig.tail_k_tile)."""
     g = torch.Generator().manual_seed(5)
     T, H, I, E, k = 8, 32, 64, 12, 2
     for n_experts, with_shared, block_i in ((7, True, 64), (8, True, 64), (9, False, 64),
                                             (6, True, 64), (4, True, 32)):
         decode = DecodeConfig(down_splits=splits, k_tile_down=16, block_i=block_i,
-                              tail_cols=min(tail_cols, block_i))
+                              tail_cols=min(tail_cols, block_i), tail_k_tile=16)
         hidden = torch.randn(T, H, generator=g).to(DEV)
         ids = (torch.arange(T * k).view(T, k) % n_experts).to(torch.int32).to(DEV)
         weights = torch.rand(T, k, generator=g).to(DEV)

@@ -7,8 +7,9 @@ experts at p = 0.6 (bench_e2e), so the model sits at that edge. This times each 
 alone (bench_moe.py's launch_closures: graph of 4 layer calls on 4 weight copies, 32 tokens,
 exact-u token routing) for u = 12 .. 24, at block_i 64 and 32 with whole items, and at block_i
 64 with the last partial wave's items cut into pieces of 16 or 32 columns (DecodeConfig.
-tail_cols, from the commit after f6a3d5d; probe_waves_f6a3d5d.log is the first run, at
-f6a3d5d, whose items were whole and whose down shares were whole experts):
+tail_cols, from 1ae1ab6; probe_waves_f6a3d5d.log is the first run, at f6a3d5d, whose items
+were whole and whose down shares were whole experts), and pieces with k steps of 256
+(DecodeConfig.tail_k_tile, added after the session's last GPU run: not in the logs):
 
     python bench/results/h200-2026-12-01-s15/probe_waves.py   # GPU, under a minute
 """
@@ -48,8 +49,10 @@ def main():
         u, _ = unique_counts(ids)
         hidden = torch.randn(32, H, device="cuda", dtype=DTYPE)
         floor = (u + 1) * EXPERT_BYTES * 2 / 3 / bw / 1e3
-        for block_i, tail_cols in ((64, 64), (64, 16), (64, 32), (32, 32)):
-            cfg = dataclasses.replace(DEFAULT_DECODE, block_i=block_i, tail_cols=tail_cols)
+        for block_i, tail_cols, tail_k in ((64, 64, 128), (64, 16, 128), (64, 32, 128),
+                                           (32, 32, 128), (64, 16, 256)):
+            cfg = dataclasses.replace(DEFAULT_DECODE, block_i=block_i, tail_cols=tail_cols,
+                                      tail_k_tile=tail_k)
             y = moe_forward_triton(hidden, ids, weights, *layers[0], decode=cfg, shared=shared[0])
             ref = moe_forward_reference(hidden.float(), ids, weights, *layers[0],
                                         shared=shared[0])
@@ -58,7 +61,8 @@ def main():
             gate_up, down = launch_closures(layers, shared, ids, weights, hidden, cfg)
             tg, td = graph_us(gate_up), graph_us(down)
             items = (u + 1) * (512 // block_i)
-            print(f"| {u} | {block_i} | {tail_cols} | {items} ({items / sms:.2f} per SM) | "
+            print(f"| {u} | {block_i} | {tail_cols}, k {tail_k} | {items} "
+                  f"({items / sms:.2f} per SM) | "
                   f"{tg:.1f} | {100 * floor / tg:.1f} | {td:.1f} |", flush=True)
 
 
