@@ -1,7 +1,7 @@
 """moe_forward at LLaDA2.0-mini shapes against the byte floor and transformers 5 (issue 3).
 
     PYTHONUNBUFFERED=1 python bench/bench_moe.py --sweep --out $OUT    # GPU, ~3 min on an H100
-    python bench/bench_moe.py --smoke                                   # CPU, interpreter, ~1 min
+    python bench/bench_moe.py --smoke                                   # CPU, interpreter, ~4 min
     PYTHONUNBUFFERED=1 python bench/bench_moe.py --fp8 --out $OUT       # GPU, FP8 rows, ~1 min
     PYTHONUNBUFFERED=1 python bench/bench_moe.py --fp8 --sweep --out $OUT   # + FP8 variants, ~90 s
     python bench/bench_moe.py --smoke --fp8 [--sweep]                   # CPU check of those

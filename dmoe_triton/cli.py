@@ -447,7 +447,9 @@ def _timed_decode(model, prompt_ids, args, label: str):
                  threshold=args.threshold, temperature=args.temperature,
                  editing_threshold=args.editing_threshold, max_post_steps=args.max_post_steps)
     warm_up(model, [prompt_ids], **knobs)  # the same layout: the timed call captures nothing
-    bar = tqdm(desc=f"blocks ({label})", unit="block", leave=False)
+    # disable=None: no bar when stderr is not a terminal (a stale bar line would run into the
+    # answer in a log that takes both streams)
+    bar = tqdm(desc=f"blocks ({label})", unit="block", leave=False, disable=None)
 
     def on_block(done, total):
         bar.total = total
