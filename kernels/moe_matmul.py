@@ -506,11 +506,17 @@ def _decode_item_rows(u, used, rank, n_used, token_ids, T, E, TOP_K, T_PAD: tl.c
 
 
 @triton.jit
-def _gate_up_columns(x_ptr, stride_xt, stride_xh, w_rows, stride_wn, stride_wk, act_ptr,
-                     stride_as, uses, slot, i0, H, I, T_PAD: tl.constexpr, COLS: tl.constexpr,
+def _gate_up_columns(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wk,
+                     shared_ptr, act_ptr, stride_as, used, rank, n_used, token_ids, u, i0, T, H,
+                     I, E, TOP_K, T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr,
+                     NUM_BINS: tl.constexpr, HAS_SHARED: tl.constexpr, COLS: tl.constexpr,
                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """act[slot, i0 .. i0 + COLS] of one expert (gate|up rows at w_rows) for the tokens in
-    `uses` (every token row is in the tile; the others are masked)."""
+    """act[slot, i0 .. i0 + COLS] of the u-th used expert (_decode_item_rows), model-dtype
+    weights, for the tokens that use it (every token row is in the tile; the others are
+    masked): a whole work item of moe_gate_up_decode_kernel or a piece of one."""
+    expert, _, uses, slot, _ = _decode_item_rows(u, used, rank, n_used, token_ids, T, E, TOP_K,
+                                                 T_PAD, TOP_K_PAD, NUM_BINS, HAS_SHARED)
+    w_rows = _weights_of(expert.to(tl.int64), E, w_ptr, stride_we, shared_ptr)
     t = tl.arange(0, T_PAD)
     offs_i = i0 + tl.arange(0, COLS)
     w_gate = w_rows + offs_i[:, None] * stride_wn
@@ -522,21 +528,47 @@ def _gate_up_columns(x_ptr, stride_xt, stride_xh, w_rows, stride_wn, stride_wk, 
 
 
 @triton.jit
-def _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_rows, stride_wn,
-                     stride_wk, act_ptr, stride_as, act_scale_ptr, stride_ss, used_ptr,
-                     row_weight_ptr, s_expert, stride_sn, stride_sk, expert, uses, row_weight, u,
-                     i0, H, I, T_PAD: tl.constexpr, BLOCK_I: tl.constexpr,
+def _whole_items(n_items, programs, TAIL_SPLIT: tl.constexpr):
+    """How many of a decode gate/up's n_items work items run whole; the rest are cut into
+    TAIL_SPLIT pieces each. Past one full wave (more items than programs), the last, partial
+    wave's items are cut when their pieces make at most one more wave: whole, the few programs
+    that take one more item set the launch's time (at 16 coreset experts and the shared one,
+    136 items on 132 SMs). A second wave of pieces was slower than whole items (narrow tiles,
+    launch.py)."""
+    n_whole = n_items
+    if TAIL_SPLIT > 1:
+        rest = n_items % programs
+        n_whole = tl.where((n_items > programs) & (rest * TAIL_SPLIT <= programs),
+                           n_items - rest, n_items)
+    return n_whole
+
+
+@triton.jit
+def _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_ptr, stride_we,
+                     stride_wn, stride_wk, shared_ptr, s_ptr, stride_se, stride_sn, stride_sk,
+                     shared_s_ptr, act_ptr, stride_as, act_scale_ptr, stride_ss, used_ptr,
+                     row_weight_ptr, used, rank, n_used, token_ids, token_weights, u, i0, T, H,
+                     I, E, TOP_K, T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr,
+                     NUM_BINS: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_I: tl.constexpr,
                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SCALE_N: tl.constexpr,
                      SCALE_K: tl.constexpr, FP8_BITS: tl.constexpr, DOT: tl.constexpr):
-    """One FP8 work item of moe_gate_up_decode_kernel (the u-th used expert, columns i0 ..):
-    w_rows / s_expert point at the expert's weights / scales; uses [T_PAD]: its tokens;
-    row_weight [T_PAD] fp32: each token's routing weight for it (0 where unused).
+    """One FP8 work item of moe_gate_up_decode_kernel (the u-th used expert, _decode_item_rows,
+    columns i0 ..): its weights and scales, its tokens, and each token's routing weight for it
+    (row_weight [T_PAD] fp32, 0 where unused; 1 for every real token of the shared expert).
 
     Its act rows are u * T_PAD + t, every token row (zeros where t does not use the expert),
     so that the down launch reads them at addresses that follow from u alone; its first column
     block also lists `expert` (used_ptr[u]: the expert id, E for the shared expert) and the
     row weights (row_weight_ptr[u, t]).
     """
+    expert, hit, uses, _, shared = _decode_item_rows(u, used, rank, n_used, token_ids, T, E,
+                                                     TOP_K, T_PAD, TOP_K_PAD, NUM_BINS,
+                                                     HAS_SHARED)
+    w_rows = _weights_of(expert.to(tl.int64), E, w_ptr, stride_we, shared_ptr)
+    s_expert = _weights_of(expert.to(tl.int64), E, s_ptr, stride_se, shared_s_ptr)
+    row_weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)
+    if HAS_SHARED:  # weight 1 for every real token
+        row_weight = tl.where(shared, uses.to(tl.float32), row_weight)
     t = tl.arange(0, T_PAD)
     if i0 == 0:
         tl.store(used_ptr + u, expert)
@@ -605,50 +637,32 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
     n_used = tl.sum(used.to(tl.int32), 0)
     n_items = (n_used + HAS_SHARED) * n_splits
     programs = tl.num_programs(0)
-    # Past one full wave (more items than programs), the last, partial wave's items are cut
-    # into TAIL_SPLIT pieces of BLOCK_I // TAIL_SPLIT columns spread over the programs when
-    # the pieces make at most one more wave: whole, the few programs that take one more item
-    # set the launch's time (at 16 coreset experts and the shared one, 136 items on 132 SMs).
-    # A second wave of pieces was slower than whole items (narrow tiles, launch.py).
-    n_whole = n_items
-    if TAIL_SPLIT > 1:
-        rest = n_items % programs
-        n_whole = tl.where((n_items > programs) & (rest * TAIL_SPLIT <= programs),
-                           n_items - rest, n_items)
+    n_whole = _whole_items(n_items, programs, TAIL_SPLIT)
     for item in range(tl.program_id(0), n_whole, programs):
-        u = item // n_splits
-        expert, hit, uses, slot, shared = _decode_item_rows(u, used, rank, n_used, token_ids, T,
-                                                            E, TOP_K, T_PAD, TOP_K_PAD,
-                                                            NUM_BINS, HAS_SHARED)
-        i0 = (item % n_splits) * BLOCK_I
-        w_rows = _weights_of(expert.to(tl.int64), E, w_ptr, stride_we, shared_ptr)
+        u, i0 = item // n_splits, (item % n_splits) * BLOCK_I
         if s_ptr is None:
-            _gate_up_columns(x_ptr, stride_xt, stride_xh, w_rows, stride_wn, stride_wk, act_ptr,
-                             stride_as, uses, slot, i0, H, I, T_PAD, BLOCK_I, BLOCK_K,
-                             PRECISION)
+            _gate_up_columns(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wk,
+                             shared_ptr, act_ptr, stride_as, used, rank, n_used, token_ids, u,
+                             i0, T, H, I, E, TOP_K, T_PAD, TOP_K_PAD, NUM_BINS, HAS_SHARED,
+                             BLOCK_I, BLOCK_K, PRECISION)
         else:
-            s_expert = _weights_of(expert.to(tl.int64), E, s_ptr, stride_se, shared_s_ptr)
-            row_weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)
-            if HAS_SHARED:  # weight 1 for every real token
-                row_weight = tl.where(shared, uses.to(tl.float32), row_weight)
-            _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_rows,
-                             stride_wn, stride_wk, act_ptr, stride_as, act_scale_ptr, stride_ss,
-                             used_ptr, row_weight_ptr, s_expert, stride_sn, stride_sk, expert,
-                             uses, row_weight, u, i0, H, I, T_PAD, BLOCK_I, BLOCK_K, PRECISION,
+            _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_ptr,
+                             stride_we, stride_wn, stride_wk, shared_ptr, s_ptr, stride_se,
+                             stride_sn, stride_sk, shared_s_ptr, act_ptr, stride_as,
+                             act_scale_ptr, stride_ss, used_ptr, row_weight_ptr, used, rank,
+                             n_used, token_ids, token_weights, u, i0, T, H, I, E, TOP_K, T_PAD,
+                             TOP_K_PAD, NUM_BINS, HAS_SHARED, BLOCK_I, BLOCK_K, PRECISION,
                              SCALE_N, SCALE_K, FP8_BITS, DOT)
     if TAIL_SPLIT > 1:  # model-dtype weights only: an FP8 item has no pieces
         tl.static_assert(s_ptr is None, "TAIL_SPLIT must be 1 with FP8 weights")
         PIECE: tl.constexpr = BLOCK_I // TAIL_SPLIT
         for piece in range(tl.program_id(0), (n_items - n_whole) * TAIL_SPLIT, programs):
             item = n_whole + piece // TAIL_SPLIT
-            u = item // n_splits
-            expert, hit, uses, slot, shared = _decode_item_rows(u, used, rank, n_used, token_ids,
-                                                                T, E, TOP_K, T_PAD, TOP_K_PAD,
-                                                                NUM_BINS, HAS_SHARED)
             i0 = (item % n_splits) * BLOCK_I + (piece % TAIL_SPLIT) * PIECE
-            w_rows = _weights_of(expert.to(tl.int64), E, w_ptr, stride_we, shared_ptr)
-            _gate_up_columns(x_ptr, stride_xt, stride_xh, w_rows, stride_wn, stride_wk, act_ptr,
-                             stride_as, uses, slot, i0, H, I, T_PAD, PIECE, TAIL_K, PRECISION)
+            _gate_up_columns(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wk,
+                             shared_ptr, act_ptr, stride_as, used, rank, n_used, token_ids,
+                             item // n_splits, i0, T, H, I, E, TOP_K, T_PAD, TOP_K_PAD,
+                             NUM_BINS, HAS_SHARED, PIECE, TAIL_K, PRECISION)
 
 
 @triton.jit
