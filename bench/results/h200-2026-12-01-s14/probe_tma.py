@@ -74,6 +74,20 @@ def reference(x, w3, experts, inter):
     return torch.stack(outs)  # [n, I, T]
 
 
+def graph_median_us(call, s, e_):
+    """call(r) for r in 0..11 captured in one CUDA graph; the median of 15 replays, us per call."""
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for r in range(12):
+            call(r)
+    g.replay(); torch.cuda.synchronize()
+    ts = []
+    for _ in range(15):
+        s.record(); g.replay(); e_.record(); torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e_) * 1000 / 12)
+    return sorted(ts)[7]
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--check", action="store_true")
@@ -134,16 +148,8 @@ def main():
                 continue
             got = act.view(n, 32, inter).transpose(1, 2).float()
             err = ((got - ref).abs().max() / ref.abs().max()).item()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for r in range(12):
-                    launch(x, w2d, desc, act, sets[r % 3], inter, cfg)
-            g.replay(); torch.cuda.synchronize()
-            ts = []
-            for _ in range(15):
-                s.record(); g.replay(); e_.record(); torch.cuda.synchronize()
-                ts.append(s.elapsed_time(e_) * 1000 / 12)
-            us = sorted(ts)[7]
+            us = graph_median_us(
+                lambda r: launch(x, w2d, desc, act, sets[r % 3], inter, cfg), s, e_)
             rows.append((n, cfg, us, bytes_ / us / 1e3 / bw * 100, err))
             print(f"n={n:3d} {cfg} {us:7.1f} us  {rows[-1][3]:5.1f}% of copy bw  err {err:.1e}",
                   flush=True)
@@ -155,16 +161,8 @@ def main():
             slots = st[torch.arange(32 * 8, device=dev) % n].view(32, 8)
             ids_sets.append(slots.contiguous())
         decode_gate_up(x, ids_sets[0], w3, None, DEFAULT_DECODE)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for r in range(12):
-                decode_gate_up(x, ids_sets[r % 3], w3, None, DEFAULT_DECODE)
-        g.replay(); torch.cuda.synchronize()
-        ts = []
-        for _ in range(15):
-            s.record(); g.replay(); e_.record(); torch.cuda.synchronize()
-            ts.append(s.elapsed_time(e_) * 1000 / 12)
-        us = sorted(ts)[7]
+        us = graph_median_us(
+            lambda r: decode_gate_up(x, ids_sets[r % 3], w3, None, DEFAULT_DECODE), s, e_)
         rows.append((n, ("decode_gate_up",) * 7, us, bytes_ / us / 1e3 / bw * 100, 0.0))
         print(f"n={n:3d} decode_gate_up (main) {us:7.1f} us  {rows[-1][3]:5.1f}%", flush=True)
     print("\n| experts | block_i, block_k, warps, stages, per_sm | loads | weights on | us | % copy bw |")
