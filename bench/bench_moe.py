@@ -251,14 +251,15 @@ GATE_UP_VARIANTS = [dict(), dict(k_tile_gate_up=64, programs_per_sm=2), dict(blo
                     dict(block_i=32), dict(k_tile_gate_up=256, stages_gate_up=2),
                     dict(k_tile_gate_up=64, stages_gate_up=8), dict(warps_gate_up=8),
                     dict(stages_gate_up=3), dict(programs_per_sm=2), dict(programs_per_sm=3)]
-# Down variants around DEFAULT_DECODE (64 columns, 8 warps, 3 stages of 256-wide k steps); each
-# fits in shared memory at 32 tokens, the sweep's size (stages_down 4 only there). block_h 32
-# is the transposed product at 32 columns (below wgmma's 64), not the tokens-on-M tile the
-# default replaced.
+# Down variants around DEFAULT_DECODE (64 columns, 8 warps, 5 stages of 256-wide k steps: the
+# expert list's load takes one, so 3 weight tiles are in flight); each fits in shared memory at
+# 32 tokens, the sweep's size (stages_down 6 only there). block_h 32 is the transposed product
+# at 32 columns (below wgmma's 64), not the tokens-on-M tile the default replaced.
 DOWN_VARIANTS = [dict(), dict(down_splits=2), dict(down_splits=8), dict(warps_down=4),
                  dict(block_h=32, warps_down=4), dict(block_h=32, down_splits=8, warps_down=4),
                  dict(block_h=16, warps_down=4), dict(k_tile_down=128),
-                 dict(k_tile_down=512, stages_down=2), dict(stages_down=4), dict(down_splits=1)]
+                 dict(k_tile_down=512, stages_down=3), dict(stages_down=6), dict(stages_down=4),
+                 dict(down_splits=1)]
 
 
 def shared_experts(layers):

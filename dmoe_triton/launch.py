@@ -181,7 +181,14 @@ class DecodeConfig:
     # So one config serves 1-64 tokens. The fourteenth session's config for 33-64 tokens, k
     # steps of 128 with 4 stages, took 53.5 / 167.4 us for this down at 64 tokens (29 / 115
     # experts) against 38.0 / 110.2 (probe_decode_configs.py, as above).
-    stages_down: int = 3
+    # 5 since the sixteenth session, when the down began to read each step's expert from the
+    # gate/up's list: that load feeds the weight tile's address, and Triton's pipeliner gives it
+    # a stage of its own, so 5 stages keep the 3 weight tiles (and act tiles) of the 3 before
+    # (147592 bytes at 32 tokens, 196872 at 33-64, compiled offline for sm_90). At 3 stages
+    # the list was slower than the search it replaced (2 tiles: 23.5 against 18.1 us at 15
+    # experts); at 5, 17.7 against 18.1, 50.3 against 51.9 at 70 (the down alone with the
+    # shared expert, 32 tokens; bench/results/h200-2026-12-01-s16/probe_down_list.log).
+    stages_down: int = 5
     # Down programs per block_h columns, each walking a contiguous share of the (used expert,
     # I step) pairs (FP8 weights: of the used experts).
     # 1: cdiv(H, block_h) programs (32 at H = 2048 and block_h 64), writing out directly.

@@ -361,9 +361,11 @@ class ActRows(NamedTuple):
     act [rows, I]: hidden's dtype, or fp16 / e4m3 with FP8 weights' fp16 / fp8 dot; scale:
     None, or with those dots fp32 [rows, cdiv(I, block_i)] the act rows' inverse scales
     (kernels/moe_fp8.py);
-    used / row_weight: None, or on the decode path with FP8 weights int32 [U] and fp32 [U,
-    T_PAD] (U = min(E, T * top_k), + 1 with a shared expert): act row u * T_PAD + t is token
-    t's for expert used[u] (E: the shared expert), row_weight[u, t] its routing weight
+    used: None, or on the decode path int32 [U] (U = min(E, T * top_k), + 1 with a shared
+    expert): the used experts in rank order, used[u] the u-th (E: the shared expert, after
+    them), as the gate/up found them, so that the down reads them instead of searching;
+    row_weight: None, or on the decode path with FP8 weights fp32 [U, T_PAD]: act row
+    u * T_PAD + t is token t's for expert used[u], row_weight[u, t] its routing weight
     (moe_gate_up_decode_kernel).
     """
     act: torch.Tensor
@@ -549,8 +551,9 @@ def down_arrivals(H: int, device, config: DecodeConfig):
 
 def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, shared_gate_up=None,
                    fp8=None, weights=None, shared_scale=None) -> ActRows:
-    """ActRows for the filled slots: act rows T*top_k (+ T, the shared expert's) by slot; with
-    FP8 weights by expert instead (ActRows.used); also zeroes `arrivals` (if any).
+    """ActRows for the filled slots: act rows T*top_k (+ T, the shared expert's) by slot and
+    the used experts' list; with FP8 weights act rows by expert instead (ActRows.row_weight);
+    also zeroes `arrivals` (if any).
 
     hidden [T, H]; ids int [T, top_k] contiguous; w_gate_up [E, 2I, H]; arrivals: down_arrivals'
     counters or None; shared_gate_up: [2I, H] with a routed expert's strides, or None; fp8:
@@ -568,7 +571,8 @@ def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, share
     pads = _decode_pads(T, top_k, E, hidden.dtype)
     experts = min(E, T * top_k) + has_shared
     if fp8 is None:
-        acts = act_buffers(T * top_k + T * has_shared, inter, hidden, cfg, fp8)
+        acts = act_buffers(T * top_k + T * has_shared, inter, hidden, cfg, fp8)._replace(
+            used=torch.empty(experts, dtype=torch.int32, device=hidden.device))
     else:
         acts = act_buffers(experts * pads["T_PAD"], inter, hidden, cfg, fp8,
                            by_expert=(experts, pads["T_PAD"]))

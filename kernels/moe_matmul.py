@@ -507,15 +507,18 @@ def _decode_item_rows(u, used, rank, n_used, token_ids, T, E, TOP_K, T_PAD: tl.c
 
 @triton.jit
 def _gate_up_columns(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wk,
-                     shared_ptr, act_ptr, stride_as, used, rank, n_used, token_ids, u, i0, T, H,
-                     I, E, TOP_K, T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr,
+                     shared_ptr, act_ptr, stride_as, used_ptr, used, rank, n_used, token_ids, u,
+                     i0, T, H, I, E, TOP_K, T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr,
                      NUM_BINS: tl.constexpr, HAS_SHARED: tl.constexpr, COLS: tl.constexpr,
                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """act[slot, i0 .. i0 + COLS] of the u-th used expert (_decode_item_rows), model-dtype
     weights, for the tokens that use it (every token row is in the tile; the others are
-    masked): a whole work item of moe_gate_up_decode_kernel or a piece of one."""
+    masked): a whole work item of moe_gate_up_decode_kernel or a piece of one. The expert's
+    first columns also list it for the down launch: used_ptr[u] (E: the shared expert)."""
     expert, _, uses, slot, _ = _decode_item_rows(u, used, rank, n_used, token_ids, T, E, TOP_K,
                                                  T_PAD, TOP_K_PAD, NUM_BINS, HAS_SHARED)
+    if i0 == 0:
+        tl.store(used_ptr + u, expert)
     w_rows = _weights_of(expert.to(tl.int64), E, w_ptr, stride_we, shared_ptr)
     t = tl.arange(0, T_PAD)
     offs_i = i0 + tl.arange(0, COLS)
@@ -613,14 +616,16 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
 
     x_ptr [T, H]; w_ptr [E, 2I, H] (strides in elements); act_ptr [T*TOP_K (+T), I] out;
     ids_ptr int [T, TOP_K] contiguous (-1 = empty); arrivals_ptr int32 [n_arrivals] or None;
+    used_ptr int32 [U] out, U = min(E, T*TOP_K) + HAS_SHARED: the used experts in rank order
+    (E: the shared expert), for the down launch;
     shared_ptr [2I, H] or None (without HAS_SHARED). T_PAD >= 16, TOP_K_PAD, S_PAD, NUM_BINS:
     powers of two >= T, TOP_K, T*TOP_K, E + 1. BLOCK_I: act columns per work item; BLOCK_K:
     reduction step along H; PRECISION: tl.dot input_precision. s_ptr, SCALE_N/K, FP8_BITS,
     act_scale_ptr, DOT, x_inverse_ptr: FP8 weights as in moe_gate_up_kernel, shared_s_ptr the
     FP8 shared expert's [2 * cdiv(I, SCALE_N), cdiv(H, SCALE_K)] (the routed experts'
     strides); FP8 weights write act by expert instead (_fp8_decode_item): act_ptr [U * T_PAD,
-    I], U = min(E, T*TOP_K) + HAS_SHARED, and also take weights_ptr fp32 [T, TOP_K] and write
-    used_ptr int32 [U], row_weight_ptr fp32 [U, T_PAD]. TAIL_SPLIT: pieces per item of the last,
+    I], and also take weights_ptr fp32 [T, TOP_K] and write row_weight_ptr fp32 [U, T_PAD].
+    TAIL_SPLIT: pieces per item of the last,
     partial wave (1: whole items; model-dtype weights only, BLOCK_I // TAIL_SPLIT >= 16), and
     TAIL_K their reduction step along H.
     """
@@ -642,9 +647,9 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
         u, i0 = item // n_splits, (item % n_splits) * BLOCK_I
         if s_ptr is None:
             _gate_up_columns(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wk,
-                             shared_ptr, act_ptr, stride_as, used, rank, n_used, token_ids, u,
-                             i0, T, H, I, E, TOP_K, T_PAD, TOP_K_PAD, NUM_BINS, HAS_SHARED,
-                             BLOCK_I, BLOCK_K, PRECISION)
+                             shared_ptr, act_ptr, stride_as, used_ptr, used, rank, n_used,
+                             token_ids, u, i0, T, H, I, E, TOP_K, T_PAD, TOP_K_PAD, NUM_BINS,
+                             HAS_SHARED, BLOCK_I, BLOCK_K, PRECISION)
         else:
             _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_ptr,
                              stride_we, stride_wn, stride_wk, shared_ptr, s_ptr, stride_se,
@@ -660,8 +665,8 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
             item = n_whole + piece // TAIL_SPLIT
             i0 = (item % n_splits) * BLOCK_I + (piece % TAIL_SPLIT) * PIECE
             _gate_up_columns(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wk,
-                             shared_ptr, act_ptr, stride_as, used, rank, n_used, token_ids,
-                             item // n_splits, i0, T, H, I, E, TOP_K, T_PAD, TOP_K_PAD,
+                             shared_ptr, act_ptr, stride_as, used_ptr, used, rank, n_used,
+                             token_ids, item // n_splits, i0, T, H, I, E, TOP_K, T_PAD, TOP_K_PAD,
                              NUM_BINS, HAS_SHARED, PIECE, TAIL_K, PRECISION)
 
 
@@ -696,10 +701,9 @@ def _sum_shares(y, partial_tile, out_tile, tile_ok, arrivals, share, share_strid
 
 @triton.jit
 def _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, shared_ptr,
-                 token_ids, token_weights, used, rank, n_used, offs_h, first, end, T, H, I, TOP_K,
-                 T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr, NUM_BINS: tl.constexpr,
-                 BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                 HAS_SHARED: tl.constexpr):
+                 used_ptr, token_ids, token_weights, n_used, offs_h, first, end, T, H, I, TOP_K,
+                 T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, HAS_SHARED: tl.constexpr):
     """y [T_PAD, BLOCK_H] fp32: the routing-weighted sum of act_e W_down[e]^T over the flat
     (expert, I step) steps first .. end (model-dtype weights; an expert cut by `first` or `end`
     adds the part of its rows' products that lies in the range). The products are transposed,
@@ -712,7 +716,9 @@ def _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, sha
     acc_t = tl.zeros((BLOCK_H, T_PAD), dtype=tl.float32)
     for step in range(first, end):
         u = step // k_steps
-        expert = _nth_used_expert(used, rank, u, NUM_BINS)
+        # The gate/up's list: one load where a search of the ranks took a 512-bin reduction
+        # (with 5 stages, launch.DecodeConfig.stages_down, 1-3% faster).
+        expert = tl.load(used_ptr + u)
         hit, uses, slot = _expert_rows(token_ids, expert, TOP_K, T_PAD, TOP_K_PAD)
         offs_k = (step % k_steps) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs_k < I
@@ -800,8 +806,9 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     BLOCK_H)] (zeroed), both None with one split; shared_ptr [H, I] or None. BLOCK_K: reduction
     step along I; the pads as in moe_gate_up_decode_kernel. s_ptr, SCALE_N/K, FP8_BITS,
     act_scale_ptr, ACT_CHUNK, DOT: FP8 weights as in moe_down_kernel, shared_s_ptr the FP8
-    shared expert's [cdiv(H, SCALE_N), cdiv(I, SCALE_K)]; their act rows, used_ptr and
-    row_weight_ptr as moe_gate_up_decode_kernel wrote them.
+    shared expert's [cdiv(H, SCALE_N), cdiv(I, SCALE_K)]; their act rows and row_weight_ptr
+    as moe_gate_up_decode_kernel wrote them. used_ptr int32 [U]: the gate/up's list of used
+    experts.
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     _, _, used, rank = _expert_buckets(ids_ptr, T * TOP_K, E, S_PAD, NUM_BINS)
@@ -819,9 +826,9 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     if s_ptr is None:  # shares of the (expert, I step) pairs, even to a step
         n_steps = n_experts * k_steps
         y = _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, shared_ptr,
-                         token_ids, token_weights, used, rank, n_used, offs_h,
+                         used_ptr, token_ids, token_weights, n_used, offs_h,
                          share * n_steps // EXPERT_SPLITS, (share + 1) * n_steps // EXPERT_SPLITS,
-                         T, H, I, TOP_K, T_PAD, TOP_K_PAD, NUM_BINS, BLOCK_H, BLOCK_K, PRECISION,
+                         T, H, I, TOP_K, T_PAD, TOP_K_PAD, BLOCK_H, BLOCK_K, PRECISION,
                          HAS_SHARED)
     else:  # shares of the experts (used experts first .. end)
         first = share * n_experts // EXPERT_SPLITS

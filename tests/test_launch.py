@@ -30,7 +30,7 @@ def test_defaults_are_todays_measured_values():
     plan = launch.moe_launch(32, 8, 256, torch.bfloat16, CPU)
     assert plan.decode == DecodeConfig() and plan.decode.down_splits == 4
     # one decode config for 1-64 tokens (3 down stages fit at 64: tests/test_fit.py)
-    assert plan.decode.programs_per_sm == 1 and plan.decode.stages_down == 3
+    assert plan.decode.programs_per_sm == 1 and plan.decode.stages_down == 5
     for tokens in (1, 33, 64):
         assert launch.moe_launch(tokens, 8, 256, torch.bfloat16, CPU).decode == plan.decode
     assert plan.grouped == GroupedConfig() and plan.grouped.block_m == 32

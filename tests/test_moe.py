@@ -125,7 +125,7 @@ def test_kernel_matches_reference(dtype, case):
 
 @pytest.mark.parametrize("splits", [1, 2, 3])
 @pytest.mark.parametrize("tail_cols", [16, 32])
-def test_decode_cuts_work_inside_an_expert(splits, tail_cols):
+def test_decode_cuts_work_inside_an_expert(poison_scratch, splits, tail_cols):
     """The decode launches split an expert's work between programs: the down's shares are
     even in (expert, I step) pairs, so a share may start or end inside an expert (4 I steps
     of 16 here), and the gate/up cuts the items of its last, partial wave into pieces of
@@ -134,7 +134,8 @@ def test_decode_cuts_work_inside_an_expert(splits, tail_cols):
     waves; 8 + 1 leave the shared expert to cut, 9 without it a routed one; 6 + 1 leave 3
     items, whole (the pieces would not fit in a wave). At block_i 32 an expert is 2 items:
     4 + 1 experts leave 2 items, cut when tail_cols is 16. The pieces take 2 k steps of 16
-    along H = 32 (DecodeConfig.tail_k_tile)."""
+    along H = 32 (DecodeConfig.tail_k_tile). Scratch is poisoned: the down reads each step's
+    expert from the list that whole items and pieces alike must write."""
     g = torch.Generator().manual_seed(5)
     T, H, I, E, k = 8, 32, 64, 12, 2
     for n_experts, with_shared, block_i in ((7, True, 64), (8, True, 64), (9, False, 64),
