@@ -160,8 +160,9 @@ class DecodeConfig:
     # quarter of a whole item's weight bytes in flight per stage; 256 keeps half, in no more
     # shared memory than the whole items' loop (which the pieces' loop reuses: gate/up 163840
     # bytes at 32 tokens, 196608 at 33-64, compiled offline for sm_90; 512 would take 196608
-    # at 32 and 294912, too many, at 64). Not yet timed: 128 is what the fifteenth session
-    # measured (probe_waves.py times 256 beside it).
+    # at 32 and 294912, too many, at 64). 256 timed the same as 128 (sixteenth session,
+    # probe_waves.py: the gate/up 27.7 / 28.3 / 28.2 us at 16 / 17 / 18 experts against 28.1 /
+    # 28.2 / 28.2; bench/results/h200-2026-12-01-s16/probe_waves.log), so 128 stays.
     tail_k_tile: int = 128
     # block_h 64 with 8 warps, since the fourteenth session put the down's weight tile on the
     # MMA's M side (wgmma from 64 rows there): bench_moe's sweep on the H200, 32 tokens, timed

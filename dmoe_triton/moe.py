@@ -361,9 +361,10 @@ class ActRows(NamedTuple):
     act [rows, I]: hidden's dtype, or fp16 / e4m3 with FP8 weights' fp16 / fp8 dot; scale:
     None, or with those dots fp32 [rows, cdiv(I, block_i)] the act rows' inverse scales
     (kernels/moe_fp8.py);
-    used: None, or on the decode path int32 [U] (U = min(E, T * top_k), + 1 with a shared
+    used: None, or on the decode path int32 [U + 1] (U = min(E, T * top_k), + 1 with a shared
     expert): the used experts in rank order, used[u] the u-th (E: the shared expert, after
-    them), as the gate/up found them, so that the down reads them instead of searching;
+    them), as the gate/up found them, and used[U] their number, so that the down reads them
+    instead of searching;
     row_weight: None, or on the decode path with FP8 weights fp32 [U, T_PAD]: act row
     u * T_PAD + t is token t's for expert used[u], row_weight[u, t] its routing weight
     (moe_gate_up_decode_kernel).
@@ -387,7 +388,7 @@ def act_buffers(rows: int, inter: int, hidden, config, fp8, by_expert=None) -> A
                             device=dev)
     if by_expert is None:
         return ActRows(act, scale)
-    return ActRows(act, scale, torch.empty(by_expert[0], dtype=torch.int32, device=dev),
+    return ActRows(act, scale, torch.empty(by_expert[0] + 1, dtype=torch.int32, device=dev),
                    torch.empty(by_expert, dtype=torch.float32, device=dev))
 
 
@@ -534,12 +535,15 @@ def combine_slots(partial, ids, weights, out, num_experts: int,
     return out
 
 
-def _decode_pads(T, top_k, E, dtype) -> dict:
-    """The decode kernels' padded sizes (powers of two; T_PAD >= 16 for tl.dot)."""
-    return dict(T_PAD=max(16, triton.next_power_of_2(T)),
-                TOP_K_PAD=triton.next_power_of_2(top_k),
-                S_PAD=triton.next_power_of_2(T * top_k), NUM_BINS=triton.next_power_of_2(E + 1),
+def _decode_pads(T, top_k, E, dtype, histogram: bool = True) -> dict:
+    """The decode kernels' padded sizes (powers of two; T_PAD >= 16 for tl.dot); histogram:
+    with the sizes of the ids' histogram (the gate/up's; the down reads its list instead)."""
+    pads = dict(T_PAD=max(16, triton.next_power_of_2(T)), TOP_K_PAD=triton.next_power_of_2(top_k),
                 PRECISION=dot_precision(dtype))
+    if histogram:
+        pads.update(S_PAD=triton.next_power_of_2(T * top_k),
+                    NUM_BINS=triton.next_power_of_2(E + 1))
+    return pads
 
 
 def down_arrivals(H: int, device, config: DecodeConfig):
@@ -572,7 +576,7 @@ def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, share
     experts = min(E, T * top_k) + has_shared
     if fp8 is None:
         acts = act_buffers(T * top_k + T * has_shared, inter, hidden, cfg, fp8)._replace(
-            used=torch.empty(experts, dtype=torch.int32, device=hidden.device))
+            used=torch.empty(experts + 1, dtype=torch.int32, device=hidden.device))
     else:
         acts = act_buffers(experts * pads["T_PAD"], inter, hidden, cfg, fp8,
                            by_expert=(experts, pads["T_PAD"]))
@@ -634,7 +638,7 @@ def decode_down_combine(acts: ActRows, ids, weights, w_down, out, arrivals,
         BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down, EXPERT_SPLITS=cfg.down_splits,
         HAS_SHARED=shared_down is not None, num_warps=cfg.warps_down,
         num_stages=pipeline_stages(cfg.stages_down, acts.act.dtype),
-        **_decode_pads(T, top_k, E, acts.act.dtype), **pdl(out.device))
+        **_decode_pads(T, top_k, E, acts.act.dtype, histogram=False), **pdl(out.device))
     return out
 
 

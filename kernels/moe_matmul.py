@@ -436,8 +436,9 @@ def moe_combine_kernel(partial_ptr, stride_ps, ids_ptr, weights_ptr, out_ptr, st
 
 # ---------------------------------------------------------------------------------------------
 # Decode path (few tokens, e.g. one 32-token block): two launches, no align step, no partials.
-# Every program derives the used experts from the ids itself (a histogram of T*k ids costs less
-# than a launch), and a token's row of an expert is found by comparing its k ids.
+# Every gate/up program derives the used experts from the ids itself (a histogram of T*k ids
+# costs less than a launch) and lists them for the down; a token's row of an expert is found by
+# comparing its k ids.
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -616,8 +617,8 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
 
     x_ptr [T, H]; w_ptr [E, 2I, H] (strides in elements); act_ptr [T*TOP_K (+T), I] out;
     ids_ptr int [T, TOP_K] contiguous (-1 = empty); arrivals_ptr int32 [n_arrivals] or None;
-    used_ptr int32 [U] out, U = min(E, T*TOP_K) + HAS_SHARED: the used experts in rank order
-    (E: the shared expert), for the down launch;
+    used_ptr int32 [U + 1] out, U = min(E, T*TOP_K) + HAS_SHARED: the used experts in rank
+    order (E: the shared expert), for the down launch, and used_ptr[U] their number;
     shared_ptr [2I, H] or None (without HAS_SHARED). T_PAD >= 16, TOP_K_PAD, S_PAD, NUM_BINS:
     powers of two >= T, TOP_K, T*TOP_K, E + 1. BLOCK_I: act columns per work item; BLOCK_K:
     reduction step along H; PRECISION: tl.dot input_precision. s_ptr, SCALE_N/K, FP8_BITS,
@@ -640,6 +641,8 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
         token_weights = _token_weights(weights_ptr, id_mask, TOP_K, T_PAD, TOP_K_PAD)
     n_splits = tl.cdiv(I, BLOCK_I)
     n_used = tl.sum(used.to(tl.int32), 0)
+    if tl.program_id(0) == 0:  # the list's length, after its longest possible content
+        tl.store(used_ptr + tl.minimum(E, T * TOP_K) + HAS_SHARED, n_used + HAS_SHARED)
     n_items = (n_used + HAS_SHARED) * n_splits
     programs = tl.num_programs(0)
     n_whole = _whole_items(n_items, programs, TAIL_SPLIT)
@@ -780,7 +783,6 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
                                    ids_ptr, weights_ptr, out_ptr, stride_ot,
                                    partial_ptr, arrivals_ptr, shared_ptr, T, H, I, E, TOP_K,
                                    T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr,
-                                   S_PAD: tl.constexpr, NUM_BINS: tl.constexpr,
                                    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                                    EXPERT_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
                                    HAS_SHARED: tl.constexpr,
@@ -807,11 +809,10 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     step along I; the pads as in moe_gate_up_decode_kernel. s_ptr, SCALE_N/K, FP8_BITS,
     act_scale_ptr, ACT_CHUNK, DOT: FP8 weights as in moe_down_kernel, shared_s_ptr the FP8
     shared expert's [cdiv(H, SCALE_N), cdiv(I, SCALE_K)]; their act rows and row_weight_ptr
-    as moe_gate_up_decode_kernel wrote them. used_ptr int32 [U]: the gate/up's list of used
-    experts.
+    as moe_gate_up_decode_kernel wrote them. used_ptr int32 [U + 1]: the gate/up's list of used
+    experts and its length (the down makes no histogram of the ids).
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
-    _, _, used, rank = _expert_buckets(ids_ptr, T * TOP_K, E, S_PAD, NUM_BINS)
     token_ids, id_mask = _token_ids(ids_ptr, T, TOP_K, T_PAD, TOP_K_PAD)
     t = tl.arange(0, T_PAD)
     token_weights = _token_weights(weights_ptr, id_mask, TOP_K, T_PAD, TOP_K_PAD)
@@ -820,8 +821,9 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     offs_h = h0 + tl.arange(0, BLOCK_H)
     h_ok = offs_h < H
     k_steps = tl.cdiv(I, BLOCK_K)
-    n_used = tl.sum(used.to(tl.int32), 0)
-    n_experts = n_used + HAS_SHARED
+    # The gate/up's list and its length (no histogram of the ids here).
+    n_experts = tl.load(used_ptr + tl.minimum(E, T * TOP_K) + HAS_SHARED)
+    n_used = n_experts - HAS_SHARED
     share = tl.program_id(1)
     if s_ptr is None:  # shares of the (expert, I step) pairs, even to a step
         n_steps = n_experts * k_steps
