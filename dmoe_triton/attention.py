@@ -23,7 +23,7 @@ from .launch import (FEW_SEQUENCES, MANY_FROM, MANY_SEQUENCES,  # noqa: F401 (re
                      KERNEL_FLOATS, AttentionLaunch, attention_launch, dot_precision, pdl,
                      prep_launch)
 from .reference import attention_prep_reference, block_attention_reference
-from .routing import resolve_backend
+from .routing import check_interpreted_dot, resolve_backend
 
 
 def _check_destination(name, t, shape, like) -> None:
@@ -164,10 +164,13 @@ def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, m
     launch: the kernel's tile shape and key splits (default: launch.attention_launch(B, n):
     long prefixes split over the keys, then one combine launch; or a
     launch.override(attention=...)). scale: the logits' factor (1 / sqrt(hd) for the model).
+    Errors: check_attention_inputs'; and under Triton's interpreter a bfloat16 q with the
+    Triton backend (a TypeError: routing.check_interpreted_dot).
     """
     check_attention_inputs(q, keys, values, mask)
     if resolve_backend(backend, q.device) == "reference":
         return block_attention_reference(q, keys, values, mask, scale)
+    check_interpreted_dot("q", q)  # its products take q's dtype
     # The kernel takes every stride but the last: a view without unit stride there is copied.
     q, keys, values, mask = (t if t.stride(-1) == 1 else t.contiguous()
                              for t in (q, keys, values, mask))

@@ -509,7 +509,8 @@ def run_generate(args) -> int:
     print(answer)
     # tokens up to and including the first EOS (the fill after it is not counted)
     print(f"tokens/s: {st.tokens_per_s:.1f} ({st.generated_tokens} tokens in {st.wall_time_s:.2f} s, "
-          f"{st.forwards} forwards, {st.tokens_per_forward:.2f} tokens/forward, "
+          f"{st.forwards} forward{'' if st.forwards == 1 else 's'}, "
+          f"{st.tokens_per_forward:.2f} tokens/forward, "
           f"{st.time_per_forward_s * 1e3:.2f} ms/forward"
           f"{f', {st.edits} edits' if args.editing_threshold is not None else ''})")
     line = f"unique experts per block: {_fmt(st.mean_unique_experts)} with {policy}"

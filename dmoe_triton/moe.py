@@ -23,7 +23,7 @@ from .quant import (DEFAULT_BLOCK, FP8_DTYPE, Fp8Scales, check_block, check_scal
                     dequantize_experts, dequantize_shared, quantize_experts, quantize_shared)
 from .reference import moe_forward_reference
 from .router import route_hidden
-from .routing import resolve_backend
+from .routing import check_interpreted_dot, resolve_backend
 
 ID_TYPES = (torch.int32, torch.int64)
 
@@ -209,6 +209,9 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     expert does (dot, activation groups); without its scales (scales.shared) it is a
     ValueError, and one not in float8_e4m3fn beside them a TypeError.
     Launch path and tile shapes: dmoe_triton.launch (moe_launch; `launch.override` forces them).
+    Under Triton's interpreter (TRITON_INTERPRET=1) the Triton backend refuses bfloat16 products
+    (bf16 weights, or FP8 weights with the "model" dot) with a TypeError: the interpreter
+    computes them wrongly (routing.check_interpreted_dot).
     """
     check_moe_inputs(hidden, topk_ids, topk_weights, w_gate_up, w_down, scales)
     if out is not None:
@@ -710,6 +713,10 @@ def moe_forward_triton(hidden, topk_ids, topk_weights, w_gate_up, w_down, out=No
         decode, grouped = (fit_scale_blocks(c, scales.block[1]) for c in (decode, grouped))
     if top_k == 0 and shared is None:
         return out.zero_()
+    # the gate/up's dot (its FP8 weights' (scale, block, bits): fp8[0]) is the down's too
+    gate_up_fp8 = None if fp8 is None else fp8[0]
+    if scaled_dot(hidden, decode if path == "decode" else grouped, gate_up_fp8) == "model":
+        check_interpreted_dot("hidden", hidden)  # bf16 x bf16 products go wrong there
     if path != "decode":
         return grouped_forward(hidden, ids, weights, w_gate_up, w_down, out, grouped,
                                plan.combine, fp8, shared,

@@ -35,6 +35,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def check_interpreted_dot(name: str, t: torch.Tensor) -> None:
+    """Under Triton's interpreter (TRITON_INTERPRET=1) tl.dot on bfloat16 operands returns wrong
+    values, not rounded ones (about 1e10 off on outputs near 10 in the MoE kernels; Triton 3.6
+    and 3.9), so a kernel whose products would take bf16 operands refuses `t` there with a
+    TypeError naming it instead of returning them. bf16 runs right on CUDA devices."""
+    if interpreting() and t.dtype == torch.bfloat16:
+        raise TypeError(
+            f"{name} is bfloat16, whose products Triton's interpreter (TRITON_INTERPRET=1) "
+            "computes wrongly; on the CPU use float32 or float16 tensors, or "
+            "backend='reference'")
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """backend: one of BACKENDS; device: the inputs' device. Returns "triton" or "reference":
     "auto" means the kernels on CUDA and the reference elsewhere."""
