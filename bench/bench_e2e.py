@@ -61,6 +61,7 @@ defaults to 140 s (a shape's rows started before it finish after it: ~10 s at mo
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -340,11 +341,22 @@ def run_serving(model, setup: Setup, bandwidth: float, plain_router: list) -> tu
 # Where the time goes
 
 
+def round_robin(calls: list) -> Callable:
+    """One call that runs the next of `calls` each time. A part graphed 20 times runs the
+    layers' own weights in turn, as the forward meets them: one layer's 20 calls would find its
+    weights in L2 (an H200's 50 MB holds a layer's attention, 21 MB, or its dMoE coreset's
+    experts, about 36 MB) and time the part faster than the forward runs it (the sixteenth
+    session's parts summed to 1.655 ms against the whole forward's 1.884, dMoE p=0.6)."""
+    turn = itertools.cycle(calls)
+    return lambda: next(turn)()
+
+
 def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str,
               bandwidth: float) -> dict:
     """Time the parts of one forward separately (each captured in a graph of 20 calls), on a
     middle layer's real inputs, scaled by how many layers have that part; beside each, the
-    byte floor of that part (its bytes / the copy bandwidth, part_bytes)."""
+    byte floor of that part (its bytes / the copy bandwidth, part_bytes). Attention, router
+    and experts run each layer's own weights in turn (round_robin) on those inputs."""
     c = model.config
     set_policy(model, dict(policies(c))[policy_name])
     step = prepare_step(model, batch, prefix)
@@ -375,10 +387,11 @@ def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str,
     layer0 = model.model.layers[0].mlp
     norms = (mid.input_layernorm, mid.post_attention_layernorm)
     nbytes = part_bytes(model, mid, cache, x, r.topk_ids)
+    layers, blocks = model.model.layers, moe_layers(model)
     parts = {
-        "attention (norm, QKV, qk-norm, RoPE, SDPA, dense)": (
-            lambda: mid.attention(mid.input_layernorm(x), cos, sin, mask, cache, False),
-            c.num_hidden_layers),
+        "attention (norm, QKV, qk-norm, RoPE, SDPA, dense)": (round_robin([
+            lambda l=l: l.attention(l.input_layernorm(x), cos, sin, mask, cache, False)
+            for l in layers]), c.num_hidden_layers),
         "of which q/k norm + RoPE + K/V into the cache (attention_prep)": (
             lambda: attention_prep(qkv, att.query_layernorm.weight, att.key_layernorm.weight, cos,
                                    sin, att.nh, att.nkv, att.query_layernorm.eps, k_rows, v_rows),
@@ -387,13 +400,16 @@ def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str,
             lambda: old_attention(mid, x, cos, sin, mask, cache), c.num_hidden_layers),
         "residual adds + norms (two add_rms_norm)": (
             lambda: [add_rms_norm(x, x, n.weight, n.eps) for n in norms], c.num_hidden_layers),
-        "router GEMM (bf16 gate: cuBLAS bf16, else fp32) + route (route_hidden)": (
-            lambda: route_hidden(h_in, block.gate_weight_for(h_in), block.expert_bias,
-                                 block.router_cfg, block.policy, block.backend, **windows), n_moe),
-        "routed + shared experts (moe_forward)": (
-            lambda: moe_forward(h_in.reshape(B * L, H), ids, w, block.w_gate_up, block.w_down,
-                                check_ids=False, shared=block.shared_weights()), n_moe),
-        "shared expert, unfused (comparison)": (lambda: block.shared_expert(h_in), n_moe),
+        "router GEMM (bf16 gate: cuBLAS bf16, else fp32) + route (route_hidden)": (round_robin([
+            lambda b=b: route_hidden(h_in, b.gate_weight_for(h_in), b.expert_bias, b.router_cfg,
+                                     b.policy, b.backend, **windows) for b in blocks]), n_moe),
+        # every layer's experts on the middle layer's routing: the same bytes a layer
+        "routed + shared experts (moe_forward)": (round_robin([
+            lambda b=b: moe_forward(h_in.reshape(B * L, H), ids, w, b.w_gate_up, b.w_down,
+                                    check_ids=False, shared=b.shared_weights()) for b in blocks]),
+            n_moe),
+        "shared expert, unfused (comparison)": (round_robin([
+            lambda b=b: b.shared_expert(h_in) for b in blocks]), n_moe),
         "dense MLP (layer 0)": (lambda: layer0(h_in), 1),
         "final norm + lm_head (+ the greedy pick)": (
             lambda: pick_tokens(model.lm_head(model.model.norm(hidden_final)), 0.0, None, None),
