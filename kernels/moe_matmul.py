@@ -626,9 +626,8 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
     FP8 shared expert's [2 * cdiv(I, SCALE_N), cdiv(H, SCALE_K)] (the routed experts'
     strides); FP8 weights write act by expert instead (_fp8_decode_item): act_ptr [U * T_PAD,
     I], and also take weights_ptr fp32 [T, TOP_K] and write row_weight_ptr fp32 [U, T_PAD].
-    TAIL_SPLIT: pieces per item of the last,
-    partial wave (1: whole items; model-dtype weights only, BLOCK_I // TAIL_SPLIT >= 16), and
-    TAIL_K their reduction step along H.
+    TAIL_SPLIT: pieces per item of the last, partial wave (1: whole items; model-dtype weights
+    only, BLOCK_I // TAIL_SPLIT >= 16), and TAIL_K their reduction step along H.
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     if arrivals_ptr is not None:
