@@ -342,19 +342,25 @@ def run_serving(model, setup: Setup, bandwidth: float, plain_router: list) -> tu
 
 
 def round_robin(calls: list) -> Callable:
-    """One call that runs the next of `calls` each time. A part graphed 20 times runs the
-    layers' own weights in turn, as the forward meets them: one layer's 20 calls would find its
-    weights in L2 (an H200's 50 MB holds a layer's attention, 21 MB, or its dMoE coreset's
-    experts, about 36 MB) and time the part faster than the forward runs it (the sixteenth
-    session's parts summed to 1.655 ms against the whole forward's 1.884, dMoE p=0.6)."""
+    """One call that runs the next of `calls` each time; its `period` is len(calls), the calls
+    breakdown graphs (so that a replay's last call and the next replay's first are different
+    layers). The part then runs the layers' own weights in turn, as the forward meets them:
+    one layer's repeated calls would find its weights in L2 (an H200's 50 MB holds a layer's
+    attention, 21 MB, or its dMoE coreset's experts, about 36 MB) and time the part faster than
+    the forward runs it (the sixteenth session's parts summed to 1.655 ms against the whole
+    forward's 1.884, dMoE p=0.6)."""
     turn = itertools.cycle(calls)
-    return lambda: next(turn)()
+
+    def call():
+        return next(turn)()
+    call.period = len(calls)
+    return call
 
 
 def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str,
               bandwidth: float) -> dict:
-    """Time the parts of one forward separately (each captured in a graph of 20 calls), on a
-    middle layer's real inputs, scaled by how many layers have that part; beside each, the
+    """Time the parts of one forward separately (each captured in a graph of 20 calls, or of
+    one call per layer), on a middle layer's real inputs, scaled by how many layers have that part; beside each, the
     byte floor of that part (its bytes / the copy bandwidth, part_bytes). Attention, router
     and experts run each layer's own weights in turn (round_robin) on those inputs."""
     c = model.config
@@ -396,8 +402,9 @@ def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str,
             lambda: attention_prep(qkv, att.query_layernorm.weight, att.key_layernorm.weight, cos,
                                    sin, att.nh, att.nkv, att.query_layernorm.eps, k_rows, v_rows),
             c.num_hidden_layers),
-        "attention, old way (cat cache + SDPA enable_gqa)": (
-            lambda: old_attention(mid, x, cos, sin, mask, cache), c.num_hidden_layers),
+        "attention, old way (cat cache + SDPA enable_gqa)": (round_robin([
+            lambda l=l: old_attention(l, x, cos, sin, mask, cache) for l in layers]),
+            c.num_hidden_layers),
         "residual adds + norms (two add_rms_norm)": (
             lambda: [add_rms_norm(x, x, n.weight, n.eps) for n in norms], c.num_hidden_layers),
         "router GEMM (bf16 gate: cuBLAS bf16, else fp32) + route (route_hidden)": (round_robin([
@@ -417,7 +424,7 @@ def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str,
     }
     out = {"batch": batch, "prefix": prefix, "policy": policy_name, "parts": []}
     for label, (fn, count) in parts.items():
-        ms = time_graphed(fn, setup, reps=20)
+        ms = time_graphed(fn, setup, reps=getattr(fn, "period", 20))
         floor = nbytes.get(label.split(" (")[0], 0) * count / bandwidth * 1e3
         out["parts"].append((label, ms, count, ms * count, floor))
     out["whole_ms"] = time_graphed(step_fn(model, step), setup)

@@ -29,7 +29,8 @@ def test_defaults_are_todays_measured_values():
     assert RouteLaunch().vote_rows * RouteLaunch().vote_cols >= 128 * RouteLaunch().coreset_warps
     plan = launch.moe_launch(32, 8, 256, torch.bfloat16, CPU)
     assert plan.decode == DecodeConfig() and plan.decode.down_splits == 4
-    # one decode config for 1-64 tokens (3 down stages fit at 64: tests/test_fit.py)
+    # one decode config for 1-64 tokens (5 down stages, 3 weight tiles in flight, fit at 64:
+    # tests/test_fit.py)
     assert plan.decode.programs_per_sm == 1 and plan.decode.stages_down == 5
     for tokens in (1, 33, 64):
         assert launch.moe_launch(tokens, 8, 256, torch.bfloat16, CPU).decode == plan.decode
