@@ -380,8 +380,8 @@ class ActRows(NamedTuple):
 
 def act_buffers(rows: int, inter: int, hidden, config, fp8, by_expert=None) -> ActRows:
     """Uninitialised ActRows for `rows` act rows of I = inter columns; the scales with a scaled
-    dot (scaled_dot); by_expert = (U, T_PAD): the decode path's FP8 lists too (rows = U *
-    T_PAD)."""
+    dot (scaled_dot); by_expert = (U, T_PAD): the decode path's FP8 row weights too (rows = U *
+    T_PAD). The decode path's list (ActRows.used) is decode_gate_up's."""
     dot = scaled_dot(hidden, config, fp8)
     dev = hidden.device
     act = torch.empty(rows, inter, dtype=_SCALED_DTYPES.get(dot, hidden.dtype), device=dev)
@@ -391,8 +391,7 @@ def act_buffers(rows: int, inter: int, hidden, config, fp8, by_expert=None) -> A
                             device=dev)
     if by_expert is None:
         return ActRows(act, scale)
-    return ActRows(act, scale, torch.empty(by_expert[0] + 1, dtype=torch.int32, device=dev),
-                   torch.empty(by_expert, dtype=torch.float32, device=dev))
+    return ActRows(act, scale, row_weight=torch.empty(by_expert, dtype=torch.float32, device=dev))
 
 
 def _act_args(acts: ActRows, config, down: bool) -> dict:
@@ -578,11 +577,12 @@ def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, share
     pads = _decode_pads(T, top_k, E, hidden.dtype)
     experts = min(E, T * top_k) + has_shared
     if fp8 is None:
-        acts = act_buffers(T * top_k + T * has_shared, inter, hidden, cfg, fp8)._replace(
-            used=torch.empty(experts + 1, dtype=torch.int32, device=hidden.device))
+        acts = act_buffers(T * top_k + T * has_shared, inter, hidden, cfg, fp8)
     else:
         acts = act_buffers(experts * pads["T_PAD"], inter, hidden, cfg, fp8,
                            by_expert=(experts, pads["T_PAD"]))
+    # Both dtypes: the used experts' list and its length (ActRows.used), for the down.
+    acts = acts._replace(used=torch.empty(experts + 1, dtype=torch.int32, device=hidden.device))
     grid = persistent_grid(hidden.device, cfg.programs_per_sm,
                            experts * triton.cdiv(inter, cfg.block_i))
     moe_gate_up_decode_kernel[grid](
