@@ -703,7 +703,7 @@ def _sum_shares(y, partial_tile, out_tile, tile_ok, arrivals, share, share_strid
 
 @triton.jit
 def _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, shared_ptr,
-                 used_ptr, token_ids, token_weights, n_used, offs_h, first, end, T, H, I, TOP_K,
+                 used_ptr, token_ids, token_weights, offs_h, first, end, T, H, I, E, TOP_K,
                  T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, HAS_SHARED: tl.constexpr):
     """y [T_PAD, BLOCK_H] fp32: the routing-weighted sum of act_e W_down[e]^T over the flat
@@ -724,16 +724,15 @@ def _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, sha
         hit, uses, slot = _expert_rows(token_ids, expert, TOP_K, T_PAD, TOP_K_PAD)
         offs_k = (step % k_steps) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs_k < I
-        w_tile = w_ptr + expert.to(tl.int64) * stride_we + offs_h[:, None] * stride_wh \
-            + offs_k[None, :] * stride_wi
+        # The list names the shared expert E: its weights are at shared_ptr (_weights_of).
+        w_tile = _weights_of(expert.to(tl.int64), E, w_ptr, stride_we, shared_ptr) \
+            + offs_h[:, None] * stride_wh + offs_k[None, :] * stride_wi
         # After an expert's last I step: add its rows times the routing weight (a token that
         # lists the expert twice gets both weights; other tokens get 0, even if a weight is NaN).
         weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)
         if HAS_SHARED:
-            shared = u == n_used
+            shared = expert == E
             uses, slot = _shared_rows(shared, uses, slot, T, TOP_K, T_PAD)
-            w_tile = tl.where(shared, shared_ptr + offs_h[:, None] * stride_wh
-                              + offs_k[None, :] * stride_wi, w_tile)
             weight = tl.where(shared, 1.0, weight)
         a_t = tl.load(act_ptr + slot[None, :] * stride_as + offs_k[:, None],
                       mask=uses[None, :] & k_ok[:, None], other=0.0)
@@ -822,14 +821,13 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     k_steps = tl.cdiv(I, BLOCK_K)
     # The gate/up's list and its length (no histogram of the ids here).
     n_experts = tl.load(used_ptr + tl.minimum(E, T * TOP_K) + HAS_SHARED)
-    n_used = n_experts - HAS_SHARED
     share = tl.program_id(1)
     if s_ptr is None:  # shares of the (expert, I step) pairs, even to a step
         n_steps = n_experts * k_steps
         y = _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, shared_ptr,
-                         used_ptr, token_ids, token_weights, n_used, offs_h,
+                         used_ptr, token_ids, token_weights, offs_h,
                          share * n_steps // EXPERT_SPLITS, (share + 1) * n_steps // EXPERT_SPLITS,
-                         T, H, I, TOP_K, T_PAD, TOP_K_PAD, BLOCK_H, BLOCK_K, PRECISION,
+                         T, H, I, E, TOP_K, T_PAD, TOP_K_PAD, BLOCK_H, BLOCK_K, PRECISION,
                          HAS_SHARED)
     else:  # shares of the experts (used experts first .. end)
         first = share * n_experts // EXPERT_SPLITS
