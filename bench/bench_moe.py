@@ -255,11 +255,16 @@ GATE_UP_VARIANTS = [dict(), dict(k_tile_gate_up=64, programs_per_sm=2), dict(blo
 # expert list's load takes one, so 3 weight tiles are in flight); each fits in shared memory at
 # 32 tokens, the sweep's size (stages_down 6 only there). block_h 32 is the transposed product
 # at 32 columns (below wgmma's 64), not the tokens-on-M tile the default replaced.
+# The last one, and k steps of 512, take half the steps per program, each twice the bytes (2
+# weight tiles in flight: 163972 / 196740 bytes at 32 tokens, compiled offline for sm_90; 3 and
+# 4 stages compile alike): the seventeenth session timed the down as long without any tile
+# load as with them (bench/results/h200-2026-12-01-s17), so a step's chain of other work sets
+# its time, not its bytes.
 DOWN_VARIANTS = [dict(), dict(down_splits=2), dict(down_splits=8), dict(warps_down=4),
                  dict(block_h=32, warps_down=4), dict(block_h=32, down_splits=8, warps_down=4),
                  dict(block_h=16, warps_down=4), dict(k_tile_down=128),
                  dict(k_tile_down=512, stages_down=3), dict(stages_down=6), dict(stages_down=4),
-                 dict(down_splits=1)]
+                 dict(down_splits=1), dict(block_h=128, down_splits=8, stages_down=4)]
 
 
 def shared_experts(layers):
