@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A planned measurement call (not yet run), from the repository root on the device: the FP8
-# gate/up's scales loaded one step ahead (fp8_prefetch_scales.patch). Its GPU FP8 tests, then
+# kernels' scales loaded one step ahead (fp8_prefetch_scales.patch). Its GPU FP8 tests, then
 # bench_moe --fp8 on main and on the patch, alternating, two rounds. Logs: $OUT/<n>_*.log.
 set -u
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
