@@ -6,7 +6,7 @@ set -u
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 S=bench/results/h200-2026-12-01-s17
 rm -rf ab_fp8 && mkdir ab_fp8 && git archive HEAD | tar -x -C ab_fp8
-(cd ab_fp8 && git apply ../$S/fp8_prefetch_scales.patch) || echo "patch failed"
+(cd ab_fp8 && git apply ../$S/fp8_prefetch_scales.patch) || { echo "patch failed"; exit 1; }
 rm -rf ab_fp8/dmoe_triton/kernels && cp -r ab_fp8/kernels ab_fp8/dmoe_triton/kernels
 (cd ab_fp8 && PYTHONPATH=$PWD timeout 150 python3 -m pytest -q -m gpu tests/test_fp8.py) \
   > $OUT/1_fp8_gpu_tests.log 2>&1

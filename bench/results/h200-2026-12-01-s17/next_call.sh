@@ -8,7 +8,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 S=bench/results/h200-2026-12-01-s17
 mk() {  # mk DIR PATCH: main with PATCH applied, kernels copied into the package
   rm -rf "$1" && mkdir "$1" && git archive HEAD | tar -x -C "$1"
-  (cd "$1" && git apply "../$2") || echo "patch $2 failed"
+  (cd "$1" && git apply "../$2") || { echo "patch $2 failed"; exit 1; }
   rm -rf "$1/dmoe_triton/kernels" && cp -r "$1/kernels" "$1/dmoe_triton/kernels"
 }
 mk ab_parts $S/probe_down_parts.patch
