@@ -360,9 +360,10 @@ def round_robin(calls: list) -> Callable:
 def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str,
               bandwidth: float) -> dict:
     """Time the parts of one forward separately (each captured in a graph of 20 calls, or of
-    one call per layer), on a middle layer's real inputs, scaled by how many layers have that part; beside each, the
-    byte floor of that part (its bytes / the copy bandwidth, part_bytes). Attention, router
-    and experts run each layer's own weights in turn (round_robin) on those inputs."""
+    one call per layer), on a middle layer's real inputs, scaled by how many layers have that
+    part; beside each, the byte floor of that part (its bytes / the copy bandwidth,
+    part_bytes). Attention, router and experts run each layer's own weights in turn
+    (round_robin) on those inputs."""
     c = model.config
     set_policy(model, dict(policies(c))[policy_name])
     step = prepare_step(model, batch, prefix)

@@ -537,14 +537,15 @@ def combine_slots(partial, ids, weights, out, num_experts: int,
     return out
 
 
-def _decode_pads(T, top_k, E, dtype, histogram: bool = True) -> dict:
-    """The decode kernels' padded sizes (powers of two; T_PAD >= 16 for tl.dot); histogram:
-    with the sizes of the ids' histogram (the gate/up's; the down reads its list instead)."""
-    pads = dict(T_PAD=max(16, triton.next_power_of_2(T)), TOP_K_PAD=triton.next_power_of_2(top_k),
-                PRECISION=dot_precision(dtype))
-    if histogram:
+def _decode_pads(T, top_k, dtype, num_experts=None) -> dict:
+    """The decode kernels' padded sizes (powers of two; T_PAD >= 16 for tl.dot); with
+    num_experts, also the sizes of the ids' histogram over them (the gate/up's; the down reads
+    its list instead)."""
+    pads = dict(T_PAD=max(16, triton.next_power_of_2(T)),
+                TOP_K_PAD=triton.next_power_of_2(top_k), PRECISION=dot_precision(dtype))
+    if num_experts is not None:
         pads.update(S_PAD=triton.next_power_of_2(T * top_k),
-                    NUM_BINS=triton.next_power_of_2(E + 1))
+                    NUM_BINS=triton.next_power_of_2(num_experts + 1))
     return pads
 
 
@@ -574,7 +575,7 @@ def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, share
     E, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
     has_shared = shared_gate_up is not None
     cfg = config
-    pads = _decode_pads(T, top_k, E, hidden.dtype)
+    pads = _decode_pads(T, top_k, hidden.dtype, num_experts=E)
     experts = min(E, T * top_k) + has_shared
     if fp8 is None:
         acts = act_buffers(T * top_k + T * has_shared, inter, hidden, cfg, fp8)
@@ -641,7 +642,7 @@ def decode_down_combine(acts: ActRows, ids, weights, w_down, out, arrivals,
         BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down, EXPERT_SPLITS=cfg.down_splits,
         HAS_SHARED=shared_down is not None, num_warps=cfg.warps_down,
         num_stages=pipeline_stages(cfg.stages_down, acts.act.dtype),
-        **_decode_pads(T, top_k, E, acts.act.dtype, histogram=False), **pdl(out.device))
+        **_decode_pads(T, top_k, acts.act.dtype), **pdl(out.device))
     return out
 
 
