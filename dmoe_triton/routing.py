@@ -234,8 +234,8 @@ def block_coreset(x, expert_bias, coreset, first_position, row_valid, code: int,
     top_p, guard, coreset_size = rule
     block_coreset_kernel[(S * n_blocks,)](
         logits_ptr=x, bias_ptr=expert_bias, coreset_ptr=coreset, votes_ptr=votes,
-        real_ptr=real, **window, parts=split, top_p=top_p, guard=guard,
-        coreset_size=coreset_size, POLICY=code,
+        real_ptr=real, **window, parts=split, PARTS_PAD=triton.next_power_of_2(split),
+        top_p=top_p, guard=guard, coreset_size=coreset_size, POLICY=code,
         BLOCK_T=min(shapes.vote_rows, triton.next_power_of_2(block_size)),
         num_warps=shapes.coreset_warps, **pdl(x.device))
 

@@ -4,7 +4,7 @@ Three launches per MoE layer for block policies, one for token policies:
 - `block_votes_kernel`: programs (window, part) each compute a share of a window's votes (a
   row's top-k is a long chain of reductions: spread over SMs, not walked by one program);
 - `block_coreset_kernel`: one program per block of one sequence sums the block's votes (the
-  shares in part order, or all rows itself when the votes are not split), sorts them (bitonic
+  shares, or all rows itself when the votes are not split), sorts them (bitonic
   sort of packed keys, then a scan for top-p) and writes the block's coreset;
 - `route_kernel`: one program per BLOCK_T rows (of one block) routes them inside their block's
   coreset (or among all experts for token policies).
@@ -254,7 +254,7 @@ def block_votes_kernel(
 
     Writes votes_ptr fp32 [S * n_blocks, parts, E_PAD] (_window_votes' raw score, expert
     order) and real_ptr int32 [S * n_blocks, parts] (its real rows); block_coreset_kernel adds
-    the parts in part order. Why: a row's top-VOTE_K is a chain of reductions whose
+    the parts. Why: a row's top-VOTE_K is a chain of reductions whose
     instructions fill one SM for microseconds over a 32-row window (bench_routing, H200), so
     the rows are spread over SMs. Other arguments: block_coreset_kernel's."""
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
@@ -276,24 +276,26 @@ def block_votes_kernel(
 
 @triton.jit
 def _summed_votes(votes_ptr, real_ptr, window, parts, E_PAD: tl.constexpr,
-                  MAX_SCORE: tl.constexpr):
-    """A window's parts from block_votes_kernel added in part order (the max with MAX_SCORE),
-    then normalised: (score fp32 [E_PAD], real rows int32 [1]) as _window_scores'."""
-    e = tl.arange(0, E_PAD)
+                  PARTS_PAD: tl.constexpr, MAX_SCORE: tl.constexpr):
+    """A window's parts from block_votes_kernel added (the max with MAX_SCORE), then
+    normalised: (score fp32 [E_PAD], real rows int32 [1]) as _window_scores'.
+
+    The parts are loaded as one [PARTS_PAD, E_PAD] tile and reduced along the parts: the loads
+    are independent, where a loop over the parts waited for each load in turn (a chain of
+    `parts` L2 round trips). PARTS_PAD: next power of two >= parts."""
+    e = tl.arange(0, E_PAD)[None, :]
+    part = tl.arange(0, PARTS_PAD)
+    slot = window * parts + part
+    ok = part < parts
     if MAX_SCORE:
-        score = tl.full([E_PAD], NEG_INF, dtype=tl.float32)
+        shares = tl.load(votes_ptr + slot[:, None] * E_PAD + e, mask=ok[:, None],
+                         other=NEG_INF)
+        score = tl.max(shares, axis=0)
     else:
-        score = tl.zeros([E_PAD], dtype=tl.float32)
-    real_rows = tl.zeros([1], dtype=tl.int32)
-    for part in range(0, parts):
-        slot = window * parts + part
-        share = tl.load(votes_ptr + slot * E_PAD + e)
-        if MAX_SCORE:
-            score = tl.maximum(score, share)
-        else:
-            score += share
-        real_rows += tl.load(real_ptr + slot + tl.zeros([1], dtype=tl.int64))
-    return _normalised(score, MAX_SCORE), real_rows
+        shares = tl.load(votes_ptr + slot[:, None] * E_PAD + e, mask=ok[:, None], other=0.0)
+        score = tl.sum(shares, axis=0)
+    real_rows = tl.sum(tl.load(real_ptr + slot, mask=ok, other=0), axis=0)
+    return _normalised(score, MAX_SCORE), real_rows + tl.zeros([1], dtype=tl.int32)
 
 
 @triton.jit
@@ -302,7 +304,7 @@ def block_coreset_kernel(
     L, n_blocks, block_size, parts, top_p, guard, coreset_size,
     E: tl.constexpr, VOTE_K: tl.constexpr, POLICY: tl.constexpr,
     BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, VOTE_COLS: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PARTS_PAD: tl.constexpr = 1, PDL: tl.constexpr = False,
 ):
     """One routing window's coreset; grid (S * n_blocks,), program = sequence * n_blocks + slot.
 
@@ -328,7 +330,7 @@ def block_coreset_kernel(
     e = tl.arange(0, E_PAD)
     e_ok = e < E
     if votes_ptr is not None:
-        score, real_rows = _summed_votes(votes_ptr, real_ptr, pid, parts, E_PAD,
+        score, real_rows = _summed_votes(votes_ptr, real_ptr, pid, parts, E_PAD, PARTS_PAD,
                                          POLICY == CAPACITY)
     else:
         row_start = _window_start(first_position_ptr, pid, n_blocks, block_size)
