@@ -278,13 +278,13 @@ def launch_closures(layers, shared, ids, weights, hidden, config):
     """The two decode launches (with the shared expert), each alone over the weight copies
     (inputs made once here)."""
     arrivals = [down_arrivals(hidden.shape[1], hidden.device, config) for _ in layers]
-    acts = [decode_gate_up(hidden, ids, wg, a, config, sgu)
+    acts = [decode_gate_up(hidden, ids, weights, wg, a, config, sgu)
             for (wg, _), (sgu, _), a in zip(layers, shared, arrivals)]
     out = torch.empty_like(hidden)
 
     def gate_up():
         for (wg, _), (sgu, _), a in zip(layers, shared, arrivals):
-            decode_gate_up(hidden, ids, wg, a, config, sgu)
+            decode_gate_up(hidden, ids, weights, wg, a, config, sgu)
 
     def down():
         for (_, wd), (_, sd), act, a in zip(layers, shared, acts, arrivals):

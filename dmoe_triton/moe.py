@@ -368,20 +368,23 @@ class ActRows(NamedTuple):
     expert): the used experts in rank order, used[u] the u-th (E: the shared expert, after
     them), as the gate/up found them, and used[U] their number, so that the down reads them
     instead of searching;
-    row_weight: None, or on the decode path with FP8 weights fp32 [U, T_PAD]: act row
-    u * T_PAD + t is token t's for expert used[u], row_weight[u, t] its routing weight
-    (moe_gate_up_decode_kernel).
+    row_weight: None, or on the decode path fp32 [U, T_PAD]: row_weight[u, t] token t's
+    routing weight for expert used[u] (0 where t does not use it);
+    row_slot: None, or on the decode path with model-dtype weights int32 [U, T_PAD]: token t's
+    act row for expert used[u], -1 where t does not use it (with FP8 weights act rows are by
+    expert: row u * T_PAD + t; moe_gate_up_decode_kernel).
     """
     act: torch.Tensor
     scale: Optional[torch.Tensor] = None
     used: Optional[torch.Tensor] = None
     row_weight: Optional[torch.Tensor] = None
+    row_slot: Optional[torch.Tensor] = None
 
 
-def act_buffers(rows: int, inter: int, hidden, config, fp8, by_expert=None) -> ActRows:
+def act_buffers(rows: int, inter: int, hidden, config, fp8) -> ActRows:
     """Uninitialised ActRows for `rows` act rows of I = inter columns; the scales with a scaled
-    dot (scaled_dot); by_expert = (U, T_PAD): the decode path's FP8 row weights too (rows = U *
-    T_PAD). The decode path's list (ActRows.used) is decode_gate_up's."""
+    dot (scaled_dot). The decode path's lists and tables (ActRows.used, row_weight, row_slot)
+    are decode_gate_up's."""
     dot = scaled_dot(hidden, config, fp8)
     dev = hidden.device
     act = torch.empty(rows, inter, dtype=_SCALED_DTYPES.get(dot, hidden.dtype), device=dev)
@@ -389,9 +392,7 @@ def act_buffers(rows: int, inter: int, hidden, config, fp8, by_expert=None) -> A
     if dot != "model":
         scale = torch.empty(rows, triton.cdiv(inter, config.block_i), dtype=torch.float32,
                             device=dev)
-    if by_expert is None:
-        return ActRows(act, scale)
-    return ActRows(act, scale, row_weight=torch.empty(by_expert, dtype=torch.float32, device=dev))
+    return ActRows(act, scale)
 
 
 def _act_args(acts: ActRows, config, down: bool) -> dict:
@@ -404,7 +405,7 @@ def _act_args(acts: ActRows, config, down: bool) -> dict:
         if down:
             args["ACT_CHUNK"] = config.block_i
     if acts.used is not None:
-        args.update(used_ptr=acts.used, row_weight_ptr=acts.row_weight)
+        args.update(used_ptr=acts.used, row_weight_ptr=acts.row_weight, row_slot_ptr=acts.row_slot)
     return args
 
 
@@ -556,17 +557,18 @@ def down_arrivals(H: int, device, config: DecodeConfig):
     return torch.empty(triton.cdiv(H, config.block_h), dtype=torch.int32, device=device)
 
 
-def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, shared_gate_up=None,
-                   fp8=None, weights=None, shared_scale=None) -> ActRows:
-    """ActRows for the filled slots: act rows T*top_k (+ T, the shared expert's) by slot and
-    the used experts' list; with FP8 weights act rows by expert instead (ActRows.row_weight);
-    also zeroes `arrivals` (if any).
+def decode_gate_up(hidden, ids, weights, w_gate_up, arrivals, config: DecodeConfig,
+                   shared_gate_up=None, fp8=None, shared_scale=None) -> ActRows:
+    """ActRows for the filled slots: act rows T*top_k (+ T, the shared expert's) by slot, the
+    used experts' list and each one's tokens' act rows and routing weights (ActRows.row_slot,
+    row_weight); with FP8 weights act rows by expert instead (no row_slot); also zeroes
+    `arrivals` (if any).
 
-    hidden [T, H]; ids int [T, top_k] contiguous; w_gate_up [E, 2I, H]; arrivals: down_arrivals'
-    counters or None; shared_gate_up: [2I, H] with a routed expert's strides, or None; fp8:
-    FP8 w_gate_up's (scale, block, bits) (_weight_args), or None; weights: fp32 [T, top_k]
-    routing weights, needed with fp8 (ActRows.row_weight); shared_scale: with fp8 and
-    shared_gate_up, its scales [2 * cdiv(I, bn), cdiv(H, bk)] with a routed expert's strides.
+    hidden [T, H]; ids int [T, top_k] contiguous; weights fp32 [T, top_k] contiguous, the
+    routing weights; w_gate_up [E, 2I, H]; arrivals: down_arrivals' counters or None;
+    shared_gate_up: [2I, H] with a routed expert's strides, or None; fp8: FP8 w_gate_up's
+    (scale, block, bits) (_weight_args), or None; shared_scale: with fp8 and shared_gate_up,
+    its scales [2 * cdiv(I, bn), cdiv(H, bk)] with a routed expert's strides.
     """
     from .kernels.moe_matmul import moe_gate_up_decode_kernel
 
@@ -577,20 +579,22 @@ def decode_gate_up(hidden, ids, w_gate_up, arrivals, config: DecodeConfig, share
     cfg = config
     pads = _decode_pads(T, top_k, hidden.dtype, num_experts=E)
     experts = min(E, T * top_k) + has_shared
-    if fp8 is None:
-        acts = act_buffers(T * top_k + T * has_shared, inter, hidden, cfg, fp8)
-    else:
-        acts = act_buffers(experts * pads["T_PAD"], inter, hidden, cfg, fp8,
-                           by_expert=(experts, pads["T_PAD"]))
-    # Both dtypes: the used experts' list and its length (ActRows.used), for the down.
-    acts = acts._replace(used=torch.empty(experts + 1, dtype=torch.int32, device=hidden.device))
+    dev, table = hidden.device, (experts, pads["T_PAD"])
+    acts = act_buffers(T * top_k + T * has_shared if fp8 is None else experts * pads["T_PAD"],
+                       inter, hidden, cfg, fp8)
+    # For the down: the used experts' list and its length, each one's tokens' routing weights
+    # and (act by slot) act rows.
+    acts = acts._replace(used=torch.empty(experts + 1, dtype=torch.int32, device=dev),
+                         row_weight=torch.empty(table, dtype=torch.float32, device=dev),
+                         row_slot=torch.empty(table, dtype=torch.int32, device=dev)
+                         if fp8 is None else None)
     grid = persistent_grid(hidden.device, cfg.programs_per_sm,
                            experts * triton.cdiv(inter, cfg.block_i))
     moe_gate_up_decode_kernel[grid](
         **_x_args(hidden, cfg, fp8),
         **_weight_args(w_gate_up, ("stride_we", "stride_wn", "stride_wk"), fp8),
-        **_act_args(acts, cfg, down=False), ids_ptr=ids,
-        weights_ptr=None if fp8 is None else weights, arrivals_ptr=arrivals,
+        **_act_args(acts, cfg, down=False), ids_ptr=ids, weights_ptr=weights,
+        arrivals_ptr=arrivals,
         n_arrivals=0 if arrivals is None else arrivals.numel(),
         **_shared_args(shared_gate_up, shared_scale, fp8), T=T,
         H=H, I=inter, E=E, TOP_K=top_k, BLOCK_I=cfg.block_i, BLOCK_K=cfg.k_tile_gate_up,
@@ -619,10 +623,12 @@ def decode_down_combine(acts: ActRows, ids, weights, w_down, out, arrivals,
     shared_down^T); `arrivals` must hold zeros (or be None with one split): decode_gate_up
     zeroes them, and the launch leaves them zeroed.
 
-    acts: decode_gate_up's; ids int [T, top_k]; weights fp32 [T, top_k]; w_down [E, H, I];
-    out [T, H]; shared_down: [H, I] with a routed expert's strides, or None; fp8: FP8
-    w_down's (scale, block, bits) or None, shared_scale its shared expert's (as in
-    decode_gate_up).
+    acts: decode_gate_up's, of the same ids and weights (the products are weighed by its
+    tables, ActRows.row_weight); ids int [T, top_k] and weights fp32 [T, top_k], read here for
+    the NaN rule only (a token whose every slot is empty and every weight NaN outputs NaN);
+    w_down [E, H, I]; out [T, H]; shared_down: [H, I] with a routed expert's strides, or
+    None; fp8: FP8 w_down's (scale, block, bits) or None, shared_scale its shared expert's (as
+    in decode_gate_up).
     """
     from .kernels.moe_matmul import moe_down_combine_decode_kernel
 
@@ -630,6 +636,10 @@ def decode_down_combine(acts: ActRows, ids, weights, w_down, out, arrivals,
     top_k = ids.shape[1]
     E, inter = w_down.shape[0], w_down.shape[2]
     cfg = config
+    pads = _decode_pads(T, top_k, acts.act.dtype)
+    if acts.row_weight.shape[1] != pads["T_PAD"]:  # the tables' rows: T_PAD tokens wide
+        raise ValueError(f"acts must be decode_gate_up's for the same {T} tokens (tables of "
+                         f"{pads['T_PAD']} token columns), got {acts.row_weight.shape[1]}")
     partial = None  # one split writes out directly
     if cfg.down_splits > 1:
         partial = torch.empty(cfg.down_splits, T, H, dtype=torch.float32, device=out.device)
@@ -642,7 +652,7 @@ def decode_down_combine(acts: ActRows, ids, weights, w_down, out, arrivals,
         BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down, EXPERT_SPLITS=cfg.down_splits,
         HAS_SHARED=shared_down is not None, num_warps=cfg.warps_down,
         num_stages=pipeline_stages(cfg.stages_down, acts.act.dtype),
-        **_decode_pads(T, top_k, acts.act.dtype), **pdl(out.device))
+        **pads, **pdl(out.device))
     return out
 
 
@@ -656,8 +666,8 @@ def decode_forward(hidden, ids, weights, w_gate_up, w_down, out, config: DecodeC
     fp8_gate_up, fp8_down = fp8 if fp8 is not None else (None, None)
     scale_gate_up, scale_down = shared_scales if shared_scales is not None else (None, None)
     arrivals = down_arrivals(hidden.shape[1], hidden.device, config)
-    acts = decode_gate_up(hidden, ids, w_gate_up, arrivals, config, shared_gate_up, fp8_gate_up,
-                          weights, scale_gate_up)
+    acts = decode_gate_up(hidden, ids, weights, w_gate_up, arrivals, config, shared_gate_up,
+                          fp8_gate_up, scale_gate_up)
     return decode_down_combine(acts, ids, weights, w_down, out, arrivals, config, shared_down,
                                fp8_down, scale_down)
 

@@ -507,21 +507,40 @@ def _decode_item_rows(u, used, rank, n_used, token_ids, T, E, TOP_K, T_PAD: tl.c
 
 
 @triton.jit
+def _row_weights(hit, uses, shared, token_weights, HAS_SHARED: tl.constexpr):
+    """Each token's routing weight for an item's expert, fp32 [T_PAD]: the sum of its slots'
+    weights that name the expert (a token that lists it twice gets both), 0 where it does not
+    use it; the shared expert's: 1 for every real token (`uses`)."""
+    row_weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)
+    if HAS_SHARED:
+        row_weight = tl.where(shared, uses.to(tl.float32), row_weight)
+    return row_weight
+
+
+@triton.jit
 def _gate_up_columns(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wk,
-                     shared_ptr, act_ptr, stride_as, used_ptr, used, rank, n_used, token_ids, u,
-                     i0, T, H, I, E, TOP_K, T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr,
-                     NUM_BINS: tl.constexpr, HAS_SHARED: tl.constexpr, COLS: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                     shared_ptr, act_ptr, stride_as, used_ptr, row_slot_ptr, row_weight_ptr,
+                     used, rank, n_used, token_ids, token_weights, u, i0, T, H, I, E, TOP_K,
+                     T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr, NUM_BINS: tl.constexpr,
+                     HAS_SHARED: tl.constexpr, COLS: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PRECISION: tl.constexpr):
     """act[slot, i0 .. i0 + COLS] of the u-th used expert (_decode_item_rows), model-dtype
     weights, for the tokens that use it (every token row is in the tile; the others are
     masked): a whole work item of moe_gate_up_decode_kernel or a piece of one. The expert's
-    first columns also list it for the down launch: used_ptr[u] (E: the shared expert)."""
-    expert, _, uses, slot, _ = _decode_item_rows(u, used, rank, n_used, token_ids, T, E, TOP_K,
-                                                 T_PAD, TOP_K_PAD, NUM_BINS, HAS_SHARED)
+    first columns also write what the down launch reads of it: used_ptr[u] (E: the shared
+    expert), and for each token t its act row row_slot_ptr[u, t] (-1: t does not use it) and
+    routing weight row_weight_ptr[u, t] (_row_weights), so that the down's steps load them
+    instead of finding them in the ids (a chain of reductions and layout changes per step)."""
+    expert, hit, uses, slot, shared = _decode_item_rows(u, used, rank, n_used, token_ids, T, E,
+                                                        TOP_K, T_PAD, TOP_K_PAD, NUM_BINS,
+                                                        HAS_SHARED)
+    t = tl.arange(0, T_PAD)
     if i0 == 0:
         tl.store(used_ptr + u, expert)
+        tl.store(row_slot_ptr + u * T_PAD + t, tl.where(uses, slot, -1).to(tl.int32))
+        tl.store(row_weight_ptr + u * T_PAD + t,
+                 _row_weights(hit, uses, shared, token_weights, HAS_SHARED))
     w_rows = _weights_of(expert.to(tl.int64), E, w_ptr, stride_we, shared_ptr)
-    t = tl.arange(0, T_PAD)
     offs_i = i0 + tl.arange(0, COLS)
     w_gate = w_rows + offs_i[:, None] * stride_wn
     act_t = _silu_gate_up_t(x_ptr + t.to(tl.int64)[None, :] * stride_xt, uses, stride_xh,
@@ -570,13 +589,11 @@ def _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_pt
                                                      HAS_SHARED)
     w_rows = _weights_of(expert.to(tl.int64), E, w_ptr, stride_we, shared_ptr)
     s_expert = _weights_of(expert.to(tl.int64), E, s_ptr, stride_se, shared_s_ptr)
-    row_weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)
-    if HAS_SHARED:  # weight 1 for every real token
-        row_weight = tl.where(shared, uses.to(tl.float32), row_weight)
     t = tl.arange(0, T_PAD)
     if i0 == 0:
         tl.store(used_ptr + u, expert)
-        tl.store(row_weight_ptr + u * T_PAD + t, row_weight)
+        tl.store(row_weight_ptr + u * T_PAD + t,
+                 _row_weights(hit, uses, shared, token_weights, HAS_SHARED))
     offs_i = i0 + tl.arange(0, BLOCK_I)
     w_gate = w_rows + offs_i[:, None] * stride_wn
     x_inverse = None
@@ -604,7 +621,7 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
                               FP8_BITS: tl.constexpr = False, act_scale_ptr=None, stride_ss=0,
                               DOT: tl.constexpr = "model", x_inverse_ptr=None, stride_xi=0,
                               weights_ptr=None, used_ptr=None, row_weight_ptr=None,
-                              shared_s_ptr=None, TAIL_SPLIT: tl.constexpr = 1,
+                              row_slot_ptr=None, shared_s_ptr=None, TAIL_SPLIT: tl.constexpr = 1,
                               TAIL_K: tl.constexpr = 128,
                               PDL: tl.constexpr = False):
     """act[slot] = silu(x W_gate^T) * (x W_up^T); work item = (used expert, BLOCK_I columns).
@@ -625,19 +642,21 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
     act_scale_ptr, DOT, x_inverse_ptr: FP8 weights as in moe_gate_up_kernel, shared_s_ptr the
     FP8 shared expert's [2 * cdiv(I, SCALE_N), cdiv(H, SCALE_K)] (the routed experts'
     strides); FP8 weights write act by expert instead (_fp8_decode_item): act_ptr [U * T_PAD,
-    I], and also take weights_ptr fp32 [T, TOP_K] and write row_weight_ptr fp32 [U, T_PAD].
+    I]. weights_ptr fp32 [T, TOP_K]: the routing weights; row_weight_ptr fp32 [U, T_PAD] out:
+    each used expert's tokens' weights (_row_weights); row_slot_ptr int32 [U, T_PAD] out
+    (model-dtype weights only, None with FP8): each used expert's tokens' act rows, -1 where
+    a token does not use it (_gate_up_columns).
     TAIL_SPLIT: pieces per item of the last, partial wave (1: whole items; model-dtype weights
     only, BLOCK_I // TAIL_SPLIT >= 16), and TAIL_K their reduction step along H.
     """
+    tl.static_assert(weights_ptr is not None, "weights_ptr: the routing weights are required")
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     if arrivals_ptr is not None:
         for i in range(tl.program_id(0), n_arrivals, tl.num_programs(0)):
             tl.store(arrivals_ptr + i, 0)
     _, _, used, rank = _expert_buckets(ids_ptr, T * TOP_K, E, S_PAD, NUM_BINS)
     token_ids, id_mask = _token_ids(ids_ptr, T, TOP_K, T_PAD, TOP_K_PAD)
-    token_weights = None
-    if weights_ptr is not None:
-        token_weights = _token_weights(weights_ptr, id_mask, TOP_K, T_PAD, TOP_K_PAD)
+    token_weights = _token_weights(weights_ptr, id_mask, TOP_K, T_PAD, TOP_K_PAD)
     n_splits = tl.cdiv(I, BLOCK_I)
     n_used = tl.sum(used.to(tl.int32), 0)
     if tl.program_id(0) == 0:  # the list's length, after its longest possible content
@@ -649,9 +668,10 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
         u, i0 = item // n_splits, (item % n_splits) * BLOCK_I
         if s_ptr is None:
             _gate_up_columns(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wk,
-                             shared_ptr, act_ptr, stride_as, used_ptr, used, rank, n_used,
-                             token_ids, u, i0, T, H, I, E, TOP_K, T_PAD, TOP_K_PAD, NUM_BINS,
-                             HAS_SHARED, BLOCK_I, BLOCK_K, PRECISION)
+                             shared_ptr, act_ptr, stride_as, used_ptr, row_slot_ptr,
+                             row_weight_ptr, used, rank, n_used, token_ids, token_weights, u, i0,
+                             T, H, I, E, TOP_K, T_PAD, TOP_K_PAD, NUM_BINS, HAS_SHARED, BLOCK_I,
+                             BLOCK_K, PRECISION)
         else:
             _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_ptr,
                              stride_we, stride_wn, stride_wk, shared_ptr, s_ptr, stride_se,
@@ -667,9 +687,10 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
             item = n_whole + piece // TAIL_SPLIT
             i0 = (item % n_splits) * BLOCK_I + (piece % TAIL_SPLIT) * PIECE
             _gate_up_columns(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wk,
-                             shared_ptr, act_ptr, stride_as, used_ptr, used, rank, n_used,
-                             token_ids, item // n_splits, i0, T, H, I, E, TOP_K, T_PAD, TOP_K_PAD,
-                             NUM_BINS, HAS_SHARED, PIECE, TAIL_K, PRECISION)
+                             shared_ptr, act_ptr, stride_as, used_ptr, row_slot_ptr,
+                             row_weight_ptr, used, rank, n_used, token_ids, token_weights,
+                             item // n_splits, i0, T, H, I, E, TOP_K, T_PAD, TOP_K_PAD, NUM_BINS,
+                             HAS_SHARED, PIECE, TAIL_K, PRECISION)
 
 
 @triton.jit
@@ -703,42 +724,43 @@ def _sum_shares(y, partial_tile, out_tile, tile_ok, arrivals, share, share_strid
 
 @triton.jit
 def _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, shared_ptr,
-                 used_ptr, token_ids, token_weights, offs_h, first, end, T, H, I, E, TOP_K,
-                 T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, HAS_SHARED: tl.constexpr):
+                 used_ptr, row_slot_ptr, row_weight_ptr, offs_h, first, end, H, I, E,
+                 T_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """y [T_PAD, BLOCK_H] fp32: the routing-weighted sum of act_e W_down[e]^T over the flat
     (expert, I step) steps first .. end (model-dtype weights; an expert cut by `first` or `end`
     adds the part of its rows' products that lies in the range). The products are transposed,
     [BLOCK_H, T_PAD], the weight tile on the MMA's M side as in _silu_gate_up_t, at any
     BLOCK_H; from 64 rows Hopper's wgmma takes them (below, mma.sync: at 32 columns this was
-    slower than the tokens on M, docs/moe.md)."""
+    slower than the tokens on M, docs/moe.md).
+
+    Each step loads what the gate/up wrote of its expert (_gate_up_columns): the expert
+    (used_ptr[u]), its tokens' act rows and routing weights (row_slot_ptr / row_weight_ptr [u,
+    t]), where finding them in the ids took reductions and layout changes on every step's
+    critical path (bench/results/h200-2026-12-01-s17: without any tile load a step took as
+    long as with them)."""
     h_ok = offs_h < H
+    t = tl.arange(0, T_PAD)
     k_steps = tl.cdiv(I, BLOCK_K)
     y_t = tl.zeros((BLOCK_H, T_PAD), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_H, T_PAD), dtype=tl.float32)
     for step in range(first, end):
         u = step // k_steps
-        # The gate/up's list: one load where a search of the ranks took a 512-bin reduction
-        # (with 5 stages, launch.DecodeConfig.stages_down, 1-3% faster).
         expert = tl.load(used_ptr + u)
-        hit, uses, slot = _expert_rows(token_ids, expert, TOP_K, T_PAD, TOP_K_PAD)
+        slot = tl.load(row_slot_ptr + u * T_PAD + t)
+        weight = tl.load(row_weight_ptr + u * T_PAD + t)
         offs_k = (step % k_steps) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs_k < I
         # The list names the shared expert E: its weights are at shared_ptr (_weights_of).
         w_tile = _weights_of(expert.to(tl.int64), E, w_ptr, stride_we, shared_ptr) \
             + offs_h[:, None] * stride_wh + offs_k[None, :] * stride_wi
-        # After an expert's last I step: add its rows times the routing weight (a token that
-        # lists the expert twice gets both weights; other tokens get 0, even if a weight is NaN).
-        weight = tl.sum(tl.where(hit, token_weights, 0.0), 1)
-        if HAS_SHARED:
-            shared = expert == E
-            uses, slot = _shared_rows(shared, uses, slot, T, TOP_K, T_PAD)
-            weight = tl.where(shared, 1.0, weight)
-        a_t = tl.load(act_ptr + slot[None, :] * stride_as + offs_k[:, None],
-                      mask=uses[None, :] & k_ok[:, None], other=0.0)
+        a_t = tl.load(act_ptr + slot.to(tl.int64)[None, :] * stride_as + offs_k[:, None],
+                      mask=(slot >= 0)[None, :] & k_ok[:, None], other=0.0)
         w = tl.load(w_tile, mask=h_ok[:, None] & k_ok[None, :], other=0.0)
         acc_t = tl.dot(w, a_t, acc_t, input_precision=PRECISION)
-        # (or the share's last step: its part of an expert split between two shares)
+        # After an expert's last I step (or the share's last step: its part of an expert split
+        # between two shares): add its rows times the routing weight (_row_weights: 0 for the
+        # other tokens, whose products are 0, even where their own weights are NaN).
         last = ((step % k_steps) == k_steps - 1) | (step == end - 1)
         y_t += tl.where(last, acc_t * weight[None, :], 0.0)
         acc_t = tl.where(last, 0.0, acc_t)
@@ -789,17 +811,18 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
                                    FP8_BITS: tl.constexpr = False, act_scale_ptr=None,
                                    stride_ss=0, ACT_CHUNK: tl.constexpr = 128,
                                    DOT: tl.constexpr = "model", used_ptr=None,
-                                   row_weight_ptr=None, shared_s_ptr=None,
+                                   row_weight_ptr=None, row_slot_ptr=None, shared_s_ptr=None,
                                    PDL: tl.constexpr = False):
     """out[:, BLOCK_H columns] = sum over used experts e of w[:, e] * act_e W_down[e]^T.
 
     Program (h, s) takes BLOCK_H columns of H and the s-th of EXPERT_SPLITS contiguous shares
     of the (used expert, I step) pairs (FP8 weights: of the used experts), so each down weight
     is read once. The (expert, I step) pairs are one flat loop so the pipeliner keeps the next
-    experts' weight tiles in flight across expert boundaries. With one split the program sums its token rows in registers and writes out:
-    no partials, no atomics. With more (more programs, so more bytes in flight when few experts
-    are used), each writes an fp32 partial [EXPERT_SPLITS, T, H] and the last of a column
-    block's programs to arrive adds them in split order: deterministic whoever arrives last.
+    experts' weight tiles in flight across expert boundaries. With one split the program sums
+    its token rows in registers and writes out: no partials, no atomics. With more (more
+    programs, so more bytes in flight when few experts are used), each writes an fp32 partial
+    [EXPERT_SPLITS, T, H] and the last of a column block's programs to arrive adds them in
+    split order: deterministic whoever arrives last.
 
     act_ptr [T*TOP_K (+T), I]; w_ptr [E, H, I]; ids_ptr int / weights_ptr fp32 [T, TOP_K];
     out_ptr [T, H]; partial_ptr fp32 [EXPERT_SPLITS, T, H] and arrivals_ptr int32 [cdiv(H,
@@ -808,7 +831,11 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     act_scale_ptr, ACT_CHUNK, DOT: FP8 weights as in moe_down_kernel, shared_s_ptr the FP8
     shared expert's [cdiv(H, SCALE_N), cdiv(I, SCALE_K)]; their act rows and row_weight_ptr
     as moe_gate_up_decode_kernel wrote them. used_ptr int32 [U + 1]: the gate/up's list of used
-    experts and its length (the down makes no histogram of the ids).
+    experts and its length (the down makes no histogram of the ids); with model-dtype weights
+    row_slot_ptr int32 / row_weight_ptr fp32 [U, T_PAD]: each used expert's tokens' act rows
+    and routing weights, as the gate/up wrote them. The weights that weigh the products are the
+    gate/up's tables (both dtypes): ids_ptr / weights_ptr are read here only for the NaN rule
+    (_nan_rows).
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     token_ids, id_mask = _token_ids(ids_ptr, T, TOP_K, T_PAD, TOP_K_PAD)
@@ -825,10 +852,9 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     if s_ptr is None:  # shares of the (expert, I step) pairs, even to a step
         n_steps = n_experts * k_steps
         y = _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, shared_ptr,
-                         used_ptr, token_ids, token_weights, offs_h,
+                         used_ptr, row_slot_ptr, row_weight_ptr, offs_h,
                          share * n_steps // EXPERT_SPLITS, (share + 1) * n_steps // EXPERT_SPLITS,
-                         T, H, I, E, TOP_K, T_PAD, TOP_K_PAD, BLOCK_H, BLOCK_K, PRECISION,
-                         HAS_SHARED)
+                         H, I, E, T_PAD, BLOCK_H, BLOCK_K, PRECISION)
     else:  # shares of the experts (used experts first .. end)
         first = share * n_experts // EXPERT_SPLITS
         end = (share + 1) * n_experts // EXPERT_SPLITS

@@ -72,8 +72,8 @@ def decode_shared_memory(tokens: int, dtype: torch.dtype) -> dict:
     ids = torch.arange(tokens * top_k, dtype=torch.int32).view(tokens, top_k) % E
     weights = torch.ones(tokens, top_k)
     arrivals = down_arrivals(H, hidden.device, config)
-    acts = decode_gate_up(hidden, ids, torch.empty(E, 2 * I, H, dtype=dtype), arrivals, config,
-                          torch.empty(2 * I, H, dtype=dtype))
+    acts = decode_gate_up(hidden, ids, weights, torch.empty(E, 2 * I, H, dtype=dtype), arrivals,
+                          config, torch.empty(2 * I, H, dtype=dtype))
     decode_down_combine(acts, ids, weights, torch.empty(E, H, I, dtype=dtype),
                         torch.empty(tokens, H, dtype=dtype), arrivals, config,
                         torch.empty(H, I, dtype=dtype))

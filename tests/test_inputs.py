@@ -394,7 +394,8 @@ def test_moe_decode_row_offsets_are_int64():
             x_ptr=hidden, stride_xt=big, stride_xh=1, w_ptr=w_gate_up,
             stride_we=w_gate_up.stride(0), stride_wn=w_gate_up.stride(1),
             stride_wk=w_gate_up.stride(2), act_ptr=act, stride_as=act.stride(0), ids_ptr=ids,
-            used_ptr=torch.empty(E + 1, dtype=torch.int32),
+            used_ptr=torch.empty(E + 1, dtype=torch.int32), weights_ptr=torch.rand(T, k),
+            row_weight_ptr=torch.empty(E, 16), row_slot_ptr=torch.empty(E, 16, dtype=torch.int32),
             arrivals_ptr=None, n_arrivals=0, shared_ptr=None, T=T, H=H, I=I, E=E, TOP_K=k,
             T_PAD=16, TOP_K_PAD=4, S_PAD=32, NUM_BINS=triton.next_power_of_2(E + 1),
             BLOCK_I=16, BLOCK_K=32, PRECISION="ieee", HAS_SHARED=False)

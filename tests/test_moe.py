@@ -123,6 +123,63 @@ def test_kernel_matches_reference(dtype, case):
                             w_down.to(**to), TOL[dtype], path, decode, shared, grouped)
 
 
+def decode_tables_reference(ids, weights, E, with_shared, T_PAD):
+    """The decode down's tables (ActRows.used, row_slot, row_weight) from ids / weights (CPU):
+    the used experts in id order (E: the shared expert, last); for each, token t's act row
+    (t * k + its first slot naming the expert; the shared expert's T * k + t) or -1, and its
+    routing weight (the sum of its slots naming the expert, NaN included; the shared expert's 1),
+    over T_PAD token columns (padding columns: -1 and 0)."""
+    T, k = ids.shape
+    ids = ids.long()
+    experts = torch.unique(ids[(ids >= 0) & (ids < E)]).tolist() + ([E] if with_shared else [])
+    slot = torch.full((len(experts), T_PAD), -1, dtype=torch.int32)
+    weight = torch.zeros(len(experts), T_PAD)
+    t = torch.arange(T)
+    for u, e in enumerate(experts):
+        if e == E:
+            slot[u, :T], weight[u, :T] = (T * k + t).int(), 1.0
+            continue
+        hit = ids == e
+        slot[u, :T] = torch.where(hit.any(1), t * k + hit.int().argmax(1), -1).int()
+        weight[u, :T] = torch.where(hit, weights, 0.0).sum(1)
+    return experts, slot, weight
+
+
+@pytest.mark.parametrize("T", [1, 5, 17])
+@pytest.mark.parametrize("with_shared", [False, True])
+@pytest.mark.parametrize("n_experts", [3, 4, 5])  # 5 items on the CPU's 4 programs: a tail cut
+def test_decode_gate_up_writes_every_table_entry_the_down_reads(poison_scratch, T, with_shared,
+                                                                 n_experts):
+    """Every entry of the tables the decode down loads, for every used expert and all T_PAD
+    token columns: a token listing an expert twice, empty and out-of-range slots (their NaN
+    weights have no say), a NaN weight in a filled slot, padding columns past T, the shared
+    expert, the last item cut into pieces. Scratch is poisoned (NaN / -7), so an entry left
+    unwritten differs from the reference (the down's own tests cannot see a -7 slot: it reads
+    as "unused")."""
+    g = torch.Generator().manual_seed(T * 10 + n_experts)
+    H, I, E, k = 16, 64, 12, 3
+    ids = torch.randint(0, n_experts, (T, k), generator=g, dtype=torch.int32)
+    weights = torch.rand(T, k, generator=g)
+    ids[0, 1] = ids[0, 0]  # token 0 lists its expert twice
+    if T > 1:
+        ids[1] = torch.tensor([-1, E, 100], dtype=torch.int32)  # empty and out-of-range slots
+        weights[1] = float("nan")
+    if T > 2:
+        weights[2, 2] = float("nan")  # a NaN weight in a filled slot
+    hidden = torch.randn(T, H, generator=g).to(DEV)
+    w_gate_up, _ = make_layer(E, H, I, torch.float32, DEV, g)
+    shared = make_layer(1, H, I, torch.float32, DEV, g)[0][0] if with_shared else None
+    config = DecodeConfig(block_i=64, tail_cols=16, tail_k_tile=16)
+    acts = decode_gate_up(hidden, ids.to(DEV), weights.to(DEV), w_gate_up, None, config, shared)
+    T_PAD = acts.row_slot.shape[1]
+    experts, slot, weight = decode_tables_reference(ids, weights, E, with_shared, T_PAD)
+    U = len(experts)
+    assert acts.row_slot.shape == acts.row_weight.shape == (min(E, T * k) + with_shared, T_PAD)
+    assert acts.used.cpu()[:U].tolist() == experts and int(acts.used[-1]) == U  # count: last
+    assert torch.equal(acts.row_slot.cpu()[:U], slot)
+    torch.testing.assert_close(acts.row_weight.cpu()[:U], weight, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("splits", [1, 2, 3])
 @pytest.mark.parametrize("tail_cols", [16, 32])
 def test_decode_cuts_work_inside_an_expert(poison_scratch, splits, tail_cols):
@@ -268,7 +325,8 @@ def test_decode_down_splits_agree_and_leave_counters_zeroed(splits):
     w_gate_up, w_down = w_gate_up.to(DEV), w_down.to(DEV)
     config = DecodeConfig(block_h=16, down_splits=splits)
     arrivals = torch.full((H // 16,), -7, dtype=torch.int32, device=DEV)  # poison: gate/up zeroes
-    act = decode_gate_up(hidden, ids, w_gate_up, None if splits == 1 else arrivals, config)
+    act = decode_gate_up(hidden, ids, weights, w_gate_up, None if splits == 1 else arrivals,
+                         config)
     ref = oracle(hidden, ids, weights, w_gate_up, w_down)
     for _ in range(2):
         out = torch.full_like(hidden, float("nan"))
