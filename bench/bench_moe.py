@@ -260,11 +260,14 @@ GATE_UP_VARIANTS = [dict(), dict(k_tile_gate_up=64, programs_per_sm=2), dict(blo
 # 4 stages compile alike): the seventeenth session timed the down as long without any tile
 # load as with them (bench/results/h200-2026-12-01-s17), so a step's chain of other work sets
 # its time, not its bytes.
+# stages_down 7 and k steps of 128 at 9 stages keep 4 and 5 tile buffers (Triton 3.6, sm_90;
+# 6 stages keep the default's 3): a deeper prefetch (bench/results/h200-2026-12-01-s18).
 DOWN_VARIANTS = [dict(), dict(down_splits=2), dict(down_splits=8), dict(warps_down=4),
                  dict(block_h=32, warps_down=4), dict(block_h=32, down_splits=8, warps_down=4),
                  dict(block_h=16, warps_down=4), dict(k_tile_down=128),
-                 dict(k_tile_down=512, stages_down=3), dict(stages_down=6), dict(stages_down=4),
-                 dict(down_splits=1), dict(block_h=128, down_splits=8, stages_down=4)]
+                 dict(k_tile_down=512, stages_down=3), dict(stages_down=7), dict(stages_down=4),
+                 dict(k_tile_down=128, stages_down=9), dict(down_splits=1),
+                 dict(block_h=128, down_splits=8, stages_down=4)]
 
 
 def shared_experts(layers):
