@@ -129,3 +129,18 @@ def test_a_window_of_nan_rows_ranks_its_experts_by_index(shapes):
     got = assert_same_as_reference(torch.full((1, 4, 16), NAN), torch.zeros(16), cfg,
                                    RoutingPolicy.des_vote(5, 4), shapes)
     assert got.coreset.cpu()[0, 0].nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("vote_split", [3, 5])
+def test_capacity_scores_below_zero_keep_the_highest_experts(vote_split):
+    # LLaDA2.2's capacity score is each expert's maximum r over the window. Every r here is
+    # below 0 (logit -inf, bias -(12 - e)/8), so the highest are experts 8-11. The coreset
+    # kernel takes the maximum over the vote programs' shares, loaded as a tile padded to a
+    # power of two (3 or 5 parts -> 4 or 8): a pad of 0 instead of -inf would tie every expert
+    # at 0 and keep experts 0-3.
+    cfg = RouterConfig(12, 3)
+    x = torch.full((1, 32, 12), -INF)
+    bias = -(12 - torch.arange(12)) / 8
+    shapes = RouteLaunch(route_rows=32, vote_cols=8, vote_split=vote_split)
+    got = assert_same_as_reference(x, bias, cfg, RoutingPolicy.capacity(4, 32), shapes)
+    assert got.coreset.cpu()[0, 0].nonzero().flatten().tolist() == [8, 9, 10, 11]
