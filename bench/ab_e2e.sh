@@ -1,27 +1,43 @@
 #!/usr/bin/env bash
 # The 20-layer forward A/B (issue 13's measure), in one device call: main ("base") against
-# trees of main with patches (bench/ab_tree.sh), given as NAME=PATCH[,PATCH...] (paths from the
-# repository root), run alternately, `bench_e2e.py --quick` with token routing and dMoE p=0.6,
-# until STOP_AT seconds (default 480) have passed. From the repository root:
+# trees of main with patches (bench/ab_tree.sh), given as NAME=PATCH[,PATCH...] (NAME: letters,
+# digits, _; PATCH paths from the current directory), run alternately, `bench_e2e.py --quick`
+# with token routing and dMoE p=0.6, until STOP_AT seconds (default 480) have passed:
 #
 #   STOP_AT=480 bash bench/ab_e2e.sh OUT_DIR ss=bench/results/.../split_sum_into_norm.patch
 #
-# Each run's tables go to OUT_DIR/<name><round>/, its log to OUT_DIR/<name><round>.log; the
-# one-sequence rows of every run (ms per forward, byte floor ms, x floor) are printed last.
+# Each run's tables go to OUT_DIR/<name><round>/, its log to OUT_DIR/<name><round>.log, the
+# steps to OUT_DIR/steps.txt; the one-sequence rows of every run (ms per forward, byte floor ms,
+# x floor) are printed last. The trees are removed at the end, or on any failure.
 set -u
-out=${1:?usage: bash bench/ab_e2e.sh OUT_DIR NAME=PATCH[,PATCH...] ...}
+usage="usage: bash bench/ab_e2e.sh OUT_DIR NAME=PATCH[,PATCH...] ..."
+out=${1:?$usage}
 shift
-mkdir -p "$out"
-cd "$(git rev-parse --show-toplevel)"
-trees=(base)
+[ $# -gt 0 ] || { echo "$usage"; exit 2; }
+mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the runs start inside the trees
+names=() patch_lists=()
 for arg in "$@"; do
-  name=${arg%%=*} patches=${arg#*=}
-  trees+=("$name")
-  bash bench/ab_tree.sh "ab_$name" ${patches//,/ } || exit 1
+  name=${arg%%=*} list=${arg#*=}
+  case "$arg" in *=*) ;; *) echo "ab_e2e: '$arg' is not NAME=PATCH[,PATCH...]"; exit 2;; esac
+  [[ "$name" =~ ^[A-Za-z0-9_]+$ && "$name" != base ]] \
+    || { echo "ab_e2e: NAME must be letters, digits or _ and not 'base', got '$name'"; exit 2; }
+  [ -n "$list" ] || { echo "ab_e2e: '$name' names no patch (it would be main)"; exit 2; }
+  for seen in "${names[@]}"; do
+    [ "$seen" != "$name" ] || { echo "ab_e2e: '$name' given twice"; exit 2; }
+  done
+  names+=("$name") patch_lists+=("$list")
 done
+root=$(git rev-parse --show-toplevel)
+cleanup() { for n in "${names[@]}"; do rm -rf "$root/ab_$n"; done; }
+trap cleanup EXIT
+for i in "${!names[@]}"; do
+  IFS=, read -r -a patches <<< "${patch_lists[$i]}"
+  bash "$root/bench/ab_tree.sh" "ab_${names[$i]}" "${patches[@]}" || exit 1
+done
+cd "$root"
 round=1
 while [ "$SECONDS" -lt "${STOP_AT:-480}" ]; do
-  for t in "${trees[@]}"; do
+  for t in base "${names[@]}"; do
     d=.; [ "$t" = base ] || d=ab_$t
     (cd "$d" && PYTHONPATH=$PWD timeout 100 python3 bench/bench_e2e.py --quick --budget-s 60 \
       --policies "token,dmoe p=0.6" --out "$out/$t$round" > "$out/$t$round.log" 2>&1)
@@ -29,7 +45,6 @@ while [ "$SECONDS" -lt "${STOP_AT:-480}" ]; do
   done
   round=$((round + 1))
 done
-for t in "${trees[@]}"; do [ "$t" = base ] || rm -rf "ab_$t"; done
 shopt -s nullglob
 for f in "$out"/*[0-9]; do
   echo "== $f"
