@@ -252,16 +252,15 @@ GATE_UP_VARIANTS = [dict(), dict(k_tile_gate_up=64, programs_per_sm=2), dict(blo
                     dict(k_tile_gate_up=64, stages_gate_up=8), dict(warps_gate_up=8),
                     dict(stages_gate_up=3), dict(programs_per_sm=2), dict(programs_per_sm=3)]
 # Down variants around DEFAULT_DECODE (64 columns, 8 warps, 5 stages of 256-wide k steps: the
-# expert list's load takes one, so 3 weight tiles are in flight); each fits in shared memory at
-# 32 tokens, the sweep's size (stages_down 6 only there). block_h 32 is the transposed product
-# at 32 columns (below wgmma's 64), not the tokens-on-M tile the default replaced.
-# The last one, and k steps of 512, take half the steps per program, each twice the bytes (2
-# weight tiles in flight: 163972 / 196740 bytes at 32 tokens, compiled offline for sm_90; 3 and
-# 4 stages compile alike): the seventeenth session timed the down as long without any tile
-# load as with them (bench/results/h200-2026-12-01-s17), so a step's chain of other work sets
-# its time, not its bytes.
-# stages_down 7 and k steps of 128 at 9 stages keep 4 and 5 tile buffers (Triton 3.6, sm_90;
-# 6 stages keep the default's 3): a deeper prefetch (bench/results/h200-2026-12-01-s18).
+# expert list's load takes one, so 3 tile buffers: one step's tiles in flight during a step's
+# MMAs, Triton 3.6 on sm_90); each fits in shared memory at 32 tokens, the sweep's size
+# (stages_down 7 only there). block_h 32 is the transposed product at 32 columns (below
+# wgmma's 64), not the tokens-on-M tile the default replaced. The last one, and k steps of
+# 512, take half the steps per program, each twice the bytes (2 weight tiles in flight: 163972
+# / 196740 bytes at 32 tokens, compiled offline for sm_90; 3 and 4 stages compile alike).
+# stages_down 7 and k steps of 128 at 9 stages keep 4 and 5 tile buffers (6 stages keep the
+# default's 3): a deeper prefetch, as the down's act and weight loads add up rather than
+# overlap (bench/results/h200-2026-12-01-s18).
 DOWN_VARIANTS = [dict(), dict(down_splits=2), dict(down_splits=8), dict(warps_down=4),
                  dict(block_h=32, warps_down=4), dict(block_h=32, down_splits=8, warps_down=4),
                  dict(block_h=16, warps_down=4), dict(k_tile_down=128),

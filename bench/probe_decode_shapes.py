@@ -5,7 +5,7 @@ alternating rounds. A shape is a dict of DecodeConfig fields, given as JSON:
 
     python bench/probe_decode_shapes.py '{"stages_down": 7}' \
         '{"k_tile_down": 128, "stages_down": 9}'
-    python bench/probe_decode_shapes.py --experts 15 70 --rounds 1 '{"warps_down": 4}'
+    python bench/probe_decode_shapes.py --experts 15,70 --rounds 1 '{"warps_down": 4}'
 
 For one question about a few shapes (bench_moe.py --sweep times every variant it knows, and
 picks); the sessions' earlier one-off probes of this kind (bench/results/*/probe_down_*.py)
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
-from bench_moe import (CFG, COPIES, DTYPE, E, EXPERT_BYTES, H, I, MAX_REL_ERR,  # noqa: E402
+from bench_moe import (CFG, COPIES, DTYPE, E, EXPERT_BYTES, H, I, MAX_REL_ERR, TOP_K,  # noqa: E402
                        exact_logits, graph_us, launch_closures, make_layers, rel_err,
                        shared_experts, unique_counts)
 from common import copy_bandwidth  # noqa: E402
@@ -33,25 +33,46 @@ from dmoe_triton.reference import moe_forward_reference  # noqa: E402
 
 
 def parse_shape(text: str) -> dict:
-    """One shape from its JSON (argparse.ArgumentTypeError, which argparse prints, when it is
-    not a JSON object of DecodeConfig fields)."""
+    """One shape from its JSON, checked as DecodeConfig checks its fields
+    (argparse.ArgumentTypeError, which argparse prints, when it is not a JSON object of valid
+    DecodeConfig fields: before any GPU work)."""
     fields = {f.name for f in dataclasses.fields(DecodeConfig)}
     try:
         change = json.loads(text)
     except json.JSONDecodeError:
         change = None
     if not isinstance(change, dict) or set(change) - fields:
-        raise argparse.ArgumentTypeError(f"a shape is a JSON object of DecodeConfig fields {sorted(fields)}, "
-                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(f"a shape is a JSON object of DecodeConfig fields "
+                                         f"{sorted(fields)}, got {text!r}")
+    try:
+        dataclasses.replace(DEFAULT_DECODE, **change)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"shape {text}: {exc}") from None
     return change
+
+
+# bench_moe.exact_logits' range: a token's top-k distinct experts, inside the gate's 4 kept groups
+MIN_UNIQUE, MAX_UNIQUE = TOP_K, CFG.topk_group * (E // CFG.n_group)
+
+
+def expert_counts(text: str) -> list:
+    """--experts: comma-separated unique-expert counts, each MIN_UNIQUE..MAX_UNIQUE."""
+    try:
+        counts = [int(c) for c in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or not all(MIN_UNIQUE <= c <= MAX_UNIQUE for c in counts):
+        raise argparse.ArgumentTypeError(f"--experts takes counts {MIN_UNIQUE}..{MAX_UNIQUE} "
+                                         f"separated by commas, got {text!r}")
+    return counts
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("shapes", nargs="+", type=parse_shape, help="JSON dicts of DecodeConfig "
                     "fields, each timed against the default")
-    ap.add_argument("--experts", type=int, nargs="+", default=[15, 17, 70],
-                    help="unique routed experts of the 32 tokens (exact routing)")
+    ap.add_argument("--experts", type=expert_counts, default=[15, 17, 70],
+                    help="unique routed experts of the 32 tokens (exact routing), e.g. 15,70")
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
