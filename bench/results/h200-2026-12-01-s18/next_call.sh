@@ -11,9 +11,11 @@
 #    / 148116 bytes at 32 tokens, 164880 / 197908 at 64). The gate/up (4 buffers at 4 stages)
 #    at 5 stages as a control (204800 bytes at 32 tokens; 245760 at 64: does not fit). Shared
 #    memory from Triton 3.6 compiling for sm_90 offline (tests/offline_compile.py's way).
-# 2. The split-sum patch (the down's shares added by the next add + norm) regenerated on
-#    2b5b19f: its GPU tests, then the 20-layer forward against main (bench/ab_e2e.sh, which
-#    alternates until STOP_AT seconds of this script).
+# 2. The 20-layer forward (bench/ab_e2e.sh, alternating until STOP_AT seconds of this script):
+#    main against deep_down_prefetch.patch (moe_launch takes stages_down 7 up to 32 tokens;
+#    bench_moe times moe_launch's choice) and against the split-sum patch (the down's shares
+#    added by the next add + norm, regenerated on 2b5b19f). Their GPU tests come after, for a
+#    winner only.
 set -u
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 S=bench/results/h200-2026-12-01-s18
@@ -22,13 +24,7 @@ timeout 200 python3 bench/probe_decode_shapes.py '{"stages_down": 7}' \
   '{"k_tile_down": 128, "stages_down": 9}' '{"k_tile_down": 128, "stages_down": 11}' \
   '{"stages_gate_up": 5}' > $OUT/1_shapes.log 2>&1
 echo "shapes rc=$? at ${SECONDS}s" | tee -a $R/steps.txt
-bash bench/ab_tree.sh ab_ss $S/split_sum_into_norm.patch || exit 1
-(cd ab_ss && PYTHONPATH=$PWD timeout 150 python3 -m pytest -q -m gpu tests/test_moe.py \
-  tests/test_add_norm.py tests/test_gpu_model.py) > $R/ss_gpu_tests.log 2>&1
-echo "ss gpu tests rc=$? at ${SECONDS}s" | tee -a $R/steps.txt
-rm -rf ab_ss
-STOP_AT=$(( ${STOP_AT:-560} - SECONDS )) bash bench/ab_e2e.sh $R ss=$S/split_sum_into_norm.patch \
-  > $R/ab_e2e_console.log 2>&1
+STOP_AT=$(( ${STOP_AT:-560} - SECONDS )) bash bench/ab_e2e.sh $R \
+  deep=$S/deep_down_prefetch.patch ss=$S/split_sum_into_norm.patch > $R/ab_e2e_console.log 2>&1
 tar czf $OUT/0_all.tgz -C $OUT --exclude=./0_all.tgz . 2>/dev/null
-cat $OUT/1_shapes.log; tail -n 2 $R/ss_gpu_tests.log; tail -n 24 $R/ab_e2e_console.log
-cat $R/steps.txt
+cat $OUT/1_shapes.log; tail -n 40 $R/ab_e2e_console.log
