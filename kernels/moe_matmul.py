@@ -608,9 +608,8 @@ def _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_pt
 
 
 @triton.jit
-def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
-                              w_ptr, stride_we, stride_wn, stride_wk,
-                              act_ptr, stride_as, ids_ptr, arrivals_ptr, n_arrivals,
+def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn,
+                              stride_wk, act_ptr, stride_as, ids_ptr, arrivals_ptr, n_arrivals,
                               shared_ptr, T, H, I, E, TOP_K,
                               T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr, S_PAD: tl.constexpr,
                               NUM_BINS: tl.constexpr, BLOCK_I: tl.constexpr,
@@ -622,8 +621,7 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
                               DOT: tl.constexpr = "model", x_inverse_ptr=None, stride_xi=0,
                               weights_ptr=None, used_ptr=None, row_weight_ptr=None,
                               row_slot_ptr=None, shared_s_ptr=None, TAIL_SPLIT: tl.constexpr = 1,
-                              TAIL_K: tl.constexpr = 128,
-                              PDL: tl.constexpr = False):
+                              TAIL_K: tl.constexpr = 128, PDL: tl.constexpr = False):
     """act[slot] = silu(x W_gate^T) * (x W_up^T); work item = (used expert, BLOCK_I columns).
 
     With HAS_SHARED, the shared expert (gate|up rows at shared_ptr, the routed experts' strides)
@@ -642,10 +640,9 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh,
     act_scale_ptr, DOT, x_inverse_ptr: FP8 weights as in moe_gate_up_kernel, shared_s_ptr the
     FP8 shared expert's [2 * cdiv(I, SCALE_N), cdiv(H, SCALE_K)] (the routed experts'
     strides); FP8 weights write act by expert instead (_fp8_decode_item): act_ptr [U * T_PAD,
-    I]. weights_ptr fp32 [T, TOP_K]: the routing weights; row_weight_ptr fp32 [U, T_PAD] out:
-    each used expert's tokens' weights (_row_weights); row_slot_ptr int32 [U, T_PAD] out
-    (model-dtype weights only, None with FP8): each used expert's tokens' act rows, -1 where
-    a token does not use it (_gate_up_columns).
+    I]. weights_ptr fp32 [T, TOP_K]: the routing weights. Out, [U, T_PAD] for the down: each
+    used expert's tokens' routing weights, row_weight_ptr fp32 (_row_weights), and act rows,
+    row_slot_ptr int32 (-1: unused; None with FP8) (_gate_up_columns).
     TAIL_SPLIT: pieces per item of the last, partial wave (1: whole items; model-dtype weights
     only, BLOCK_I // TAIL_SPLIT >= 16), and TAIL_K their reduction step along H.
     """
