@@ -518,6 +518,34 @@ def test_out_of_range_ids_rejected_on_cpu_and_skipped_by_kernel(path, with_share
         assert rel_err(y.cpu(), ref) <= 1e-4, bad
 
 
+@pytest.mark.parametrize("with_shared", [False, True])
+@pytest.mark.parametrize("path", ["decode", "grouped"])
+def test_non_finite_expert_reaches_only_its_tokens(path, with_shared):
+    """An expert with an inf gate/up weight makes non-finite outputs for the tokens that use it
+    and for no other (as the reference does): a kernel must not multiply another token's zero
+    row by it (0 * inf = NaN). One token lists an expert twice: both slots' weights count."""
+    g = torch.Generator().manual_seed(6)
+    T, H, I, E = 6, 16, 32, 4
+    hidden = torch.randn(T, H, generator=g)
+    w_gate_up, w_down = make_layer(E, H, I, torch.float32, "cpu", g)
+    w_gate_up[2, 0, 0] = float("inf")  # expert 2's first gate row
+    ids = torch.tensor([[0, 1], [2, 3], [1, 1], [3, 0], [0, 2], [1, 3]], dtype=torch.int32)
+    weights = torch.rand(T, 2, generator=g)
+    shared = None
+    if with_shared:
+        gate_up, down = make_layer(1, H, I, torch.float32, "cpu", g)
+        shared = (gate_up[0], down[0])
+    to = dict(device=DEV)
+    y = moe_forward_triton(hidden.to(**to), ids.to(**to), weights.to(**to), w_gate_up.to(**to),
+                           w_down.to(**to), path=path,
+                           shared=None if shared is None else tuple(t.to(**to) for t in shared))
+    ref = oracle(hidden, ids, weights, w_gate_up, w_down, shared)
+    uses_2 = (ids == 2).any(1)
+    assert torch.equal(~y.cpu().isfinite().all(1), uses_2)
+    assert torch.equal(~ref.isfinite().all(1), uses_2)
+    assert rel_err(y.cpu()[~uses_2], ref[~uses_2]) <= 1e-4
+
+
 def test_bad_inputs_name_the_argument():
     T, H, I, E, k = 4, 16, 8, 3, 2
     ok = dict(hidden=torch.randn(T, H), topk_ids=torch.zeros(T, k, dtype=torch.int32),
