@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Planned for the next session, after next_call_a.sh (not run): the 20-layer forward, main
-# against weighted_act.patch, alternating until STOP_AT seconds. From the repository root:
+# against weighted_act.patch and weighted_act_rows.patch, alternating until STOP_AT seconds.
+# From the repository root on the device:
 #   STOP_AT=540 bash bench/results/h200-2026-12-01-s19/next_call_b.sh
 set -u
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 S=bench/results/h200-2026-12-01-s19
 R=$OUT/b; mkdir -p $R
-STOP_AT=${STOP_AT:-540} bash bench/ab_e2e.sh $R wa=$S/weighted_act.patch > $R/console.log 2>&1
+STOP_AT=${STOP_AT:-540} bash bench/ab_e2e.sh $R wa=$S/weighted_act.patch \
+  rows=$S/weighted_act_rows.patch > $R/console.log 2>&1
 rm -f $R/*/e2e_quick.png
 tar czf $OUT/0_b.tgz -C $OUT b
-tail -n 40 $R/console.log
+tail -n 50 $R/console.log
