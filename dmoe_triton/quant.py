@@ -121,8 +121,9 @@ def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
 def check_scale(name: str, weight: torch.Tensor, scale: Optional[torch.Tensor], block,
                 expected_shape=None, check_values: bool = True) -> None:
     """`name`'s weight_scale_inv against its FP8 weight: present, fp32, shaped for `block`
-    (expected_shape overrides scale_shape(weight)), and (check_values, a host sync) finite.
-    ValueError (TypeError for a dtype) naming the tensor."""
+    (expected_shape overrides scale_shape(weight)), and (check_values, a host sync) finite,
+    and the weight free of e4m3 NaN bytes. ValueError (TypeError for a dtype) naming the
+    tensor."""
     if scale is None:
         raise ValueError(f"{name} is float8_e4m3fn but its weight_scale_inv is missing")
     if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
@@ -145,6 +146,14 @@ def check_scale(name: str, weight: torch.Tensor, scale: Optional[torch.Tensor], 
     if check_values and not bool(((scale >= 0) & (scale <= limit)).all()):
         raise ValueError(f"{name}_scale_inv holds values outside [0, {limit:.3g}]: a block would "
                          f"dequantize with flipped signs or to inf")
+    # e4m3 (fn) has one NaN code per sign, S.1111.111; the kernels decode weights with cheap
+    # conversions that give such a byte a finite value, where dequantizing gives NaN: refused
+    # here, so that no forward computes with it silently. (No quantizer writes them: they
+    # clamp to +-448.)
+    if check_values and weight.dtype == FP8_DTYPE and not weight.is_meta and bool(
+            ((weight.view(torch.uint8) & 0x7F) == 0x7F).any()):
+        raise ValueError(f"{name} holds float8_e4m3fn NaN codes (bytes 0x7F / 0xFF): a corrupt "
+                         f"FP8 weight")
 
 
 @dataclass(frozen=True)

@@ -476,6 +476,12 @@ def test_bad_scales_are_named(backend):
         run(Fp8Scales(scales.gate_up, bad, scales.block), check_ids=True)
     with pytest.raises(TypeError, match="w_gate_up_scale_inv must be a float32"):
         run(Fp8Scales(scales.gate_up.half(), scales.down, scales.block))
+    for code in (0x7F, 0xFF):  # e4m3 NaN, both signs: the kernels would read a finite value
+        nan_byte = w_gate_up.clone()
+        nan_byte.view(torch.uint8)[1, 3, 2] = code
+        with pytest.raises(ValueError, match="w_gate_up holds float8_e4m3fn NaN codes"):
+            run_moe(hidden, ids, weights, nan_byte, w_down, backend=backend, scales=scales,
+                    check_ids=True)
     with pytest.raises(TypeError, match="w_gate_up must be float8_e4m3fn"):
         run_moe(hidden, ids, weights, w_gate_up.float(), w_down.float(), backend=backend,
                 scales=scales)
@@ -770,6 +776,8 @@ SHARED = "model.layers.2.mlp.shared_experts.up_proj.weight"
      r"experts.5.down_proj.weight_scale_inv holds values outside \[0, "),
     (lambda s: s.update({EXPERT: s[EXPERT].float()}),
      "experts.5.down_proj.weight is torch.float32, expected float8_e4m3fn"),
+    (lambda s: s[EXPERT].view(torch.uint8).view(-1)[-1:].fill_(0xFF),
+     "experts.5.down_proj.weight holds float8_e4m3fn NaN codes"),
     (lambda s: s.pop(SHARED + "_scale_inv"),
      "shared_experts.up_proj.weight is float8_e4m3fn but its weight_scale_inv is missing"),
     (lambda s: s[SHARED + "_scale_inv"].fill_(float("inf")),
