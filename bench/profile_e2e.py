@@ -11,6 +11,12 @@ and the graphed forward's time against the sum of its kernels (the rest: gaps be
 
 --fp8 quantizes the routed and shared experts to FP8 (128 x 128 blocks) first, as
 `bench_e2e.py --fp8` does.
+
+--graph-timeline also profiles replays of the graphed forward itself and attributes its span to
+kernels: each kernel's time and the gap before it (the GPU idle since the previous kernel ended;
+negative where programmatic dependent launch overlapped the two), per kernel name and forward.
+The eager profile cannot show these gaps, and they are the part of the forward that no kernel's
+own time accounts for.
 """
 from __future__ import annotations
 
@@ -60,6 +66,57 @@ def kernel_times(fn, forwards: int) -> dict:
     return dict(totals)
 
 
+def graph_kernels(graph, replays: int) -> list:
+    """[(name, start us, end us)] of the kernels of `replays` replays of `graph` under the
+    profiler (CUPTI records each kernel node of a graph), in start order."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = [(e.name[:90], e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sorted(kernels, key=lambda k: k[1])
+
+
+def timeline(kernels: list, replays: int) -> tuple:
+    """({name: [launches, kernel us, gap-before us]} per forward, span, idle, overlap us per
+    forward) of graph_kernels' list: each replay's kernels in order, the gap before one = its
+    start - the previous kernel's end within the replay (the first kernel's is not counted);
+    idle / overlap: the positive / negative gaps summed. span = last end - first start = the
+    kernels' time + idle + overlap. RuntimeError if the replays launched different kernels."""
+    per = len(kernels) // replays
+    if per == 0 or per * replays != len(kernels):
+        raise RuntimeError(f"{len(kernels)} kernels in {replays} replays: not one sequence each")
+    names = [k[0] for k in kernels[:per]]
+    rows = collections.defaultdict(lambda: [0.0, 0.0, 0.0])
+    span = idle = overlap = 0.0
+    for r in range(replays):
+        seq = kernels[r * per:(r + 1) * per]
+        if [k[0] for k in seq] != names:
+            raise RuntimeError(f"replay {r} launched other kernels than replay 0")
+        span += (seq[-1][2] - seq[0][1]) / replays
+        for i, (name, start, end) in enumerate(seq):
+            gap = (start - seq[i - 1][2]) / replays if i else 0.0
+            idle, overlap = idle + max(gap, 0.0), overlap + min(gap, 0.0)
+            row = rows[name]
+            row[0] += 1 / replays
+            row[1] += (end - start) / replays
+            row[2] += gap
+    return dict(rows), span, idle, overlap
+
+
+def timeline_table(kernels: list, replays: int, top: int) -> str:
+    rows, span, idle, overlap = timeline(kernels, replays)
+    busy = sum(r[1] for r in rows.values())
+    lines = [f"graph replay under the profiler ({replays} replays): span {span:.1f} us per "
+             f"forward = kernels {busy:.1f} + idle {idle:.1f} + overlap {overlap:.1f}",
+             "| us/forward (kernel + gap) | kernel us | gap-before us | launches | kernel |",
+             "|---|---|---|---|---|"]
+    for name, (n, t, gap) in sorted(rows.items(), key=lambda kv: -(kv[1][1] + kv[1][2]))[:top]:
+        lines.append(f"| {t + gap:.1f} | {t:.1f} | {gap:.1f} | {n:.0f} | {name} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=4)
@@ -67,6 +124,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--fp8", action="store_true", help="FP8 routed and shared experts (issue 16)")
+    ap.add_argument("--graph-timeline", action="store_true",
+                    help="also attribute the graphed forward's span to kernels and the gaps "
+                         "before them (profiled replays)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     config = LLaDA2MoeConfig(num_hidden_layers=args.layers)
@@ -89,6 +149,9 @@ def main(argv=None):
         print("| us/forward | launches | kernel |\n|---|---|---|")
         for k, (t, n) in sorted(times.items(), key=lambda kv: -kv[1][0])[: args.top]:
             print(f"| {t:.1f} | {n:.0f} | {k} |")
+        if args.graph_timeline:
+            replays = 20
+            print("\n" + timeline_table(graph_kernels(graph, replays), replays, args.top))
         del graph
         if name == "token":
             print(op_table(fn, 5, 30))
