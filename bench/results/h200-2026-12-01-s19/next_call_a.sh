@@ -15,7 +15,8 @@
 #    70 experts, each checked against the reference);
 # 2. the probe in each patched tree: stages_down 7 (4 tile buffers), now that the MMAs no
 #    longer wait every step (this session it was slower on main);
-# 3. the patched trees' GPU tests of the expert path and the model, as time allows.
+# 3. the patched trees' GPU tests of the expert path, the model and FP8 (main's FP8 NaN-code
+#    check of this session included: it is in both trees), as time allows.
 set -u
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 S=bench/results/h200-2026-12-01-s19
@@ -41,7 +42,7 @@ for t in wa rows; do
   left=$(( ${STOP_AT:-560} - SECONDS - 20 ))
   [ $left -gt 30 ] || break
   (cd ab_$t && PYTHONPATH=$PWD timeout $left python3 -m pytest -q -m gpu tests/test_moe.py \
-    tests/test_gpu_model.py > $R/gpu_tests_$t.log 2>&1)
+    tests/test_gpu_model.py tests/test_fp8.py > $R/gpu_tests_$t.log 2>&1)
   echo "gpu tests $t rc=$? at ${SECONDS}s" | tee -a $R/steps.txt
 done
 tar czf $OUT/0_a.tgz -C $OUT a
