@@ -13,10 +13,9 @@ and the graphed forward's time against the sum of its kernels (the rest: gaps be
 `bench_e2e.py --fp8` does.
 
 --graph-timeline also profiles replays of the graphed forward itself and attributes its span to
-kernels: each kernel's time and the gap before it (the GPU idle since the previous kernel ended;
-negative where programmatic dependent launch overlapped the two), per kernel name and forward.
-The eager profile cannot show these gaps, and they are the part of the forward that no kernel's
-own time accounts for.
+kernels (dmoe_triton.profiling.graph_timeline): the GPU idle before each kernel and the time its
+run added past the kernels before it, per kernel name and forward. The eager profile cannot show
+the idle, and it is the part of the forward that no kernel's own time accounts for.
 """
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dmoe_triton import RoutingPolicy, patch_model, set_policy
+from dmoe_triton.profiling import graph_timeline
 from dmoe_triton.models import LLaDA2MoeConfig
 from dmoe_triton.testing import build_model
 
@@ -78,42 +78,18 @@ def graph_kernels(graph, replays: int) -> list:
     return sorted(kernels, key=lambda k: k[1])
 
 
-def timeline(kernels: list, replays: int) -> tuple:
-    """({name: [launches, kernel us, gap-before us]} per forward, span, idle, overlap us per
-    forward) of graph_kernels' list: each replay's kernels in order, the gap before one = its
-    start - the previous kernel's end within the replay (the first kernel's is not counted);
-    idle / overlap: the positive / negative gaps summed. span = last end - first start = the
-    kernels' time + idle + overlap. RuntimeError if the replays launched different kernels."""
-    per = len(kernels) // replays
-    if per == 0 or per * replays != len(kernels):
-        raise RuntimeError(f"{len(kernels)} kernels in {replays} replays: not one sequence each")
-    names = [k[0] for k in kernels[:per]]
-    rows = collections.defaultdict(lambda: [0.0, 0.0, 0.0])
-    span = idle = overlap = 0.0
-    for r in range(replays):
-        seq = kernels[r * per:(r + 1) * per]
-        if [k[0] for k in seq] != names:
-            raise RuntimeError(f"replay {r} launched other kernels than replay 0")
-        span += (seq[-1][2] - seq[0][1]) / replays
-        for i, (name, start, end) in enumerate(seq):
-            gap = (start - seq[i - 1][2]) / replays if i else 0.0
-            idle, overlap = idle + max(gap, 0.0), overlap + min(gap, 0.0)
-            row = rows[name]
-            row[0] += 1 / replays
-            row[1] += (end - start) / replays
-            row[2] += gap
-    return dict(rows), span, idle, overlap
-
-
 def timeline_table(kernels: list, replays: int, top: int) -> str:
-    rows, span, idle, overlap = timeline(kernels, replays)
-    busy = sum(r[1] for r in rows.values())
+    """graph_timeline's rows as a table, the names that added most to the span first."""
+    rows, span = graph_timeline(kernels, replays)
+    own = sum(r[1] for r in rows.values())
+    idle = sum(r[2] for r in rows.values())
     lines = [f"graph replay under the profiler ({replays} replays): span {span:.1f} us per "
-             f"forward = kernels {busy:.1f} + idle {idle:.1f} + overlap {overlap:.1f}",
-             "| us/forward (kernel + gap) | kernel us | gap-before us | launches | kernel |",
-             "|---|---|---|---|---|"]
-    for name, (n, t, gap) in sorted(rows.items(), key=lambda kv: -(kv[1][1] + kv[1][2]))[:top]:
-        lines.append(f"| {t + gap:.1f} | {t:.1f} | {gap:.1f} | {n:.0f} | {name} |")
+             f"forward = idle {idle:.1f} + kernels' advance {span - idle:.1f} (their own time "
+             f"{own:.1f}, of which {own - span + idle:.1f} overlapped other kernels)",
+             "| us/forward added (idle + advance) | idle before us | advance us | own us | "
+             "launches | kernel |", "|---|---|---|---|---|---|"]
+    for name, (n, t, gap, adv) in sorted(rows.items(), key=lambda kv: -(kv[1][2] + kv[1][3]))[:top]:
+        lines.append(f"| {gap + adv:.1f} | {gap:.1f} | {adv:.1f} | {t:.1f} | {n:.0f} | {name} |")
     return "\n".join(lines)
 
 
