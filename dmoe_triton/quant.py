@@ -146,14 +146,21 @@ def check_scale(name: str, weight: torch.Tensor, scale: Optional[torch.Tensor], 
     if check_values and not bool(((scale >= 0) & (scale <= limit)).all()):
         raise ValueError(f"{name}_scale_inv holds values outside [0, {limit:.3g}]: a block would "
                          f"dequantize with flipped signs or to inf")
-    # e4m3 (fn) has one NaN code per sign, S.1111.111; the kernels decode weights with cheap
-    # conversions that give such a byte a finite value, where dequantizing gives NaN: refused
-    # here, so that no forward computes with it silently. (No quantizer writes them: they
-    # clamp to +-448.)
-    if check_values and weight.dtype == FP8_DTYPE and not weight.is_meta and bool(
-            ((weight.view(torch.uint8) & 0x7F) == 0x7F).any()):
+    if check_values and weight.dtype == FP8_DTYPE and not weight.is_meta and _has_nan_codes(weight):
         raise ValueError(f"{name} holds float8_e4m3fn NaN codes (bytes 0x7F / 0xFF): a corrupt "
                          f"FP8 weight")
+
+
+def _has_nan_codes(weight: torch.Tensor) -> bool:
+    """Whether an e4m3 (fn) tensor holds a NaN code, S.1111.111 (a host sync). The kernels
+    decode weights with cheap conversions that give such a byte a finite value, where
+    dequantizing gives NaN, so check_scale refuses them and no forward computes with one
+    silently (no quantizer writes them: they clamp to +-448). The two codes are the largest
+    bytes as int8 (0x7F) and as uint8 (0xFF): two max reductions, about 50x faster on the CPU
+    than masking every byte (35 ms against 1.7 s for 512 MB), which matters at load time."""
+    if weight.numel() == 0:
+        return False
+    return int(weight.view(torch.int8).max()) == 0x7F or int(weight.view(torch.uint8).max()) == 0xFF
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,19 @@ def test_layout_matches_transformers_dequantize():
     torch.testing.assert_close(dequantize_blocks(q, s, (128, 128)), theirs)
 
 
+def test_nan_codes_are_found_exactly():
+    """Of the 256 e4m3 bytes, S.1111.111 (0x7F, 0xFF) and no other is a NaN code; one anywhere
+    in a tensor is found (check_scale refuses such weights)."""
+    from dmoe_triton.quant import _has_nan_codes
+
+    for byte in range(256):
+        w = torch.full((3, 5), 0x7E, dtype=torch.uint8)  # 448
+        w[2, 4] = byte
+        nan = bool(torch.isnan(w.view(FP8_DTYPE).float()).any())
+        assert _has_nan_codes(w.view(FP8_DTYPE)) == nan == (byte in (0x7F, 0xFF)), byte
+    assert not _has_nan_codes(torch.empty(0, 4, dtype=FP8_DTYPE))
+
+
 def test_quantize_refuses_non_finite_and_bad_blocks():
     with pytest.raises(ValueError, match="w_down holds non-finite"):
         quantize_blocks(torch.tensor([[1.0, float("nan")]]), (16, 16), name="w_down")
