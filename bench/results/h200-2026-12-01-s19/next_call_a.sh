@@ -22,6 +22,9 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 S=bench/results/h200-2026-12-01-s19
 R=$OUT/a; mkdir -p $R
 trap 'rm -rf ab_wa ab_rows' EXIT
+# Packed again after every step: a call cut short still brings back 0_a.tgz (only 8 files come
+# back, in name order; this session's first A/B call lost its results by packing only at the end).
+pack() { tar czf $OUT/0_a.tgz -C $OUT a; }
 bash bench/ab_tree.sh ab_wa $S/weighted_act.patch > $R/ab_tree.log 2>&1 \
   && bash bench/ab_tree.sh ab_rows $S/weighted_act_rows.patch >> $R/ab_tree.log 2>&1 \
   || { cat $R/ab_tree.log; exit 1; }
@@ -31,12 +34,14 @@ for round in 1 2; do
     (cd $d && PYTHONPATH=$PWD timeout 120 python3 bench/bench_moe.py --quick --out $R/moe_$t$round \
       > $R/moe_$t$round.log 2>&1)
     echo "moe_$t$round rc=$? at ${SECONDS}s" | tee -a $R/steps.txt
+    pack
   done
 done
 for t in wa rows; do
   (cd ab_$t && PYTHONPATH=$PWD timeout 90 python3 bench/probe_decode_shapes.py \
     '{"stages_down": 7}' > $R/probe_$t.log 2>&1)
   echo "probe_$t rc=$? at ${SECONDS}s" | tee -a $R/steps.txt
+  pack
 done
 for t in wa rows; do
   left=$(( ${STOP_AT:-560} - SECONDS - 20 ))
@@ -44,7 +49,7 @@ for t in wa rows; do
   (cd ab_$t && PYTHONPATH=$PWD timeout $left python3 -m pytest -q -m gpu tests/test_moe.py \
     tests/test_gpu_model.py tests/test_fp8.py > $R/gpu_tests_$t.log 2>&1)
   echo "gpu tests $t rc=$? at ${SECONDS}s" | tee -a $R/steps.txt
+  pack
 done
-tar czf $OUT/0_a.tgz -C $OUT a
 for f in $R/moe_*[0-9].log; do echo "== $f"; grep -E "max relative error" $f; grep -A6 "^routing " $f; done
 cat $R/probe_*.log; tail -n 2 $R/gpu_tests_*.log
