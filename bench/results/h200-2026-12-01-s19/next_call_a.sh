@@ -13,8 +13,9 @@
 #   reading every token row of every expert from L2 (74 MB at 70 experts against 9.4).
 # 1. bench_moe --quick, main / wa / rows alternating, twice (the expert kernels at 15 / 17 /
 #    70 experts, each checked against the reference);
-# 2. the probe in each patched tree: stages_down 7 (4 tile buffers), now that the MMAs no
-#    longer wait every step (this session it was slower on main);
+# 2. the probe in each patched tree: stages_down 7 (4 tile buffers) and k steps of 128 at 8
+#    stages, now that the MMAs no longer wait every step (this session both kinds were slower
+#    on main);
 # 3. the patched trees' GPU tests of the expert path, the model and FP8 (main's FP8 NaN-code
 #    check of this session included: it is in both trees), as time allows.
 set -u
@@ -39,7 +40,7 @@ for round in 1 2; do
 done
 for t in wa rows; do
   (cd ab_$t && PYTHONPATH=$PWD timeout 90 python3 bench/probe_decode_shapes.py \
-    '{"stages_down": 7}' > $R/probe_$t.log 2>&1)
+    '{"stages_down": 7}' '{"k_tile_down": 128, "stages_down": 8}' > $R/probe_$t.log 2>&1)
   echo "probe_$t rc=$? at ${SECONDS}s" | tee -a $R/steps.txt
   pack
 done
