@@ -287,13 +287,10 @@ def _summed_votes(votes_ptr, real_ptr, window, parts, E_PAD: tl.constexpr,
     part = tl.arange(0, PARTS_PAD)
     slot = window * parts + part
     ok = part < parts
-    if MAX_SCORE:
-        shares = tl.load(votes_ptr + slot[:, None] * E_PAD + e, mask=ok[:, None],
-                         other=NEG_INF)
-        score = tl.max(shares, axis=0)
-    else:
-        shares = tl.load(votes_ptr + slot[:, None] * E_PAD + e, mask=ok[:, None], other=0.0)
-        score = tl.sum(shares, axis=0)
+    # Padding parts must not count: -inf under a max, 0 under a sum.
+    shares = tl.load(votes_ptr + slot[:, None] * E_PAD + e, mask=ok[:, None],
+                     other=NEG_INF if MAX_SCORE else 0.0)
+    score = tl.max(shares, axis=0) if MAX_SCORE else tl.sum(shares, axis=0)
     real_rows = tl.sum(tl.load(real_ptr + slot, mask=ok, other=0), axis=0)
     return _normalised(score, MAX_SCORE), real_rows + tl.zeros([1], dtype=tl.int32)
 
