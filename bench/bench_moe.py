@@ -259,8 +259,9 @@ GATE_UP_VARIANTS = [dict(), dict(k_tile_gate_up=64, programs_per_sm=2), dict(blo
 # 512, take half the steps per program, each twice the bytes (2 weight tiles in flight: 163972
 # / 196740 bytes at 32 tokens, compiled offline for sm_90; 3 and 4 stages compile alike).
 # stages_down 7 and k steps of 128 at 9 stages keep 4 and 5 tile buffers (6 stages keep the
-# default's 3): a deeper prefetch, as the down's act and weight loads add up rather than
-# overlap (bench/results/h200-2026-12-01-s18).
+# default's 3): a deeper prefetch, tried as the down's act and weight loads add up rather than
+# overlap (bench/results/h200-2026-12-01-s18); both were slower than the default on the H200
+# (17.5 / 18.8 against 16.0 us at 15 experts, bench/results/h200-2026-12-01-s19).
 DOWN_VARIANTS = [dict(), dict(down_splits=2), dict(down_splits=8), dict(warps_down=4),
                  dict(block_h=32, warps_down=4), dict(block_h=32, down_splits=8, warps_down=4),
                  dict(block_h=16, warps_down=4), dict(k_tile_down=128),

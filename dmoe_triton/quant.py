@@ -160,7 +160,8 @@ def _has_nan_codes(weight: torch.Tensor) -> bool:
     than masking every byte (35 ms against 1.7 s for 512 MB), which matters at load time."""
     if weight.numel() == 0:
         return False
-    return int(weight.view(torch.int8).max()) == 0x7F or int(weight.view(torch.uint8).max()) == 0xFF
+    return (int(weight.view(torch.int8).max()) == 0x7F
+            or int(weight.view(torch.uint8).max()) == 0xFF)
 
 
 @dataclass(frozen=True)
