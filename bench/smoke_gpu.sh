@@ -67,7 +67,7 @@ step e2e python3 bench/bench_e2e.py --quick --layers 4 --budget-s 60 --out "$out
   --policies "token,dmoe p=0.6,ec-core p=0.6"
 step serving python3 bench/bench_e2e.py --serving --layers 4 --budget-s 60 --out "$out/serving"
 step generate python3 bench/bench_generate.py --quick --layers 4 --out "$out/generate"
-step profile python3 bench/profile_e2e.py --layers 2
+step profile python3 bench/profile_e2e.py --layers 2 --graph-timeline
 step train_and_eval env DMOE_SMOKE=1 bash bench/train_and_eval.sh "$out/train_and_eval"
 fi
 

@@ -369,22 +369,20 @@ class ActRows(NamedTuple):
     them), as the gate/up found them, and used[U] their number, so that the down reads them
     instead of searching;
     row_weight: None, or on the decode path fp32 [U, T_PAD]: row_weight[u, t] token t's
-    routing weight for expert used[u] (0 where t does not use it);
-    row_slot: None, or on the decode path with model-dtype weights int32 [U, T_PAD]: token t's
-    act row for expert used[u], -1 where t does not use it (with FP8 weights act rows are by
-    expert: row u * T_PAD + t; moe_gate_up_decode_kernel).
+    routing weight for expert used[u] (0 where t does not use it), which the FP8 down applies
+    (with model-dtype weights act rows are weighed by the gate/up already). The decode path's
+    act rows are by expert: row u * T_PAD + t (moe_gate_up_decode_kernel).
     """
     act: torch.Tensor
     scale: Optional[torch.Tensor] = None
     used: Optional[torch.Tensor] = None
     row_weight: Optional[torch.Tensor] = None
-    row_slot: Optional[torch.Tensor] = None
 
 
 def act_buffers(rows: int, inter: int, hidden, config, fp8) -> ActRows:
     """Uninitialised ActRows for `rows` act rows of I = inter columns; the scales with a scaled
-    dot (scaled_dot). The decode path's lists and tables (ActRows.used, row_weight, row_slot)
-    are decode_gate_up's."""
+    dot (scaled_dot). The decode path's list and table (ActRows.used, row_weight) are
+    decode_gate_up's."""
     dot = scaled_dot(hidden, config, fp8)
     dev = hidden.device
     act = torch.empty(rows, inter, dtype=_SCALED_DTYPES.get(dot, hidden.dtype), device=dev)
@@ -405,7 +403,7 @@ def _act_args(acts: ActRows, config, down: bool) -> dict:
         if down:
             args["ACT_CHUNK"] = config.block_i
     if acts.used is not None:
-        args.update(used_ptr=acts.used, row_weight_ptr=acts.row_weight, row_slot_ptr=acts.row_slot)
+        args.update(used_ptr=acts.used, row_weight_ptr=acts.row_weight)
     return args
 
 
@@ -559,10 +557,10 @@ def down_arrivals(H: int, device, config: DecodeConfig):
 
 def decode_gate_up(hidden, ids, weights, w_gate_up, arrivals, config: DecodeConfig,
                    shared_gate_up=None, fp8=None, shared_scale=None) -> ActRows:
-    """ActRows for the filled slots: act rows T*top_k (+ T, the shared expert's) by slot, the
-    used experts' list and each one's tokens' act rows and routing weights (ActRows.row_slot,
-    row_weight); with FP8 weights act rows by expert instead (no row_slot); also zeroes
-    `arrivals` (if any).
+    """ActRows for the used experts: act rows by expert (u * T_PAD + t for the u-th used
+    expert, the shared expert last; zeros where t does not use it), weighed by their routing
+    weights (1: the shared expert's; with FP8 weights not weighed), the used experts' list and
+    each one's tokens' routing weights (ActRows.row_weight); also zeroes `arrivals` (if any).
 
     hidden [T, H]; ids int [T, top_k] contiguous; weights fp32 [T, top_k] contiguous, the
     routing weights; w_gate_up [E, 2I, H]; arrivals: down_arrivals' counters or None;
@@ -580,14 +578,10 @@ def decode_gate_up(hidden, ids, weights, w_gate_up, arrivals, config: DecodeConf
     pads = _decode_pads(T, top_k, hidden.dtype, num_experts=E)
     experts = min(E, T * top_k) + has_shared
     dev, table = hidden.device, (experts, pads["T_PAD"])
-    acts = act_buffers(T * top_k + T * has_shared if fp8 is None else experts * pads["T_PAD"],
-                       inter, hidden, cfg, fp8)
-    # For the down: the used experts' list and its length, each one's tokens' routing weights
-    # and (act by slot) act rows.
+    acts = act_buffers(experts * pads["T_PAD"], inter, hidden, cfg, fp8)
+    # For the down: the used experts' list and its length, each one's tokens' routing weights.
     acts = acts._replace(used=torch.empty(experts + 1, dtype=torch.int32, device=dev),
-                         row_weight=torch.empty(table, dtype=torch.float32, device=dev),
-                         row_slot=torch.empty(table, dtype=torch.int32, device=dev)
-                         if fp8 is None else None)
+                         row_weight=torch.empty(table, dtype=torch.float32, device=dev))
     grid = persistent_grid(hidden.device, cfg.programs_per_sm,
                            experts * triton.cdiv(inter, cfg.block_i))
     moe_gate_up_decode_kernel[grid](
@@ -620,12 +614,14 @@ def _shared_args(shared_weight, shared_scale, fp8) -> dict:
 def decode_down_combine(acts: ActRows, ids, weights, w_down, out, arrivals,
                         config: DecodeConfig, shared_down=None, fp8=None, shared_scale=None):
     """out = sum over slots of weight * act W_down^T (+ the shared expert's rows of act times
-    shared_down^T); `arrivals` must hold zeros (or be None with one split): decode_gate_up
-    zeroes them, and the launch leaves them zeroed.
+    shared_down^T; with model-dtype weights the weight is in act already); `arrivals` must
+    hold zeros (or be None with one split): decode_gate_up zeroes them, and the launch leaves
+    them zeroed.
 
-    acts: decode_gate_up's, of the same ids and weights (the products are weighed by its
-    tables, ActRows.row_weight); ids int [T, top_k] and weights fp32 [T, top_k], read here for
-    the NaN rule only (a token whose every slot is empty and every weight NaN outputs NaN);
+    acts: decode_gate_up's, of the same ids and weights (their act rows weighed by the routing
+    weights, or with FP8 weights the products by ActRows.row_weight); ids int [T, top_k] and
+    weights fp32 [T, top_k], read here for the NaN rule only (a token whose every slot is
+    empty and every weight NaN outputs NaN);
     w_down [E, H, I]; out [T, H]; shared_down: [H, I] with a routed expert's strides, or
     None; fp8: FP8 w_down's (scale, block, bits) or None, shared_scale its shared expert's (as
     in decode_gate_up).
@@ -658,7 +654,7 @@ def decode_down_combine(acts: ActRows, ids, weights, w_down, out, arrivals,
 
 def decode_forward(hidden, ids, weights, w_gate_up, w_down, out, config: DecodeConfig,
                    shared=None, fp8=None, shared_scales=None):
-    """Two launches: gate/up into act [T*k (+T), I], then down + weighted sum straight into out
+    """Two launches: gate/up into act [U * T_PAD, I], then down + sum straight into out
     (the shared expert, if any, as one more expert that every token uses with weight 1).
     fp8: (gate_up's, down's) (scale, block, bits) of FP8 weights (_weight_args), or None;
     shared_scales: the FP8 shared expert's (gate_up, down) scales (Fp8Scales.shared)."""

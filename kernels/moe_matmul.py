@@ -475,35 +475,20 @@ def _token_weights(weights_ptr, id_mask, TOP_K, T_PAD: tl.constexpr, TOP_K_PAD: 
 
 
 @triton.jit
-def _expert_rows(token_ids, expert, TOP_K, T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr):
-    """Which tokens use `expert`, and the slot (first, if a token lists it twice) that holds it."""
+def _decode_item_rows(u, used, rank, n_used, token_ids, T, E, T_PAD: tl.constexpr,
+                      NUM_BINS: tl.constexpr, HAS_SHARED: tl.constexpr):
+    """The u-th used expert of a decode launch (with HAS_SHARED, u == n_used is the shared
+    expert, listed as expert E) and its tokens: (expert, hit [T_PAD, TOP_K_PAD]: the slots that
+    name it, uses [T_PAD]: the tokens that use it (the shared expert: every real token),
+    shared)."""
+    expert = _nth_used_expert(used, rank, u, NUM_BINS)
     hit = token_ids == expert
     uses = tl.max(hit.to(tl.int32), 1) > 0
-    first = tl.min(tl.where(hit, tl.arange(0, TOP_K_PAD)[None, :], TOP_K_PAD), 1)
-    return hit, uses, tl.arange(0, T_PAD).to(tl.int64) * TOP_K + first
-
-
-@triton.jit
-def _shared_rows(shared, uses, slot, T, TOP_K, T_PAD: tl.constexpr):
-    """Where `shared`: the shared expert's rows instead of a routed expert's: every real token,
-    its act row after the T*TOP_K routed slots (T*TOP_K + t)."""
-    t = tl.arange(0, T_PAD)
-    return tl.where(shared, t < T, uses), tl.where(shared, (T * TOP_K + t).to(tl.int64), slot)
-
-
-@triton.jit
-def _decode_item_rows(u, used, rank, n_used, token_ids, T, E, TOP_K, T_PAD: tl.constexpr,
-                      TOP_K_PAD: tl.constexpr, NUM_BINS: tl.constexpr, HAS_SHARED: tl.constexpr):
-    """The u-th used expert of a decode launch (with HAS_SHARED, u == n_used is the shared
-    expert, listed as expert E) and its token rows: (expert, hit [T_PAD, TOP_K_PAD], uses
-    [T_PAD], slot [T_PAD] int64 act rows, shared)."""
-    expert = _nth_used_expert(used, rank, u, NUM_BINS)
-    hit, uses, slot = _expert_rows(token_ids, expert, TOP_K, T_PAD, TOP_K_PAD)
     shared = u == n_used
     if HAS_SHARED:
-        uses, slot = _shared_rows(shared, uses, slot, T, TOP_K, T_PAD)
+        uses = tl.where(shared, tl.arange(0, T_PAD) < T, uses)
         expert = tl.where(shared, E, expert)
-    return expert, hit, uses, slot, shared
+    return expert, hit, uses, shared
 
 
 @triton.jit
@@ -519,35 +504,38 @@ def _row_weights(hit, uses, shared, token_weights, HAS_SHARED: tl.constexpr):
 
 @triton.jit
 def _gate_up_columns(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wk,
-                     shared_ptr, act_ptr, stride_as, used_ptr, row_slot_ptr, row_weight_ptr,
-                     used, rank, n_used, token_ids, token_weights, u, i0, T, H, I, E, TOP_K,
-                     T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr, NUM_BINS: tl.constexpr,
+                     shared_ptr, act_ptr, stride_as, used_ptr, row_weight_ptr,
+                     used, rank, n_used, token_ids, token_weights, u, i0, T, H, I, E,
+                     T_PAD: tl.constexpr, NUM_BINS: tl.constexpr,
                      HAS_SHARED: tl.constexpr, COLS: tl.constexpr, BLOCK_K: tl.constexpr,
                      PRECISION: tl.constexpr):
-    """act[slot, i0 .. i0 + COLS] of the u-th used expert (_decode_item_rows), model-dtype
-    weights, for the tokens that use it (every token row is in the tile; the others are
-    masked): a whole work item of moe_gate_up_decode_kernel or a piece of one. The expert's
-    first columns also write what the down launch reads of it: used_ptr[u] (E: the shared
-    expert), and for each token t its act row row_slot_ptr[u, t] (-1: t does not use it) and
-    routing weight row_weight_ptr[u, t] (_row_weights), so that the down's steps load them
-    instead of finding them in the ids (a chain of reductions and layout changes per step)."""
-    expert, hit, uses, slot, shared = _decode_item_rows(u, used, rank, n_used, token_ids, T, E,
-                                                        TOP_K, T_PAD, TOP_K_PAD, NUM_BINS,
-                                                        HAS_SHARED)
+    """act[u * T_PAD + t, i0 .. i0 + COLS] of the u-th used expert (_decode_item_rows),
+    model-dtype weights, for every token row t (zeros where t does not use the expert: its x
+    row is masked and its routing weight 0): a whole work item of moe_gate_up_decode_kernel or a
+    piece of one. So the down finds an expert's act tile from u alone (no per-token table of act
+    rows to load first). The expert's first columns also write what the down launch reads of
+    it: used_ptr[u] (E: the shared expert), and the routing weights row_weight_ptr[u, t]
+    (_row_weights) for the FP8 down and the tests."""
+    expert, hit, uses, shared = _decode_item_rows(u, used, rank, n_used, token_ids, T, E, T_PAD,
+                                                  NUM_BINS, HAS_SHARED)
     t = tl.arange(0, T_PAD)
+    row_weight = _row_weights(hit, uses, shared, token_weights, HAS_SHARED)
     if i0 == 0:
         tl.store(used_ptr + u, expert)
-        tl.store(row_slot_ptr + u * T_PAD + t, tl.where(uses, slot, -1).to(tl.int32))
-        tl.store(row_weight_ptr + u * T_PAD + t,
-                 _row_weights(hit, uses, shared, token_weights, HAS_SHARED))
+        tl.store(row_weight_ptr + u * T_PAD + t, row_weight)
     w_rows = _weights_of(expert.to(tl.int64), E, w_ptr, stride_we, shared_ptr)
     offs_i = i0 + tl.arange(0, COLS)
     w_gate = w_rows + offs_i[:, None] * stride_wn
     act_t = _silu_gate_up_t(x_ptr + t.to(tl.int64)[None, :] * stride_xt, uses, stride_xh,
                             w_gate, w_gate + I * stride_wn, stride_wk, offs_i < I, H, T_PAD,
                             COLS, BLOCK_K, PRECISION)
-    tl.store(act_ptr + slot[None, :] * stride_as + offs_i[:, None],
-             act_t.to(act_ptr.dtype.element_ty), mask=uses[None, :] & (offs_i < I)[:, None])
+    # The act rows are weighed here, so that the down's loop is a plain sum of products
+    # (_down_shares). A token that does not use the expert gets zeros, not its zero x row's
+    # products times 0: those are NaN where the expert's weights hold an inf.
+    act_t = tl.where(uses[None, :], act_t * row_weight[None, :], 0.0)
+    rows = (u * T_PAD + t).to(tl.int64)
+    tl.store(act_ptr + rows[None, :] * stride_as + offs_i[:, None],
+             act_t.to(act_ptr.dtype.element_ty), mask=(offs_i < I)[:, None])
 
 
 @triton.jit
@@ -571,8 +559,8 @@ def _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_pt
                      stride_wn, stride_wk, shared_ptr, s_ptr, stride_se, stride_sn, stride_sk,
                      shared_s_ptr, act_ptr, stride_as, act_scale_ptr, stride_ss, used_ptr,
                      row_weight_ptr, used, rank, n_used, token_ids, token_weights, u, i0, T, H,
-                     I, E, TOP_K, T_PAD: tl.constexpr, TOP_K_PAD: tl.constexpr,
-                     NUM_BINS: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_I: tl.constexpr,
+                     I, E, T_PAD: tl.constexpr, NUM_BINS: tl.constexpr,
+                     HAS_SHARED: tl.constexpr, BLOCK_I: tl.constexpr,
                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SCALE_N: tl.constexpr,
                      SCALE_K: tl.constexpr, FP8_BITS: tl.constexpr, DOT: tl.constexpr):
     """One FP8 work item of moe_gate_up_decode_kernel (the u-th used expert, _decode_item_rows,
@@ -584,9 +572,8 @@ def _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_pt
     block also lists `expert` (used_ptr[u]: the expert id, E for the shared expert) and the
     row weights (row_weight_ptr[u, t]).
     """
-    expert, hit, uses, _, shared = _decode_item_rows(u, used, rank, n_used, token_ids, T, E,
-                                                     TOP_K, T_PAD, TOP_K_PAD, NUM_BINS,
-                                                     HAS_SHARED)
+    expert, hit, uses, shared = _decode_item_rows(u, used, rank, n_used, token_ids, T, E, T_PAD,
+                                                  NUM_BINS, HAS_SHARED)
     w_rows = _weights_of(expert.to(tl.int64), E, w_ptr, stride_we, shared_ptr)
     s_expert = _weights_of(expert.to(tl.int64), E, s_ptr, stride_se, shared_s_ptr)
     t = tl.arange(0, T_PAD)
@@ -620,17 +607,20 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, str
                               FP8_BITS: tl.constexpr = False, act_scale_ptr=None, stride_ss=0,
                               DOT: tl.constexpr = "model", x_inverse_ptr=None, stride_xi=0,
                               weights_ptr=None, used_ptr=None, row_weight_ptr=None,
-                              row_slot_ptr=None, shared_s_ptr=None, TAIL_SPLIT: tl.constexpr = 1,
+                              shared_s_ptr=None, TAIL_SPLIT: tl.constexpr = 1,
                               TAIL_K: tl.constexpr = 128, PDL: tl.constexpr = False):
-    """act[slot] = silu(x W_gate^T) * (x W_up^T); work item = (used expert, BLOCK_I columns).
+    """act[u * T_PAD + t] = w * silu(x_t W_gate^T) * (x_t W_up^T) for the u-th used expert and
+    token t's routing weight w for it (0 where t does not use it) with model-dtype weights (the
+    weighing done here, not in the down: _gate_up_columns), act unweighed with FP8 weights;
+    work item = (used expert, BLOCK_I columns).
 
     With HAS_SHARED, the shared expert (gate|up rows at shared_ptr, the routed experts' strides)
-    is one more expert after the used ones, used by every token with weight 1: its act rows are
-    T*TOP_K + t (FP8 weights: u = n_used's, its scales at shared_s_ptr, listed as expert E).
+    is one more expert after the used ones (u = n_used, listed as expert E), used by every token
+    with weight 1 (FP8 weights: its scales at shared_s_ptr).
 
     Also zeroes the down launch's `n_arrivals` arrival counters (saves a memset launch).
 
-    x_ptr [T, H]; w_ptr [E, 2I, H] (strides in elements); act_ptr [T*TOP_K (+T), I] out;
+    x_ptr [T, H]; w_ptr [E, 2I, H] (strides in elements); act_ptr [U * T_PAD, I] out;
     ids_ptr int [T, TOP_K] contiguous (-1 = empty); arrivals_ptr int32 [n_arrivals] or None;
     used_ptr int32 [U + 1] out, U = min(E, T*TOP_K) + HAS_SHARED: the used experts in rank
     order (E: the shared expert), for the down launch, and used_ptr[U] their number;
@@ -639,10 +629,9 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, str
     reduction step along H; PRECISION: tl.dot input_precision. s_ptr, SCALE_N/K, FP8_BITS,
     act_scale_ptr, DOT, x_inverse_ptr: FP8 weights as in moe_gate_up_kernel, shared_s_ptr the
     FP8 shared expert's [2 * cdiv(I, SCALE_N), cdiv(H, SCALE_K)] (the routed experts'
-    strides); FP8 weights write act by expert instead (_fp8_decode_item): act_ptr [U * T_PAD,
-    I]. weights_ptr fp32 [T, TOP_K]: the routing weights. Out, [U, T_PAD] for the down: each
-    used expert's tokens' routing weights, row_weight_ptr fp32 (_row_weights), and act rows,
-    row_slot_ptr int32 (-1: unused; None with FP8) (_gate_up_columns).
+    strides) (_fp8_decode_item). weights_ptr fp32 [T, TOP_K]: the routing weights. Out, for
+    the FP8 down: each used expert's tokens' routing weights, row_weight_ptr fp32 [U, T_PAD]
+    (_row_weights).
     TAIL_SPLIT: pieces per item of the last, partial wave (1: whole items; model-dtype weights
     only, BLOCK_I // TAIL_SPLIT >= 16), and TAIL_K their reduction step along H.
     """
@@ -665,18 +654,17 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, str
         u, i0 = item // n_splits, (item % n_splits) * BLOCK_I
         if s_ptr is None:
             _gate_up_columns(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wk,
-                             shared_ptr, act_ptr, stride_as, used_ptr, row_slot_ptr,
-                             row_weight_ptr, used, rank, n_used, token_ids, token_weights, u, i0,
-                             T, H, I, E, TOP_K, T_PAD, TOP_K_PAD, NUM_BINS, HAS_SHARED, BLOCK_I,
-                             BLOCK_K, PRECISION)
+                             shared_ptr, act_ptr, stride_as, used_ptr, row_weight_ptr, used,
+                             rank, n_used, token_ids, token_weights, u, i0, T, H, I, E, T_PAD,
+                             NUM_BINS, HAS_SHARED, BLOCK_I, BLOCK_K, PRECISION)
         else:
             _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_ptr,
                              stride_we, stride_wn, stride_wk, shared_ptr, s_ptr, stride_se,
                              stride_sn, stride_sk, shared_s_ptr, act_ptr, stride_as,
                              act_scale_ptr, stride_ss, used_ptr, row_weight_ptr, used, rank,
-                             n_used, token_ids, token_weights, u, i0, T, H, I, E, TOP_K, T_PAD,
-                             TOP_K_PAD, NUM_BINS, HAS_SHARED, BLOCK_I, BLOCK_K, PRECISION,
-                             SCALE_N, SCALE_K, FP8_BITS, DOT)
+                             n_used, token_ids, token_weights, u, i0, T, H, I, E, T_PAD,
+                             NUM_BINS, HAS_SHARED, BLOCK_I, BLOCK_K, PRECISION, SCALE_N,
+                             SCALE_K, FP8_BITS, DOT)
     if TAIL_SPLIT > 1:  # model-dtype weights only: an FP8 item has no pieces
         tl.static_assert(s_ptr is None, "TAIL_SPLIT must be 1 with FP8 weights")
         PIECE: tl.constexpr = BLOCK_I // TAIL_SPLIT
@@ -684,10 +672,9 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, str
             item = n_whole + piece // TAIL_SPLIT
             i0 = (item % n_splits) * BLOCK_I + (piece % TAIL_SPLIT) * PIECE
             _gate_up_columns(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wk,
-                             shared_ptr, act_ptr, stride_as, used_ptr, row_slot_ptr,
-                             row_weight_ptr, used, rank, n_used, token_ids, token_weights,
-                             item // n_splits, i0, T, H, I, E, TOP_K, T_PAD, TOP_K_PAD, NUM_BINS,
-                             HAS_SHARED, PIECE, TAIL_K, PRECISION)
+                             shared_ptr, act_ptr, stride_as, used_ptr, row_weight_ptr, used,
+                             rank, n_used, token_ids, token_weights, item // n_splits, i0, T, H,
+                             I, E, T_PAD, NUM_BINS, HAS_SHARED, PIECE, TAIL_K, PRECISION)
 
 
 @triton.jit
@@ -721,46 +708,38 @@ def _sum_shares(y, partial_tile, out_tile, tile_ok, arrivals, share, share_strid
 
 @triton.jit
 def _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, shared_ptr,
-                 used_ptr, row_slot_ptr, row_weight_ptr, offs_h, first, end, H, I, E,
+                 used_ptr, offs_h, first, end, H, I, E,
                  T_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                  PRECISION: tl.constexpr):
-    """y [T_PAD, BLOCK_H] fp32: the routing-weighted sum of act_e W_down[e]^T over the flat
-    (expert, I step) steps first .. end (model-dtype weights; an expert cut by `first` or `end`
-    adds the part of its rows' products that lies in the range). The products are transposed,
-    [BLOCK_H, T_PAD], the weight tile on the MMA's M side as in _silu_gate_up_t, at any
-    BLOCK_H; from 64 rows Hopper's wgmma takes them (below, mma.sync: at 32 columns this was
-    slower than the tokens on M, docs/moe.md).
+    """y [T_PAD, BLOCK_H] fp32: the sum of act_e W_down[e]^T over the flat (expert, I step)
+    steps first .. end (model-dtype weights), act rows already weighed by their routing weights
+    (_gate_up_columns). The products are transposed, [BLOCK_H, T_PAD], the weight tile on the
+    MMA's M side as in _silu_gate_up_t, at any BLOCK_H; from 64 rows Hopper's wgmma takes them
+    (below, mma.sync: at 32 columns this was slower than the tokens on M, docs/moe.md).
 
-    Each step loads what the gate/up wrote of its expert (_gate_up_columns): the expert
-    (used_ptr[u]), its tokens' act rows and routing weights (row_slot_ptr / row_weight_ptr [u,
-    t]), where finding them in the ids took reductions and layout changes on every step's
-    critical path (3.0 of the down's 49.2 us at 70 experts, H200,
-    bench/results/h200-2026-12-01-s18)."""
+    One accumulator through every step, touched by nothing but the MMAs, so that a step's MMAs
+    need not finish before the next step's start (weighing each expert's sum after its last
+    step, as until the nineteenth session, waited for them every step). Each step loads which
+    expert it is from the gate/up's list (used_ptr[u]); its act tile, rows u * T_PAD + t, needs
+    nothing loaded first (until the nineteenth session the act rows were by slot, found from a
+    table the gate/up wrote, and before the eighteenth from the ids)."""
     h_ok = offs_h < H
     t = tl.arange(0, T_PAD)
     k_steps = tl.cdiv(I, BLOCK_K)
     y_t = tl.zeros((BLOCK_H, T_PAD), dtype=tl.float32)
-    acc_t = tl.zeros((BLOCK_H, T_PAD), dtype=tl.float32)
     for step in range(first, end):
         u = step // k_steps
         expert = tl.load(used_ptr + u)
-        slot = tl.load(row_slot_ptr + u * T_PAD + t)
-        weight = tl.load(row_weight_ptr + u * T_PAD + t)
         offs_k = (step % k_steps) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs_k < I
         # The list names the shared expert E: its weights are at shared_ptr (_weights_of).
         w_tile = _weights_of(expert.to(tl.int64), E, w_ptr, stride_we, shared_ptr) \
             + offs_h[:, None] * stride_wh + offs_k[None, :] * stride_wi
-        a_t = tl.load(act_ptr + slot.to(tl.int64)[None, :] * stride_as + offs_k[:, None],
-                      mask=(slot >= 0)[None, :] & k_ok[:, None], other=0.0)
+        rows = (u * T_PAD + t).to(tl.int64)
+        a_t = tl.load(act_ptr + rows[None, :] * stride_as + offs_k[:, None], mask=k_ok[:, None],
+                      other=0.0)
         w = tl.load(w_tile, mask=h_ok[:, None] & k_ok[None, :], other=0.0)
-        acc_t = tl.dot(w, a_t, acc_t, input_precision=PRECISION)
-        # After an expert's last I step (or the share's last step: its part of an expert split
-        # between two shares): add its rows times the routing weight (_row_weights: 0 for the
-        # other tokens, whose products are 0, even where their own weights are NaN).
-        last = ((step % k_steps) == k_steps - 1) | (step == end - 1)
-        y_t += tl.where(last, acc_t * weight[None, :], 0.0)
-        acc_t = tl.where(last, 0.0, acc_t)
+        y_t = tl.dot(w, a_t, y_t, input_precision=PRECISION)
     return tl.trans(y_t)
 
 
@@ -808,9 +787,10 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
                                    FP8_BITS: tl.constexpr = False, act_scale_ptr=None,
                                    stride_ss=0, ACT_CHUNK: tl.constexpr = 128,
                                    DOT: tl.constexpr = "model", used_ptr=None,
-                                   row_weight_ptr=None, row_slot_ptr=None, shared_s_ptr=None,
+                                   row_weight_ptr=None, shared_s_ptr=None,
                                    PDL: tl.constexpr = False):
-    """out[:, BLOCK_H columns] = sum over used experts e of w[:, e] * act_e W_down[e]^T.
+    """out[:, BLOCK_H columns] = sum over used experts e of w[:, e] * act_e W_down[e]^T (with
+    model-dtype weights w is in act already: moe_gate_up_decode_kernel).
 
     Program (h, s) takes BLOCK_H columns of H and the s-th of EXPERT_SPLITS contiguous shares
     of the (used expert, I step) pairs (FP8 weights: of the used experts), so each down weight
@@ -821,7 +801,7 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     [EXPERT_SPLITS, T, H] and the last of a column block's programs to arrive adds them in
     split order: deterministic whoever arrives last.
 
-    act_ptr [T*TOP_K (+T), I]; w_ptr [E, H, I]; ids_ptr int / weights_ptr fp32 [T, TOP_K];
+    act_ptr [U * T_PAD, I]; w_ptr [E, H, I]; ids_ptr int / weights_ptr fp32 [T, TOP_K];
     out_ptr [T, H]; partial_ptr fp32 [EXPERT_SPLITS, T, H] and arrivals_ptr int32 [cdiv(H,
     BLOCK_H)] (zeroed), both None with one split; shared_ptr [H, I] or None. BLOCK_K: reduction
     step along I; the pads as in moe_gate_up_decode_kernel. s_ptr, SCALE_N/K, FP8_BITS,
@@ -829,9 +809,8 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     shared expert's [cdiv(H, SCALE_N), cdiv(I, SCALE_K)]; their act rows and row_weight_ptr
     as moe_gate_up_decode_kernel wrote them. used_ptr int32 [U + 1]: the gate/up's list of used
     experts and its length (the down makes no histogram of the ids); with model-dtype weights
-    row_slot_ptr int32 / row_weight_ptr fp32 [U, T_PAD]: each used expert's tokens' act rows
-    and routing weights, as the gate/up wrote them. The weights that weigh the products are the
-    gate/up's tables (both dtypes): ids_ptr / weights_ptr are read here only for the NaN rule
+    the act rows come weighed by the routing weights, with FP8 weights row_weight_ptr fp32 [U,
+    T_PAD] weighs the products. ids_ptr / weights_ptr are read here only for the NaN rule
     (_nan_rows).
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
@@ -849,7 +828,7 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     if s_ptr is None:  # shares of the (expert, I step) pairs, even to a step
         n_steps = n_experts * k_steps
         y = _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, shared_ptr,
-                         used_ptr, row_slot_ptr, row_weight_ptr, offs_h,
+                         used_ptr, offs_h,
                          share * n_steps // EXPERT_SPLITS, (share + 1) * n_steps // EXPERT_SPLITS,
                          H, I, E, T_PAD, BLOCK_H, BLOCK_K, PRECISION)
     else:  # shares of the experts (used experts first .. end)

@@ -388,14 +388,14 @@ def test_moe_decode_row_offsets_are_int64():
     hidden, ids, _, w_gate_up, _, _ = make_moe(T=T, H=H, I=I, E=E, k=k)
     ids = ids.contiguous()
     big = 2**28
-    act = torch.empty(T * k, I)
+    act = torch.empty(E * 16, I)  # rows u * T_PAD + t
     with one_program_at((0, 0, 0)) as (ld, _):
         moe_gate_up_decode_kernel[(1,)](
             x_ptr=hidden, stride_xt=big, stride_xh=1, w_ptr=w_gate_up,
             stride_we=w_gate_up.stride(0), stride_wn=w_gate_up.stride(1),
             stride_wk=w_gate_up.stride(2), act_ptr=act, stride_as=act.stride(0), ids_ptr=ids,
             used_ptr=torch.empty(E + 1, dtype=torch.int32), weights_ptr=torch.rand(T, k),
-            row_weight_ptr=torch.empty(E, 16), row_slot_ptr=torch.empty(E, 16, dtype=torch.int32),
+            row_weight_ptr=torch.empty(E, 16),
             arrivals_ptr=None, n_arrivals=0, shared_ptr=None, T=T, H=H, I=I, E=E, TOP_K=k,
             T_PAD=16, TOP_K_PAD=4, S_PAD=32, NUM_BINS=triton.next_power_of_2(E + 1),
             BLOCK_I=16, BLOCK_K=32, PRECISION="ieee", HAS_SHARED=False)

@@ -124,25 +124,20 @@ def test_kernel_matches_reference(dtype, case):
 
 
 def decode_tables_reference(ids, weights, E, with_shared, T_PAD):
-    """The decode down's tables (ActRows.used, row_slot, row_weight) from ids / weights (CPU):
-    the used experts in id order (E: the shared expert, last); for each, token t's act row
-    (t * k + its first slot naming the expert; the shared expert's T * k + t) or -1, and its
-    routing weight (the sum of its slots naming the expert, NaN included; the shared expert's 1),
-    over T_PAD token columns (padding columns: -1 and 0)."""
+    """The decode gate/up's list and table (ActRows.used, row_weight) from ids / weights (CPU):
+    the used experts in id order (E: the shared expert, last); for each, token t's routing
+    weight (the sum of its slots naming the expert, NaN included; the shared expert's 1; 0
+    where t does not use it), over T_PAD token columns (padding columns: 0)."""
     T, k = ids.shape
     ids = ids.long()
     experts = torch.unique(ids[(ids >= 0) & (ids < E)]).tolist() + ([E] if with_shared else [])
-    slot = torch.full((len(experts), T_PAD), -1, dtype=torch.int32)
     weight = torch.zeros(len(experts), T_PAD)
-    t = torch.arange(T)
     for u, e in enumerate(experts):
         if e == E:
-            slot[u, :T], weight[u, :T] = (T * k + t).int(), 1.0
+            weight[u, :T] = 1.0
             continue
-        hit = ids == e
-        slot[u, :T] = torch.where(hit.any(1), t * k + hit.int().argmax(1), -1).int()
-        weight[u, :T] = torch.where(hit, weights, 0.0).sum(1)
-    return experts, slot, weight
+        weight[u, :T] = torch.where(ids == e, weights, 0.0).sum(1)
+    return experts, weight
 
 
 @pytest.mark.parametrize("T", [1, 5, 17])
@@ -150,12 +145,13 @@ def decode_tables_reference(ids, weights, E, with_shared, T_PAD):
 @pytest.mark.parametrize("n_experts", [3, 4, 5])  # 5 items on the CPU's 4 programs: a tail cut
 def test_decode_gate_up_writes_every_table_entry_the_down_reads(poison_scratch, T, with_shared,
                                                                  n_experts):
-    """Every entry of the tables the decode down loads, for every used expert and all T_PAD
-    token columns: a token listing an expert twice, empty and out-of-range slots (their NaN
-    weights have no say), a NaN weight in a filled slot, padding columns past T, the shared
-    expert, the last item cut into pieces. Scratch is poisoned (NaN / -7), so an entry left
-    unwritten differs from the reference (the down's own tests cannot see a -7 slot: it reads
-    as "unused")."""
+    """Every entry the decode down loads, for every used expert and all T_PAD token columns:
+    the list, the routing weights, and the act rows (u * T_PAD + t), which the down reads
+    unmasked, so a token that does not use the expert must have its row written as zeros. Cases:
+    a token listing an expert twice, empty and out-of-range slots (their NaN weights have no
+    say), a NaN weight in a filled slot, padding columns past T, the shared expert, the last
+    item cut into pieces. Scratch is poisoned (NaN / -7), so an entry left unwritten differs
+    from the reference."""
     g = torch.Generator().manual_seed(T * 10 + n_experts)
     H, I, E, k = 16, 64, 12, 3
     ids = torch.randint(0, n_experts, (T, k), generator=g, dtype=torch.int32)
@@ -171,13 +167,15 @@ def test_decode_gate_up_writes_every_table_entry_the_down_reads(poison_scratch, 
     shared = make_layer(1, H, I, torch.float32, DEV, g)[0][0] if with_shared else None
     config = DecodeConfig(block_i=64, tail_cols=16, tail_k_tile=16)
     acts = decode_gate_up(hidden, ids.to(DEV), weights.to(DEV), w_gate_up, None, config, shared)
-    T_PAD = acts.row_slot.shape[1]
-    experts, slot, weight = decode_tables_reference(ids, weights, E, with_shared, T_PAD)
+    T_PAD = acts.row_weight.shape[1]
+    experts, weight = decode_tables_reference(ids, weights, E, with_shared, T_PAD)
     U = len(experts)
-    assert acts.row_slot.shape == acts.row_weight.shape == (min(E, T * k) + with_shared, T_PAD)
+    assert acts.row_weight.shape == (min(E, T * k) + with_shared, T_PAD)
+    assert acts.act.shape == ((min(E, T * k) + with_shared) * T_PAD, I)
     assert acts.used.cpu()[:U].tolist() == experts and int(acts.used[-1]) == U  # count: last
-    assert torch.equal(acts.row_slot.cpu()[:U], slot)
     torch.testing.assert_close(acts.row_weight.cpu()[:U], weight, rtol=0, atol=0, equal_nan=True)
+    unused = (weight == 0).reshape(-1)  # token rows of an expert they do not use, padding too
+    assert torch.equal(acts.act.cpu()[:U * T_PAD][unused], torch.zeros(int(unused.sum()), I))
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3])
