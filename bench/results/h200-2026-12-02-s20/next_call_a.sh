@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Planned for the next session (not run), from the repository root on the device:
 #   STOP_AT=560 bash bench/results/h200-2026-12-02-s20/next_call_a.sh
-# The three patches prepared in the twentieth session (README.md here), in one tree ab_all:
-# skinny_router.patch + skinny_proj.patch (the skinny GEMM) + one_block_down.patch (7 down stages
-# for one 32-token block).
+# The four patches prepared in the twentieth session (README.md here), in one tree ab_all:
+# skinny_router.patch + skinny_proj.patch + skinny_prefetch.patch (the skinny GEMM, its use in
+# the attention projections, its weights into L2 before the PDL wait) + one_block_down.patch (7
+# down stages for one 32-token block).
 # 1. bench/probe_skinny.py in ab_all (router + attention projections):
-#    skinny_launch's own shape and three others against cuBLAS at the router's, QKV's and the
-#    dense projection's shapes, 32 and 64 tokens, weights from HBM;
+#    skinny_launch's own shape, the same without the prefetch, and three others against cuBLAS
+#    at the router's, QKV's and the dense projection's shapes, 32 and 64 tokens, weights from
+#    HBM;
 # 2. ab_all's GPU tests of the new paths: test_skinny and test_router (its ties and graph
 #    replay run on CUDA), test_gpu_model (the whole model, graphed and eager), test_moe (the
 #    7-stage down at 32 tokens);
@@ -19,10 +21,11 @@ S=bench/results/h200-2026-12-02-s20
 R=$OUT/a; mkdir -p $R
 trap 'rm -rf ab_all' EXIT
 pack() { tar czf $OUT/0_a.tgz -C $OUT a; }
-bash bench/ab_tree.sh ab_all $S/skinny_router.patch $S/skinny_proj.patch $S/one_block_down.patch \
-  > $R/ab_tree.log 2>&1 \
+bash bench/ab_tree.sh ab_all $S/skinny_router.patch $S/skinny_proj.patch $S/skinny_prefetch.patch \
+  $S/one_block_down.patch > $R/ab_tree.log 2>&1 \
   || { cat $R/ab_tree.log; exit 1; }
-(cd ab_all && PYTHONPATH=$PWD timeout 150 python3 bench/probe_skinny.py '{"block_n": 32}' \
+(cd ab_all && PYTHONPATH=$PWD timeout 150 python3 bench/probe_skinny.py '{"prefetch": false}' \
+  '{"block_n": 32}' \
   '{"block_n": 16, "block_k": 128, "stages": 6}' '{"block_n": 64, "block_k": 128}' \
   > $R/probe_skinny.log 2>&1)
 echo "probe rc=$? at ${SECONDS}s" | tee -a $R/steps.txt; pack
