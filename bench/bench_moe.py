@@ -73,7 +73,7 @@ EXPERT_BYTES = 3 * H * I * 2  # gate + up + down, bf16
 MAX_REL_ERR = 1e-2            # bf16 vs the fp32 reference (the method's half-precision bound)
 SWEEP_UNIQUE = (15, 70)
 QUICK_CASES = ("32 tok, exact 15", "32 tok, exact 17", "32 tok, exact 70", "2x32 tok, exact 15",
-               "4x32 tok, exact 15")
+               "2x32 tok, exact 70", "4x32 tok, exact 15")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,12 +112,14 @@ def cases(gen):
 
 
 def decode_edge_cases(gen):
-    """Two shapes at the decode path's edges (drawn last, so the cases above keep their
-    routings): 17 experts, past one wave of gate/up items on a 132-SM GPU (16 experts and the
-    shared one make 136 items of 64 columns; docs/moe.md), and two blocks, 64 tokens, the
-    decode path's largest call."""
+    """Shapes at the decode path's edges (drawn last, so the cases above keep their routings):
+    17 experts, past one wave of gate/up items on a 132-SM GPU (16 experts and the shared one
+    make 136 items of 64 columns; docs/moe.md), and two blocks, 64 tokens, the decode path's
+    largest call, with dMoE's and token routing's expert counts (at 70 a block, the act rows
+    by expert, U x 64 of them, are the most the down reads from L2; twentieth session)."""
     return [("32 tok, exact 17", exact_logits(1, 17, gen), RoutingPolicy.token(), 17),
-            ("2x32 tok, exact 15", exact_logits(2, 15, gen), RoutingPolicy.token(), 15)]
+            ("2x32 tok, exact 15", exact_logits(2, 15, gen), RoutingPolicy.token(), 15),
+            ("2x32 tok, exact 70", exact_logits(2, 70, gen), RoutingPolicy.token(), 70)]
 
 
 def expert_choice_cases(gen):

@@ -186,7 +186,7 @@ class DecodeConfig:
     # gate/up's list: that load feeds the weight tile's address, and Triton's pipeliner gives it
     # a stage of its own, so 5 stages keep the 3 weight tiles (and act tiles) of the 3 before
     # (147592 bytes at 32 tokens, 196872 at 33-64, compiled offline for sm_90, Triton 3.6;
-    # 147464 at 32 tokens since the twentieth session's act rows by expert). At 3 stages
+    # 147464 / 196616 since the twentieth session's act rows by expert). At 3 stages
     # the list was slower than the search it replaced (2 tiles: 23.5 against 18.1 us at 15
     # experts); at 5, 17.7 against 18.1, 50.3 against 51.9 at 70 (the down alone with the
     # shared expert, 32 tokens; bench/results/h200-2026-12-01-s16/probe_down_list.log).

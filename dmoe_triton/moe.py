@@ -370,7 +370,7 @@ class ActRows(NamedTuple):
     instead of searching;
     row_weight: None, or on the decode path fp32 [U, T_PAD]: row_weight[u, t] token t's
     routing weight for expert used[u] (0 where t does not use it), which the FP8 down applies
-    (with model-dtype weights act rows are weighed by the gate/up already). The decode path's
+    (bf16 / fp32 act rows come weighed by the gate/up: _act_args' WEIGHED_ACT). The decode path's
     act rows are by expert: row u * T_PAD + t (moe_gate_up_decode_kernel).
     """
     act: torch.Tensor
@@ -403,7 +403,12 @@ def _act_args(acts: ActRows, config, down: bool) -> dict:
         if down:
             args["ACT_CHUNK"] = config.block_i
     if acts.used is not None:
-        args.update(used_ptr=acts.used, row_weight_ptr=acts.row_weight)
+        # The decode gate/up weighs model-dtype act rows by their routing weights where their
+        # dtype has fp32's range (bf16, fp32); a weighed fp16 row could pass 65504 where the
+        # unweighed one does not, so the down weighs fp16 rows' products instead. (FP8
+        # weights' launches ignore it: their down weighs every product.)
+        args.update(used_ptr=acts.used, row_weight_ptr=acts.row_weight,
+                    WEIGHED_ACT=acts.act.dtype != torch.float16)
     return args
 
 
@@ -559,8 +564,9 @@ def decode_gate_up(hidden, ids, weights, w_gate_up, arrivals, config: DecodeConf
                    shared_gate_up=None, fp8=None, shared_scale=None) -> ActRows:
     """ActRows for the used experts: act rows by expert (u * T_PAD + t for the u-th used
     expert, the shared expert last; zeros where t does not use it), weighed by their routing
-    weights (1: the shared expert's; with FP8 weights not weighed), the used experts' list and
-    each one's tokens' routing weights (ActRows.row_weight); also zeroes `arrivals` (if any).
+    weights (1: the shared expert's; fp16 rows and FP8 weights' are not weighed), the used
+    experts' list and each one's tokens' routing weights (ActRows.row_weight); also zeroes
+    `arrivals` (if any).
 
     hidden [T, H]; ids int [T, top_k] contiguous; weights fp32 [T, top_k] contiguous, the
     routing weights; w_gate_up [E, 2I, H]; arrivals: down_arrivals' counters or None;
@@ -614,14 +620,14 @@ def _shared_args(shared_weight, shared_scale, fp8) -> dict:
 def decode_down_combine(acts: ActRows, ids, weights, w_down, out, arrivals,
                         config: DecodeConfig, shared_down=None, fp8=None, shared_scale=None):
     """out = sum over slots of weight * act W_down^T (+ the shared expert's rows of act times
-    shared_down^T; with model-dtype weights the weight is in act already); `arrivals` must
+    shared_down^T; with bf16 / fp32 act rows the weight is in act already); `arrivals` must
     hold zeros (or be None with one split): decode_gate_up zeroes them, and the launch leaves
     them zeroed.
 
     acts: decode_gate_up's, of the same ids and weights (their act rows weighed by the routing
-    weights, or with FP8 weights the products by ActRows.row_weight); ids int [T, top_k] and
-    weights fp32 [T, top_k], read here for the NaN rule only (a token whose every slot is
-    empty and every weight NaN outputs NaN);
+    weights, or with fp16 rows or FP8 weights the products by ActRows.row_weight); ids int
+    [T, top_k] and weights fp32 [T, top_k], read here for the NaN rule only (a token whose
+    every slot is empty and every weight NaN outputs NaN);
     w_down [E, H, I]; out [T, H]; shared_down: [H, I] with a routed expert's strides, or
     None; fp8: FP8 w_down's (scale, block, bits) or None, shared_scale its shared expert's (as
     in decode_gate_up).

@@ -437,8 +437,8 @@ def moe_combine_kernel(partial_ptr, stride_ps, ids_ptr, weights_ptr, out_ptr, st
 # ---------------------------------------------------------------------------------------------
 # Decode path (few tokens, e.g. one 32-token block): two launches, no align step, no partials.
 # Every gate/up program derives the used experts from the ids itself (a histogram of T*k ids
-# costs less than a launch) and lists them for the down; a token's row of an expert is found by
-# comparing its k ids.
+# costs less than a launch) and lists them for the down; an expert's act rows are u * T_PAD + t,
+# one for every token (zeros where t does not use it).
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -508,7 +508,7 @@ def _gate_up_columns(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, s
                      used, rank, n_used, token_ids, token_weights, u, i0, T, H, I, E,
                      T_PAD: tl.constexpr, NUM_BINS: tl.constexpr,
                      HAS_SHARED: tl.constexpr, COLS: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, WEIGHED_ACT: tl.constexpr):
     """act[u * T_PAD + t, i0 .. i0 + COLS] of the u-th used expert (_decode_item_rows),
     model-dtype weights, for every token row t (zeros where t does not use the expert: its x
     row is masked and its routing weight 0): a whole work item of moe_gate_up_decode_kernel or a
@@ -529,10 +529,14 @@ def _gate_up_columns(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, s
     act_t = _silu_gate_up_t(x_ptr + t.to(tl.int64)[None, :] * stride_xt, uses, stride_xh,
                             w_gate, w_gate + I * stride_wn, stride_wk, offs_i < I, H, T_PAD,
                             COLS, BLOCK_K, PRECISION)
-    # The act rows are weighed here, so that the down's loop is a plain sum of products
-    # (_down_shares). A token that does not use the expert gets zeros, not its zero x row's
-    # products times 0: those are NaN where the expert's weights hold an inf.
-    act_t = tl.where(uses[None, :], act_t * row_weight[None, :], 0.0)
+    # WEIGHED_ACT: the act rows are weighed here, so that the down's loop is a plain sum of
+    # products (_down_shares); fp16 rows are not (a weighed row could pass fp16's 65504 where
+    # the unweighed one does not): the down weighs their products. A token that does not use
+    # the expert gets zeros, not its zero x row's products times 0: those are NaN where the
+    # expert's weights hold an inf.
+    if WEIGHED_ACT:
+        act_t = act_t * row_weight[None, :]
+    act_t = tl.where(uses[None, :], act_t, 0.0)
     rows = (u * T_PAD + t).to(tl.int64)
     tl.store(act_ptr + rows[None, :] * stride_as + offs_i[:, None],
              act_t.to(act_ptr.dtype.element_ty), mask=(offs_i < I)[:, None])
@@ -608,10 +612,12 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, str
                               DOT: tl.constexpr = "model", x_inverse_ptr=None, stride_xi=0,
                               weights_ptr=None, used_ptr=None, row_weight_ptr=None,
                               shared_s_ptr=None, TAIL_SPLIT: tl.constexpr = 1,
-                              TAIL_K: tl.constexpr = 128, PDL: tl.constexpr = False):
+                              TAIL_K: tl.constexpr = 128, WEIGHED_ACT: tl.constexpr = False,
+                              PDL: tl.constexpr = False):
     """act[u * T_PAD + t] = w * silu(x_t W_gate^T) * (x_t W_up^T) for the u-th used expert and
-    token t's routing weight w for it (0 where t does not use it) with model-dtype weights (the
-    weighing done here, not in the down: _gate_up_columns), act unweighed with FP8 weights;
+    token t's routing weight w for it (0 where t does not use it) with model-dtype weights and
+    WEIGHED_ACT (bf16 / fp32 act rows: the weighing done here, not in the down:
+    _gate_up_columns), act unweighed otherwise (fp16 rows, FP8 weights: the down weighs);
     work item = (used expert, BLOCK_I columns).
 
     With HAS_SHARED, the shared expert (gate|up rows at shared_ptr, the routed experts' strides)
@@ -656,7 +662,7 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, str
             _gate_up_columns(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wk,
                              shared_ptr, act_ptr, stride_as, used_ptr, row_weight_ptr, used,
                              rank, n_used, token_ids, token_weights, u, i0, T, H, I, E, T_PAD,
-                             NUM_BINS, HAS_SHARED, BLOCK_I, BLOCK_K, PRECISION)
+                             NUM_BINS, HAS_SHARED, BLOCK_I, BLOCK_K, PRECISION, WEIGHED_ACT)
         else:
             _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_ptr,
                              stride_we, stride_wn, stride_wk, shared_ptr, s_ptr, stride_se,
@@ -674,7 +680,8 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, str
             _gate_up_columns(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wk,
                              shared_ptr, act_ptr, stride_as, used_ptr, row_weight_ptr, used,
                              rank, n_used, token_ids, token_weights, item // n_splits, i0, T, H,
-                             I, E, T_PAD, NUM_BINS, HAS_SHARED, PIECE, TAIL_K, PRECISION)
+                             I, E, T_PAD, NUM_BINS, HAS_SHARED, PIECE, TAIL_K, PRECISION,
+                             WEIGHED_ACT)
 
 
 @triton.jit
@@ -708,18 +715,21 @@ def _sum_shares(y, partial_tile, out_tile, tile_ok, arrivals, share, share_strid
 
 @triton.jit
 def _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, shared_ptr,
-                 used_ptr, offs_h, first, end, H, I, E,
+                 used_ptr, row_weight_ptr, offs_h, first, end, H, I, E,
                  T_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """y [T_PAD, BLOCK_H] fp32: the sum of act_e W_down[e]^T over the flat (expert, I step)
-    steps first .. end (model-dtype weights), act rows already weighed by their routing weights
-    (_gate_up_columns). The products are transposed, [BLOCK_H, T_PAD], the weight tile on the
-    MMA's M side as in _silu_gate_up_t, at any BLOCK_H; from 64 rows Hopper's wgmma takes them
-    (below, mma.sync: at 32 columns this was slower than the tokens on M, docs/moe.md).
+                 PRECISION: tl.constexpr, WEIGHED_ACT: tl.constexpr):
+    """y [T_PAD, BLOCK_H] fp32: the sum of w act_e W_down[e]^T over the flat (expert, I step)
+    steps first .. end (model-dtype weights), w the tokens' routing weights: in the act rows
+    already (WEIGHED_ACT, _gate_up_columns), else (fp16 act rows) each step's product is weighed
+    by row_weight_ptr[u, :] before it is added. The products are transposed, [BLOCK_H, T_PAD],
+    the weight tile on the MMA's M side as in _silu_gate_up_t, at any BLOCK_H; from 64 rows
+    Hopper's wgmma takes them (below, mma.sync: at 32 columns this was slower than the tokens
+    on M, docs/moe.md).
 
-    One accumulator through every step, touched by nothing but the MMAs, so that a step's MMAs
-    need not finish before the next step's start (weighing each expert's sum after its last
-    step, as until the nineteenth session, waited for them every step). Each step loads which
+    With WEIGHED_ACT, one accumulator through every step, touched by nothing but the MMAs, so
+    that a step's MMAs need not finish before the next step's start (weighing each expert's sum
+    after its last step, as until the nineteenth session, waited for them every step; so does
+    weighing fp16 rows' products). Each step loads which
     expert it is from the gate/up's list (used_ptr[u]); its act tile, rows u * T_PAD + t, needs
     nothing loaded first (until the nineteenth session the act rows were by slot, found from a
     table the gate/up wrote, and before the eighteenth from the ids)."""
@@ -739,7 +749,11 @@ def _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, sha
         a_t = tl.load(act_ptr + rows[None, :] * stride_as + offs_k[:, None], mask=k_ok[:, None],
                       other=0.0)
         w = tl.load(w_tile, mask=h_ok[:, None] & k_ok[None, :], other=0.0)
-        y_t = tl.dot(w, a_t, y_t, input_precision=PRECISION)
+        if WEIGHED_ACT:
+            y_t = tl.dot(w, a_t, y_t, input_precision=PRECISION)
+        else:
+            row_weight = tl.load(row_weight_ptr + u * T_PAD + t)
+            y_t += tl.dot(w, a_t, input_precision=PRECISION) * row_weight[None, :]
     return tl.trans(y_t)
 
 
@@ -788,9 +802,10 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
                                    stride_ss=0, ACT_CHUNK: tl.constexpr = 128,
                                    DOT: tl.constexpr = "model", used_ptr=None,
                                    row_weight_ptr=None, shared_s_ptr=None,
-                                   PDL: tl.constexpr = False):
+                                   WEIGHED_ACT: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[:, BLOCK_H columns] = sum over used experts e of w[:, e] * act_e W_down[e]^T (with
-    model-dtype weights w is in act already: moe_gate_up_decode_kernel).
+    WEIGHED_ACT w is in act already: moe_gate_up_decode_kernel; else the products are weighed
+    by row_weight_ptr).
 
     Program (h, s) takes BLOCK_H columns of H and the s-th of EXPERT_SPLITS contiguous shares
     of the (used expert, I step) pairs (FP8 weights: of the used experts), so each down weight
@@ -828,9 +843,9 @@ def moe_down_combine_decode_kernel(act_ptr, stride_as, w_ptr, stride_we, stride_
     if s_ptr is None:  # shares of the (expert, I step) pairs, even to a step
         n_steps = n_experts * k_steps
         y = _down_shares(act_ptr, stride_as, w_ptr, stride_we, stride_wh, stride_wi, shared_ptr,
-                         used_ptr, offs_h,
+                         used_ptr, row_weight_ptr, offs_h,
                          share * n_steps // EXPERT_SPLITS, (share + 1) * n_steps // EXPERT_SPLITS,
-                         H, I, E, T_PAD, BLOCK_H, BLOCK_K, PRECISION)
+                         H, I, E, T_PAD, BLOCK_H, BLOCK_K, PRECISION, WEIGHED_ACT)
     else:  # shares of the experts (used experts first .. end)
         first = share * n_experts // EXPERT_SPLITS
         end = (share + 1) * n_experts // EXPERT_SPLITS
