@@ -614,17 +614,15 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, str
                               shared_s_ptr=None, TAIL_SPLIT: tl.constexpr = 1,
                               TAIL_K: tl.constexpr = 128, WEIGHED_ACT: tl.constexpr = False,
                               PDL: tl.constexpr = False):
-    """act[u * T_PAD + t] = w * silu(x_t W_gate^T) * (x_t W_up^T) for the u-th used expert and
-    token t's routing weight w for it (0 where t does not use it) with model-dtype weights and
-    WEIGHED_ACT (bf16 / fp32 act rows: the weighing done here, not in the down:
-    _gate_up_columns), act unweighed otherwise (fp16 rows, FP8 weights: the down weighs);
-    work item = (used expert, BLOCK_I columns).
+    """act[u * T_PAD + t] = w * silu(x_t W_gate^T) * (x_t W_up^T) for the u-th used expert (0
+    where t does not use it), w token t's routing weight with WEIGHED_ACT (bf16 / fp32 act rows:
+    _gate_up_columns), else 1 (fp16 rows, FP8 weights: the down weighs the products); work
+    item = (used expert, BLOCK_I columns).
 
     With HAS_SHARED, the shared expert (gate|up rows at shared_ptr, the routed experts' strides)
     is one more expert after the used ones (u = n_used, listed as expert E), used by every token
-    with weight 1 (FP8 weights: its scales at shared_s_ptr).
-
-    Also zeroes the down launch's `n_arrivals` arrival counters (saves a memset launch).
+    with weight 1 (FP8 weights: its scales at shared_s_ptr). Also zeroes the down launch's
+    `n_arrivals` arrival counters (saves a memset launch).
 
     x_ptr [T, H]; w_ptr [E, 2I, H] (strides in elements); act_ptr [U * T_PAD, I] out;
     ids_ptr int [T, TOP_K] contiguous (-1 = empty); arrivals_ptr int32 [n_arrivals] or None;
@@ -635,11 +633,10 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, str
     reduction step along H; PRECISION: tl.dot input_precision. s_ptr, SCALE_N/K, FP8_BITS,
     act_scale_ptr, DOT, x_inverse_ptr: FP8 weights as in moe_gate_up_kernel, shared_s_ptr the
     FP8 shared expert's [2 * cdiv(I, SCALE_N), cdiv(H, SCALE_K)] (the routed experts'
-    strides) (_fp8_decode_item). weights_ptr fp32 [T, TOP_K]: the routing weights. Out, for
-    the FP8 down: each used expert's tokens' routing weights, row_weight_ptr fp32 [U, T_PAD]
-    (_row_weights).
-    TAIL_SPLIT: pieces per item of the last, partial wave (1: whole items; model-dtype weights
-    only, BLOCK_I // TAIL_SPLIT >= 16), and TAIL_K their reduction step along H.
+    strides) (_fp8_decode_item). weights_ptr fp32 [T, TOP_K]: the routing weights; out, for the
+    down of unweighed rows, row_weight_ptr fp32 [U, T_PAD] (_row_weights). TAIL_SPLIT: pieces
+    per item of the last, partial wave (1: whole items; model-dtype weights only, BLOCK_I //
+    TAIL_SPLIT >= 16), and TAIL_K their reduction step along H.
     """
     tl.static_assert(weights_ptr is not None, "weights_ptr: the routing weights are required")
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
