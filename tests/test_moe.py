@@ -173,7 +173,10 @@ def test_decode_gate_up_writes_every_table_entry_the_down_reads(poison_scratch, 
     assert acts.row_weight.shape == (min(E, T * k) + with_shared, T_PAD)
     assert acts.act.shape == ((min(E, T * k) + with_shared) * T_PAD, I)
     assert acts.used.cpu()[:U].tolist() == experts and int(acts.used[-1]) == U  # count: last
-    torch.testing.assert_close(acts.row_weight.cpu()[:U], weight, rtol=0, atol=0, equal_nan=True)
+    # A token naming an expert in 2 or 3 slots sums their weights in tl.sum's tree order (the
+    # H200 differed from the reference's left-to-right sum by an ulp): 2 ulps of tolerance.
+    torch.testing.assert_close(acts.row_weight.cpu()[:U], weight, rtol=2 ** -22, atol=0,
+                               equal_nan=True)
     unused = (weight == 0).reshape(-1)  # token rows of an expert they do not use, padding too
     assert torch.equal(acts.act.cpu()[:U * T_PAD][unused], torch.zeros(int(unused.sum()), I))
 
