@@ -186,7 +186,7 @@ class DecodeConfig:
     # gate/up's list: that load feeds the weight tile's address, and Triton's pipeliner gives it
     # a stage of its own, so 5 stages keep the 3 weight tiles (and act tiles) of the 3 before
     # (147592 bytes at 32 tokens, 196872 at 33-64, compiled offline for sm_90, Triton 3.6;
-    # 147464 / 196616 since the twentieth session's act rows by expert). At 3 stages
+    # 147464 at 32 tokens since the twentieth session's act rows by expert). At 3 stages
     # the list was slower than the search it replaced (2 tiles: 23.5 against 18.1 us at 15
     # experts); at 5, 17.7 against 18.1, 50.3 against 51.9 at 70 (the down alone with the
     # shared expert, 32 tokens; bench/results/h200-2026-12-01-s16/probe_down_list.log).
@@ -565,6 +565,61 @@ class NormLaunch:
     warps: int
 
 
+@dataclass(frozen=True)
+class SkinnyLaunch:
+    """skinny_gemm_kernel (kernels/skinny_gemm.py): block_n output columns a program (tl.dot's
+    left operand: at least 16), k steps of block_k, a pipeline of `stages`, on `warps` warps."""
+
+    block_n: int
+    block_k: int
+    stages: int
+    warps: int
+
+    def __post_init__(self):
+        _check_shape(self, powers_of_two=("block_n", "block_k", "warps"),
+                     at_least={"block_n": 16, "block_k": 16})
+
+
+# skinny_gemm's rows (tokens); more rows take cuBLAS. On the H200 (bench/probe_skinny.py, the
+# router's [256, 2048] bf16 weights from HBM, 21st session) skinny_gemm took 4.5 us at 32 rows
+# against cuBLAS's 5.8, but 6.2 at 64 against 5.8; sizes between were not timed.
+SKINNY_MAX_ROWS = 32
+# sm_90's shared memory: the default shape at 32 rows with 64 columns takes 196608 bytes (under
+# the 232448 a program may take; offline compile, Triton 3.6, tests/test_fit.py). Older GPUs have
+# less (an A100 166912) and were not timed: cuBLAS there.
+SKINNY_CAPABILITY = (9, 0)
+# k steps of 256 in 4 stages: the 20-layer forward's router GEMM with it was 1.0% (token
+# routing) and 2.7% (dMoE) faster than with cuBLAS (bench/ab_e2e.sh, H200, 21st session).
+# Other shapes probed were slower (bench/results/h200-2026-12-03-s21).
+DEFAULT_SKINNY = SkinnyLaunch(block_n=16, block_k=256, stages=4, warps=4)
+
+
+def takes_skinny(rows: int, device: torch.device) -> bool:
+    """Whether a GEMM of `rows` rows on `device` runs skinny_gemm: 1..SKINNY_MAX_ROWS rows on a
+    CUDA device of compute capability SKINNY_CAPABILITY or more (caller: router.gate_logits)."""
+    return (0 < rows <= SKINNY_MAX_ROWS and device.type == "cuda"
+            and tuple(torch.cuda.get_device_capability(device)) >= SKINNY_CAPABILITY)
+
+
+def skinny_block_n(columns: int, sms: int) -> int:
+    """The fewest output columns a program (a power of two, 16 to 64) that cover `columns` in
+    one wave of `sms` programs: the router's 256 -> 16 programs of 16 on 132 SMs."""
+    block_n = triton.next_power_of_2(triton.cdiv(columns, sms))
+    return min(64, max(DEFAULT_SKINNY.block_n, block_n))
+
+
+def skinny_launch(columns: int, device: torch.device) -> SkinnyLaunch:
+    """The skinny GEMM's shape for [T, K] x [columns, K]^T: DEFAULT_SKINNY with
+    skinny_block_n's columns on CUDA (DEFAULT_SKINNY off it), or override(skinny=...)'s."""
+    forced = _current("skinny")
+    if forced is not None:
+        return forced
+    if device.type != "cuda":
+        return DEFAULT_SKINNY
+    return dataclasses.replace(DEFAULT_SKINNY,
+                               block_n=skinny_block_n(columns, sm_count(device)))
+
+
 def norm_launch(hidden: int) -> NormLaunch:
     """A row of up to 2048 values (LLaDA2.0-mini's) on 4 warps (16 per thread), 8 above
     (not yet measured: the kernel is a few bytes a row, its time is its launch)."""
@@ -616,7 +671,8 @@ def pick_launch(rows: int, vocab: int, device: torch.device) -> PickLaunch:
 
 _KINDS = {"route": RouteLaunch, "decode": DecodeConfig, "grouped": GroupedConfig,
           "align": AlignLaunch, "combine": CombineLaunch, "attention": AttentionLaunch,
-          "prep": PrepLaunch, "norm": NormLaunch, "pick": PickLaunch, "moe_path": str,
+          "prep": PrepLaunch, "norm": NormLaunch, "pick": PickLaunch, "skinny": SkinnyLaunch,
+          "moe_path": str,
           "fp8_bits": bool, "pdl": bool}
 _state = threading.local()
 
@@ -643,7 +699,8 @@ def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig]
              combine: Optional[CombineLaunch] = None, attention: Optional[AttentionLaunch] = None,
              prep: Optional[PrepLaunch] = None, moe_path: Optional[str] = None,
              norm: Optional[NormLaunch] = None, pick: Optional[PickLaunch] = None,
-             fp8_bits: Optional[bool] = None, pdl: Optional[bool] = None):
+             skinny: Optional[SkinnyLaunch] = None, fp8_bits: Optional[bool] = None,
+             pdl: Optional[bool] = None):
     """Within the block, the launch functions return these instead of their choice (None keeps
     the enclosing choice). moe_path: "decode" or "grouped" whatever the token count; fp8_bits:
     how FP8 weights are read (fp8_bits()); pdl: programmatic dependent launch on or off
@@ -651,7 +708,7 @@ def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig]
     restores the choices."""
     given = dict(route=route, decode=decode, grouped=grouped, align=align,
                  combine=combine, attention=attention, prep=prep, moe_path=moe_path, norm=norm,
-                 pick=pick, fp8_bits=fp8_bits, pdl=pdl)
+                 pick=pick, skinny=skinny, fp8_bits=fp8_bits, pdl=pdl)
     frame = dict(_stack()[-1])
     for name, value in given.items():
         if value is None:
@@ -670,6 +727,8 @@ def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig]
 
 
 __all__ = ["RouteLaunch", "NormLaunch", "norm_launch", "PickLaunch", "pick_launch",
+           "SkinnyLaunch", "skinny_launch", "skinny_block_n", "takes_skinny", "DEFAULT_SKINNY",
+           "SKINNY_MAX_ROWS", "SKINNY_CAPABILITY",
            "DecodeConfig", "GroupedConfig",
            "AlignLaunch", "CombineLaunch",
            "MoeLaunch", "AttentionLaunch", "PrepLaunch", "route_launch", "moe_launch",

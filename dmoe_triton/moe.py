@@ -843,8 +843,8 @@ class DMoEBlock(torch.nn.Module):
 
     def gate_weight_for(self, hidden: torch.Tensor) -> torch.Tensor:
         """The gate weight [E, H] the router GEMM reads for `hidden`: the bf16 copy for bf16
-        hidden when there is one (route_hidden then runs cuBLAS's bf16 GEMM on CUDA, the same
-        fp32 sum: router.py), else the fp32 gate_weight."""
+        hidden when there is one (route_hidden then runs a bf16 GEMM on CUDA, skinny_gemm or
+        cuBLAS's, the same fp32 sum: router.py), else the fp32 gate_weight."""
         if hidden.dtype == torch.bfloat16 and self.gate_weight_bf16 is not None:
             return self.gate_weight_bf16
         return self.gate_weight

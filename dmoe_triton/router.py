@@ -3,10 +3,13 @@
 The model's MoE layers route the fp32 logits `hidden.float() @ gate_weight.float().T`
 (docs/routing.md). LLaDA2 checkpoints store the gate weight in the model dtype (bf16), and
 DMoEBlock keeps a bf16 copy of its fp32 gate weight when the two hold the same numbers. With bf16
-hidden and a bf16 weight on CUDA, the GEMM is cuBLAS's bf16 GEMM with fp32 accumulation and fp32
-output (`torch.mm(..., out_dtype=torch.float32)`): one launch reading half the weight bytes,
-where the fp32 GEMM needs a hidden.float() copy, an fp32 sgemm and its split-K reduction (5.4
-against 12.6 us for one 32-row block on the H200, weights from DRAM: bench_routing --router).
+hidden and a bf16 weight on CUDA, the GEMM is a bf16 GEMM with fp32 accumulation and fp32
+output, one launch reading half the weight bytes, where the fp32 GEMM needs a hidden.float()
+copy, an fp32 sgemm and its split-K reduction (cuBLAS: 5.4 against 12.6 us for one 32-row block
+on the H200, weights from DRAM: bench_routing --router). For a decode step's rows on Hopper
+(launch.takes_skinny) it is skinny_gemm's (kernels/skinny_gemm.py: 4.5 us against cuBLAS's
+5.8 for 32 rows, weights from HBM, bench/probe_skinny.py on the H200), else cuBLAS's
+(`torch.mm(..., out_dtype=torch.float32)`).
 It is the same sum: a bf16 x bf16 product is exact in fp32 (8 x 8 significant bits), so the
 logits are the spec's sum of the same fp32 terms, accumulated in fp32 in another order.
 Everything else (fp32 or fp16 hidden, an fp32 weight, CPU tensors: torch's mm has no CPU
@@ -20,8 +23,9 @@ from typing import Optional
 import torch
 
 from .config import RouterConfig, RoutingPolicy
-from .launch import KERNEL_FLOATS
+from .launch import KERNEL_FLOATS, takes_skinny
 from .routing import RouteResult, check_route_inputs, check_windows, resolve_backend, route
+from .skinny import skinny_gemm
 
 WEIGHT_TYPES = (torch.float32, torch.bfloat16)
 
@@ -48,7 +52,7 @@ def check_router_inputs(hidden, gate_weight, num_experts: int) -> None:
 
 
 def uses_bf16_gemm(hidden: torch.Tensor, gate_weight: torch.Tensor, backend: str) -> bool:
-    """Whether `gate_logits` runs cuBLAS's bf16 GEMM (module docstring): bf16 hidden and weight
+    """Whether `gate_logits` runs the bf16 GEMM (module docstring): bf16 hidden and weight
     on CUDA, backend "triton" (resolved), and no gradient asked for (mm with out_dtype has
     none in torch 2.11)."""
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or gate_weight.requires_grad)
@@ -60,13 +64,17 @@ def gate_logits(hidden: torch.Tensor, gate_weight: torch.Tensor, backend: str) -
     """The router logits fp32 [..., L, E] = hidden [..., L, H] @ gate_weight [E, H]^T, summed
     in fp32 (inputs checked by check_router_inputs, backend resolved: "triton"/"reference").
 
-    cuBLAS's bf16 GEMM with fp32 output where uses_bf16_gemm says so, else the spec's
+    The bf16 GEMM with fp32 output where uses_bf16_gemm says so (skinny_gemm where
+    launch.takes_skinny says so, else cuBLAS's), else the spec's
     `hidden.float() @ gate_weight.float().T`; both with autocast off (the router runs in fp32,
     and autocast would cast the GEMM's inputs to its own dtype)."""
     with torch.autocast(hidden.device.type, enabled=False):
         if uses_bf16_gemm(hidden, gate_weight, backend):
             rows = hidden.reshape(-1, hidden.shape[-1])
-            logits = torch.mm(rows, gate_weight.T, out_dtype=torch.float32)
+            if takes_skinny(rows.shape[0], rows.device):
+                logits = skinny_gemm(rows, gate_weight, torch.float32)
+            else:
+                logits = torch.mm(rows, gate_weight.T, out_dtype=torch.float32)
             return logits.view(*hidden.shape[:-1], gate_weight.shape[0])
         return hidden.float() @ gate_weight.float().T
 
@@ -82,7 +90,7 @@ def route_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor,
     hidden: fp32/fp16/bf16 [..., L, H], any strides; gate_weight: fp32 or bf16 [E, H] (E =
     cfg.num_experts), holding the gate's values: pass a bf16 weight only when it equals the
     fp32 gate exactly (DMoEBlock.gate_weight_for does); expert_bias, first_position,
-    row_valid, row_masked, backend: as `route`'s. The logits GEMM is gate_logits': cuBLAS's bf16
+    row_valid, row_masked, backend: as `route`'s. The logits GEMM is gate_logits': a bf16
     GEMM with fp32 accumulation for bf16 hidden and weight on CUDA (backend "triton"/"auto",
     no grad), the spec's fp32 GEMM otherwise; the same fp32 terms either way (module
     docstring), so the logits differ only by the order of the fp32 sum.

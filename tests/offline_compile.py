@@ -5,6 +5,7 @@ with Triton 3.6, 262656 with 3.9, over the 232448 a program may take, and nothin
 noticed.)
 
     python tests/offline_compile.py TOKENS DTYPE   # DTYPE: bfloat16, float16 or float32
+    python tests/offline_compile.py skinny TOKENS BLOCK_N   # the skinny GEMM (bf16)
 
 prints one JSON object {kernel name: {"shared": bytes, "warps": n}} for the launches that
 moe_forward's decode path makes at LLaDA2.0-mini's shapes (E 256, top-8, H 2048, I 512, a
@@ -15,6 +16,7 @@ them for these kernels (16-byte aligned pointers, integers equal to 1 as constan
 of 16 marked; no do_not_specialize or bool arguments here). Written by hand rather than
 through Triton's private binder so that it runs on Triton 3.6 (the H200's) and 3.9 alike.
 """
+import dataclasses
 import json
 import sys
 
@@ -85,5 +87,24 @@ def decode_shared_memory(tokens: int, dtype: torch.dtype) -> dict:
     return result
 
 
+def skinny_shared_memory(tokens: int, block_n: int) -> dict:
+    """The skinny GEMM (bf16, K 2048) at `tokens` rows with launch.DEFAULT_SKINNY's shape at
+    block_n columns."""
+    launches = capture_launches()
+    from dmoe_triton import launch
+    from dmoe_triton.skinny import skinny_gemm
+
+    shape = dataclasses.replace(launch.DEFAULT_SKINNY, block_n=block_n)
+    with launch.override(skinny=shape):
+        skinny_gemm(torch.zeros(tokens, 2048, dtype=torch.bfloat16),
+                    torch.zeros(4 * block_n, 2048, dtype=torch.bfloat16), torch.bfloat16)
+    (fn, args, kwargs), = launches
+    kernel = compile_for_hopper(fn, args, dict(kwargs, PDL=True))
+    return {fn.__name__: {"shared": kernel.metadata.shared, "warps": kernel.metadata.num_warps}}
+
+
 if __name__ == "__main__":
-    print(json.dumps(decode_shared_memory(int(sys.argv[1]), getattr(torch, sys.argv[2]))))
+    if sys.argv[1] == "skinny":  # offline_compile.py skinny TOKENS BLOCK_N
+        print(json.dumps(skinny_shared_memory(int(sys.argv[2]), int(sys.argv[3]))))
+    else:
+        print(json.dumps(decode_shared_memory(int(sys.argv[1]), getattr(torch, sys.argv[2]))))

@@ -14,6 +14,7 @@ import torch
 
 import dmoe_triton
 from dmoe_triton import launch
+from dmoe_triton.launch import SKINNY_MAX_ROWS, skinny_block_n
 
 MAX_SHARED_PER_PROGRAM = 232448  # bytes a program may take on sm_90 (227 KB)
 SHARED_PER_SM = 233472           # an H100's or H200's SM; CUDA keeps 1 KB per resident program
@@ -32,14 +33,15 @@ pytestmark = pytest.mark.skipif(not _nvidia_backend(),
 
 
 @functools.lru_cache(maxsize=None)
-def shared_memory(tokens: int, dtype: str) -> dict:
-    """{kernel name: {"shared": bytes, "warps": n}} from offline_compile.py."""
+def shared_memory(*args) -> dict:
+    """{kernel name: {"shared": bytes, "warps": n}} from offline_compile.py (its arguments:
+    TOKENS DTYPE, or "skinny" TOKENS BLOCK_N)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # The same dmoe_triton as this process's, wherever it was installed from.
     package_root = os.path.dirname(os.path.dirname(dmoe_triton.__file__))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     script = os.path.join(os.path.dirname(__file__), "offline_compile.py")
-    run = subprocess.run([sys.executable, script, str(tokens), dtype], env=env,
+    run = subprocess.run([sys.executable, script, *map(str, args)], env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -64,3 +66,10 @@ def test_decode_gate_up_programs_fit_on_an_sm_together(tokens, dtype):
     shared = shared_memory(tokens, dtype)["moe_gate_up_decode_kernel"]["shared"]
     assert config.programs_per_sm * (shared + 1024) <= SHARED_PER_SM, (
         f"{config.programs_per_sm} programs of {shared} bytes at {tokens} tokens")
+
+
+def test_skinny_programs_fit_in_shared_memory():
+    """The widest program launch.skinny_block_n gives (64 columns) at SKINNY_MAX_ROWS rows."""
+    tokens, block_n = SKINNY_MAX_ROWS, skinny_block_n(10 ** 6, 132)
+    kernel = shared_memory("skinny", tokens, block_n)["skinny_gemm_kernel"]
+    assert 0 < kernel["shared"] <= MAX_SHARED_PER_PROGRAM, (tokens, block_n, kernel)

@@ -1,9 +1,9 @@
 """The router from hidden states (dmoe_triton/router.py) against the spec's fp32 GEMM.
 
-cuBLAS's bf16 GEMM with fp32 output routes exactly as the fp32 GEMM where every partial sum is
-exact (ties and near-ties between experts included), and its logits stay within LOGIT_TOL of
-the fp64 product on random inputs. DMoEBlock's bf16 gate copy exists only when it holds the
-fp32 weight's numbers, is never saved, and follows every writer of gate_weight."""
+The bf16 GEMM with fp32 output (skinny_gemm or cuBLAS's) routes exactly as the fp32 GEMM where
+every partial sum is exact (ties and near-ties between experts included), and its logits stay
+within LOGIT_TOL of the fp64 product on random inputs. DMoEBlock's bf16 gate copy exists only when
+it holds the fp32 weight's numbers, is never saved, and follows every writer of gate_weight."""
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -228,7 +228,8 @@ def test_the_copy_follows_calibration_and_the_unpatched_view():
 
 
 # ---------------------------------------------------------------------------------------------
-# cuBLAS's bf16 GEMM itself (on the CPU: the fp32 fallback where a test can run there)
+# The bf16 GEMM itself, skinny_gemm for up to SKINNY_MAX_ROWS (32) rows on Hopper, cuBLAS's
+# beyond (on the CPU: the fp32 fallback where a test can run there)
 
 
 def tie_inputs(rows: int, seed: int = 0):
@@ -251,13 +252,15 @@ def tie_inputs(rows: int, seed: int = 0):
     return hidden.bfloat16(), weight.float(), bias.float()
 
 
+@pytest.mark.parametrize("rows", [32, 64])
 @pytest.mark.parametrize("policy", [RoutingPolicy.token(), RoutingPolicy.dmoe(),
                                     RoutingPolicy.capacity(48)])
-def test_bf16_gate_routes_ties_and_near_ties_as_the_fp32_gemm(policy):
-    """On the GPU cuBLAS's bf16 GEMM, on the CPU the fp32 fallback reading the bf16 weight:
-    the exact logits, so the fp32 GEMM's routing, bit for bit."""
+def test_bf16_gate_routes_ties_and_near_ties_as_the_fp32_gemm(policy, rows):
+    """On the GPU the bf16 GEMM (skinny_gemm at 32 rows, cuBLAS's at 64), on the CPU the fp32
+    fallback reading the bf16 weight: the exact logits, so the fp32 GEMM's routing, bit for
+    bit."""
     backend = "triton" if HAS_CUDA else "reference"  # the interpreter is slow at E = 256
-    hidden, w32, bias = (t.to(DEVICE) for t in tie_inputs(64))
+    hidden, w32, bias = (t.to(DEVICE) for t in tie_inputs(rows))
     w16 = w32.bfloat16()
     assert uses_bf16_gemm(hidden, w16, "triton") == HAS_CUDA
     exact = (hidden.double() @ w32.double().T).float()  # exact: the sums are exact
@@ -283,7 +286,7 @@ def test_gpu_bf16_gemm_logits_are_within_the_stated_tolerance(shape):
     assert uses_bf16_gemm(hidden, w16, "triton")
     exact = hidden.double() @ w16.double().T
     bound = LOGIT_TOL * EPS32 * (hidden.double().abs() @ w16.double().abs().T)
-    for weight in (w16, w16.float()):  # cuBLAS bf16, then the fp32 GEMM: the same bound
+    for weight in (w16, w16.float()):  # the bf16 GEMM, then the fp32 GEMM: the same bound
         logits = gate_logits(hidden, weight, "triton")
         assert logits.dtype == torch.float32 and logits.shape == exact.shape
         assert ((logits.double() - exact).abs() <= bound).all()
