@@ -590,7 +590,7 @@ SKINNY_MAX_ROWS = 32
 SKINNY_CAPABILITY = (9, 0)
 # k steps of 256 in 4 stages: the 20-layer forward's router GEMM with it was 1.0% (token
 # routing) and 2.7% (dMoE) faster than with cuBLAS (bench/ab_e2e.sh, H200, 21st session).
-# Other shapes probed were slower (bench/results/h200-2026-12-03-s21).
+# Other shapes probed were slower (bench/results/h200-2026-12-02-s21).
 DEFAULT_SKINNY = SkinnyLaunch(block_n=16, block_k=256, stages=4, warps=4)
 
 
