@@ -408,9 +408,10 @@ def breakdown(model, setup: Setup, batch: int, prefix: int, policy_name: str,
             c.num_hidden_layers),
         "residual adds + norms (two add_rms_norm)": (
             lambda: [add_rms_norm(x, x, n.weight, n.eps) for n in norms], c.num_hidden_layers),
-        "router GEMM (bf16 gate: cuBLAS bf16, else fp32) + route (route_hidden)": (round_robin([
-            lambda b=b: route_hidden(h_in, b.gate_weight_for(h_in), b.expert_bias, b.router_cfg,
-                                     b.policy, b.backend, **windows) for b in blocks]), n_moe),
+        "router GEMM (bf16 gate: skinny_gemm or cuBLAS bf16, else fp32) + route (route_hidden)": (
+            round_robin([lambda b=b: route_hidden(h_in, b.gate_weight_for(h_in), b.expert_bias,
+                                                  b.router_cfg, b.policy, b.backend, **windows)
+                         for b in blocks]), n_moe),
         # every layer's experts on the middle layer's routing: the same bytes a layer
         "routed + shared experts (moe_forward)": (round_robin([
             lambda b=b: moe_forward(h_in.reshape(B * L, H), ids, w, b.w_gate_up, b.w_down,
