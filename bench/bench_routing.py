@@ -14,11 +14,12 @@ six and today's default, and uses the fastest for the table.
 
 --router adds the router GEMM (issue 13): logits [T, 256] fp32 = hidden [T, 2048] bf16 @ W^T,
 W a bf16 checkpoint's gate [256, 2048], as the fp32 GEMM of the spec (hidden.float() @ W32.T,
-W32 the fp32 buffer: a cast, an fp32 sgemm and its split-K reduction) against cuBLAS's bf16
-GEMM with fp32 output on the bf16 copy (torch.mm(out_dtype=float32): what the router runs,
-router.gate_logits), at 32 and 512 rows (--quick: 32). Each graph holds one call per layer
-on ROUTER_COPIES weight copies (96 MB of fp32: L2 holds none), as in a forward; beside each,
-the max |logit - fp64 logit|.
+W32 the fp32 buffer: a cast, an fp32 sgemm and its split-K reduction), cuBLAS's bf16 GEMM with
+fp32 output on the bf16 copy (torch.mm(out_dtype=float32)) and what the router runs on that
+copy (router.gate_logits: skinny_gemm where launch.takes_skinny says so, up to 32 rows on
+Hopper, else the same cuBLAS call), at 32 and 512 rows (--quick: 32). Each graph holds one
+call per layer on ROUTER_COPIES weight copies (96 MB of fp32: L2 holds none), as in a forward;
+beside each, the max |logit - fp64 logit|.
 """
 import argparse
 import dataclasses
@@ -27,7 +28,7 @@ import sys
 import torch
 
 from dmoe_triton import RouterConfig, RoutingPolicy, route
-from dmoe_triton.launch import DEFAULT_ROUTE
+from dmoe_triton.launch import DEFAULT_ROUTE, takes_skinny
 from dmoe_triton.router import gate_logits
 from dmoe_triton.routing import route_triton
 
@@ -135,8 +136,9 @@ ROUTER_COPIES = 48  # 2 MB of fp32 router weights each (1 MB in bf16)
 
 
 def router_rows(dev, quick=False):
-    """[(tokens, path, us per call, max |logit - fp64|)] for the router GEMM's two paths on a
-    bf16-valued gate; quick: 32 rows only (the GPU smoke run checks the code path)."""
+    """[(tokens, path, us per call, max |logit - fp64|)] for the router GEMM's paths on a
+    bf16-valued gate (module docstring); quick: 32 rows only (the GPU smoke run checks the code
+    path)."""
     gen = torch.Generator(device=dev).manual_seed(0)
     w32 = [(torch.randn(256, 2048, device=dev, generator=gen) * 0.02).bfloat16().float()
            for _ in range(ROUTER_COPIES)]
@@ -145,9 +147,14 @@ def router_rows(dev, quick=False):
     for tokens in (32,) if quick else (32, 512):
         hidden = torch.randn(tokens, 2048, device=dev, generator=gen).bfloat16()
         want = hidden.double() @ w32[0].double().T
-        for name, weights in (("fp32 GEMM (hidden.float() @ W32.T)", w32),
-                              ("cuBLAS bf16, fp32 out (mm out_dtype)", w16)):
-            one = lambda w: gate_logits(hidden, w, "triton")  # noqa: E731
+        skinny = "skinny_gemm" if takes_skinny(tokens, dev) else "cuBLAS"
+        for name, weights, one in (
+                ("fp32 GEMM (hidden.float() @ W32.T)", w32,
+                 lambda w: gate_logits(hidden, w, "triton")),
+                ("cuBLAS bf16, fp32 out (mm out_dtype)", w16,
+                 lambda w: torch.mm(hidden, w.T, out_dtype=torch.float32)),
+                (f"gate_logits bf16, fp32 out ({skinny})", w16,
+                 lambda w: gate_logits(hidden, w, "triton"))):
             err = float((one(weights[0]).double() - want).abs().max())
             fn = lambda: [one(w) for w in weights]  # noqa: E731
             fn()
@@ -175,7 +182,8 @@ def main():
     ap.add_argument("--quick", action="store_true",
                     help="smoke size: 2 sweep variants per family, one block (bench/smoke_gpu.sh)")
     ap.add_argument("--router", action="store_true",
-                    help="also time the router GEMM: fp32 GEMM vs cuBLAS bf16 with fp32 out")
+                    help="also time the router GEMM: fp32 GEMM, cuBLAS bf16 with fp32 out, "
+                    "gate_logits")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
