@@ -584,10 +584,11 @@ class SkinnyLaunch:
 # router's [256, 2048] bf16 weights from HBM, 21st session) skinny_gemm took 4.5 us at 32 rows
 # against cuBLAS's 5.8, but 6.2 at 64 against 5.8; sizes between were not timed.
 SKINNY_MAX_ROWS = 32
-# sm_90's shared memory: the default shape at 32 rows with 64 columns takes 196608 bytes (under
-# the 232448 a program may take; offline compile, Triton 3.6, tests/test_fit.py). Older GPUs have
-# less (an A100 166912) and were not timed: cuBLAS there.
-SKINNY_CAPABILITY = (9, 0)
+# Hopper (compute capability 9.x) only: timed there, and its shared memory holds the widest
+# default shape (64 columns at 32 rows: 196608 bytes of the 232448 a program may take; offline
+# compile, Triton 3.6, tests/test_fit.py). Other GPUs take cuBLAS: an A100 has 166912 bytes, an
+# sm_120 (RTX 50xx) about 99 KB, and a Blackwell data-centre part was not timed.
+SKINNY_ARCH = 9  # compute capability major
 # k steps of 256 in 4 stages: the 20-layer forward's router GEMM with it was 1.0% (token
 # routing) and 2.7% (dMoE) faster than with cuBLAS (bench/ab_e2e.sh, H200, 21st session).
 # Other shapes probed were slower (bench/results/h200-2026-12-02-s21).
@@ -596,9 +597,9 @@ DEFAULT_SKINNY = SkinnyLaunch(block_n=16, block_k=256, stages=4, warps=4)
 
 def takes_skinny(rows: int, device: torch.device) -> bool:
     """Whether a GEMM of `rows` rows on `device` runs skinny_gemm: 1..SKINNY_MAX_ROWS rows on a
-    CUDA device of compute capability SKINNY_CAPABILITY or more (caller: router.gate_logits)."""
+    CUDA device of compute capability SKINNY_ARCH.x (caller: router.gate_logits)."""
     return (0 < rows <= SKINNY_MAX_ROWS and device.type == "cuda"
-            and tuple(torch.cuda.get_device_capability(device)) >= SKINNY_CAPABILITY)
+            and torch.cuda.get_device_capability(device)[0] == SKINNY_ARCH)
 
 
 def skinny_block_n(columns: int, sms: int) -> int:
@@ -728,7 +729,7 @@ def override(route: Optional[RouteLaunch] = None, decode: Optional[DecodeConfig]
 
 __all__ = ["RouteLaunch", "NormLaunch", "norm_launch", "PickLaunch", "pick_launch",
            "SkinnyLaunch", "skinny_launch", "skinny_block_n", "takes_skinny", "DEFAULT_SKINNY",
-           "SKINNY_MAX_ROWS", "SKINNY_CAPABILITY",
+           "SKINNY_MAX_ROWS", "SKINNY_ARCH",
            "DecodeConfig", "GroupedConfig",
            "AlignLaunch", "CombineLaunch",
            "MoeLaunch", "AttentionLaunch", "PrepLaunch", "route_launch", "moe_launch",

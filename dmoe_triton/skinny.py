@@ -7,14 +7,14 @@ import triton
 
 from .launch import KERNEL_FLOATS, SKINNY_MAX_ROWS, dot_precision, pdl, pipeline_stages, \
     skinny_launch
-from .routing import check_interpreted_dot
+from .routing import check_interpreted_dot, interpreting
 
 
 def check_skinny_inputs(x, weight, out_dtype) -> None:
-    """x float [T, K], 1 <= T <= SKINNY_MAX_ROWS (on the CPU, under Triton's interpreter, not
-    bf16: check_interpreted_dot); weight [N, K] of x's dtype and device;
-    out_dtype a float dtype; no autograd (the kernel has no backward); else a TypeError /
-    ValueError naming the argument."""
+    """x float [T, K], 1 <= T <= SKINNY_MAX_ROWS, on CUDA (on the CPU only under Triton's
+    interpreter, and neither x nor out_dtype bf16 there); weight [N, K] of x's dtype and
+    device; out_dtype a float dtype; no autograd (the kernel has no backward); else a TypeError
+    / ValueError naming the argument."""
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or t.dtype not in KERNEL_FLOATS:
             raise TypeError(f"{name} must be a float32, float16 or bfloat16 tensor, got "
@@ -32,7 +32,13 @@ def check_skinny_inputs(x, weight, out_dtype) -> None:
                         f"{weight.device}")
     if out_dtype not in KERNEL_FLOATS:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if x.device.type != "cuda" and not interpreting():
+        raise TypeError(f"x must be a CUDA tensor (got {x.device.type}); on the CPU set "
+                        "TRITON_INTERPRET=1 before importing dmoe_triton")
     check_interpreted_dot("x", x)
+    if interpreting() and out_dtype == torch.bfloat16:  # its cast truncates (Triton 3.9)
+        raise TypeError("out_dtype bfloat16 is truncated, not rounded, by Triton's interpreter "
+                        "(TRITON_INTERPRET=1); on the CPU use float32 or float16")
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         raise TypeError("skinny_gemm has no backward: x and weight must not require grad "
                         "(or call it under torch.no_grad())")

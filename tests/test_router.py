@@ -4,6 +4,8 @@ The bf16 GEMM with fp32 output (skinny_gemm or cuBLAS's) routes exactly as the f
 every partial sum is exact (ties and near-ties between experts included), and its logits stay
 within LOGIT_TOL of the fp64 product on random inputs. DMoEBlock's bf16 gate copy exists only when
 it holds the fp32 weight's numbers, is never saved, and follows every writer of gate_weight."""
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -14,7 +16,10 @@ from dmoe_triton.moe import DMoEBlock
 from dmoe_triton.patch import Unpatched
 from dmoe_triton.reference import block_votes, scores, sort_desc
 from dmoe_triton.router import gate_logits, route_hidden, uses_bf16_gemm
+from dmoe_triton.skinny import skinny_gemm
 from dmoe_triton.testing import small_model
+
+router_module = importlib.import_module("dmoe_triton.router")  # not the package's lazy names
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -273,6 +278,25 @@ def test_bf16_gate_routes_ties_and_near_ties_as_the_fp32_gemm(policy, rows):
     # The inputs decide something: the same routing of bf16-rounded logits differs.
     rounded = route(exact.bfloat16().float()[None], bias, LLADA, policy, backend)
     assert not torch.equal(rounded.topk_ids.sort(-1).values, got.topk_ids.sort(-1).values)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, calls", [(1, 1), (32, 1), (33, 0), (512, 0)])
+def test_gpu_gate_logits_takes_skinny_gemm_for_a_decode_step(monkeypatch, rows, calls):
+    """gate_logits runs skinny_gemm for up to 32 bf16 rows on Hopper, cuBLAS beyond (its calls
+    counted: both give the same logits up to the order of the fp32 sum, often bit for bit)."""
+    seen = []
+
+    def counted(*args):
+        seen.append(args[0].shape[0])
+        return skinny_gemm(*args)
+
+    monkeypatch.setattr(router_module, "skinny_gemm", counted)
+    hidden = torch.randn(rows, 2048, device="cuda").bfloat16()
+    w16 = (torch.randn(256, 2048, device="cuda") * 0.02).bfloat16()
+    gate_logits(hidden, w16, "triton")
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    assert seen == [rows] * (calls if hopper else 0)
 
 
 @pytest.mark.gpu
