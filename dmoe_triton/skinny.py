@@ -16,9 +16,11 @@ def check_skinny_inputs(x, weight, out_dtype) -> None:
     device; out_dtype a float dtype; no autograd (the kernel has no backward); else a TypeError
     / ValueError naming the argument."""
     for name, t in (("x", x), ("weight", weight)):
-        if not isinstance(t, torch.Tensor) or t.dtype not in KERNEL_FLOATS:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in KERNEL_FLOATS:
             raise TypeError(f"{name} must be a float32, float16 or bfloat16 tensor, got "
-                            f"{getattr(t, 'dtype', type(t).__name__)}")
+                            f"{t.dtype}")
         if t.dim() != 2 or min(t.shape) < 1:
             raise ValueError(f"{name} must be 2-D with both sizes >= 1, got {tuple(t.shape)}")
     if x.shape[0] > SKINNY_MAX_ROWS:
@@ -46,7 +48,8 @@ def check_skinny_inputs(x, weight, out_dtype) -> None:
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """y [T, N] = x [T, K] @ weight [N, K]^T, the products summed in fp32 and rounded once to
-    out_dtype (one launch, no host synchronisation; launch.skinny_launch's shape).
+    out_dtype (one launch, no host synchronisation; launch.skinny_launch's shape, sized for
+    Hopper's shared memory: callers ask launch.takes_skinny first).
 
     x, weight: fp32 / fp16 / bf16, the same dtype and device, any row strides (a column stride other
     than 1 is copied first); T at most SKINNY_MAX_ROWS; no autograd. Half-type products are

@@ -63,8 +63,8 @@ def test_every_launch_shape_gives_the_exact_sum(shape):
 
 
 def test_nan_and_inf_stay_in_their_row_and_column():
-    """A NaN in token t's x makes row t NaN; an inf weight makes its column +-inf; the padded
-    tokens' zero columns (inf x 0 = NaN there) are never stored."""
+    """A NaN in token t's x makes row t NaN; an inf weight makes its column +-inf and nothing
+    else NaN (the padded tokens' zero columns, inf x 0 = NaN, are outside y)."""
     x, w = torch.rand(5, 40) + 0.1, torch.rand(20, 40) + 0.1
     x[3, 7] = float("nan")
     w[17, 2] = float("inf")
@@ -88,6 +88,8 @@ def test_nan_and_inf_stay_in_their_row_and_column():
     (lambda: (torch.ones(2, 4), torch.ones(3, 4).half(), torch.float32), TypeError,
      "weight must"),
     (lambda: (torch.ones(2, 4), torch.ones(3, 4), torch.int32), TypeError, "out_dtype"),
+    (lambda: (torch.ones(2, 4).numpy(), torch.ones(3, 4), torch.float32), TypeError,
+     "x must be a torch.Tensor, got ndarray"),
     (lambda: (torch.ones(2, 4, requires_grad=True), torch.ones(3, 4), torch.float32),
      TypeError, "no backward"),
 ])
