@@ -47,6 +47,15 @@ def check_interpreted_dot(name: str, t: torch.Tensor) -> None:
             "backend='reference'")
 
 
+def check_kernel_device(subject: str, device: torch.device, alternative: str = "") -> None:
+    """Triton's kernels run on CUDA tensors, or on CPU tensors under the interpreter; else a
+    TypeError: `subject` (what needs CUDA tensors), the device got, how to run on the CPU, and
+    `alternative` after it."""
+    if device.type != "cuda" and not interpreting():
+        raise TypeError(f"{subject} (got {device.type}); on the CPU set TRITON_INTERPRET=1 "
+                        f"before importing dmoe_triton{alternative}")
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """backend: one of BACKENDS; device: the inputs' device. Returns "triton" or "reference":
     "auto" means the kernels on CUDA and the reference elsewhere."""
@@ -54,11 +63,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "reference"
-    if backend == "triton" and device.type != "cuda" and not interpreting():
-        raise TypeError(
-            f"backend='triton' needs CUDA tensors (got {device.type}); on the CPU set "
-            "TRITON_INTERPRET=1 before importing dmoe_triton, or use backend='reference'"
-        )
+    if backend == "triton":
+        check_kernel_device("backend='triton' needs CUDA tensors", device,
+                            ", or use backend='reference'")
     return backend
 
 

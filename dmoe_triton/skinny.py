@@ -7,7 +7,7 @@ import triton
 
 from .launch import KERNEL_FLOATS, SKINNY_MAX_ROWS, dot_precision, pdl, pipeline_stages, \
     skinny_launch
-from .routing import check_interpreted_dot, interpreting
+from .routing import check_interpreted_dot, check_kernel_device, interpreting
 
 
 def check_skinny_inputs(x, weight, out_dtype) -> None:
@@ -34,9 +34,7 @@ def check_skinny_inputs(x, weight, out_dtype) -> None:
                         f"{weight.device}")
     if out_dtype not in KERNEL_FLOATS:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
-    if x.device.type != "cuda" and not interpreting():
-        raise TypeError(f"x must be a CUDA tensor (got {x.device.type}); on the CPU set "
-                        "TRITON_INTERPRET=1 before importing dmoe_triton")
+    check_kernel_device("x must be a CUDA tensor", x.device)
     check_interpreted_dot("x", x)
     if interpreting() and out_dtype == torch.bfloat16:  # its cast truncates (Triton 3.9)
         raise TypeError("out_dtype bfloat16 is truncated, not rounded, by Triton's interpreter "
