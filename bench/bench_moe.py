@@ -608,6 +608,16 @@ FP8_DECODE_VARIANTS = [
     dict(block_i=64),
     dict(block_i=32),
     dict(block_i=64, stages_gate_up=6),
+    # The down: the FP8 defaults date from the twelfth session; since then the bf16 down moved
+    # to 8 warps and 5 stages (its expert list's load takes a stage of its own: launch.py,
+    # DecodeConfig.stages_down) and 4 splits, which these try on the FP8 down (issue 16: it
+    # took 17 us at 15 experts whose bytes need 3.7).
+    dict(stages_down=4),
+    dict(stages_down=5),
+    dict(warps_down=8),
+    dict(warps_down=8, stages_down=5),
+    dict(down_splits=4),
+    dict(block_h=128, warps_down=8),
 ]
 FP8_GROUPED_VARIANTS = [
     dict(),
