@@ -608,10 +608,11 @@ FP8_DECODE_VARIANTS = [
     dict(block_i=64),
     dict(block_i=32),
     dict(block_i=64, stages_gate_up=6),
-    # The down: the FP8 defaults date from the twelfth session; since then the bf16 down moved
-    # to 8 warps and 5 stages (its expert list's load takes a stage of its own: launch.py,
-    # DecodeConfig.stages_down) and 4 splits, which these try on the FP8 down (issue 16: it
-    # took 17 us at 15 experts whose bytes need 3.7).
+    # The down (issue 16: 17 us at 15 experts whose bytes need 3.7). Its 3 stages were picked
+    # in the twelfth session against 6 only; since then the bf16 down moved to 8 warps
+    # (fourteenth) and 5 stages (sixteenth), so 4 and 5 stages and 8 warps are tried here;
+    # 4 splits is the bf16 down's long-standing value (FP8 chose 8); block_h 128 on 8 warps
+    # is the FP8 down's shape before the sixth session's sweep, under today's fp8 dot.
     dict(stages_down=4),
     dict(stages_down=5),
     dict(warps_down=8),

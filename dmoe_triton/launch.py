@@ -591,7 +591,11 @@ SKINNY_MAX_ROWS = 32
 SKINNY_ARCH = 9  # compute capability major
 # k steps of 256 in 4 stages: the 20-layer forward's router GEMM with it was 1.0% (token
 # routing) and 2.7% (dMoE) faster than with cuBLAS (bench/ab_e2e.sh, H200, 21st session).
-# Other shapes probed were slower (bench/results/h200-2026-12-02-s21).
+# Other shapes probed were slower (bench/results/h200-2026-12-02-s21), and so was a split over K
+# (2-16 ranges summed by the last arrival: 9.4 against 7.0 us for QKV at 16 tokens). The
+# attention's projections stay on cuBLAS: through skinny_gemm the dense projection alone was
+# faster (6.0 against 6.6 us) but the forward slower, 1.810 against 1.795 ms with dMoE
+# (bench/results/h200-2026-12-02-s22).
 DEFAULT_SKINNY = SkinnyLaunch(block_n=16, block_k=256, stages=4, warps=4)
 
 

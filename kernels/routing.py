@@ -11,7 +11,10 @@ Three launches per MoE layer for block policies, one for token policies:
 Splitting lets the per-row picks, the longest chain of dependent reductions, run on many SMs at
 once instead of after the votes in the block's one program. The coreset stays its own launch:
 the window's last vote program doing it instead (no launch between) measured slower on the
-H200, 11.5 against 9.2 us for one dMoE block (bench/results/h200-2026-12-01-s13).
+H200, 11.5 against 9.2 us for one dMoE block (bench/results/h200-2026-12-01-s13), and so did
+every route program finding its window's coreset itself (a sort of the votes per one-warp
+program, two launches instead of three): 9.8 against 8.7 us, and 15.3 against 13.8 us per dMoE
+layer in the 20-layer forward (bench/results/h200-2026-12-02-s22, coreset_in_route.patch).
 
 Expert e lives at tile position (g, j) with e = g * GROUP_SIZE + j, so group statistics are plain
 reductions over the last axis whatever the group size (padded to powers of two).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # 22nd session, device call 3, from the repository root on the device:
-#   STOP_AT=540 bash bench/results/h200-2026-12-02-s22/call_c.sh
+#   STOP_AT=530 bash bench/results/h200-2026-12-02-s22/call_c.sh   (as run)
 # coreset_in_route.patch (every route_kernel program finds its window's coreset from the vote
 # shares: no block_coreset_kernel launch) in tree ab_cir:
 # 1. its routing tests on CUDA (windows, routing, launch);

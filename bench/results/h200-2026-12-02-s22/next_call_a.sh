@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Planned for the next session (not run), from the repository root on the device:
 #   STOP_AT=560 bash bench/results/h200-2026-12-02-s22/next_call_a.sh
-# Issue 16 re-measured, where it has not been since the nineteenth session:
-# 1. bench_moe --fp8 --sweep: the FP8 decode and grouped variants, now with the down's shapes
-#    that the bf16 down moved to since the FP8 defaults were set (5 stages, 8 warps, 4 splits);
+# Issue 16 re-measured (the FP8 sweep last ran in the twelfth session, bench_e2e --fp8 in the
+# nineteenth):
+# 1. bench_moe --fp8 --sweep: the FP8 decode and grouped variants, now with six more for the
+#    down (4 and 5 stages, 8 warps, 4 splits, block_h 128: bench_moe.py's comment says why);
 #    then the FP8 table with the best configs (>= 75% of copy bandwidth at 15 / 70 experts?);
-# 2. bench_e2e --fp8: the one-sequence step with FP8 experts against bf16 (target 0.65);
+# 2. bench_e2e --fp8: the one-sequence step with FP8 experts against bf16 (target 0.65), with
+#    launch.DEFAULT_DECODE_FP8 as it is (if step 1 finds a better config, paste it there and
+#    run this step again: bench_e2e takes the defaults);
 # 3. the GPU smoke's part 2 (not run since the eighteenth session) with the time left.
 # Packed into 0_a.tgz after every step (only 8 files come back, in name order).
 set -u
@@ -23,6 +26,6 @@ if [ $left -gt 120 ]; then
   timeout $left bash bench/smoke_gpu.sh $R/smoke2 2 > $R/smoke2.log 2>&1
   echo "smoke part 2 rc=$? at ${SECONDS}s" | tee -a $R/steps.txt
 fi
-rm -f $R/*/*.png; pack
+find $R -name '*.png' -delete; pack
 grep -E "best|default" $R/moe_fp8.log | head -20; cat $R/moe_fp8/moe_fp8.md 2>/dev/null | tail -8
-tail -n 6 $R/e2e_fp8/e2e_fp8.md 2>/dev/null; cat $R/smoke2/summary.md 2>/dev/null
+cat $R/e2e_fp8/e2e_fp8.md 2>/dev/null; cat $R/smoke2/summary.md 2>/dev/null
