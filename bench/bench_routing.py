@@ -108,6 +108,9 @@ def sweep(logits, bias, quick=False):
     block_variants += [dict(vote_split=s, vote_warps=vw, coreset_warps=w, vote_cols=vc)
                        for s in (4, 8, 16, 32) for vw in (1, 2, 4) for w in (4, 8)
                        for vc in (32, 64)]
+    # With split votes the coreset program only sums the shares and sorts 256 keys: on fewer
+    # warps its sort stays in shuffles (no shared-memory rounds); never timed before.
+    block_variants += [dict(vote_split=32, vote_warps=1, coreset_warps=w) for w in (1, 2)]
     token_variants = [dict(route_rows=rr, route_warps=w) for rr in (1, 2, 4) for w in (1, 2, 4)]
     if quick:
         block_variants, token_variants = block_variants[::4][:2], token_variants[:2]

@@ -9,7 +9,9 @@
 # 2. bench_e2e --fp8: the one-sequence step with FP8 experts against bf16 (target 0.65), with
 #    launch.DEFAULT_DECODE_FP8 as it is (if step 1 finds a better config, paste it there and
 #    run this step again: bench_e2e takes the defaults);
-# 3. the GPU smoke's part 2 (not run since the eighteenth session) with the time left.
+# 3. bench_routing --sweep: the routing launches, now also the coreset program on 1 and 2
+#    warps (never timed; with split votes it only sums the shares and sorts);
+# 4. the GPU smoke's part 2 (not run since the eighteenth session) with the time left.
 # Packed into 0_a.tgz after every step (only 8 files come back, in name order).
 set -u
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
@@ -21,6 +23,9 @@ echo "moe fp8 sweep rc=$? at ${SECONDS}s" | tee -a $R/steps.txt; pack
 PYTHONUNBUFFERED=1 timeout 240 python3 bench/bench_e2e.py --fp8 --out $R/e2e_fp8 \
   > $R/e2e_fp8.log 2>&1
 echo "e2e fp8 rc=$? at ${SECONDS}s" | tee -a $R/steps.txt; pack
+PYTHONUNBUFFERED=1 timeout 150 python3 bench/bench_routing.py --sweep --out $R/routing_sweep.md \
+  > $R/routing_sweep.log 2>&1
+echo "routing sweep rc=$? at ${SECONDS}s" | tee -a $R/steps.txt; pack
 left=$(( ${STOP_AT:-560} - SECONDS - 20 ))
 if [ $left -gt 120 ]; then
   timeout $left bash bench/smoke_gpu.sh $R/smoke2 2 > $R/smoke2.log 2>&1
@@ -28,4 +33,4 @@ if [ $left -gt 120 ]; then
 fi
 find $R -name '*.png' -delete; pack
 grep -E "best|default" $R/moe_fp8.log | head -20; cat $R/moe_fp8/moe_fp8.md 2>/dev/null | tail -8
-cat $R/e2e_fp8/e2e_fp8.md 2>/dev/null; cat $R/smoke2/summary.md 2>/dev/null
+cat $R/e2e_fp8/e2e_fp8.md 2>/dev/null; grep "^sweep" $R/routing_sweep.log; cat $R/smoke2/summary.md 2>/dev/null
