@@ -5,6 +5,7 @@ with Triton 3.6, 262656 with 3.9, over the 232448 a program may take, and nothin
 noticed.)
 
     python tests/offline_compile.py TOKENS DTYPE   # DTYPE: bfloat16, float16 or float32
+    python tests/offline_compile.py TOKENS fp8     # FP8 experts, bf16 activations
     python tests/offline_compile.py skinny TOKENS BLOCK_N   # the skinny GEMM (bf16)
 
 prints one JSON object {kernel name: {"shared": bytes, "warps": n}} for the launches that
@@ -63,6 +64,16 @@ def compile_for_hopper(fn, args, kwargs):
                           options=options)
 
 
+def compiled(launches) -> dict:
+    """{kernel name: {"shared": bytes, "warps": n}} of captured launches, compiled for sm_90."""
+    result = {}
+    for fn, args, kwargs in launches:
+        kernel = compile_for_hopper(fn, args, dict(kwargs))
+        result[fn.__name__] = {"shared": kernel.metadata.shared,
+                               "warps": kernel.metadata.num_warps}
+    return result
+
+
 def decode_shared_memory(tokens: int, dtype: torch.dtype) -> dict:
     launches = capture_launches()
     from dmoe_triton import launch
@@ -79,12 +90,31 @@ def decode_shared_memory(tokens: int, dtype: torch.dtype) -> dict:
     decode_down_combine(acts, ids, weights, torch.empty(E, H, I, dtype=dtype),
                         torch.empty(tokens, H, dtype=dtype), arrivals, config,
                         torch.empty(H, I, dtype=dtype))
-    result = {}
-    for fn, args, kwargs in launches:
-        kernel = compile_for_hopper(fn, args, dict(kwargs))
-        result[fn.__name__] = {"shared": kernel.metadata.shared,
-                               "warps": kernel.metadata.num_warps}
-    return result
+    return compiled(launches)
+
+
+def fp8_decode_shared_memory(tokens: int) -> dict:
+    """The decode path with FP8 routed and shared experts (128 x 128 block scales, bf16
+    activations) at LLaDA2.0-mini's shapes, with launch.moe_launch's FP8 config fitted to the
+    scale blocks as moe_forward does, read natively (fp8_bits off: sm_90's path)."""
+    launches = capture_launches()
+    from dmoe_triton import launch
+    from dmoe_triton.moe import moe_forward_triton
+    from dmoe_triton.quant import FP8_DTYPE, Fp8Scales
+
+    E, H, I, top_k = 256, 2048, 512, 8
+    w_gate_up = torch.zeros(E, 2 * I, H, dtype=FP8_DTYPE)
+    w_down = torch.zeros(E, H, I, dtype=FP8_DTYPE)
+    shared = (torch.zeros(2 * I, H, dtype=FP8_DTYPE), torch.zeros(H, I, dtype=FP8_DTYPE))
+    scales = Fp8Scales.empty(w_gate_up.shape, w_down.shape)
+    scales = Fp8Scales(scales.gate_up, scales.down, scales.block,
+                       (scales.gate_up[0].clone(), scales.down[0].clone()))
+    hidden = torch.zeros(tokens, H, dtype=torch.bfloat16)
+    ids = torch.arange(tokens * top_k, dtype=torch.int32).view(tokens, top_k) % E
+    with launch.override(fp8_bits=False):
+        moe_forward_triton(hidden, ids, torch.ones(tokens, top_k), w_gate_up, w_down,
+                           path="decode", shared=shared, scales=scales)
+    return compiled(launches)
 
 
 def skinny_shared_memory(tokens: int, block_n: int) -> dict:
@@ -109,5 +139,7 @@ def skinny_shared_memory(tokens: int, block_n: int) -> dict:
 if __name__ == "__main__":
     if sys.argv[1] == "skinny":  # offline_compile.py skinny TOKENS BLOCK_N
         print(json.dumps(skinny_shared_memory(int(sys.argv[2]), int(sys.argv[3]))))
+    elif sys.argv[2] == "fp8":  # offline_compile.py TOKENS fp8
+        print(json.dumps(fp8_decode_shared_memory(int(sys.argv[1]))))
     else:
         print(json.dumps(decode_shared_memory(int(sys.argv[1]), getattr(torch, sys.argv[2]))))

@@ -47,22 +47,38 @@ def shared_memory(*args) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("tokens,dtype", [(32, "bfloat16"), (33, "bfloat16"), (64, "float32")])
+DECODE_KERNELS = {"moe_gate_up_decode_kernel", "moe_down_combine_decode_kernel"}
+
+
+@pytest.mark.parametrize("tokens,dtype", [(32, "bfloat16"), (33, "bfloat16"), (64, "float32"),
+                                          (32, "fp8"), (64, "fp8")])
 def test_decode_programs_fit_in_shared_memory(tokens, dtype):
-    """One 32-token block, the first size past it (tokens padded to 64) and fp32 (its own
-    pipeline depth, launch.pipeline_stages)."""
+    """One 32-token block, the first size past it (tokens padded to 64), fp32 (its own
+    pipeline depth, launch.pipeline_stages) and FP8 experts (launch.DEFAULT_DECODE_FP8, with
+    the activations' scaling launch before them)."""
     kernels = shared_memory(tokens, dtype)
-    assert set(kernels) == {"moe_gate_up_decode_kernel", "moe_down_combine_decode_kernel"}
-    for name, kernel in kernels.items():
-        assert 0 < kernel["shared"] <= MAX_SHARED_PER_PROGRAM, (name, tokens, dtype, kernel)
+    assert set(kernels) == DECODE_KERNELS | ({"scaled_rows_kernel"} if dtype == "fp8" else set())
+    for name, kernel in kernels.items():  # the MoE kernels pipeline through shared memory
+        least = 1 if name in DECODE_KERNELS else 0
+        assert least <= kernel["shared"] <= MAX_SHARED_PER_PROGRAM, (name, tokens, dtype, kernel)
 
 
-@pytest.mark.parametrize("tokens,dtype", [(32, "bfloat16"), (64, "bfloat16")])
+# DEFAULT_DECODE_FP8 asks for 2 gate/up programs per SM, but one takes 147456 bytes at 32
+# tokens (Triton 3.6 and 3.9), so the grid's second half waits for the first (found in the
+# 22nd session; the FP8 sweep's programs_per_sm=1 variants are to time the fix on the GPU).
+FP8_TWO_DO_NOT_FIT = pytest.mark.xfail(strict=True, reason="DEFAULT_DECODE_FP8.programs_per_sm"
+                                       " = 2: a program takes 147456 bytes at 32 tokens")
+
+
+@pytest.mark.parametrize("tokens,dtype", [(32, "bfloat16"), (64, "bfloat16"),
+                                          pytest.param(32, "fp8", marks=FP8_TWO_DO_NOT_FIT)])
 def test_decode_gate_up_programs_fit_on_an_sm_together(tokens, dtype):
     """As many gate/up programs fit on an SM as DecodeConfig.programs_per_sm asks for (the
     persistent grid is SMs x that): the fourteenth session's 2 did not (163840 bytes each at
     32 tokens), so the items past the SMs' count waited for a second wave."""
-    config = launch.moe_launch(tokens, 8, 256, getattr(torch, dtype), torch.device("cpu")).decode
+    fp8 = dtype == "fp8"
+    config = launch.moe_launch(tokens, 8, 256, torch.bfloat16 if fp8 else getattr(torch, dtype),
+                               torch.device("cpu"), fp8=fp8).decode
     shared = shared_memory(tokens, dtype)["moe_gate_up_decode_kernel"]["shared"]
     assert config.programs_per_sm * (shared + 1024) <= SHARED_PER_SM, (
         f"{config.programs_per_sm} programs of {shared} bytes at {tokens} tokens")
