@@ -65,10 +65,13 @@ def compile_for_hopper(fn, args, kwargs):
 
 
 def compiled(launches) -> dict:
-    """{kernel name: {"shared": bytes, "warps": n}} of captured launches, compiled for sm_90."""
+    """{kernel name: {"shared": bytes, "warps": n}} of captured launches, compiled for sm_90 as
+    the GPU launches them: with programmatic dependent launch where the kernel takes it (the
+    CPU's launches leave it off)."""
     result = {}
     for fn, args, kwargs in launches:
-        kernel = compile_for_hopper(fn, args, dict(kwargs))
+        pdl = {"PDL": True} if "PDL" in fn.arg_names else {}
+        kernel = compile_for_hopper(fn, args, dict(kwargs, **pdl))
         result[fn.__name__] = {"shared": kernel.metadata.shared,
                                "warps": kernel.metadata.num_warps}
     return result
