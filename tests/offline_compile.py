@@ -8,9 +8,10 @@ noticed.)
     python tests/offline_compile.py TOKENS fp8     # FP8 experts, bf16 activations
     python tests/offline_compile.py skinny TOKENS BLOCK_N   # the skinny GEMM (bf16)
 
-prints one JSON object {kernel name: {"shared": bytes, "warps": n}} for the launches that
-moe_forward's decode path makes at LLaDA2.0-mini's shapes (E 256, top-8, H 2048, I 512, a
-shared expert) with launch.moe_launch's config. It must run without TRITON_INTERPRET (the
+prints one JSON object {kernel name: {"shared": bytes, "warps": n, "registers": per thread}}
+(the skinny GEMM: shared and warps) for the launches that moe_forward's decode path makes at
+LLaDA2.0-mini's shapes (E 256, top-8, H 2048, I 512, a shared expert) with
+launch.moe_launch's config. It must run without TRITON_INTERPRET (the
 interpreter's kernels cannot be compiled): test_fit.py starts it in a process of its own.
 The launches are captured instead of run, and compiled as Triton's launcher would specialise
 them for these kernels (16-byte aligned pointers, integers equal to 1 as constants, multiples
@@ -19,7 +20,11 @@ through Triton's private binder so that it runs on Triton 3.6 (the H200's) and 3
 """
 import dataclasses
 import json
+import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import torch
 import triton
@@ -64,16 +69,30 @@ def compile_for_hopper(fn, args, kwargs):
                           options=options)
 
 
+def registers(kernel) -> int:
+    """Registers a thread of the compiled kernel takes: cuobjdump's resource usage of its cubin
+    (the tool ships with Triton's NVIDIA backend; the compiled metadata has no register count
+    until the kernel is loaded on a GPU)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", path],
+                               capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1))
+
+
 def compiled(launches) -> dict:
-    """{kernel name: {"shared": bytes, "warps": n}} of captured launches, compiled for sm_90 as
-    the GPU launches them: with programmatic dependent launch where the kernel takes it (the
-    CPU's launches leave it off)."""
+    """{kernel name: {"shared": bytes, "warps": n, "registers": per thread}} of captured
+    launches, compiled for sm_90 as the GPU launches them: with programmatic dependent launch
+    where the kernel takes it (the CPU's launches leave it off)."""
     result = {}
     for fn, args, kwargs in launches:
         pdl = {"PDL": True} if "PDL" in fn.arg_names else {}
         kernel = compile_for_hopper(fn, args, dict(kwargs, **pdl))
         result[fn.__name__] = {"shared": kernel.metadata.shared,
-                               "warps": kernel.metadata.num_warps}
+                               "warps": kernel.metadata.num_warps,
+                               "registers": registers(kernel)}
     return result
 
 

@@ -1,8 +1,8 @@
 """The decode path's launch shapes fit on Hopper, checked on the CPU: offline_compile.py compiles
 the kernels for sm_90 (in a process of its own, without the interpreter) with the config that
-launch.moe_launch picks, and reports each program's shared memory. A shape that does not fit
-fails only on the GPU (OutOfResources), which CI never sees: the fourteenth session's default
-down asked for 262400 bytes at 33-64 tokens (Triton 3.6; 262656 with 3.9)."""
+launch.moe_launch picks, and reports each program's shared memory and registers. A shape that
+does not fit fails only on the GPU (OutOfResources), which CI never sees: the fourteenth
+session's default down asked for 262400 bytes at 33-64 tokens (Triton 3.6; 262656 with 3.9)."""
 import functools
 import json
 import os
@@ -18,6 +18,8 @@ from dmoe_triton.launch import SKINNY_MAX_ROWS, skinny_block_n
 
 MAX_SHARED_PER_PROGRAM = 232448  # bytes a program may take on sm_90 (227 KB)
 SHARED_PER_SM = 233472           # an H100's or H200's SM; CUDA keeps 1 KB per resident program
+REGISTERS_PER_SM = 65536         # 32-bit registers of an sm_90 SM, allocated to a warp in
+REGISTER_UNIT = 256              # units of 256 (8 a thread)
 
 
 def _nvidia_backend() -> bool:
@@ -76,15 +78,20 @@ FP8_TWO_DO_NOT_FIT = pytest.mark.xfail(strict=True, reason="DEFAULT_DECODE_FP8.p
                                           pytest.param(32, "fp8", marks=FP8_TWO_DO_NOT_FIT),
                                           pytest.param(64, "fp8", marks=FP8_TWO_DO_NOT_FIT)])
 def test_decode_gate_up_programs_fit_on_an_sm_together(tokens, dtype):
-    """As many gate/up programs fit on an SM as DecodeConfig.programs_per_sm asks for (the
-    persistent grid is SMs x that): the fourteenth session's 2 did not (163840 bytes each at
-    32 tokens), so the items past the SMs' count waited for a second wave."""
+    """As many gate/up programs fit on an SM, in shared memory and in registers, as
+    DecodeConfig.programs_per_sm asks for (the persistent grid is SMs x that): the fourteenth
+    session's 2 did not (163840 bytes each at 32 tokens), so the items past the SMs' count
+    waited for a second wave."""
     fp8 = dtype == "fp8"
     config = launch.moe_launch(tokens, 8, 256, torch.bfloat16 if fp8 else getattr(torch, dtype),
                                torch.device("cpu"), fp8=fp8).decode
-    shared = shared_memory(tokens, dtype)["moe_gate_up_decode_kernel"]["shared"]
+    kernel = shared_memory(tokens, dtype)["moe_gate_up_decode_kernel"]
+    shared, warps = kernel["shared"], kernel["warps"]
+    per_warp = -(-kernel["registers"] * 32 // REGISTER_UNIT) * REGISTER_UNIT
     assert config.programs_per_sm * (shared + 1024) <= SHARED_PER_SM, (
         f"{config.programs_per_sm} programs of {shared} bytes at {tokens} tokens")
+    assert config.programs_per_sm * warps * per_warp <= REGISTERS_PER_SM, (
+        f"{config.programs_per_sm} programs of {warps} warps x {kernel['registers']} registers")
 
 
 def test_skinny_programs_fit_in_shared_memory():
