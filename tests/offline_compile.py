@@ -9,10 +9,10 @@ noticed.)
     python tests/offline_compile.py skinny TOKENS BLOCK_N   # the skinny GEMM (bf16)
 
 prints one JSON object {kernel name: {"shared": bytes, "warps": n, "registers": per thread}}
-(the skinny GEMM: shared and warps) for the launches that moe_forward's decode path makes at
-LLaDA2.0-mini's shapes (E 256, top-8, H 2048, I 512, a shared expert) with
-launch.moe_launch's config. It must run without TRITON_INTERPRET (the
-interpreter's kernels cannot be compiled): test_fit.py starts it in a process of its own.
+for the launches that moe_forward's decode path makes at LLaDA2.0-mini's shapes (E 256, top-8,
+H 2048, I 512, a shared expert) with launch.moe_launch's config (or the skinny GEMM's one). It
+must run without TRITON_INTERPRET (the interpreter's kernels cannot be compiled): test_fit.py
+starts it in a process of its own.
 The launches are captured instead of run, and compiled as Triton's launcher would specialise
 them for these kernels (16-byte aligned pointers, integers equal to 1 as constants, multiples
 of 16 marked; no do_not_specialize or bool arguments here). Written by hand rather than
@@ -153,9 +153,7 @@ def skinny_shared_memory(tokens: int, block_n: int) -> dict:
         skinny.skinny_gemm(torch.zeros(tokens, 2048, dtype=torch.bfloat16),
                            torch.zeros(4 * block_n, 2048, dtype=torch.bfloat16),
                            torch.bfloat16)
-    (fn, args, kwargs), = launches
-    kernel = compile_for_hopper(fn, args, dict(kwargs, PDL=True))
-    return {fn.__name__: {"shared": kernel.metadata.shared, "warps": kernel.metadata.num_warps}}
+    return compiled(launches)
 
 
 if __name__ == "__main__":

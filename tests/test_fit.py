@@ -36,8 +36,8 @@ pytestmark = pytest.mark.skipif(not _nvidia_backend(),
 
 @functools.lru_cache(maxsize=None)
 def shared_memory(*args) -> dict:
-    """{kernel name: {"shared": bytes, "warps": n}} from offline_compile.py (its arguments:
-    TOKENS DTYPE, or "skinny" TOKENS BLOCK_N)."""
+    """{kernel name: {"shared": bytes, "warps": n, "registers": per thread}} from
+    offline_compile.py (its arguments: TOKENS DTYPE, TOKENS fp8, or "skinny" TOKENS BLOCK_N)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # The same dmoe_triton as this process's, wherever it was installed from.
     package_root = os.path.dirname(os.path.dirname(dmoe_triton.__file__))
