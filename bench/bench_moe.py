@@ -622,6 +622,18 @@ FP8_DECODE_VARIANTS = [
     dict(warps_down=8, stages_down=5),
     dict(down_splits=4),
     dict(block_h=128, warps_down=8),
+    # Down k steps wider than the 128-column scale block (launch.fit_scale_blocks keeps them
+    # since the 23rd session: one dot per act group): the default's steps are 64 x 128 e4m3
+    # tiles of 8 KB, so each program walks 4 dependent steps per expert; 512 is the whole I,
+    # one step per expert (offline, sm_90: 98304 bytes at 2 stages, 147456 at 3, 32 tokens).
+    dict(k_tile_down=256),
+    dict(k_tile_down=256, stages_down=4),
+    dict(k_tile_down=512, stages_down=2),
+    dict(k_tile_down=512),
+    dict(k_tile_down=512, stages_down=2, warps_down=8),
+    dict(k_tile_down=512, stages_down=2, down_splits=4),
+    dict(k_tile_down=512, stages_down=2, block_h=32),
+    dict(k_tile_down=512, stages_down=2, block_i=64),
 ]
 FP8_GROUPED_VARIANTS = [
     dict(),
@@ -636,6 +648,9 @@ FP8_GROUPED_VARIANTS = [
     dict(block_m=32, warps_gate_up=4, stages_gate_up=3),
     dict(block_i=64),
     dict(block_m=32, block_i=64, warps_gate_up=4, stages_gate_up=4),
+    # down k steps over several scale blocks, as in FP8_DECODE_VARIANTS
+    dict(k_tile_down=256, stages_down=3),
+    dict(k_tile_down=512, stages_down=2),
 ]
 FP8_SWEEP_CASES = {"decode": ("32 tok, exact 15", "32 tok, exact 70"),
                    "grouped": ("16x32 tok, exact 15",)}

@@ -424,7 +424,10 @@ def fit_scale_blocks(config, block_k: int):
     configs too.
 
     - Each k step shrinks to a divisor of block_k (the largest power of two <= the step that
-      divides it), so a k step lies in one scale block.
+      divides it), so a k step lies in one scale block; except the down's with the fp8 dot,
+      which is kept: its dots are the act groups (below), each in one scale block
+      (kernels/moe_fp8.fp8_down_step), so a step of several scale blocks keeps that many
+      tiles in flight in one pipeline stage.
     - The fp8 dot quantizes x per token in groups of block_k columns (DeepSeek-V3's 1 x 128)
       and the act rows in groups of the gate/up's block_i columns (each work item writes its
       own), so block_i becomes min(block_i, block_k), at least FP8_DOT_MIN_K (a down dot is
@@ -444,6 +447,7 @@ def fit_scale_blocks(config, block_k: int):
         group_ok = FP8_DOT_MIN_K <= block_k <= FP8_DOT_MAX_GROUP and not block_k & (block_k - 1)
         if group_ok and min(changes.values()) >= FP8_DOT_MIN_K:
             changes["block_i"] = max(FP8_DOT_MIN_K, min(config.block_i, block_k))
+            changes["k_tile_down"] = config.k_tile_down  # a power of two >= the fitted one
             if isinstance(config, DecodeConfig):  # tail_cols (ignored with FP8) <= block_i
                 changes["tail_cols"] = min(config.tail_cols, changes["block_i"])
         else:

@@ -397,11 +397,13 @@ def _act_args(acts: ActRows, config, down: bool) -> dict:
     """The kernels' keyword arguments for ActRows (the scales', the decode lists' where there
     are); the down kernels also take the gate/up's column chunk a scale covers."""
     args = dict(act_ptr=acts.act, stride_as=acts.act.stride(0))
+    if down:
+        # Also without act scales: with FP8 weights the down's dots are act chunks wide (each
+        # inside one scale block: launch.fit_scale_blocks, kernels/moe_fp8.fp8_down_step).
+        args["ACT_CHUNK"] = config.block_i
     if acts.scale is not None:
         dot = "fp16" if acts.act.dtype == torch.float16 else "fp8"
         args.update(act_scale_ptr=acts.scale, stride_ss=acts.scale.stride(0), DOT=dot)
-        if down:
-            args["ACT_CHUNK"] = config.block_i
     if acts.used is not None:
         # The decode gate/up weighs model-dtype act rows by their routing weights where their
         # dtype has fp32's range (bf16, fp32); a weighed fp16 row could pass 65504 where the

@@ -7,9 +7,10 @@ the left operand, so that the weight tile fills the MMA's 64-row side that a 32-
 cannot (and, converted, may come from registers: Hopper's wgmma takes only its left operand
 so).
 
-Each k step lies in one scale block along K (the launch keeps BLOCK_K a divisor of SCALE_K:
-dmoe_triton/launch.py), so its product is scaled once, after the dot, in fp32: exact products,
-no rounding of W * scale. When the tile's BLOCK_N rows lie in one scale block too (SCALE_N a
+Each dot lies in one scale block along K (the gate/up's k step is a divisor of SCALE_K; the
+down's may be wider, and is then one dot per act chunk, which divides SCALE_K: fp8_down_step,
+launch.fit_scale_blocks), so its product is scaled once, after the dot, in fp32: exact
+products, no rounding of W * scale. When the tile's BLOCK_N rows lie in one scale block too (SCALE_N a
 multiple of BLOCK_N: tiles start at multiples of BLOCK_N), that is one scalar per k step;
 otherwise a vector over the rows.
 
@@ -256,19 +257,24 @@ def fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss, slot, rows_ok, r
     ROWS] fp32 multiplies each row's product (1.0: none).
 
     A step wider than the act rows' scale chunks (ACT_CHUNK: the gate/up's BLOCK_I; powers of
-    two) is its chunks' dots, each with its own factors: one loop iteration, so the pipeline's
-    per-iteration work is paid once for the whole step.
+    two, a divisor of SCALE_K: launch.fit_scale_blocks) is its chunks' dots, each with its own
+    factors (act and weight scales): one loop iteration, so the pipeline's per-iteration work is
+    paid once for the whole step, which may span several scale blocks.
     """
     PART: tl.constexpr = BLOCK_K if BLOCK_K < ACT_CHUNK else ACT_CHUNK
     h_ok = offs_h < H
     s_rows = _scale_rows(s_expert, h0, offs_h, 0, stride_sn, SCALE_N, BLOCK_H)
     for part in tl.static_range(BLOCK_K // PART):
-        k = k0 + part * PART  # in the step's scale block along K (PART divides BLOCK_K)
+        k = k0 + part * PART  # one act chunk, inside one scale block along K (PART divides it)
         offs_k = k + tl.arange(0, PART)
         k_ok = offs_k < I
+        # A part wholly past I (a step wider than what is left of I) reads its scales at the
+        # last column's: its weights and act are masked to 0, and the scales stay in bounds
+        # (act scales past their row would be the next row's, or unwritten memory: NaN * 0).
+        k_scales = tl.minimum(k, I - 1)
         a_op, a_inverse = fp8_act_operand(act_ptr, stride_as, act_scale_ptr, stride_ss, slot,
-                                          rows_ok, offs_k, k_ok, k, ACT_CHUNK, DOT)
+                                          rows_ok, offs_k, k_ok, k_scales, ACT_CHUNK, DOT)
         acc_t = _fp8_dot(w_rows + offs_k[None, :] * stride_wi, h_ok[:, None] & k_ok[None, :],
-                         acc_t, a_op, a_inverse * row_factor, s_rows, h_ok[:, None], k,
+                         acc_t, a_op, a_inverse * row_factor, s_rows, h_ok[:, None], k_scales,
                          stride_sk, PRECISION, SCALE_N, SCALE_K, BLOCK_H, FP8_BITS)
     return acc_t

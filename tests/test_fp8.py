@@ -171,7 +171,8 @@ def fp8_cases(draw):
     forced = draw(st.sampled_from([
         None, DecodeConfig(down_splits=splits, k_tile_down=256, x_prepass=draw(st.booleans())),
         DecodeConfig(dot="fp8", down_splits=splits, block_h=64,
-                     block_i=draw(st.sampled_from([32, 64, 128])))]))
+                     block_i=draw(st.sampled_from([32, 64, 128])),
+                     k_tile_down=draw(st.sampled_from([64, 256, 512])))]))
     shared = make_fp8_shared(H, I, block, g) if draw(st.booleans()) else (None, None)
     return T, H, I, E, ids, weights, block, g, path, bits, forced, shared
 
@@ -186,7 +187,8 @@ def test_fp8_kernels_match_the_dequantized_reference(dtype, case):
     any I and H (partial blocks and tiles), scales one per tile or a vector over its rows; with
     the fp8 dot the oracle quantizes the activations as the launch does (a W8A8 result is
     about 5% off the unquantized oracle: the bound 1e-2 tells them apart); with or without an
-    FP8 shared expert (one more expert of either path's launches)."""
+    FP8 shared expert (one more expert of either path's launches); with the fp8 dot the down's
+    k step may span several scale blocks and run past I (launch.fit_scale_blocks keeps it)."""
     T, H, I, E, ids, weights, block, g, path, bits, forced, (shared, shared_scales) = case
     w_gate_up, w_down, scales = make_fp8_layer(E, H, I, block, g)
     scales = replace(scales, shared=shared_scales)
@@ -513,10 +515,44 @@ def test_fp8_reads_follow_the_capability(monkeypatch):
 
 
 def test_k_steps_fit_the_scale_blocks():
+    """Each k step shrinks to a divisor of the scale block's width, except the down's with the
+    fp8 dot (its dots are the act groups, divisors of the width: fp8_down_step)."""
     fitted = launch.fit_scale_blocks(DecodeConfig(k_tile_gate_up=128, k_tile_down=256), 128)
     assert (fitted.k_tile_gate_up, fitted.k_tile_down) == (128, 128)
     fitted = launch.fit_scale_blocks(GroupedConfig(), 48)
     assert (fitted.k_tile_gate_up, fitted.k_tile_down) == (16, 16)
+    for config in (DecodeConfig(dot="fp8", k_tile_gate_up=256, k_tile_down=512),
+                   GroupedConfig(dot="fp8", k_tile_gate_up=256, k_tile_down=512)):
+        fitted = launch.fit_scale_blocks(config, 64)
+        assert (fitted.dot, fitted.k_tile_gate_up, fitted.k_tile_down) == ("fp8", 64, 512)
+        fitted = launch.fit_scale_blocks(config, 48)  # no fp8 dot: every step fitted
+        assert (fitted.dot, fitted.k_tile_gate_up, fitted.k_tile_down) == ("fp16", 16, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("path", ["decode", "grouped"])
+def test_wide_down_steps_read_no_scale_past_their_blocks(path, dtype):
+    """A down k step of 256 over I = 72 columns in scale blocks of 32 (the fp8 dot's act groups
+    of 32 columns with bf16 activations; fp32 ones take the model dot, which cuts the step the
+    same way): three groups inside I, five past it, whose weight and act scales must not be
+    read past their last columns. The down's scales sit in a larger tensor whose column past
+    them is NaN: one read there makes its rows NaN. (Not 512: the grouped down's fp32 act
+    tiles would take 270336 bytes of shared memory on sm_90, more than a program may.)"""
+    g = torch.Generator().manual_seed(11)
+    E, H, I, T = 4, 200, 72, 12
+    w_gate_up, w_down, scales = make_fp8_layer(E, H, I, (32, 32), g)
+    padded = torch.full(scales.down.shape[:2] + (scales.down.shape[2] + 1,), float("nan"))
+    padded[..., :-1] = scales.down
+    scales = replace(scales, down=padded[..., :-1])
+    hidden = torch.randn(T, H, generator=g).to(dtype)
+    ids, weights = random_routing(T, E, 2, g)
+    with launch.override(moe_path=path, **fp8_defaults(k_tile_down=256, block_i=32)):
+        y = run_moe(hidden, ids, weights, w_gate_up, w_down, backend="triton", scales=scales)
+        groups = launched_groups(hidden, path, scales)
+    assert (groups is not None) == (dtype == torch.bfloat16)
+    ref = fp8_oracle(hidden, ids, weights, w_gate_up, w_down, scales, groups)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref) <= (1e-4 if dtype == torch.float32 else 1e-2)
 
 
 def test_fp8_dot_groups_follow_the_scale_blocks():
