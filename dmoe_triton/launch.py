@@ -329,9 +329,15 @@ DEFAULT_ALIGN = AlignLaunch()
 # stages: 34.7 / 96.5 us against 6 stages' 37.2 / 102.6 (H200, 2026-12-01, twelfth session;
 # 35.4 / 97.6 against 37.1 / 101.8 in the eleventh). Gate/up items of 64 or 32 columns (act
 # groups finer than the scale block) were slower there: 40.0 / 104.6 and 45.3 / 143.5.
+# The down's k steps of 256 on 4 stages since the 23rd session (a step of two scale blocks, one
+# dot per act group: fit_scale_blocks): bench_moe's sweep 32.9 / 90.2 us against 33.4 / 93.1
+# for 128 on 3; the 20-layer step with FP8 experts, two alternating rounds, token routing
+# 2.480 / 2.481 ms against 2.557 / 2.550, dMoE p=0.6 1.701 / 1.703 against 1.700 / 1.700
+# (bench/results/h200-2026-12-02-s23/). Steps of 512 (the whole I) were no faster: 34.5 /
+# 94.8 on 2 stages, 36.1 / 99.2 on 3.
 DEFAULT_DECODE_FP8 = DecodeConfig(block_i=128, k_tile_gate_up=128, warps_gate_up=4,
                                   stages_gate_up=4, programs_per_sm=2, block_h=64,
-                                  k_tile_down=128, warps_down=4, stages_down=3, down_splits=8,
+                                  k_tile_down=256, warps_down=4, stages_down=4, down_splits=8,
                                   dot="fp8")
 DEFAULT_GROUPED_FP8 = GroupedConfig(block_m=64, block_i=128, k_tile_gate_up=128, warps_gate_up=8,
                                     stages_gate_up=3, block_h=64, k_tile_down=128, warps_down=4,
