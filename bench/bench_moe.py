@@ -279,21 +279,30 @@ def shared_experts(layers):
     return [(wg[0].clone(), wd[0].clone()) for wg, wd in layers]
 
 
-def launch_closures(layers, shared, ids, weights, hidden, config):
+def launch_closures(layers, shared, ids, weights, hidden, config, scales=None):
     """The two decode launches (with the shared expert), each alone over the weight copies
-    (inputs made once here)."""
+    (inputs made once here). scales: FP8 layers' Fp8Scales per copy (with the shared
+    expert's in .shared: fp8_shared_experts), the config then fitted as moe_forward fits it;
+    the gate/up closure includes the activations' prepass launch (decode_gate_up's)."""
     arrivals = [down_arrivals(hidden.shape[1], hidden.device, config) for _ in layers]
-    acts = [decode_gate_up(hidden, ids, weights, wg, a, config, sgu)
-            for (wg, _), (sgu, _), a in zip(layers, shared, arrivals)]
+    fp8 = [dict() for _ in layers]
+    if scales is not None:
+        bits = launch.fp8_bits(hidden.device)
+        config = fit_scale_blocks(config, scales[0].block[1])
+        fp8 = [dict(gate_up=dict(fp8=(s.gate_up, s.block, bits), shared_scale=s.shared[0]),
+                    down=dict(fp8=(s.down, s.block, bits), shared_scale=s.shared[1]))
+               for s in scales]
+    acts = [decode_gate_up(hidden, ids, weights, wg, a, config, sgu, **f.get("gate_up", {}))
+            for (wg, *_), (sgu, _), a, f in zip(layers, shared, arrivals, fp8)]
     out = torch.empty_like(hidden)
 
     def gate_up():
-        for (wg, _), (sgu, _), a in zip(layers, shared, arrivals):
-            decode_gate_up(hidden, ids, weights, wg, a, config, sgu)
+        for (wg, *_), (sgu, _), a, f in zip(layers, shared, arrivals, fp8):
+            decode_gate_up(hidden, ids, weights, wg, a, config, sgu, **f.get("gate_up", {}))
 
     def down():
-        for (_, wd), (_, sd), act, a in zip(layers, shared, acts, arrivals):
-            decode_down_combine(act, ids, weights, wd, out, a, config, sd)
+        for (_, wd, *_), (_, sd), act, a, f in zip(layers, shared, acts, arrivals, fp8):
+            decode_down_combine(act, ids, weights, wd, out, a, config, sd, **f.get("down", {}))
 
     return gate_up, down
 

@@ -10,9 +10,9 @@ so).
 Each dot lies in one scale block along K (the gate/up's k step is a divisor of SCALE_K; the
 down's may be wider, and is then one dot per act chunk, which divides SCALE_K: fp8_down_step,
 launch.fit_scale_blocks), so its product is scaled once, after the dot, in fp32: exact
-products, no rounding of W * scale. When the tile's BLOCK_N rows lie in one scale block too (SCALE_N a
-multiple of BLOCK_N: tiles start at multiples of BLOCK_N), that is one scalar per k step;
-otherwise a vector over the rows.
+products, no rounding of W * scale. When the tile's BLOCK_N rows lie in one scale block too
+(SCALE_N a multiple of BLOCK_N: tiles start at multiples of BLOCK_N), that is one scalar per
+dot; otherwise a vector over the rows.
 
 The dot's operand type, DOT (launch.DecodeConfig.dot; bf16 activations only):
 - "fp8" (W8A8): the activations are quantized to e4m3, each row's (token's) group of SCALE_K
