@@ -204,9 +204,11 @@ class DecodeConfig:
     # converted to bf16. FP8 weights' defaults (DEFAULT_*_FP8) take "fp8"; a config built
     # without it (e.g. one forced through override) takes "fp16".
     dot: str = "fp16"
-    # With the fp16 dot: the activations scaled and converted once, by one more launch
+    # With the fp16 dot, or the fp8 dot whose gate/up k step is the scale block's width (its
+    # quantization groups): the activations scaled and converted once, by one more launch
     # (scaled_rows_kernel), instead of in every gate/up program's every k step. The fp8 dot
-    # always takes the launch (its groups are the scale blocks' columns, not the k step's).
+    # with a narrower k step always takes the launch (fit_scale_blocks); both ways quantize
+    # the same groups the same way, to the same e4m3 values.
     x_prepass: bool = True
 
     def __post_init__(self):
@@ -442,6 +444,8 @@ def fit_scale_blocks(config, block_k: int):
       in [FP8_DOT_MIN_K, FP8_DOT_MAX_GROUP], or a fitted k step is under FP8_DOT_MIN_K (a
       forced config's), the fp8 dot cannot run and the config takes the fp16 dot instead
       (exact activations: more precise, not less).
+    - The fp8 dot quantizes x in the gate/up's k loop (x_prepass off) only where a k step is
+      one group (k_tile_gate_up == block_k); else x_prepass is turned on.
     """
     def fit(step: int) -> int:
         while block_k % step:
@@ -456,6 +460,7 @@ def fit_scale_blocks(config, block_k: int):
             changes["k_tile_down"] = config.k_tile_down  # a power of two >= the fitted one
             if isinstance(config, DecodeConfig):  # tail_cols (ignored with FP8) <= block_i
                 changes["tail_cols"] = min(config.tail_cols, changes["block_i"])
+            changes["x_prepass"] = config.x_prepass or changes["k_tile_gate_up"] != block_k
         else:
             changes["dot"] = "fp16"
     return dataclasses.replace(config, **changes)

@@ -415,11 +415,13 @@ def _act_args(acts: ActRows, config, down: bool) -> dict:
 
 
 def _x_args(hidden, config, fp8) -> dict:
-    """The gate/up kernels' activation arguments: hidden itself, or with the fp8 dot (or the
-    fp16 dot and config.x_prepass) its rows in the dot's type and their inverse scales per
-    scale block's columns (scaled_rows_kernel, one more launch)."""
+    """The gate/up kernels' activation arguments: hidden itself (the model dot, or a scaled dot
+    without config.x_prepass: the gate/up scales each k step's tile; the fp8 dot so only where
+    a k step is a scale block's columns: launch.fit_scale_blocks), or its rows in the dot's
+    type and their inverse scales per scale block's columns (scaled_rows_kernel, one more
+    launch)."""
     dot = scaled_dot(hidden, config, fp8)
-    if dot == "model" or (dot == "fp16" and not config.x_prepass):
+    if dot == "model" or not config.x_prepass:
         return dict(x_ptr=hidden, stride_xt=hidden.stride(0), stride_xh=hidden.stride(1))
     from .kernels.moe_fp8 import scaled_rows_kernel
 

@@ -30,8 +30,9 @@ The dot's operand type, DOT (launch.DecodeConfig.dot; bf16 activations only):
   subnormal step (an absolute error under 2**-39 of the group's largest value per element).
 - "model": the weights are converted to the activations' dtype (exact for bf16, fp16, fp32).
 The gate/up's activations may arrive prepared, for the whole call, by scaled_rows_kernel (one
-more launch; always with "fp8"), and its k loop then reads each tile as it is; else with "fp16"
-each k step's tile is scaled in the loop.
+more launch; always with "fp8" where a k step is narrower than a scale block), and its k loop
+then reads each tile as it is; else each k step's tile is scaled in the loop (with "fp8" the
+step is then one scale block's columns, its group: the same e4m3 values as the launch's).
 
 The act rows between gate/up and down are written the same way: in the dot's type, scaled per
 (row, gate/up work item's ACT_CHUNK columns) by a power of two whose inverse goes to an fp32

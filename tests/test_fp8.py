@@ -216,10 +216,12 @@ def fp8_defaults(**change):
 
 # The scaled dots (kernels/moe_fp8.py): fp16 with the activations prepared by one more launch
 # or scaled in the k loop, and fp8 (always prepared).
-DOTS = [dict(dot="fp16", x_prepass=True), dict(dot="fp16", x_prepass=False), dict(dot="fp8")]
+DOTS = [dict(dot="fp16", x_prepass=True), dict(dot="fp16", x_prepass=False), dict(dot="fp8"),
+        dict(dot="fp8", x_prepass=False)]
+DOT_IDS = ["fp16", "fp16 in loop", "fp8", "fp8 in loop"]
 
 
-@pytest.mark.parametrize("dot", DOTS, ids=["fp16", "fp16 in loop", "fp8"])
+@pytest.mark.parametrize("dot", DOTS, ids=DOT_IDS)
 @pytest.mark.parametrize("path", ["decode", "grouped"])
 def test_scaled_dots_keep_activations_outside_their_range(path, dot):
     """bf16 activations whose rows lie far outside fp16's and e4m3's ranges (1e8 and 1e12:
@@ -285,7 +287,7 @@ def test_fp8_dot_act_groups_are_the_gate_up_items_columns(path):
             assert err < 4e-2 if other == width else err > 8e-2, (width, other, err)
 
 
-@pytest.mark.parametrize("dot", DOTS, ids=["fp16", "fp16 in loop", "fp8"])
+@pytest.mark.parametrize("dot", DOTS, ids=DOT_IDS)
 @pytest.mark.parametrize("path", ["decode", "grouped"])
 def test_scaled_dots_keep_rows_apart(path, dot):
     """A NaN in one token's activations makes that token's output NaN and no other's; with
@@ -527,6 +529,30 @@ def test_k_steps_fit_the_scale_blocks():
         assert (fitted.dot, fitted.k_tile_gate_up, fitted.k_tile_down) == ("fp8", 64, 512)
         fitted = launch.fit_scale_blocks(config, 48)  # no fp8 dot: every step fitted
         assert (fitted.dot, fitted.k_tile_gate_up, fitted.k_tile_down) == ("fp16", 16, 16)
+
+
+@pytest.mark.parametrize("path", ["decode", "grouped"])
+def test_fp8_dot_quantizes_x_in_the_loop_as_the_prepass_does(path):
+    """With x_prepass off the fp8 dot quantizes each k step's x tile in the gate/up's loop: a
+    step of one scale block's columns is one group, so the e4m3 values and the output are
+    exactly the prepass launch's. A k step narrower than the block (a group spans several
+    steps) keeps the prepass: launch.fit_scale_blocks turns it back on."""
+    g = torch.Generator().manual_seed(12)
+    E, H, I, T = 4, 200, 72, 12
+    w_gate_up, w_down, scales = make_fp8_layer(E, H, I, (32, 32), g)
+    hidden = (torch.randn(T, H, generator=g) * torch.logspace(-3, 3, H)).to(torch.bfloat16)
+    ids, weights = random_routing(T, E, 2, g)
+    ys = []
+    for prepass in (True, False):
+        with launch.override(moe_path=path, **fp8_defaults(x_prepass=prepass)):
+            ys.append(run_moe(hidden, ids, weights, w_gate_up, w_down, backend="triton",
+                              scales=scales))
+    assert torch.isfinite(ys[0]).all() and torch.equal(ys[0], ys[1])
+    for config in (DecodeConfig(dot="fp8", x_prepass=False, k_tile_gate_up=32),
+                   GroupedConfig(dot="fp8", x_prepass=False, k_tile_gate_up=32)):
+        assert launch.fit_scale_blocks(config, 32).x_prepass is False
+        assert launch.fit_scale_blocks(config, 64).x_prepass is True  # two steps per group
+        assert launch.fit_scale_blocks(config, 48).x_prepass is False  # the fp16 dot: any step
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
