@@ -613,35 +613,27 @@ FP8_DECODE_VARIANTS = [
     # The default's 2 gate/up programs per SM do not fit together (147456 bytes each at 32
     # tokens: tests/test_fit.py), so its grid's second half waits: the same grid without it.
     dict(programs_per_sm=1),
-    dict(stages_down=6),  # the default until the twelfth session
     dict(down_splits=16),
     # act groups narrower than the scale block (launch.fit_scale_blocks): twice or four times
     # the gate/up items, where 15 experts gave 60 items for 264 programs (issue 16)
     dict(block_i=64),
     dict(block_i=32),
     dict(block_i=64, stages_gate_up=6),
-    # The down (issue 16: 17 us at 15 experts whose bytes need 3.7). Its 3 stages were picked
-    # in the twelfth session against 6 only; since then the bf16 down moved to 8 warps
-    # (fourteenth) and 5 stages (sixteenth), so 4 and 5 stages and 8 warps are tried here;
-    # 4 splits is the bf16 down's long-standing value (FP8 chose 8); block_h 128 on 8 warps
-    # is the FP8 down's shape before the sixth session's sweep, under today's fp8 dot.
-    dict(stages_down=4),
+    # The down (issue 16: 12 us a layer in the FP8 dMoE step, whose bytes need 4.4). k steps
+    # of 256 on 4 stages since the 23rd session (launch.fit_scale_blocks keeps a step wider
+    # than the 128-column scale block for the fp8 dot: one dot per act group); before, 128 on
+    # 3 (64 x 128 e4m3 tiles of 8 KB, 4 steps per expert). 512 is the whole I, one step per
+    # expert (offline, sm_90: 98304 bytes at 2 stages, 147456 at 3, 32 tokens; 262144, too
+    # many, at 3 stages from 33 tokens). 8 warps, 4 splits (the bf16 down's) and block_h 128
+    # on 8 warps (the FP8 down's shape before the sixth session's sweep) were slower at 128.
+    dict(k_tile_down=128, stages_down=3),
+    dict(stages_down=3),
     dict(stages_down=5),
     dict(warps_down=8),
-    dict(warps_down=8, stages_down=5),
     dict(down_splits=4),
-    dict(block_h=128, warps_down=8),
-    # Down k steps wider than the 128-column scale block (launch.fit_scale_blocks keeps them
-    # since the 23rd session: one dot per act group): the default's steps are 64 x 128 e4m3
-    # tiles of 8 KB, so each program walks 4 dependent steps per expert; 512 is the whole I,
-    # one step per expert (offline, sm_90: 98304 bytes at 2 stages, 147456 at 3, 32 tokens).
-    dict(k_tile_down=256),
-    dict(k_tile_down=256, stages_down=4),
     dict(k_tile_down=512, stages_down=2),
-    dict(k_tile_down=512),
+    dict(k_tile_down=512, stages_down=3),
     dict(k_tile_down=512, stages_down=2, warps_down=8),
-    dict(k_tile_down=512, stages_down=2, down_splits=4),
-    dict(k_tile_down=512, stages_down=2, block_h=32),
     dict(k_tile_down=512, stages_down=2, block_i=64),
     # x quantized in the gate/up's k loop (its steps are the 128-column groups): one launch
     # fewer (scaled_rows_kernel, 1.5 us a layer in the FP8 dMoE profile), the quantization

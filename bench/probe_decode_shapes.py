@@ -1,5 +1,6 @@
-"""Decode launch shapes against the default, on the H200: the gate/up alone, the down alone and
-the pair, us per layer call (graphs of 4 layer calls on 4 weight copies, 32 tokens, exact-u
+"""Decode launch shapes against the default, each launch alone and the pair (H200).
+
+The gate/up alone, the down alone and the pair, us per layer call (graphs of 4 layer calls on 4 weight copies, 32 tokens, exact-u
 token routing, the shared expert), each shape checked against the fp32 reference first, in
 alternating rounds. A shape is a dict of DecodeConfig fields, given as JSON; with --fp8 the
 layers are FP8 (128 x 128 block scales, launch.DEFAULT_DECODE_FP8 the default, the gate/up's
@@ -106,13 +107,24 @@ class Layers:
                                      *self.weights[0], shared=self.shared[0])
 
 
+def positive(text: str) -> int:
+    """--rounds: an int >= 1 (argparse.ArgumentTypeError otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--rounds takes an int >= 1, got {text!r}")
+    return value
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("shapes", nargs="*", type=parse_shape, help="JSON dicts of DecodeConfig "
                     "fields, each timed against the default (none: the default alone)")
     ap.add_argument("--experts", type=expert_counts, default=[15, 17, 70],
                     help="unique routed experts of the 32 tokens (exact routing), e.g. 15,70")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=positive, default=2)
     ap.add_argument("--fp8", action="store_true", help="FP8 experts (issue 16)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

@@ -214,7 +214,8 @@ class DecodeConfig:
     def __post_init__(self):
         # block_i and block_h are the weight tiles' rows, the M side of the kernels' tl.dot
         # since the fourteenth session: 16 at least. (The k steps are not held to it here:
-        # fit_scale_blocks shrinks them to divide an FP8 checkpoint's scale blocks.)
+        # fit_scale_blocks shrinks them to divide an FP8 checkpoint's scale blocks, all but
+        # the fp8 dot's down step.)
         _check_shape(self, powers_of_two=("block_i", "k_tile_gate_up", "warps_gate_up",
                                           "tail_cols", "tail_k_tile", "block_h",
                                           "k_tile_down", "warps_down"),
@@ -435,7 +436,8 @@ def fit_scale_blocks(config, block_k: int):
       divides it), so a k step lies in one scale block; except the down's with the fp8 dot,
       which is kept: its dots are the act groups (below), each in one scale block
       (kernels/moe_fp8.fp8_down_step), so a step of several scale blocks keeps that many
-      tiles in flight in one pipeline stage.
+      tiles in flight in one pipeline stage (the down launches cut it to the block where the
+      launch runs another dot after all: moe._down_step).
     - The fp8 dot quantizes x per token in groups of block_k columns (DeepSeek-V3's 1 x 128)
       and the act rows in groups of the gate/up's block_i columns (each work item writes its
       own), so block_i becomes min(block_i, block_k), at least FP8_DOT_MIN_K (a down dot is

@@ -482,6 +482,18 @@ def _weight_args(w, names, fp8) -> dict:
                 SCALE_K=block[1], FP8_BITS=bits)
 
 
+def _down_step(config, acts: ActRows, fp8) -> int:
+    """The down launch's k step: config.k_tile_down, except that a step wider than the scale
+    block, which launch.fit_scale_blocks keeps for the fp8 dot (its dots are the act groups),
+    is cut to the block where the launch runs another dot (act rows of 2 or 4 bytes: the fp16
+    dot below sm_89, the model dot for fp16 / fp32 activations): sized for e4m3 act tiles, it
+    would take 2-4x the shared memory (offline for sm_90: 360448 bytes for the decode down
+    with fp16 activations at steps of 512, over the 232448 a program may take)."""
+    if fp8 is None or acts.act.dtype == FP8_DTYPE:
+        return config.k_tile_down
+    return min(config.k_tile_down, fp8[1][1])  # a fitted step is never wider than the block
+
+
 def expert_down(acts: ActRows, w_down, lists, weights, dtype: torch.dtype,
                 config: GroupedConfig, fp8=None, shared_down=None, shared_scale=None):
     """partial [T*(top_k + shared), H] in `dtype` (the layer output's): w * act W_down^T for
@@ -515,7 +527,7 @@ def expert_down(acts: ActRows, w_down, lists, weights, dtype: torch.dtype,
         partial_ptr=partial, stride_ps=partial.stride(0), weights_ptr=weights,
         **lists.kernel_args(), **_shared_args(shared_down, shared_scale, fp8), H=H, I=inter,
         TOP_K=weights.shape[1] + shared, SHARED=shared, BLOCK_M=cfg.block_m,
-        BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down,
+        BLOCK_H=cfg.block_h, BLOCK_K=_down_step(cfg, acts, fp8),
         PRECISION=dot_precision(act.dtype), num_warps=cfg.warps_down,
         num_stages=pipeline_stages(cfg.stages_down, act.dtype), **pdl(act.device))
     return partial
@@ -655,7 +667,7 @@ def decode_down_combine(acts: ActRows, ids, weights, w_down, out, arrivals,
         ids_ptr=ids, weights_ptr=weights, out_ptr=out, stride_ot=out.stride(0),
         partial_ptr=partial, arrivals_ptr=None if partial is None else arrivals,
         **_shared_args(shared_down, shared_scale, fp8), T=T, H=H, I=inter, E=E, TOP_K=top_k,
-        BLOCK_H=cfg.block_h, BLOCK_K=cfg.k_tile_down, EXPERT_SPLITS=cfg.down_splits,
+        BLOCK_H=cfg.block_h, BLOCK_K=_down_step(cfg, acts, fp8), EXPERT_SPLITS=cfg.down_splits,
         HAS_SHARED=shared_down is not None, num_warps=cfg.warps_down,
         num_stages=pipeline_stages(cfg.stages_down, acts.act.dtype),
         **pads, **pdl(out.device))

@@ -258,9 +258,11 @@ def fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss, slot, rows_ok, r
     ROWS] fp32 multiplies each row's product (1.0: none).
 
     A step wider than the act rows' scale chunks (ACT_CHUNK: the gate/up's BLOCK_I; powers of
-    two, a divisor of SCALE_K: launch.fit_scale_blocks) is its chunks' dots, each with its own
-    factors (act and weight scales): one loop iteration, so the pipeline's per-iteration work is
-    paid once for the whole step, which may span several scale blocks.
+    two) is its chunks' dots, each with its own factors (act and weight scales): one loop
+    iteration, so the pipeline's per-iteration work is paid once for the whole step, which may
+    span several scale blocks. Each dot, PART = min(BLOCK_K, ACT_CHUNK) wide, lies in one scale
+    block: launch.fit_scale_blocks makes BLOCK_K a divisor of SCALE_K, or, keeping a wider step
+    (the fp8 dot's), ACT_CHUNK one.
     """
     PART: tl.constexpr = BLOCK_K if BLOCK_K < ACT_CHUNK else ACT_CHUNK
     h_ok = offs_h < H

@@ -327,8 +327,9 @@ def moe_down_kernel(act_ptr, stride_as,
     tile; BLOCK_H: hidden columns per work item; BLOCK_K: reduction step along I; PRECISION:
     tl.dot input_precision. s_ptr: fp32 [E, cdiv(H, SCALE_N), cdiv(I, SCALE_K)] block scales
     of FP8 weights, or None; FP8_BITS, DOT as in moe_gate_up_kernel; act_scale_ptr [T*TOP_K,
-    cdiv(I, ACT_CHUNK)]: its act scales (ACT_CHUNK: the gate/up's BLOCK_I, a multiple of
-    BLOCK_K). shared_ptr [H, I], shared_s_ptr: as in moe_gate_up_kernel.
+    cdiv(I, ACT_CHUNK)]: its act scales (ACT_CHUNK: the gate/up's BLOCK_I; a k step is
+    min(BLOCK_K, ACT_CHUNK)-wide dots: moe_fp8.fp8_down_step). shared_ptr [H, I],
+    shared_s_ptr: as in moe_gate_up_kernel.
     """
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     n_splits = tl.cdiv(H, BLOCK_H)

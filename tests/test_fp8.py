@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from dmoe_triton import RoutingPolicy, launch, moe_forward
 from dmoe_triton.launch import DECODE_MAX_TOKENS, DecodeConfig, GroupedConfig
 from dmoe_triton.models import LLaDA2MoeConfig, LLaDA2MoeModelLM
-from dmoe_triton.moe import DMoEBlock, fp8_activation_groups
+from dmoe_triton.moe import ActRows, DMoEBlock, _down_step, fp8_activation_groups
 from dmoe_triton.patch import patch_model
 from dmoe_triton.quant import (FP8_DTYPE, Fp8Scales, dequantize_blocks, dequantize_experts,
                                dequantize_shared, quantize_activations, quantize_blocks,
@@ -516,6 +516,18 @@ def test_fp8_reads_follow_the_capability(monkeypatch):
     assert launch.fp8_bits(torch.device("cpu")) is False  # the interpreter reads e4m3
 
 
+def test_down_step_follows_the_dot_that_runs():
+    """A down step wider than the scale block, kept by fit_scale_blocks for the fp8 dot, stays
+    with e4m3 act rows and is cut to the block where the launch runs another dot (fp16 or
+    model-dtype act rows: 2-4x the shared memory a tile takes)."""
+    config = launch.fit_scale_blocks(DecodeConfig(dot="fp8", k_tile_down=512), 64)
+    fp8 = (None, (128, 64), False)
+    for act_dtype, step in ((FP8_DTYPE, 512), (torch.float16, 64), (torch.float32, 64),
+                            (torch.bfloat16, 64)):
+        assert _down_step(config, ActRows(torch.empty(1, 1, dtype=act_dtype)), fp8) == step
+    assert _down_step(DecodeConfig(), ActRows(torch.empty(1, 1)), None) == 256  # bf16 weights
+
+
 def test_k_steps_fit_the_scale_blocks():
     """Each k step shrinks to a divisor of the scale block's width, except the down's with the
     fp8 dot (its dots are the act groups, divisors of the width: fp8_down_step)."""
@@ -555,17 +567,18 @@ def test_fp8_dot_quantizes_x_in_the_loop_as_the_prepass_does(path):
         assert launch.fit_scale_blocks(config, 48).x_prepass is False  # the fp16 dot: any step
 
 
+@pytest.mark.parametrize("I", [72, 300])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("path", ["decode", "grouped"])
-def test_wide_down_steps_read_no_scale_past_their_blocks(path, dtype):
-    """A down k step of 256 over I = 72 columns in scale blocks of 32 (the fp8 dot's act groups
-    of 32 columns with bf16 activations; fp32 ones take the model dot, which cuts the step the
-    same way): three groups inside I, five past it, whose weight and act scales must not be
-    read past their last columns. The down's scales sit in a larger tensor whose column past
-    them is NaN: one read there makes its rows NaN. (Not 512: the grouped down's fp32 act
-    tiles would take 270336 bytes of shared memory on sm_90, more than a program may.)"""
+def test_wide_down_steps_read_no_scale_past_their_blocks(path, dtype, I):
+    """Down k steps of 256 in scale blocks of 32 (the fp8 dot's act groups of 32 columns with
+    bf16 activations), over I = 72 columns (one step: three groups inside I, five past it) and
+    300 (two steps, the second partial): the groups past I must not read weight or act scales
+    past their last columns. The down's scales sit in a larger tensor whose column past them is
+    NaN: one read there makes its rows NaN. fp32 activations take the model dot, whose down
+    launch cuts the step to the block (moe._down_step)."""
     g = torch.Generator().manual_seed(11)
-    E, H, I, T = 4, 200, 72, 12
+    E, H, T = 4, 200, 12
     w_gate_up, w_down, scales = make_fp8_layer(E, H, I, (32, 32), g)
     padded = torch.full(scales.down.shape[:2] + (scales.down.shape[2] + 1,), float("nan"))
     padded[..., :-1] = scales.down
