@@ -6,6 +6,9 @@
 #
 #   STOP_AT=480 bash bench/ab_e2e.sh OUT_DIR ss=bench/results/.../split_sum_into_norm.patch
 #
+# FP8=1 runs `bench_e2e.py --fp8` instead (issue 16: the step with FP8 experts against bf16, the
+# same two policies; about 20-50 s a run).
+#
 # Each run's tables go to OUT_DIR/<name><round>/, its log to OUT_DIR/<name><round>.log, the
 # steps to OUT_DIR/steps.txt; the one-sequence rows of every run (ms per forward, byte floor ms,
 # x floor) are printed last. The trees are removed at the end, or on any failure. Exit status:
@@ -48,12 +51,18 @@ round=1
 # for its caller to pack the results (run in the nineteenth session, the eighteenth's
 # next_call.sh ran past its limit).
 last_start=$(( ${STOP_AT:-480} - 45 ))
+bench_args=(--quick --budget-s 60) table=e2e_quick.md
+rows='^\| calibrated \| (token|dmoe p=0.6) \| 1 ' fields=3,6,13,14
+if [ "${FP8:-0}" = 1 ]; then
+  bench_args=(--fp8) table=e2e_fp8.md rows='^\| (token|dmoe p=0.6) (bf16|fp8) ' fields=2,3,6,7
+  last_start=$(( ${STOP_AT:-480} - 60 ))  # a first FP8 run took 52 s (compiling)
+fi
 failed=0
 while [ "$SECONDS" -lt "$last_start" ]; do
   for t in base "${names[@]}"; do
     [ "$SECONDS" -lt "$last_start" ] || break
     d=.; [ "$t" = base ] || d=ab_$t
-    (cd "$d" && PYTHONPATH=$PWD timeout 100 python3 bench/bench_e2e.py --quick --budget-s 60 \
+    (cd "$d" && PYTHONPATH=$PWD timeout 100 python3 bench/bench_e2e.py "${bench_args[@]}" \
       --policies "token,dmoe p=0.6" --out "$out/$t$round" > "$out/$t$round.log" 2>&1)
     rc=$?
     [ $rc -eq 0 ] || failed=1
@@ -64,6 +73,6 @@ done
 shopt -s nullglob
 for f in "$out"/*[0-9]; do
   echo "== $f"
-  grep -E "^\| calibrated \| (token|dmoe p=0.6) \| 1 " "$f/e2e_quick.md" | cut -d"|" -f3,6,13,14
+  grep -E "$rows" "$f/$table" | cut -d"|" -f"$fields"
 done
 [ $failed -eq 0 ] || { echo "ab_e2e: some runs failed (rc in $out/steps.txt)"; exit 1; }
