@@ -285,24 +285,24 @@ def launch_closures(layers, shared, ids, weights, hidden, config, scales=None):
     expert's in .shared: fp8_shared_experts), the config then fitted as moe_forward fits it;
     the gate/up closure includes the activations' prepass launch (decode_gate_up's)."""
     arrivals = [down_arrivals(hidden.shape[1], hidden.device, config) for _ in layers]
-    fp8 = [dict() for _ in layers]
+    gate_up_fp8 = down_fp8 = [{} for _ in layers]  # per copy: the launches' FP8 arguments
     if scales is not None:
         bits = launch.fp8_bits(hidden.device)
         config = fit_scale_blocks(config, scales[0].block[1])
-        fp8 = [dict(gate_up=dict(fp8=(s.gate_up, s.block, bits), shared_scale=s.shared[0]),
-                    down=dict(fp8=(s.down, s.block, bits), shared_scale=s.shared[1]))
-               for s in scales]
-    acts = [decode_gate_up(hidden, ids, weights, wg, a, config, sgu, **f.get("gate_up", {}))
-            for (wg, *_), (sgu, _), a, f in zip(layers, shared, arrivals, fp8)]
+        gate_up_fp8 = [dict(fp8=(s.gate_up, s.block, bits), shared_scale=s.shared[0])
+                       for s in scales]
+        down_fp8 = [dict(fp8=(s.down, s.block, bits), shared_scale=s.shared[1]) for s in scales]
+    acts = [decode_gate_up(hidden, ids, weights, wg, a, config, sgu, **f)
+            for (wg, *_), (sgu, _), a, f in zip(layers, shared, arrivals, gate_up_fp8)]
     out = torch.empty_like(hidden)
 
     def gate_up():
-        for (wg, *_), (sgu, _), a, f in zip(layers, shared, arrivals, fp8):
-            decode_gate_up(hidden, ids, weights, wg, a, config, sgu, **f.get("gate_up", {}))
+        for (wg, *_), (sgu, _), a, f in zip(layers, shared, arrivals, gate_up_fp8):
+            decode_gate_up(hidden, ids, weights, wg, a, config, sgu, **f)
 
     def down():
-        for (_, wd, *_), (_, sd), act, a, f in zip(layers, shared, acts, arrivals, fp8):
-            decode_down_combine(act, ids, weights, wd, out, a, config, sd, **f.get("down", {}))
+        for (_, wd, *_), (_, sd), act, a, f in zip(layers, shared, acts, arrivals, down_fp8):
+            decode_down_combine(act, ids, weights, wd, out, a, config, sd, **f)
 
     return gate_up, down
 

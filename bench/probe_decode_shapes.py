@@ -2,9 +2,10 @@
 
 The gate/up alone, the down alone and the pair, us per layer call (graphs of 4 layer calls
 on 4 weight copies, 32 tokens, exact-u token routing, the shared expert), each shape checked
-against the fp32 reference first, in alternating rounds. A shape is a dict of DecodeConfig fields, given as JSON; with --fp8 the
-layers are FP8 (128 x 128 block scales, launch.DEFAULT_DECODE_FP8 the default, the gate/up's
-time including the activations' prepass launch):
+against the fp32 reference first, in alternating rounds. A shape is a dict of DecodeConfig
+fields, given as JSON; with --fp8 the layers are FP8 (128 x 128 block scales,
+launch.DEFAULT_DECODE_FP8 the default, the gate/up's time including the activations' prepass
+launch):
 
     python bench/probe_decode_shapes.py '{"stages_down": 7}' \
         '{"k_tile_down": 128, "stages_down": 9}'
