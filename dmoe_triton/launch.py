@@ -210,6 +210,16 @@ class DecodeConfig:
     # with a narrower k step always takes the launch (fit_scale_blocks); both ways quantize
     # the same groups the same way, to the same e4m3 values.
     x_prepass: bool = True
+    # FP8 weights: the gate/up's weight tiles by the tensor memory accelerator (a tensor
+    # descriptor per work item, one copy instruction a tile) instead of every thread's copies,
+    # where the launch can (moe.takes_tma: sm_90+, aligned rows; the same values either way).
+    # On for DEFAULT_DECODE_FP8 since the 24th session (H200, 32 tokens, with the shared
+    # expert): the gate/up 18.0-18.6 us against 19.6-19.8 at 8 experts, 19.6-19.9 against
+    # 20.2-20.3 at 15, equal at 30 and 70 (bench/probe_decode_shapes.py --fp8); the 20-layer
+    # step with FP8 experts, dMoE p=0.6, 1.688-1.692 ms against 1.700-1.707 over 6 / 7
+    # alternating runs, token routing 2.486-2.493 against 2.478-2.489 (bench/ab_e2e.sh, FP8=1;
+    # bench/results/h200-2026-12-02-s24).
+    tma: bool = False
 
     def __post_init__(self):
         # block_i and block_h are the weight tiles' rows, the M side of the kernels' tl.dot
@@ -341,7 +351,7 @@ DEFAULT_ALIGN = AlignLaunch()
 DEFAULT_DECODE_FP8 = DecodeConfig(block_i=128, k_tile_gate_up=128, warps_gate_up=4,
                                   stages_gate_up=4, programs_per_sm=2, block_h=64,
                                   k_tile_down=256, warps_down=4, stages_down=4, down_splits=8,
-                                  dot="fp8")
+                                  dot="fp8", tma=True)
 DEFAULT_GROUPED_FP8 = GroupedConfig(block_m=64, block_i=128, k_tile_gate_up=128, warps_gate_up=8,
                                     stages_gate_up=3, block_h=64, k_tile_down=128, warps_down=4,
                                     stages_down=6, programs_per_sm=2, dot="fp8")

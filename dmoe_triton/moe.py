@@ -613,6 +613,7 @@ def decode_gate_up(hidden, ids, weights, w_gate_up, arrivals, config: DecodeConf
         arrivals_ptr=arrivals,
         n_arrivals=0 if arrivals is None else arrivals.numel(),
         **_shared_args(shared_gate_up, shared_scale, fp8), T=T,
+        **_tma_args(w_gate_up, shared_gate_up, cfg, fp8),
         H=H, I=inter, E=E, TOP_K=top_k, BLOCK_I=cfg.block_i, BLOCK_K=cfg.k_tile_gate_up,
         HAS_SHARED=has_shared, TAIL_SPLIT=cfg.block_i // cfg.tail_cols if fp8 is None else 1,
         TAIL_K=cfg.tail_k_tile,
@@ -620,6 +621,41 @@ def decode_gate_up(hidden, ids, weights, w_gate_up, arrivals, config: DecodeConf
         num_stages=pipeline_stages(cfg.stages_gate_up, hidden.dtype), **pads,
         **pdl(hidden.device))
     return acts
+
+
+TMA_CAPABILITY = (9, 0)  # the tensor memory accelerator: Hopper and later
+
+
+def takes_tma(tensors, device: torch.device) -> bool:
+    """Whether the decode gate/up can read these weights ([..., rows, columns], e.g. [E, 2I, H]
+    and the shared expert's [2I, H]) through TMA descriptors made in the kernel: a CUDA device
+    of compute capability 9.0 or more (or Triton's interpreter, on the CPU), unit stride along
+    the columns and every other stride and the start 16-byte aligned (the descriptor's rule)."""
+    if device.type == "cuda" and tuple(torch.cuda.get_device_capability(device)) < TMA_CAPABILITY:
+        return False
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1])
+               for t in tensors)
+
+
+def _descriptor_scratch(size: int, alignment: int, stream):
+    """Triton's allocator for a kernel's global scratch (the in-kernel TMA descriptors' 128-byte
+    records): on the current CUDA device, as a launch runs there (torch's allocations are
+    256-byte aligned, above any alignment Triton asks)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _tma_args(w_gate_up, shared_gate_up, cfg, fp8) -> dict:
+    """With config.tma, FP8 weights and takes_tma: TMA=True, the gate/up's weight tiles by the
+    tensor memory accelerator; else {} (the threads' copies: the same values). Sets Triton's
+    allocator (triton.set_allocator, which in-kernel descriptors need) to _descriptor_scratch
+    on CUDA."""
+    weights = [w for w in (w_gate_up, shared_gate_up) if w is not None]
+    if fp8 is None or not cfg.tma or not takes_tma(weights, w_gate_up.device):
+        return {}
+    if w_gate_up.device.type == "cuda":
+        triton.set_allocator(_descriptor_scratch)
+    return dict(TMA=True)
 
 
 def _shared_args(shared_weight, shared_scale, fp8) -> dict:

@@ -167,12 +167,12 @@ def _tile_scale(s_rows, n_ok, k0, stride_sk, SCALE_N: tl.constexpr, SCALE_K: tl.
 
 
 @triton.jit
-def _fp8_dot(w_tile, w_mask, acc_t, x_op, x_inverse, s_rows, n_ok, k0, stride_sk,
+def _fp8_dot(w_tile, acc_t, x_op, x_inverse, s_rows, n_ok, k0, stride_sk,
              PRECISION: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
              BLOCK_N: tl.constexpr, FP8_BITS: tl.constexpr):
-    """acc^T + (W @ x^T) * scale * x_inverse for one k step: w_tile [BLOCK_N, BLOCK_K] pointers
-    to e4m3 weights (masked by w_mask), x_op [BLOCK_K, ROWS] from _x_operand."""
-    w = _fp8_values(tl.load(w_tile, mask=w_mask, other=0.0), x_op.dtype, FP8_BITS)
+    """acc^T + (W @ x^T) * scale * x_inverse for one k step: w_tile [BLOCK_N, BLOCK_K] the
+    loaded e4m3 weights (0 outside the weight), x_op [BLOCK_K, ROWS] from _x_operand."""
+    w = _fp8_values(w_tile, x_op.dtype, FP8_BITS)
     s = _tile_scale(s_rows, n_ok, k0, stride_sk, SCALE_N, SCALE_K, BLOCK_N, FP8_BITS)
     return acc_t + tl.dot(w, x_op, input_precision=PRECISION) * (s * x_inverse)
 
@@ -182,14 +182,17 @@ def fp8_silu_gate_up(x_cols, x_inverse_cols, rows_ok, stride_xh, w_gate, w_up, s
                      offs_i, H, s_expert, I, stride_sn, stride_sk,
                      ROWS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
                      PRECISION: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
-                     FP8_BITS: tl.constexpr, DOT: tl.constexpr):
+                     FP8_BITS: tl.constexpr, DOT: tl.constexpr, TMA: tl.constexpr = False,
+                     row_gate=0, row_up=0):
     """act^T [BLOCK_I, ROWS] fp32 = silu(W_gate x^T) * (W_up x^T) for the columns offs_i (= i0 +
     arange(BLOCK_I)) of one expert.
 
     x_cols [1, ROWS] points at each token row's first element (rows outside rows_ok masked: no
     memory traffic); x_inverse_cols [1, ROWS] at its scaled_rows_kernel factors, or None; w_gate /
-    w_up [BLOCK_I, 1] at the columns' e4m3 weight rows; s_expert: the expert's scales [2 *
-    cdiv(I, SCALE_N), cdiv(H, SCALE_K)] (gate blocks, then up).
+    w_up [BLOCK_I, 1] at the columns' e4m3 weight rows, or with TMA tensor descriptors of
+    [BLOCK_I, BLOCK_K] tiles and the columns' rows at row_gate / row_up (rows past them may be
+    another expert's or the up's: their columns are past I, never stored); s_expert: the
+    expert's scales [2 * cdiv(I, SCALE_N), cdiv(H, SCALE_K)] (gate blocks, then up).
     """
     i_ok = offs_i < I
     s_gate = _scale_rows(s_expert, i0, offs_i, 0, stride_sn, SCALE_N, BLOCK_I)
@@ -202,13 +205,17 @@ def fp8_silu_gate_up(x_cols, x_inverse_cols, rows_ok, stride_xh, w_gate, w_up, s
         x_t = tl.load(x_cols + offs_k[:, None] * stride_xh,
                       mask=k_ok[:, None] & rows_ok[None, :], other=0.0)
         x_op, x_inverse = _x_operand(x_t, x_inverse_cols, rows_ok, k0, SCALE_K, DOT)
-        w_mask = i_ok[:, None] & k_ok[None, :]
-        acc_gate = _fp8_dot(w_gate + offs_k[None, :] * stride_wk, w_mask, acc_gate, x_op,
-                            x_inverse, s_gate, i_ok[:, None], k0, stride_sk, PRECISION, SCALE_N,
-                            SCALE_K, BLOCK_I, FP8_BITS)
-        acc_up = _fp8_dot(w_up + offs_k[None, :] * stride_wk, w_mask, acc_up, x_op, x_inverse,
-                          s_up, i_ok[:, None], k0, stride_sk, PRECISION, SCALE_N, SCALE_K,
-                          BLOCK_I, FP8_BITS)
+        if TMA:
+            w_gate_tile = w_gate.load([row_gate, k0])
+            w_up_tile = w_up.load([row_up, k0])
+        else:
+            w_mask = i_ok[:, None] & k_ok[None, :]
+            w_gate_tile = tl.load(w_gate + offs_k[None, :] * stride_wk, mask=w_mask, other=0.0)
+            w_up_tile = tl.load(w_up + offs_k[None, :] * stride_wk, mask=w_mask, other=0.0)
+        acc_gate = _fp8_dot(w_gate_tile, acc_gate, x_op, x_inverse, s_gate, i_ok[:, None], k0,
+                            stride_sk, PRECISION, SCALE_N, SCALE_K, BLOCK_I, FP8_BITS)
+        acc_up = _fp8_dot(w_up_tile, acc_up, x_op, x_inverse, s_up, i_ok[:, None], k0,
+                          stride_sk, PRECISION, SCALE_N, SCALE_K, BLOCK_I, FP8_BITS)
     return acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
 
 
@@ -277,7 +284,8 @@ def fp8_down_step(act_ptr, stride_as, act_scale_ptr, stride_ss, slot, rows_ok, r
         k_scales = tl.minimum(k, I - 1)
         a_op, a_inverse = fp8_act_operand(act_ptr, stride_as, act_scale_ptr, stride_ss, slot,
                                           rows_ok, offs_k, k_ok, k_scales, ACT_CHUNK, DOT)
-        acc_t = _fp8_dot(w_rows + offs_k[None, :] * stride_wi, h_ok[:, None] & k_ok[None, :],
-                         acc_t, a_op, a_inverse * row_factor, s_rows, h_ok[:, None], k_scales,
-                         stride_sk, PRECISION, SCALE_N, SCALE_K, BLOCK_H, FP8_BITS)
+        w_tile = tl.load(w_rows + offs_k[None, :] * stride_wi,
+                         mask=h_ok[:, None] & k_ok[None, :], other=0.0)
+        acc_t = _fp8_dot(w_tile, acc_t, a_op, a_inverse * row_factor, s_rows, h_ok[:, None],
+                         k_scales, stride_sk, PRECISION, SCALE_N, SCALE_K, BLOCK_H, FP8_BITS)
     return acc_t

@@ -567,7 +567,8 @@ def _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_pt
                      I, E, T_PAD: tl.constexpr, NUM_BINS: tl.constexpr,
                      HAS_SHARED: tl.constexpr, BLOCK_I: tl.constexpr,
                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SCALE_N: tl.constexpr,
-                     SCALE_K: tl.constexpr, FP8_BITS: tl.constexpr, DOT: tl.constexpr):
+                     SCALE_K: tl.constexpr, FP8_BITS: tl.constexpr, DOT: tl.constexpr,
+                     TMA: tl.constexpr = False):
     """One FP8 work item of moe_gate_up_decode_kernel (the u-th used expert, _decode_item_rows,
     columns i0 ..): its weights and scales, its tokens, and each token's routing weight for it
     (row_weight [T_PAD] fp32, 0 where unused; 1 for every real token of the shared expert).
@@ -591,10 +592,19 @@ def _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_pt
     x_inverse = None
     if x_inverse_ptr is not None:
         x_inverse = x_inverse_ptr + t.to(tl.int64)[None, :] * stride_xi
-    act_t = fp8_silu_gate_up(x_ptr + t.to(tl.int64)[None, :] * stride_xt, x_inverse, uses,
-                             stride_xh, w_gate, w_gate + I * stride_wn, stride_wk, i0, offs_i, H,
-                             s_expert, I, stride_sn, stride_sk, T_PAD, BLOCK_I, BLOCK_K,
-                             PRECISION, SCALE_N, SCALE_K, FP8_BITS, DOT)
+    x_cols = x_ptr + t.to(tl.int64)[None, :] * stride_xt
+    if TMA:  # the expert's [2I, H] weights as a tensor descriptor: a tile is one TMA copy
+        w_desc = tl.make_tensor_descriptor(w_rows, shape=[2 * I, H], strides=[stride_wn, 1],
+                                           block_shape=[BLOCK_I, BLOCK_K])
+        act_t = fp8_silu_gate_up(x_cols, x_inverse, uses, stride_xh, w_desc, w_desc, stride_wk,
+                                 i0, offs_i, H, s_expert, I, stride_sn, stride_sk, T_PAD,
+                                 BLOCK_I, BLOCK_K, PRECISION, SCALE_N, SCALE_K, FP8_BITS, DOT,
+                                 True, i0, I + i0)
+    else:
+        act_t = fp8_silu_gate_up(x_cols, x_inverse, uses, stride_xh, w_gate,
+                                 w_gate + I * stride_wn, stride_wk, i0, offs_i, H, s_expert, I,
+                                 stride_sn, stride_sk, T_PAD, BLOCK_I, BLOCK_K, PRECISION,
+                                 SCALE_N, SCALE_K, FP8_BITS, DOT)
     fp8_store_act(act_t, act_ptr, stride_as, act_scale_ptr, stride_ss,
                   (u * T_PAD + t).to(tl.int64), t >= 0, i0, offs_i, I, BLOCK_I, DOT)
 
@@ -614,7 +624,7 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, str
                               weights_ptr=None, used_ptr=None, row_weight_ptr=None,
                               shared_s_ptr=None, TAIL_SPLIT: tl.constexpr = 1,
                               TAIL_K: tl.constexpr = 128, WEIGHED_ACT: tl.constexpr = False,
-                              PDL: tl.constexpr = False):
+                              TMA: tl.constexpr = False, PDL: tl.constexpr = False):
     """act[u * T_PAD + t] = w * silu(x_t W_gate^T) * (x_t W_up^T) for the u-th used expert (0
     where t does not use it), w token t's routing weight with WEIGHED_ACT (bf16 / fp32 act rows:
     _gate_up_columns), else 1 (fp16 rows, FP8 weights: the down weighs the products); work
@@ -668,7 +678,7 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, str
                              act_scale_ptr, stride_ss, used_ptr, row_weight_ptr, used, rank,
                              n_used, token_ids, token_weights, u, i0, T, H, I, E, T_PAD,
                              NUM_BINS, HAS_SHARED, BLOCK_I, BLOCK_K, PRECISION, SCALE_N,
-                             SCALE_K, FP8_BITS, DOT)
+                             SCALE_K, FP8_BITS, DOT, TMA)
     if TAIL_SPLIT > 1:  # model-dtype weights only: an FP8 item has no pieces
         tl.static_assert(s_ptr is None, "TAIL_SPLIT must be 1 with FP8 weights")
         PIECE: tl.constexpr = BLOCK_I // TAIL_SPLIT

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from dmoe_triton import RoutingPolicy, launch, moe_forward
+from dmoe_triton import moe as moe_module
 from dmoe_triton.launch import DECODE_MAX_TOKENS, DecodeConfig, GroupedConfig
 from dmoe_triton.models import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from dmoe_triton.moe import ActRows, DMoEBlock, _down_step, fp8_activation_groups
@@ -514,6 +515,55 @@ def test_fp8_reads_follow_the_capability(monkeypatch):
     with launch.override(fp8_bits=False):
         assert launch.fp8_bits(cuda) is False
     assert launch.fp8_bits(torch.device("cpu")) is False  # the interpreter reads e4m3
+
+
+@pytest.mark.parametrize("with_shared", [False, True])
+def test_tma_gate_up_reads_the_same_values(with_shared, monkeypatch):
+    """The decode gate/up's weight tiles through in-kernel TMA descriptors (DecodeConfig.tma,
+    the FP8 default) give the threads' copies' output bit for bit: I = 192 leaves the last
+    128-column item's gate rows reading up rows (and the up rows past the expert, zeros by
+    the descriptor's shape), which only the unstored columns take; an empty slot; the shared
+    expert's own descriptor."""
+    g = torch.Generator().manual_seed(24)
+    E, H, I, T = 6, 256, 192, 9
+    w_gate_up, w_down, scales = make_fp8_layer(E, H, I, (128, 128), g)
+    hidden = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    ids, weights = random_routing(T, E, 2, g)
+    ids[1, 1] = -1
+    kwargs = dict(scales=scales)
+    if with_shared:
+        shared, shared_scales = make_fp8_shared(H, I, (128, 128), g)
+        kwargs = dict(shared=shared, scales=replace(scales, shared=shared_scales))
+    assert launch.DEFAULT_DECODE_FP8.tma
+    tma_args = moe_module._tma_args
+    launched = []  # what each gate/up launch was given: {"TMA": True} or {}
+    monkeypatch.setattr(moe_module, "_tma_args", lambda *a: launched.append(tma_args(*a))
+                        or launched[-1])
+    ys = []
+    for tma in (True, False):
+        with launch.override(moe_path="decode",
+                             decode=replace(launch.DEFAULT_DECODE_FP8, tma=tma)):
+            ys.append(run_moe(hidden, ids, weights, w_gate_up, w_down, backend="triton",
+                              **kwargs))
+    assert launched == [dict(TMA=True), {}]
+    assert torch.isfinite(ys[0]).all() and torch.equal(ys[0], ys[1])
+
+
+def test_tma_follows_the_capability_and_alignment(monkeypatch):
+    """TMA descriptors from sm_90 (and in the interpreter), for weights whose rows are
+    contiguous and whose strides and start are 16-byte aligned; else the threads' copies
+    (the same values: a launch choice, not an error). (No GPU needed: the capability is
+    faked, CPU tensors stand in.)"""
+    w = torch.empty(4, 64, 256, dtype=FP8_DTYPE)
+    cuda = torch.device("cuda", 0)
+    for capability, able in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
+        assert moe_module.takes_tma([w], cuda) is able
+    cpu = torch.device("cpu")
+    assert moe_module.takes_tma([w, w[0]], cpu)
+    assert not moe_module.takes_tma([torch.empty(4, 64, 200, dtype=FP8_DTYPE)], cpu)  # 200 B
+    assert not moe_module.takes_tma([w.transpose(1, 2)], cpu)  # columns not contiguous
+    assert not moe_module.takes_tma([w, w.view(-1)[8:].view(-1)[:16 * 256].view(16, 256)], cpu)
 
 
 def test_down_step_follows_the_dot_that_runs():
