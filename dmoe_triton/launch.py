@@ -212,11 +212,11 @@ class DecodeConfig:
     x_prepass: bool = True
     # FP8 weights: the gate/up's weight tiles by the tensor memory accelerator (a tensor
     # descriptor per work item, one copy instruction a tile) instead of every thread's copies,
-    # where the launch can (moe.takes_tma: sm_90+, aligned rows; the same values either way).
+    # where the launch can (takes_tma: sm_90+, aligned rows; the same values either way).
     # On for DEFAULT_DECODE_FP8 since the 24th session (H200, 32 tokens, with the shared
     # expert): the gate/up 18.0-18.6 us against 19.6-19.8 at 8 experts, 19.6-19.9 against
-    # 20.2-20.3 at 15, equal at 30 and 70 (bench/probe_decode_shapes.py --fp8); the 20-layer
-    # step with FP8 experts, dMoE p=0.6, 1.688-1.692 ms against 1.700-1.707 over 6 / 7
+    # 20.2-20.3 at 15, within 0.3 us at 30 and 70 (bench/probe_decode_shapes.py --fp8); the
+    # 20-layer step with FP8 experts, dMoE p=0.6, 1.688-1.692 ms against 1.700-1.707 over 6 / 7
     # alternating runs, token routing 2.486-2.493 against 2.478-2.489 (bench/ab_e2e.sh, FP8=1;
     # bench/results/h200-2026-12-02-s24).
     tma: bool = False
@@ -409,6 +409,28 @@ def fp8_bits(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     return tuple(torch.cuda.get_device_capability(device)) < FP8_NATIVE_CAPABILITY
+
+
+TMA_CAPABILITY = (9, 0)  # the tensor memory accelerator: Hopper and later
+
+
+def takes_tma(weights, config: "DecodeConfig", device: torch.device) -> bool:
+    """Whether the FP8 decode gate/up reads `weights` (its routed [E, 2I, H] and shared [2I, H]
+    e4m3 weights) through TMA descriptors (config.tma): on a CUDA device of compute capability
+    9.0 or more (or in Triton's interpreter, on the CPU), where the descriptor's rules hold
+    (CUDA's cuTensorMapEncodeTiled): unit stride along H, the start and every other stride
+    16-byte aligned, a tile's row (config.k_tile_gate_up, fitted) of 16 bytes or more and each
+    side of the tile at most 256 elements. Else the threads' copies read them, to the same
+    values."""
+    if not config.tma:
+        return False
+    if device.type == "cuda" and (tuple(torch.cuda.get_device_capability(device))
+                                  < TMA_CAPABILITY):
+        return False
+    if not (config.block_i <= 256 and 16 <= config.k_tile_gate_up <= 256):
+        return False
+    return all(w.stride(-1) == 1 and w.element_size() == 1 and w.data_ptr() % 16 == 0
+               and all(stride % 16 == 0 for stride in w.stride()[:-1]) for w in weights)
 
 
 PDL_CAPABILITY = (9, 0)  # programmatic dependent launch: Hopper and later

@@ -7,6 +7,7 @@ shared expert.
 """
 from __future__ import annotations
 
+import contextvars
 from dataclasses import replace
 from typing import NamedTuple, Optional
 
@@ -17,7 +18,7 @@ from .config import RouterConfig, RoutingPolicy
 from .launch import (DECODE_MAX_TOKENS, DEFAULT_COMBINE,  # noqa: F401 (re-exported)
                      DEFAULT_DECODE, DEFAULT_GROUPED, KERNEL_FLOATS, CombineLaunch, DecodeConfig,
                      GroupedConfig, align_launch, dot_precision, fit_scale_blocks, fp8_bits,
-                     moe_launch, pdl, persistent_grid, pipeline_stages)
+                     moe_launch, pdl, persistent_grid, pipeline_stages, takes_tma)
 from .modules import bf16_copy, fp32_router_state, keep_dtypes
 from .quant import (DEFAULT_BLOCK, FP8_DTYPE, Fp8Scales, check_block, check_scale,
                     dequantize_experts, dequantize_shared, quantize_experts, quantize_shared)
@@ -606,56 +607,45 @@ def decode_gate_up(hidden, ids, weights, w_gate_up, arrivals, config: DecodeConf
                          row_weight=torch.empty(table, dtype=torch.float32, device=dev))
     grid = persistent_grid(hidden.device, cfg.programs_per_sm,
                            experts * triton.cdiv(inter, cfg.block_i))
-    moe_gate_up_decode_kernel[grid](
+    tma = fp8 is not None and takes_tma(
+        [w for w in (w_gate_up, shared_gate_up) if w is not None], cfg, hidden.device)
+    _with_descriptor_scratch(
+        tma, hidden.device, moe_gate_up_decode_kernel[grid],
         **_x_args(hidden, cfg, fp8),
         **_weight_args(w_gate_up, ("stride_we", "stride_wn", "stride_wk"), fp8),
         **_act_args(acts, cfg, down=False), ids_ptr=ids, weights_ptr=weights,
         arrivals_ptr=arrivals,
         n_arrivals=0 if arrivals is None else arrivals.numel(),
         **_shared_args(shared_gate_up, shared_scale, fp8), T=T,
-        **_tma_args(w_gate_up, shared_gate_up, cfg, fp8),
         H=H, I=inter, E=E, TOP_K=top_k, BLOCK_I=cfg.block_i, BLOCK_K=cfg.k_tile_gate_up,
         HAS_SHARED=has_shared, TAIL_SPLIT=cfg.block_i // cfg.tail_cols if fp8 is None else 1,
-        TAIL_K=cfg.tail_k_tile,
+        TAIL_K=cfg.tail_k_tile, TMA=tma,
         num_warps=cfg.warps_gate_up,
         num_stages=pipeline_stages(cfg.stages_gate_up, hidden.dtype), **pads,
         **pdl(hidden.device))
     return acts
 
 
-TMA_CAPABILITY = (9, 0)  # the tensor memory accelerator: Hopper and later
-
-
-def takes_tma(tensors, device: torch.device) -> bool:
-    """Whether the decode gate/up can read these weights ([..., rows, columns], e.g. [E, 2I, H]
-    and the shared expert's [2I, H]) through TMA descriptors made in the kernel: a CUDA device
-    of compute capability 9.0 or more (or Triton's interpreter, on the CPU), unit stride along
-    the columns and every other stride and the start 16-byte aligned (the descriptor's rule)."""
-    if device.type == "cuda" and tuple(torch.cuda.get_device_capability(device)) < TMA_CAPABILITY:
-        return False
-    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-               and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1])
-               for t in tensors)
-
-
 def _descriptor_scratch(size: int, alignment: int, stream):
-    """Triton's allocator for a kernel's global scratch (the in-kernel TMA descriptors' 128-byte
-    records): on the current CUDA device, as a launch runs there (torch's allocations are
-    256-byte aligned, above any alignment Triton asks)."""
+    """Triton's allocator for a kernel's global scratch (the 128-byte records of tensor
+    descriptors made in the kernel): on the current CUDA device, where the launch runs
+    (torch's allocations are 256-byte aligned, above the alignment Triton asks)."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _tma_args(w_gate_up, shared_gate_up, cfg, fp8) -> dict:
-    """With config.tma, FP8 weights and takes_tma: TMA=True, the gate/up's weight tiles by the
-    tensor memory accelerator; else {} (the threads' copies: the same values). Sets Triton's
-    allocator (triton.set_allocator, which in-kernel descriptors need) to _descriptor_scratch
-    on CUDA."""
-    weights = [w for w in (w_gate_up, shared_gate_up) if w is not None]
-    if fp8 is None or not cfg.tma or not takes_tma(weights, w_gate_up.device):
-        return {}
-    if w_gate_up.device.type == "cuda":
+def _with_descriptor_scratch(tma: bool, device: torch.device, launch_kernel, **kwargs) -> None:
+    """launch_kernel(**kwargs); with tma (a kernel that makes TMA descriptors) on CUDA, with
+    _descriptor_scratch as Triton's allocator (triton.set_allocator) in a copy of the caller's
+    context, so that an allocator the caller set is left as it was."""
+    if not tma or device.type != "cuda":  # the interpreter needs no scratch
+        launch_kernel(**kwargs)
+        return
+
+    def launch_with_scratch():
         triton.set_allocator(_descriptor_scratch)
-    return dict(TMA=True)
+        launch_kernel(**kwargs)
+
+    contextvars.copy_context().run(launch_with_scratch)
 
 
 def _shared_args(shared_weight, shared_scale, fp8) -> dict:

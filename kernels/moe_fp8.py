@@ -178,23 +178,26 @@ def _fp8_dot(w_tile, acc_t, x_op, x_inverse, s_rows, n_ok, k0, stride_sk,
 
 
 @triton.jit
-def fp8_silu_gate_up(x_cols, x_inverse_cols, rows_ok, stride_xh, w_gate, w_up, stride_wk, i0,
+def fp8_silu_gate_up(x_cols, x_inverse_cols, rows_ok, stride_xh, w, stride_wn, stride_wk, i0,
                      offs_i, H, s_expert, I, stride_sn, stride_sk,
                      ROWS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
                      PRECISION: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
-                     FP8_BITS: tl.constexpr, DOT: tl.constexpr, TMA: tl.constexpr = False,
-                     row_gate=0, row_up=0):
+                     FP8_BITS: tl.constexpr, DOT: tl.constexpr, TMA: tl.constexpr = False):
     """act^T [BLOCK_I, ROWS] fp32 = silu(W_gate x^T) * (W_up x^T) for the columns offs_i (= i0 +
-    arange(BLOCK_I)) of one expert.
+    arange(BLOCK_I)) of one expert, 0 in the columns past I.
 
     x_cols [1, ROWS] points at each token row's first element (rows outside rows_ok masked: no
-    memory traffic); x_inverse_cols [1, ROWS] at its scaled_rows_kernel factors, or None; w_gate /
-    w_up [BLOCK_I, 1] at the columns' e4m3 weight rows, or with TMA tensor descriptors of
-    [BLOCK_I, BLOCK_K] tiles and the columns' rows at row_gate / row_up (rows past them may be
-    another expert's or the up's: their columns are past I, never stored); s_expert: the
-    expert's scales [2 * cdiv(I, SCALE_N), cdiv(H, SCALE_K)] (gate blocks, then up).
+    memory traffic); x_inverse_cols [1, ROWS] at its scaled_rows_kernel factors, or None; w: the
+    expert's e4m3 weights [2I, H] (gate rows, then up; strides stride_wn, stride_wk), a pointer
+    to their first element, or with TMA a tensor descriptor of them in [BLOCK_I, BLOCK_K] tiles
+    (whose reads past the descriptor's shape give 0; a gate tile past I reads up rows, into
+    columns this zeroes); s_expert: the expert's scales [2 * cdiv(I, SCALE_N), cdiv(H,
+    SCALE_K)] (gate blocks, then up).
     """
     i_ok = offs_i < I
+    if not TMA:
+        w_gate = w + offs_i[:, None] * stride_wn
+        w_up = w_gate + I * stride_wn
     s_gate = _scale_rows(s_expert, i0, offs_i, 0, stride_sn, SCALE_N, BLOCK_I)
     s_up = _scale_rows(s_expert, i0, offs_i, tl.cdiv(I, SCALE_N), stride_sn, SCALE_N, BLOCK_I)
     acc_gate = tl.zeros((BLOCK_I, ROWS), dtype=tl.float32)
@@ -205,9 +208,9 @@ def fp8_silu_gate_up(x_cols, x_inverse_cols, rows_ok, stride_xh, w_gate, w_up, s
         x_t = tl.load(x_cols + offs_k[:, None] * stride_xh,
                       mask=k_ok[:, None] & rows_ok[None, :], other=0.0)
         x_op, x_inverse = _x_operand(x_t, x_inverse_cols, rows_ok, k0, SCALE_K, DOT)
-        if TMA:
-            w_gate_tile = w_gate.load([row_gate, k0])
-            w_up_tile = w_up.load([row_up, k0])
+        if TMA:  # one copy instruction a tile (DecodeConfig.tma)
+            w_gate_tile = w.load([i0, k0])
+            w_up_tile = w.load([I + i0, k0])
         else:
             w_mask = i_ok[:, None] & k_ok[None, :]
             w_gate_tile = tl.load(w_gate + offs_k[None, :] * stride_wk, mask=w_mask, other=0.0)
@@ -216,7 +219,9 @@ def fp8_silu_gate_up(x_cols, x_inverse_cols, rows_ok, stride_xh, w_gate, w_up, s
                             stride_sk, PRECISION, SCALE_N, SCALE_K, BLOCK_I, FP8_BITS)
         acc_up = _fp8_dot(w_up_tile, acc_up, x_op, x_inverse, s_up, i_ok[:, None], k0,
                           stride_sk, PRECISION, SCALE_N, SCALE_K, BLOCK_I, FP8_BITS)
-    return acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
+    # Columns past I: zeros, whatever the tiles read there (TMA: up rows), so that they never
+    # reach fp8_store_act's largest |value| of the act group.
+    return tl.where(i_ok[:, None], acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up, 0.0)
 
 
 @triton.jit

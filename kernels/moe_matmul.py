@@ -294,8 +294,9 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
             if x_inverse_ptr is not None:
                 x_inverse = x_inverse_ptr + token[None, :] * stride_xi
             act_t = fp8_silu_gate_up(x_ptr + token[None, :] * stride_xt, x_inverse, m_ok,
-                                     stride_xh, w_gate, w_gate + I * stride_wn, stride_wk,
-                                     split * BLOCK_I, offs_i, H,
+                                     stride_xh, _weights_of(expert, E - 1, w_ptr, stride_we,
+                                                            shared_ptr),
+                                     stride_wn, stride_wk, split * BLOCK_I, offs_i, H,
                                      _weights_of(expert, E - 1, s_ptr, stride_se, shared_s_ptr), I,
                                      stride_sn, stride_sk, BLOCK_M, BLOCK_I, BLOCK_K, PRECISION,
                                      SCALE_N, SCALE_K, FP8_BITS, DOT)
@@ -588,23 +589,17 @@ def _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_pt
         tl.store(row_weight_ptr + u * T_PAD + t,
                  _row_weights(hit, uses, shared, token_weights, HAS_SHARED))
     offs_i = i0 + tl.arange(0, BLOCK_I)
-    w_gate = w_rows + offs_i[:, None] * stride_wn
     x_inverse = None
     if x_inverse_ptr is not None:
         x_inverse = x_inverse_ptr + t.to(tl.int64)[None, :] * stride_xi
-    x_cols = x_ptr + t.to(tl.int64)[None, :] * stride_xt
-    if TMA:  # the expert's [2I, H] weights as a tensor descriptor: a tile is one TMA copy
-        w_desc = tl.make_tensor_descriptor(w_rows, shape=[2 * I, H], strides=[stride_wn, 1],
-                                           block_shape=[BLOCK_I, BLOCK_K])
-        act_t = fp8_silu_gate_up(x_cols, x_inverse, uses, stride_xh, w_desc, w_desc, stride_wk,
-                                 i0, offs_i, H, s_expert, I, stride_sn, stride_sk, T_PAD,
-                                 BLOCK_I, BLOCK_K, PRECISION, SCALE_N, SCALE_K, FP8_BITS, DOT,
-                                 True, i0, I + i0)
-    else:
-        act_t = fp8_silu_gate_up(x_cols, x_inverse, uses, stride_xh, w_gate,
-                                 w_gate + I * stride_wn, stride_wk, i0, offs_i, H, s_expert, I,
-                                 stride_sn, stride_sk, T_PAD, BLOCK_I, BLOCK_K, PRECISION,
-                                 SCALE_N, SCALE_K, FP8_BITS, DOT)
+    w = w_rows
+    if TMA:  # the expert's [2I, H] weights as a tensor descriptor (DecodeConfig.tma)
+        w = tl.make_tensor_descriptor(w_rows, shape=[2 * I, H], strides=[stride_wn, 1],
+                                      block_shape=[BLOCK_I, BLOCK_K])
+    act_t = fp8_silu_gate_up(x_ptr + t.to(tl.int64)[None, :] * stride_xt, x_inverse, uses,
+                             stride_xh, w, stride_wn, stride_wk, i0, offs_i, H, s_expert, I,
+                             stride_sn, stride_sk, T_PAD, BLOCK_I, BLOCK_K, PRECISION, SCALE_N,
+                             SCALE_K, FP8_BITS, DOT, TMA)
     fp8_store_act(act_t, act_ptr, stride_as, act_scale_ptr, stride_ss,
                   (u * T_PAD + t).to(tl.int64), t >= 0, i0, offs_i, I, BLOCK_I, DOT)
 

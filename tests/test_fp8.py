@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from dmoe_triton import RoutingPolicy, launch, moe_forward
 from dmoe_triton import moe as moe_module
+from dmoe_triton.kernels import moe_matmul
 from dmoe_triton.launch import DECODE_MAX_TOKENS, DecodeConfig, GroupedConfig
 from dmoe_triton.models import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from dmoe_triton.moe import ActRows, DMoEBlock, _down_step, fp8_activation_groups
@@ -155,8 +156,9 @@ def fp8_cases(draw):
     k = draw(st.integers(1, min(E, 3)))
     path = draw(st.sampled_from(["decode", "grouped"]))
     T = draw(st.integers(1, 20)) if path == "decode" else draw(st.integers(1, 80))
-    # 200 and 72: K and N tails past the FP8 defaults' 128- and 64-wide tiles.
-    H = draw(st.sampled_from([16, 40, 64, 200]))
+    # 200 and 72: K and N tails past the FP8 defaults' 128- and 64-wide tiles; 144 such a
+    # tail that TMA descriptors read (launch.takes_tma: 40 and 200 are not 16-byte rows).
+    H = draw(st.sampled_from([16, 40, 64, 144, 200]))
     I = draw(st.sampled_from([8, 20, 48, 72]))
     block = draw(st.sampled_from(BLOCKS))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
@@ -173,7 +175,8 @@ def fp8_cases(draw):
         None, DecodeConfig(down_splits=splits, k_tile_down=256, x_prepass=draw(st.booleans())),
         DecodeConfig(dot="fp8", down_splits=splits, block_h=64,
                      block_i=draw(st.sampled_from([32, 64, 128])),
-                     k_tile_down=draw(st.sampled_from([64, 256, 512])))]))
+                     k_tile_down=draw(st.sampled_from([64, 256, 512])),
+                     tma=draw(st.booleans()))]))
     shared = make_fp8_shared(H, I, block, g) if draw(st.booleans()) else (None, None)
     return T, H, I, E, ids, weights, block, g, path, bits, forced, shared
 
@@ -517,15 +520,11 @@ def test_fp8_reads_follow_the_capability(monkeypatch):
     assert launch.fp8_bits(torch.device("cpu")) is False  # the interpreter reads e4m3
 
 
-@pytest.mark.parametrize("with_shared", [False, True])
-def test_tma_gate_up_reads_the_same_values(with_shared, monkeypatch):
-    """The decode gate/up's weight tiles through in-kernel TMA descriptors (DecodeConfig.tma,
-    the FP8 default) give the threads' copies' output bit for bit: I = 192 leaves the last
-    128-column item's gate rows reading up rows (and the up rows past the expert, zeros by
-    the descriptor's shape), which only the unstored columns take; an empty slot; the shared
-    expert's own descriptor."""
+def tma_against_copies(E, H, I, T, with_shared, monkeypatch):
+    """The FP8 decode layer's output with the gate/up's weight tiles by TMA and by the threads'
+    copies (DEFAULT_DECODE_FP8 with tma on and off), after checking that the TMA launch's
+    gate/up loop got a tensor descriptor and the other one pointers."""
     g = torch.Generator().manual_seed(24)
-    E, H, I, T = 6, 256, 192, 9
     w_gate_up, w_down, scales = make_fp8_layer(E, H, I, (128, 128), g)
     hidden = torch.randn(T, H, generator=g).to(torch.bfloat16)
     ids, weights = random_routing(T, E, 2, g)
@@ -534,36 +533,86 @@ def test_tma_gate_up_reads_the_same_values(with_shared, monkeypatch):
     if with_shared:
         shared, shared_scales = make_fp8_shared(H, I, (128, 128), g)
         kwargs = dict(shared=shared, scales=replace(scales, shared=shared_scales))
-    assert launch.DEFAULT_DECODE_FP8.tma
-    tma_args = moe_module._tma_args
-    launched = []  # what each gate/up launch was given: {"TMA": True} or {}
-    monkeypatch.setattr(moe_module, "_tma_args", lambda *a: launched.append(tma_args(*a))
-                        or launched[-1])
-    ys = []
+    silu_gate_up = moe_matmul.fp8_silu_gate_up
+    weights_read = []  # what each item's loop read its weights through (the interpreter's)
+    if not HAS_CUDA:
+        monkeypatch.setattr(moe_matmul, "fp8_silu_gate_up", lambda *a: weights_read.append(
+            type(a[4]).__name__) or silu_gate_up(*a))
+    ys = {}
     for tma in (True, False):
         with launch.override(moe_path="decode",
                              decode=replace(launch.DEFAULT_DECODE_FP8, tma=tma)):
-            ys.append(run_moe(hidden, ids, weights, w_gate_up, w_down, backend="triton",
-                              **kwargs))
-    assert launched == [dict(TMA=True), {}]
-    assert torch.isfinite(ys[0]).all() and torch.equal(ys[0], ys[1])
+            ys[tma] = run_moe(hidden, ids, weights, w_gate_up, w_down, backend="triton",
+                              **kwargs)
+        if not HAS_CUDA:
+            assert weights_read and set(weights_read) == {
+                "tensor_descriptor" if tma else "tensor"}, (tma, weights_read)
+            weights_read.clear()
+    return ys[True], ys[False]
+
+
+@pytest.mark.parametrize("with_shared", [False, True])
+def test_tma_gate_up_reads_the_same_values(with_shared, monkeypatch):
+    """The decode gate/up's weight tiles through in-kernel TMA descriptors (DecodeConfig.tma,
+    the FP8 default) give the threads' copies' output bit for bit: I = 192 leaves the last
+    128-column item's gate rows reading up rows (and the up rows past the expert, zeros by
+    the descriptor's shape), which only the columns past I take; H = 272 a k step past H (zeros
+    by the shape); an empty slot; the shared expert's own descriptor."""
+    assert launch.DEFAULT_DECODE_FP8.tma
+    with_tma, with_copies = tma_against_copies(6, 272, 192, 9, with_shared, monkeypatch)
+    assert torch.isfinite(with_tma).all() and torch.equal(with_tma, with_copies)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("I", [512, 192])
+def test_tma_gate_up_reads_the_same_values_on_gpu(I, monkeypatch):
+    """As above with the GPU's own TMA copies: LLaDA2.0-mini's expert shape (H 2048, I 512,
+    32 tokens, the shared expert) and I = 192."""
+    with_tma, with_copies = tma_against_copies(32, 2048, I, 32, True, monkeypatch)
+    assert torch.isfinite(with_tma).all() and torch.equal(with_tma, with_copies)
 
 
 def test_tma_follows_the_capability_and_alignment(monkeypatch):
-    """TMA descriptors from sm_90 (and in the interpreter), for weights whose rows are
-    contiguous and whose strides and start are 16-byte aligned; else the threads' copies
-    (the same values: a launch choice, not an error). (No GPU needed: the capability is
+    """TMA descriptors where the config asks for them (DecodeConfig.tma), from sm_90 (and in
+    the interpreter), for e4m3 weights whose rows are contiguous and whose strides and start
+    are 16-byte aligned, with tiles of 16-256 columns and at most 256 rows; else the threads'
+    copies (the same values: a launch choice, not an error). (No GPU needed: the capability is
     faked, CPU tensors stand in.)"""
     w = torch.empty(4, 64, 256, dtype=FP8_DTYPE)
+    config = launch.DEFAULT_DECODE_FP8
     cuda = torch.device("cuda", 0)
     for capability, able in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
-        assert moe_module.takes_tma([w], cuda) is able
+        assert launch.takes_tma([w], config, cuda) is able
     cpu = torch.device("cpu")
-    assert moe_module.takes_tma([w, w[0]], cpu)
-    assert not moe_module.takes_tma([torch.empty(4, 64, 200, dtype=FP8_DTYPE)], cpu)  # 200 B
-    assert not moe_module.takes_tma([w.transpose(1, 2)], cpu)  # columns not contiguous
-    assert not moe_module.takes_tma([w, w.view(-1)[8:].view(-1)[:16 * 256].view(16, 256)], cpu)
+    assert launch.takes_tma([w, w[0]], config, cpu)
+    assert not launch.takes_tma([w], replace(config, tma=False), cpu)
+    assert not launch.takes_tma([torch.empty(4, 64, 200, dtype=FP8_DTYPE)], config, cpu)
+    assert not launch.takes_tma([w.transpose(1, 2)], config, cpu)  # columns not contiguous
+    offset = w.view(-1)[8:8 + 16 * 256].view(16, 256)  # starts 8 bytes past an aligned one
+    assert not launch.takes_tma([w, offset], config, cpu)
+    assert not launch.takes_tma([w], replace(config, k_tile_gate_up=8), cpu)  # 8-byte rows
+    assert not launch.takes_tma([w], replace(config, block_i=512), cpu)
+
+
+def test_descriptor_scratch_leaves_the_callers_allocator():
+    """A TMA launch on CUDA runs with its scratch allocator set in a copy of the caller's
+    context: an allocator the caller set (triton.set_allocator) is the caller's again after.
+    (No GPU needed: the launch is a stand-in that records the allocator it would get.)"""
+    from triton.runtime import _allocation  # the allocator's ContextVar: no public getter
+
+    def callers(size, alignment, stream):
+        raise AssertionError("not for this launch")
+
+    token = _allocation._allocator.set(callers)
+    try:
+        seen = []
+        moe_module._with_descriptor_scratch(
+            True, torch.device("cuda"), lambda **kwargs: seen.append(_allocation._allocator.get()))
+        assert seen == [moe_module._descriptor_scratch]
+        assert _allocation._allocator.get() is callers
+    finally:
+        _allocation._allocator.reset(token)
 
 
 def test_down_step_follows_the_dot_that_runs():
