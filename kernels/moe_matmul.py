@@ -278,11 +278,11 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
             item, n_splits, used_expert_ptr, used_start_ptr, used_count_ptr, used_tile_ptr, E,
             BLOCK_M, USED_PAD)
         offs_i = split * BLOCK_I + tl.arange(0, BLOCK_I)
-        w_gate = (_weights_of(expert, E - 1, w_ptr, stride_we, shared_ptr)
-                  + offs_i[:, None] * stride_wn)
+        w_rows = _weights_of(expert, E - 1, w_ptr, stride_we, shared_ptr)
         slot, m_ok = _tile_slots(sorted_slots_ptr, start, count, m0, BLOCK_M)
         token = slot // TOP_K
         if s_ptr is None:
+            w_gate = w_rows + offs_i[:, None] * stride_wn
             act_t = _silu_gate_up_t(x_ptr + token[None, :] * stride_xt, m_ok, stride_xh, w_gate,
                                     w_gate + I * stride_wn, stride_wk, offs_i < I, H, BLOCK_M,
                                     BLOCK_I, BLOCK_K, PRECISION)
@@ -294,9 +294,8 @@ def moe_gate_up_kernel(x_ptr, stride_xt, stride_xh,
             if x_inverse_ptr is not None:
                 x_inverse = x_inverse_ptr + token[None, :] * stride_xi
             act_t = fp8_silu_gate_up(x_ptr + token[None, :] * stride_xt, x_inverse, m_ok,
-                                     stride_xh, _weights_of(expert, E - 1, w_ptr, stride_we,
-                                                            shared_ptr),
-                                     stride_wn, stride_wk, split * BLOCK_I, offs_i, H,
+                                     stride_xh, w_rows, stride_wn, stride_wk, split * BLOCK_I,
+                                     offs_i, H,
                                      _weights_of(expert, E - 1, s_ptr, stride_se, shared_s_ptr), I,
                                      stride_sn, stride_sk, BLOCK_M, BLOCK_I, BLOCK_K, PRECISION,
                                      SCALE_N, SCALE_K, FP8_BITS, DOT)
@@ -642,9 +641,12 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, str
     strides) (_fp8_decode_item). weights_ptr fp32 [T, TOP_K]: the routing weights; out, for the
     down of unweighed rows, row_weight_ptr fp32 [U, T_PAD] (_row_weights). TAIL_SPLIT: pieces
     per item of the last, partial wave (1: whole items; model-dtype weights only, BLOCK_I //
-    TAIL_SPLIT >= 16), and TAIL_K their reduction step along H.
+    TAIL_SPLIT >= 16), and TAIL_K their reduction step along H. TMA: FP8 weights only, each
+    item's gate/up tiles by a tensor descriptor made here (launch.takes_tma's conditions; on a
+    GPU Triton's allocator must be set for its scratch: moe._with_descriptor_scratch).
     """
     tl.static_assert(weights_ptr is not None, "weights_ptr: the routing weights are required")
+    tl.static_assert(not TMA or s_ptr is not None, "TMA reads FP8 weights only")
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
     if arrivals_ptr is not None:
         for i in range(tl.program_id(0), n_arrivals, tl.num_programs(0)):
