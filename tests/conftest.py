@@ -11,7 +11,7 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-# "fast" (the default, CI's too): the README's test command stays within about 6 minutes on a
+# "fast" (the default, CI's too): the README's test command stays within about 10 minutes on a
 # 2-core machine. "thorough": five times the examples per property, for kernel work
 # (HYPOTHESIS_PROFILE=thorough python3 -m pytest -q tests).
 settings.register_profile(
