@@ -406,9 +406,13 @@ def fp8_bits(device: torch.device) -> bool:
     forced = _current("fp8_bits")
     if forced is not None:
         return forced
-    if device.type != "cuda":
-        return False
-    return tuple(torch.cuda.get_device_capability(device)) < FP8_NATIVE_CAPABILITY
+    return device.type == "cuda" and not cuda_at_least(device, FP8_NATIVE_CAPABILITY)
+
+
+def cuda_at_least(device: torch.device, capability: tuple) -> bool:
+    """Whether `device` is a CUDA device of compute capability `capability` (major, minor) or
+    more (False for the CPU: Triton's interpreter)."""
+    return device.type == "cuda" and tuple(torch.cuda.get_device_capability(device)) >= capability
 
 
 TMA_CAPABILITY = (9, 0)  # the tensor memory accelerator: Hopper and later
@@ -424,8 +428,7 @@ def takes_tma(weights, config: "DecodeConfig", device: torch.device) -> bool:
     values."""
     if not config.tma:
         return False
-    if device.type == "cuda" and (tuple(torch.cuda.get_device_capability(device))
-                                  < TMA_CAPABILITY):
+    if device.type == "cuda" and not cuda_at_least(device, TMA_CAPABILITY):
         return False
     if not (config.block_i <= 256 and 16 <= config.k_tile_gate_up <= 256):
         return False
@@ -442,8 +445,7 @@ def pdl(device: torch.device) -> dict:
     devices of compute capability 9.0 or more (about 0.5 us saved per kernel boundary on the
     H200, graphed), off elsewhere (the interpreter; older GPUs have no such launch). Forced
     with override(pdl=...)."""
-    able = device.type == "cuda" and tuple(
-        torch.cuda.get_device_capability(device)) >= PDL_CAPABILITY
+    able = cuda_at_least(device, PDL_CAPABILITY)
     on = _current("pdl")
     if on is None:
         on = able
