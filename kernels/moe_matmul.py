@@ -576,7 +576,9 @@ def _fp8_decode_item(x_ptr, stride_xt, stride_xh, x_inverse_ptr, stride_xi, w_pt
     Its act rows are u * T_PAD + t, every token row (zeros where t does not use the expert),
     so that the down launch reads them at addresses that follow from u alone; its first column
     block also lists `expert` (used_ptr[u]: the expert id, E for the shared expert) and the
-    row weights (row_weight_ptr[u, t]).
+    row weights (row_weight_ptr[u, t]). With TMA its gate/up tiles come through a tensor
+    descriptor of the expert's weights made here (launch.takes_tma's conditions; on a GPU,
+    Triton's allocator must be set for the descriptor's scratch: moe._with_descriptor_scratch).
     """
     expert, hit, uses, shared = _decode_item_rows(u, used, rank, n_used, token_ids, T, E, T_PAD,
                                                   NUM_BINS, HAS_SHARED)
@@ -641,10 +643,7 @@ def moe_gate_up_decode_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, str
     strides) (_fp8_decode_item). weights_ptr fp32 [T, TOP_K]: the routing weights; out, for the
     down of unweighed rows, row_weight_ptr fp32 [U, T_PAD] (_row_weights). TAIL_SPLIT: pieces
     per item of the last, partial wave (1: whole items; model-dtype weights only, BLOCK_I //
-    TAIL_SPLIT >= 16), and TAIL_K their reduction step along H. TMA: FP8 weights only, each
-    item's gate/up tiles by a tensor descriptor made here (launch.takes_tma's conditions; on a
-    GPU Triton's allocator must be set for its scratch: moe._with_descriptor_scratch).
-    """
+    TAIL_SPLIT >= 16), and TAIL_K their reduction step along H. TMA: _fp8_decode_item's."""
     tl.static_assert(weights_ptr is not None, "weights_ptr: the routing weights are required")
     tl.static_assert(not TMA or s_ptr is not None, "TMA reads FP8 weights only")
     wait_previous_kernel(PDL)  # before any load or store (kernels/pdl.py)
