@@ -4,7 +4,8 @@ A denoising forward's attention: 32 queries per sequence against `prefix` cached
 block's own, with the model's additive block-causal mask (query heads stacked per KV head). The
 Triton kernel (`block_attention`, output in the dense projection's layout) against what the
 model ran before it: SDPA on the stacked heads (cuDNN / efficient kernels) plus the transpose
-copy to [B, L, nh * hd]. Both replay a CUDA graph of REPS calls (median of 30 timings). The
+copy to [B, L, nh * hd]. Both replay a CUDA graph of REPS calls (common.graph_ms: median of
+30 timings of 10 replays, queued behind a spin so the host's launch is not timed). The
 floor is the bytes read and written (q, K/V, mask, output) over the copy bandwidth measured in
 this process.
 
@@ -25,7 +26,7 @@ from dmoe_triton.launch import MANY_FROM, AttentionLaunch, attention_launch
 from dmoe_triton.models.llada2 import grouped_query_attention
 from dmoe_triton.reference import block_attention_reference
 
-from common import capture, copy_bandwidth, time_ms  # bench/common.py
+from common import capture, copy_bandwidth, graph_ms  # bench/common.py
 
 NH, NKV, HD, L = 16, 4, 128, 32
 REPS = 20
@@ -42,10 +43,10 @@ def inputs(batch, prefix, dev):
 
 
 def time_us(fn):
-    """Median microseconds per call over 30 replays of a CUDA graph of REPS calls."""
+    """Median microseconds per call of a CUDA graph of REPS calls (common.graph_ms)."""
     fn()
     graph = capture(fn, REPS, warmup=2)
-    return 1e3 * time_ms(graph.replay, REPS, 30, torch.device("cuda"))
+    return 1e3 * graph_ms(graph, REPS)
 
 
 def sdpa_path(q, keys, values, mask):
@@ -131,7 +132,8 @@ def main():
     text = (f"# Block attention of one layer (16 query heads, 4 KV heads, head dim 128, 32 queries "
             f"per sequence)\n\nDevice: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
             f"command: `python bench/bench_attention.py {' '.join(sys.argv[1:])}`. Copy "
-            f"bandwidth {bandwidth / 1e12:.2f} TB/s. CUDA graph of {REPS} calls, median of 30. "
+            f"bandwidth {bandwidth / 1e12:.2f} TB/s. CUDA graph of {REPS} calls, median of 30 "
+            f"timings of 10 replays (common.graph_ms). "
             f"Kernel launch: launch.attention_launch (FEW_SEQUENCES below {MANY_FROM} "
             f"sequences, else MANY_SEQUENCES).\n\n" + "\n".join(lines) + "\n")
     with open(args.out, "w") as f:

@@ -86,7 +86,8 @@ from dmoe_triton.norm import add_rms_norm
 from dmoe_triton.router import route_hidden
 from dmoe_triton.testing import SMALL, build_fp8_model, build_model
 
-from common import capture, copy_bandwidth, fmt, random_tokens, time_ms  # bench/common.py (bench/ is on sys.path as a script)
+# bench/common.py (bench/ is on sys.path as a script)
+from common import capture, copy_bandwidth, fmt, graph_ms, random_tokens, time_ms
 
 TOKENS_PER_FORWARD = 2.55  # published average of tokens committed per denoising forward
 BLOCK = 32
@@ -205,12 +206,8 @@ def time_graphed(fn, setup: Setup, reps: int = 1) -> float:
             return time_ms(fn, 1, 1, setup.device) / 1  # smoke: logic only
     with torch.no_grad():
         graph = capture(fn, reps, warmup=2)
-
-        def replay():
-            for _ in range(setup.replays):
-                graph.replay()
-        replay()
-        ms = time_ms(replay, setup.replays * reps, setup.trials, setup.device)
+        graph.replay()
+        ms = graph_ms(graph, reps, setup.trials, setup.replays)
     del graph
     return ms
 

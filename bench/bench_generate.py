@@ -56,7 +56,8 @@ from dmoe_triton.graphs import clear_graph_cache
 from dmoe_triton.models import LLaDA2MoeConfig
 from dmoe_triton.testing import SMALL, build_model
 
-from common import capture, fmt, random_tokens, time_ms  # bench/common.py (bench/ is on sys.path)
+# bench/common.py (bench/ is on sys.path)
+from common import capture, fmt, graph_ms, random_tokens, time_ms
 
 BLOCK = 32
 SEED = 0
@@ -139,12 +140,8 @@ def bare_forward(model, setup: Setup, prompts: torch.Tensor, block: torch.Tensor
             ms = time_ms(forward, 1, 1, dev)
         else:
             graph = capture(forward, warmup=2)
-
-            def replay():
-                for _ in range(setup.replays):
-                    graph.replay()
-            replay()
-            ms = time_ms(replay, setup.replays, setup.trials, dev)
+            graph.replay()
+            ms = graph_ms(graph, 1, setup.trials, setup.replays)
     return ms, route_summary(model, BLOCK).mean_unique
 
 

@@ -63,7 +63,8 @@ from dmoe_triton.moe import (decode_down_combine, decode_gate_up, down_arrivals,
                              fp8_activation_groups, moe_forward_triton)
 from dmoe_triton.quant import dequantize_experts, dequantize_shared, quantize_experts  # noqa: E402
 from dmoe_triton.reference import moe_forward_reference  # noqa: E402
-from common import capture, copy_bandwidth, fmt, time_ms  # noqa: E402  (bench/common.py: bench/ is on sys.path as a script)
+# bench/common.py: bench/ is on sys.path as a script
+from common import capture, copy_bandwidth, fmt, graph_ms  # noqa: E402
 
 E, H, I, TOP_K, BLOCK = 256, 2048, 512, 8, 32
 CFG = RouterConfig(num_experts=E, top_k=TOP_K, n_group=8, topk_group=4, routed_scaling_factor=2.5)
@@ -206,17 +207,12 @@ def check_routings(routed, layer, decode_configs, max_err):
 # Timing (GPU)
 # ---------------------------------------------------------------------------------------------
 
-def graphed(fn):
-    """Capture fn (one layer call per weight copy) in a CUDA graph; return its replay."""
-    return capture(fn).replay
-
-
 def graph_us(fn):
-    """Median microseconds per layer call of a graph of COPIES calls."""
-    run = graphed(fn)
+    """Median microseconds per layer call of a graph of COPIES calls (common.graph_ms)."""
+    graph = capture(fn)
     for _ in range(10):
-        run()
-    return 1e3 * time_ms(run, COPIES, 100, torch.device("cuda"))
+        graph.replay()
+    return 1e3 * graph_ms(graph, COPIES)
 
 
 def cpu_us(fn):
@@ -736,7 +732,8 @@ def write_fp8(out, device, bw, rows, decode, grouped):
              f"Copy bandwidth {bw:.0f} GB/s. Bytes = unique experts x (3 H I e4m3 + fp32 "
              "scales); floor = bytes / copy bandwidth; % copy bw = floor / time. `bytes` "
              "column: the pre-sm_89 path (e4m3 decoded from uint8 with integer ops; n/a after "
-             "a sweep). Times per layer call, CUDA graph of 4 calls on 4 weight copies. bf16: "
+             "a sweep). Times per layer call, CUDA graph of 4 calls on 4 weight copies, "
+             "replayed 10 times per timing behind a spin (common.graph_ms). bf16: "
              "the bf16 defaults.", "", f"- FP8 decode config: `{decode}`",
              f"- FP8 grouped config: `{grouped}`", "",
              "| routing | tokens | unique | FP8 MB | floor us | FP8 us | % copy bw | FP8 bytes "
@@ -856,9 +853,11 @@ def write_results(out, device, bw, config, rows, grouped=None):
         f"{launch.GROUPED_WIDE_FROM} tokens block_m {launch.DEFAULT_GROUPED_WIDE.block_m})")
         + ".",
         "",
-        "Times are per layer call: median over replays of a CUDA graph of 4 calls on 4 weight "
-        "copies (6.4 GB, so L2 holds none). `experts` = moe_forward alone; `layer` = route() "
-        "from fp32 logits + moe_forward (no router GEMM, no shared expert). Bytes = unique "
+        "Times are per layer call: median over timings of 10 replays of a CUDA graph of 4 "
+        "calls on 4 weight copies (6.4 GB, so L2 holds none), queued behind a spin "
+        "(common.graph_ms: the host's launch of a replay is not timed). `experts` = "
+        "moe_forward alone; `layer` = route() from fp32 logits + moe_forward (no router GEMM, "
+        "no shared expert). Bytes = unique "
         "experts in the call x 6.29 MB; floor = bytes / copy bandwidth. transformers 5 "
         "(Qwen3MoeExperts, same weights and routing): `grouped_mm` under a CUDA graph (`g`) or "
         "eager (`e`) where it cannot be captured; `eager` = its per-expert loop, ungraphed, "

@@ -1,6 +1,6 @@
 """The greedy pick of a denoising step (kernels/greedy_pick.py) against the torch pick it
 replaced (upcast the bf16 logits, softmax, argmax, gather), at 1, 16 and 64 sequences of 32
-rows of LLaDA2's 157184 logits. us per call: a CUDA graph of 10 calls, median of trials, each
+rows of LLaDA2's 157184 logits. us per call: a CUDA graph of 10 calls (common.graph_ms), each
 call on the next of enough logits buffers that the 50 MB L2 holds none (in decoding the pick
 reads logits the lm_head just wrote, which may still sit in L2: this is the slower case);
 floor = the bf16 logits' bytes (read once) / the copy bandwidth measured in the same process.
@@ -17,7 +17,7 @@ if "--smoke" in sys.argv:  # before any @triton.jit is created
 
 import torch  # noqa: E402
 
-from common import capture, copy_bandwidth, time_ms  # noqa: E402
+from common import capture, copy_bandwidth, graph_ms  # noqa: E402
 from dmoe_triton.pick import greedy_pick  # noqa: E402
 
 VOCAB, ROWS, REPS = 157184, 32, 10
@@ -40,7 +40,7 @@ def graphed_us(fn, logits, device) -> float:
         min(REPS, -(-2 * L2_BYTES // (logits.numel() * logits.element_size()))) - 1)]
     graph = capture(lambda: [fn(copies[i % len(copies)]) for i in range(REPS)], reps=1,
                     warmup=2)
-    return time_ms(graph.replay, REPS, 20, device) * 1e3
+    return graph_ms(graph, REPS, trials=20) * 1e3
 
 
 def main(argv=None) -> int:

@@ -32,7 +32,7 @@ from dmoe_triton.launch import DEFAULT_ROUTE, takes_skinny
 from dmoe_triton.router import gate_logits
 from dmoe_triton.routing import route_triton
 
-from common import capture, time_ms  # bench/common.py (bench/ is on sys.path as a script)
+from common import capture, graph_ms, time_ms  # bench/common.py (bench/ is on sys.path as a script)
 
 CFG = RouterConfig(256, 8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
 REPS = 20
@@ -82,10 +82,8 @@ def time_us(fn, graphed):
         fn()
     torch.cuda.synchronize()
     if graphed:
-        run, per = capture(fn, REPS).replay, REPS
-    else:
-        run, per = fn, 1
-    return 1e3 * time_ms(run, per, 50, torch.device("cuda"))
+        return 1e3 * graph_ms(capture(fn, REPS), REPS, trials=50)
+    return 1e3 * time_ms(fn, 1, 50, torch.device("cuda"))
 
 
 def check_same(a, b):
@@ -162,8 +160,7 @@ def router_rows(dev, quick=False):
             fn = lambda: [one(w) for w in weights]  # noqa: E731
             fn()
             torch.cuda.synchronize()
-            graph = capture(fn, 1)
-            us = 1e3 * time_ms(graph.replay, ROUTER_COPIES, 30, torch.device("cuda"))
+            us = 1e3 * graph_ms(capture(fn, 1), ROUTER_COPIES)
             rows.append((tokens, name, us, err))
             print(f"router GEMM T={tokens}: {us:6.1f} us  max err {err:.1e}  {name}", flush=True)
     return rows
@@ -216,8 +213,9 @@ def main():
     text = (f"# Routing of one MoE layer (E=256, top-8, groups 8/4)\n\n"
             f"Device: {dev_name}; torch {torch.__version__}; command: "
             f"`python bench/bench_routing.py {' '.join(sys.argv[1:])}`. Median of 50 "
-            f"timings; graph rows replay a CUDA graph of {REPS} calls; eager rows launch the "
-            f"kernels from Python (no input checks). Router logits: normal plus a skewed "
+            f"timings; graph rows replay a CUDA graph of {REPS} calls (10 replays a timing, "
+            f"behind a spin: common.graph_ms); eager rows launch the kernels from Python (no "
+            f"input checks). Router logits: normal plus a skewed "
             f"per-expert offset. "
             f"Kernel launch: {launch}.\n\n"
             + "\n".join(lines) + "\n")

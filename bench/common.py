@@ -26,6 +26,35 @@ def time_ms(run: Callable[[], object], per_call: int, trials: int, device) -> fl
     return statistics.median(times)
 
 
+# Cycles of the spin that starts every timed graph trial (about 1 ms at the H200's 1.98 GHz):
+# longer than the host takes to launch the trial's replays, so the GPU never waits for them.
+SPIN_CYCLES = 2_000_000
+
+
+def graph_ms(graph: torch.cuda.CUDAGraph, calls: int, trials: int = 30,
+             replays: int = 10) -> float:
+    """ms per call of `graph`, a CUDA graph of `calls` calls: the median over `trials` of
+    `replays` back-to-back replays, events around them, all queued behind a spin kernel.
+
+    Why the spin: timed from an idle GPU, one replay between the events also times the host's
+    launch of the graph, which a forward pays once for hundreds of kernels (H200: a graph of
+    one empty kernel took 9.2 us per replay that way and 1.4 us this way; the FP8 MoE pair at
+    15 experts, a graph of 4 layer calls, 33.0-33.4 against 31.9 us per call:
+    bench/results/h200-2026-12-02-s25). Behind the spin the host has queued every replay
+    before the GPU reaches the start event."""
+    times = []
+    for _ in range(trials):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(SPIN_CYCLES)
+        a.record()
+        for _ in range(replays):
+            graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / (replays * calls))
+    return statistics.median(times)
+
+
 def capture(fn, reps: int = 1, warmup: int = 1) -> torch.cuda.CUDAGraph:
     """A CUDA graph of `reps` calls of fn, after `warmup` calls on a side stream (compiles
     kernels and settles allocations, as capture requires)."""

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
-from common import capture, copy_bandwidth, time_ms  # noqa: E402
+from common import capture, copy_bandwidth, graph_ms  # noqa: E402
 from dmoe_triton.launch import DEFAULT_SKINNY, override, skinny_launch  # noqa: E402
 from dmoe_triton.skinny import skinny_gemm  # noqa: E402
 
@@ -60,7 +60,7 @@ def graph_us(fn, copies: int) -> float:
     graph = capture(lambda: [fn(i) for i in range(copies)])
     for _ in range(5):
         graph.replay()
-    return 1e3 * time_ms(graph.replay, copies, 50, torch.device("cuda"))
+    return 1e3 * graph_ms(graph, copies, trials=50)
 
 
 def main(argv=None):

@@ -32,7 +32,7 @@ from dmoe_triton.models import LLaDA2MoeConfig
 from dmoe_triton.testing import build_model
 
 from bench_e2e import prepare_step, step_fn
-from common import capture, time_ms
+from common import capture, graph_ms
 
 
 def op_table(fn, forwards: int, rows: int) -> str:
@@ -115,7 +115,7 @@ def main(argv=None):
         times = kernel_times(fn, 5)
         with torch.no_grad():
             graph = capture(fn, 1, warmup=2)
-            graphed = time_ms(lambda: [graph.replay() for _ in range(50)], 50, 5, dev)
+            graphed = graph_ms(graph, 1, trials=5, replays=50)
         kernels_us = sum(t for t, _ in times.values())
         launches = sum(n for _, n in times.values())
         print(f"\n## {name}: {args.layers} layers, batch {args.batch}, prefix {args.prefix}"
